@@ -1,0 +1,280 @@
+"""Token streams for language-model training, and batches cut from them.
+
+`load` prepares a corpus once (TFDS dataset, BPE tokenizer trained on its
+train split, tokenized splits as .npy) and afterwards just reads the caches.
+`get_batch` cuts a token stream into non-overlapping windows and draws batches
+that are a pure function of (seed, step): every window is seen once per epoch,
+and a resumed run sees exactly the batches an uninterrupted one would have.
+
+Sources (`data_config.source`):
+  'stdlib'     the .py files of the running interpreter's standard library;
+  a directory  its .py files (both via the `python_code` builder);
+  'tfds:NAME'  any prepared-or-preparable TFDS dataset with a text feature
+               `data_config.text_feature`, read via `as_data_source` (so
+               without TensorFlow); its caches live under
+               DATA_DIR/sparse_gpt2/FULL_NAME/TEXT_FEATURE.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import time
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+import tokenizers
+
+from sparse_gpt2.data import python_code
+from sparse_gpt2.data import tokenizer as tokenizer_lib
+
+SPLITS = ('train', 'validation')
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """A tokenized corpus: documents joined by `eot_id`, one stream per split.
+
+  Attributes:
+    tokenizer: the byte-level BPE the tokens were made with.
+    eot_id: id of '<|endoftext|>', the separator between documents.
+    train_tokens: 1-D uint16 token stream of the train split.
+    val_tokens: 1-D uint16 token stream of the validation split.
+    manifest_path: JSON describing exactly which data went into the splits.
+    data_dir: directory holding tokenizer.json and the token caches.
+  """
+  tokenizer: tokenizers.Tokenizer
+  eot_id: int
+  train_tokens: np.ndarray
+  val_tokens: np.ndarray
+  manifest_path: str
+  data_dir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  builder: tfds.core.DatasetBuilder
+  split_specs: dict  # Split name in SPLITS -> TFDS split spec.
+  text_feature: str
+  cache_dir: str
+  manifest_path: str
+
+
+def _open_python_code(source_dir, data_config):
+  builder = python_code.PythonCode(
+      source_dir=source_dir,
+      val_fraction=data_config.val_fraction,
+      data_dir=data_config.data_dir or None)
+  builder.download_and_prepare()
+  return _Source(
+      builder=builder,
+      split_specs={split: split for split in SPLITS},
+      text_feature='text',
+      cache_dir=builder.data_dir,
+      manifest_path=os.path.join(builder.data_dir, python_code.MANIFEST))
+
+
+def _open_tfds(name, data_config):
+  """A TFDS dataset; validation is its 'validation' or 'test' split if any.
+
+  Otherwise the last val_fraction of 'train' is held out. The caches depend
+  on the text feature and the held-out count, so both name their directory.
+  """
+  builder = tfds.builder(name, data_dir=data_config.data_dir or None)
+  builder.download_and_prepare(file_format='array_record')
+  splits = builder.info.splits
+  if 'train' not in splits:
+    raise ValueError(f'tfds:{name} has no train split: {list(splits)}')
+  cache_dir = os.path.join(builder.data_dir_root, 'sparse_gpt2',
+                           builder.info.full_name, data_config.text_feature)
+  held_out = next((s for s in ('validation', 'test') if s in splits), None)
+  if held_out:
+    specs = {'train': 'train', 'validation': held_out}
+  else:
+    k = max(1, round(splits['train'].num_examples * data_config.val_fraction))
+    specs = {'train': f'train[:-{k}]', 'validation': f'train[-{k}:]'}
+    cache_dir = os.path.join(cache_dir, f'heldout{k}')
+  os.makedirs(cache_dir, exist_ok=True)
+  manifest_path = os.path.join(cache_dir, 'manifest.json')
+  if not os.path.exists(manifest_path):
+    manifest = {
+        'source': f'tfds:{name}',
+        'full_name': builder.info.full_name,
+        'data_dir': builder.data_dir,
+        'splits': specs,
+        'text_feature': data_config.text_feature,
+    }
+    text = json.dumps(manifest, indent=1)
+    _write_atomic(manifest_path, lambda f: f.write(text.encode()))
+  return _Source(
+      builder=builder,
+      split_specs=specs,
+      text_feature=data_config.text_feature,
+      cache_dir=cache_dir,
+      manifest_path=manifest_path)
+
+
+def _open_source(data_config):
+  source = data_config.source
+  if source.startswith('tfds:'):
+    return _open_tfds(source[len('tfds:'):], data_config)
+  if source == 'stdlib':
+    return _open_python_code(python_code.stdlib_dir(), data_config)
+  return _open_python_code(source, data_config)
+
+
+def _write_atomic(path, write):
+  """Calls write(file) on a temporary file renamed to `path` when done.
+
+  So an interrupted run never leaves a partial cache that later runs trust.
+  """
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+def _text_chunks(data_source, feature, chunk_size):
+  """Yields lists of document strings, reading records in batches."""
+  n = len(data_source)
+  for start in range(0, n, chunk_size):
+    keys = list(range(start, min(start + chunk_size, n)))
+    texts = [row[feature] for row in data_source.__getitems__(keys)]
+    # Text features decode to bytes in numpy; other sources may give str.
+    yield [t.decode('utf-8') if isinstance(t, bytes) else str(t) for t in texts]
+
+
+def _tokenize(tokenizer, data_source, feature, eot_id, name):
+  """Tokenizes every document, joined by eot_id, logging progress."""
+  n = len(data_source)
+  chunk_size = max(256, -(-n // 20))  # About 20 progress lines.
+  sep = np.array([eot_id], np.uint16)
+  pieces, docs, chars, tokens = [], 0, 0, 0
+  start = time.time()
+  for texts in _text_chunks(data_source, feature, chunk_size):
+    for encoding in tokenizer.encode_batch_fast(texts):
+      if encoding.ids:  # Empty files (many __init__.py) would only add EOTs.
+        pieces += [sep, np.asarray(encoding.ids, np.uint16)]
+        tokens += 1 + len(encoding.ids)
+    docs += len(texts)
+    chars += sum(len(t) for t in texts)
+    logging.info('%s: tokenized %d/%d documents (%.0f%%), %d tokens, %.0fs.',
+                 name, docs, n, 100 * docs / max(n, 1), tokens,
+                 time.time() - start)
+  # EOT went before every document; dropping the first leaves it between.
+  stream = np.concatenate(pieces[1:]) if pieces else np.zeros(0, np.uint16)
+  logging.info('%s: %d tokens from %d chars (%.2f chars/token).',
+               name, stream.size, chars, chars / max(stream.size, 1))
+  return stream
+
+
+def load(data_config, seq_len):
+  """Returns the tokenized corpus, preparing and caching it on first use.
+
+  Args:
+    data_config: `config.data` (source, text_feature, data_dir, vocab_size,
+      val_fraction).
+    seq_len: model context; each split must hold one window of seq_len + 1.
+
+  Raises:
+    ValueError: for a missing or empty source directory, or a split too small
+      for one window.
+  """
+  if not 0 < data_config.vocab_size <= 2**16:
+    raise ValueError(f'vocab_size must be in [1, 65536] for uint16 tokens, got '
+                     f'{data_config.vocab_size}')
+  source = _open_source(data_config)
+  data_dir = os.path.join(source.cache_dir, f'bpe{data_config.vocab_size}')
+  os.makedirs(data_dir, exist_ok=True)
+  data_sources = {
+      split: source.builder.as_data_source(split=spec)
+      for split, spec in source.split_specs.items()
+  }
+
+  tokenizer_path = os.path.join(data_dir, 'tokenizer.json')
+  fresh = not os.path.exists(tokenizer_path)
+  if fresh:
+    texts = (text for chunk in _text_chunks(
+        data_sources['train'], source.text_feature, 256) for text in chunk)
+    tokenizer = tokenizer_lib.train(texts, data_config.vocab_size)
+    tokenizer_lib.save(tokenizer, tokenizer_path)
+  else:
+    tokenizer = tokenizer_lib.load(tokenizer_path)
+  eot_id = tokenizer_lib.eot_id(tokenizer)
+
+  tokens = {}
+  for split in SPLITS:
+    path = os.path.join(data_dir, f'{split}.npy')
+    if fresh or not os.path.exists(path):  # A new tokenizer voids old tokens.
+      stream = _tokenize(tokenizer, data_sources[split], source.text_feature,
+                         eot_id, split)
+      _write_atomic(path, lambda f: np.save(f, stream))
+    tokens[split] = np.load(path)
+    if num_windows(tokens[split], seq_len) < 1:
+      raise ValueError(
+          f'Corpus too small: the {split} split of {data_config.source!r} has '
+          f'{tokens[split].size} tokens, fewer than one window of seq_len+1='
+          f'{seq_len + 1}.')
+  logging.info('Corpus %s: %d train / %d validation tokens in %s.',
+               data_config.source, tokens['train'].size,
+               tokens['validation'].size, data_dir)
+  return Corpus(
+      tokenizer=tokenizer,
+      eot_id=eot_id,
+      train_tokens=tokens['train'],
+      val_tokens=tokens['validation'],
+      manifest_path=source.manifest_path,
+      data_dir=data_dir)
+
+
+def num_windows(tokens, seq_len):
+  """Number of non-overlapping windows of seq_len + 1 tokens in `tokens`."""
+  return len(tokens) // (seq_len + 1)
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed, epoch, n):
+  """The window order of one epoch; cached, as consecutive steps share it."""
+  order = np.random.default_rng((seed, epoch)).permutation(n)
+  order.flags.writeable = False  # Shared through the cache.
+  return order
+
+
+def get_batch(tokens, step, *, seed, batch_size, seq_len, process_index=0,
+              process_count=1):
+  """This process's rows of the global batch at `step`, int32 [B/P, L+1].
+
+  Window i is tokens[i*(L+1) : (i+1)*(L+1)]; inputs are [:, :-1], targets
+  [:, 1:]. Global example g = step*B + b is window
+  permutation(seed, g // n)[g % n], so each epoch visits every window once,
+  and the batch depends only on (seed, step), never on what ran before.
+  Process p gets global rows [p*B/P, (p+1)*B/P).
+  """
+  if batch_size % process_count:
+    raise ValueError(f'batch_size {batch_size} is not divisible by '
+                     f'process_count {process_count}')
+  n = num_windows(tokens, seq_len)
+  if n < 1:
+    raise ValueError(f'{len(tokens)} tokens hold no window of {seq_len + 1}')
+  rows = batch_size // process_count
+  g = step * batch_size + process_index * rows + np.arange(rows, dtype=np.int64)
+  epochs, slots = np.divmod(g, n)
+  windows = np.empty(rows, np.int64)
+  for epoch in np.unique(epochs):  # A batch can straddle an epoch boundary.
+    mask = epochs == epoch
+    windows[mask] = _permutation(seed, int(epoch), n)[slots[mask]]
+  index = windows[:, None] * (seq_len + 1) + np.arange(seq_len + 1)
+  return tokens[index].astype(np.int32)
+
+
+def unigram_entropy(train_tokens, val_tokens):
+  """Cross-entropy (nats/token) of val under the train unigram distribution.
+
+  The loss of the best context-free predictor: the baseline any language
+  model must beat. Add-one smoothing keeps tokens unseen in train finite.
+  """
+  size = int(max(train_tokens.max(), val_tokens.max())) + 1
+  counts = np.bincount(train_tokens, minlength=size) + 1.0
+  log_probs = np.log(counts / counts.sum())
+  return float(-log_probs[val_tokens].mean())

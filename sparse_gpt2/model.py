@@ -1,0 +1,250 @@
+"""GPT-2 in Flax linen: the dense baseline and, by config, the paper's variant.
+
+The defaults are GPT-2 small exactly (pre-LayerNorm, learned positions, tanh
+GELU, tied embeddings, biases), so Hugging Face checkpoints load unchanged
+(`sparse_gpt2.hf`). Each change the paper makes is one field: RMSNorm, untied
+unembedding, no positions, a bigram logit table, attention sinks, a head size
+independent of the width, and AbsTopK activation sparsity.
+
+Weight sparsity lives here only as state: when `sparse_params` is a regex,
+`init` also creates a boolean mask in the 'sparsity' collection for every
+parameter whose path ('block_0/query/kernel', ...) matches it, with the same
+logical axes as that parameter so both shard alike. The forward pass never
+reads the masks: the optimizer keeps the weights exactly on them
+(`sparsity.reproject`).
+
+Every node of the circuit analysis ('attn_in', 'q', 'k', 'v', 'attn_out',
+'mlp_in', 'mlp_neuron', 'mlp_out' in each block) goes through `Block._node`:
+AbsTopK is applied there, its batch mean is sown into 'node_stats', and when
+the caller passes 'node_mask' and 'node_mean' collections the node is mixed
+with its mean (mean ablation) there, so circuit pruning needs no other model.
+"""
+
+import math
+import re
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NODE_LOCATIONS = ('attn_in', 'q', 'k', 'v', 'attn_out',
+                  'mlp_in', 'mlp_neuron', 'mlp_out')
+
+
+def abs_topk(x, fraction):
+  """Keeps the `fraction` largest-magnitude entries of the last axis."""
+  k = max(1, math.ceil(fraction * x.shape[-1]))
+  if k >= x.shape[-1]:
+    return x
+  kth = jax.lax.top_k(jnp.abs(x), k)[0][..., -1:]
+  return jnp.where(jnp.abs(x) >= kth, x, 0)
+
+
+def _dense(features, names, dtype, param_dtype, std, use_bias, name):
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(
+          nn.initializers.normal(std), names),
+      bias_init=nn.with_logical_partitioning(
+          nn.initializers.zeros_init(), names[-1:]),
+      name=name)
+
+
+def _norm(kind, dtype, param_dtype, name):
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                            ('embed',))
+  if kind == 'rmsnorm':
+    return nn.RMSNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+                      scale_init=scale_init, name=name)
+  if kind == 'layernorm':
+    return nn.LayerNorm(
+        epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+        scale_init=scale_init,
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                               ('embed',)),
+        name=name)
+  raise ValueError(f"model.norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
+
+
+class Block(nn.Module):
+  """One pre-norm transformer block; attention and MLP inline so that all its
+  nodes and weights sit in one flat scope ('block_i/query/kernel', ...)."""
+  num_heads: int
+  d_head: int
+  d_mlp: int
+  norm: str
+  attention_sink: bool
+  act_topk_fraction: float
+  act_topk_locations: Sequence[str]
+  dropout: float
+  use_bias: bool
+  init_std: float
+  proj_std: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  def _node(self, name, x):
+    if self.act_topk_fraction and name in self.act_topk_locations:
+      x = abs_topk(x, self.act_topk_fraction)
+    self.sow('node_stats', name, jnp.mean(x, axis=(0, 1), dtype=jnp.float32))
+    if self.has_variable('node_mask', name):
+      mask = self.get_variable('node_mask', name).astype(x.dtype)
+      mean = self.get_variable('node_mean', name).astype(x.dtype)
+      x = mean + mask * (x - mean)
+    return x
+
+  def _dense(self, features, names, name, std=None):
+    return _dense(features, names, self.dtype, self.param_dtype,
+                  std or self.init_std, self.use_bias, name)
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):  # x: [B, T, D]
+    b, t, d = x.shape
+    h, dh = self.num_heads, self.d_head
+    drop = nn.Dropout(self.dropout, deterministic=deterministic)
+
+    a = self._node('attn_in', _norm(self.norm, self.dtype, self.param_dtype,
+                                    'norm_1')(x))
+    q, k, v = (self._node(n, self._dense(h * dh, ('embed', 'heads'), m)(a))
+               for n, m in (('q', 'query'), ('k', 'key'), ('v', 'value')))
+    q, k, v = (y.reshape(b, t, h, dh) for y in (q, k, v))
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+    logits = logits / math.sqrt(dh)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    if self.attention_sink:
+      # A learned logit per head for an extra key whose value is zero: a head
+      # can attend "nowhere" instead of being forced onto some token.
+      sink = self.param('sink', nn.with_logical_partitioning(
+          nn.initializers.zeros_init(), ('heads_only',)), (h,), jnp.float32)
+      sink = jnp.broadcast_to(sink[None, :, None, None], (b, h, t, 1))
+      probs = jax.nn.softmax(jnp.concatenate([logits, sink], -1))[..., :t]
+    else:
+      probs = jax.nn.softmax(logits)
+    probs = drop(probs.astype(self.dtype))
+    y = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, t, h * dh)
+    y = self._dense(d, ('heads', 'embed'), 'attn_proj', self.proj_std)(y)
+    x = x + drop(self._node('attn_out', y))
+
+    m = self._node('mlp_in', _norm(self.norm, self.dtype, self.param_dtype,
+                                   'norm_2')(x))
+    m = self._dense(self.d_mlp, ('embed', 'mlp'), 'mlp_fc')(m)
+    m = self._node('mlp_neuron', nn.gelu(m, approximate=True))
+    m = self._dense(d, ('mlp', 'embed'), 'mlp_proj', self.proj_std)(m)
+    return x + drop(self._node('mlp_out', m))
+
+
+class GPT2(nn.Module):
+  """Decoder-only LM: tokens [B, T] int -> logits [B, T, vocab] float32."""
+  vocab_size: int = 50257
+  num_layers: int = 12
+  d_model: int = 768
+  num_heads: int = 12
+  d_head: int | None = None   # None: d_model // num_heads, as in GPT-2.
+  d_mlp: int | None = None    # None: 4 * d_model.
+  max_len: int = 1024
+  norm: str = 'layernorm'     # 'layernorm' | 'rmsnorm'
+  tie_embeddings: bool = True
+  pos_embedding: bool = True
+  bigram_table: bool = False  # Dense [vocab, vocab] logits of the last token.
+  attention_sink: bool = False
+  use_bias: bool = True
+  act_topk_fraction: float = 0.0   # AbsTopK: keep this fraction; 0 = off.
+  act_topk_locations: Sequence[str] = ()  # Subset of NODE_LOCATIONS.
+  dropout: float = 0.0
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  sparse_params: str = ''     # Regex over parameter paths; '' = no masks.
+
+  def _check(self):
+    unknown = set(self.act_topk_locations) - set(NODE_LOCATIONS)
+    if unknown:
+      raise ValueError(f'model.act_topk_locations: unknown {sorted(unknown)}; '
+                       f'known: {NODE_LOCATIONS}')
+    if not 0 <= self.act_topk_fraction <= 1:
+      raise ValueError('model.act_topk_fraction must be in [0, 1], got '
+                       f'{self.act_topk_fraction}')
+
+  @nn.compact
+  def __call__(self, tokens, deterministic=True):
+    self._check()
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    std = 0.02
+    embed = nn.Embed(self.vocab_size, self.d_model, dtype=dtype,
+                     param_dtype=param_dtype, name='wte',
+                     embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(std), ('vocab', 'embed')))
+    x = embed(tokens)
+    if self.pos_embedding:
+      if tokens.shape[1] > self.max_len:
+        raise ValueError(f'sequence of {tokens.shape[1]} tokens is longer '
+                         f'than model.max_len={self.max_len}')
+      wpe = self.param('wpe', nn.with_logical_partitioning(
+          nn.initializers.normal(0.01), ('positions', 'embed')),
+                       (self.max_len, self.d_model), param_dtype)
+      x = x + wpe[None, :tokens.shape[1]].astype(dtype)
+    x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+
+    for i in range(self.num_layers):
+      x = Block(
+          num_heads=self.num_heads,
+          d_head=self.d_head or self.d_model // self.num_heads,
+          d_mlp=self.d_mlp or 4 * self.d_model, norm=self.norm,
+          attention_sink=self.attention_sink,
+          act_topk_fraction=self.act_topk_fraction,
+          act_topk_locations=tuple(self.act_topk_locations),
+          dropout=self.dropout, use_bias=self.use_bias, init_std=std,
+          proj_std=std / math.sqrt(2 * self.num_layers), dtype=dtype,
+          param_dtype=param_dtype, name=f'block_{i}')(x, deterministic)
+      x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+
+    x = _norm(self.norm, dtype, param_dtype, 'norm_f')(x)
+    if self.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = _dense(self.vocab_size, ('embed', 'vocab'), dtype, param_dtype,
+                      std, False, 'lm_head')(x)
+    logits = logits.astype(jnp.float32)
+    if self.bigram_table:
+      table = self.param('bigram', nn.with_logical_partitioning(
+          nn.initializers.zeros_init(), ('vocab_in', 'vocab')),
+                         (self.vocab_size, self.vocab_size), param_dtype)
+      logits = logits + table[tokens].astype(jnp.float32)
+
+    if self.sparse_params and self.is_initializing():
+      self._init_masks()
+    return logits
+
+  def _init_masks(self):
+    """One all-True mask per matching parameter, boxed with its axes.
+
+    Created as top-level variables mirroring the parameter tree, so
+    `variables['sparsity']` has exactly the structure of the matched subset
+    of `variables['params']`. `sparsity.init_masks` then fills them in.
+    """
+    pattern = re.compile(self.sparse_params)
+
+    def masks(tree, prefix):
+      out = {}
+      for key, value in tree.items():
+        path = f'{prefix}{key}'
+        if isinstance(value, nn.LogicallyPartitioned):
+          if pattern.search(path):
+            out[key] = value.replace_boxed(
+                jnp.ones(value.value.shape, bool))
+        elif hasattr(value, 'items'):
+          sub = masks(value, path + '/')
+          if sub:
+            out[key] = sub
+      return out
+
+    for key, value in masks(self.variables['params'], '').items():
+      # Written straight into the scope: the names are those of submodules,
+      # which `self.variable` would refuse.
+      self.scope.put_variable('sparsity', key, value)
+
+
+def count_params(params):
+  return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,77 @@
+"""The optimizer: [mask grads] -> clip by RMS -> AdamW (sharkfin lr) -> reproject.
+
+One `optax.chain`; the sparse pieces take the model's masks as the extra
+argument `masks=` (optax passes extra keyword arguments through a chain).
+"""
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparse_gpt2 import sparsity
+
+
+def learning_rate(config, total_steps):
+  """The paper's "sharkfin": linear warmup, linear decay to zero, times
+  sqrt(L0_target / L0_now) so the lr grows as annealing makes the model
+  sparser (1 in the dense and static modes)."""
+  warmup = max(1, round(config.optim.warmup_fraction * total_steps))
+  decay = max(1, total_steps - warmup)
+
+  def schedule(step):
+    ramp = jnp.minimum((step + 1) / warmup,
+                       jnp.maximum(0.0, (total_steps - step) / decay))
+    lr = config.optim.lr * jnp.minimum(1.0, ramp)
+    if config.sparsity.mode == 'topk':
+      density = sparsity.density_at(step, config.sparsity, total_steps)
+      lr = lr * jnp.sqrt(config.sparsity.density / density)
+    return lr
+
+  return schedule
+
+
+def clip_by_global_rms(max_rms):
+  """Scales the gradient so that its root-mean-square over all entries is at
+  most `max_rms` (the paper's stabiliser: like norm clipping, but the
+  threshold does not grow with model size)."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves = jax.tree.leaves(updates)
+    size = sum(x.size for x in leaves)
+    rms = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                       for x in leaves) / size)
+    scale = jnp.minimum(1.0, max_rms / jnp.maximum(rms, 1e-12))
+    return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                      update_fn)
+
+
+def decay_mask(params):
+  """Weight decay on matrices only: not on biases, norm gains, sinks, or the
+  bigram table (which the paper leaves out of sparsity and decay)."""
+  flat = traverse_util.flatten_dict(nn.unbox(params), sep='/')
+  return traverse_util.unflatten_dict(
+      {p: x.ndim >= 2 and 'bigram' not in p for p, x in flat.items()},
+      sep='/')
+
+
+def make(config, total_steps):
+  """The optimizer for `config`; call `update(grads, state, params,
+  masks=masks)`."""
+  sparsity.validate(config.sparsity)
+  o = config.optim
+  chain = []
+  if config.sparsity.mode == 'static':
+    chain.append(sparsity.mask_gradients())
+  chain += [
+      clip_by_global_rms(o.grad_clip_rms),
+      optax.adamw(learning_rate(config, total_steps), b1=o.b1, b2=o.b2,
+                  eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask),
+  ]
+  if config.sparsity.mode != 'none':
+    chain.append(sparsity.reproject(config.sparsity, total_steps))
+  return optax.chain(*chain)

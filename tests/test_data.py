@@ -1,0 +1,256 @@
+"""Tests for sparse_gpt2.data on a tiny generated corpus (CPU, seconds)."""
+
+import hashlib
+import json
+import os
+import random
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from sparse_gpt2 import data
+from sparse_gpt2.data import python_code
+
+SEQ_LEN = 16
+VAL_FRACTION = 0.25
+
+
+def _source_text(i):
+  """Python-ish text with the awkward parts: unicode, tabs, CRLF, specials."""
+  rng = random.Random(i)
+  lines = [f'"""Module {i}: ünïcödé ✓ 漢字."""', 'import os', '']
+  for j in range(rng.randint(3, 12)):
+    lines += [f'def f_{i}_{j}(x, y={rng.randint(0, 99)}):',
+              f'\tz = x * {rng.random():.3f}  ',
+              f"    return z + len('<|endoftext|>') + y", '']
+  newline = '\r\n' if i % 5 == 0 else '\n'
+  text = newline.join(lines)
+  return text if i % 7 else text.rstrip()  # Some files lack a final newline.
+
+
+@pytest.fixture(scope='module')
+def corpus_dir(tmp_path_factory):
+  """20 UTF-8 .py files (one empty) plus files the builder must ignore."""
+  root = tmp_path_factory.mktemp('src')
+  files = {}
+  for i in range(20):
+    rel = f'pkg{i % 3}/sub{i % 2}/mod_{i}.py'
+    files[rel] = '' if i == 3 else _source_text(i)
+  for rel, text in files.items():
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode('utf-8'))
+  (root / 'latin1.py').write_bytes('x = "caf\xe9"\n'.encode('latin-1'))
+  (root / 'site-packages' / 'dep').mkdir(parents=True)
+  (root / 'site-packages' / 'dep' / 'thirdparty.py').write_text('x = 1\n')
+  (root / 'notes.txt').write_text('not python\n')
+  return root, files
+
+
+def _config(source, data_dir, **overrides):
+  config = ml_collections.ConfigDict(dict(
+      source=str(source), text_feature='text', data_dir=str(data_dir),
+      vocab_size=300, val_fraction=VAL_FRACTION))
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('tfds')
+
+
+@pytest.fixture(scope='module')
+def corpus(corpus_dir, data_dir):
+  return data.load(_config(corpus_dir[0], data_dir), SEQ_LEN)
+
+
+def test_builder_reads_back_every_file_in_its_split(corpus_dir, data_dir):
+  root, files = corpus_dir
+  builder = python_code.PythonCode(
+      source_dir=str(root), val_fraction=VAL_FRACTION, data_dir=str(data_dir))
+  builder.download_and_prepare()
+  read = {}
+  for split in ('train', 'validation'):
+    for row in builder.as_data_source(split=split):
+      path = row['path'].decode()
+      assert path not in read, 'splits must be disjoint'
+      assert python_code.split_of(path, VAL_FRACTION) == split
+      read[path] = row['text'].decode()
+  assert read == files  # Exact text; no latin-1, site-packages or .txt file.
+  assert builder.info.splits['validation'].num_examples > 0
+
+
+def test_manifest_lists_every_file_with_sha256(corpus, corpus_dir):
+  root, files = corpus_dir
+  with open(corpus.manifest_path) as f:
+    manifest = json.load(f)
+  assert manifest['source_dir'] == os.path.realpath(root)
+  assert manifest['skipped_not_utf8'] == ['latin1.py']
+  assert [f['path'] for f in manifest['files']] == sorted(files)
+  for entry in manifest['files']:
+    content = files[entry['path']].encode('utf-8')
+    assert entry['size'] == len(content)
+    assert entry['sha256'] == hashlib.sha256(content).hexdigest()
+    assert entry['split'] == python_code.split_of(entry['path'], VAL_FRACTION)
+
+
+def test_split_of_is_stable_and_proportional():
+  paths = [f'dir/file_{i}.py' for i in range(4000)]
+  splits = [python_code.split_of(p, 0.1) for p in paths]
+  assert splits == [python_code.split_of(p, 0.1) for p in paths]
+  assert 0.08 < splits.count('validation') / len(paths) < 0.12
+  # Pinned to the documented rule, so a change of hash (which would reshuffle
+  # every existing corpus) fails loudly.
+  for path in paths[:100]:
+    u = int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], 'big')
+    expected = 'validation' if u / 2**64 < 0.1 else 'train'
+    assert python_code.split_of(path, 0.1) == expected
+
+
+def test_config_name_changes_with_source(tmp_path):
+  (tmp_path / 'a').mkdir()
+  (tmp_path / 'b').mkdir()
+  a = python_code.make_config(str(tmp_path / 'a'), 0.05)
+  assert a.name == python_code.make_config(str(tmp_path / 'a'), 0.05).name
+  assert a.name != python_code.make_config(str(tmp_path / 'b'), 0.05).name
+  assert a.name != python_code.make_config(str(tmp_path / 'a'), 0.1).name
+
+
+def test_tokenizer_round_trips_every_file(corpus, corpus_dir):
+  _, files = corpus_dir
+  tokenizer = corpus.tokenizer
+  assert tokenizer.get_vocab_size() == 300
+  for text in files.values():
+    ids = tokenizer.encode(text).ids
+    assert corpus.eot_id not in ids  # The literal string is plain text.
+    assert tokenizer.decode(ids) == text
+
+
+def test_token_streams_are_documents_joined_by_eot(corpus, corpus_dir):
+  _, files = corpus_dir
+  for split, tokens in (('train', corpus.train_tokens),
+                        ('validation', corpus.val_tokens)):
+    assert tokens.dtype == np.uint16 and tokens.ndim == 1
+    docs = [files[p] for p in sorted(files)
+            if files[p] and python_code.split_of(p, VAL_FRACTION) == split]
+    pieces = np.split(tokens, np.flatnonzero(tokens == corpus.eot_id))
+    pieces = [pieces[0]] + [p[1:] for p in pieces[1:]]  # Drop the EOTs.
+    assert [corpus.tokenizer.decode(p.tolist()) for p in pieces] == docs
+
+
+def test_second_load_uses_the_cache(corpus, corpus_dir, data_dir):
+  cached = [os.path.join(corpus.data_dir, name)
+            for name in ('tokenizer.json', 'train.npy', 'validation.npy')]
+  mtimes = [os.stat(path).st_mtime_ns for path in cached]
+  start = time.time()
+  again = data.load(_config(corpus_dir[0], data_dir), SEQ_LEN)
+  assert time.time() - start < 5
+  assert [os.stat(path).st_mtime_ns for path in cached] == mtimes
+  np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
+  np.testing.assert_array_equal(again.val_tokens, corpus.val_tokens)
+
+
+def test_get_batch_is_a_function_of_seed_and_step():
+  seq_len, n = 7, 10
+  tokens = np.arange(n * (seq_len + 1) + 5, dtype=np.uint16)  # 5 left over.
+  kwargs = dict(seed=3, batch_size=4, seq_len=seq_len)
+  batch = data.get_batch(tokens, 2, **kwargs)
+  assert batch.dtype == np.int32 and batch.shape == (4, seq_len + 1)
+  np.testing.assert_array_equal(batch, data.get_batch(tokens, 2, **kwargs))
+  assert not np.array_equal(batch, data.get_batch(tokens, 2, **dict(
+      kwargs, seed=4)))
+  # Rows are whole windows: tokens[w*(L+1) : (w+1)*(L+1)].
+  windows = batch[:, 0] // (seq_len + 1)
+  np.testing.assert_array_equal(
+      batch, windows[:, None] * (seq_len + 1) + np.arange(seq_len + 1))
+
+
+def test_get_batch_sees_every_window_once_per_epoch():
+  seq_len, n = 3, 10
+  tokens = np.arange(n * (seq_len + 1), dtype=np.uint16)
+  # Batches of 4 over 10 windows straddle the epoch boundaries.
+  rows = np.concatenate([
+      data.get_batch(tokens, step, seed=0, batch_size=4, seq_len=seq_len)
+      for step in range(5)])
+  windows = rows[:, 0] // (seq_len + 1)
+  assert sorted(windows[:n]) == list(range(n))
+  assert sorted(windows[n:]) == list(range(n))
+  assert list(windows[:n]) != list(windows[n:])  # A new order per epoch.
+
+
+def test_process_shards_partition_the_global_batch():
+  seq_len = 5
+  tokens = np.arange(50 * (seq_len + 1), dtype=np.uint16)
+  kwargs = dict(seed=1, batch_size=8, seq_len=seq_len)
+  for step in (0, 7):
+    full = data.get_batch(tokens, step, **kwargs)
+    shards = [data.get_batch(tokens, step, process_index=p, process_count=4,
+                             **kwargs) for p in range(4)]
+    np.testing.assert_array_equal(np.concatenate(shards), full)
+  with pytest.raises(ValueError, match='divisible'):
+    data.get_batch(tokens, 0, process_count=3, **kwargs)
+
+
+def test_missing_and_empty_directories_raise(tmp_path):
+  with pytest.raises(ValueError, match='does not exist'):
+    data.load(_config(tmp_path / 'missing', tmp_path / 'tfds'), SEQ_LEN)
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'empty' / 'readme.txt').write_text('no code here\n')
+  with pytest.raises(ValueError, match='empty corpus'):
+    data.load(_config(tmp_path / 'empty', tmp_path / 'tfds'), SEQ_LEN)
+
+
+def test_corpus_too_small_raises(corpus_dir, data_dir, tmp_path):
+  with pytest.raises(ValueError, match='too small'):
+    data.load(_config(corpus_dir[0], data_dir), seq_len=10**6)
+  (tmp_path / 'one').mkdir()
+  (tmp_path / 'one' / 'a.py').write_text('x = 1\n')
+  with pytest.raises(ValueError, match='too small'):
+    data.load(_config(tmp_path / 'one', tmp_path / 'tfds'), SEQ_LEN)
+
+
+class SparseGpt2TestDocs(tfds.core.GeneratorBasedBuilder):
+  """A train-only TFDS dataset, to exercise the 'tfds:NAME' source."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({'body': tfds.features.Text()}),
+        disable_shuffling=True)  # So the held-out tail is known.
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(12):
+      yield i, {'body': _source_text(i)}
+
+
+def test_tfds_source_holds_out_part_of_train(tmp_path):
+  config = _config('tfds:sparse_gpt2_test_docs', tmp_path, text_feature='body')
+  corpus = data.load(config, SEQ_LEN)
+  assert corpus.data_dir == str(
+      tmp_path / 'sparse_gpt2' / 'sparse_gpt2_test_docs' / '1.0.0' / 'body' /
+      'heldout3' / 'bpe300')
+  with open(corpus.manifest_path) as f:
+    assert json.load(f)['splits'] == {
+        'train': 'train[:-3]', 'validation': 'train[-3:]'}
+  held_out = '<|endoftext|>'.join(_source_text(i) for i in range(9, 12))
+  assert corpus.tokenizer.decode(
+      corpus.val_tokens.tolist(), skip_special_tokens=False) == held_out
+
+
+def test_unigram_entropy():
+  rng = np.random.default_rng(0)
+  uniform = rng.integers(0, 16, size=100_000).astype(np.uint16)
+  assert data.unigram_entropy(uniform, uniform[:1000]) == pytest.approx(
+      np.log(16), abs=0.01)
+  assert data.unigram_entropy(np.zeros(1000, np.uint16),
+                              np.zeros(10, np.uint16)) < 0.01
