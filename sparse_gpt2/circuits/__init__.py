@@ -1,0 +1,1 @@
+"""Circuits: the Python task suite, learned node pruning, circuit extraction."""

@@ -1,0 +1,84 @@
+"""Every config field, with its default and meaning. Files in configs/ start
+from `base()` and change what their run needs, so a field exists once and an
+override of an unknown field fails (configs are locked by main.py)."""
+
+import ml_collections
+
+
+def base():
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.train_steps = 1000
+  config.batch_size = 32           # Global, over all processes.
+  config.seq_len = 128
+  config.log_every = 10
+  config.eval_every = 250
+  config.eval_batches = 8
+  config.checkpoint_every = 250
+  config.keep_checkpoints = 2
+  config.peak_flops = 0.0          # FLOP/s for MFU; 0 = time a matmul at start.
+  config.init_from_hf = ''         # A Hugging Face GPT-2 dir to start from.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = 'stdlib'    # 'stdlib', a directory of code, 'tfds:NAME'.
+  config.data.text_feature = 'text'  # Text feature of a 'tfds:NAME' source.
+  config.data.data_dir = ''        # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  config.data.vocab_size = 2048    # BPE size, as in the paper.
+  config.data.val_fraction = 0.05
+
+  # GPT2 constructor fields (sparse_gpt2/model.py); defaults are GPT-2's.
+  config.model = ml_collections.ConfigDict()
+  config.model.vocab_size = config.data.get_ref('vocab_size')
+  config.model.num_layers = 12
+  config.model.d_model = 768
+  config.model.num_heads = 12
+  config.model.d_head = 64
+  config.model.d_mlp = 3072
+  config.model.max_len = 1024
+  config.model.norm = 'layernorm'  # 'layernorm' | 'rmsnorm'
+  config.model.tie_embeddings = True
+  config.model.pos_embedding = True
+  config.model.bigram_table = False
+  config.model.attention_sink = False
+  config.model.use_bias = True
+  config.model.act_topk_fraction = 0.0  # AbsTopK; the paper keeps 0.25.
+  config.model.act_topk_locations = ()  # Subset of model.NODE_LOCATIONS.
+  config.model.dropout = 0.0
+  config.model.dtype = 'float32'        # Compute dtype: 'float32'|'bfloat16'.
+  config.model.param_dtype = 'float32'
+
+  config.sparsity = ml_collections.ConfigDict()
+  config.sparsity.mode = 'none'    # 'none' | 'static' | 'topk'
+  config.sparsity.density = 1.0    # Target fraction of nonzeros per tensor.
+  # Parameters whose path matches are sparse: by default all weights, biases
+  # and embeddings; norm gains, attention sinks and the bigram table stay dense.
+  config.sparsity.pattern = r'^(?!.*(norm|bigram|sink))'
+  config.sparsity.min_per_neuron = 4   # j: nonzeros kept per neuron/channel.
+  config.sparsity.anneal_fraction = 0.5  # topk: dense -> target over this.
+  config.sparsity.static_init = 'uniform'  # static: 'uniform' | 'erk'.
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 1e-2
+  config.optim.warmup_fraction = 0.01
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.95
+  config.optim.eps = 0.1           # Large on purpose, as in the paper.
+  config.optim.weight_decay = 0.1
+  config.optim.grad_rms = 1.0      # Gradients rescaled to this RMS each step.
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1            # -1: all devices not used by 'model'.
+  config.mesh.model = 1
+  return config
+
+
+def paper_architecture(config):
+  """The paper's model changes (sparse and dense twins share them)."""
+  m = config.model
+  m.norm = 'rmsnorm'
+  m.tie_embeddings = False
+  m.pos_embedding = False
+  m.bigram_table = True
+  m.attention_sink = True
+  m.d_head = 16
+  return config

@@ -1,0 +1,251 @@
+"""Hugging Face GPT-2 checkpoints in and out: `load` and `save`.
+
+A Hugging Face GPT-2 directory is `config.json` (a `GPT2Config`) plus
+`model.safetensors` in transformers' naming ('h.0.attn.c_attn.weight', ...,
+optionally under 'transformer.'). Its `Conv1D` weights are stored [in, out],
+which is already the layout of a Flax `Dense` kernel, so the conversion is a
+renaming except for two tensors: `c_attn` is query, key and value side by side
+on the output axis, and an untied `lm_head.weight` is an `nn.Linear` weight,
+[vocab, d_model], the transpose of our `lm_head/kernel`.
+
+Params are plain float32 numpy arrays in the tree of
+`nn.unbox(GPT2(**model_kwargs).init(...)['params'])`: no `LogicallyPartitioned`
+boxes, since the axis names are a property of the model, not of the
+checkpoint; the trainer unboxes its own params the same way. Only
+`safetensors.numpy` is used, so neither direction needs torch.
+
+Both directions check the tensors against the shapes of `GPT2(**model_kwargs)`
+itself (`jax.eval_shape` of its init), so a checkpoint that does not fit the
+model fails here, with the parameter's name, rather than inside a jit.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import numpy as safetensors_np
+
+from sparse_gpt2 import model
+
+CONFIG = 'config.json'
+WEIGHTS = 'model.safetensors'
+
+# The GPT2Config defaults: transformers writes only the fields that differ
+# from them, so a missing field means this value.
+_HF_DEFAULTS = dict(
+    vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+    n_inner=None, activation_function='gelu_new', layer_norm_epsilon=1e-5,
+    scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+    add_cross_attention=False, tie_word_embeddings=True)
+
+# Both are the tanh approximation of `model.Block`'s `nn.gelu`.
+_ACTIVATIONS = ('gelu_new', 'gelu_pytorch_tanh')
+
+# Causal-mask buffers that older transformers versions saved with the weights.
+_BUFFERS = ('.attn.bias', '.attn.masked_bias')
+
+
+def _layout(num_layers, tied):
+  """(HF name, our paths, transposed): the HF tensor is our paths joined on
+  the last axis, transposed if so marked. Names lack 'transformer.'."""
+  layout = [('wte.weight', ('wte/embedding',), False),
+            ('wpe.weight', ('wpe',), False),
+            ('ln_f.weight', ('norm_f/scale',), False),
+            ('ln_f.bias', ('norm_f/bias',), False)]
+  ours = {'ln_1': 'norm_1', 'attn.c_proj': 'attn_proj', 'ln_2': 'norm_2',
+          'mlp.c_fc': 'mlp_fc', 'mlp.c_proj': 'mlp_proj'}
+  for i in range(num_layers):
+    for hf, our in ours.items():
+      weight = 'scale' if hf.startswith('ln_') else 'kernel'
+      layout += [(f'h.{i}.{hf}.weight', (f'block_{i}/{our}/{weight}',), False),
+                 (f'h.{i}.{hf}.bias', (f'block_{i}/{our}/bias',), False)]
+    for kind, weight in (('weight', 'kernel'), ('bias', 'bias')):
+      layout.append((f'h.{i}.attn.c_attn.{kind}',
+                     tuple(f'block_{i}/{m}/{weight}'
+                           for m in ('query', 'key', 'value')), False))
+  if not tied:
+    layout.append(('lm_head.weight', ('lm_head/kernel',), True))
+  return layout
+
+
+def _hf_shape(shapes, transposed):
+  shape = shapes[0][:-1] + (sum(s[-1] for s in shapes),)
+  return shape[::-1] if transposed else shape
+
+
+def _param_shapes(gpt2):
+  """{path: shape} of the 'params' `gpt2.init` would create, without
+  creating them."""
+  variables = jax.eval_shape(gpt2.init, jax.random.key(0),
+                             jnp.zeros((1, 1), jnp.int32))
+  flat = traverse_util.flatten_dict(nn.unbox(variables['params']), sep='/')
+  return {path: tuple(x.shape) for path, x in flat.items()}
+
+
+def _check_names_and_shapes(what, got, expected, ignored=()):
+  """One-line ValueError naming the first few missing, unexpected or
+  misshapen entries of `got` ({name: shape}) against `expected`."""
+  missing = sorted(expected.keys() - got.keys())
+  unexpected = sorted(got.keys() - expected.keys() - set(ignored))
+  wrong = sorted(f'{k} {got[k]} != {expected[k]}'
+                 for k in expected.keys() & got.keys()
+                 if tuple(got[k]) != expected[k])
+  problems = [f'{label} {items[:5]}{"..." if len(items) > 5 else ""}'
+              for label, items in (('missing', missing),
+                                   ('unexpected', unexpected),
+                                   ('wrong shape', wrong)) if items]
+  if problems:
+    raise ValueError(f'{what}: ' + '; '.join(problems))
+
+
+def _read_config(hf_dir):
+  for name in (CONFIG, WEIGHTS):
+    if not os.path.isfile(os.path.join(hf_dir, name)):
+      raise ValueError(f'{hf_dir}: no {name}; expected a Hugging Face GPT-2 '
+                       f'directory with {CONFIG} and {WEIGHTS}')
+  with open(os.path.join(hf_dir, CONFIG)) as f:
+    config = {**_HF_DEFAULTS, **json.load(f)}
+  # reorder_and_upcast_attn is accepted: it only moves the 1/sqrt(d_head) and
+  # upcasts to float32, which is what `model.Block` computes anyway.
+  checks = [
+      (config.get('model_type', 'gpt2') != 'gpt2',
+       f'model_type={config.get("model_type")!r}'),
+      (config['activation_function'] not in _ACTIVATIONS,
+       f'activation_function={config["activation_function"]!r}'),
+      (config['layer_norm_epsilon'] != 1e-5,
+       f'layer_norm_epsilon={config["layer_norm_epsilon"]}'),
+      (not config['scale_attn_weights'], 'scale_attn_weights=False'),
+      (config['scale_attn_by_inverse_layer_idx'],
+       'scale_attn_by_inverse_layer_idx=True'),
+      (config['add_cross_attention'], 'add_cross_attention=True'),
+      (config['n_embd'] % config['n_head'],
+       f'n_embd={config["n_embd"]} not divisible by n_head={config["n_head"]}'),
+  ]
+  unsupported = [what for bad, what in checks if bad]
+  if unsupported:
+    raise ValueError(f'{hf_dir}/{CONFIG}: unsupported GPT-2 variant: '
+                     + ', '.join(unsupported))
+  return config
+
+
+def load(hf_dir):
+  """Reads a Hugging Face GPT-2 directory.
+
+  Returns (model_kwargs, params): `model.GPT2(**model_kwargs)` is the same
+  network, and `params` its float32 'params' collection, unboxed. Raises a
+  one-line ValueError for a missing file, a config that `model.GPT2` cannot
+  express, or tensors that do not fit the config.
+  """
+  config = _read_config(hf_dir)
+  model_kwargs = dict(
+      vocab_size=config['vocab_size'], num_layers=config['n_layer'],
+      d_model=config['n_embd'], num_heads=config['n_head'],
+      d_mlp=config['n_inner'] or 4 * config['n_embd'],
+      max_len=config['n_positions'], norm='layernorm',
+      tie_embeddings=config['tie_word_embeddings'], pos_embedding=True)
+  tensors = {name.removeprefix('transformer.'): array for name, array
+             in safetensors_np.load_file(
+                 os.path.join(hf_dir, WEIGHTS)).items()}
+
+  shapes = _param_shapes(model.GPT2(**model_kwargs))
+  layout = _layout(config['n_layer'], config['tie_word_embeddings'])
+  # A tied lm_head.weight, if saved at all, is a copy of wte: transformers
+  # ignores it too.
+  ignored = [n for n in tensors if n.endswith(_BUFFERS)] + ['lm_head.weight']
+  _check_names_and_shapes(
+      f'{hf_dir}/{WEIGHTS}', {n: a.shape for n, a in tensors.items()},
+      {hf: _hf_shape([shapes[p] for p in paths], transposed)
+       for hf, paths, transposed in layout}, ignored)
+
+  flat = {}
+  for hf, paths, transposed in layout:
+    array = tensors[hf].T if transposed else tensors[hf]
+    for path, part in zip(paths, np.split(array, len(paths), axis=-1)):
+      flat[path] = np.ascontiguousarray(part, np.float32)
+  return model_kwargs, traverse_util.unflatten_dict(flat, sep='/')
+
+
+def _unexpressible(gpt2, flat):
+  """What of `gpt2` a transformers GPT2LMHeadModel has no field for."""
+  checks = [
+      (gpt2.norm != 'layernorm', f'norm={gpt2.norm!r}'),
+      (not gpt2.pos_embedding, 'pos_embedding=False'),
+      (gpt2.bigram_table, 'bigram_table=True'),
+      (gpt2.attention_sink or any(p.endswith('/sink') for p in flat),
+       'attention sinks'),
+      (gpt2.d_head not in (None, gpt2.d_model // gpt2.num_heads)
+       or gpt2.d_model % gpt2.num_heads,
+       f'd_head={gpt2.d_head} with d_model={gpt2.d_model}, '
+       f'num_heads={gpt2.num_heads}'),
+      (gpt2.act_topk_fraction > 0,
+       f'act_topk_fraction={gpt2.act_topk_fraction}'),
+      # Zero biases would compute the same, but load would then return a
+      # model with biases: refused so that load inverts save.
+      (not gpt2.use_bias, 'use_bias=False'),
+  ]
+  return [what for failed, what in checks if failed]
+
+
+def save(params, model_kwargs, out_dir, overwrite=False):
+  """Writes `params` of `model.GPT2(**model_kwargs)` as a Hugging Face GPT-2
+  directory that `transformers.GPT2LMHeadModel.from_pretrained` loads.
+
+  `params` is the 'params' collection, boxed or not. Weights are written in
+  float32. The directory appears complete or not at all (written beside it,
+  then renamed), and an existing non-empty `out_dir` is replaced only with
+  `overwrite=True`. Raises a one-line ValueError for a model transformers'
+  GPT-2 cannot express (see `_unexpressible`) or params that do not fit it.
+  """
+  gpt2 = model.GPT2(**model_kwargs)
+  flat = traverse_util.flatten_dict(nn.unbox(params), sep='/')
+  unexpressible = _unexpressible(gpt2, flat)
+  if unexpressible:
+    raise ValueError('transformers GPT-2 cannot express this model: '
+                     + ', '.join(unexpressible))
+  _check_names_and_shapes('params', {p: x.shape for p, x in flat.items()},
+                          _param_shapes(gpt2))
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f'{out_dir} exists and is not a directory')
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise ValueError(f'{out_dir} is not empty; pass overwrite=True to '
+                     'replace it')
+
+  tensors = {}
+  for hf, paths, transposed in _layout(gpt2.num_layers, gpt2.tie_embeddings):
+    array = np.concatenate([np.asarray(flat[p], np.float32) for p in paths],
+                           axis=-1)
+    name = hf if hf.startswith('lm_head') else f'transformer.{hf}'
+    tensors[name] = np.ascontiguousarray(array.T if transposed else array)
+  config = dict(
+      model_type='gpt2', architectures=['GPT2LMHeadModel'],
+      vocab_size=gpt2.vocab_size, n_positions=gpt2.max_len,
+      n_embd=gpt2.d_model, n_layer=gpt2.num_layers, n_head=gpt2.num_heads,
+      n_inner=gpt2.d_mlp or 4 * gpt2.d_model, activation_function='gelu_new',
+      layer_norm_epsilon=1e-5, tie_word_embeddings=gpt2.tie_embeddings,
+      dtype='float32')
+
+  parent, base = os.path.split(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{base}.tmp', dir=parent)
+  os.chmod(tmp, 0o755)  # Not mkdtemp's private 0o700, which would stay.
+  try:
+    with open(os.path.join(tmp, CONFIG), 'w') as f:
+      json.dump(config, f, indent=2)
+    safetensors_np.save_file(tensors, os.path.join(tmp, WEIGHTS),
+                             metadata={'format': 'pt'})
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.exists(out_dir):  # Empty, or overwrite=True.
+    os.rename(out_dir, tmp + '.old')
+    os.rename(tmp, out_dir)
+    shutil.rmtree(tmp + '.old')
+  else:
+    os.rename(tmp, out_dir)

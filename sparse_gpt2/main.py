@@ -1,0 +1,52 @@
+"""Entry point: python -m sparse_gpt2.main --config=configs/NAME.py [--workdir=DIR]
+
+Everything a run does is in the config; this file only parses it and hands it
+to `train.train_and_evaluate`.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from sparse_gpt2 import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, `file.py[:arg]`; override fields with '
+    '--config.FIELD=VALUE.', lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Run directory (default runs/<config file name>).')
+flags.mark_flags_as_required(['config'])
+
+
+def quiet_libraries():
+  """Keeps the console to this project's lines: orbax and TFDS log every
+  save and read at INFO."""
+  std_logging.getLogger('absl').addFilter(
+      lambda r: not ('/orbax/' in r.pathname and r.levelno < std_logging.WARNING
+                     or '/tensorflow_datasets/' in r.pathname
+                     and r.levelno < std_logging.ERROR))
+  std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  quiet_libraries()
+  config_file = flags.FLAGS['config'].config_filename
+  name = os.path.splitext(os.path.basename(config_file.split(':')[0]))[0]
+  workdir = _WORKDIR.value or os.path.join('runs', name)
+  try:
+    train.train_and_evaluate(_CONFIG.value, workdir)
+  except (ValueError, FloatingPointError) as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,291 @@
+"""train_and_evaluate(config, workdir): the whole run.
+
+One step as data: tokens [B, T+1] sharded over 'data' -> model.apply ->
+cross-entropy -> dense grads -> optimizer chain ([mask grads] -> clip by RMS
+-> AdamW -> reproject onto the masks) -> new params; in topk mode the masks
+become the new support. The step is one jit with in/out shardings and the
+state donated.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sparse_gpt2 import checkpoint
+from sparse_gpt2 import data
+from sparse_gpt2 import hf
+from sparse_gpt2 import metrics
+from sparse_gpt2 import model as model_lib
+from sparse_gpt2 import optim
+from sparse_gpt2 import sharding
+from sparse_gpt2 import sparsity
+
+# Fields that may differ between a workdir's saved config and a resumed run:
+# run length and bookkeeping, nothing that changes what a step computes.
+RESUMABLE_FIELDS = ('train_steps', 'log_every', 'eval_every', 'eval_batches',
+                    'checkpoint_every', 'keep_checkpoints', 'peak_flops')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  masks: Any      # The 'sparsity' collection: {} for a dense model.
+  opt_state: Any
+
+
+def make_model(config):
+  return model_lib.GPT2(**config.model,
+                        sparse_params=sparsity.model_pattern(config.sparsity))
+
+
+def validate(config):
+  """One-line errors for configs that cannot run, before any work."""
+  sparsity.validate(config.sparsity)
+  if config.train_steps < 0:
+    raise ValueError(f'train_steps must be >= 0, got {config.train_steps}')
+  for field in ('batch_size', 'seq_len', 'log_every', 'eval_every',
+                'checkpoint_every', 'keep_checkpoints'):
+    if config[field] < 1:
+      raise ValueError(f'{field} must be >= 1, got {config[field]}')
+  if config.model.pos_embedding and config.seq_len > config.model.max_len:
+    raise ValueError(f'seq_len {config.seq_len} > model.max_len '
+                     f'{config.model.max_len}')
+
+
+def _loss(model, params, tokens, rng=None):
+  """Mean next-token cross-entropy of tokens [B, T+1]."""
+  logits = model.apply({'params': params}, tokens[:, :-1],
+                       deterministic=rng is None,
+                       rngs=None if rng is None else {'dropout': rng})
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits, tokens[:, 1:]).mean()
+
+
+def init_state(config, model, tx, rng, init_params):
+  """Unboxed TrainState at step 0; `init_params` (e.g. from Hugging Face)
+  replaces the random weights before the masks are chosen."""
+  dummy = jnp.zeros((1, config.seq_len), jnp.int32)
+  variables = model.init(rng, dummy)
+  params = nn.unbox(variables['params'])
+  masks = nn.unbox(variables.get('sparsity', {}))
+  if init_params is not None:
+    params = init_params
+  if config.sparsity.mode != 'none':
+    params, masks = sparsity.init_masks(
+        params, masks, config.sparsity, jax.random.fold_in(rng, 1),
+        config.train_steps)
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                    masks=masks, opt_state=tx.init(params))
+
+
+def train_step(state, tokens, *, model, tx, config):
+  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  loss, grads = jax.value_and_grad(
+      lambda p: _loss(model, p, tokens, rng))(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                 masks=state.masks)
+  params = optax.apply_updates(state.params, updates)
+  grad_rms = optim.global_rms(grads)
+  new_state = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state,
+      masks=sparsity.support(params, state.masks, config.sparsity))
+  return new_state, {'loss': loss, 'grad_rms': grad_rms}
+
+
+def _prepare_workdir(config, workdir):
+  """Creates a run directory or checks that `workdir` continues this run.
+
+  Refuses, without touching anything: a path that is a file, a non-empty
+  directory that is not a run, and a run whose saved config differs from
+  `config` in anything but RESUMABLE_FIELDS.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'workdir {workdir} exists and is not a directory')
+  saved_path = os.path.join(workdir, 'config.json')
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    if not os.path.exists(saved_path):
+      raise ValueError(f'workdir {workdir} is not empty and holds no '
+                       'config.json: not a run directory, refusing to use it')
+    with open(saved_path) as f:
+      saved = json.load(f)
+    new = json.loads(config.to_json())
+    diff = sorted(k for k in set(saved) | set(new)
+                  if k not in RESUMABLE_FIELDS and saved.get(k) != new.get(k))
+    if diff:
+      raise ValueError(f'workdir {workdir} holds a run with a different '
+                       f'config (fields {diff}); use another --workdir')
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = saved_path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.write(config.to_json(indent=2))
+    os.replace(tmp, saved_path)
+
+
+def evaluate(eval_step, state, val_tokens, config, batch_sharding):
+  losses = []
+  for i in range(config.eval_batches):
+    batch = data.get_batch(
+        val_tokens, i, seed=config.seed + 1, batch_size=config.batch_size,
+        seq_len=config.seq_len, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    losses.append(eval_step(state.params, _global_batch(batch,
+                                                        batch_sharding)))
+  return float(np.mean(jax.device_get(losses)))
+
+
+def load_run(workdir):
+  """(config, model, state) of the newest readable checkpoint in `workdir`,
+  on one device: for analysis (circuits, export), not for training."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise ValueError(f'{workdir} is not a run directory (no config.json)')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  model = make_model(config)
+  tx = optim.make(config, config.train_steps)
+  abstract = jax.eval_shape(
+      functools.partial(init_state, config, model, tx), jax.random.key(0),
+      None)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      abstract)
+  state = checkpoint.restore_latest(
+      checkpoint.manager(workdir, config.keep_checkpoints), abstract, workdir)
+  if state is None:
+    raise ValueError(f'{workdir} holds no readable checkpoint')
+  return config, model, state
+
+
+def _global_batch(local, batch_sharding):
+  return jax.make_array_from_process_local_data(batch_sharding, local)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Trains (or resumes) the run in `workdir`; returns the final state."""
+  validate(config)
+  _prepare_workdir(config, workdir)
+  corpus = data.load(config.data, config.seq_len)
+  if corpus.tokenizer.get_vocab_size() > config.model.vocab_size:
+    raise ValueError(f'tokenizer has {corpus.tokenizer.get_vocab_size()} '
+                     f'tokens but model.vocab_size={config.model.vocab_size}')
+  mesh = sharding.make_mesh(config.mesh)
+  if config.batch_size % mesh.shape['data']:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by "
+                     f"the mesh's data axis ({mesh.shape['data']})")
+
+  model = make_model(config)
+  tx = optim.make(config, config.train_steps)
+  rng = jax.random.key(config.seed)
+  init_params = hf.load(config.init_from_hf)[1] if config.init_from_hf else None
+  init = functools.partial(init_state, config, model, tx)
+  with mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    abstract_state = jax.eval_shape(init, rng, init_params)
+    boxed = jax.eval_shape(model.init, rng,
+                           jnp.zeros((1, config.seq_len), jnp.int32))
+    state_sharding = sharding.state_shardings(boxed, abstract_state, tx,
+                                              mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+    state = checkpoint.restore_latest(
+        mngr, jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state, state_sharding), workdir)
+    if state is None:
+      state = jax.jit(init, out_shardings=state_sharding)(rng, init_params)
+    else:
+      logging.info('Resumed from step %d.', int(state.step))
+    return _train_loop(config, workdir, model, tx, state, state_sharding,
+                       batch_sharding, corpus, mngr)
+
+
+def _train_loop(config, workdir, model, tx, state, state_sharding,
+                batch_sharding, corpus, mngr):
+  """Steps, logs, evaluates and saves until config.train_steps."""
+  run_start = time.perf_counter()
+
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, config=config),
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, None), donate_argnums=0)
+  eval_step = jax.jit(lambda params, tokens: _loss(model, params, tokens))
+  lr_fn = jax.jit(optim.learning_rate(config, config.train_steps))
+  stats_fn = jax.jit(sparsity.stats)
+
+  tokens_per_step = config.batch_size * config.seq_len
+  flops = metrics.flops_per_token(config.model, config.seq_len)
+  peak = config.peak_flops or metrics.measure_peak_flops(config.model.dtype)
+  writer = metrics.Writer(workdir)
+  start_step = int(state.step)
+  pending = []  # (step, device metrics) since the last log.
+  last_good = start_step if mngr.latest_step() is not None else None
+  t0, t0_step = time.perf_counter(), start_step
+  for step in range(start_step, config.train_steps):
+    batch = data.get_batch(
+        corpus.train_tokens, step, seed=config.seed,
+        batch_size=config.batch_size, seq_len=config.seq_len,
+        process_index=jax.process_index(),
+        process_count=jax.process_count())
+    state, step_metrics = step_fn(state, _global_batch(batch,
+                                                       batch_sharding))
+    pending.append((step + 1, step_metrics))
+    done = step + 1
+    is_last = done == config.train_steps
+    do_eval = done % config.eval_every == 0 or is_last
+    do_save = done % config.checkpoint_every == 0 or is_last
+    if done % config.log_every and not (do_eval or do_save):
+      continue
+
+    host = jax.device_get(pending)
+    pending = []
+    for s, m in host:
+      if not math.isfinite(m['loss']):
+        mngr.wait_until_finished()
+        raise FloatingPointError(
+            f'non-finite loss {m["loss"]} at step {s}; stopped, the last '
+            f'good checkpoint is step {last_good} in {workdir}')
+    elapsed = time.perf_counter() - t0
+    rate = (done - t0_step) * tokens_per_step / elapsed
+    t0, t0_step = time.perf_counter(), done
+    stats = jax.device_get(stats_fn(state.params, state.masks))
+    record = {
+        'loss': host[-1][1]['loss'], 'grad_rms': host[-1][1]['grad_rms'],
+        'lr': float(lr_fn(done - 1)), 'tokens_per_s': rate,
+        'mfu': rate * flops / peak, 'l0': int(stats['l0']),
+        'density': float(stats['density']),
+        'l0_per_tensor': {k: int(v) for k, v in
+                          stats['l0_per_tensor'].items()}}
+    if do_eval:
+      record['val_loss'] = evaluate(eval_step, state, corpus.val_tokens,
+                                    config, batch_sharding)
+    writer.write(done, record)
+    metrics.console_line(done, config.train_steps, record,
+                         (config.train_steps - done) * tokens_per_step
+                         / max(rate, 1e-9))
+    if do_save:
+      checkpoint.save(mngr, done, state)
+      last_good = done
+
+  mngr.wait_until_finished()
+  if config.train_steps == start_step and mngr.latest_step() is None:
+    checkpoint.save(mngr, start_step, state)  # A run of 0 steps: the init.
+    mngr.wait_until_finished()
+  writer.close()
+  logging.info('Done: %d steps in %.1f s.', config.train_steps - start_step,
+               time.perf_counter() - run_start)
+  return state

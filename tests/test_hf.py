@@ -1,0 +1,214 @@
+"""Tests for sparse_gpt2.hf against transformers' own GPT-2 (CPU, seconds)."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import numpy as safetensors_np
+import torch
+import transformers
+
+from sparse_gpt2 import hf
+from sparse_gpt2 import model
+
+VOCAB = 100
+TOLERANCE = 1e-4
+
+
+def _hf_model(tie, n_inner=None):
+  """A seeded random GPT2LMHeadModel whose biases and LayerNorms are not 0/1,
+  so that a swapped or dropped bias or scale shows in the logits."""
+  torch.manual_seed(0)
+  config = transformers.GPT2Config(
+      vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+      n_inner=n_inner, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+      tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0,
+      attn_implementation='eager')
+  hf_model = transformers.GPT2LMHeadModel(config)
+  assert hf_model.config._attn_implementation == 'eager'
+  with torch.no_grad():
+    for p in hf_model.parameters():
+      p.add_(torch.randn_like(p) * 0.02)
+  return hf_model.eval()
+
+
+def _tokens():
+  return np.random.default_rng(0).integers(0, VOCAB, (2, 16))
+
+
+def _torch_logits(hf_model):
+  with torch.no_grad():
+    return hf_model(torch.from_numpy(_tokens())).logits.numpy()
+
+
+def _jax_logits(model_kwargs, params):
+  return np.asarray(model.GPT2(**model_kwargs).apply(
+      {'params': params}, jnp.asarray(_tokens())))
+
+
+def _checkpoint(tie, tmp_path_factory):
+  """(HF directory, its torch logits); the untied one also has n_inner."""
+  hf_model = _hf_model(tie=tie, n_inner=None if tie else 96)
+  path = tmp_path_factory.mktemp('hf')
+  hf_model.save_pretrained(path, safe_serialization=True)
+  return path, _torch_logits(hf_model)
+
+
+@pytest.fixture(scope='module')
+def tied(tmp_path_factory):
+  return _checkpoint(True, tmp_path_factory)
+
+
+@pytest.fixture(scope='module')
+def untied(tmp_path_factory):
+  return _checkpoint(False, tmp_path_factory)
+
+
+@pytest.fixture(params=['tied', 'untied'])
+def checkpoint(request):
+  return request.getfixturevalue(request.param)
+
+
+def test_load_matches_transformers(checkpoint):
+  path, expected = checkpoint
+  model_kwargs, params = hf.load(path)
+  tied = 'lm_head' not in params
+  assert model_kwargs['tie_embeddings'] == tied
+  assert model_kwargs['d_mlp'] == (256 if tied else 96)
+  logits = _jax_logits(model_kwargs, params)
+  diff = np.abs(logits - expected).max()
+  print(f'max |jax - torch| logits, tied={tied}: {diff:.3e}')
+  assert diff < TOLERANCE
+
+
+def test_save_round_trip(checkpoint, tmp_path):
+  path, expected = checkpoint
+  model_kwargs, params = hf.load(path)
+  out = tmp_path / 'out'
+  hf.save(params, model_kwargs, out)
+  assert sorted(os.listdir(tmp_path)) == ['out']  # No temporary left over.
+
+  reloaded = transformers.GPT2LMHeadModel.from_pretrained(
+      out, attn_implementation='eager').eval()
+  diff = np.abs(_torch_logits(reloaded) - expected).max()
+  print(f'max |saved torch - torch| logits: {diff:.2e}')
+  assert diff < TOLERANCE
+
+  kwargs_again, params_again = hf.load(out)
+  assert kwargs_again == model_kwargs
+  assert jax.tree.structure(params_again) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(params_again), jax.tree.leaves(params)):
+    assert a.dtype == b.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+
+
+def test_load_hub_layout(tied, tmp_path):
+  """The Hub's original checkpoints: no 'transformer.' prefix, no lm_head,
+  and causal-mask buffers saved as weights."""
+  path, expected = tied
+  tensors = safetensors_np.load_file(path / hf.WEIGHTS)
+  assert 'lm_head.weight' not in tensors
+  tensors = {k.removeprefix('transformer.'): v for k, v in tensors.items()}
+  tensors['h.0.attn.bias'] = np.tril(np.ones((1, 1, 32, 32), np.float32))
+  tensors['h.0.attn.masked_bias'] = np.array(-1e4, np.float32)
+  safetensors_np.save_file(tensors, tmp_path / hf.WEIGHTS)
+  (tmp_path / hf.CONFIG).write_bytes((path / hf.CONFIG).read_bytes())
+  logits = _jax_logits(*hf.load(tmp_path))
+  assert np.abs(logits - expected).max() < TOLERANCE
+
+
+def _edited_copy(checkpoint, tmp_path, **config):
+  path, _ = checkpoint
+  tmp_path.mkdir()
+  (tmp_path / hf.WEIGHTS).write_bytes((path / hf.WEIGHTS).read_bytes())
+  original = json.loads((path / hf.CONFIG).read_text())
+  (tmp_path / hf.CONFIG).write_text(json.dumps({**original, **config}))
+  return tmp_path
+
+
+def test_load_errors(tied, tmp_path):
+  with pytest.raises(ValueError, match='no config.json'):
+    hf.load(tmp_path / 'absent')
+  (tmp_path / 'only_config').mkdir()
+  (tmp_path / 'only_config' / hf.CONFIG).write_text('{}')
+  with pytest.raises(ValueError, match='no model.safetensors'):
+    hf.load(tmp_path / 'only_config')
+  cases = [(dict(activation_function='relu'), "activation_function='relu'"),
+           (dict(scale_attn_by_inverse_layer_idx=True),
+            'scale_attn_by_inverse_layer_idx'),
+           (dict(n_positions=64), r'wrong shape \[.wpe.weight \(32, 64\) '
+                                  r'!= \(64, 64\)'),
+           (dict(n_layer=3), r"missing \['h.2.")]
+  for i, (config, message) in enumerate(cases):
+    with pytest.raises(ValueError, match=message):
+      hf.load(_edited_copy(tied, tmp_path / str(i), **config))
+
+
+def _tiny(**overrides):
+  """Random params, boxed like `init`'s, of a small GPT2 with `overrides`;
+  drawn in numpy from `init`'s shapes, since compiling `init` takes seconds."""
+  model_kwargs = dict(vocab_size=VOCAB, num_layers=1, d_model=32, num_heads=2,
+                      max_len=8, **overrides)
+  shapes = jax.eval_shape(model.GPT2(**model_kwargs).init, jax.random.key(0),
+                          jnp.zeros((1, 8), jnp.int32))['params']
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype),
+                      shapes), model_kwargs
+
+
+def test_save_accepts_boxed_params(tmp_path):
+  """Params as `init` returns them, in LogicallyPartitioned boxes."""
+  boxed, model_kwargs = _tiny()
+  assert any(isinstance(x, nn.LogicallyPartitioned) for x in jax.tree.leaves(
+      boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))
+  hf.save(boxed, model_kwargs, tmp_path / 'out')
+  kwargs_again, params = hf.load(tmp_path / 'out')
+  assert model.GPT2(**kwargs_again) == model.GPT2(**model_kwargs, d_mlp=128)
+  jax.tree.map(np.testing.assert_array_equal, params, nn.unbox(boxed))
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(norm='rmsnorm'), "norm='rmsnorm'"),
+    (dict(attention_sink=True), 'attention sinks'),
+    (dict(pos_embedding=False), 'pos_embedding=False'),
+    (dict(bigram_table=True), 'bigram_table=True'),
+    (dict(d_head=8), 'd_head=8'),
+    (dict(act_topk_fraction=0.5, act_topk_locations=('mlp_neuron',)),
+     'act_topk_fraction=0.5'),
+])
+def test_save_refuses_unexpressible(overrides, message, tmp_path):
+  params, model_kwargs = _tiny(**overrides)
+  with pytest.raises(ValueError, match=message):
+    hf.save(params, model_kwargs, tmp_path / 'out')
+  assert not os.listdir(tmp_path)
+
+
+def test_save_refuses_sink_param_and_mismatched_params(tmp_path):
+  params, _ = _tiny(attention_sink=True)
+  _, plain_kwargs = _tiny()
+  with pytest.raises(ValueError, match='attention sinks'):
+    hf.save(params, plain_kwargs, tmp_path / 'out')
+  params, _ = _tiny()
+  with pytest.raises(ValueError, match=r'wrong shape .*wpe \(8, 32\) != '
+                                       r'\(16, 32\)'):
+    hf.save(params, {**plain_kwargs, 'max_len': 16}, tmp_path / 'out')
+  assert not os.listdir(tmp_path)
+
+
+def test_save_overwrite(tmp_path):
+  params, model_kwargs = _tiny()
+  out = tmp_path / 'out'
+  out.mkdir()  # An empty directory is simply filled.
+  hf.save(params, model_kwargs, out)
+  with pytest.raises(ValueError, match='not empty; pass overwrite=True'):
+    hf.save(params, model_kwargs, out)
+  params = jax.tree.map(lambda x: x + 1, params)
+  hf.save(params, model_kwargs, out, overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ['out']
+  assert sorted(os.listdir(out)) == [hf.CONFIG, hf.WEIGHTS]
+  _, loaded = hf.load(out)
+  jax.tree.map(np.testing.assert_array_equal, loaded, nn.unbox(params))
