@@ -91,7 +91,7 @@ class Block(nn.Module):
     if self.has_variable('node_mask', name):
       mask = self.get_variable('node_mask', name).astype(x.dtype)
       mean = self.get_variable('node_mean', name).astype(x.dtype)
-      x = mean + mask * (x - mean)
+      x = mask * x + (1 - mask) * mean  # Exact at mask 0 and 1.
     return x
 
   def _dense(self, features, names, name, std=None):

@@ -1,0 +1,47 @@
+"""Shared fixtures. Compiled programs are cached on disk so the many small
+runs of the suite (and their subprocesses) compile each program once."""
+
+import os
+
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', '/tmp/sparse_gpt2_jax_cache')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+import shutil  # pylint: disable=g-import-not-at-top
+import sysconfig  # pylint: disable=g-import-not-at-top
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+
+@pytest.fixture(scope='session')
+def code_dir(tmp_path_factory):
+  """A small corpus: the json and email packages of the standard library."""
+  path = tmp_path_factory.mktemp('code')
+  stdlib = sysconfig.get_paths()['stdlib']
+  for package in ('json', 'email'):
+    for name in sorted(os.listdir(os.path.join(stdlib, package))):
+      if name.endswith('.py'):
+        shutil.copy(os.path.join(stdlib, package, name),
+                    path / f'{package}_{name}')
+  return str(path)
+
+
+@pytest.fixture(scope='session')
+def tiny_config(code_dir, tmp_path_factory):
+  """configs/tiny.py on the small corpus, with a data dir shared by tests."""
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+
+  def make(mode='topk', **overrides):
+    from configs import tiny  # pylint: disable=g-import-not-at-top
+    config = tiny.get_config(mode)
+    config.data.source = code_dir
+    config.data.data_dir = data_dir
+    for key, value in overrides.items():
+      node = config
+      *parents, leaf = key.split('.')
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+    return config
+
+  return make

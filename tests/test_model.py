@@ -1,0 +1,173 @@
+"""GPT2 architecture switches: each builds, runs, and changes what it should.
+(Parity with transformers' GPT-2 is in test_hf.py.)"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_gpt2 import model as model_lib
+
+SMALL = dict(vocab_size=50, num_layers=2, d_model=16, num_heads=2,
+             max_len=12)
+TOKENS = jax.random.randint(jax.random.key(1), (2, 12), 0, 50)
+
+
+def _init(**kw):
+  m = model_lib.GPT2(**{**SMALL, **kw})
+  v = m.init(jax.random.key(0), TOKENS)
+  return m, nn.unbox(v['params']), v
+
+
+def _logits(m, params, tokens=TOKENS, **kw):
+  return np.asarray(m.apply({'params': params}, tokens, **kw))
+
+
+def test_defaults_are_gpt2_small():
+  m = model_lib.GPT2()
+  shapes = jax.eval_shape(m.init, jax.random.key(0),
+                          jnp.zeros((1, 8), jnp.int32))['params']
+  n = sum(x.size for x in jax.tree.leaves(nn.unbox(shapes)))
+  assert n == 124_439_808  # GPT-2 small, tied embeddings.
+
+
+def test_rmsnorm_has_no_bias_and_changes_output():
+  m1, p1, _ = _init(norm='layernorm')
+  m2, p2, _ = _init(norm='rmsnorm')
+  assert set(p1['block_0']['norm_1']) == {'scale', 'bias'}
+  assert set(p2['block_0']['norm_1']) == {'scale'}
+  assert not np.allclose(_logits(m1, p1), _logits(m2, p2))
+  with pytest.raises(ValueError, match='model.norm'):
+    _init(norm='batchnorm')
+
+
+def test_untied_unembedding_has_its_own_matrix():
+  _, tied, _ = _init(tie_embeddings=True)
+  m, untied, _ = _init(tie_embeddings=False)
+  assert 'lm_head' not in tied
+  assert untied['lm_head']['kernel'].shape == (16, 50)
+  zeroed = {**untied, 'lm_head': {'kernel': jnp.zeros((16, 50))}}
+  np.testing.assert_array_equal(_logits(m, zeroed), 0)
+
+
+def test_no_positional_embedding():
+  _, with_pos, _ = _init(pos_embedding=True)
+  m, without, _ = _init(pos_embedding=False)
+  assert with_pos['wpe'].shape == (12, 16)
+  assert 'wpe' not in without
+  longer = jnp.zeros((1, 20), jnp.int32)  # No max_len limit without wpe.
+  assert _logits(m, without, longer).shape == (1, 20, 50)
+
+
+def test_bigram_table_adds_the_row_of_the_current_token():
+  m, params, _ = _init(bigram_table=True)
+  assert params['bigram'].shape == (50, 50)
+  before = _logits(m, params)
+  table = params['bigram'].at[int(TOKENS[0, 3]), 7].set(5.0)
+  after = _logits(m, {**params, 'bigram': table})
+  diff = after - before
+  hit = np.asarray(TOKENS == TOKENS[0, 3])
+  np.testing.assert_allclose(diff[..., 7][hit], 5.0, atol=1e-5)
+  np.testing.assert_allclose(diff[..., 7][~hit], 0.0, atol=1e-5)
+  np.testing.assert_allclose(np.delete(diff, 7, axis=-1), 0.0, atol=1e-5)
+
+
+def test_attention_sink_can_switch_attention_off():
+  m, params, _ = _init(attention_sink=True)
+  assert params['block_0']['sink'].shape == (2,)
+  # A very large sink logit: heads attend only to the empty slot, so the
+  # attention output is the projection bias alone, whatever the values are.
+  for b in ('block_0', 'block_1'):
+    params[b]['sink'] = jnp.full((2,), 1e4)
+  zero_v = jax.tree.map(lambda x: x, params)
+  for b in ('block_0', 'block_1'):
+    zero_v[b]['value']['kernel'] = jnp.zeros_like(params[b]['value']['kernel'])
+  np.testing.assert_allclose(_logits(m, params), _logits(m, zero_v),
+                             atol=1e-5)
+
+
+def test_head_size_is_independent_of_width():
+  _, params, _ = _init(d_head=16, num_heads=4)
+  assert params['block_0']['query']['kernel'].shape == (16, 64)
+  assert params['block_0']['attn_proj']['kernel'].shape == (64, 16)
+
+
+def test_abs_topk_keeps_the_largest_fraction():
+  x = jnp.array([[3.0, -4.0, 1.0, 0.5, -0.1, 2.0, 0.0, -2.5]])
+  np.testing.assert_array_equal(model_lib.abs_topk(x, 0.25),
+                                [[3.0, -4.0, 0, 0, 0, 0, 0, 0]])
+
+
+def test_act_topk_sparsifies_the_chosen_nodes():
+  m, params, _ = _init(act_topk_fraction=0.25,
+                       act_topk_locations=('mlp_neuron',))
+  dense = model_lib.GPT2(**SMALL)
+  assert not np.allclose(_logits(m, params), _logits(dense, params))
+  _, state = m.apply({'params': params}, TOKENS, mutable=['intermediates'],
+                     capture_intermediates=lambda _, name: name == '_node')
+  nodes = state['intermediates']['block_0']['_node']  # In NODE_LOCATIONS order.
+  neurons = nodes[model_lib.NODE_LOCATIONS.index('mlp_neuron')]  # [B, T, 64]
+  assert int(jnp.max(jnp.sum(neurons != 0, axis=-1))) == 16
+  assert int(jnp.min(jnp.sum(nodes[0] != 0, axis=-1))) == 16  # attn_in dense.
+  with pytest.raises(ValueError, match='act_topk_locations'):
+    _init(act_topk_fraction=0.25, act_topk_locations=('nowhere',))
+
+
+def test_dropout_only_in_training():
+  m, params, _ = _init(dropout=0.5)
+  a = _logits(m, params)
+  np.testing.assert_array_equal(a, _logits(m, params))
+  b = _logits(m, params, deterministic=False,
+              rngs={'dropout': jax.random.key(3)})
+  assert not np.allclose(a, b)
+
+
+def test_bfloat16_compute_keeps_float32_logits_and_params():
+  m, params, _ = _init(dtype='bfloat16')
+  assert params['block_0']['query']['kernel'].dtype == jnp.float32
+  out = m.apply({'params': params}, TOKENS)
+  assert out.dtype == jnp.float32
+  _, p16, _ = _init(param_dtype='bfloat16')
+  assert p16['block_0']['query']['kernel'].dtype == jnp.bfloat16
+
+
+def test_every_weight_has_logical_axes_and_masks_share_them():
+  _, _, variables = _init(bigram_table=True, attention_sink=True,
+                          tie_embeddings=False,
+                          sparse_params=r'^(?!.*(norm|bigram|sink))')
+  specs = nn.get_partition_spec(variables)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      nn.unbox(variables['params']))[0]:
+    spec = specs['params']
+    for p in path:
+      spec = spec[p.key]
+    assert spec is not None and len(spec) == leaf.ndim, path
+  masks = variables['sparsity']
+  assert 'bigram' not in masks and 'norm_f' not in masks
+  assert 'sink' not in masks['block_0']
+  assert specs['sparsity']['block_0']['mlp_fc']['kernel'] == (
+      specs['params']['block_0']['mlp_fc']['kernel'])
+  assert nn.unbox(masks)['wte']['embedding'].dtype == jnp.bool_
+
+
+def test_node_masks_of_ones_change_nothing_and_zeros_mean_ablate():
+  m, params, _ = _init()
+  _, state = m.apply({'params': params}, TOKENS, mutable=['node_stats'])
+  means = jax.tree.map(lambda t: t[0], state['node_stats'],
+                       is_leaf=lambda t: isinstance(t, tuple))
+  ones = jax.tree.map(jnp.ones_like, means)
+  kept = m.apply({'params': params, 'node_mask': ones, 'node_mean': means},
+                 TOKENS, mutable=['node_stats'])[0]
+  np.testing.assert_array_equal(kept, _logits(m, params))
+  zeros = jax.tree.map(jnp.zeros_like, means)
+  ablated = np.asarray(m.apply(
+      {'params': params, 'node_mask': zeros, 'node_mean': means},
+      TOKENS, mutable=['node_stats'])[0])
+  # Every residual write is its mean: logits no longer depend on attention
+  # or MLP inputs, only on the token and position embeddings.
+  other = TOKENS.at[:, :6].set((TOKENS[:, :6] + 1) % 50)
+  ablated_other = np.asarray(m.apply(
+      {'params': params, 'node_mask': zeros, 'node_mean': means},
+      other, mutable=['node_stats'])[0])
+  np.testing.assert_allclose(ablated[:, 6:], ablated_other[:, 6:], atol=1e-5)

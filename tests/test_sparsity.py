@@ -1,0 +1,198 @@
+"""Weight sparsity: exact top-k, masks, the optax reprojection, annealing."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import tiny
+from sparse_gpt2 import optim
+from sparse_gpt2 import sparsity
+from sparse_gpt2 import train
+
+
+def _reference_topk(w, k):
+  """Sort-based reference: largest |w|, earlier index first among ties."""
+  order = np.lexsort((np.arange(w.size), -np.abs(w).ravel()))
+  mask = np.zeros(w.size, bool)
+  mask[order[:k]] = True
+  return mask.reshape(w.shape)
+
+
+@pytest.mark.parametrize('shape,k', [((64, 48), 300), ((1000,), 1),
+                                     ((7, 5, 3), 105), ((300, 20), 4321)])
+def test_topk_mask_equals_sort_reference(shape, k):
+  w = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  got = jax.jit(sparsity.topk_mask)(w, k)
+  np.testing.assert_array_equal(np.asarray(got), _reference_topk(w, k))
+
+
+def test_topk_mask_breaks_ties_by_index_to_keep_exactly_k():
+  w = np.array([0, 1, 2, 2, 2, 3, 2, 0, 0, 0], np.float32)
+  for k in range(1, w.size + 1):
+    got = np.asarray(sparsity.topk_mask(w, k))
+    assert got.sum() == k
+    np.testing.assert_array_equal(got, _reference_topk(w, k))
+
+
+def test_topk_masks_handles_many_tensors_and_traced_k():
+  rng = np.random.default_rng(1)
+  scores = {f't{i}': rng.normal(size=s).astype(np.float32)
+            for i, s in enumerate([(16, 8), (8,), (33, 7), (5, 5)])}
+  scores['zeros'] = np.zeros((40,), np.float32)  # All tied.
+
+  @jax.jit
+  def masks(density):
+    return sparsity.topk_masks(
+        scores, {p: sparsity.num_kept(v.size, density)
+                 for p, v in scores.items()}, {p: 0 for p in scores})
+
+  for density in (1.0, 0.5, 0.1):
+    got = masks(density)
+    for p, v in scores.items():
+      k = max(1, round(density * v.size))
+      np.testing.assert_array_equal(np.asarray(got[p]), _reference_topk(v, k))
+
+
+def test_min_per_neuron_keeps_j_inputs_of_every_neuron():
+  w = np.random.default_rng(2).normal(size=(64, 32)).astype(np.float32)
+  w[:, 5] *= 1e-3  # A neuron that a plain top-k would cut off.
+  k = 200
+  j = sparsity.guaranteed_per_neuron(w.shape, k, 4)
+  assert j == 4
+  mask = np.asarray(sparsity.topk_mask(w, k, j))
+  assert mask.sum() == k
+  assert mask.sum(axis=0).min() >= 4
+  assert mask[:, 5].sum() == 4
+  assert set(np.flatnonzero(mask[:, 5])) == set(
+      np.argsort(-np.abs(w[:, 5]))[:4])
+  assert _reference_topk(w, k)[:, 5].sum() == 0
+  # Capped so that exactly k can hold: 32 neurons x 4 > 100.
+  assert sparsity.guaranteed_per_neuron(w.shape, 100, 4) == 3
+
+
+def test_density_schedule_anneals_linearly_then_holds():
+  config = tiny.get_config('topk').sparsity
+  config.density, config.anneal_fraction = 0.1, 0.5
+  values = [float(sparsity.density_at(s, config, 100)) for s in
+            (0, 25, 50, 75, 100)]
+  np.testing.assert_allclose(values, [1.0, 0.55, 0.1, 0.1, 0.1], rtol=1e-6)
+  config.mode = 'static'
+  assert float(sparsity.density_at(0, config, 100)) == pytest.approx(0.1)
+
+
+def test_sharkfin_lr_grows_with_sparsity():
+  config = tiny.get_config('topk')
+  config.sparsity.density, config.sparsity.anneal_fraction = 0.25, 0.5
+  config.optim.lr, config.optim.warmup_fraction = 1.0, 0.1
+  lr = optim.learning_rate(config, 100)
+  assert float(lr(0)) == pytest.approx(0.1 * np.sqrt(0.25), rel=1e-5)
+  assert float(lr(9)) == pytest.approx(1.0 * np.sqrt(0.25 / (1 - 0.75 * 0.18)),
+                                       rel=1e-5)
+  assert float(lr(50)) == pytest.approx(50 / 90, rel=1e-5)  # sqrt(1) at target
+  assert float(lr(100)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_erk_densities_match_the_budget():
+  shapes = {'a': (256, 256), 'b': (256, 1024), 'c': (1024,), 'd': (8, 8)}
+  dens = sparsity.erk_densities(shapes, 0.1)
+  total = sum(np.prod(s) for s in shapes.values())
+  kept = sum(dens[p] * np.prod(s) for p, s in shapes.items())
+  assert kept == pytest.approx(0.1 * total)
+  assert dens['d'] == 1.0 and dens['c'] == 1.0  # Small ones capped dense.
+  assert dens['a'] > dens['b']
+
+
+@pytest.mark.parametrize('bad', [0.0, -0.5, 1.5])
+def test_impossible_density_fails_clearly(bad):
+  config = tiny.get_config('topk').sparsity
+  config.density = bad
+  with pytest.raises(ValueError, match='sparsity.density must be in'):
+    sparsity.validate(config)
+
+
+def test_pattern_matching_nothing_fails_clearly():
+  config = tiny.get_config('topk')
+  config.sparsity.pattern = 'no_such_parameter'
+  model = train.make_model(config)
+  tx = optim.make(config, 10)
+  with pytest.raises(ValueError, match='matches no parameter'):
+    train.init_state(config, model, tx, jax.random.key(0), None)
+
+
+def _run_steps(config, steps=20):
+  """Steps a tiny model on random tokens; yields the state after each."""
+  config.train_steps = steps
+  model = train.make_model(config)
+  tx = optim.make(config, steps)
+  state = train.init_state(config, model, tx, jax.random.key(0), None)
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+                                   config=config))
+  tokens = jax.random.randint(jax.random.key(1), (steps, 4, 17), 0,
+                              config.model.vocab_size)
+  yield state
+  for i in range(steps):
+    state, _ = step(state, tokens[i])
+    yield state
+
+
+@pytest.mark.parametrize('mode', ['topk', 'static'])
+def test_every_sparse_tensor_holds_exactly_k_after_every_step(mode):
+  config = tiny.get_config(mode)
+  config.optim.weight_decay = 0.5  # Decay must not revive pruned weights.
+  config.seq_len = 16
+  first_masks = None
+  for state in _run_steps(config):
+    step = int(state.step)
+    density = float(sparsity.density_at(step, config.sparsity, 20))
+    params, masks = sparsity.flat(state.params), sparsity.flat(state.masks)
+    assert masks, 'no sparse tensors'
+    for path, mask in masks.items():
+      k = max(1, round(density * mask.size))
+      assert int(mask.sum()) == k, (step, path)
+      assert not np.any(np.asarray(params[path])[~np.asarray(mask)]), path
+      if step > 0 and path.endswith('kernel'):
+        assert int(jnp.count_nonzero(params[path])) == k, (step, path)
+    if mode == 'static':
+      first_masks = first_masks or masks
+      for path in masks:
+        np.testing.assert_array_equal(masks[path], first_masks[path])
+  if mode == 'static':  # Adam moments never saw a pruned entry.
+    adam = state.opt_state[2][0]
+    for moment in (adam.mu, adam.nu):
+      flat_moment = sparsity.flat(moment)
+      for path, mask in masks.items():
+        assert not np.any(np.asarray(flat_moment[path])[~np.asarray(mask)])
+
+
+def test_topk_revives_a_pruned_weight_with_a_large_gradient():
+  config = tiny.get_config('topk')
+  config.sparsity.anneal_fraction = 0.0  # At the target from the start.
+  config.sparsity.density = 0.5
+  config.sparsity.min_per_neuron = 0
+  config.optim.weight_decay = 0.0
+  config.optim.warmup_fraction = 0.0
+  config.optim.lr = 0.2
+  # Entries (1, *) pruned. Pruned weights stay at zero, so one update has
+  # to outgrow the threshold (0.05) to come back; with unit-RMS gradients
+  # and lr 0.2 the first one does.
+  w = jnp.array([[0.1, 0.05], [0.0, 0.0]])
+  params, masks = {'w': w}, {'w': w != 0}
+  tx = optim.make(config, 100)
+  state = tx.init(params)
+  grads = {'w': jnp.array([[0.0, 0.0], [-100.0, 0.0]])}
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params, masks=masks)
+    params = optax.apply_updates(params, updates)
+    masks = sparsity.support(params, masks, config.sparsity)
+  np.testing.assert_array_equal(masks['w'], [[True, False], [True, False]])
+
+
+def test_gradients_are_rescaled_to_unit_rms():
+  tx = optim.normalize_by_global_rms(1.0)
+  grads = {'a': jnp.full((10,), 3.0), 'b': jnp.full((30,), -0.01)}
+  out, _ = tx.update(grads, tx.init(grads))
+  assert float(optim.global_rms(out)) == pytest.approx(1.0, rel=1e-5)
