@@ -1,0 +1,193 @@
+"""End to end: training, resume after SIGKILL, checkpoint fallback, and the
+clear refusals of bad configs and workdirs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sparse_gpt2 import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(workdir, config, *flags, wait=True):
+  cmd = [sys.executable, '-m', 'sparse_gpt2.main',
+         '--config=configs/tiny.py', f'--workdir={workdir}',
+         f'--config.data.source={config.data.source}',
+         f'--config.data.data_dir={config.data.data_dir}', *flags]
+  if not wait:
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _assert_same_state(a, b):
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _listing(workdir):
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(root, name)
+      out[path] = os.path.getsize(path), os.path.getmtime(path)
+  return out
+
+
+@pytest.fixture(scope='module')
+def reference_run(tiny_config, tmp_path_factory):
+  """An uninterrupted 60-step sparse run: (config, workdir, final state)."""
+  config = tiny_config(train_steps=60, checkpoint_every=10)
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  state = train.train_and_evaluate(config, workdir)
+  return config, workdir, state
+
+
+def test_training_lowers_the_loss_and_records_the_run(reference_run):
+  config, workdir, state = reference_run
+  assert int(state.step) == 60
+  metrics = _metrics(workdir)
+  assert metrics[-1]['loss'] < metrics[0]['loss'] - 0.5
+  assert 'val_loss' in metrics[-1] and np.isfinite(metrics[-1]['val_loss'])
+  for key in ('lr', 'grad_rms', 'tokens_per_s', 'mfu', 'l0', 'density',
+              'l0_per_tensor'):
+    assert key in metrics[-1], key
+  assert metrics[-1]['density'] < metrics[0]['density']
+  # Annealed to 25% of every sparse tensor: 32 x 128 -> 1024 nonzeros.
+  assert metrics[-1]['l0_per_tensor']['block_0/mlp_fc/kernel'] == 1024
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['train_steps'] == config.train_steps
+  assert any(n.startswith('events.out.tfevents') for n in os.listdir(workdir))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == [
+      '50', '60']  # keep_checkpoints=2
+
+
+def test_resume_after_sigkill_is_bitwise_identical(reference_run, tmp_path):
+  config, _, reference = reference_run
+  workdir = str(tmp_path / 'killed')
+  flags = ('--config.train_steps=60', '--config.checkpoint_every=10')
+  proc = _main(workdir, config, *flags, wait=False)
+  ckpt = os.path.join(workdir, 'checkpoints')
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt)):
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, 'the run ended before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = [int(n) for n in os.listdir(ckpt) if n.isdigit()]
+  assert done and max(done) < 60, done
+  result = _main(workdir, config, *flags)
+  assert result.returncode == 0, result.stderr[-2000:]
+  _, _, resumed = train.load_run(workdir)
+  _assert_same_state(resumed, reference)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(
+    reference_run, tmp_path):
+  config, ref_dir, reference = reference_run
+  workdir = str(tmp_path / 'corrupt')
+  shutil.copytree(ref_dir, workdir)
+  newest = os.path.join(workdir, 'checkpoints', '60')
+  for root, _, files in os.walk(newest):
+    for name in files:
+      with open(os.path.join(root, name), 'r+b') as f:
+        f.truncate(os.path.getsize(os.path.join(root, name)) // 2)
+  state = train.train_and_evaluate(config, workdir)
+  _assert_same_state(state, reference)  # Redid 51..60 from step 50.
+  aside = os.listdir(os.path.join(workdir, 'corrupt_checkpoints'))
+  assert len(aside) == 1 and aside[0].startswith('60-')
+
+
+def test_longer_train_steps_extends_an_existing_run(tiny_config, tmp_path):
+  workdir = str(tmp_path / 'extend')
+  train.train_and_evaluate(tiny_config(train_steps=10), workdir)
+  state = train.train_and_evaluate(tiny_config(train_steps=20), workdir)
+  assert int(state.step) == 20
+  assert [m['step'] for m in _metrics(workdir)][-1] == 20
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tiny_config, tmp_path):
+  config = tiny_config(train_steps=20)
+  config.optim.lr = float('nan')
+  with pytest.raises(FloatingPointError, match='non-finite loss'):
+    train.train_and_evaluate(config, str(tmp_path / 'nan'))
+  assert not os.listdir(tmp_path / 'nan' / 'checkpoints')
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'sparsity.density': 0.0}, 'sparsity.density must be in'),
+    ({'sparsity.density': 1.5}, 'sparsity.density must be in'),
+    ({'sparsity.mode': 'dense'}, 'sparsity.mode must be one of'),
+    ({'mesh.model': 3}, 'does not fit'),
+    ({'batch_size': 0}, 'batch_size must be >= 1'),
+])
+def test_bad_configs_fail_before_any_work(tiny_config, tmp_path, overrides,
+                                          message):
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(tiny_config(**overrides), str(workdir))
+  assert not (workdir / 'checkpoints').exists()
+
+
+def test_empty_corpus_fails_clearly(tiny_config, tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  config = tiny_config()
+  config.data.source = str(empty)
+  with pytest.raises(ValueError, match='empty corpus'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_a_different_config_never_touches_an_existing_run(reference_run):
+  config, workdir, _ = reference_run
+  before = _listing(workdir)
+  changed = json.loads(config.to_json())
+  other = type(config)(changed)
+  other.optim.lr = 0.5
+  with pytest.raises(ValueError, match=r"different config \(fields \['optim'\]"):
+    train.train_and_evaluate(other, workdir)
+  assert _listing(workdir) == before
+
+
+def test_workdirs_that_are_not_runs_are_refused(tiny_config, tmp_path):
+  a_file = tmp_path / 'file'
+  a_file.write_text('x')
+  with pytest.raises(ValueError, match='not a directory'):
+    train.train_and_evaluate(tiny_config(), str(a_file))
+  other = tmp_path / 'notes'
+  other.mkdir()
+  (other / 'todo.txt').write_text('keep me')
+  with pytest.raises(ValueError, match='not a run directory'):
+    train.train_and_evaluate(tiny_config(), str(other))
+  assert os.listdir(other) == ['todo.txt']
+
+
+def test_command_line_errors_are_one_line_and_non_zero(tiny_config, tmp_path):
+  config = tiny_config()
+  unknown = _main(str(tmp_path / 'a'), config, '--config.no_such_field=1')
+  assert unknown.returncode != 0
+  assert 'no_such_field' in unknown.stderr
+  bad = _main(str(tmp_path / 'b'), config, '--config.sparsity.density=2')
+  assert bad.returncode == 1
+  errors = [l for l in bad.stderr.splitlines() if l.startswith('error:')]
+  assert errors == ['error: sparsity.density must be in (0, 1], got 2.0']
