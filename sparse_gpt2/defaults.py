@@ -82,3 +82,16 @@ def paper_architecture(config):
   m.attention_sink = True
   m.d_head = 16
   return config
+
+
+def gpt2_124m_run(config):
+  """Run length and batch of the 124M configs (sparse and dense twins)."""
+  config.train_steps = 10_000
+  config.batch_size = 512
+  config.seq_len = 1024
+  config.log_every = 50
+  config.eval_every = 1000
+  config.eval_batches = 16
+  config.checkpoint_every = 1000
+  config.model.dtype = 'bfloat16'
+  return config

@@ -11,6 +11,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from sparse_gpt2 import train
@@ -37,6 +38,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   quiet_libraries()
+  if os.environ.get('SPARSE_GPT2_DISTRIBUTED') == '1':  # Set by launch/.
+    jax.distributed.initialize()  # Finds the TPU slice / Slurm job itself.
   config_file = flags.FLAGS['config'].config_filename
   name = os.path.splitext(os.path.basename(config_file.split(':')[0]))[0]
   workdir = _WORKDIR.value or os.path.join('runs', name)

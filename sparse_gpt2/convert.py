@@ -1,0 +1,72 @@
+"""Converts between a Hugging Face GPT-2 directory and a run of this project.
+
+  # A trained run -> a directory transformers opens with from_pretrained:
+  python -m sparse_gpt2.convert --from_run=runs/dense_gpt2_124m --to_hf=out/
+  # A released GPT-2 -> a run directory at step 0 (config + checkpoint):
+  python -m sparse_gpt2.convert --from_hf=gpt2/ --to_run=runs/from_gpt2 \
+      --config=configs/dense_gpt2_124m.py
+
+Only runs whose model transformers' GPT-2 can express convert to Hugging
+Face (LayerNorm, learned positions, no bigram table or sinks, d_head =
+d_model / heads); the paper-architecture configs do not, and say so. A sparse
+run converts like a dense one: its zeros are ordinary weights there.
+The run made from Hugging Face trains on with
+`python -m sparse_gpt2.main --workdir=RUN` and the same --config flags.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from sparse_gpt2 import hf
+from sparse_gpt2 import main as main_lib
+from sparse_gpt2 import train
+
+_FROM_RUN = flags.DEFINE_string('from_run', None, 'Run directory to export.')
+_TO_HF = flags.DEFINE_string('to_hf', None, 'Hugging Face directory to write.')
+_FROM_HF = flags.DEFINE_string('from_hf', None, 'Hugging Face GPT-2 dir.')
+_TO_RUN = flags.DEFINE_string('to_run', None, 'Run directory to create.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace --to_hf.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'configs/dense_gpt2_124m.py', 'Config of the run made by '
+    '--to_run; its model fields are set from the Hugging Face config.',
+    lock_config=True)
+
+
+def run_to_hf(run, out_dir, overwrite=False):
+  config, _, state = train.load_run(run)
+  kwargs = dict(config.model)
+  hf.save(state.params, kwargs, out_dir, overwrite=overwrite)
+
+
+def hf_to_run(hf_dir, run, config):
+  kwargs, _ = hf.load(hf_dir)
+  with config.unlocked():
+    config.model.update(kwargs)
+    config.init_from_hf = hf_dir
+    config.train_steps = 0
+  train.train_and_evaluate(config, run)
+
+
+def main(argv):
+  del argv
+  main_lib.quiet_libraries()
+  try:
+    if _FROM_RUN.value and _TO_HF.value and not (_FROM_HF.value
+                                                 or _TO_RUN.value):
+      run_to_hf(_FROM_RUN.value, _TO_HF.value, _OVERWRITE.value)
+    elif _FROM_HF.value and _TO_RUN.value and not (_FROM_RUN.value
+                                                   or _TO_HF.value):
+      hf_to_run(_FROM_HF.value, _TO_RUN.value, _CONFIG.value)
+    else:
+      raise ValueError('give either --from_run and --to_hf, or --from_hf '
+                       'and --to_run')
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)
