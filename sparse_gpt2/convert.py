@@ -21,7 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from sparse_gpt2 import hf
-from sparse_gpt2 import main as main_lib
+from sparse_gpt2 import metrics
 from sparse_gpt2 import train
 
 _FROM_RUN = flags.DEFINE_string('from_run', None, 'Run directory to export.')
@@ -52,7 +52,7 @@ def hf_to_run(hf_dir, run, config):
 
 def main(argv):
   del argv
-  main_lib.quiet_libraries()
+  metrics.quiet_library_logs()
   try:
     if _FROM_RUN.value and _TO_HF.value and not (_FROM_HF.value
                                                  or _TO_RUN.value):

@@ -4,7 +4,6 @@ Everything a run does is in the config; this file only parses it and hands it
 to `train.train_and_evaluate`.
 """
 
-import logging as std_logging
 import os
 import sys
 
@@ -14,6 +13,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from sparse_gpt2 import metrics
 from sparse_gpt2 import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -24,20 +24,10 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(['config'])
 
 
-def quiet_libraries():
-  """Keeps the console to this project's lines: orbax and TFDS log every
-  save and read at INFO."""
-  std_logging.getLogger('absl').addFilter(
-      lambda r: not ('/orbax/' in r.pathname and r.levelno < std_logging.WARNING
-                     or '/tensorflow_datasets/' in r.pathname
-                     and r.levelno < std_logging.ERROR))
-  std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  quiet_libraries()
+  metrics.quiet_library_logs()
   if os.environ.get('SPARSE_GPT2_DISTRIBUTED') == '1':  # Set by launch/.
     jax.distributed.initialize()  # Finds the TPU slice / Slurm job itself.
   config_file = flags.FLAGS['config'].config_filename

@@ -2,6 +2,7 @@
 and the FLOP accounting behind MFU."""
 
 import json
+import logging as std_logging
 import os
 import time
 
@@ -86,3 +87,13 @@ def console_line(step, total, metrics, eta_s):
             f"MFU {100 * metrics['mfu']:.1f}%",
             f'ETA {time.strftime("%H:%M:%S", time.gmtime(eta_s))}']
   logging.info(' | '.join(parts))
+
+
+def quiet_library_logs():
+  """Keeps the console to this project's lines: orbax and TFDS log every
+  save and read at INFO."""
+  std_logging.getLogger('absl').addFilter(
+      lambda r: not ('/orbax/' in r.pathname and r.levelno < std_logging.WARNING
+                     or '/tensorflow_datasets/' in r.pathname
+                     and r.levelno < std_logging.ERROR))
+  std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)

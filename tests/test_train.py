@@ -191,3 +191,47 @@ def test_command_line_errors_are_one_line_and_non_zero(tiny_config, tmp_path):
   assert bad.returncode == 1
   errors = [l for l in bad.stderr.splitlines() if l.startswith('error:')]
   assert errors == ['error: sparsity.density must be in (0, 1], got 2.0']
+
+
+def test_sharded_training_on_8_devices_matches_one_device(tiny_config,
+                                                         tmp_path):
+  """data 4 x model 2 on fake CPU devices: same losses as one device."""
+  config = tiny_config('none', train_steps=10, log_every=1)
+  flags = ('--config=configs/tiny.py:none', '--config.train_steps=10',
+           '--config.log_every=1', f'--config.data.source={config.data.source}',
+           f'--config.data.data_dir={config.data.data_dir}')
+  runs = {}
+  for name, devices, model in (('one', 1, 1), ('mesh', 8, 2)):
+    workdir = str(tmp_path / name)
+    env = {**os.environ, 'XLA_FLAGS':
+           f'--xla_force_host_platform_device_count={devices}'}
+    result = subprocess.run(
+        [sys.executable, '-m', 'sparse_gpt2.main', f'--workdir={workdir}',
+         *flags, f'--config.mesh.model={model}'], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs[name] = [m['loss'] for m in _metrics(workdir)]
+  np.testing.assert_allclose(runs['mesh'], runs['one'], rtol=1e-4)
+
+
+def test_convert_exports_a_gpt2_run_and_refuses_the_paper_architecture(
+    reference_run, tiny_config, tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from sparse_gpt2 import convert  # pylint: disable=g-import-not-at-top
+  _, paper_run, _ = reference_run
+  with pytest.raises(ValueError, match='rmsnorm'):
+    convert.run_to_hf(paper_run, str(tmp_path / 'paper_hf'))
+  config = tiny_config(train_steps=5)
+  m = config.model
+  m.norm, m.tie_embeddings, m.pos_embedding = 'layernorm', True, True
+  m.bigram_table = m.attention_sink = False
+  run = str(tmp_path / 'gpt2_run')
+  state = train.train_and_evaluate(config, run)
+  convert.run_to_hf(run, str(tmp_path / 'hf'))
+  hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / 'hf'))
+  tokens = np.random.default_rng(0).integers(0, m.vocab_size, (2, 16))
+  with torch.no_grad():
+    theirs = hf_model(torch.from_numpy(tokens)).logits.numpy()
+  ours = train.make_model(config).apply({'params': state.params}, tokens)
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
