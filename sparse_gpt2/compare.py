@@ -29,6 +29,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from sparse_gpt2 import metrics
 from sparse_gpt2 import viz
 from sparse_gpt2.circuits import tasks as tasks_lib
 
@@ -241,6 +242,7 @@ def _check_args(runs, task_names):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  metrics.quiet_library_logs()
   runs = {'sparse': _SPARSE.value, 'dense': _DENSE.value}
   task_names = list(tasks_lib.TASKS) if _TASKS.value is None else _TASKS.value
   error = _check_args(runs, task_names)

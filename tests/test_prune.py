@@ -1,0 +1,198 @@
+"""Tests for learned node pruning, on a tiny GPT-2 with a circuit planted by
+hand: the circuit is known, so pruning must find exactly it."""
+
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_gpt2 import model as model_lib
+from sparse_gpt2.circuits import prune
+
+A, B = 1, 2          # The last prompt token decides the answer...
+YES, NO = 3, 4       # ...between these candidates: A -> YES, B -> NO.
+VOCAB = 16           # 5..15 are filler tokens; 0 is padding.
+READ, NEURON, WRITE = 2, 3, 5  # mlp_in channel, neuron, mlp_out channel.
+PLANTED = {('mlp_in', READ), ('mlp_neuron', NEURON), ('mlp_out', WRITE)}
+
+
+def _tiny_model():
+  return model_lib.GPT2(
+      vocab_size=VOCAB, num_layers=1, d_model=8, num_heads=2, d_head=4,
+      d_mlp=8, norm='rmsnorm', tie_embeddings=False, pos_embedding=False,
+      use_bias=False)
+
+
+def _planted_params(model):
+  """Weights where only mlp_in[2] -> neuron 3 -> mlp_out[5] tells A from B.
+
+  All tokens embed alike but for the sign of residual channel 2 (A: +1,
+  B: -1); neuron 3 alone reads channel 2 and fires for A only; it alone
+  writes channel 5, which alone the unembedding reads for YES and NO.
+  Channel 5 starts at -2.5 so the answer flips with the neuron. Attention
+  reads noise but writes nothing, and the other MLP weights are noise off
+  those paths: every other node is the same at every token, so at its mean.
+  """
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(np.array, nn.unbox(
+      model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']))
+  wte = np.tile(rng.normal(0, 0.3, 8), (VOCAB, 1))
+  wte[:, READ] = np.where(np.arange(VOCAB) % 2, 1, -1)  # A: +1, B: -1.
+  wte[:, WRITE] = -2.5
+  params['wte']['embedding'] = wte
+  block = params['block_0']
+  for name in ('query', 'key', 'value'):
+    block[name]['kernel'] = rng.normal(0, 0.3, (8, 8))
+  block['attn_proj']['kernel'] = np.zeros((8, 8))
+  fc, proj = rng.normal(0, 0.3, (8, 8)), rng.normal(0, 0.3, (8, 8))
+  fc[READ, :], fc[:, NEURON], fc[READ, NEURON] = 0, 0, 4
+  proj[NEURON, :], proj[:, WRITE], proj[NEURON, WRITE] = 0, 0, 1.25
+  block['mlp_fc']['kernel'], block['mlp_proj']['kernel'] = fc, proj
+  head = rng.normal(0, 0.3, (8, VOCAB))
+  head[:, [YES, NO]] = 0
+  head[WRITE, YES], head[WRITE, NO] = 0.6, -0.6
+  params['lm_head']['kernel'] = head
+  return jax.tree.map(jnp.asarray, params)
+
+
+def _task(n, seed):
+  """Filler prompts of 3..12 tokens ending in A or B, right-padded to 16."""
+  rng = np.random.default_rng(seed)
+  tokens = np.zeros((n, 16), np.int32)
+  lengths = rng.integers(3, 13, n)
+  last = np.where(np.arange(n) % 2, B, A)
+  for row, (length, end) in enumerate(zip(lengths, last)):
+    tokens[row, :length - 1] = rng.integers(5, VOCAB, length - 1)
+    tokens[row, length - 1] = end
+  return {'tokens': tokens, 'lengths': lengths.astype(np.int32),
+          'correct': np.where(last == A, YES, NO).astype(np.int32),
+          'incorrect': np.where(last == A, NO, YES).astype(np.int32),
+          'index': np.arange(n, dtype=np.int32)}
+
+
+def _pretraining(seed):
+  """Batches [4, 16, 16] of uniform tokens: A and B equally likely, so
+  channel 2's mean says nothing about the answer."""
+  return np.random.default_rng(seed).integers(1, VOCAB, (4, 16, 16))
+
+
+def _means(model, params):
+  return prune.node_means(model, params, jnp.asarray(_pretraining(1)))
+
+
+def test_prune_recovers_planted_circuit():
+  model = _tiny_model()
+  params = _planted_params(model)
+  circuit = prune.prune(model, params, _means(model, params), _task(256, 0),
+                        steps=100, seed=0, target_loss=0.15)
+  assert circuit['solved']
+  assert circuit['losses']['full_model'] < 0.01
+  assert {(n['location'], n['index']) for n in circuit['nodes']} == PLANTED
+  assert all(n['layer'] == 0 for n in circuit['nodes'])
+  assert circuit['num_nodes'] == 3 and circuit['total_nodes'] == 64
+  assert circuit['num_edges'] == 2 and not circuit['edges_truncated']
+  assert sorted((e['weight'], tuple(e['src']), tuple(e['dst']), e['value'])
+                for e in circuit['edges']) == [
+                    ('block_0/mlp_fc/kernel', (0, 'mlp_in', READ),
+                     (0, 'mlp_neuron', NEURON), 4.0),
+                    ('block_0/mlp_proj/kernel', (0, 'mlp_neuron', NEURON),
+                     (0, 'mlp_out', WRITE), 1.25)]
+  # Dense noise but in attn_proj (zero) and the zeroed rows and columns.
+  assert circuit['total_edges'] == 3 * 64 + 50 * 2
+  assert circuit['losses']['circuit_only'] <= 0.15
+  assert circuit['accuracy']['circuit_only'] == 1
+  assert circuit['losses']['circuit_ablated'] > 0.6
+  assert circuit['layer_sizes'] == {loc: 8 for loc in model_lib.NODE_LOCATIONS}
+
+
+def test_edge_list_is_capped_largest_first(monkeypatch):
+  model = _tiny_model()
+  params = _planted_params(model)
+  everything = jax.tree.map(lambda m: np.ones(m.shape, bool),
+                            _means(model, params))
+  monkeypatch.setattr(prune, 'MAX_LISTED_EDGES', 2)
+  edges, count, truncated = prune._edges(params, everything, 1)
+  assert count == 3 * 64 + 50 * 2 and truncated
+  assert sorted(e['value'] for e in edges) == [1.25, 4.0]
+
+
+def test_prune_refuses_unsolved_task():
+  model = _tiny_model()
+  params = _planted_params(model)
+  task = _task(64, 0)
+  yes = np.arange(64) % 4 < 2  # Independent of the last token's A or B.
+  task['correct'] = np.where(yes, YES, NO).astype(np.int32)
+  task['incorrect'] = np.where(yes, NO, YES).astype(np.int32)
+  circuit = prune.prune(model, params, _means(model, params), task, steps=10,
+                        target_loss=0.15)
+  assert not circuit['solved']
+  assert circuit['nodes'] == [] and circuit['losses']['circuit_only'] is None
+  assert circuit['losses']['full_model'] > 0.15
+
+
+def test_hard_mask_is_exact_forward_with_surrogate_gradient():
+  tau = jnp.array([-1.0, -0.3, -1e-3, 0.0, 1e-3, 0.05, 0.7, 1.0])
+  mask = prune.hard_mask(tau)
+  np.testing.assert_array_equal(mask, (tau > 0).astype(jnp.float32))
+  grad = jax.grad(lambda t: (prune.hard_mask(t) * jnp.arange(1., 9.)).sum())(
+      tau)
+  s = jax.nn.sigmoid(tau / prune.TEMPERATURE)
+  np.testing.assert_allclose(
+      grad, jnp.arange(1., 9.) * s * (1 - s) / prune.TEMPERATURE, rtol=1e-6)
+  assert (grad > 0).all()
+
+
+def _apply(model, params, tokens, means=None, mask_value=None):
+  variables = {'params': params}
+  if means is not None:
+    variables['node_mean'] = means
+    variables['node_mask'] = jax.tree.map(
+        lambda m: jnp.full_like(m, mask_value), means)
+  return model.apply(variables, tokens)
+
+
+def test_mean_ablation_all_or_nothing():
+  model = _tiny_model()
+  params = nn.unbox(model.init(jax.random.key(1),
+                               jnp.zeros((1, 4), jnp.int32))['params'])
+  params = jax.tree.map(lambda p: p * 10, params)  # Not near-linear.
+  means = _means(model, params)
+  tokens = jnp.asarray(_pretraining(2)[0])  # [16, 16]
+  np.testing.assert_array_equal(_apply(model, params, tokens, means, 1.0),
+                                _apply(model, params, tokens))
+  # All nodes at their means: the blocks add constants to the residual
+  # stream, so the logits are those of the embedding plus those constants.
+  ablated = _apply(model, params, tokens, means, 0.0)
+  x = params['wte']['embedding'][tokens] + means['block_0']['attn_out'] + \
+      means['block_0']['mlp_out']
+  x = x / jnp.sqrt(jnp.mean(x**2, -1, keepdims=True) + 1e-5)
+  expected = (x * params['norm_f']['scale']) @ params['lm_head']['kernel']
+  np.testing.assert_allclose(ablated, expected, rtol=1e-5, atol=1e-5)
+  # Positions no longer see each other: changing earlier tokens changes
+  # nothing at the last one, which it does in the intact model.
+  other = tokens.at[:, :-1].set((tokens[:, :-1] + 1) % VOCAB)
+  np.testing.assert_array_equal(
+      _apply(model, params, other, means, 0.0)[:, -1], ablated[:, -1])
+  assert not np.allclose(_apply(model, params, other)[:, -1],
+                         _apply(model, params, tokens)[:, -1])
+
+
+@pytest.mark.parametrize('args', [
+    ['--task=no_such_task'],
+    ['--task=bracket_counting', '--task_file=tasks.jsonl'],
+    [],
+])
+def test_cli_bad_input_is_one_line_exit_1(args, tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.circuits',
+       f'--workdir={tmp_path / "no_run"}', '--draw=false', *args],
+      capture_output=True, text=True, timeout=120,
+      cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 1, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
