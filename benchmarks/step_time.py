@@ -1,13 +1,13 @@
 r"""Train-step time of one model in the three sparsity modes, in one process.
 
-  python benchmarks/step_time.py [--d_model=256 --num_layers=4 --seq_len=256
-      --batch_size=16 --steps=20]
+  python benchmarks/step_time.py [--arch=paper|gpt2 --d_model=256
+      --num_layers=4 --seq_len=256 --batch_size=16 --steps=20]
 
 Same shapes, data and optimizer; modes are timed round-robin so that machine
 noise hits them alike. Also times the top-k of the model's sparse tensors
 alone (the project's radix select vs lax.top_k vs a full sort) and the
-matmul peak that MFU is measured against. Writes benchmarks/out/step_time.json
-and .md.
+matmul peak that MFU is measured against. Writes
+benchmarks/out/step_time_ARCH.json and .md.
 """
 
 import functools
@@ -34,16 +34,23 @@ _L = flags.DEFINE_integer('num_layers', 4, 'Layers.')
 _T = flags.DEFINE_integer('seq_len', 256, 'Tokens per sequence.')
 _B = flags.DEFINE_integer('batch_size', 16, 'Sequences per step.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per mode.')
+_ARCH = flags.DEFINE_enum(
+    'arch', 'paper', ['paper', 'gpt2'], "'paper': d_head 16, untied, RMSNorm, "
+    "bigram table, sinks; 'gpt2': plain GPT-2 (d_head 64, tied, positions).")
 _OUT = flags.DEFINE_string('out', 'benchmarks/out', 'Output directory.')
 MODES = ('none', 'static', 'topk')
 
 
 def _config(mode):
-  config = defaults.paper_architecture(defaults.base())
+  config = defaults.base()
+  if _ARCH.value == 'paper':
+    config = defaults.paper_architecture(config)
   config.seq_len, config.batch_size, config.train_steps = (
       _T.value, _B.value, 1000)
   m = config.model
-  m.num_layers, m.d_model, m.num_heads = _L.value, _D.value, _D.value // 16
+  m.num_layers, m.d_model = _L.value, _D.value
+  m.d_head = 16 if _ARCH.value == 'paper' else 64
+  m.num_heads = _D.value // m.d_head
   m.d_mlp, m.max_len, m.vocab_size = 4 * _D.value, _T.value, 2048
   config.sparsity.mode = mode
   config.sparsity.density = 1.0 if mode == 'none' else 0.1
@@ -99,7 +106,8 @@ def main(argv):
   flops = metrics.flops_per_token(config.model, config.seq_len)
   tokens_per_step = _B.value * _T.value
   result = {
-      'shape': dict(d_model=_D.value, num_layers=_L.value, seq_len=_T.value,
+      'shape': dict(arch=_ARCH.value, d_model=_D.value, num_layers=_L.value,
+                    seq_len=_T.value,
                     batch_size=_B.value, sparse_weights=sum(
                         v.size for v in sparse.values())),
       'device': str(jax.devices()[0].device_kind),
@@ -112,7 +120,8 @@ def main(argv):
       'topk_of_all_sparse_tensors_s': topk_s,
   }
   os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, 'step_time.json'), 'w') as f:
+  name = f'step_time_{_ARCH.value}'
+  with open(os.path.join(_OUT.value, name + '.json'), 'w') as f:
     json.dump(result, f, indent=2)
   lines = ['| mode | step (ms) | tokens/s | vs dense | MFU |',
            '|---|---|---|---|---|']
@@ -126,7 +135,7 @@ def main(argv):
                f"{result['shape']['sparse_weights']:,} sparse weights: " +
                ', '.join(f'{k} {1e3 * v:.1f} ms' for k, v in topk_s.items()))
   text = '\n'.join(lines)
-  with open(os.path.join(_OUT.value, 'step_time.md'), 'w') as f:
+  with open(os.path.join(_OUT.value, name + '.md'), 'w') as f:
     f.write(text + '\n')
   print(text)
 

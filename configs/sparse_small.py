@@ -16,15 +16,7 @@ from sparse_gpt2 import defaults
 def get_config(arg=None):
   """`arg` is unused; kept for the `file.py:arg` convention."""
   del arg
-  config = defaults.paper_architecture(defaults.base())
-  config.train_steps = 1000
-  config.batch_size = 32
-  config.seq_len = 128
-  config.model.num_layers = 4
-  config.model.d_model = 128
-  config.model.num_heads = 8
-  config.model.d_mlp = 512
-  config.model.max_len = 128
+  config = defaults.small_run(defaults.base())
   config.sparsity.mode = 'topk'
   config.sparsity.density = 0.1
   config.optim.lr = 1e-2

@@ -84,6 +84,20 @@ def paper_architecture(config):
   return config
 
 
+def small_run(config):
+  """The CPU-sized twins (sparse_small, dense_small): the paper's
+  architecture at 4 layers x 128, 1000 steps of 32 x 128 tokens. One
+  function, so the twins cannot drift apart."""
+  config = paper_architecture(config)
+  config.train_steps = 1000
+  config.batch_size = 32
+  config.seq_len = 128
+  m = config.model
+  m.num_layers, m.d_model, m.num_heads, m.d_mlp = 4, 128, 8, 512
+  m.max_len = config.seq_len
+  return config
+
+
 def gpt2_124m_run(config):
   """Run length and batch of the 124M configs (sparse and dense twins)."""
   config.train_steps = 10_000
