@@ -4,6 +4,7 @@ r"""Finds the circuit of a task in a trained run, saves and draws it.
       --task=single_double_quote
   python -m sparse_gpt2.circuits --workdir=RUN --task_file=my_task.jsonl
   python -m sparse_gpt2.circuits --list_tasks
+  python -m sparse_gpt2.circuits --workdir=RUN --evaluate  # which it solves
 
 Writes OUT/circuit.json and OUT/circuit.png/.svg (OUT defaults to
 RUN/circuits/TASK, TASK being a task file's name without extension) and
@@ -39,6 +40,9 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Seed of prompts, split and masks.')
 _DRAW = flags.DEFINE_bool('draw', True, 'Also draw circuit.png/.svg.')
 _LIST_TASKS = flags.DEFINE_bool('list_tasks', False,
                                 'Print the built-in tasks and exit.')
+_EVALUATE = flags.DEFINE_bool(
+    'evaluate', False, 'Print the unpruned model\'s loss and accuracy on '
+    '--task (default: every built-in task) and exit: which tasks it solves.')
 
 
 def _summary(c, out):
@@ -64,6 +68,13 @@ def main(argv):
   try:
     if not _WORKDIR.value:
       raise ValueError('--workdir is required')
+    if _EVALUATE.value:
+      names = [_TASK.value] if _TASK.value else list(tasks.TASKS)
+      print('| task | loss | accuracy | calibrated loss |\n|---|---:|---:|---:|')
+      for r in prune.evaluate_tasks(_WORKDIR.value, names, seed=_SEED.value):
+        print(f"| {r['task']} | {r['loss']:.3f} | {r['accuracy']:.2f} | "
+              f"{r['calibrated_loss']:.3f} |")
+      return
     circuit = prune.find_circuit(
         _WORKDIR.value, task=_TASK.value, task_file=_TASK_FILE.value,
         target_loss=_TARGET_LOSS.value, num_examples=_NUM_EXAMPLES.value,

@@ -419,3 +419,27 @@ def find_circuit(workdir, *, task=None, task_file=None, target_loss=0.15,
                   k_coef=k_coef, lr=lr, batch_size=batch_size, seed=seed,
                   target_loss=target_loss)
   return {'task': name, 'run': workdir, **circuit}
+
+
+def evaluate_tasks(workdir, names, *, num_examples=256, seed=0):
+  """How well the unpruned model does each task: [{task, loss, accuracy,
+  calibrated_loss}]. Only tasks whose calibrated loss is under a target can
+  be pruned to it, so this says which tasks a run can be asked about."""
+  config, model, state = train.load_run(workdir)
+  corpus = data.load(config.data, config.seq_len)
+  apply = jax.jit(lambda params, tokens: model.apply({'params': params},
+                                                     tokens))
+  rows = []
+  for name in names:
+    encoded = _trim(tasks.encode(tasks.generate(name, num_examples, seed),
+                                 corpus.tokenizer, config.seq_len, name))
+    logits = tasks.last_logits(apply(state.params, encoded['tokens']),
+                               encoded['lengths'])
+    loss, accuracy = tasks.task_loss(logits, encoded['correct'],
+                                     encoded['incorrect'])
+    calibrated = calibrated_loss(logits, encoded['correct'],
+                                 encoded['incorrect'])[0]
+    rows.append({'task': name, 'loss': float(loss),
+                 'accuracy': float(accuracy),
+                 'calibrated_loss': float(calibrated)})
+  return rows
