@@ -244,7 +244,3 @@ class GPT2(nn.Module):
       # Written straight into the scope: the names are those of submodules,
       # which `self.variable` would refuse.
       self.scope.put_variable('sparsity', key, value)
-
-
-def count_params(params):
-  return sum(x.size for x in jax.tree.leaves(params))

@@ -193,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   rng = jax.random.key(config.seed)
   init_params = hf.load(config.init_from_hf)[1] if config.init_from_hf else None
   init = functools.partial(init_state, config, model, tx)
-  with mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     abstract_state = jax.eval_shape(init, rng, init_params)
     boxed = jax.eval_shape(model.init, rng,
                            jnp.zeros((1, config.seq_len), jnp.int32))

@@ -25,7 +25,7 @@ def _source_text(i):
   for j in range(rng.randint(3, 12)):
     lines += [f'def f_{i}_{j}(x, y={rng.randint(0, 99)}):',
               f'\tz = x * {rng.random():.3f}  ',
-              f"    return z + len('<|endoftext|>') + y", '']
+              "    return z + len('<|endoftext|>') + y", '']
   newline = '\r\n' if i % 5 == 0 else '\n'
   text = newline.join(lines)
   return text if i % 7 else text.rstrip()  # Some files lack a final newline.
