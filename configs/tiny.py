@@ -2,6 +2,9 @@ r"""A seconds-long run for tests and smoke checks: `arg` picks the sparsity
 mode ('topk' default, 'static' or 'none').
 
   python -m sparse_gpt2.main --config=configs/tiny.py:static --workdir=/tmp/t
+
+Expected: about 20 s with the corpus built (most of it compilation); 20
+steps lower the loss from ~6.2 to ~5.6 on the standard library.
 """
 
 from sparse_gpt2 import defaults

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from sparse_gpt2 import optim
 from sparse_gpt2 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,3 +236,25 @@ def test_convert_exports_a_gpt2_run_and_refuses_the_paper_architecture(
     theirs = hf_model(torch.from_numpy(tokens)).logits.numpy()
   ours = train.make_model(config).apply({'params': state.params}, tokens)
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
+
+
+def test_convert_makes_a_run_from_a_hugging_face_gpt2(tiny_config, tmp_path):
+  from sparse_gpt2 import convert  # pylint: disable=g-import-not-at-top
+  from sparse_gpt2 import hf  # pylint: disable=g-import-not-at-top
+  config = tiny_config('none')
+  m = config.model
+  m.norm, m.tie_embeddings, m.pos_embedding = 'layernorm', True, True
+  m.bigram_table = m.attention_sink = False
+  model = train.make_model(config)
+  params = jax.tree.map(
+      lambda x: np.asarray(x) + 0.01,
+      train.init_state(config, model, optim.make(config, 1),
+                       jax.random.key(5), None).params)
+  hf_dir = str(tmp_path / 'hf')
+  hf.save(params, dict(config.model), hf_dir)
+  run = str(tmp_path / 'run')
+  convert.hf_to_run(hf_dir, run, config)
+  restored_config, _, state = train.load_run(run)
+  assert restored_config.init_from_hf == hf_dir
+  assert int(state.step) == 0
+  _assert_same_state(state.params, params)
