@@ -24,14 +24,13 @@ import os
 import shutil
 import tempfile
 
-import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import numpy as safetensors_np
 
 from sparse_gpt2 import model
+from sparse_gpt2 import sparsity
 
 CONFIG = 'config.json'
 WEIGHTS = 'model.safetensors'
@@ -84,7 +83,7 @@ def _param_shapes(gpt2):
   creating them."""
   variables = jax.eval_shape(gpt2.init, jax.random.key(0),
                              jnp.zeros((1, 1), jnp.int32))
-  flat = traverse_util.flatten_dict(nn.unbox(variables['params']), sep='/')
+  flat = sparsity.flat(variables['params'])
   return {path: tuple(x.shape) for path, x in flat.items()}
 
 
@@ -168,7 +167,7 @@ def load(hf_dir):
     array = tensors[hf].T if transposed else tensors[hf]
     for path, part in zip(paths, np.split(array, len(paths), axis=-1)):
       flat[path] = np.ascontiguousarray(part, np.float32)
-  return model_kwargs, traverse_util.unflatten_dict(flat, sep='/')
+  return model_kwargs, sparsity.unflat(flat)
 
 
 def _unexpressible(gpt2, flat):
@@ -203,7 +202,7 @@ def save(params, model_kwargs, out_dir, overwrite=False):
   GPT-2 cannot express (see `_unexpressible`) or params that do not fit it.
   """
   gpt2 = model.GPT2(**model_kwargs)
-  flat = traverse_util.flatten_dict(nn.unbox(params), sep='/')
+  flat = sparsity.flat(params)
   unexpressible = _unexpressible(gpt2, flat)
   if unexpressible:
     raise ValueError('transformers GPT-2 cannot express this model: '

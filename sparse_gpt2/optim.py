@@ -4,8 +4,6 @@ One `optax.chain`; the sparse pieces take the model's masks as the extra
 argument `masks=` (optax passes extra keyword arguments through a chain).
 """
 
-import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import optax
@@ -58,10 +56,8 @@ def normalize_by_global_rms(target_rms):
 def decay_mask(params):
   """Weight decay on matrices only: not on biases, norm gains, sinks, or the
   bigram table (which the paper leaves out of sparsity and decay)."""
-  flat = traverse_util.flatten_dict(nn.unbox(params), sep='/')
-  return traverse_util.unflatten_dict(
-      {p: x.ndim >= 2 and 'bigram' not in p for p, x in flat.items()},
-      sep='/')
+  return sparsity.unflat({p: x.ndim >= 2 and 'bigram' not in p
+                          for p, x in sparsity.flat(params).items()})
 
 
 def make(config, total_steps):

@@ -387,6 +387,26 @@ def prune(model, params, means, encoded, *, steps=100, k_coef=1e-4, lr=1e-2,
   return circuit
 
 
+@functools.lru_cache(maxsize=4)
+def _load(workdir):
+  """(config, model, params, corpus) of a run, read once per process:
+  `compare` asks the same two runs about every task."""
+  config, model, state = train.load_run(workdir)
+  return config, model, state.params, data.load(config.data, config.seq_len)
+
+
+@functools.lru_cache(maxsize=4)
+def _run_means(workdir):
+  """Node means of a run over MEAN_BATCHES batches of its training data."""
+  config, model, params, corpus = _load(workdir)
+  pretraining = np.stack([
+      data.get_batch(corpus.train_tokens, i, seed=config.seed,
+                     batch_size=config.batch_size,
+                     seq_len=config.seq_len)[:, :-1]
+      for i in range(MEAN_BATCHES)])
+  return node_means(model, params, pretraining)
+
+
 def find_circuit(workdir, *, task=None, task_file=None, target_loss=0.15,
                  num_examples=512, steps=100, k_coef=1e-4, lr=1e-2,
                  batch_size=64, seed=0):
@@ -406,16 +426,9 @@ def find_circuit(workdir, *, task=None, task_file=None, target_loss=0.15,
       raise ValueError(f'task file {task_file} does not exist')
     name = os.path.splitext(os.path.basename(task_file))[0]
     datapoints = tasks.load_jsonl(task_file)
-  config, model, state = train.load_run(workdir)
-  corpus = data.load(config.data, config.seq_len)
+  config, model, params, corpus = _load(workdir)
   encoded = tasks.encode(datapoints, corpus.tokenizer, config.seq_len, name)
-  pretraining = np.stack([
-      data.get_batch(corpus.train_tokens, i, seed=config.seed,
-                     batch_size=config.batch_size,
-                     seq_len=config.seq_len)[:, :-1]
-      for i in range(MEAN_BATCHES)])
-  means = node_means(model, state.params, pretraining)
-  circuit = prune(model, state.params, means, encoded, steps=steps,
+  circuit = prune(model, params, _run_means(workdir), encoded, steps=steps,
                   k_coef=k_coef, lr=lr, batch_size=batch_size, seed=seed,
                   target_loss=target_loss)
   return {'task': name, 'run': workdir, **circuit}
@@ -425,15 +438,14 @@ def evaluate_tasks(workdir, names, *, num_examples=256, seed=0):
   """How well the unpruned model does each task: [{task, loss, accuracy,
   calibrated_loss}]. Only tasks whose calibrated loss is under a target can
   be pruned to it, so this says which tasks a run can be asked about."""
-  config, model, state = train.load_run(workdir)
-  corpus = data.load(config.data, config.seq_len)
+  config, model, params, corpus = _load(workdir)
   apply = jax.jit(lambda params, tokens: model.apply({'params': params},
                                                      tokens))
   rows = []
   for name in names:
     encoded = _trim(tasks.encode(tasks.generate(name, num_examples, seed),
                                  corpus.tokenizer, config.seq_len, name))
-    logits = tasks.last_logits(apply(state.params, encoded['tokens']),
+    logits = tasks.last_logits(apply(params, encoded['tokens']),
                                encoded['lengths'])
     loss, accuracy = tasks.task_loss(logits, encoded['correct'],
                                      encoded['incorrect'])
