@@ -14,9 +14,12 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def manager(workdir, keep):
+def manager(workdir, keep, keep_every=0):
+  """Keeps the newest `keep` checkpoints and, if `keep_every`, every one
+  whose step is a multiple of it (orbax's `keep_period`)."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=True)
+      max_to_keep=keep, keep_period=keep_every or None, create=True,
+      enable_async_checkpointing=True)
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options)
 

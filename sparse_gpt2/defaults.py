@@ -15,7 +15,10 @@ def base():
   config.eval_every = 250
   config.eval_batches = 8
   config.checkpoint_every = 250
-  config.keep_checkpoints = 2
+  config.keep_checkpoints = 2      # Newest checkpoints kept...
+  config.keep_every = 0            # ...and forever those at multiples of this
+                                   # (0: none): the checkpoints that circuits
+                                   # compare at matched loss (`--step`).
   config.peak_flops = 0.0          # FLOP/s for MFU; 0 = time a matmul at start.
   config.init_from_hf = ''         # A Hugging Face GPT-2 dir to start from.
 
@@ -95,6 +98,20 @@ def small_run(config):
   m = config.model
   m.num_layers, m.d_model, m.num_heads, m.d_mlp = 4, 128, 8, 512
   m.max_len = config.seq_len
+  return config
+
+
+def medium_run(config):
+  """The twins the circuit results are measured on (sparse_medium,
+  dense_medium): small_run's model for 2000 steps (8.2M tokens, about 0.8 of
+  an epoch of the standard library), evaluated and kept every 50 steps so a
+  sparse checkpoint can be paired with a dense one of matched validation
+  loss (`sparse_gpt2.circuits.compare`)."""
+  config = small_run(config)
+  config.train_steps = 2000
+  config.eval_every = 50
+  config.checkpoint_every = 50
+  config.keep_every = 50
   return config
 
 

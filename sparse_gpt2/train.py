@@ -35,7 +35,8 @@ from sparse_gpt2 import sparsity
 # Fields that may differ between a workdir's saved config and a resumed run:
 # run length and bookkeeping, nothing that changes what a step computes.
 RESUMABLE_FIELDS = ('train_steps', 'log_every', 'eval_every', 'eval_batches',
-                    'checkpoint_every', 'keep_checkpoints', 'peak_flops')
+                    'checkpoint_every', 'keep_checkpoints', 'keep_every',
+                    'peak_flops')
 
 
 @flax.struct.dataclass
@@ -60,6 +61,8 @@ def validate(config):
                 'checkpoint_every', 'keep_checkpoints'):
     if config[field] < 1:
       raise ValueError(f'{field} must be >= 1, got {config[field]}')
+  if config.keep_every < 0:
+    raise ValueError(f'keep_every must be >= 0, got {config.keep_every}')
   if config.model.pos_embedding and config.seq_len > config.model.max_len:
     raise ValueError(f'seq_len {config.seq_len} > model.max_len '
                      f'{config.model.max_len}')
@@ -201,7 +204,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                               mesh)
     batch_sharding = sharding.batch_sharding(mesh)
 
-    mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+    mngr = checkpoint.manager(workdir, config.keep_checkpoints,
+                              config.keep_every)
     state = checkpoint.restore_latest(
         mngr, jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -13,8 +13,8 @@ from absl import flags
 import pytest
 
 from sparse_gpt2 import circuits
-from sparse_gpt2 import compare
-from sparse_gpt2 import viz
+from sparse_gpt2.circuits import compare
+from sparse_gpt2.circuits import viz
 
 # Edges only run inside a layer, from a location to a later one.
 _EDGE_KINDS = (('attn_in', 'q'), ('attn_in', 'k'), ('attn_in', 'v'),
@@ -162,7 +162,7 @@ def test_cli_rejects_bad_input_before_pruning(tmp_path, bad):
   run = str(tmp_path if bad == 'task' else tmp_path / 'missing')
   task = 'no_such_task' if bad == 'task' else 'var_swap'
   proc = subprocess.run(
-      [sys.executable, '-m', 'sparse_gpt2.compare', f'--sparse={run}',
+      [sys.executable, '-m', 'sparse_gpt2.circuits.compare', f'--sparse={run}',
        f'--dense={tmp_path}', f'--tasks={task}', f'--out={tmp_path / "out"}'],
       capture_output=True, text=True, timeout=60,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

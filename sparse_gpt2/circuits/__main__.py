@@ -90,7 +90,7 @@ def main(argv):
     json.dump(circuit, f, indent=1)
   if _DRAW.value:
     # Imported here: matplotlib costs seconds that --draw=false need not pay.
-    from sparse_gpt2 import viz  # pylint: disable=g-import-not-at-top
+    from sparse_gpt2.circuits import viz  # pylint: disable=g-import-not-at-top
     viz.draw_circuit(circuit, os.path.join(out, 'circuit'))
   print(_summary(circuit, out))
 

@@ -1,6 +1,6 @@
 """Sparse vs dense: the circuit each model needs for each task.
 
-  python -m sparse_gpt2.compare --sparse=runs/sparse --dense=runs/dense \
+  python -m sparse_gpt2.circuits.compare --sparse=runs/sparse --dense=runs/dense \
       --out=runs/compare [--tasks=a,b] [--target_loss=0.15] [--steps=N]
 
 For every task, prunes both runs to their smallest circuit that reaches the
@@ -30,7 +30,7 @@ from absl import flags
 from absl import logging
 
 from sparse_gpt2 import metrics
-from sparse_gpt2 import viz
+from sparse_gpt2.circuits import viz
 from sparse_gpt2.circuits import tasks as tasks_lib
 
 _SPARSE = flags.DEFINE_string('sparse', None, 'Run directory of the sparse '
