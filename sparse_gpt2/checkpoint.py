@@ -29,6 +29,12 @@ def save(mngr, step, state):
       state=ocp.args.StandardSave(state)))
 
 
+def restore(mngr, step, abstract_state):
+  """The state saved at `step`."""
+  return mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state))).state
+
+
 def restore_latest(mngr, abstract_state, workdir):
   """The newest checkpoint that reads back, or None if there is none.
 
@@ -38,9 +44,7 @@ def restore_latest(mngr, abstract_state, workdir):
   """
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
-      return restored.state
+      return restore(mngr, step, abstract_state)
     except Exception as e:  # pylint: disable=broad-except
       if jax.process_index() == 0:
         aside = os.path.join(workdir, 'corrupt_checkpoints',

@@ -167,7 +167,10 @@ class GPT2(nn.Module):
                        f'{self.act_topk_fraction}')
 
   @nn.compact
-  def __call__(self, tokens, deterministic=True):
+  def __call__(self, tokens, deterministic=True, positions=None):
+    """Logits [B, T, vocab]; with `positions` [B] (int), only those [B, vocab]
+    at one position per row: circuit tasks score one position, and the
+    unembedding of all the others would be most of their cost."""
     self._check()
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     std = 0.02
@@ -200,6 +203,9 @@ class GPT2(nn.Module):
           param_dtype=param_dtype, name=f'block_{i}')(x, deterministic)
       x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
+    if positions is not None:
+      rows = jnp.arange(tokens.shape[0])
+      x, tokens = x[rows, positions], tokens[rows, positions]  # [B, D], [B]
     x = _norm(self.norm, dtype, param_dtype, 'norm_f')(x)
     if self.tie_embeddings:
       logits = embed.attend(x)

@@ -150,9 +150,11 @@ def evaluate(eval_step, state, val_tokens, config, batch_sharding):
   return float(np.mean(jax.device_get(losses)))
 
 
-def load_run(workdir):
-  """(config, model, state) of the newest readable checkpoint in `workdir`,
-  on one device: for analysis (circuits, export), not for training."""
+def load_run(workdir, step=None):
+  """(config, model, state) of a checkpoint in `workdir`, on one device: for
+  analysis (circuits, export), not for training. `step` None is the newest
+  readable checkpoint; a step that was not kept is an error naming those
+  that were."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise ValueError(f'{workdir} is not a run directory (no config.json)')
@@ -167,8 +169,15 @@ def load_run(workdir):
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
       abstract)
-  state = checkpoint.restore_latest(
-      checkpoint.manager(workdir, config.keep_checkpoints), abstract, workdir)
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints,
+                            config.get('keep_every', 0))
+  if step is None:
+    state = checkpoint.restore_latest(mngr, abstract, workdir)
+  elif step in mngr.all_steps():
+    state = checkpoint.restore(mngr, step, abstract)
+  else:
+    raise ValueError(f'{workdir} has no checkpoint at step {step}; it has '
+                     f'{sorted(mngr.all_steps())}')
   if state is None:
     raise ValueError(f'{workdir} holds no readable checkpoint')
   return config, model, state

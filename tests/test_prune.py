@@ -1,18 +1,22 @@
 """Tests for learned node pruning, on a tiny GPT-2 with a circuit planted by
 hand: the circuit is known, so pruning must find exactly it."""
 
+import dataclasses
 import os
 import subprocess
 import sys
 
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sparse_gpt2 import model as model_lib
+from sparse_gpt2.circuits import edges as edges_lib
 from sparse_gpt2.circuits import prune
+from sparse_gpt2.circuits import settings as settings_lib
 
 A, B = 1, 2          # The last prompt token decides the answer...
 YES, NO = 3, 4       # ...between these candidates: A -> YES, B -> NO.
@@ -61,18 +65,25 @@ def _planted_params(model):
 
 
 def _task(n, seed):
-  """Filler prompts of 3..12 tokens ending in A or B, right-padded to 16."""
+  """n/2 contrastive pairs: filler prompts of 3..12 tokens, one ending in A
+  and one, otherwise equal, in B; right-padded to 16."""
   rng = np.random.default_rng(seed)
   tokens = np.zeros((n, 16), np.int32)
-  lengths = rng.integers(3, 13, n)
+  lengths = np.repeat(rng.integers(3, 13, n // 2), 2)
   last = np.where(np.arange(n) % 2, B, A)
   for row, (length, end) in enumerate(zip(lengths, last)):
-    tokens[row, :length - 1] = rng.integers(5, VOCAB, length - 1)
+    if row % 2 == 0:
+      filler = rng.integers(5, VOCAB, length - 1)
+    tokens[row, :length - 1] = filler
     tokens[row, length - 1] = end
   return {'tokens': tokens, 'lengths': lengths.astype(np.int32),
           'correct': np.where(last == A, YES, NO).astype(np.int32),
           'incorrect': np.where(last == A, NO, YES).astype(np.int32),
-          'index': np.arange(n, dtype=np.int32)}
+          'index': np.arange(n, dtype=np.int32),
+          'pair': np.arange(n, dtype=np.int32) // 2}
+
+
+SETTINGS = settings_lib.Settings(steps=100, warmup_steps=10, batch_pairs=16)
 
 
 def _pretraining(seed):
@@ -89,7 +100,7 @@ def test_prune_recovers_planted_circuit():
   model = _tiny_model()
   params = _planted_params(model)
   circuit = prune.prune(model, params, _means(model, params), _task(256, 0),
-                        steps=100, seed=0, target_loss=0.15)
+                        SETTINGS, record_at=(20, 50))
   assert circuit['solved']
   assert circuit['losses']['full_model'] < 0.01
   assert {(n['location'], n['index']) for n in circuit['nodes']} == PLANTED
@@ -108,15 +119,57 @@ def test_prune_recovers_planted_circuit():
   assert circuit['accuracy']['circuit_only'] == 1
   assert circuit['losses']['circuit_ablated'] > 0.6
   assert circuit['layer_sizes'] == {loc: 8 for loc in model_lib.NODE_LOCATIONS}
+  assert circuit['losses']['all_ablated'] > 0.6
+  assert circuit['settings'] == dataclasses.asdict(SETTINGS)
+  assert {k: v['pairs'] for k, v in circuit['splits'].items()} == {
+      'train': 64, 'select': 32, 'test': 32}
+  assert [c['steps'] for c in circuit['convergence']] == [20, 50, 100]
+  assert circuit['convergence'][-1]['num_nodes'] == 3
+  # Each planted node is needed: ablating it alone breaks the circuit.
+  assert all(n['ablation_effect'] > 0.3 for n in circuit['nodes'])
+  assert not circuit['past_mask']
 
+
+def test_split_is_disjoint_by_pair():
+  task = _task(200, 0)
+  parts = prune.split(task, SETTINGS)
+  pairs = [set(p['pair'].tolist()) for p in parts]
+  assert [len(p) for p in pairs] == [50, 25, 25]
+  assert not (pairs[0] & pairs[1] or pairs[0] & pairs[2] or
+              pairs[1] & pairs[2])
+  assert sum(p['tokens'].shape[0] for p in parts) == 200
+  rows = [set(p['index'].tolist()) for p in parts]
+  assert set.union(*rows) == set(range(200))
+  again = prune.split(task, SETTINGS)
+  assert all((a['index'] == b['index']).all() for a, b in zip(parts, again))
+
+
+def test_ties_are_broken_by_measured_effect():
+  """Scores of the planted read and write at +1, all others tied at -1: the
+  bisection must go past the mask, and the node it needs (the planted
+  neuron) comes first among the tied ones, not in storage order."""
+  model = _tiny_model()
+  params = _planted_params(model)
+  means = _means(model, params)
+  pruner = prune._Pruner(model, params, means,
+                         prune.split(prune.trim(_task(256, 0)), SETTINGS),
+                         SETTINGS)
+  scores = jax.tree.map(lambda m: np.full(m.shape, -1.0), means)
+  scores['block_0']['mlp_in'][READ] = scores['block_0']['mlp_out'][WRITE] = 1
+  tau = np.asarray(jax.flatten_util.ravel_pytree(scores)[0])
+  mask, importance = pruner.smallest_circuit(tau, 0.15)
+  kept = jax.tree.map(np.asarray, pruner.unravel(mask))
+  assert {(loc, i) for loc, m in kept['block_0'].items()
+          for i in np.flatnonzero(m)} == PLANTED
+  assert importance.shape == (64,)
 
 def test_edge_list_is_capped_largest_first(monkeypatch):
   model = _tiny_model()
   params = _planted_params(model)
   everything = jax.tree.map(lambda m: np.ones(m.shape, bool),
                             _means(model, params))
-  monkeypatch.setattr(prune, 'MAX_LISTED_EDGES', 2)
-  edges, count, truncated = prune._edges(params, everything, 1)
+  monkeypatch.setattr(edges_lib, 'MAX_LISTED', 2)
+  edges, count, truncated = edges_lib.between(params, everything, 1)
   assert count == 3 * 64 + 50 * 2 and truncated
   assert sorted(e['value'] for e in edges) == [1.25, 4.0]
 
@@ -128,8 +181,8 @@ def test_prune_refuses_unsolved_task():
   yes = np.arange(64) % 4 < 2  # Independent of the last token's A or B.
   task['correct'] = np.where(yes, YES, NO).astype(np.int32)
   task['incorrect'] = np.where(yes, NO, YES).astype(np.int32)
-  circuit = prune.prune(model, params, _means(model, params), task, steps=10,
-                        target_loss=0.15)
+  circuit = prune.prune(model, params, _means(model, params), task,
+                        SETTINGS)
   assert not circuit['solved']
   assert circuit['nodes'] == [] and circuit['losses']['circuit_only'] is None
   assert circuit['losses']['full_model'] > 0.15
@@ -137,13 +190,13 @@ def test_prune_refuses_unsolved_task():
 
 def test_hard_mask_is_exact_forward_with_surrogate_gradient():
   tau = jnp.array([-1.0, -0.3, -1e-3, 0.0, 1e-3, 0.05, 0.7, 1.0])
-  mask = prune.hard_mask(tau)
+  mask = prune.hard_mask(tau, 0.1)
   np.testing.assert_array_equal(mask, (tau > 0).astype(jnp.float32))
-  grad = jax.grad(lambda t: (prune.hard_mask(t) * jnp.arange(1., 9.)).sum())(
-      tau)
-  s = jax.nn.sigmoid(tau / prune.TEMPERATURE)
+  grad = jax.grad(lambda t: (prune.hard_mask(t, 0.1) *
+                             jnp.arange(1., 9.)).sum())(tau)
+  s = jax.nn.sigmoid(tau / 0.1)
   np.testing.assert_allclose(
-      grad, jnp.arange(1., 9.) * s * (1 - s) / prune.TEMPERATURE, rtol=1e-6)
+      grad, jnp.arange(1., 9.) * s * (1 - s) / 0.1, rtol=1e-6)
   assert (grad > 0).all()
 
 

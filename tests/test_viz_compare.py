@@ -1,6 +1,7 @@
 """Tests for the circuit figures and the sparse-vs-dense table, on synthetic
 circuits (no model, no pruning)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -12,10 +13,15 @@ import xml.etree.ElementTree as ET
 from absl import flags
 import pytest
 
-from sparse_gpt2 import circuits
 from sparse_gpt2.circuits import compare
+from sparse_gpt2.circuits import runs as runs_lib
+from sparse_gpt2.circuits import settings as settings_lib
 from sparse_gpt2.circuits import viz
 
+SETTINGS = settings_lib.Settings()
+CHECKPOINTS = {'sparse': {'run': 'runs/sparse', 'step': 100,
+                          'val_loss': 3.1},
+               'dense': {'run': 'runs/dense', 'step': 40, 'val_loss': 3.11}}
 # Edges only run inside a layer, from a location to a later one.
 _EDGE_KINDS = (('attn_in', 'q'), ('attn_in', 'k'), ('attn_in', 'v'),
                ('v', 'attn_out'), ('mlp_in', 'mlp_neuron'),
@@ -51,12 +57,13 @@ def make_circuit(task='t', edges_per_kind=2, solved=True, num_layers=3,
                 for s, d in sorted(edges)],
       'losses': {'full_model': 0.05 if solved else 0.6,
                  'circuit_only': circuit_loss if solved else None,
-                 'circuit_ablated': 2.0 if solved else None},
+                 'circuit_ablated': 0.69 if solved else None},
       'accuracy': {'full_model': 0.99, 'circuit_only': 0.97,
                    'circuit_ablated': 0.5},
       'logit_scale': 1.0, 'logit_shift': 0.0, 'num_layers': num_layers,
-      'layer_sizes': dict(_SIZES), 'seconds': 1.0,
-      'pruning': {'steps': 200},
+      'layer_sizes': dict(_SIZES), 'seconds': 1.0, 'step': 100,
+      'val_loss': 3.25, 'settings': dataclasses.asdict(SETTINGS),
+      'convergence': [],
   }
 
 
@@ -91,6 +98,29 @@ def test_draw_comparison(tmp_path):
   svg = open(path + '.svg').read()
   assert 'Sparse GPT-2' in svg and 'GPT-2 (baseline)' in svg
   assert '3,600 edges' in svg  # The dense panel's count, in its title.
+  assert 'validation loss 3.250 (step 100)' in svg
+
+
+def test_residual_links_join_writes_to_later_reads_of_a_channel():
+  nodes = [{'layer': 0, 'location': 'attn_out', 'index': 3},
+           {'layer': 0, 'location': 'mlp_in', 'index': 3},
+           {'layer': 1, 'location': 'attn_in', 'index': 3},
+           {'layer': 0, 'location': 'attn_in', 'index': 3},  # Before: no.
+           {'layer': 1, 'location': 'mlp_in', 'index': 4},   # Other channel.
+           {'layer': 0, 'location': 'mlp_neuron', 'index': 3}]  # Not residual.
+  links = {((a['layer'], a['location']), (b['layer'], b['location']))
+           for a, b in viz.residual_links(nodes)}
+  assert links == {((0, 'attn_out'), (0, 'mlp_in')),
+                   ((0, 'attn_out'), (1, 'attn_in'))}
+
+
+def test_draw_curve(tmp_path):
+  points = [{'model': m, 'step': s, 'val_loss': v, 'solved': k, 'tasks': 2,
+             'edges': e} for m, s, v, k, e in (
+                 ('sparse', 100, 3.1, 2, 50), ('sparse', 50, 3.5, 1, 80),
+                 ('dense', 40, 3.11, 2, 900), ('dense', 20, 3.6, 0, None))]
+  viz.draw_curve(points, CHECKPOINTS, str(tmp_path / 'curve'))
+  _check_files(str(tmp_path / 'curve'))
 
 
 def test_draw_comparison_unsolved_and_unequal_depths(tmp_path):
@@ -105,32 +135,32 @@ def test_summarize_ratios_and_geometric_means():
   results = {
       'a': (_edge_count(10), _edge_count(160, run='runs/dense')),
       'b': (_edge_count(40), _edge_count(160)),
+      'e': (_edge_count(20), _edge_count(170)),
       'c': (_edge_count(5), make_circuit(solved=False)),
       'd': (make_circuit(solved=False), make_circuit(solved=False)),
   }
-  summary = compare.summarize(results, {'sparse': 3.1, 'dense': 3.0})
+  summary = compare.summarize(results, CHECKPOINTS)
   rows = {r['task']: r for r in summary['tasks']}
-  assert list(rows) == ['a', 'b', 'c', 'd']
+  assert list(rows) == ['a', 'b', 'e', 'c', 'd']
   assert rows['a']['ratio'] == 16 and rows['b']['ratio'] == 4
   assert rows['c']['ratio'] is None and rows['d']['ratio'] is None
   assert rows['c']['sparse']['edges'] == 5
   assert rows['c']['dense']['edges'] is None
   assert summary['not_solved'] == {'c': ['dense'], 'd': ['sparse', 'dense']}
-  assert summary['num_compared'] == 2
+  assert summary['num_compared'] == 3
   g = summary['geomean']
-  assert math.isclose(g['edges_sparse'], 20)  # sqrt(10 * 40)
-  assert math.isclose(g['edges_dense'], 160)
-  assert math.isclose(g['ratio'], 8)  # sqrt(16 * 4)
-  assert summary['figure_task'] == 'a'  # 'c' is smaller but unsolved dense.
-  assert summary['val_loss'] == {'sparse': 3.1, 'dense': 3.0}
-  assert summary['runs'] == {'sparse': 'runs/sparse', 'dense': 'runs/dense'}
+  assert math.isclose(g['edges_sparse'], 20)  # (10 * 40 * 20) ** (1/3)
+  assert math.isclose(g['ratio'], (16 * 4 * 8.5) ** (1 / 3))
+  # The typical task (ratio 8.5, nearest the mean 8.16), not the best (16).
+  assert summary['figure_task'] == 'e'
+  assert summary['checkpoints'] == CHECKPOINTS
   assert summary['target_loss'] == 0.15
+  assert summary['settings'] == dataclasses.asdict(SETTINGS)
 
 
 def test_summarize_nothing_solved_by_both():
   summary = compare.summarize(
-      {'a': (make_circuit(solved=False), _edge_count(10))},
-      {'sparse': None, 'dense': None})
+      {'a': (make_circuit(solved=False), _edge_count(10))}, CHECKPOINTS)
   assert summary['geomean'] is None and summary['figure_task'] is None
   assert 'No task is solved by both' in compare.to_markdown(summary)
 
@@ -138,23 +168,46 @@ def test_summarize_nothing_solved_by_both():
 def test_to_markdown():
   results = {'a': (_edge_count(10), _edge_count(1600)),
              'c': (_edge_count(5), make_circuit(solved=False))}
-  md = compare.to_markdown(
-      compare.summarize(results, {'sparse': 3.1234, 'dense': None}))
-  assert '| a | 10 | 1,600 | 160.0x | 5 | 800 | 0.100 | 0.100 |' in md
-  assert '| c | 5 | not solved | n/a | 2 | not solved | 0.100 | n/a |' in md
-  assert 'sparse: 3.1234' in md and 'dense: n/a' in md
+  md = compare.to_markdown(compare.summarize(results, CHECKPOINTS))
+  assert ('| a | 10 | 1,600 | 160.0x | 5 | 800 | 0.100 / 0.100 | '
+          '0.690 / 0.690 |') in md
+  assert ('| c | 5 | not solved | n/a | 2 | not solved | 0.100 / n/a | '
+          '0.690 / n/a |') in md
+  assert 'sparse: `runs/sparse` step 100, validation loss 3.1000' in md
+  assert 'dense: `runs/dense` step 40, validation loss 3.1100' in md
   assert '**160.0x**' in md
-  assert 'c (full-model task loss: dense 0.600)' in md
+  assert 'c (full-model test loss: dense 0.600)' in md
   assert '`figure.png` shows `a`' in md
 
 
-def test_last_val_loss(tmp_path):
-  assert compare.last_val_loss(str(tmp_path)) is None
+def test_val_losses(tmp_path):
+  assert runs_lib.val_losses(str(tmp_path)) == {}
   (tmp_path / 'metrics.jsonl').write_text(
       '{"step": 10, "loss": 4.0, "val_loss": 4.2}\n'
       '{"step": 20, "loss": 3.5, "val_loss": 3.7}\n'
       '{"step": 30, "loss": 3.0}\n')
-  assert compare.last_val_loss(str(tmp_path)) == 3.7
+  assert runs_lib.val_losses(str(tmp_path)) == {10: 4.2, 20: 3.7}
+
+
+def test_match_picks_closest_dense_checkpoint_and_refuses_a_gap():
+  dense = {50: 4.0, 100: 3.515, 150: 3.47, 200: 3.30, 250: None}
+  assert compare.match(300, 3.50, dense, 0.02) == (100, 3.515)
+  assert compare.match(300, 3.46, dense, 0.02) == (150, 3.47)
+  with pytest.raises(ValueError, match='no dense checkpoint within 0.02'):
+    compare.match(300, 3.40, dense, 0.02)
+  assert compare.match(300, 3.40, dense, 0.2) == (150, 3.47)
+  with pytest.raises(ValueError, match='no validation loss'):
+    compare.match(300, None, dense, 0.02)
+
+
+def test_reusable_refuses_other_settings_step_or_run():
+  circuit = make_circuit('t', run='elsewhere/runs/sparse')
+  assert compare.reusable(circuit, 'runs/sparse', 100, 't', SETTINGS)
+  assert not compare.reusable(circuit, 'runs/sparse', 150, 't', SETTINGS)
+  assert not compare.reusable(circuit, 'runs/dense', 100, 't', SETTINGS)
+  assert not compare.reusable(circuit, 'runs/sparse', 100, 'u', SETTINGS)
+  assert not compare.reusable(circuit, 'runs/sparse', 100, 't',
+                              dataclasses.replace(SETTINGS, lr=0.5))
 
 
 @pytest.mark.parametrize('bad', ['run', 'task'])
@@ -173,30 +226,44 @@ def test_cli_rejects_bad_input_before_pruning(tmp_path, bad):
   assert not os.path.exists(tmp_path / 'out')
 
 
-def test_cli_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
-                                                   capsys):
-  """main end to end with a stand-in for prune.find_circuit, which needs a
-  trained model; a second run finds every circuit on disk."""
+def _fake_run(path, val_losses):
+  """A run directory as `runs.checkpoints` reads it: config.json, one
+  (empty) checkpoint folder per step, and metrics.jsonl."""
+  (path / 'checkpoints').mkdir(parents=True)
+  (path / 'config.json').write_text('{}')
+  lines = []
+  for step, loss in val_losses.items():
+    (path / 'checkpoints' / str(step)).mkdir()
+    lines.append(json.dumps({'step': step, 'val_loss': loss}))
+  (path / 'metrics.jsonl').write_text('\n'.join(lines) + '\n')
+
+
+def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
+                                                         capsys):
+  """main end to end with a stand-in for runs.find_circuit, which needs a
+  trained model; a second run finds every circuit on disk, and a changed
+  setting prunes again."""
   calls = []
 
-  def find_circuit(workdir, *, task, target_loss=0.15, steps=200):
-    calls.append((workdir, task, target_loss, steps))
+  def find_circuit(workdir, settings, *, step, task, record_at=()):
+    calls.append((os.path.basename(workdir), step, task, settings.steps,
+                  tuple(record_at)))
     dense = workdir.endswith('dense')
     circuit = make_circuit(task, edges_per_kind=20 if dense else 1,
                            solved=not (dense and task == 'var_swap'),
                            num_layers=1, run=workdir)
-    circuit['pruning']['steps'] = steps
+    circuit.update(step=step, settings=dataclasses.asdict(settings),
+                   convergence=[{'steps': s, 'num_nodes': 9, 'num_edges': 9,
+                                 'kept_by_mask': 9}
+                                for s in (*record_at, settings.steps)])
     return circuit
 
-  fake = type(sys)('sparse_gpt2.circuits.prune')
-  fake.find_circuit = find_circuit
-  monkeypatch.setitem(sys.modules, fake.__name__, fake)
-  monkeypatch.setattr(circuits, 'prune', fake, raising=False)
-  runs = {name: tmp_path / name for name in compare.MODELS}
-  for run in runs.values():
-    run.mkdir()
-  (runs['sparse'] / 'metrics.jsonl').write_text('{"val_loss": 2.5}\n')
+  monkeypatch.setattr(runs_lib, 'find_circuit', find_circuit)
+  runs = {'sparse': tmp_path / 'sparse', 'dense': tmp_path / 'dense'}
+  _fake_run(runs['sparse'], {100: 3.6, 200: 3.2})
+  _fake_run(runs['dense'], {50: 3.5, 100: 3.21, 150: 3.0})
   out = tmp_path / 'out'
+
   def run(*args):
     argv = ['compare', f'--sparse={runs["sparse"]}',
             f'--dense={runs["dense"]}', f'--out={out}', *args]
@@ -206,24 +273,45 @@ def test_cli_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
     finally:
       flags.FLAGS.unparse_flags()
 
-  run('--tasks=if_equals,var_swap', '--steps=7')
-  assert calls == [(str(runs[name]), task, 0.15, 7)
-                   for task in ('if_equals', 'var_swap')
-                   for name in compare.MODELS]
+  run('--tasks=if_equals,var_swap', '--steps=7', '--convergence_steps=3',
+      '--convergence_tasks=1')
+  assert calls == [('sparse', 200, 'if_equals', 7, (3,)),
+                   ('dense', 100, 'if_equals', 7, (3,)),
+                   ('sparse', 200, 'var_swap', 7, ()),
+                   ('dense', 100, 'var_swap', 7, ())]
   for task in ('if_equals', 'var_swap'):
-    for name in ('sparse.json', 'dense.json', 'figure.png', 'figure.svg'):
-      assert (out / task / name).exists()
+    assert (out / task / 'figure.png').exists()
+    for model, step in (('sparse', 200), ('dense', 100)):
+      assert (out / 'circuits' / f'{model}-{step}' / f'{task}.json').exists()
   summary = json.loads((out / 'comparison.json').read_text())
-  assert summary['val_loss'] == {'sparse': 2.5, 'dense': None}
+  assert summary['checkpoints']['dense'] == {
+      'run': str(runs['dense']), 'step': 100, 'val_loss': 3.21}
   assert summary['figure_task'] == 'if_equals'
   assert summary['not_solved'] == {'var_swap': ['dense']}
   assert (out / 'figure.png').exists() and (out / 'figure.svg').exists()
   md = (out / 'comparison.md').read_text()
   assert '| if_equals | 6 | 120 | 20.0x |' in md
-  assert md in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert 'Pairing sparse step 200 (val loss 3.2000) with dense step 100' in \
+      printed and md in printed
+  assert '| if_equals | sparse | 9 edges / 9 nodes (+0%) |' in \
+      (out / 'convergence.md').read_text()
 
-  run('--tasks=if_equals,var_swap', '--steps=7')
+  run('--tasks=if_equals,var_swap', '--steps=7', '--convergence_steps=3',
+      '--convergence_tasks=1')
   assert len(calls) == 4  # All reused.
   run('--tasks=if_equals', '--steps=9')
-  assert calls[4:] == [(str(runs[name]), 'if_equals', 0.15, 9)
-                       for name in compare.MODELS]
+  assert calls[4:] == [('sparse', 200, 'if_equals', 9, ()),
+                       ('dense', 100, 'if_equals', 9, ())]
+  run('--tasks=if_equals', '--steps=9', '--curve', '--curve_every=100')
+  # The curve prunes the other checkpoints at multiples of 100 only.
+  assert calls[6:] == [('sparse', 100, 'if_equals', 9, ()),
+                       ('dense', 100, 'if_equals', 9, ())][:1]
+  points = json.loads((out / 'curve.json').read_text())
+  assert [(p['model'], p['step']) for p in points] == [
+      ('sparse', 100), ('sparse', 200), ('dense', 100)]
+  assert (out / 'curve.png').exists()
+
+  with pytest.raises(SystemExit):
+    run('--tasks=if_equals', '--step=100')  # 3.6: no dense within 0.02.
+  assert 'no dense checkpoint within 0.02' in capsys.readouterr().err

@@ -1,14 +1,18 @@
 r"""Finds the circuit of a task in a trained run, saves and draws it.
 
-  python -m sparse_gpt2.circuits --workdir=runs/sparse_small \
-      --task=single_double_quote
+  python -m sparse_gpt2.circuits --workdir=runs/sparse_medium \
+      --task=single_double_quote [--step=N] [--steps=1000 ...]
   python -m sparse_gpt2.circuits --workdir=RUN --task_file=my_task.jsonl
   python -m sparse_gpt2.circuits --list_tasks
-  python -m sparse_gpt2.circuits --workdir=RUN --evaluate  # which it solves
+  python -m sparse_gpt2.circuits --task=for_while --dump_prompts=f.jsonl
+  python -m sparse_gpt2.circuits --workdir=RUN --evaluate [--all_steps]
 
 Writes OUT/circuit.json and OUT/circuit.png/.svg (OUT defaults to
 RUN/circuits/TASK, TASK being a task file's name without extension) and
-prints one summary line. Bad input is one `error:` line on stderr, exit 1.
+prints one summary line. `--evaluate` prints the unpruned model's loss on
+every task (at --step, or with --all_steps at every kept checkpoint: task
+competence as training goes). Every pruning setting is a flag of the same
+name (`settings.Settings`). Bad input is one `error:` line on stderr, exit 1.
 """
 
 import json
@@ -19,43 +23,81 @@ from absl import app
 from absl import flags
 
 from sparse_gpt2 import metrics
-from sparse_gpt2.circuits import prune
+from sparse_gpt2.circuits import runs
+from sparse_gpt2.circuits import settings as settings_lib
 from sparse_gpt2.circuits import tasks
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the '
+                             'newest).')
 _TASK = flags.DEFINE_string('task', None, 'Built-in task (see --list_tasks).')
 _TASK_FILE = flags.DEFINE_string(
-    'task_file', None, 'JSONL task, one {"prompt", "correct", "incorrect"} '
-    'a line.')
-_TARGET_LOSS = flags.DEFINE_float(
-    'target_loss', 0.15, 'Calibrated task loss the circuit must reach.')
+    'task_file', None, 'JSONL task, one {"prompt", "correct", "incorrect"'
+    '[, "pair"]} a line.')
 _OUT = flags.DEFINE_string('out', None,
                            'Output directory (default RUN/circuits/TASK).')
-_STEPS = flags.DEFINE_integer('steps', 100, 'Mask training steps.')
-_K_COEF = flags.DEFINE_float('k_coef', 1e-4, 'Penalty per kept node.')
-_LR = flags.DEFINE_float('lr', 1e-2, 'Learning rate of the node scores.')
-_NUM_EXAMPLES = flags.DEFINE_integer(
-    'num_examples', 512, 'Prompts generated for a built-in task.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of prompts, split and masks.')
 _DRAW = flags.DEFINE_bool('draw', True, 'Also draw circuit.png/.svg.')
 _LIST_TASKS = flags.DEFINE_bool('list_tasks', False,
                                 'Print the built-in tasks and exit.')
+_DUMP_PROMPTS = flags.DEFINE_string(
+    'dump_prompts', None, 'Write --task\'s generated datapoints '
+    '(--num_prompts of them, --seed) to this JSONL file, in the user-task '
+    'format, and exit.')
 _EVALUATE = flags.DEFINE_bool(
     'evaluate', False, 'Print the unpruned model\'s loss and accuracy on '
     '--task (default: every built-in task) and exit: which tasks it solves.')
+_ALL_STEPS = flags.DEFINE_bool(
+    'all_steps', False, 'With --evaluate: at every kept checkpoint, as a '
+    'table of calibrated task loss against step and tokens.')
+settings_lib.define_flags()
 
 
 def _summary(c, out):
   losses = c['losses']
   if not c['solved']:
-    return (f'{c["task"]}: not solved: full model loss '
-            f'{losses["full_model"]:.3f} > target {c["target_loss"]}; '
-            f'{c["seconds"]:.0f} s -> {out}')
+    return (f'{c["task"]}: not solved: full model select loss '
+            f'{c["select_loss"]["full_model"]:.3f} > target '
+            f'{c["target_loss"]}; {c["seconds"]:.0f} s -> {out}')
   return (f'{c["task"]}: {c["num_nodes"]}/{c["total_nodes"]} nodes, '
-          f'{c["num_edges"]}/{c["total_edges"]} edges; loss full '
+          f'{c["num_edges"]}/{c["total_edges"]} edges; test loss full '
           f'{losses["full_model"]:.3f}, circuit {losses["circuit_only"]:.3f}, '
           f'ablated {losses["circuit_ablated"]:.3f}; {c["seconds"]:.0f} s '
           f'-> {out}')
+
+
+def _dump_prompts(path):
+  if not _TASK.value:
+    raise ValueError('--dump_prompts needs --task')
+  datapoints = tasks.generate(_TASK.value, flags.FLAGS.num_prompts,
+                              flags.FLAGS.seed)
+  with open(path, 'w', encoding='utf-8') as f:
+    for d in datapoints:
+      f.write(json.dumps(d) + '\n')
+  print(f'{len(datapoints)} datapoints of {_TASK.value} -> {path}')
+
+
+def _evaluate(workdir, names):
+  """Markdown: the unpruned model on each task, at one step or all."""
+  seed = flags.FLAGS.seed
+  if not _ALL_STEPS.value:
+    lines = ['| task | loss | accuracy | calibrated loss |',
+             '|---|---:|---:|---:|']
+    for r in runs.evaluate_tasks(workdir, names, step=_STEP.value,
+                                 seed=seed):
+      lines.append(f"| {r['task']} | {r['loss']:.3f} | {r['accuracy']:.2f} "
+                   f"| {r['calibrated_loss']:.3f} |")
+    return '\n'.join(lines)
+  steps = runs.checkpoints(workdir)
+  config = runs.load(workdir)['config']
+  lines = ['| step | tokens | val loss | ' + ' | '.join(names) + ' |',
+           '|---:|---:|---:|' + '---:|' * len(names)]
+  for step, val in steps.items():
+    rows = runs.evaluate_tasks(workdir, names, step=step, seed=seed)
+    lines.append(
+        f'| {step} | {step * config.batch_size * config.seq_len:,} | '
+        f"{'n/a' if val is None else format(val, '.3f')} | " +
+        ' | '.join(f"{r['calibrated_loss']:.3f}" for r in rows) + ' |')
+  return '\n'.join(lines)
 
 
 def main(argv):
@@ -66,20 +108,18 @@ def main(argv):
     return
   metrics.quiet_library_logs()
   try:
+    if _DUMP_PROMPTS.value:
+      _dump_prompts(_DUMP_PROMPTS.value)
+      return
     if not _WORKDIR.value:
       raise ValueError('--workdir is required')
     if _EVALUATE.value:
-      names = [_TASK.value] if _TASK.value else list(tasks.TASKS)
-      print('| task | loss | accuracy | calibrated loss |\n|---|---:|---:|---:|')
-      for r in prune.evaluate_tasks(_WORKDIR.value, names, seed=_SEED.value):
-        print(f"| {r['task']} | {r['loss']:.3f} | {r['accuracy']:.2f} | "
-              f"{r['calibrated_loss']:.3f} |")
+      print(_evaluate(_WORKDIR.value,
+                      [_TASK.value] if _TASK.value else list(tasks.TASKS)))
       return
-    circuit = prune.find_circuit(
-        _WORKDIR.value, task=_TASK.value, task_file=_TASK_FILE.value,
-        target_loss=_TARGET_LOSS.value, num_examples=_NUM_EXAMPLES.value,
-        steps=_STEPS.value, k_coef=_K_COEF.value, lr=_LR.value,
-        seed=_SEED.value)
+    circuit = runs.find_circuit(
+        _WORKDIR.value, settings_lib.from_flags(), step=_STEP.value,
+        task=_TASK.value, task_file=_TASK_FILE.value)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -1,25 +1,32 @@
-"""Sparse vs dense: the circuit each model needs for each task.
+r"""Sparse vs dense at matched pretraining loss: the circuit each model needs
+for each task.
 
-  python -m sparse_gpt2.circuits.compare --sparse=runs/sparse --dense=runs/dense \
-      --out=runs/compare [--tasks=a,b] [--target_loss=0.15] [--steps=N]
+  python -m sparse_gpt2.circuits.compare --sparse=runs/sparse_medium \
+      --dense=runs/dense_medium --out=runs/compare [--tasks=a,b] \
+      [--step=N] [--max_loss_gap=0.02] [--target_loss=0.15 --steps=...] \
+      [--convergence_steps=100,300,1000,3000] [--curve]
 
-For every task, prunes both runs to their smallest circuit that reaches the
-target task loss (`circuits.prune.find_circuit`) and writes
+The sparse run's checkpoint (`--step`, default newest) is paired with the
+dense run's kept checkpoint of closest validation loss; a gap above
+`--max_loss_gap` nats is refused (the paper's ratio is at matched loss). For
+every task both are pruned (`runs.find_circuit`, every setting a flag) and
 
-  OUT/<task>/{sparse,dense}.json   the circuits; reused on a rerun with the
-                                   same runs, target loss and --steps
-                                   (pruning takes minutes) unless --recompute
-  OUT/<task>/figure.{png,svg}      the two circuits side by side
-  OUT/comparison.{md,json}         edges and nodes per task, the dense/sparse
-                                   edge ratio and its geometric mean
-  OUT/figure.{png,svg}             the paper's figure, for the task solved by
-                                   both with the smallest sparse circuit
-
-Gao et al. 2025 report ~16x fewer edges in the sparse model. The ratio only
-means something between models of matched pretraining loss, so both runs'
-validation losses are printed and recorded beside it.
+  OUT/circuits/<model>-<step>/<task>.json   the circuits; reused only when
+                                            found with the same run, step and
+                                            settings in full
+  OUT/<task>/figure.{png,svg}               the two circuits side by side
+  OUT/comparison.{md,json}                  edges, nodes and test losses per
+                                            task, the ratio, geometric means
+  OUT/figure.{png,svg}                      the task whose ratio is closest
+                                            to the geometric mean
+  OUT/convergence.{md,json}                 with --convergence_steps: circuit
+                                            size after each number of steps
+  OUT/curve.{md,json,png,svg}               with --curve: geometric-mean
+                                            edges against validation loss
+                                            over the checkpoints of both runs
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -30,8 +37,10 @@ from absl import flags
 from absl import logging
 
 from sparse_gpt2 import metrics
-from sparse_gpt2.circuits import viz
+from sparse_gpt2.circuits import runs
+from sparse_gpt2.circuits import settings as settings_lib
 from sparse_gpt2.circuits import tasks as tasks_lib
+from sparse_gpt2.circuits import viz
 
 _SPARSE = flags.DEFINE_string('sparse', None, 'Run directory of the sparse '
                               'model.')
@@ -39,55 +48,78 @@ _DENSE = flags.DEFINE_string('dense', None, 'Run directory of the dense model.')
 _OUT = flags.DEFINE_string('out', None, 'Output directory.')
 _TASKS = flags.DEFINE_list('tasks', None, 'Tasks to compare (default: all of '
                            'circuits.tasks.TASKS).')
-_TARGET_LOSS = flags.DEFINE_float('target_loss', 0.15, 'Task loss a circuit '
-                                  'must reach.')
-_STEPS = flags.DEFINE_integer('steps', None, 'Pruning steps (default: '
-                              "find_circuit's).")
+_STEP = flags.DEFINE_integer('step', None, 'Sparse checkpoint (default: the '
+                             'newest).')
+_MAX_LOSS_GAP = flags.DEFINE_float(
+    'max_loss_gap', 0.02, 'Largest validation-loss gap (nats) allowed between '
+    'the paired checkpoints.')
 _RECOMPUTE = flags.DEFINE_bool('recompute', False, 'Prune again even where '
-                               'OUT/<task>/*.json exist.')
+                               'a matching circuit is saved.')
+_CONVERGENCE_STEPS = flags.DEFINE_list(
+    'convergence_steps', [], 'Also record each circuit after these numbers '
+    'of pruning steps (one run of the scores per task and model).')
+_CONVERGENCE_TASKS = flags.DEFINE_integer(
+    'convergence_tasks', 3, 'How many of the tasks (the first ones) get the '
+    'convergence record.')
+_CURVE = flags.DEFINE_bool(
+    'curve', False, 'Also prune every task at the kept checkpoints of both '
+    'runs whose step is a multiple of --curve_every.')
+_CURVE_EVERY = flags.DEFINE_integer('curve_every', 500, 'See --curve.')
+settings_lib.define_flags()
 flags.mark_flags_as_required(['sparse', 'dense', 'out'])
 
 MODELS = ('sparse', 'dense')
 
 
-def last_val_loss(run):
-  """The validation loss of the last evaluation in `run`/metrics.jsonl, or
-  None if the run has none."""
-  path = os.path.join(run, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    lines = [line for line in f if '"val_loss"' in line]
-  return json.loads(lines[-1])['val_loss'] if lines else None
+def match(sparse_step, sparse_loss, dense_checkpoints, max_gap):
+  """(dense step, its loss) of the dense checkpoint closest in validation
+  loss to the sparse one; ValueError when none is within `max_gap`."""
+  if sparse_loss is None:
+    raise ValueError(f'the sparse checkpoint at step {sparse_step} has no '
+                     'validation loss in metrics.jsonl')
+  scored = {s: v for s, v in dense_checkpoints.items() if v is not None}
+  if not scored:
+    raise ValueError('no dense checkpoint has a validation loss')
+  step = min(scored, key=lambda s: (abs(scored[s] - sparse_loss), s))
+  gap = abs(scored[step] - sparse_loss)
+  if gap > max_gap:
+    raise ValueError(
+        f'no dense checkpoint within {max_gap} nats of the sparse one '
+        f'(step {sparse_step}, val loss {sparse_loss:.4f}); the closest is '
+        f'step {step} at {scored[step]:.4f}; keep more dense checkpoints '
+        '(keep_every) or pass --max_loss_gap')
+  return step, scored[step]
 
 
-def summarize(results, val_losses):
+def summarize(results, checkpoints):
   """The comparison table as data, from circuits already found.
 
   Args:
     results: {task: (sparse_circuit, dense_circuit)}, in table order, at
       least one task.
-    val_losses: {'sparse': float or None, 'dense': float or None}, the runs'
-      pretraining validation losses.
+    checkpoints: {'sparse': {'run', 'step', 'val_loss'}, 'dense': {...}}.
 
   Returns:
     A JSON-able dict: one row per task; the geometric means of both edge
     counts and of the dense/sparse ratio over the tasks both models solve
     (a task one model cannot do has no circuit to compare); which tasks are
     not solved and by which model; and `figure_task`, the task solved by both
-    with the smallest sparse circuit, the most readable one to draw.
+    whose ratio is closest (in log) to the geometric mean: the typical case,
+    not the best one.
   """
   rows, not_solved = [], {}
   for task, pair in results.items():
     row = {'task': task}
     for name, c in zip(MODELS, pair):
+      solved = bool(c['solved'])
       row[name] = {
-          'solved': bool(c['solved']),
-          'edges': c['num_edges'] if c['solved'] else None,
-          'nodes': c['num_nodes'] if c['solved'] else None,
-          'circuit_loss': c['losses'].get('circuit_only') if c['solved']
-                          else None,
-          'full_model_loss': c['losses'].get('full_model'),
+          'solved': solved,
+          'edges': c['num_edges'] if solved else None,
+          'nodes': c['num_nodes'] if solved else None,
+          'circuit_loss': c['losses']['circuit_only'] if solved else None,
+          'ablated_loss': c['losses']['circuit_ablated'] if solved else None,
+          'full_model_loss': c['losses']['full_model'],
+          'seconds': c['seconds'],
       }
     failed = [name for name in MODELS if not row[name]['solved']]
     if failed:
@@ -103,19 +135,22 @@ def summarize(results, val_losses):
   geomean = None
   if compared:
     geomean = {
-        'edges_sparse': _geomean([r['sparse']['edges'] for r in compared]),
-        'edges_dense': _geomean([r['dense']['edges'] for r in compared]),
-        'ratio': _geomean([r['ratio'] for r in compared]),
+        'edges_sparse': geometric_mean([r['sparse']['edges']
+                                        for r in compared]),
+        'edges_dense': geometric_mean([r['dense']['edges'] for r in compared]),
+        'nodes_sparse': geometric_mean([r['sparse']['nodes']
+                                        for r in compared]),
+        'nodes_dense': geometric_mean([r['dense']['nodes'] for r in compared]),
+        'ratio': geometric_mean([r['ratio'] for r in compared]),
     }
-  both = [r for r in rows if r['task'] not in not_solved]
-  figure_task = min(both, key=lambda r: (r['sparse']['edges'],
-                                         r['sparse']['nodes']),
-                    default=None)
+  figure_task = min(
+      compared, key=lambda r: abs(math.log(r['ratio'] / geomean['ratio'])),
+      default=None)
   first = next(iter(results.values()))
   return {
-      'runs': {name: c.get('run') for name, c in zip(MODELS, first)},
-      'val_loss': dict(val_losses),
+      'checkpoints': checkpoints,
       'target_loss': first[0]['target_loss'],
+      'settings': first[0]['settings'],
       'tasks': rows,
       'not_solved': not_solved,
       'num_compared': len(compared),
@@ -124,39 +159,42 @@ def summarize(results, val_losses):
   }
 
 
-def _geomean(values):
+def geometric_mean(values):
   return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def to_markdown(summary):
-  """The summary as a Markdown report: losses, the table, the means."""
-  val = summary['val_loss']
-  runs = summary['runs']
-  out = [
-      '# Circuit size: sparse vs dense',
+  """The summary as a Markdown report: checkpoints, the table, the means."""
+  out = ['# Circuit size: sparse vs dense', '',
+         'Checkpoints (paired by validation loss; the edge ratio is only '
+         'meaningful at matched loss):', '']
+  for name in MODELS:
+    c = summary['checkpoints'][name]
+    out.append(f"- {name}: `{c['run']}` step {c['step']}, validation loss "
+               f"{_num(c['val_loss'], '.4f')}")
+  s = summary['settings']
+  out += [
       '',
-      'Pretraining validation loss (the edge ratio is only meaningful at '
-      'matched loss):',
-      '',
-      f"- sparse: {_num(val['sparse'], '.4f')}  ({runs['sparse']})",
-      f"- dense: {_num(val['dense'], '.4f')}  ({runs['dense']})",
-      '',
-      f"Circuits are the smallest found with task loss \u2264 "
-      f"{_num(summary['target_loss'], 'g')}; circuit loss is the task loss "
-      'with everything outside the circuit ablated.',
-      '',
+      f"Circuits are the fewest nodes whose calibrated task loss on the "
+      f"selection split is \u2264 {_num(summary['target_loss'], 'g')} "
+      f"({s['steps']} pruning steps); losses are on the untouched test "
+      'split: circuit = everything outside the circuit ablated, ablated = '
+      'the circuit ablated.', '',
       '| task | edges sparse | edges dense | dense/sparse | nodes sparse | '
-      'nodes dense | circuit loss sparse | circuit loss dense |',
+      'nodes dense | circuit loss sparse / dense | ablated loss sparse / '
+      'dense |',
       '|---|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for r in summary['tasks']:
-    s, d = r['sparse'], r['dense']
+    sp, de = r['sparse'], r['dense']
     out.append(
-        f"| {r['task']} | {_count(s, 'edges')} | {_count(d, 'edges')} | "
+        f"| {r['task']} | {_count(sp, 'edges')} | {_count(de, 'edges')} | "
         f"{_num(r['ratio'], '.1f')}{'x' if r['ratio'] else ''} | "
-        f"{_count(s, 'nodes')} | {_count(d, 'nodes')} | "
-        f"{_num(s['circuit_loss'], '.3f')} | "
-        f"{_num(d['circuit_loss'], '.3f')} |")
+        f"{_count(sp, 'nodes')} | {_count(de, 'nodes')} | "
+        f"{_num(sp['circuit_loss'], '.3f')} / "
+        f"{_num(de['circuit_loss'], '.3f')} | "
+        f"{_num(sp['ablated_loss'], '.3f')} / "
+        f"{_num(de['ablated_loss'], '.3f')} |")
   out.append('')
   g = summary['geomean']
   if g:
@@ -164,7 +202,8 @@ def to_markdown(summary):
         f"Geometric mean over the {summary['num_compared']} tasks solved by "
         f"both: {g['edges_sparse']:,.0f} edges sparse, {g['edges_dense']:,.0f} "
         f"edges dense, **{g['ratio']:.1f}x** fewer edges in the sparse model "
-        '(Gao et al. 2025 report ~16x).')
+        f"({g['nodes_sparse']:,.0f} against {g['nodes_dense']:,.0f} nodes; "
+        'Gao et al. 2025 report ~16x fewer edges).')
   else:
     out.append('No task is solved by both models, so there is no ratio.')
   if summary['not_solved']:
@@ -174,12 +213,12 @@ def to_markdown(summary):
       losses = ', '.join(
           f"{m} {_num(by_task[task][m]['full_model_loss'], '.3f')}"
           for m in models)
-      parts.append(f'{task} (full-model task loss: {losses})')
+      parts.append(f'{task} (full-model test loss: {losses})')
     out += ['', 'Not solved, so not in the means (the full model misses the '
-            'target loss): ' + '; '.join(parts) + '.']
+            'target loss on the selection split): ' + '; '.join(parts) + '.']
   if summary['figure_task']:
     out += ['', f"`figure.png` shows `{summary['figure_task']}`, the task "
-            'solved by both with the smallest sparse circuit; every task has '
+            'whose ratio is closest to the geometric mean; every task has '
             'its own in `<task>/figure.png`.']
   return '\n'.join(out) + '\n'
 
@@ -194,25 +233,31 @@ def _num(value, spec):
   return 'n/a' if value is None else format(value, spec)
 
 
-def _circuit(run, task, path):
-  """The circuit of `run` for `task`, from `path` when it was already found
-  for this run, target loss and (if given) number of steps, else pruned now
-  and saved there."""
+def reusable(circuit, run, step, task, settings):
+  """Whether a saved circuit was found in this run's checkpoint, for this
+  task, with exactly these settings (a changed default re-prunes)."""
+  return (os.path.basename(os.path.normpath(circuit['run'])) ==
+          os.path.basename(os.path.normpath(run))
+          and circuit['step'] == step and circuit['task'] == task
+          and circuit['settings'] == dataclasses.asdict(settings))
+
+
+def _circuit(run, step, task, settings, out, model, record_at=()):
+  """The circuit of `run` at `step` for `task`: from disk when a reusable
+  one is there (and has the convergence record asked for), else pruned now
+  and saved."""
+  path = os.path.join(out, 'circuits', f'{model}-{step}', task + '.json')
   if os.path.exists(path) and not _RECOMPUTE.value:
     with open(path) as f:
       circuit = json.load(f)
-    if (circuit['target_loss'] == _TARGET_LOSS.value
-        # By basename, so another path to the same run still matches.
-        and _name(circuit['run']) == _name(run)
-        and _STEPS.value in (None, circuit['pruning']['steps'])):
+    recorded = {c['steps'] for c in circuit['convergence']}
+    if (reusable(circuit, run, step, task, settings)
+        and (not circuit['solved'] or set(record_at) <= recorded)):
       logging.info('Reusing %s', path)
       return circuit
-  from sparse_gpt2.circuits import prune  # pylint: disable=g-import-not-at-top
-  logging.info('Pruning %s for %s', run, task)
-  kwargs = {'target_loss': _TARGET_LOSS.value}
-  if _STEPS.value is not None:
-    kwargs['steps'] = _STEPS.value
-  circuit = prune.find_circuit(run, task=task, **kwargs)
+  logging.info('Pruning %s step %d for %s', run, step, task)
+  circuit = runs.find_circuit(run, settings, step=step, task=task,
+                              record_at=record_at)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.tmp', 'w') as f:  # A killed run leaves no half file.
     json.dump(circuit, f)
@@ -220,14 +265,55 @@ def _circuit(run, task, path):
   return circuit
 
 
-def _name(run):
-  return os.path.basename(os.path.normpath(run))
+def convergence_table(results, names, steps):
+  """Markdown and data: each circuit's edges and nodes after each of
+  `steps` pruning steps, and how far its edges are from the last's."""
+  records = []
+  lines = ['| task | model | ' + ' | '.join(f'{s} steps' for s in steps)
+           + ' |', '|---|---|' + '---:|' * len(steps)]
+  for task in names:
+    for model, circuit in zip(MODELS, results[task]):
+      if not circuit['solved']:
+        continue
+      conv = circuit['convergence']
+      records.append({'task': task, 'model': model, 'convergence': conv})
+      final = conv[-1]['num_edges'] or 1
+      lines.append(f'| {task} | {model} | ' + ' | '.join(
+          f"{c['num_edges']:,} edges / {c['num_nodes']:,} nodes "
+          f"({c['num_edges'] / final - 1:+.0%})" for c in conv) + ' |')
+  return '\n'.join(lines) + '\n', records
 
 
-def _check_args(runs, task_names):
+def curve(runs_, task_names, settings, out):
+  """Geometric-mean circuit edges against validation loss, one line per
+  model, over the kept checkpoints at multiples of --curve_every: the
+  paper's Fig. 3 shape. A point's mean is over the tasks that checkpoint
+  solves; only points that solve every task share one set of tasks."""
+  points = []
+  for model in MODELS:
+    for step, val in runs.checkpoints(runs_[model]).items():
+      if step % _CURVE_EVERY.value or val is None:
+        continue
+      circuits = [_circuit(runs_[model], step, t, settings, out, model)
+                  for t in task_names]
+      solved = [c for c in circuits if c['solved'] and c['num_edges']]
+      points.append({
+          'model': model, 'step': step, 'val_loss': val,
+          'solved': len(solved), 'tasks': len(task_names),
+          'edges': geometric_mean([c['num_edges'] for c in solved])
+                   if solved else None})
+  lines = ['| model | step | val loss | tasks solved | geomean edges |',
+           '|---|---:|---:|---:|---:|']
+  lines += [f"| {p['model']} | {p['step']} | {p['val_loss']:.3f} | "
+            f"{p['solved']}/{p['tasks']} | {_num(p['edges'], ',.0f')} |"
+            for p in points]
+  return '\n'.join(lines) + '\n', points
+
+
+def _check_args(runs_, task_names):
   """The one-line reason the arguments cannot work, or None; checked before
   any pruning, which takes minutes."""
-  for name, run in runs.items():
+  for name, run in runs_.items():
     if not os.path.isdir(run):
       return f'--{name}={run} is not a directory'
   if not task_names:
@@ -239,41 +325,69 @@ def _check_args(runs, task_names):
   return None
 
 
+def _write(out, name, markdown, data):
+  with open(os.path.join(out, name + '.json'), 'w') as f:
+    json.dump(data, f, indent=2)
+  with open(os.path.join(out, name + '.md'), 'w') as f:
+    f.write(markdown)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   metrics.quiet_library_logs()
-  runs = {'sparse': _SPARSE.value, 'dense': _DENSE.value}
+  runs_ = {'sparse': _SPARSE.value, 'dense': _DENSE.value}
   task_names = list(tasks_lib.TASKS) if _TASKS.value is None else _TASKS.value
-  error = _check_args(runs, task_names)
-  if error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(1)
-
   out = _OUT.value
-  val_losses = {name: last_val_loss(run) for name, run in runs.items()}
-  results = {}
   try:
-    for task in task_names:
+    error = _check_args(runs_, task_names)
+    if error:
+      raise ValueError(error)
+    settings = settings_lib.from_flags()
+    settings.validate()
+    record_at = tuple(int(s) for s in _CONVERGENCE_STEPS.value)
+    sparse_ckpts = runs.checkpoints(runs_['sparse'])
+    step = runs.newest(runs_['sparse']) if _STEP.value is None else _STEP.value
+    if step not in sparse_ckpts:
+      raise ValueError(f'{runs_["sparse"]} has no checkpoint at step {step}')
+    dense_step, dense_loss = match(step, sparse_ckpts[step],
+                                   runs.checkpoints(runs_['dense']),
+                                   _MAX_LOSS_GAP.value)
+    checkpoints = {
+        'sparse': {'run': runs_['sparse'], 'step': step,
+                   'val_loss': sparse_ckpts[step]},
+        'dense': {'run': runs_['dense'], 'step': dense_step,
+                  'val_loss': dense_loss}}
+    print(f"Pairing sparse step {step} (val loss {sparse_ckpts[step]:.4f}) "
+          f"with dense step {dense_step} (val loss {dense_loss:.4f}).")
+    results = {}
+    for i, task in enumerate(task_names):
+      record = record_at if i < _CONVERGENCE_TASKS.value else ()
       results[task] = tuple(
-          _circuit(runs[name], task, os.path.join(out, task, name + '.json'))
-          for name in MODELS)
+          _circuit(runs_[m], checkpoints[m]['step'], task, settings, out, m,
+                   record) for m in MODELS)
       viz.draw_comparison(*results[task], os.path.join(out, task, 'figure'))
+    summary = summarize(results, checkpoints)
+    markdown = to_markdown(summary)
+    _write(out, 'comparison', markdown, summary)
+    if summary['figure_task']:
+      viz.draw_comparison(*results[summary['figure_task']],
+                          os.path.join(out, 'figure'))
+    print(markdown)
+    if record_at:
+      names = task_names[:_CONVERGENCE_TASKS.value]
+      table, records = convergence_table(
+          results, names, sorted(set(record_at) | {settings.steps}))
+      _write(out, 'convergence', table, records)
+      print(table)
+    if _CURVE.value:
+      table, points = curve(runs_, task_names, settings, out)
+      _write(out, 'curve', table, points)
+      viz.draw_curve(points, checkpoints, os.path.join(out, 'curve'))
+      print(table)
   except (ValueError, FileNotFoundError) as e:
-    logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-
-  summary = summarize(results, val_losses)
-  markdown = to_markdown(summary)
-  with open(os.path.join(out, 'comparison.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
-  with open(os.path.join(out, 'comparison.md'), 'w') as f:
-    f.write(markdown)
-  if summary['figure_task']:
-    viz.draw_comparison(*results[summary['figure_task']],
-                        os.path.join(out, 'figure'))
-  print(markdown)
 
 
 if __name__ == '__main__':

@@ -9,23 +9,23 @@ about this input without moving the network off the activations it was
 trained on. Each node has a score tau in [-1, 1]; the forward pass keeps it
 iff tau > 0, the backward pass uses the derivative of sigmoid(tau / T) in
 place of the step's, which is zero. Training minimises task cross-entropy +
-k_coef * (nodes kept), so a node survives only if the task needs it.
+k_coef * (nodes kept) over contrastive pairs (a prompt and a minimally
+different one with the other answer, always in the same batch), with AdamW
+(b2 0.95), gradients clipped by RMS and a linear warmup, as the paper does.
 
-Where training ends depends on how the penalty balances the loss; the circuit
-is set by a target loss instead: nodes are ranked by tau, and bisection finds
-the smallest K whose top-K nodes alone reach `target_loss` on held-out
-prompts. Each of those losses is taken after fitting a scale and a shift of
-the two candidates' logit difference (16 L-BFGS steps): ablation shrinks and
-offsets the logits, which says nothing about whether the circuit still tells
-the answers apart.
-
-A circuit's size is its number of edges: nonzero weights between two of its
-nodes in the matrices that join nodes directly (`EDGE_WEIGHTS`).
+A task's pairs are split three ways, disjointly: `train` fits the scores,
+`select` chooses the circuit's size, `test` is untouched until the losses
+that are reported. Nodes are ranked by tau, ties (many scores end at a clip)
+broken by a first-order estimate of what each node does to the train loss,
+and bisection finds the smallest K whose top-K nodes alone reach
+`target_loss` on `select`. Each of those losses is taken after fitting a
+scale and a shift of the two candidates' logit difference (16 L-BFGS steps):
+ablation shrinks and offsets the logits, which says nothing about whether
+the circuit still tells the answers apart.
 """
 
-import functools
+import dataclasses
 import math
-import os
 import time
 
 from absl import logging
@@ -35,27 +35,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparse_gpt2 import data
 from sparse_gpt2 import model as model_lib
-from sparse_gpt2 import train
+from sparse_gpt2.circuits import edges as edges_lib
 from sparse_gpt2.circuits import tasks
 
-TEMPERATURE = 0.1        # Of the sigmoid whose derivative stands in for H'.
-INIT_BIAS = 0.1          # tau0 = INIT_BIAS + INIT_NOISE * N(0, 1): all kept.
-INIT_NOISE = 0.01
-WEIGHT_DECAY = 1e-3
 CALIBRATION_STEPS = 16
-HELD_OUT_FRACTION = 0.25  # Of the task's prompts, for bisection and checks.
-MEAN_BATCHES = 16         # Batches of the run's training data for the means.
-MAX_LISTED_EDGES = 20_000
-# Weights that join two nodes of one block: (parameter, source, destination).
-EDGE_WEIGHTS = (('query', 'attn_in', 'q'), ('key', 'attn_in', 'k'),
-                ('value', 'attn_in', 'v'), ('attn_proj', 'v', 'attn_out'),
-                ('mlp_fc', 'mlp_in', 'mlp_neuron'),
-                ('mlp_proj', 'mlp_neuron', 'mlp_out'))
+EVAL_BATCH = 64            # Prompts per forward pass when evaluating a mask.
+ESTIMATE_PROMPTS = 256     # Train prompts of the tie-breaking gradient.
+MAX_ABLATED_NODES = 256    # Circuit nodes whose own ablation is measured.
 
 
-def hard_mask(tau, temperature=TEMPERATURE):
+def hard_mask(tau, temperature):
   """Straight-through mask: (tau > 0) forward, sigmoid(tau / T)' backward.
 
   Written H + (s - sg(s)) rather than sg(H - s) + s: s - sg(s) is exactly 0,
@@ -83,17 +73,9 @@ def node_means(model, params, tokens_batches):
   def means(params, tokens_batches):
     return jax.tree.map(
         lambda x: x.mean(0),
-        jax.lax.map(functools.partial(batch_means, params), tokens_batches))
+        jax.lax.map(lambda t: batch_means(params, t), tokens_batches))
 
   return means(params, tokens_batches)
-
-
-def _last_logits(model, params, means, mask, batch):
-  """Logits [B, V] at each prompt's last position, nodes mixed with means."""
-  logits = model.apply(
-      {'params': params, 'node_mask': mask, 'node_mean': means},
-      batch['tokens'])
-  return tasks.last_logits(logits, batch['lengths'])
 
 
 def calibrated_loss(logits, correct, incorrect):
@@ -133,7 +115,7 @@ def calibrated_loss(logits, correct, incorrect):
   return loss(p), jnp.mean(margin(p) > 0), jnp.exp(p[0]), p[1]
 
 
-def _trim(encoded):
+def trim(encoded):
   """Task arrays with tokens cut to the longest prompt, rounded up to 8.
 
   Prompts are right-padded and attention is causal, so the padding after
@@ -142,19 +124,32 @@ def _trim(encoded):
   length = min(encoded['tokens'].shape[1],
                8 * math.ceil(int(encoded['lengths'].max()) / 8))
   return {'tokens': np.asarray(encoded['tokens'])[:, :length],
-          **{k: np.asarray(encoded[k])
-             for k in ('lengths', 'correct', 'incorrect')}}
+          **{k: np.asarray(v) for k, v in encoded.items() if k != 'tokens'}}
 
 
-def _split(encoded, seed):
-  """(train, held_out) rows in a seeded random order; each gets >= 1."""
-  n = encoded['tokens'].shape[0]
-  if n < 2:
-    raise ValueError(f'need at least 2 task prompts to prune, got {n}')
-  order = np.random.default_rng(seed).permutation(n)
-  held = min(n - 1, max(1, round(n * HELD_OUT_FRACTION)))
-  return ({k: v[order[held:]] for k, v in encoded.items()},
-          {k: v[order[:held]] for k, v in encoded.items()})
+def split(encoded, settings):
+  """(train, select, test): disjoint rows, whole pairs in one split each,
+  in a seeded random order of the pairs; each split gets >= 1 pair."""
+  groups = np.unique(encoded['pair'])
+  if len(groups) < 3:
+    raise ValueError(f'need at least 3 prompt pairs to prune, got '
+                     f'{len(groups)}')
+  groups = np.random.default_rng(settings.seed).permutation(groups)
+  n_select = max(1, round(len(groups) * settings.select_fraction))
+  n_test = max(1, min(len(groups) - n_select - 1,
+                      round(len(groups) * settings.test_fraction)))
+  parts = np.split(groups, [len(groups) - n_select - n_test,
+                            len(groups) - n_test])
+  return tuple({k: v[np.isin(encoded['pair'], part)]
+                for k, v in encoded.items()} for part in parts)
+
+
+def _by_pair(rows):
+  """Row indices [G, M] of each of the G pairs (groups) in `rows`, smaller
+  groups filled up by repeating their rows: a batch of pairs is a gather."""
+  groups = [np.flatnonzero(rows['pair'] == g) for g in np.unique(rows['pair'])]
+  width = max(len(g) for g in groups)
+  return np.stack([np.resize(g, width) for g in groups])
 
 
 def _batched(rows, batch_size):
@@ -162,296 +157,281 @@ def _batched(rows, batch_size):
   n = rows['tokens'].shape[0]
   index = np.arange(batch_size * math.ceil(n / batch_size)) % n
   return {k: v[index].reshape(-1, batch_size, *v.shape[1:])
-          for k, v in rows.items()}
+          for k, v in rows.items() if k != 'pair'}
 
 
-def _log_step(step, steps, task_loss, kept):
-  logging.info('prune step %d/%d: task loss %.4f, %d nodes kept.', step,
-               steps, task_loss, kept)
+def _last_logits(model, params, means, mask, batch):
+  """Logits [B, V] at each prompt's last position, nodes mixed with means."""
+  return model.apply(
+      {'params': params, 'node_mask': mask, 'node_mean': means},
+      batch['tokens'], positions=batch['lengths'] - 1)
 
 
-def _train_scores(model, params, means, train_rows, *, steps, k_coef, lr,
-                  batch_size, key):
-  """tau [num_nodes] after `steps` of AdamW on task loss + k_coef * kept.
+class _Pruner:
+  """The jitted pieces of one pruning, sharing the model, its weights, the
+  node means and the task's splits."""
 
-  One jit: a scan over steps, each drawing its batch of task rows on device.
-  """
-  flat_means, unravel = ravel_pytree(means)
-  tx = optax.adamw(lr, weight_decay=WEIGHT_DECAY)
-  log_every = max(1, steps // 10)
+  def __init__(self, model, params, means, splits, settings):
+    self.model, self.params, self.means = model, params, means
+    self.settings = settings
+    flat, self.unravel = ravel_pytree(means)
+    self.num_nodes = flat.size
+    self.train, self.select, self.test = splits
+    self.pairs = _by_pair(self.train)
+    self.batches = {name: _batched(rows, EVAL_BATCH)
+                    for name, rows in zip(('select', 'test'),
+                                          (self.select, self.test))}
+    s = settings
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, s.lr, s.warmup_steps),
+         optax.constant_schedule(s.lr)], [s.warmup_steps])
+    self.tx = optax.chain(
+        optax.clip_by_global_norm(s.grad_rms * math.sqrt(self.num_nodes)),
+        optax.adamw(schedule, b1=s.b1, b2=s.b2, weight_decay=s.weight_decay))
+    self._segment = jax.jit(self._train_segment, static_argnames='length')
+    self._evaluate = jax.jit(self._evaluate_mask, static_argnames='n')
+    self._importance = jax.jit(jax.grad(self._task_loss, argnums=1))
 
-  def loss_fn(tau, params, means, batch):
-    mask = hard_mask(tau)
-    logits = _last_logits(model, params, means, unravel(mask), batch)
-    task, _ = tasks.task_loss(logits, batch['correct'], batch['incorrect'])
-    return task + k_coef * mask.sum(), (task, mask.sum())
+  def _task_loss(self, params, mask, batch):
+    logits = _last_logits(self.model, params, self.means, self.unravel(mask),
+                          batch)
+    return tasks.task_loss(logits, batch['correct'], batch['incorrect'])[0]
 
-  @jax.jit
-  def run(params, means, rows, key):
-    init_key, key = jax.random.split(key)
-    tau = INIT_BIAS + INIT_NOISE * jax.random.normal(init_key,
-                                                     flat_means.shape)
-    n = rows['tokens'].shape[0]
+  def init_scores(self, key):
+    s = self.settings
+    tau = s.init_bias + s.init_noise * jax.random.normal(key,
+                                                         (self.num_nodes,))
+    return tau, self.tx.init(tau)
 
-    def step(carry, xs):
+  def _train_segment(self, params, tau, opt_state, first_step, key, rows,
+                     pairs, *, length):
+    """`length` steps of the scores from step `first_step`."""
+    s = self.settings
+
+    def loss_fn(tau, batch):
+      mask = hard_mask(tau, s.temperature)
+      task = self._task_loss(params, mask, batch)
+      return task + s.k_coef * mask.sum(), task
+
+    def step(carry, i):
       tau, opt_state = carry
-      i, key = xs
-      picked = jax.random.randint(key, (batch_size,), 0, n)
-      batch = jax.tree.map(lambda x: x[picked], rows)
-      grad, (task, kept) = jax.grad(loss_fn, has_aux=True)(
-          tau, params, means, batch)
-      updates, opt_state = tx.update(grad, opt_state, tau)
+      picked = jax.random.randint(jax.random.fold_in(key, i),
+                                  (s.batch_pairs,), 0, pairs.shape[0])
+      batch = jax.tree.map(lambda x: x[pairs[picked].reshape(-1)], rows)
+      grad, task = jax.grad(loss_fn, has_aux=True)(tau, batch)
+      updates, opt_state = self.tx.update(grad, opt_state, tau)
       tau = jnp.clip(optax.apply_updates(tau, updates), -1, 1)
-      jax.lax.cond((i + 1) % log_every == 0,
-                   lambda: jax.debug.callback(_log_step, i + 1, steps, task,
-                                              kept),
-                   lambda: None)
-      return (tau, opt_state), None
+      return (tau, opt_state), task
 
-    (tau, _), _ = jax.lax.scan(
-        step, (tau, tx.init(tau)),
-        (jnp.arange(steps), jax.random.split(key, steps)))
-    return tau
+    (tau, opt_state), task = jax.lax.scan(
+        step, (tau, opt_state), first_step + jnp.arange(length))
+    return tau, opt_state, task.mean()
 
-  return run(params, means, train_rows, key)
+  def train_scores(self, key, record_at):
+    """{steps: tau [num_nodes]} after each of `record_at` steps (one run)."""
+    init_key, key = jax.random.split(key)
+    tau, opt_state = self.init_scores(init_key)
+    rows = {k: v for k, v in self.train.items() if k != 'pair'}
+    length = math.gcd(*record_at)
+    recorded, done = {}, 0
+    while done < max(record_at):
+      tau, opt_state, task = self._segment(self.params, tau, opt_state, done,
+                                           key, rows, self.pairs,
+                                           length=length)
+      done += length
+      if done in record_at:
+        recorded[done] = np.asarray(tau)
+        logging.info('prune step %d: train task loss %.4f, %d nodes kept.',
+                     done, float(task), int((recorded[done] > 0).sum()))
+    return recorded
+
+  def _evaluate_mask(self, params, mask, batches, n):
+    logits = jax.lax.map(
+        lambda b: _last_logits(self.model, params, self.means,
+                               self.unravel(mask), b), batches)
+    logits = logits.reshape(-1, logits.shape[-1])[:n]
+    correct = batches['correct'].reshape(-1)[:n]
+    incorrect = batches['incorrect'].reshape(-1)[:n]
+    raw, raw_acc = tasks.task_loss(logits, correct, incorrect)
+    return (raw, raw_acc, *calibrated_loss(logits, correct, incorrect))
+
+  def evaluate(self, mask, split_name):
+    """{loss, accuracy, raw_loss, raw_accuracy, scale, shift} of the model
+    with the nodes outside `mask` [num_nodes] bool ablated, on a split."""
+    rows = self.select if split_name == 'select' else self.test
+    values = jax.device_get(self._evaluate(
+        self.params, jnp.asarray(mask, jnp.float32), self.batches[split_name],
+        n=rows['tokens'].shape[0]))
+    return dict(zip(('raw_loss', 'raw_accuracy', 'loss', 'accuracy', 'scale',
+                     'shift'), map(float, values)))
+
+  def importance(self, kept):
+    """Estimated loss decrease from keeping each node, [num_nodes]: minus
+    the gradient of the train loss in the mask at `kept` (a first-order
+    estimate of restoring a pruned node, or of ablating a kept one)."""
+    n = min(ESTIMATE_PROMPTS, self.train['tokens'].shape[0])
+    batch = {k: v[:n] for k, v in self.train.items() if k != 'pair'}
+    return -np.asarray(self._importance(
+        self.params, jnp.asarray(kept, jnp.float32), batch))
+
+  def smallest_circuit(self, tau, target_loss):
+    """(mask, ranking details) of the fewest top-ranked nodes whose select
+    loss is <= target_loss (the full model's is, or there is nothing to
+    prune)."""
+    importance = self.importance(tau > 0)
+    order = np.lexsort((-importance, -tau))  # Last key first: tau, then est.
+
+    def top(k):
+      mask = np.zeros(self.num_nodes, bool)
+      mask[order[:k]] = True
+      return mask
+
+    lo, hi = -1, self.num_nodes  # top(hi) reaches the target, top(lo) not.
+    while hi - lo > 1:
+      mid = (lo + hi) // 2
+      loss = self.evaluate(top(mid), 'select')['loss']
+      logging.info('bisection: %d nodes -> select loss %.4f', mid, loss)
+      lo, hi = (lo, mid) if loss <= target_loss else (mid, hi)
+    return top(hi), importance
 
 
-def _total_edges(params, num_layers):
-  """Nonzero weights of EDGE_WEIGHTS in the whole model."""
-  return sum(int(np.count_nonzero(params[f'block_{layer}'][name]['kernel']))
-             for layer in range(num_layers) for name, _, _ in EDGE_WEIGHTS)
-
-
-def _edges(params, kept, num_layers):
-  """Nonzero weights of EDGE_WEIGHTS between kept nodes.
-
-  kept: {'block_i': {location: bool [width]}}. Returns (edges, count,
-  truncated): `edges` lists at most MAX_LISTED_EDGES of the `count` edges,
-  those of largest |w| when cut.
-  """
-  found = []  # (layer, name, src, dst, rows, cols, values) per matrix.
-  for layer in range(num_layers):
-    block = f'block_{layer}'
-    for name, src, dst in EDGE_WEIGHTS:
-      w = np.asarray(params[block][name]['kernel'])
-      rows, cols = (np.flatnonzero(kept[block][src]),
-                    np.flatnonzero(kept[block][dst]))
-      i, j = np.nonzero(w[np.ix_(rows, cols)])
-      found.append((layer, name, src, dst, rows[i], cols[j],
-                    w[rows[i], cols[j]]))
-  count = sum(f[4].size for f in found)
-  truncated = count > MAX_LISTED_EDGES
-  if truncated:
-    cut = np.sort(np.abs(np.concatenate([f[6] for f in found])))[
-        -MAX_LISTED_EDGES]
-    found = [(*f[:4], *(x[np.abs(f[6]) >= cut] for x in f[4:]))
-             for f in found]
-  edges = [{'src': [layer, src, int(r)], 'dst': [layer, dst, int(c)],
-            'weight': f'block_{layer}/{name}/kernel', 'value': float(v)}
-           for layer, name, src, dst, rs, cs, vs in found
-           for r, c, v in zip(rs, cs, vs)]
-  return edges[:MAX_LISTED_EDGES], count, truncated
-
-
-def prune(model, params, means, encoded, *, steps=100, k_coef=1e-4, lr=1e-2,
-          batch_size=64, seed=0, target_loss=0.15):
+def prune(model, params, means, encoded, settings, record_at=()):
   """The circuit of a task: the fewest nodes that keep its loss at target.
 
   Args:
     model: a `model.GPT2`.
     params: its parameters (unboxed).
     means: `node_means` of the model on pretraining tokens.
-    encoded: task arrays as `tasks.encode` returns them: tokens [N, L]
-      right-padded, lengths, correct, incorrect [N]. A quarter of the rows
-      (at random) are held out for the bisection and the checks.
-    steps: optimizer steps on the node scores tau.
-    k_coef: penalty per kept node, added to the task cross-entropy. Larger
-      values (3e-4 on a 4 x 128 model) prune nodes the task needs, and the
-      bisection cannot bring them back in order: their tau all sit at -1.
-    lr: AdamW learning rate of tau. The paper's 3e-3 over 100 steps (a CPU's
-      budget) leaves circuits 1.5-3x larger than 1e-2 does.
-    batch_size: task prompts per step.
-    seed: of the split, tau's initial noise and the batches.
-    target_loss: calibrated held-out task loss that the circuit must reach.
+    encoded: task arrays as `tasks.encode` returns them (tokens [N, L]
+      right-padded, lengths, correct, incorrect, pair [N]).
+    settings: a `settings.Settings`.
+    record_at: step counts, besides settings.steps, at which the circuit is
+      also found, from the same run of the scores (the warmup is in steps,
+      so these are the circuits of shorter runs): a convergence check.
 
   Returns:
-    The circuit, as saved to circuit.json (`find_circuit` adds 'task' and
-    'run'):
-      solved: whether the full model reaches target_loss. If not, nothing is
-        pruned: nodes and edges are empty and the circuit's losses None.
+    The circuit, as saved to circuit.json (`find_circuit` adds the task, the
+    run and its checkpoint):
+      solved: whether the full model reaches target_loss on `select`. If
+        not, nothing is pruned and the circuit's fields are empty or None.
       num_nodes, num_edges: the circuit's; total_nodes, total_edges: the
-        model's (edges: nonzero weights of EDGE_WEIGHTS).
-      nodes: [{'layer', 'location', 'index'}].
-      edges: [{'src': [layer, location, index], 'dst': [...], 'weight':
-        'block_i/NAME/kernel', 'value'}]; if there are more than
-        MAX_LISTED_EDGES, those of largest |value| and `edges_truncated`.
-      losses, accuracy: {'full_model', 'circuit_only', 'circuit_ablated'},
-        calibrated, on the held-out prompts.
-      logit_scale, logit_shift: the calibration of 'circuit_only' (see
-        `calibrated_loss`).
-      num_layers, layer_sizes ({location: width}), target_loss, pruning (the
-        settings and data sizes), seconds (this call's wall time).
+        model's (edges: nonzero weights of `edges.EDGE_WEIGHTS`).
+      kept_by_mask: nodes with tau > 0; past_mask: the bisection needed more
+        nodes than the mask kept (so the ranking beyond it decided).
+      nodes: [{'layer', 'location', 'index', 'score' (tau), 'importance'
+        (first-order estimate, train split), 'ablation_effect' (test loss
+        with this node alone ablated from the circuit, minus the circuit's;
+        None past the MAX_ABLATED_NODES best-ranked)}].
+      edges, edges_truncated: see `edges.between`.
+      losses, accuracy: {'full_model', 'circuit_only', 'circuit_ablated'
+        (the circuit's nodes ablated, the rest kept), 'all_ablated'},
+        calibrated, on `test`; raw_losses: the same uncalibrated;
+        select_loss: the circuit's on `select`, which chose its size.
+      logit_scale, logit_shift: the calibration of 'circuit_only'.
+      convergence: [{'steps', 'num_nodes', 'num_edges', 'kept_by_mask'}].
+      model_shape, settings, splits (prompts and pairs of each), seconds.
   """
   start = time.perf_counter()
-  if steps < 1 or batch_size < 1:
-    raise ValueError(f'steps and batch_size must be >= 1, got {steps} and '
-                     f'{batch_size}')
-  if not 0 < target_loss < math.log(2):
-    raise ValueError(f'target_loss must be in (0, log 2), got {target_loss}')
+  settings.validate()
   num_layers = len(means)
-  sizes = {loc: int(means['block_0'][loc].shape[0])
-           for loc in model_lib.NODE_LOCATIONS}
-  flat_means, unravel = ravel_pytree(means)
-  num_nodes = flat_means.size
-  train_rows, held_out = _split(_trim(encoded), seed)
-  held_batches = _batched(held_out, batch_size)
-  correct, incorrect = held_out['correct'], held_out['incorrect']
-
-  @jax.jit
-  def evaluate(params, means, mask, batches, correct, incorrect):
-    logits = jax.lax.map(
-        lambda b: _last_logits(model, params, means, unravel(mask), b),
-        batches)
-    logits = logits.reshape(-1, logits.shape[-1])[:correct.shape[0]]
-    return calibrated_loss(logits, correct, incorrect)
-
-  def check(mask):
-    loss, acc, a, b = jax.device_get(evaluate(
-        params, means, jnp.asarray(mask, jnp.float32), held_batches, correct,
-        incorrect))
-    return float(loss), float(acc), float(a), float(b)
-
-  full_loss, full_acc, _, _ = check(np.ones(num_nodes))
+  block = means['block_0']
+  splits = split(trim(encoded), settings)
+  pruner = _Pruner(model, params, means, splits, settings)
+  ones = np.ones(pruner.num_nodes, bool)
+  full = {name: pruner.evaluate(ones, name) for name in ('select', 'test')}
   circuit = {
-      'target_loss': target_loss, 'solved': full_loss <= target_loss,
-      'num_nodes': 0, 'num_edges': 0, 'total_nodes': int(num_nodes),
-      'total_edges': _total_edges(params, num_layers),
+      'target_loss': settings.target_loss,
+      'solved': full['select']['loss'] <= settings.target_loss,
+      'model_shape': {
+          'num_layers': num_layers, 'd_model': int(block['attn_in'].size),
+          'num_heads': model.num_heads,
+          'd_head': model.d_head or model.d_model // model.num_heads,
+          'd_mlp': int(block['mlp_neuron'].size)},
+      'num_layers': num_layers,
+      'layer_sizes': {loc: int(block[loc].size)
+                      for loc in model_lib.NODE_LOCATIONS},
+      'settings': dataclasses.asdict(settings),
+      'splits': {name: {'prompts': int(rows['tokens'].shape[0]),
+                        'pairs': int(np.unique(rows['pair']).size)}
+                 for name, rows in zip(('train', 'select', 'test'), splits)},
+      'num_nodes': 0, 'num_edges': 0, 'total_nodes': pruner.num_nodes,
+      'total_edges': edges_lib.total(params, num_layers),
+      'kept_by_mask': None, 'past_mask': None,
       'nodes': [], 'edges': [], 'edges_truncated': False,
-      'losses': {'full_model': full_loss, 'circuit_only': None,
-                 'circuit_ablated': None},
-      'accuracy': {'full_model': full_acc, 'circuit_only': None,
-                   'circuit_ablated': None},
-      'logit_scale': None, 'logit_shift': None,
-      'num_layers': num_layers, 'layer_sizes': sizes,
-      'pruning': {'steps': steps, 'k_coef': k_coef, 'lr': lr,
-                  'batch_size': batch_size, 'seed': seed,
-                  'train_prompts': int(train_rows['tokens'].shape[0]),
-                  'held_out_prompts': int(held_out['tokens'].shape[0]),
-                  'seq_len': int(train_rows['tokens'].shape[1])},
+      'losses': {'full_model': full['test']['loss'], 'circuit_only': None,
+                 'circuit_ablated': None, 'all_ablated': None},
+      'accuracy': {'full_model': full['test']['accuracy'],
+                   'circuit_only': None, 'circuit_ablated': None,
+                   'all_ablated': None},
+      'raw_losses': {'full_model': full['test']['raw_loss'],
+                     'circuit_only': None, 'circuit_ablated': None,
+                     'all_ablated': None},
+      'select_loss': {'full_model': full['select']['loss'],
+                      'circuit_only': None},
+      'logit_scale': None, 'logit_shift': None, 'convergence': [],
   }
   if not circuit['solved']:
-    logging.warning('Full model loss %.4f > target %.4f: not pruning.',
-                    full_loss, target_loss)
+    logging.warning('Full model select loss %.4f > target %.4f: not pruning.',
+                    full['select']['loss'], settings.target_loss)
     circuit['seconds'] = time.perf_counter() - start
     return circuit
 
-  tau = np.asarray(_train_scores(
-      model, params, means, train_rows, steps=steps, k_coef=k_coef, lr=lr,
-      batch_size=batch_size, key=jax.random.key(seed)))
-  order = np.argsort(-tau, kind='stable')
+  steps = sorted(set(record_at) | {settings.steps})
+  taus = pruner.train_scores(jax.random.key(settings.seed), steps)
+  circuit['seconds_scores'] = time.perf_counter() - start
 
-  def top(k):
-    mask = np.zeros(num_nodes, bool)
-    mask[order[:k]] = True
-    return mask
+  def circuit_of(tau):
+    mask, importance = pruner.smallest_circuit(tau, settings.target_loss)
+    kept = jax.tree.map(np.asarray, pruner.unravel(mask))
+    return mask, kept, importance, edges_lib.between(params, kept,
+                                                     num_layers)
 
-  lo, hi = 0, num_nodes  # loss(top(hi)) <= target; top(lo) not known to be.
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    loss = check(top(mid))[0]
-    logging.info('bisection: %d nodes -> loss %.4f', mid, loss)
-    lo, hi = (lo, mid) if loss <= target_loss else (mid, hi)
-  if hi == 1 and check(top(0))[0] <= target_loss:
-    hi = 0
+  for s in steps[:-1]:
+    mask, _, _, (_, count, _) = circuit_of(taus[s])
+    circuit['convergence'].append({
+        'steps': s, 'num_nodes': int(mask.sum()), 'num_edges': count,
+        'kept_by_mask': int((taus[s] > 0).sum())})
+  tau = taus[settings.steps]
+  mask, kept, importance, (edges, count, truncated) = circuit_of(tau)
+  circuit['convergence'].append({
+      'steps': settings.steps, 'num_nodes': int(mask.sum()),
+      'num_edges': count, 'kept_by_mask': int((tau > 0).sum())})
 
-  mask = top(hi)
-  only_loss, only_acc, scale, shift = check(mask)
-  ablated_loss, ablated_acc, _, _ = check(~mask)
-  kept = jax.tree.map(np.asarray, unravel(mask))
-  edges, count, truncated = _edges(params, kept, num_layers)
+  results = {'circuit_only': pruner.evaluate(mask, 'test'),
+             'circuit_ablated': pruner.evaluate(~mask, 'test'),
+             'all_ablated': pruner.evaluate(~ones, 'test')}
+  for key, r in results.items():
+    circuit['losses'][key] = r['loss']
+    circuit['accuracy'][key] = r['accuracy']
+    circuit['raw_losses'][key] = r['raw_loss']
+  circuit['select_loss']['circuit_only'] = pruner.evaluate(mask,
+                                                           'select')['loss']
+  base = results['circuit_only']['loss']
+  ranked = sorted(np.flatnonzero(mask), key=lambda i: -tau[i])
+  effect = {}
+  for i in ranked[:MAX_ABLATED_NODES]:
+    without = mask.copy()
+    without[i] = False
+    effect[i] = pruner.evaluate(without, 'test')['loss'] - base
+  index = np.arange(pruner.num_nodes).reshape(-1)
+  where = jax.tree.map(np.asarray, pruner.unravel(index))  # Node -> flat id.
+  nodes = []
+  for layer in range(num_layers):
+    for loc in model_lib.NODE_LOCATIONS:
+      ids = where[f'block_{layer}'][loc].astype(int)
+      for i in np.flatnonzero(kept[f'block_{layer}'][loc]):
+        flat_id = ids[i]
+        nodes.append({'layer': layer, 'location': loc, 'index': int(i),
+                      'score': float(tau[flat_id]),
+                      'importance': float(importance[flat_id]),
+                      'ablation_effect': effect.get(flat_id)})
   circuit.update({
-      'num_nodes': int(hi), 'num_edges': count,
-      'nodes': [{'layer': layer, 'location': loc, 'index': int(i)}
-                for layer in range(num_layers)
-                for loc in model_lib.NODE_LOCATIONS
-                for i in np.flatnonzero(kept[f'block_{layer}'][loc])],
+      'num_nodes': int(mask.sum()), 'num_edges': count, 'nodes': nodes,
       'edges': edges, 'edges_truncated': truncated,
-      'logit_scale': scale, 'logit_shift': shift,
+      'kept_by_mask': int((tau > 0).sum()),
+      'past_mask': bool(mask.sum() > (tau > 0).sum()),
+      'logit_scale': results['circuit_only']['scale'],
+      'logit_shift': results['circuit_only']['shift'],
   })
-  circuit['losses'].update(circuit_only=only_loss,
-                           circuit_ablated=ablated_loss)
-  circuit['accuracy'].update(circuit_only=only_acc,
-                             circuit_ablated=ablated_acc)
-  circuit['pruning']['kept_by_mask'] = int((tau > 0).sum())
   circuit['seconds'] = time.perf_counter() - start
   return circuit
-
-
-@functools.lru_cache(maxsize=4)
-def _load(workdir):
-  """(config, model, params, corpus) of a run, read once per process:
-  `compare` asks the same two runs about every task."""
-  config, model, state = train.load_run(workdir)
-  return config, model, state.params, data.load(config.data, config.seq_len)
-
-
-@functools.lru_cache(maxsize=4)
-def _run_means(workdir):
-  """Node means of a run over MEAN_BATCHES batches of its training data."""
-  config, model, params, corpus = _load(workdir)
-  pretraining = np.stack([
-      data.get_batch(corpus.train_tokens, i, seed=config.seed,
-                     batch_size=config.batch_size,
-                     seq_len=config.seq_len)[:, :-1]
-      for i in range(MEAN_BATCHES)])
-  return node_means(model, params, pretraining)
-
-
-def find_circuit(workdir, *, task=None, task_file=None, target_loss=0.15,
-                 num_examples=512, steps=100, k_coef=1e-4, lr=1e-2,
-                 batch_size=64, seed=0):
-  """The circuit of a built-in `task` or a JSONL `task_file` in a run.
-
-  Node means come from MEAN_BATCHES batches of the run's training data;
-  `num_examples` prompts are generated for a built-in task (a file is used
-  whole). Raises ValueError for bad input: not exactly one of task and
-  task_file, an unknown task, a bad file, a directory that is not a run.
-  """
-  if (task is None) == (task_file is None):
-    raise ValueError('give exactly one of task and task_file')
-  if task is not None:
-    name, datapoints = task, tasks.generate(task, num_examples, seed)
-  else:
-    if not os.path.isfile(task_file):
-      raise ValueError(f'task file {task_file} does not exist')
-    name = os.path.splitext(os.path.basename(task_file))[0]
-    datapoints = tasks.load_jsonl(task_file)
-  config, model, params, corpus = _load(workdir)
-  encoded = tasks.encode(datapoints, corpus.tokenizer, config.seq_len, name)
-  circuit = prune(model, params, _run_means(workdir), encoded, steps=steps,
-                  k_coef=k_coef, lr=lr, batch_size=batch_size, seed=seed,
-                  target_loss=target_loss)
-  return {'task': name, 'run': workdir, **circuit}
-
-
-def evaluate_tasks(workdir, names, *, num_examples=256, seed=0):
-  """How well the unpruned model does each task: [{task, loss, accuracy,
-  calibrated_loss}]. Only tasks whose calibrated loss is under a target can
-  be pruned to it, so this says which tasks a run can be asked about."""
-  config, model, params, corpus = _load(workdir)
-  apply = jax.jit(lambda params, tokens: model.apply({'params': params},
-                                                     tokens))
-  rows = []
-  for name in names:
-    encoded = _trim(tasks.encode(tasks.generate(name, num_examples, seed),
-                                 corpus.tokenizer, config.seq_len, name))
-    logits = tasks.last_logits(apply(params, encoded['tokens']),
-                               encoded['lengths'])
-    loss, accuracy = tasks.task_loss(logits, encoded['correct'],
-                                     encoded['incorrect'])
-    calibrated = calibrated_loss(logits, encoded['correct'],
-                                 encoded['incorrect'])[0]
-    rows.append({'task': name, 'loss': float(loss),
-                 'accuracy': float(accuracy),
-                 'calibrated_loss': float(calibrated)})
-  return rows

@@ -33,6 +33,7 @@ _COLORS = {  # Residual reads/writes, attention heads' channels, MLP neurons.
     'attn_in': '#4c72b0', 'attn_out': '#4c72b0', 'mlp_in': '#4c72b0',
     'mlp_out': '#4c72b0', 'q': '#dd8452', 'k': '#dd8452', 'v': '#dd8452',
     'mlp_neuron': '#55a868'}
+_RESIDUAL = ('attn_in', 'attn_out', 'mlp_in', 'mlp_out')
 _LEGEND = (('residual channel', '#4c72b0'), ('q / k / v channel', '#dd8452'),
            ('MLP neuron', '#55a868'))
 _ROW_INCHES = 0.17
@@ -46,7 +47,8 @@ def draw_circuit(circuit, path):
   size and losses."""
   fig = _figure(circuit['num_layers'], panels=1)
   ax = fig.add_subplot(1, 1, 1)
-  _draw_panel(ax, circuit, circuit['num_layers'])
+  _draw_panel(ax, circuit, circuit['num_layers'],
+              _marker_size(len(circuit['nodes'])))
   ax.set_title(f"{circuit['task']}: {_size_line(circuit)}\n"
                f'{_loss_line(circuit)}', fontsize=9)
   _save(fig, path)
@@ -60,12 +62,15 @@ def draw_comparison(sparse_circuit, dense_circuit, path,
   so the difference in wiring is visible at a glance."""
   num_layers = max(sparse_circuit['num_layers'], dense_circuit['num_layers'])
   fig = _figure(num_layers, panels=2)
+  # One marker size for both panels, so they compare at a glance.
+  size = _marker_size(max(len(sparse_circuit['nodes']),
+                          len(dense_circuit['nodes'])))
   for i, (circuit, label) in enumerate(((sparse_circuit, sparse_label),
                                         (dense_circuit, dense_label))):
     ax = fig.add_subplot(1, 2, i + 1)
-    _draw_panel(ax, circuit, num_layers)
-    ax.set_title(f'{label}\n{_size_line(circuit)}\n{_loss_line(circuit)}',
-                 fontsize=9)
+    _draw_panel(ax, circuit, num_layers, size)
+    ax.set_title(f'{label}{_checkpoint_line(circuit)}\n{_size_line(circuit)}'
+                 f'\n{_loss_line(circuit)}', fontsize=9)
   fig.suptitle(f"Task: {sparse_circuit['task']}  (circuits pruned to task "
                f"loss \u2264 {sparse_circuit['target_loss']:g})", fontsize=11)
   _save(fig, path)
@@ -98,8 +103,31 @@ def _x(index, location, sizes):
   return (index + 0.5) / sizes[location]
 
 
-def _draw_panel(ax, circuit, num_layers):
-  """Layer bands, row labels, edges and nodes of one circuit on `ax`."""
+def _marker_size(num_nodes):
+  return float(np.clip(2000 / max(num_nodes, 1), 3, 40))
+
+
+def residual_links(nodes):
+  """[(write, read)]: a kept residual write (attn_out, mlp_out) and a later
+  kept read (attn_in, mlp_in) of the same channel, which the residual stream
+  joins without a weight; nodes as {'layer', 'location', 'index'}."""
+  by_channel = {}
+  for v in nodes:
+    if v['location'] in _RESIDUAL:
+      by_channel.setdefault(v['index'], []).append(v)
+  links = []
+  for channel in by_channel.values():
+    channel.sort(key=lambda v: -_y(v['layer'], v['location']))
+    for i, write in enumerate(channel):
+      if write['location'] in ('attn_out', 'mlp_out'):
+        links += [(write, read) for read in channel[i + 1:]
+                  if read['location'] in ('attn_in', 'mlp_in')]
+  return links
+
+
+def _draw_panel(ax, circuit, num_layers, marker_size):
+  """Layer bands, row labels, residual links, edges and nodes of one
+  circuit on `ax`."""
   sizes = circuit['layer_sizes']
   ticks, labels = [], []
   label_transform = mtransforms.offset_copy(
@@ -154,14 +182,31 @@ def _draw_panel(ax, circuit, num_layers):
     lines.set_rasterized(n > 2000)
     ax.add_collection(lines)
 
+  links = residual_links(circuit['nodes'])
+  if links:
+    ax.add_collection(mcollections.LineCollection(
+        [((_x(a['index'], a['location'], sizes), _y(a['layer'],
+                                                    a['location'])),
+          (_x(b['index'], b['location'], sizes), _y(b['layer'],
+                                                    b['location'])))
+         for a, b in links], colors=_COLORS['attn_in'], alpha=0.35,
+        linewidths=0.6, linestyles='--', zorder=1))
+
   nodes = circuit['nodes']
   if nodes:
     ax.scatter([_x(v['index'], v['location'], sizes) for v in nodes],
                [_y(v['layer'], v['location']) for v in nodes],
-               s=float(np.clip(2000 / len(nodes), 3, 40)),
+               s=marker_size,
                c=[_COLORS[v['location']] for v in nodes],
                edgecolors='k', linewidths=0.4 if len(nodes) < 500 else 0,
                zorder=3, rasterized=len(nodes) > 2000)
+
+
+def _checkpoint_line(circuit):
+  if circuit.get('val_loss') is None:
+    return ''
+  return (f"\nvalidation loss {circuit['val_loss']:.3f} "
+          f"(step {circuit['step']})")
 
 
 def _size_line(circuit):
@@ -174,7 +219,7 @@ def _size_line(circuit):
 
 
 def _loss_line(circuit):
-  return (f"task loss: full {_loss(circuit, 'full_model')}, circuit "
+  return (f"test task loss: full {_loss(circuit, 'full_model')}, circuit "
           f"{_loss(circuit, 'circuit_only')}, ablated "
           f"{_loss(circuit, 'circuit_ablated')}")
 
@@ -190,3 +235,35 @@ def _save(fig, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
   fig.savefig(path + '.png', dpi=_DPI)
   fig.savefig(path + '.svg')
+
+
+def draw_curve(points, checkpoints, path):
+  """Writes `path`.png and `path`.svg: geometric-mean circuit edges against
+  pretraining validation loss, one line per model (Gao et al.'s Fig. 3
+  shape). Points that solve only some of the tasks are hollow: their mean
+  is over fewer tasks. The paired checkpoints of the comparison are
+  ringed."""
+  fig = mfigure.Figure(figsize=(6, 4.2))
+  ax = fig.add_subplot(1, 1, 1)
+  for model, color in (('sparse', '#c44e52'), ('dense', '#4c72b0')):
+    mine = sorted((p for p in points if p['model'] == model
+                   and p['edges'] is not None), key=lambda p: p['val_loss'])
+    if not mine:
+      continue
+    ax.plot([p['val_loss'] for p in mine], [p['edges'] for p in mine],
+            color=color, lw=1, label=model)
+    full = [p['solved'] == p['tasks'] for p in mine]
+    ax.scatter([p['val_loss'] for p in mine], [p['edges'] for p in mine],
+               s=30, zorder=3, edgecolors=color,
+               facecolors=[color if f else 'white' for f in full])
+    paired = [p for p in mine if p['step'] == checkpoints[model]['step']]
+    ax.scatter([p['val_loss'] for p in paired], [p['edges'] for p in paired],
+               s=120, facecolors='none', edgecolors='k', zorder=4)
+  ax.set_yscale('log')
+  ax.invert_xaxis()  # Better models to the right, as training goes.
+  ax.set_xlabel('pretraining validation loss (nats/token)')
+  ax.set_ylabel('circuit edges (geometric mean over tasks)')
+  ax.legend(fontsize=8, frameon=False)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  _save(fig, path)

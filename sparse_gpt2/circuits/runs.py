@@ -1,0 +1,143 @@
+"""A trained run as circuits see it: its kept checkpoints, their validation
+losses, and one checkpoint loaded with its corpus and node means, each read
+once per process (`compare` asks the same checkpoints about every task)."""
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+
+from sparse_gpt2 import data
+from sparse_gpt2 import train
+from sparse_gpt2.circuits import prune
+from sparse_gpt2.circuits import tasks
+
+MEAN_BATCHES = 16  # Batches of the run's training data for the node means.
+
+
+def val_losses(workdir):
+  """{step: validation loss} of every evaluation in workdir/metrics.jsonl
+  (a resumed run's later record of a step wins)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  losses = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        record = json.loads(line)
+        if 'val_loss' in record:
+          losses[record['step']] = record['val_loss']
+  return losses
+
+
+def checkpoints(workdir):
+  """{step: validation loss or None} of the checkpoints kept in `workdir`."""
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
+    raise ValueError(f'{workdir} is not a run directory (no config.json)')
+  root = os.path.join(workdir, 'checkpoints')
+  steps = sorted(int(name) for name in os.listdir(root)
+                 if name.isdigit()) if os.path.isdir(root) else []
+  losses = val_losses(workdir)
+  return {step: losses.get(step) for step in steps}
+
+
+def newest(workdir):
+  """The newest kept checkpoint's step; an error if there is none."""
+  steps = checkpoints(workdir)
+  if not steps:
+    raise ValueError(f'{workdir} holds no checkpoint')
+  return max(steps)
+
+
+def load(workdir, step=None):
+  """A checkpoint of a run: {config, model, params, corpus, step, val_loss};
+  `step` None is the newest."""
+  return _load(workdir, newest(workdir) if step is None else step)
+
+
+@functools.lru_cache(maxsize=8)
+def _load(workdir, step):
+  config, model, state = train.load_run(workdir, step)
+  step = int(state.step)
+  return {'config': config, 'model': model, 'params': state.params,
+          'corpus': data.load(config.data, config.seq_len), 'step': step,
+          'val_loss': val_losses(workdir).get(step)}
+
+
+@functools.lru_cache(maxsize=8)
+def node_means(workdir, step):
+  """Node means of a checkpoint over MEAN_BATCHES batches of the run's
+  training data: what pruned nodes are frozen to."""
+  run = load(workdir, step)
+  config = run['config']
+  pretraining = np.stack([
+      data.get_batch(run['corpus'].train_tokens, i, seed=config.seed,
+                     batch_size=config.batch_size,
+                     seq_len=config.seq_len)[:, :-1]
+      for i in range(MEAN_BATCHES)])
+  return prune.node_means(run['model'], run['params'], pretraining)
+
+
+def evaluate_tasks(workdir, names, *, step=None, num_prompts=256, seed=0):
+  """How well the unpruned checkpoint does each task: [{task, loss,
+  accuracy, calibrated_loss}]. Only tasks whose calibrated loss is under a
+  target can be pruned to it, so this says which tasks a run can be asked
+  about."""
+  run = load(workdir, step)
+  model, params = run['model'], run['params']
+  apply = jax.jit(lambda params, tokens, positions: model.apply(
+      {'params': params}, tokens, positions=positions))
+  rows = []
+  for name in names:
+    encoded = prune.trim(tasks.encode(
+        tasks.generate(name, num_prompts, seed), run['corpus'].tokenizer,
+        run['config'].seq_len, name))
+    logits = apply(params, encoded['tokens'], encoded['lengths'] - 1)
+    loss, accuracy = tasks.task_loss(logits, encoded['correct'],
+                                     encoded['incorrect'])
+    calibrated = prune.calibrated_loss(logits, encoded['correct'],
+                                       encoded['incorrect'])[0]
+    rows.append({'task': name, 'loss': float(loss),
+                 'accuracy': float(accuracy),
+                 'calibrated_loss': float(calibrated)})
+  return rows
+
+
+def task_datapoints(task, task_file, num_prompts, seed):
+  """(name, datapoints) of a built-in `task` or a JSONL `task_file`
+  (exactly one of them); `num_prompts` are generated for a built-in task, a
+  file is used whole."""
+  if (task is None) == (task_file is None):
+    raise ValueError('give exactly one of task and task_file')
+  if task is not None:
+    return task, tasks.generate(task, num_prompts, seed)
+  if not os.path.isfile(task_file):
+    raise ValueError(f'task file {task_file} does not exist')
+  name = os.path.splitext(os.path.basename(task_file))[0]
+  return name, tasks.load_jsonl(task_file)
+
+
+def find_circuit(workdir, settings, *, step=None, task=None, task_file=None,
+                 record_at=(), num_examples=4):
+  """The circuit of a task in a checkpoint of a run (`prune.prune`), with
+  what a reader needs beside it: the task, the run, the checkpoint's step
+  and validation loss, and `num_examples` prompts with their candidates as
+  the tokenizer decodes them. Raises ValueError for bad input: not exactly
+  one of task and task_file, an unknown task, a bad file, a directory that
+  is not a run, a step that was not kept."""
+  name, datapoints = task_datapoints(task, task_file, settings.num_prompts,
+                                     settings.seed)
+  run = load(workdir, step)
+  tokenizer = run['corpus'].tokenizer
+  encoded = tasks.encode(datapoints, tokenizer, run['config'].seq_len, name)
+  circuit = prune.prune(run['model'], run['params'],
+                        node_means(workdir, run['step']), encoded, settings,
+                        record_at)
+  examples = [{'prompt': datapoints[i]['prompt'],
+               'correct': tokenizer.decode([int(c)]),
+               'incorrect': tokenizer.decode([int(w)])}
+              for i, c, w in zip(encoded['index'][:num_examples],
+                                 encoded['correct'], encoded['incorrect'])]
+  return {'task': name, 'run': workdir, 'step': run['step'],
+          'val_loss': run['val_loss'], 'examples': examples, **circuit}

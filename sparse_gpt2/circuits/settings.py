@@ -1,0 +1,78 @@
+"""The pruning settings: one dataclass, the flags of both CLIs, and the
+record in every circuit.json.
+
+`compare` reuses a saved circuit only if its settings equal these in full, so
+changing any default (or flag) re-prunes instead of silently reusing a
+circuit found another way.
+"""
+
+import dataclasses
+
+from absl import flags
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """How a circuit is found. Where the paper's value is not the default,
+  the README's circuits section says why."""
+  target_loss: float = dataclasses.field(default=0.15, metadata={
+      'help': 'Calibrated task loss the circuit must reach (the paper: '
+              '0.15).'})
+  steps: int = dataclasses.field(default=1000, metadata={
+      'help': 'Optimizer steps on the node scores.'})
+  lr: float = dataclasses.field(default=1e-2, metadata={
+      'help': 'Peak learning rate of the node scores.'})
+  warmup_steps: int = dataclasses.field(default=50, metadata={
+      'help': 'Linear warmup; constant after it, so the scores after N '
+              'steps of a longer run are those of an N-step run.'})
+  b1: float = dataclasses.field(default=0.9, metadata={'help': 'AdamW b1.'})
+  b2: float = dataclasses.field(default=0.95, metadata={'help': 'AdamW b2.'})
+  weight_decay: float = dataclasses.field(default=1e-3, metadata={
+      'help': 'AdamW weight decay of the scores.'})
+  grad_rms: float = dataclasses.field(default=1.0, metadata={
+      'help': 'Gradients are clipped to this RMS.'})
+  k_coef: float = dataclasses.field(default=1e-4, metadata={
+      'help': 'Penalty per kept node, added to the task loss.'})
+  batch_pairs: int = dataclasses.field(default=16, metadata={
+      'help': 'Contrastive pairs per step (two prompts each).'})
+  init_bias: float = dataclasses.field(default=0.1, metadata={
+      'help': 'Initial score of every node (kept: > 0).'})
+  init_noise: float = dataclasses.field(default=0.01, metadata={
+      'help': 'Std of the noise added to the initial scores.'})
+  temperature: float = dataclasses.field(default=0.1, metadata={
+      'help': 'Of the sigmoid whose derivative stands in for the step.'})
+  num_prompts: int = dataclasses.field(default=1024, metadata={
+      'help': 'Prompts generated for a built-in task (half as many pairs).'})
+  select_fraction: float = dataclasses.field(default=0.25, metadata={
+      'help': 'Of the pairs, to choose the circuit size (bisection, '
+              'calibration).'})
+  test_fraction: float = dataclasses.field(default=0.25, metadata={
+      'help': 'Of the pairs, untouched until the reported losses.'})
+  seed: int = dataclasses.field(default=0, metadata={
+      'help': 'Of the prompts, the splits, the initial scores and batches.'})
+
+  def validate(self):
+    """One-line errors for settings that cannot work."""
+    if not 0 < self.target_loss < 0.6931:
+      raise ValueError('target_loss must be in (0, log 2), got '
+                       f'{self.target_loss}')
+    for name in ('steps', 'batch_pairs', 'num_prompts'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+    if not (0 < self.select_fraction and 0 < self.test_fraction
+            and self.select_fraction + self.test_fraction < 1):
+      raise ValueError('select_fraction and test_fraction must be > 0 and '
+                       'leave pairs to train on')
+
+
+def define_flags():
+  """One absl flag per field, named and defaulted as the field."""
+  define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}
+  for field in dataclasses.fields(Settings):
+    define[field.type](field.name, field.default, field.metadata['help'])
+
+
+def from_flags():
+  """The Settings that the command line asks for."""
+  return Settings(**{f.name: flags.FLAGS[f.name].value
+                     for f in dataclasses.fields(Settings)})
