@@ -2,6 +2,7 @@
 hand: the circuit is known, so pruning must find exactly it."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -249,3 +250,58 @@ def test_cli_bad_input_is_one_line_exit_1(args, tmp_path):
   assert result.returncode == 1, result.stderr
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+
+
+@pytest.fixture(scope='module')
+def tiny_twins(tiny_config, tmp_path_factory):
+  """A sparse and a dense tiny run, each keeping checkpoints 10 and 20."""
+  from sparse_gpt2 import train  # pylint: disable=g-import-not-at-top
+  twins = {}
+  for name, mode in (('sparse', 'topk'), ('dense', 'none')):
+    workdir = str(tmp_path_factory.mktemp(name))
+    train.train_and_evaluate(tiny_config(mode, keep_every=10,
+                                         keep_checkpoints=1), workdir)
+    twins[name] = workdir
+  return twins
+
+
+def test_matched_loss_pairing_on_two_tiny_runs(tiny_twins):
+  from sparse_gpt2.circuits import compare  # pylint: disable=g-import-not-at-top
+  from sparse_gpt2.circuits import runs  # pylint: disable=g-import-not-at-top
+  sparse = runs.checkpoints(tiny_twins['sparse'])
+  dense = runs.checkpoints(tiny_twins['dense'])
+  assert list(sparse) == list(dense) == [10, 20]
+  for step, loss in sparse.items():
+    closest = min(dense, key=lambda s: abs(dense[s] - loss))
+    assert compare.match(step, loss, dense, 10.0) == (closest, dense[closest])
+  with pytest.raises(ValueError, match='no dense checkpoint within'):
+    compare.match(20, sparse[20], {10: sparse[20] + 0.5}, 0.02)
+
+
+def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
+  """The circuits CLI on a user task at a step that is not the newest:
+  circuit.json names the step and its validation loss, and the examples."""
+  from sparse_gpt2.circuits import runs  # pylint: disable=g-import-not-at-top
+  lines = []
+  for i, name in enumerate(('name', 'value', 'path', 'data', 'key', 'size',
+                            'text', 'line')):
+    for q, other in (("'", '"'), ('"', "'")):
+      lines.append(json.dumps({'prompt': f'x = {q}{name}', 'correct': q,
+                               'incorrect': other, 'pair': i}))
+  task_file = tmp_path / 'quotes.jsonl'
+  task_file.write_text('\n'.join(lines) + '\n')
+  out = tmp_path / 'out'
+  result = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.circuits',
+       f'--workdir={tiny_twins["sparse"]}', f'--task_file={task_file}',
+       '--step=10', '--steps=5', '--draw=false', f'--out={out}'],
+      capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 0, result.stderr[-2000:]
+  circuit = json.loads((out / 'circuit.json').read_text())
+  assert circuit['task'] == 'quotes' and circuit['step'] == 10
+  assert circuit['val_loss'] == runs.val_losses(tiny_twins['sparse'])[10]
+  assert circuit['settings']['steps'] == 5
+  assert sum(s['pairs'] for s in circuit['splits'].values()) == 8
+  assert circuit['examples'][0]['correct'] in ("'", '"')
+  assert circuit['model_shape']['d_head'] == 16

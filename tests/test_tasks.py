@@ -1,5 +1,6 @@
 """Tests for the circuit tasks, against a tokenizer trained like the model's."""
 
+import collections
 import json
 import os
 import random
@@ -12,36 +13,85 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from sparse_gpt2.circuits import tasks
 
 N = 200
+N_SHORTCUT = 400  # Prompts per task that the shortcut predictors see.
 SEQ_LEN = 128
 
 
 @pytest.fixture(scope='module')
-def tokenizer():
-  """A 2048-token byte-level BPE on 300 standard-library files (~2 s).
-
-  The model's tokenizer sees the whole library; a sample is enough to catch
-  a candidate that is not one token, or that merges with its prompt.
-  """
+def sample():
+  """The texts of 300 standard-library files."""
   root = sysconfig.get_paths()['stdlib']
   files = []
   for d, dirs, names in os.walk(root):
     dirs[:] = sorted(x for x in dirs if x not in ('site-packages',
                                                    'dist-packages'))
     files += [os.path.join(d, f) for f in sorted(names) if f.endswith('.py')]
-  files = random.Random(0).sample(files, min(300, len(files)))
+  texts = []
+  for path in random.Random(0).sample(files, min(300, len(files))):
+    with open(path, encoding='utf-8', errors='replace') as f:
+      texts.append(f.read())
+  return texts
 
-  def texts():
-    for path in files:
-      with open(path, encoding='utf-8', errors='replace') as f:
-        yield f.read()
 
+@pytest.fixture(scope='module')
+def tokenizer(sample):
+  """A 2048-token byte-level BPE on the sample (~2 s).
+
+  The model's tokenizer sees the whole library; a sample is enough to catch
+  a candidate that is not one token, or that merges with its prompt.
+  """
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(texts(), trainers.BpeTrainer(
+  tok.train_from_iterator(sample, trainers.BpeTrainer(
       vocab_size=2048, special_tokens=['<|endoftext|>'], show_progress=False,
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   return tok
+
+
+@pytest.fixture(scope='module')
+def sample_ids(sample, tokenizer):
+  """The ids the tokenizer produces on its own training sample.
+
+  A BPE's vocabulary holds merges that it rarely or never outputs whole, so
+  being in the vocabulary is not enough: a candidate must be a token the
+  tokenizer makes in code.
+  """
+  return {i for e in tokenizer.encode_batch(sample) for i in e.ids}
+
+
+def _shortcut_accuracy(data, feature=None):
+  """Accuracy of a rule that ignores what the task is about.
+
+  Fit on the even pairs, scored on the odd ones: per unordered candidate
+  pair the majority correct candidate, or with `feature` (of a datapoint)
+  the majority correct candidate per feature value, falling back to the
+  former on a tie or an unseen value.
+  """
+  fit = [d for d in data if d['pair'] % 2 == 0]
+  test = [d for d in data if d['pair'] % 2]
+  by_set = collections.defaultdict(collections.Counter)
+  by_feature = collections.defaultdict(collections.Counter)
+  for d in fit:
+    by_set[frozenset((d['correct'], d['incorrect']))][d['correct']] += 1
+    if feature:
+      by_feature[feature(d)][d['correct']] += 1
+
+  def predict(d):
+    a, b = sorted((d['correct'], d['incorrect']))
+    counts = [by_set[frozenset((a, b))]]
+    if feature:
+      counts.insert(0, by_feature[feature(d)])
+    for c in counts:
+      if c[a] != c[b]:
+        return a if c[a] > c[b] else b
+    return a
+
+  return np.mean([predict(d) == d['correct'] for d in test])
+
+
+def _last_word(d):
+  return d['prompt'].split()[-1]
 
 
 @pytest.mark.parametrize('name', tasks.TASKS)
@@ -51,18 +101,56 @@ def test_generate_is_deterministic(name):
 
 
 @pytest.mark.parametrize('name', tasks.TASKS)
-def test_generate_balances_answers(name):
+def test_generate_makes_contrastive_pairs(name):
   data = tasks.generate(name, N)
   assert len(data) == N
+  assert [d['pair'] for d in data] == [i // 2 for i in range(N)]
   for d in data:
-    assert set(d) == {'prompt', 'correct', 'incorrect'}
-    assert all(isinstance(v, str) and v for v in d.values())
-    assert d['correct'] != d['incorrect']
-  for role in ('correct', 'incorrect'):
-    counts = np.unique([d[role] for d in data], return_counts=True)[1]
-    assert len(counts) >= 2 and counts.max() <= N // 2
-  if len({d['correct'] for d in data} | {d['incorrect'] for d in data}) == 2:
-    assert sum(d['correct'] == data[0]['correct'] for d in data) == N // 2
+    assert set(d) == {'prompt', 'correct', 'incorrect', 'pair'}
+    assert all(isinstance(d[k], str) and d[k]
+               for k in ('prompt', 'correct', 'incorrect'))
+  for a, b in zip(data[::2], data[1::2]):
+    assert (a['correct'], a['incorrect']) == (b['incorrect'], b['correct'])
+    assert a['prompt'] != b['prompt']
+  counts = collections.Counter(
+      (frozenset((d['correct'], d['incorrect'])), d['correct']) for d in data)
+  for (candidates, correct), n in counts.items():
+    other, = candidates - {correct}
+    assert counts[candidates, other] == n
+
+
+@pytest.mark.parametrize('name', tasks.TASKS)
+def test_no_shortcut_predicts_the_answer(name, tokenizer):
+  data = tasks.generate(name, N_SHORTCUT)
+  last_token = {d['prompt']: e.ids[-1] for d, e in zip(
+      data, tokenizer.encode_batch([d['prompt'] for d in data]))}
+  assert _shortcut_accuracy(data) <= 0.6
+  assert _shortcut_accuracy(data, _last_word) <= 0.7
+  assert _shortcut_accuracy(data, lambda d: last_token[d['prompt']]) <= 0.7
+
+
+def test_shortcut_accuracy_finds_shortcuts():
+  """The predictors above see a shortcut where there is one."""
+  data = [{'prompt': f'x = {i} {word}', 'correct': correct,
+           'incorrect': incorrect, 'pair': i}
+          for i in range(N_SHORTCUT // 2)
+          for word, correct, incorrect in (('a', '+', '-'), ('b', '-', '+'))]
+  assert _shortcut_accuracy(data) == 0.5
+  assert _shortcut_accuracy(data, _last_word) == 1
+  assert _shortcut_accuracy([d for d in data if d['correct'] == '+']) == 1
+
+
+@pytest.mark.parametrize('name', tasks.TASKS)
+def test_candidates_are_tokens_the_tokenizer_makes(name, tokenizer,
+                                                    sample_ids):
+  for c in {d['correct'] for d in tasks.generate(name, N)}:
+    ids = tokenizer.encode(c).ids
+    assert len(ids) == 1 and ids[0] in sample_ids, (c, ids)
+
+
+def test_generate_rejects_odd_n():
+  with pytest.raises(ValueError, match='odd'):
+    tasks.generate('var_if', 5)
 
 
 @pytest.mark.parametrize('name', tasks.TASKS)
@@ -78,7 +166,7 @@ def test_prompt_context_is_python(name):
 def test_encode_task(name, tokenizer):
   data = tasks.generate(name, N)
   enc = tasks.encode(data, tokenizer, SEQ_LEN, name)
-  assert len(enc['index']) >= 0.9 * N
+  assert len(enc['index']) >= 0.95 * N
   for r, i in enumerate(enc['index']):
     ids = tokenizer.encode(data[i]['prompt']).ids[-SEQ_LEN:]
     assert enc['lengths'][r] == len(ids)
@@ -88,6 +176,9 @@ def test_encode_task(name, tokenizer):
     assert tokenizer.encode(data[i]['incorrect']).ids == [enc['incorrect'][r]]
   assert (enc['correct'] != enc['incorrect']).all()
   assert enc['tokens'].dtype == np.int32
+  pairs = [data[i]['pair'] for i in enc['index']]
+  assert (np.equal.outer(pairs, pairs) ==
+          np.equal.outer(enc['pair'], enc['pair'])).all()
 
 
 def test_generate_unknown_task():
@@ -97,10 +188,25 @@ def test_generate_unknown_task():
 
 def test_load_jsonl_round_trip(tmp_path):
   data = tasks.generate('else_elif', 10) + [
-      {'prompt': 'x = "a  ', 'correct': '"', 'incorrect': "'"}]
+      {'prompt': 'x = "a  ', 'correct': '"', 'incorrect': "'"},
+      {'prompt': 'x = (1', 'correct': ')', 'incorrect': ']', 'pair': 'a'}]
   path = tmp_path / 'task.jsonl'
-  path.write_text('\n'.join(json.dumps(d) for d in data) + '\n\n')
+  lines = [json.dumps(d) for d in data]
+  lines[0] = json.dumps(dict(data[0], note='dropped'))
+  path.write_text('\n'.join(lines) + '\n\n')
   assert tasks.load_jsonl(path) == data
+
+
+def test_encode_numbers_pairs(tokenizer):
+  groups = ['a', 7, None, 'a', 7, None, 'b', '7']
+  data = [{'prompt': f'x = {i}', 'correct': ',', 'incorrect': ')'}
+          for i in range(len(groups))]
+  for d, g in zip(data, groups):
+    if g is not None:
+      d['pair'] = g
+  enc = tasks.encode(data, tokenizer, SEQ_LEN)
+  assert enc['pair'].dtype == np.int32
+  assert enc['pair'].tolist() == [0, 1, 2, 0, 1, 3, 4, 5]
 
 
 @pytest.mark.parametrize('text, match', [
@@ -113,6 +219,10 @@ def test_load_jsonl_round_trip(tmp_path):
     ('{"prompt": "a", "correct": "b", "incorrect": 3}', 'non-empty strings'),
     ('{"prompt": "a", "correct": "", "incorrect": "c"}', 'non-empty strings'),
     ('{"prompt": "a", "correct": "b", "incorrect": "b"}', 'the same'),
+    ('{"prompt": "a", "correct": "b", "incorrect": "c", "pair": 1.5}',
+     ':1: pair must be'),
+    ('{"prompt": "a", "correct": "b", "incorrect": "c", "pair": true}',
+     ':1: pair must be'),
 ])
 def test_load_jsonl_errors(tmp_path, text, match):
   path = tmp_path / 'task.jsonl'

@@ -56,7 +56,7 @@ def _listing(workdir):
 @pytest.fixture(scope='module')
 def reference_run(tiny_config, tmp_path_factory):
   """An uninterrupted 60-step sparse run: (config, workdir, final state)."""
-  config = tiny_config(train_steps=60, checkpoint_every=10)
+  config = tiny_config(train_steps=60, checkpoint_every=10, keep_every=20)
   workdir = str(tmp_path_factory.mktemp('reference'))
   state = train.train_and_evaluate(config, workdir)
   return config, workdir, state
@@ -77,8 +77,22 @@ def test_training_lowers_the_loss_and_records_the_run(reference_run):
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['train_steps'] == config.train_steps
   assert any(n.startswith('events.out.tfevents') for n in os.listdir(workdir))
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == [
-      '50', '60']  # keep_checkpoints=2
+  # The newest keep_checkpoints=2, and every keep_every=20 steps.
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')),
+                key=int) == ['20', '40', '50', '60']
+
+
+def test_load_run_at_a_kept_step(reference_run):
+  _, workdir, reference = reference_run
+  _, _, newest = train.load_run(workdir)
+  _assert_same_state(newest, reference)
+  _, _, early = train.load_run(workdir, step=20)
+  assert int(early.step) == 20
+  assert not np.array_equal(np.asarray(early.params['wte']['embedding']),
+                            np.asarray(reference.params['wte']['embedding']))
+  with pytest.raises(ValueError, match=r'no checkpoint at step 30; it has '
+                     r'\[20, 40, 50, 60\]'):
+    train.load_run(workdir, step=30)
 
 
 def test_resume_after_sigkill_is_bitwise_identical(reference_run, tmp_path):

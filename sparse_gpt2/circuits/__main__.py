@@ -5,12 +5,12 @@ r"""Finds the circuit of a task in a trained run, saves and draws it.
   python -m sparse_gpt2.circuits --workdir=RUN --task_file=my_task.jsonl
   python -m sparse_gpt2.circuits --list_tasks
   python -m sparse_gpt2.circuits --task=for_while --dump_prompts=f.jsonl
-  python -m sparse_gpt2.circuits --workdir=RUN --evaluate [--all_steps]
+  python -m sparse_gpt2.circuits --workdir=RUN --evaluate [--evaluate_every=N]
 
 Writes OUT/circuit.json and OUT/circuit.png/.svg (OUT defaults to
 RUN/circuits/TASK, TASK being a task file's name without extension) and
 prints one summary line. `--evaluate` prints the unpruned model's loss on
-every task (at --step, or with --all_steps at every kept checkpoint: task
+every task (at --step, or with --evaluate_every at kept checkpoints: task
 competence as training goes). Every pruning setting is a flag of the same
 name (`settings.Settings`). Bad input is one `error:` line on stderr, exit 1.
 """
@@ -46,9 +46,10 @@ _DUMP_PROMPTS = flags.DEFINE_string(
 _EVALUATE = flags.DEFINE_bool(
     'evaluate', False, 'Print the unpruned model\'s loss and accuracy on '
     '--task (default: every built-in task) and exit: which tasks it solves.')
-_ALL_STEPS = flags.DEFINE_bool(
-    'all_steps', False, 'With --evaluate: at every kept checkpoint, as a '
-    'table of calibrated task loss against step and tokens.')
+_EVALUATE_EVERY = flags.DEFINE_integer(
+    'evaluate_every', 0, 'With --evaluate: at every kept checkpoint whose '
+    'step is a multiple of this, as a table of calibrated task loss against '
+    'step and tokens (0: only --step).')
 settings_lib.define_flags()
 
 
@@ -79,7 +80,7 @@ def _dump_prompts(path):
 def _evaluate(workdir, names):
   """Markdown: the unpruned model on each task, at one step or all."""
   seed = flags.FLAGS.seed
-  if not _ALL_STEPS.value:
+  if not _EVALUATE_EVERY.value:
     lines = ['| task | loss | accuracy | calibrated loss |',
              '|---|---:|---:|---:|']
     for r in runs.evaluate_tasks(workdir, names, step=_STEP.value,
@@ -87,7 +88,8 @@ def _evaluate(workdir, names):
       lines.append(f"| {r['task']} | {r['loss']:.3f} | {r['accuracy']:.2f} "
                    f"| {r['calibrated_loss']:.3f} |")
     return '\n'.join(lines)
-  steps = runs.checkpoints(workdir)
+  steps = {s: v for s, v in runs.checkpoints(workdir).items()
+           if s % _EVALUATE_EVERY.value == 0}
   config = runs.load(workdir)['config']
   lines = ['| step | tokens | val loss | ' + ' | '.join(names) + ' |',
            '|---:|---:|---:|' + '---:|' * len(names)]

@@ -40,9 +40,9 @@ from sparse_gpt2.circuits import edges as edges_lib
 from sparse_gpt2.circuits import tasks
 
 CALIBRATION_STEPS = 16
-EVAL_BATCH = 64            # Prompts per forward pass when evaluating a mask.
+NUM_BUCKETS = 4            # Prompt-length buckets of each split.
 ESTIMATE_PROMPTS = 256     # Train prompts of the tie-breaking gradient.
-MAX_ABLATED_NODES = 256    # Circuit nodes whose own ablation is measured.
+MAX_ABLATED_NODES = 64     # Circuit nodes whose own ablation is measured.
 
 
 def hard_mask(tau, temperature):
@@ -144,20 +144,34 @@ def split(encoded, settings):
                 for k, v in encoded.items()} for part in parts)
 
 
-def _by_pair(rows):
-  """Row indices [G, M] of each of the G pairs (groups) in `rows`, smaller
-  groups filled up by repeating their rows: a batch of pairs is a gather."""
-  groups = [np.flatnonzero(rows['pair'] == g) for g in np.unique(rows['pair'])]
-  width = max(len(g) for g in groups)
-  return np.stack([np.resize(g, width) for g in groups])
+def _buckets(rows, num_buckets, by_pair):
+  """Rows cut into up to `num_buckets` groups of similar prompt length, each
+  trimmed to its own longest prompt: most prompts are far shorter than the
+  longest, and a forward pass costs what its padded length costs.
 
-
-def _batched(rows, batch_size):
-  """Rows [N, ...] -> [ceil(N / B), B, ...], the last batch wrapped around."""
-  n = rows['tokens'].shape[0]
-  index = np.arange(batch_size * math.ceil(n / batch_size)) % n
-  return {k: v[index].reshape(-1, batch_size, *v.shape[1:])
-          for k, v in rows.items() if k != 'pair'}
+  by_pair: whole pairs per bucket, each as `pairs` [G, M], the row indices
+  (within the bucket) of its G pairs, smaller groups filled up by repeating
+  their rows, so a batch of pairs is a gather. Otherwise rows in length
+  order.
+  """
+  if by_pair:
+    groups = [np.flatnonzero(rows['pair'] == g)
+              for g in np.unique(rows['pair'])]
+    width = max(len(g) for g in groups)
+    groups = np.stack([np.resize(g, width) for g in groups])  # [G, M]
+    order = np.argsort(rows['lengths'][groups].max(1), kind='stable')
+    parts = np.array_split(groups[order], min(num_buckets, len(groups)))
+  else:
+    order = np.argsort(rows['lengths'], kind='stable')
+    parts = np.array_split(order, min(num_buckets, len(order)))
+  buckets = []
+  for part in parts:
+    index, inverse = np.unique(part, return_inverse=True)
+    bucket = trim({k: v[index] for k, v in rows.items() if k != 'pair'})
+    if by_pair:
+      bucket['pairs'] = inverse.reshape(part.shape)
+    buckets.append(bucket)
+  return buckets
 
 
 def _last_logits(model, params, means, mask, batch):
@@ -177,10 +191,10 @@ class _Pruner:
     flat, self.unravel = ravel_pytree(means)
     self.num_nodes = flat.size
     self.train, self.select, self.test = splits
-    self.pairs = _by_pair(self.train)
-    self.batches = {name: _batched(rows, EVAL_BATCH)
-                    for name, rows in zip(('select', 'test'),
-                                          (self.select, self.test))}
+    self.train_buckets = _buckets(self.train, NUM_BUCKETS, by_pair=True)
+    self.eval_buckets = {name: _buckets(rows, NUM_BUCKETS, by_pair=False)
+                         for name, rows in (('select', self.select),
+                                            ('test', self.test))}
     s = settings
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, s.lr, s.warmup_steps),
@@ -189,7 +203,8 @@ class _Pruner:
         optax.clip_by_global_norm(s.grad_rms * math.sqrt(self.num_nodes)),
         optax.adamw(schedule, b1=s.b1, b2=s.b2, weight_decay=s.weight_decay))
     self._segment = jax.jit(self._train_segment, static_argnames='length')
-    self._evaluate = jax.jit(self._evaluate_mask, static_argnames='n')
+    self._logits = jax.jit(self._bucket_logits)
+    self._evaluate = jax.jit(self._losses)
     self._importance = jax.jit(jax.grad(self._task_loss, argnums=1))
 
   def _task_loss(self, params, mask, batch):
@@ -203,22 +218,33 @@ class _Pruner:
                                                          (self.num_nodes,))
     return tau, self.tx.init(tau)
 
-  def _train_segment(self, params, tau, opt_state, first_step, key, rows,
-                     pairs, *, length):
-    """`length` steps of the scores from step `first_step`."""
+  def _train_segment(self, params, tau, opt_state, first_step, key,
+                     buckets, *, length):
+    """`length` steps of the scores from step `first_step`. Each step draws
+    a length bucket (in proportion to its pairs) and batch_pairs pairs from
+    it; `lax.switch` runs only that bucket's shapes."""
     s = self.settings
+    sizes = jnp.array([b['pairs'].shape[0] for b in buckets])
 
     def loss_fn(tau, batch):
       mask = hard_mask(tau, s.temperature)
       task = self._task_loss(params, mask, batch)
       return task + s.k_coef * mask.sum(), task
 
+    def bucket_grad(bucket, tau, key):
+      picked = jax.random.randint(key, (s.batch_pairs,), 0,
+                                  bucket['pairs'].shape[0])
+      rows = bucket['pairs'][picked].reshape(-1)
+      batch = {k: v[rows] for k, v in bucket.items() if k != 'pairs'}
+      return jax.grad(loss_fn, has_aux=True)(tau, batch)
+
     def step(carry, i):
       tau, opt_state = carry
-      picked = jax.random.randint(jax.random.fold_in(key, i),
-                                  (s.batch_pairs,), 0, pairs.shape[0])
-      batch = jax.tree.map(lambda x: x[pairs[picked].reshape(-1)], rows)
-      grad, task = jax.grad(loss_fn, has_aux=True)(tau, batch)
+      bucket_key, pick_key = jax.random.split(jax.random.fold_in(key, i))
+      which = jax.random.choice(bucket_key, len(buckets), p=sizes / sizes.sum())
+      grad, task = jax.lax.switch(
+          which, [lambda t, k, b=b: bucket_grad(b, t, k) for b in buckets],
+          tau, pick_key)
       updates, opt_state = self.tx.update(grad, opt_state, tau)
       tau = jnp.clip(optax.apply_updates(tau, updates), -1, 1)
       return (tau, opt_state), task
@@ -231,12 +257,11 @@ class _Pruner:
     """{steps: tau [num_nodes]} after each of `record_at` steps (one run)."""
     init_key, key = jax.random.split(key)
     tau, opt_state = self.init_scores(init_key)
-    rows = {k: v for k, v in self.train.items() if k != 'pair'}
     length = math.gcd(*record_at)
     recorded, done = {}, 0
     while done < max(record_at):
       tau, opt_state, task = self._segment(self.params, tau, opt_state, done,
-                                           key, rows, self.pairs,
+                                           key, self.train_buckets,
                                            length=length)
       done += length
       if done in record_at:
@@ -245,23 +270,24 @@ class _Pruner:
                      done, float(task), int((recorded[done] > 0).sum()))
     return recorded
 
-  def _evaluate_mask(self, params, mask, batches, n):
-    logits = jax.lax.map(
-        lambda b: _last_logits(self.model, params, self.means,
-                               self.unravel(mask), b), batches)
-    logits = logits.reshape(-1, logits.shape[-1])[:n]
-    correct = batches['correct'].reshape(-1)[:n]
-    incorrect = batches['incorrect'].reshape(-1)[:n]
+  def _bucket_logits(self, params, mask, bucket):
+    return _last_logits(self.model, params, self.means, self.unravel(mask),
+                        bucket)
+
+  def _losses(self, logits, correct, incorrect):
     raw, raw_acc = tasks.task_loss(logits, correct, incorrect)
     return (raw, raw_acc, *calibrated_loss(logits, correct, incorrect))
 
   def evaluate(self, mask, split_name):
     """{loss, accuracy, raw_loss, raw_accuracy, scale, shift} of the model
     with the nodes outside `mask` [num_nodes] bool ablated, on a split."""
-    rows = self.select if split_name == 'select' else self.test
+    mask = jnp.asarray(mask, jnp.float32)
+    buckets = self.eval_buckets[split_name]
+    logits = jnp.concatenate([self._logits(self.params, mask, b)
+                              for b in buckets])
     values = jax.device_get(self._evaluate(
-        self.params, jnp.asarray(mask, jnp.float32), self.batches[split_name],
-        n=rows['tokens'].shape[0]))
+        logits, *(np.concatenate([b[k] for b in buckets])
+                  for k in ('correct', 'incorrect'))))
     return dict(zip(('raw_loss', 'raw_accuracy', 'loss', 'accuracy', 'scale',
                      'shift'), map(float, values)))
 
@@ -269,8 +295,8 @@ class _Pruner:
     """Estimated loss decrease from keeping each node, [num_nodes]: minus
     the gradient of the train loss in the mask at `kept` (a first-order
     estimate of restoring a pruned node, or of ablating a kept one)."""
-    n = min(ESTIMATE_PROMPTS, self.train['tokens'].shape[0])
-    batch = {k: v[:n] for k, v in self.train.items() if k != 'pair'}
+    batch = trim({k: v[:ESTIMATE_PROMPTS] for k, v in self.train.items()
+                  if k != 'pair'})
     return -np.asarray(self._importance(
         self.params, jnp.asarray(kept, jnp.float32), batch))
 

@@ -79,21 +79,28 @@ def node_means(workdir, step):
   return prune.node_means(run['model'], run['params'], pretraining)
 
 
+@functools.lru_cache(maxsize=8)
+def _last_position_logits(workdir):
+  """One jitted forward per run, shared by its checkpoints (same model), so
+  evaluating many checkpoints compiles once per prompt shape."""
+  model = load(workdir)['model']
+  return jax.jit(lambda params, tokens, positions: model.apply(
+      {'params': params}, tokens, positions=positions))
+
+
 def evaluate_tasks(workdir, names, *, step=None, num_prompts=256, seed=0):
   """How well the unpruned checkpoint does each task: [{task, loss,
   accuracy, calibrated_loss}]. Only tasks whose calibrated loss is under a
   target can be pruned to it, so this says which tasks a run can be asked
   about."""
   run = load(workdir, step)
-  model, params = run['model'], run['params']
-  apply = jax.jit(lambda params, tokens, positions: model.apply(
-      {'params': params}, tokens, positions=positions))
+  apply = _last_position_logits(workdir)
   rows = []
   for name in names:
     encoded = prune.trim(tasks.encode(
         tasks.generate(name, num_prompts, seed), run['corpus'].tokenizer,
         run['config'].seq_len, name))
-    logits = apply(params, encoded['tokens'], encoded['lengths'] - 1)
+    logits = apply(run['params'], encoded['tokens'], encoded['lengths'] - 1)
     loss, accuracy = tasks.task_loss(logits, encoded['correct'],
                                      encoded['incorrect'])
     calibrated = prune.calibrated_loss(logits, encoded['correct'],

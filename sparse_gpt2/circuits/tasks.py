@@ -1,32 +1,41 @@
 r"""Binary next-token tasks on Python code, for finding circuits.
 
-A datapoint is `{"prompt", "correct", "incorrect"}`: the model sees the prompt
-and should put more logit on `correct` than on `incorrect` at the last prompt
-position (Gao et al. 2025, "Weight-sparse transformers have interpretable
-circuits"). The paper's generators are not public; these are written from the
-task descriptions, with the paper's task names.
+A datapoint is `{"prompt", "correct", "incorrect", "pair"}`: the model sees
+the prompt and should put more logit on `correct` than on `incorrect` at the
+last prompt position (Gao et al. 2025, "Weight-sparse transformers have
+interpretable circuits"). The paper's generators are not public; these are
+written from the task descriptions, with the paper's task names.
 
-Prompts imitate the CPython standard library the model is trained on: 4-space
-indents, identifiers and values drawn from varied pools, varied lengths. Every
-answer is decidable from its prompt. Usually the wrong candidate would be a
-syntax error (`if x` then ` =`), fail at run time (`seen = set()` then
+Datapoints come in contrastive pairs, as in the paper's released task files:
+a prompt and a minimally different one whose answer is the other candidate.
+A generator `gen(rng, answer)` builds the prompt whose correct candidate is
+its task's candidate number `answer`, and `generate` calls it twice with the
+same random state, so both members share every choice that does not depend
+on the answer. That makes the two classes exactly balanced for every
+candidate pair, and leaves the answer to be read from the code that differs:
+the prompts of a pair end in the same words, so neither a constant answer
+nor the last word or token predicts it (the tests check all three).
+
+Every answer is decidable from its prompt, and the wrong candidate would be
+a syntax error (`if x` then ` =`), fail at run time (`seen = set()` then
 `seen +=`) or contradict the code (`return True` after a loop that already
-returns True); where it would merely be pointless (`a, b = b, b`), the task's
-docstring says so.
+returns True); where it would be legal but odd (a parameter annotation, a
+comparison as a statement), the task's docstring says so.
 
-Candidates are chosen to be single tokens of a small byte-level BPE trained on
-Python, and prompts end so that BPE merges nothing across the boundary:
-tokenize(prompt + candidate) == tokenize(prompt) + [candidate]. That holds when
-the prompt ends in a letter or digit and the candidate starts with punctuation
-or a space, or the prompt ends in punctuation and the candidate starts with a
-letter or a space; prompts never end in whitespace, except `else_elif`, whose
-prompt ends one space short of the indentation, as byte-level BPE itself splits
-`\n    else` into `\n   ` and ` else`. `encode` checks both properties against
-the actual tokenizer, so a task that a tokenizer cannot represent is caught
-rather than silently scored on the wrong token.
+Candidates are single tokens of a small byte-level BPE trained on Python,
+the ones it produces at that point (`')` where the string's call closes,
+not `'`), and prompts end so that BPE merges nothing across the boundary:
+tokenize(prompt + candidate) == tokenize(prompt) + [candidate]. That holds
+when the prompt ends in a letter or digit and the candidate starts with
+punctuation or a space, or the prompt ends in punctuation and the candidate
+starts with a letter or a space; prompts never end in whitespace, except
+`else_elif`, whose prompt ends one space short of the indentation, as
+byte-level BPE itself splits `\n    else` into `\n   ` and ` else`. `encode`
+checks both properties against the actual tokenizer, so a task that a
+tokenizer cannot represent is caught rather than silently scored on the
+wrong token.
 """
 
-import collections
 from collections.abc import Callable
 import json
 import random
@@ -36,183 +45,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_QUOTES = ("'", '"')
-
-# Names that are single tokens after a space in each of 16 2048-token BPEs
-# trained on 300 random standard-library files, with ids under 1450 in one
-# trained on all of it. Names nearer the end of the vocabulary
-# (` timeout`, ` flags`, ` count`, ...) come and go with the sample. Tasks whose
-# answer is a name draw it from here.
-_NAMES = (
-    'name', 'path', 'size', 'data', 'value', 'key', 'encoding', 'default',
-    'context', 'method', 'state', 'code', 'text', 'file', 'filename', 'args',
-    'values', 'message', 'msg', 'start', 'end', 'result', 'obj', 'line', 'out',
-)
-_VERBS = (
-    'get', 'parse', 'format', 'check', 'make', 'find', 'build', 'update',
-    'handle', 'process', 'normalize', 'split', 'resolve', 'convert', 'collect',
-    'validate', 'compute', 'extract', 'render', 'encode', 'decode', 'lookup',
-    'iter', 'add', 'remove', 'reset', 'apply', 'visit', 'scan', 'strip',
-)
-_NOUNS = (
-    'name', 'path', 'header', 'config', 'state', 'entry', 'record', 'node',
-    'token', 'line', 'message', 'request', 'module', 'source', 'field',
-    'option', 'section', 'element', 'attribute', 'frame', 'buffer', 'archive',
-    'member', 'address', 'cookie', 'charset', 'locale', 'pattern', 'handler',
-    'signature', 'manifest', 'index', 'cache', 'package', 'params', 'tokens',
-    'names', 'items', 'lines', 'args', 'fields', 'values', 'parts', 'chunks',
-)
-_CLASSES = (
-    'Entry', 'Record', 'Handler', 'Connection', 'Request', 'Parser', 'Reader',
-    'Writer', 'Session', 'Token', 'Node', 'Option', 'Section', 'Frame',
-    'Member', 'Formatter', 'Result', 'Channel', 'Worker', 'Job', 'Event',
-    'Message', 'Header', 'Cookie', 'Policy', 'Loader', 'Finder', 'Spec',
-    'Transport', 'Protocol', 'Server', 'Client', 'Context', 'Stream', 'Queue',
-)
-_SEQS = (  # A sequence parameter and the name of one of its elements.
-    ('items', 'item'), ('lines', 'line'), ('args', 'arg'), ('names', 'name'),
-    ('values', 'value'), ('keys', 'key'), ('parts', 'part'),
-    ('fields', 'field'), ('tokens', 'token'), ('nodes', 'node'),
-    ('entries', 'entry'), ('paths', 'path'), ('words', 'word'),
-    ('chunks', 'chunk'), ('files', 'filename'), ('modules', 'module'),
-)
-_ATOMS = (
-    '0', '1', '2', '3', '8', '16', '32', '64', '255', '1024', '-1', 'None',
-    'True', 'False', 'x', 'n', 'i', 'size', 'count', 'self.width', 'offset',
-    'n - 1', 'i + 1', 'self.count', 'MAX_SIZE', 'sys.maxsize', 'os.sep',
-    'value', 'key', 'self.mode', 'DEFAULT_TIMEOUT', 'b', 'pos', 'start',
-)
-_CALLS = (
-    'len', 'str', 'int', 'repr', 'sorted', 'list', 'set', 'tuple', 'max',
-    'min', 'print', 'format', 'abs', 'round', 'getattr', 'isinstance', 'zip',
-    'os.path.join', 'os.path.dirname', 'os.fspath', 'self._get', 'map',
-    'self._convert', 'dict', 'enumerate', 'bytes', 'hash', 'callable',
-)
-_CONDITIONS = (  # Complete boolean expressions ending in a word or number.
-    'x is None', 'self.debug', 'n > 0', 'not args', 'key in cache',
-    'i < n', 'self._closed', 'node is not None', 'pos >= end', 'not data',
-    'size == 0', 'value is not None', 'count > 1', 'self.verbose',
-    'isinstance(value, str) and value', 'name in self._names', 'timeout < 0',
-    'len(items) > 1', 'mode == MODE_READ', 'sys.platform == WINDOWS',
-)
-_KEYS = (
-    'name', 'version', 'timeout', 'mode', 'host', 'port', 'level', 'path',
-    'encoding', 'size', 'count', 'debug', 'user', 'flags', 'format', 'type',
-    'default', 'maxsize', 'lineno', 'offset', 'key', 'value', 'id', 'args',
-)
-_STRINGS = (
-    'invalid literal for int with base %d', 'cannot import name %r',
-    'expected str, bytes or os.PathLike object', 'unsupported operand type',
-    'No such file or directory', 'utf-8', 'Content-Type', 'application/json',
-    '%s is not a valid mode', 'unknown encoding %s', 'text/plain', '__main__',
-    'localhost', 'latin-1', 'ascii', 'surrogateescape', 'HTTP/1',
-    'attempted relative import with no known parent package',
-    '%(levelname)s %(name)s %(message)s', 'Set-Cookie', 'read-only attribute',
-    '%r object has no attribute %r', 'bad magic number in %s',
-    'timed out waiting for the lock', 'maximum recursion depth exceeded',
-    'must be called with a callable', 'file is not a zip file', 'wb',
-    'Transfer-Encoding', 'generator already executing', 'tostring',
-    'can only concatenate list to list', 'Connection reset by peer',
-    'missing required argument %s', 'line %d column %d', 'strict',
-)
-_FSTRINGS = (
-    'invalid literal for int() with base {base}: {value!r}',
-    '{name!r} is not a valid mode', 'expected {n} arguments, got {len(args)}',
-    'unknown encoding: {encoding}', 'line {lineno} column {col}',
-    '{self.__class__.__name__} object has no attribute {name!r}',
-    'bad magic number in {filename}', '{cls.__name__}({self.value!r})',
-    '{key}={value}', 'timed out after {timeout:.1f} seconds',
-    '{self.host}:{self.port}', 'Error {err.errno} while reading {filename}',
-    'cannot import name {name!r} from {module.__name__!r}',
-    '{count} files in {path}', 'Content-Length: {len(body)}',
-    'missing required argument {name}', '{i}: {line}',
-    'HTTP/{version} {status} {reason}', '{type(obj).__name__} is not supported',
-    '{path} is not a directory', 'elapsed {elapsed:.3f}s', '__{name}__',
-    '<{self.__class__.__name__} {self.name!r}>', '{prefix}{name}{suffix}',
-    '{os.path.basename(filename)} was modified', 'got {x} and {y} instead',
-)
+from sparse_gpt2.circuits import pools
+from sparse_gpt2.circuits.pools import pick
 
 
-def _pick(rng, pool, k=None):
-  return rng.choice(pool) if k is None else rng.sample(pool, k)
+def single_double_quote(rng, answer):
+  """Close a string with the quote that opened it; other strings distract.
 
-
-def _atoms(rng):
-  return ', '.join(_pick(rng, _ATOMS, rng.randint(1, 4)))
-
-
-def _func_name(rng):
-  name = f'{_pick(rng, _VERBS)}_{_pick(rng, _NOUNS)}'
-  return '_' + name if rng.random() < 0.3 else name
-
-
-def _phrase(rng):
-  """A prefix of a message that ends inside a word, so quotes do not merge."""
-  words = _pick(rng, _STRINGS).split(' ')
-  cut = rng.randint(1, len(words))
-  while cut > 1 and not words[cut - 1][-1].isalnum():
-    cut -= 1
-  return ' '.join(words[:cut])
-
-
-def _quoted(rng, pool):
-  q = _pick(rng, _QUOTES)
-  return f'{q}{_pick(rng, pool)}{q}'
-
-
-def _datapoint(lines, correct, incorrect):
-  return {'prompt': '\n'.join(lines), 'correct': correct,
-          'incorrect': incorrect}
-
-
-def _function(rng, args=None, method=None, fillers=(0, 2)):
-  """Opening lines of a function or a method, and statements using its args.
-
-  `args` is a list of parameter names (random by default); `method` puts the
-  function in a class (at random by default). Returns (lines, indent, args),
-  indent being the body's.
+  The pair differs in that quote only. The wrong quote leaves the string
+  open to the end of the line, a syntax error. A candidate includes the
+  punctuation that follows the string, as BPE merges it with the quote
+  (`')`, `':`, `',`, `']`).
   """
-  args = args or _pick(rng, _NAMES, rng.randint(1, 3))
-  if method is None:
-    method = rng.random() < 0.4
-  if method:
-    lines = [f'class {_pick(rng, _CLASSES)}:']
-    if rng.random() < 0.5:
-      doc = f'{_pick(rng, _CLASSES)} for {_pick(rng, _NOUNS)}.'
-      lines += [f'    """{doc}"""', '']
-    lines.append(f'    def {_func_name(rng)}(self, {", ".join(args)}):')
-    indent = '        '
-  else:
-    lines, indent = [f'def {_func_name(rng)}({", ".join(args)}):'], '    '
-  return lines + _fillers(rng, indent, args, *fillers), indent, args
-
-
-def _statement(rng, indent, args):
-  """A line that uses the function's `args`, so prompts vary."""
-  arg, new = _pick(rng, args), _pick(rng, _NAMES)
-  method = indent == '        '
-  return indent + _pick(rng, (
-      f'{new} = {arg}.strip()',
-      f'if {arg} is None:\n{indent}    {arg} = {_pick(rng, _ATOMS)}',
-      f'{new} = os.path.join({arg}, {_quoted(rng, _KEYS)})',
-      f'{new} = len({arg})',
-      f'{new} = {arg}.split({_quoted(rng, (",", ":", "."))})',
-      f'if not {arg}:\n{indent}    return None',
-      f'{new} = {{}}',
-      f'{new} = []',
-      f'{new} = int({arg})',
-      f'{new} = getattr({arg}, {_quoted(rng, _KEYS)}, None)',
-      f'{arg} = self._{arg}' if method else f'{arg} = {arg}[1:]',
-      f'self._{new} = {arg}' if method else f'{new} = list({arg})',
-  ))
-
-
-def _fillers(rng, indent, args, low=0, high=2):
-  return [_statement(rng, indent, args) for _ in range(rng.randint(low, high))]
-
-
-def single_double_quote(rng):
-  """Close a string with the quote that opened it; other strings distract."""
   templates = (
       ('raise ValueError(', ')'), ('raise TypeError(', ')'), ('msg = ', ''),
       ('name = ', ''), ('self.assertEqual(result, ', ')'), ('print(', ')'),
@@ -222,536 +66,632 @@ def single_double_quote(rng):
       ('logger.debug(', ')'), ('options.setdefault(', ', None)'),
       ('encoding = ', ''), ('raise RuntimeError(', ')'),
   )
-  lines, indent, args = _function(rng, fillers=(0, 0))
+  lines, indent, args = pools.function(rng, fillers=(0, 0))
+  method = indent == '        '
   for _ in range(rng.randint(0, 3)):
     if rng.random() < 0.5:
-      lines.append(_statement(rng, indent, args))
+      lines.append(pools.statement(rng, indent, args, method))
     else:
-      before, after = _pick(rng, templates)
-      q = _pick(rng, _QUOTES)
-      lines.append(f'{indent}{before}{q}{_phrase(rng)}{q}{after}')
+      before, after = pick(rng, templates)
+      q = pick(rng, pools.QUOTES)
+      lines.append(f'{indent}{before}{q}{pools.phrase(rng)}{q}{after}')
       if after == ':':
         lines.append(f'{indent}    return None')
-  quote = _pick(rng, _QUOTES)
-  before, _ = _pick(rng, templates)
-  lines.append(f'{indent}{before}{quote}{_phrase(rng)}')
-  return _datapoint(lines, quote, _QUOTES[1 - _QUOTES.index(quote)])
+  before, after = pick(rng, templates)
+  # Two words at least, so the last word does not hold the quote.
+  text = pools.phrase(rng, min_words=2)
+  lines.append(f'{indent}{before}{pools.QUOTES[answer]}{text}')
+  return pools.datapoint(lines, [q + after[:1] for q in pools.QUOTES], answer)
 
 
-def bracket_counting(rng):
+def bracket_counting(rng, answer):
   """`)` or `))`: how many parentheses are open at the end.
 
   The paper counts brackets, `]` against `]]`, but `]]` is a marginal merge
   in a 2048-token BPE of the standard library (about the 2000th, and missing
   from most 300-file samples of it), while `))` is a common token and
-  parentheses nest the same way. With one open, `))` is a syntax error. With
-  two open, `)` is legal but must be followed by another argument, and
-  prompts end where one would close the whole call, as in `len(str(x))`.
-  Closed calls and subscripts in the arguments are distractors.
+  parentheses nest the same way. The pair differs by an outer call around
+  the same inner one. With one open, `))` is a syntax error. With two open,
+  `)` leaves the outer call open where the statement ends, as in
+  `len(str(x))`. Closed calls and subscripts in the arguments are
+  distractors; the inner call has one at least, so the last word is the
+  final argument.
   """
-  depth = rng.choice((1, 2))
-
   def closed():
     if rng.random() < 0.4:
-      return f'{_pick(rng, _CALLS)}({_pick(rng, _ATOMS)})'
-    return _pick(rng, _ATOMS + ('x[0]', 'args[1:]', 'self._items[i]'))
+      return f'{pick(rng, pools.CALLS)}({pick(rng, pools.ATOMS)})'
+    return pick(rng, pools.ATOMS + ('x[0]', 'args[1:]', 'self._items[i]'))
 
-  expr = ''
-  for _ in range(depth):
-    before = ''.join(closed() + ', ' for _ in range(rng.choice((0, 0, 1, 2))))
-    expr += f'{_pick(rng, _CALLS)}({before}'
-  expr += _pick(rng, _ATOMS)
-  stmt = _pick(rng, ('{} = {}', 'return {1}', 'yield {1}', 'if {1}',
-                     'assert {1}', 'self._{} = {}', '{} += {}'))
-  lines, indent, _ = _function(rng)
-  lines.append(indent + stmt.format(_pick(rng, _NAMES), expr))
-  return _datapoint(lines, ')' * depth, ')' * (3 - depth))
+  lines, indent, _ = pools.function(rng)
+  outer = pick(rng, pools.CALLS) + '('
+  outer += ''.join(closed() + ', ' for _ in range(rng.choice((0, 0, 1, 2))))
+  inner = pick(rng, pools.CALLS) + '('
+  inner += ''.join(closed() + ', ' for _ in range(rng.choice((1, 1, 2))))
+  expr = (outer if answer else '') + inner + pick(rng, pools.ATOMS)
+  stmt = pick(rng, ('{} = {}', 'return {1}', 'yield {1}', 'assert {1}',
+                    'self._{} = {}', '{} += {}'))
+  lines.append(indent + stmt.format(pick(rng, pools.NAMES), expr))
+  return pools.datapoint(lines, (')', '))'), answer)
 
 
-def bracket_brace(rng):
-  """`]` or `}`: which kind of bracket is innermost open (list, dict, set)."""
-  def key():
-    return _quoted(rng, _KEYS)
+def bracket_brace(rng, answer):
+  """`]` or `}`: is the open bracket a list's or a set's?
 
+  The pair differs in that bracket only; closed dicts, sets, subscripts and
+  calls before it distract. The wrong bracket does not match the open one,
+  a syntax error. Inside a call the candidates are `])` and `})`, the
+  tokens BPE makes there. A list or set has two items at least, so the last
+  word is not the bracket, and ends in a plain atom, so the candidate does
+  not merge with a `)` or `]` before it.
+  """
   def kv():
-    return ', '.join(f'{key()}: {_pick(rng, _ATOMS)}'
-                     for _ in range(rng.randint(1, 3)))
+    return ', '.join(
+        f'{pools.quoted(rng, pools.KEYS)}: {pick(rng, pools.ATOMS)}'
+        for _ in range(rng.randint(1, 3)))
 
-  seq, item = _pick(rng, _SEQS)
-  kind = _pick(rng, ('list', 'dict'))
-  if kind == 'list':
-    expr = _pick(rng, (
-        f'[{_atoms(rng)}',
-        f'[{item} for {item} in {seq}',
-        f'[{{{kv()}}}, {{{kv()}}}, {_atoms(rng)}',
-        f'{{{kv()}, {key()}: [{_atoms(rng)}',
-        f'({_atoms(rng)}, [{_atoms(rng)}',
-    ))
-  else:  # Sets close with `}` too.
-    expr = _pick(rng, (
-        f'{{{kv()}',
-        f'{{{_atoms(rng)}',
-        f'{{{item}: {_pick(rng, _ATOMS)} for {item} in {seq}',
-        f'[{{{kv()}}}, {{{kv()}',
-        f'{{{kv()}, {key()}: [{_atoms(rng)}], {key()}: {_pick(rng, _ATOMS)}',
-    ))
-  lines, indent, _ = _function(rng)
-  stmt = _pick(rng, ('{} = {}', 'return {1}', 'self._{} = {}',
-                     '{}.update({}', '{}.append({}'))
-  lines.append(indent + stmt.format(_pick(rng, _NAMES), expr))
-  correct = ']' if kind == 'list' else '}'
-  return _datapoint(lines, correct, '}' if correct == ']' else ']')
+  def element():
+    return pick(rng, pools.ATOMS + (
+        'x[0]', 'args[1:]', 'self._items[i]', 'frozenset({1, 2})',
+        'tuple(args)', 'names[-1]', 'len(data)',
+        f'{pick(rng, pools.CALLS)}(x)'))
+
+  seq, item = pick(rng, pools.SEQS)
+  lines, indent, _ = pools.function(rng)
+  if rng.random() < 0.5:
+    lines.append(indent + pick(rng, (
+        f'{pick(rng, pools.NAMES)} = {{{kv()}}}',
+        f'{pick(rng, pools.NAMES)} = [{pools.atom_list(rng)}]',
+        f'{pick(rng, pools.NAMES)} = {{{pools.quoted(rng, pools.KEYS)}: '
+        f'[{pools.atom_list(rng)}]}}')))
+  items = pick(rng, (
+      ''.join(element() + ', ' for _ in range(rng.randint(1, 3)))
+      + pick(rng, pools.ATOMS),
+      f'{item} for {item} in {seq}',
+      f'{item}.strip() for {item} in {seq} if {item}'))
+  stmt, close = pick(rng, (
+      ('{} = {}', ''), ('return {1}', ''), ('self._{} = {}', ''),
+      ('{}.update({}', ')'), ('{}.extend({}', ')'), ('{} = sorted({}', ')'),
+      ('{} = frozenset({}', ')'), ('return len({1}', ')')))
+  expr = '[{'[answer] + items
+  lines.append(indent + stmt.format(pick(rng, pools.NAMES), expr))
+  return pools.datapoint(lines, (']' + close, '}' + close), answer)
 
 
-def _set_or_string(rng, fixed_name):
-  is_set = rng.random() < 0.5
-  seq, item = _pick(rng, _SEQS)
-  accumulators = ('result', 'out', 'seen', 'found', 'text', 'buf', 'acc',
-                  'names', 'output', 'collected', 'pending', 'chars', 'parts',
-                  'visited', 'res', 'words', 'keys', 'data', 'lines', 's')
-  var, other = ('x', None) if fixed_name else _pick(
-      rng, [a for a in accumulators if a != seq], 2)
-  empty_str = _pick(rng, ("''", '""'))
-  inits = [f'    {var} = {"set()" if is_set else empty_str}']
-  if other and rng.random() < 0.5:  # A variable of the other type.
-    inits.append(f'    {other} = {empty_str if is_set else "set()"}')
-    rng.shuffle(inits)
+_ACCUMULATORS = ('result', 'out', 'seen', 'found', 'text', 'buf', 'acc',
+                 'names', 'output', 'collected', 'pending', 'chars', 'parts',
+                 'visited', 'res', 'words', 'keys', 'data', 'lines', 's')
+
+
+def _set_or_string(rng, answer, fixed_name):
+  seq, item = pick(rng, pools.SEQS)
+  var, other = ('x', None) if fixed_name else pick(
+      rng, [a for a in _ACCUMULATORS if a not in (seq, item)], 2)
+  empty_str = pick(rng, ("''", '""'))
+  if other and rng.random() < 0.5:
+    other_first = rng.random() < 0.5
+    other_used = rng.random() < 0.7
   else:
     other = None
-  lines, _, _ = _function(rng, [seq], method=False, fillers=(0, 1))
-  lines += inits + [f'    for {item} in {seq}:']
-  lines += rng.choice((
+  lines, _, _ = pools.function(rng, [seq], method=False, fillers=(0, 1))
+  skip = rng.choice((
       [], [f'        if not {item}:', '            continue'],
       [f'        if {item}.startswith({empty_str[0]}_{empty_str[0]}):',
        '            continue'],
       [f'        {item} = {item}.strip()']))
-  if other and rng.random() < 0.7:
+  is_set = answer == 0
+  inits = [f'    {var} = {"set()" if is_set else empty_str}']
+  if other:  # A variable of the other type.
+    inits.insert(0 if other_first else 1,
+                 f'    {other} = {empty_str if is_set else "set()"}')
+  lines += inits + [f'    for {item} in {seq}:'] + skip
+  if other and other_used:
     lines.append(f'        {other} += {item}' if is_set
                  else f'        {other}.add({item})')
   lines.append(f'        {var}')
-  return _datapoint(lines, *(('.', ' +=') if is_set else (' +=', '.')))
+  return pools.datapoint(lines, ('.', ' +='), answer)
 
 
-def set_or_string(rng):
+def set_or_string(rng, answer):
   """`.` (for `.add`) or ` +=`: was the variable made by `set()` or `''`?
 
-  Names vary and half the prompts also build a variable of the other type,
-  so the model has to bind the name to its initialisation.
+  The pair swaps the initialisation. The wrong one fails at run time: a
+  set has no `+=` with a string, a string has no `.add`. Names vary and
+  half the prompts also build a variable of the other type, so the model
+  has to bind the name to its initialisation.
   """
-  return _set_or_string(rng, fixed_name=False)
+  return _set_or_string(rng, answer, fixed_name=False)
 
 
-def set_or_string_fixedvarname(rng):
+def set_or_string_fixedvarname(rng, answer):
   """`set_or_string` with the variable always named `x` and no distractor."""
-  return _set_or_string(rng, fixed_name=True)
+  return _set_or_string(rng, answer, fixed_name=True)
 
 
-def final_kwarg(rng):
+def final_kwarg(rng, answer):
   """`)` or `,`: has the call passed every required keyword argument?
 
-  The callee's parameters have no defaults, so leaving one out is an error;
-  they are passed by keyword, in order or shuffled.
+  The callee's parameters have no defaults; the pair passes all of them or
+  leaves one out, by keyword, in order or shuffled, and ends on the same
+  argument. Closing an incomplete call is a TypeError at run time; after a
+  complete one, `,` could only be a trailing comma with nothing after it.
   """
-  params = _pick(rng, _NAMES, rng.randint(3, 5))
+  params = pick(rng, pools.NAMES, rng.randint(3, 5))
   first, keywords = params[0], params[1:]
   star = '*, ' if rng.random() < 0.5 else ''
-  callee = _func_name(rng)
+  callee = pools.func_name(rng)
   lines = [f'def {callee}({first}, {star}{", ".join(keywords)}):']
   if rng.random() < 0.5:
-    lines.append(f'    """{_pick(rng, _VERBS).capitalize()} the '
-                 f'{_pick(rng, _NOUNS)} of *{first}*."""')
-  lines += [f'    return {first}.{_pick(rng, _VERBS)}({keywords[0]})', '', '']
-  caller, _, caller_args = _function(rng, method=False, fillers=(0, 1))
+    lines.append(f'    """{pick(rng, pools.VERBS).capitalize()} the '
+                 f'{pick(rng, pools.NOUNS)} of *{first}*."""')
+  lines += [f'    return {first}.{pick(rng, pools.VERBS)}({keywords[0]})',
+            '', '']
+  caller, _, caller_args = pools.function(rng, method=False, fillers=(0, 1))
   lines += caller
-  complete = rng.random() < 0.5
-  passed = list(keywords) if complete else rng.sample(
-      keywords, rng.randint(1, len(keywords) - 1))
-  if complete and rng.random() < 0.5:
-    rng.shuffle(passed)
-  values = caller_args + list(_ATOMS)
-  kwargs = ', '.join(f'{k}={_pick(rng, values)}' for k in passed)
-  call = _pick(rng, ('return ', 'result = ', f'{_pick(rng, _NAMES)} = '))
-  lines.append(f'    {call}{callee}({_pick(rng, caller_args)}, {kwargs}')
-  return _datapoint(lines, *((')', ',') if complete else (',', ')')))
+  if rng.random() < 0.5:
+    rng.shuffle(keywords)
+  values = caller_args + list(pools.ATOMS)
+  kwargs = [f'{k}={pick(rng, values)}' for k in keywords]
+  left_out = rng.randrange(len(kwargs) - 1)
+  if answer:
+    del kwargs[left_out]
+  call = pick(rng, ('return ', 'result = ', f'{pick(rng, pools.NAMES)} = '))
+  lines.append(f'    {call}{callee}({pick(rng, caller_args)}, '
+               f'{", ".join(kwargs)}')
+  return pools.datapoint(lines, (')', ','), answer)
 
 
-def class_init(rng):
+def class_init(rng, answer):
   """In `__init__`, `self.size =` is followed by the parameter ` size`.
 
-  Storing another parameter there is legal, but `__init__` copies each
-  parameter to its own attribute.
+  The pair assigns one of two parameters that no earlier line stores, and
+  the candidates are those two. Storing the other one is legal but
+  contradicts the attribute's name: `__init__` copies each parameter to its
+  own attribute.
   """
-  params = _pick(rng, _NAMES, rng.randint(2, 5))
+  params = pick(rng, pools.NAMES, rng.randint(2, 5))
   n_defaults = rng.randint(0, len(params) - 1)
   signature = ', '.join(
       p if i < len(params) - n_defaults else
-      f'{p}={_pick(rng, ("None", "0", "False", "True", "1", "()", "-1"))}'
+      f'{p}={pick(rng, ("None", "0", "False", "True", "1", "()", "-1"))}'
       for i, p in enumerate(params))
-  base = _pick(rng, ('', '', '(object)', f'({_pick(rng, _CLASSES)})'))
-  lines = [f'class {_pick(rng, _CLASSES)}{base}:']
+  base = pick(rng, ('', '', '(object)', f'({pick(rng, pools.CLASSES)})'))
+  lines = [f'class {pick(rng, pools.CLASSES)}{base}:']
   if rng.random() < 0.5:
-    lines.append(f'    """A {_pick(rng, _NOUNS)} read from a '
-                 f'{_pick(rng, _NOUNS)}."""')
+    lines.append(f'    """A {pick(rng, pools.NOUNS)} read from a '
+                 f'{pick(rng, pools.NOUNS)}."""')
     lines.append('')
   lines.append(f'    def __init__(self, {signature}):')
   private = '_' if rng.random() < 0.4 else ''
-  target = _pick(rng, params)
+  candidates = pick(rng, params, 2)
   for p in params:
-    if p != target and rng.random() < 0.7:
+    if p not in candidates and rng.random() < 0.7:
       lines.append(f'        self.{private}{p} = {p}')
     if rng.random() < 0.2:
-      attr = _pick(rng, [k for k in _KEYS if k not in params])
+      attr = pick(rng, [k for k in pools.KEYS if k not in params])
       lines.append(f'        self._{attr} = '
-                   f'{_pick(rng, ("None", "False", "[]", "{}", "0"))}')
-  lines.append(f'        self.{private}{target} =')
-  wrong = _pick(rng, [p for p in params if p != target])
-  return _datapoint(lines, ' ' + target, ' ' + wrong)
+                   f'{pick(rng, ("None", "False", "[]", "{}", "0"))}')
+  lines.append(f'        self.{private}{candidates[answer]} =')
+  return pools.datapoint(lines, [' ' + p for p in candidates], answer)
 
 
-def with_as(rng):
-  """The body of `with open(path) as f:` reads from ` f`, not ` path`.
+def with_as(rng, answer):
+  """`with open(src) as f, open(dst, 'w') as g:` reads ` f`, writes ` g`.
 
-  Half the prompts also open an output file in the same `with`; then the
-  body either reads (from the input's name) or writes (to the output's), and
-  `f` or `file` can be either, so the model must bind names to roles.
+  The body's line reads or writes; the pair swaps the two aliases, so the
+  same line needs the other name, and the model must bind each alias to the
+  mode its file was opened in. The wrong one is a file in the wrong mode,
+  io.UnsupportedOperation at run time.
   """
-  opener = _pick(rng, ('open({})', 'open({}, "rb")', "open({}, 'r')",
-                       'gzip.open({})', 'tokenize.open({})',
-                       "open({}, encoding='utf-8')", 'self._open({})',
-                       'io.open({}, newline="")'))
-  res, alias = _pick(rng, (('path', 'f'), ('filename', 'f'), ('name', 'f'),
-                           ('file', 'f'), ('path', 'file'),
-                           ('filename', 'file'), ('name', 'file')))
-  args = [res] + _pick(rng, ('encoding', 'errors', 'mode', 'data', 'count',
-                             'config'), rng.randint(0, 2))
-  lines, indent, _ = _function(rng, args)
-  items = f'{opener.format(res)} as {alias}'
-  contexts = (('for line in', ' '), ('data = json.load(', ''),
-              ('return pickle.load(', ''), ('rows = list(csv.reader(', ''),
-              ('lines = list(', ''), ('for lineno, line in enumerate(', ''),
-              ('tree = ast.parse(', ''), ('return self._parse(', ''),
-              ('header = read_header(', ''))
-  right, wrong = alias, res
-  if rng.random() < 0.5:
-    out = _pick(rng, [n for n in ('out', 'f', 'file') if n not in (alias, res)])
-    items += f", open({res} + '.tmp', 'w') as {out}"
-    right, wrong = alias, out
-    if rng.random() < 0.5:
-      contexts = (('json.dump(data,', ' '), ('pickle.dump(obj,', ' '),
-                  ('print(line, file=', ''), ('writer = csv.writer(', ''),
-                  ('shutil.copyfileobj(buf,', ' '), ('self._write(', ''))
-      right, wrong = out, alias
-  lines.append(f'{indent}with {items}:')
-  context, space = _pick(rng, contexts)
+  aliases = pick(rng, (('f', 'g'), ('a', 'b'), ('f', 'file'), ('f', 'h'),
+                       ('x', 'y'), ('g', 'h')))
+  src, dst = pick(rng, (('path', 'tmp'), ('src', 'dst'), ('infile', 'outfile'),
+                        ('source', 'target'), ('filename', 'backup'),
+                        ('old', 'new')))
+  extra = pick(rng, ('encoding', 'errors', 'data', 'config', 'verbose'),
+               rng.randint(0, 2))
+  lines, indent, _ = pools.function(rng, [src, dst] + extra)
+  reader = pick(rng, ('open({})', "open({}, encoding='utf-8')",
+                      "open({}, 'r')", 'tokenize.open({})', 'io.open({})'))
+  writer = pick(rng, ("open({}, 'w')", "open({}, 'w', encoding='utf-8')",
+                      "open({}, mode='w')", "io.open({}, 'w')"))
+  input_first = rng.random() < 0.5
+  reads = rng.random() < 0.5
+  context, space = pick(rng, (
+      ('for line in', ' '), ('data = json.load(', ''),
+      ('rows = list(csv.reader(', ''), ('lines = list(', ''),
+      ('for lineno, line in enumerate(', ''), ('return json.load(', ''),
+      ('tree = ElementTree.parse(', ''), ('config.read_file(', '')
+  ) if reads else (
+      ('json.dump(data,', ' '), ('print(line, file=', ''),
+      ('writer = csv.writer(', ''), ('config.write(', ''),
+      ('tree.write(', ''), ('pprint.pprint(data, stream=', ''),
+      ('traceback.print_exc(file=', '')))
+  right, wrong = aliases[answer], aliases[1 - answer]
+  read_as, write_as = (right, wrong) if reads else (wrong, right)
+  items = [f'{reader.format(src)} as {read_as}',
+           f'{writer.format(dst)} as {write_as}']
+  if not input_first:
+    items.reverse()
+  lines.append(f'{indent}with {", ".join(items)}:')
   lines.append(f'{indent}    {context}')
-  return _datapoint(lines, space + right, space + wrong)
+  return pools.datapoint(lines, [space + a for a in aliases], answer)
 
 
-def with_open(rng):
+def with_open(rng, answer):
   """`r` or `w` in `open(path, '`: the function's name says which.
 
-  Verbs like `load` and `save`, a docstring half the time, and the data
-  argument that writers take all point the same way.
+  The pair swaps the function's verb for its opposite (`load`, `save`),
+  and the docstring half the time says "from" or "to". `w` in a reader
+  empties the file it is to read, and then reading fails at run time
+  (io.UnsupportedOperation), as writing does to a file opened with `r`.
   """
-  write = rng.random() < 0.5
-  verbs = (('read', 'load', 'parse', 'restore', 'fetch', 'scan') if not write
-           else ('write', 'save', 'dump', 'store', 'export', 'emit'))
-  verb, noun = _pick(rng, verbs), _pick(rng, _NOUNS)
-  path = _pick(rng, ('path', 'filename', 'name', 'file', 'fn', 'dest'))
+  verbs = pick(rng, (('read', 'write'), ('load', 'save'), ('load', 'dump'),
+                     ('parse', 'write'), ('restore', 'store'),
+                     ('fetch', 'store'), ('scan', 'emit'),
+                     ('import', 'export'), ('get', 'put')))
+  noun = pick(rng, pools.NOUNS)
+  path = pick(rng, ('path', 'filename', 'name', 'file', 'fn', 'dest'))
   args = f'self, {path}' if rng.random() < 0.4 else path
-  if write:
-    args += f', {_pick(rng, ("data", "lines", "obj", "text", "config"))}'
-  q = _pick(rng, _QUOTES)
-  lines = [f'def {_pick(rng, ("", "_"))}{verb}_{noun}({args}):']
-  if rng.random() < 0.6:
-    prep = 'to' if write else 'from'
+  private = pick(rng, ('', '_'))
+  doc = rng.random() < 0.6
+  q = pick(rng, pools.QUOTES)
+  fillers = pools.statements(rng, '    ', [path], 0, 1)
+  opener = pick(rng, (f'    with open({path}, {q}', f'    f = open({path}, {q}',
+                      f'    with open({path}, mode={q}'))
+  verb = verbs[answer]
+  lines = [f'def {private}{verb}_{noun}({args}):']
+  if doc:
+    prep = ('from', 'to')[answer]
     lines.append(f'    """{verb.capitalize()} the {noun} {prep} *{path}*."""')
-  lines += _fillers(rng, '    ', [path], 0, 1)
-  lines.append(_pick(rng, (f'    with open({path}, {q}',
-                           f'    f = open({path}, {q}',
-                           f'    with open({path}, mode={q}')))
-  return _datapoint(lines, *(('w', 'r') if write else ('r', 'w')))
+  lines += fillers + [opener]
+  return pools.datapoint(lines, ('r', 'w'), answer)
 
 
-def for_while(rng):
-  """` in` after `for target`, `:` after `while condition`."""
-  is_for = rng.random() < 0.5
-  lines, indent, _ = _function(rng)
-  if is_for:
-    seq, item = _pick(rng, _SEQS)
-    target = _pick(rng, (item, f'i, {item}', 'key, value', 'name', 'k, v',
-                         '_', 'line', 'i', f'{item}, value'))
-    lines.append(f'{indent}for {target}')
-  else:
-    cond = _pick(rng, _CONDITIONS + ('True', '1', 'queue', 'not done',
-                                     'self._running', 'stack'))
-    lines.append(f'{indent}while {cond}')
-  return _datapoint(lines, *((' in', ':') if is_for else (':', ' in')))
+def for_while(rng, answer):
+  """` in` after `for name`, `:` after `while name`.
 
-
-def else_elif(rng):
-  """` elif` or ` else` at the start of a line: which header does it continue?
-
-  `elif` is only legal after an `if`; after a `for`, `while` or `try` block
-  only `else` is. The `if` chains dispatch on a variable whose allowed values
-  are checked above and not all tested yet, so another `elif` is expected.
-  The prompt's last block is sometimes nested deeper, so the model must match
-  the indentation rather than look at the latest header. The prompt ends one
-  space short of the keyword's indent, as BPE splits `    else` that way.
+  The pair differs in the keyword (and a `while` condition's prefix); both
+  end in the same name, bound before as a parameter or a variable, so both
+  classes end in the same words. `for name:` is a syntax error; ` in` after
+  `while name` would be legal, starting a membership test, but nothing in
+  the prompt is a container to test it against.
   """
-  is_if = rng.random() < 0.5
-  lines, indent, _ = _function(rng, fillers=(0, 1))
-  var = _pick(rng, ('kind', 'mode', 'op', 'action', 'how', 'typ', 'which'))
-  choices = _pick(rng, ('file', 'dir', 'link', 'fifo', 'socket', 'block',
-                        'read', 'write', 'append', 'add', 'sub', 'mul', 'div',
-                        'start', 'stop', 'restart', 'status'), 4)
-  q = _pick(rng, _QUOTES)
+  name, value = pick(rng, (
+      ('node', 'tree.root'), ('line', 'f.readline()'),
+      ('chunk', 'f.read(8192)'), ('data', 'sock.recv(1024)'),
+      ('match', 'pattern.search(text)'), ('item', 'queue.get()'),
+      ('frame', 'sys._getframe()'), ('entry', 'table.first()'),
+      ('token', 'next(tokens, None)'), ('block', 'stream.read(size)'),
+      ('path', 'os.getcwd()'), ('key', 'next(keys, None)')))
+  as_param = rng.random() < 0.5
+  lines, indent, _ = pools.function(
+      rng, [name] if as_param else None,
+      names=[n for n in pools.NAMES if n != name])
+  if not as_param:
+    lines.append(f'{indent}{name} = {value}')
+  prefix = pick(rng, ('', '', 'not ', 'i < n and ', 'self._running and '))
+  lines.append(f'{indent}for {name}' if answer == 0 else
+               f'{indent}while {prefix}{name}')
+  return pools.datapoint(lines, (' in', ':'), answer)
+
+
+def else_elif(rng, answer):
+  """` else` or ` elif` at the start of a line: which header does it continue?
+
+  The pair has the same blocks under different headers: a `for`, `while` or
+  `try` (with an `except`) against an `if` (with an `elif`). After the
+  first, only ` else` is legal; `elif` is a syntax error. The `if` chain
+  dispatches on a variable whose allowed values are checked above, one
+  branch a value, and two of them at least are untested, so the chain
+  continues with ` elif`; ` else` would be legal but would lump the
+  untested values together, against the dispatch. The prompt's last block
+  is sometimes nested deeper, so the model must match the indentation
+  rather than look at the latest header. The prompt ends one space short of
+  the keyword's indent, as BPE splits `    else` that way.
+  """
+  var = pick(rng, ('kind', 'mode', 'op', 'action', 'how', 'typ', 'which'))
+  lines, indent, args = pools.function(
+      rng, [var] + pick(rng, pools.NAMES, rng.randint(0, 2)), fillers=(0, 1))
+  method = indent == '        '
+  choices = pick(rng, ('file', 'dir', 'link', 'fifo', 'socket', 'block',
+                       'read', 'write', 'append', 'add', 'sub', 'mul', 'div',
+                       'start', 'stop', 'restart', 'status'), 4)
+  q = pick(rng, pools.QUOTES)
 
   def body(ind):
-    return [ind + _pick(rng, (
-        f'return {_pick(rng, _ATOMS)}',
-        f'self._{_pick(rng, _KEYS)} = {_pick(rng, _ATOMS)}',
-        f'{_pick(rng, _NAMES)}.append({_pick(rng, _ATOMS)})',
-        f'{_pick(rng, _NAMES)} = {_pick(rng, _ATOMS)}'))
+    return [ind + pick(rng, (
+        f'return {pick(rng, pools.ATOMS)}',
+        f'self._{pick(rng, pools.KEYS)} = {pick(rng, pools.ATOMS)}',
+        f'{pick(rng, pools.NAMES)}.append({pick(rng, pools.ATOMS)})',
+        f'{pick(rng, pools.NAMES)} = {pick(rng, pools.ATOMS)}'))
             for _ in range(rng.randint(1, 2))]
 
   inner = indent + '    '
-  if is_if:
-    listed = ', '.join(f'{q}{c}{q}' for c in choices)
-    lines += [f'{indent}if {var} not in ({listed}):',
-              f'{inner}raise ValueError({q}bad {var}: %r{q} % {var})']
-    for i in range(rng.randint(1, 2)):
-      keyword = 'elif' if i else 'if'
-      lines.append(f'{indent}{keyword} {var} == {q}{choices[i]}{q}:')
-      lines += body(inner)
-    if rng.random() < 0.4:  # A deeper `for` block the answer must skip.
-      seq, item = _pick(rng, _SEQS)
-      lines.append(f'{inner}for {item} in {seq}:')
-      lines += body(inner + '    ')
+  listed = ', '.join(f'{q}{c}{q}' for c in choices)
+  lines += [f'{indent}if {var} not in ({listed}):',
+            f'{inner}raise ValueError({q}bad {var}: %r{q} % {var})']
+  lines += pools.statements(rng, indent, args, 0, 1, method)
+  seq, item = pick(rng, pools.SEQS)
+  header = pick(rng, (f'for {item} in {seq}:',
+                      f'while {pick(rng, pools.CONDITIONS)}:', 'try:'))
+  first, second = body(inner), body(inner)
+  error = pick(rng, ('KeyError', 'OSError', 'ValueError', 'ImportError'))
+  nested = pick(rng, (None, None, None, f'if {pick(rng, pools.CONDITIONS)}:',
+                      f'for {item} in {seq}:'))
+  last = body(inner + '    ')
+  if answer:
+    lines += [f'{indent}if {var} == {q}{choices[0]}{q}:'] + first
+    if header == 'try:':
+      lines += [f'{indent}elif {var} == {q}{choices[1]}{q}:'] + second
   else:
-    seq, item = _pick(rng, _SEQS)
-    header = _pick(rng, ('for', 'while', 'try'))
-    if header == 'for':
-      lines.append(f'{indent}for {item} in {seq}:')
-    elif header == 'while':
-      lines.append(f'{indent}while {_pick(rng, _CONDITIONS)}:')
-    else:
-      lines.append(f'{indent}try:')
-      lines += body(inner)
-      error = _pick(rng, ('KeyError', 'OSError', 'ValueError', 'ImportError'))
-      lines.append(f'{indent}except {error}:')
-    if rng.random() < 0.4:  # A deeper `if` block the answer must skip.
-      lines.append(f'{inner}if {_pick(rng, _CONDITIONS)}:')
-      lines += body(inner + '    ')
-      if header != 'try':
-        lines.append(f'{inner}    break')
-    else:
-      lines += body(inner)
+    lines += [indent + header] + first
+    if header == 'try:':
+      lines += [f'{indent}except {error}:'] + second
+  if nested:  # A deeper block the answer must skip.
+    lines += [inner + nested] + last
   lines.append(indent[:-1])
-  return _datapoint(lines, *((' elif', ' else') if is_if else
-                             (' else', ' elif')))
+  return pools.datapoint(lines, (' else', ' elif'), answer)
 
 
-def fstring_brace(rng):
+# Replacement-field expressions with a space in them: `{n - 1` and `{n} - 1`
+# end in the same word.
+_FIELDS = ('n - 1', 'i + 1', 'end - start', 'len(args) - 1', 'count * 2',
+           'size // 2', 'total / count', 'lineno + 1', 'offset + size',
+           'self.pos - start', 'len(data) + 4', 'value * 100',
+           'name or default', 'x if x else y', 'width - len(text)')
+
+
+def fstring_brace(rng, answer):
   """`}` or the closing quote: is an f-string replacement field still open?
 
-  Before Python 3.12 neither may appear in the other's place: the quote
-  cannot occur inside a field, and a lone `}` is an error in the text. The
-  prompt ends after a word, inside or outside a field, with the field's
-  brackets balanced so far.
+  The pair ends in the same words, `{n - 1` against `{n} - 1`, after text
+  with closed fields. Before Python 3.12 neither candidate may appear in the
+  other's place: the quote cannot close a string inside a field, and a lone
+  `}` is an error in the text. Where a call closes after the string the
+  quote's candidate is `')`, the token BPE makes there.
   """
-  q = _pick(rng, _QUOTES)
-  in_field = rng.random() < 0.5
-  cuts = []
-  while not cuts:
-    text, field = _pick(rng, _FSTRINGS), None
-    for i, c in enumerate(text):
-      field = i if c == '{' else None if c == '}' else field
-      inside = field is not None
-      if (c.isalnum() and not (text[i + 1:i + 2].isalnum() or
-                               text[i + 1:i + 2] == '_')
-          and inside == in_field and
-          (not inside or text.count('(', field, i) ==
-           text.count(')', field, i))):
-        cuts.append(i + 1)
-  templates = ('raise ValueError({}', 'msg = {}', 'print({}', 'return {}',
-               'self.fail({}', 'logger.warning({}', 'lines.append({}',
-               'raise OSError(errno.ENOENT, {}', 'sys.stdout.write({}')
-  lines, indent, _ = _function(rng)
-  literal = f'f{q}{text[:_pick(rng, cuts)]}'
-  lines.append(indent + _pick(rng, templates).format(literal))
-  return _datapoint(lines, *(('}', q) if in_field else (q, '}')))
+  q = pick(rng, pools.QUOTES)
+  text = pick(rng, pools.FSTRINGS)
+  cuts, depth = [0], 0
+  for i, c in enumerate(text):
+    depth += {'{': 1, '}': -1}.get(c, 0)
+    if c == ' ' and not depth:
+      cuts.append(i + 1)
+  prefix = text[:pick(rng, cuts)]
+  head, tail = pick(rng, _FIELDS).split(' ', 1)
+  field = f'{{{head} {tail}' if answer == 0 else f'{{{head}}} {tail}'
+  before, close = pick(rng, (
+      ('raise ValueError(', ')'), ('msg = ', ''), ('print(', ')'),
+      ('return ', ''), ('self.fail(', ')'), ('logger.warning(', ')'),
+      ('lines.append(', ')'), ('raise OSError(errno.ENOENT, ', ')'),
+      ('sys.stdout.write(', ')')))
+  lines, indent, _ = pools.function(rng)
+  lines.append(f'{indent}{before}f{q}{prefix}{field}')
+  return pools.datapoint(lines, ('}', q + close), answer)
 
 
-def _keyword(rng, indent, keywords):
-  """One of `keywords`, and the `if` block it needs first if it is `elif`."""
-  keyword = _pick(rng, keywords)
+def _block_before(rng, indent, keyword):
+  """The `if` block that `elif` needs first; nothing for other keywords."""
   if keyword != 'elif':
-    return [], keyword
-  return [f'{indent}if {_pick(rng, _CONDITIONS)}:',
-          f'{indent}    return {_pick(rng, _ATOMS)}'], keyword
+    return []
+  return [f'{indent}if {pick(rng, pools.CONDITIONS)}:',
+          f'{indent}    return {pick(rng, pools.ATOMS)}']
 
 
-def if_ternary(rng):
+def if_ternary(rng, answer):
   """`:` after an `if` statement's condition, ` else` after a conditional
-  expression's."""
-  ternary = rng.random() < 0.5
-  cond = _pick(rng, _CONDITIONS)
-  lines, indent, args = _function(rng)
-  if ternary:
-    a, b = _pick(rng, _NAMES), _pick(rng, args)
-    lines.append(indent + _pick(rng, (
-        f'{a} = {b} if {cond}', f'return {b} if {cond}',
-        f'self._{a} = {_pick(rng, _ATOMS)} if {cond}',
-        f'{a}.append({b} if {cond}', f'yield {b} if {cond}')))
-  else:
-    before, keyword = _keyword(rng, indent, ('if', 'elif', 'while'))
-    lines += before + [f'{indent}{keyword} {cond}']
-  return _datapoint(lines, *((' else', ':') if ternary else (':', ' else')))
+  expression's.
 
-
-def var_swap(rng):
-  """`a, b = b,` is followed by ` a`: completing a swap.
-
-  `a, b = b, b` is legal but would be written `a = b`.
+  The pair ends in the same condition. Either candidate in the other's
+  place is a syntax error.
   """
-  form = rng.random()
-  lines, indent, _ = _function(rng)
-  if form < 0.5:
-    a, b = _pick(rng, (('a', 'b'), ('x', 'y'), ('i', 'j'), ('j', 'k'),
-                       ('start', 'end'), ('key', 'value'), ('name', 'value'),
-                       ('s', 't'), ('n', 'm'), ('p', 'r'), ('c', 'd'),
-                       ('w', 'h'), ('text', 'data'), ('path', 'name')))
-    if rng.random() < 0.5:
-      a, b = b, a
-    if rng.random() < 0.5:
-      lines.append(f'{indent}if {a} > {b}:')
-      indent += '    '
-    lines.append(f'{indent}{a}, {b} = {b},')
-    return _datapoint(lines, ' ' + a, ' ' + b)
-  if form < 0.8:  # Swapping two elements of a sequence.
-    a, b = _pick(rng, (('i', 'j'), ('j', 'k'), ('i', 'k'), ('start', 'end'),
-                       ('i', 'n'), ('a', 'b'), ('x', 'y'), ('p', 'q')))
-    seq = _pick(rng, ('items', 'values', 'data', 'self._heap', 'lst', 'perm'))
-    line = '{0}[{1}], {0}[{2}] = {0}[{2}], {0}['
-  else:  # Swapping two attributes.
-    a, b = _pick(rng, (('x', 'y'), ('start', 'end'), ('key', 'value'),
-                       ('name', 'value'), ('w', 'h'), ('u', 'v')))
-    seq = _pick(rng, ('self', 'node', 'other', 'self._range', 'rect'))
-    line = '{0}.{1}, {0}.{2} = {0}.{2}, {0}.'
+  cond = pick(rng, pools.CONDITIONS)
+  lines, indent, args = pools.function(rng)
+  keyword = pick(rng, ('if', 'elif', 'while'))
+  lines += _block_before(rng, indent, keyword)
+  a, b = pick(rng, pools.NAMES), pick(rng, args)
+  ternary = pick(rng, (
+      f'{a} = {b} if {cond}', f'return {b} if {cond}',
+      f'self._{a} = {pick(rng, pools.ATOMS)} if {cond}',
+      f'{a}.append({b} if {cond}', f'yield {b} if {cond}'))
+  lines.append(indent + (f'{keyword} {cond}' if answer == 0 else ternary))
+  return pools.datapoint(lines, (':', ' else'), answer)
+
+
+def var_swap(rng, answer):
+  """`x[i], x[j] = x[j], x[` is followed by `i`: completing a swap.
+
+  Elements of a sequence or attributes of an object are swapped, so the
+  prompt ends in `x[` or `x.`; the pair lists the two in the other order.
+  `x[i], x[j] = x[j], x[j]` is legal but copies instead of swapping, which
+  `x[i] = x[j]` would say.
+  """
+  lines, indent, _ = pools.function(rng)
+  if rng.random() < 0.6:
+    a, b = pick(rng, (('i', 'j'), ('j', 'k'), ('i', 'k'), ('start', 'end'),
+                      ('i', 'n'), ('a', 'b'), ('x', 'y'), ('p', 'q'),
+                      ('lo', 'pos'), ('first', 'index')))
+    seq = pick(rng, ('items', 'values', 'data', 'self._heap', 'lst', 'perm',
+                     'heap', 'self._queue'))
+    element, line = '{0}[{1}]', '{0}[{1}], {0}[{2}] = {0}[{2}], {0}['
+  else:
+    a, b = pick(rng, (('x', 'y'), ('start', 'end'), ('key', 'value'),
+                      ('name', 'value'), ('w', 'h'), ('u', 'v'),
+                      ('first', 'right'), ('data', 'text')))
+    seq = pick(rng, ('self', 'node', 'other', 'self._range', 'rect', 'pair'))
+    element, line = '{0}.{1}', '{0}.{1}, {0}.{2} = {0}.{2}, {0}.'
   if rng.random() < 0.5:
-    a, b = b, a
-  lines.append(indent + line.format(seq, a, b))
-  return _datapoint(lines, a, b)
+    lines.append(f'{indent}if {element.format(seq, a)} > '
+                 f'{element.format(seq, b)}:')
+    indent += '    '
+  first, second = (a, b) if answer == 0 else (b, a)
+  lines.append(indent + line.format(seq, first, second))
+  return pools.datapoint(lines, (a, b), answer)
 
 
-def indent_for(rng):
+def indent_for(rng, answer):
   """The line after `for ...:` is indented one level deeper.
 
   Byte-level BPE tokenizes a newline and all but the last space of the next
-  line's indent as one token, so the candidates are `\n` plus 7 or 11
-  spaces: deeper than the loop (right) or level with it (a syntax error).
-  The loop sits 4 or 8 spaces deep, so each candidate is right in half the
-  prompts.
+  line's indent as one token, so the candidates are `\n` plus 3 spaces more
+  than the body's indent (4 in a function, 8 in a method) and `\n` plus 7
+  more. The pair puts the same `for` line after a block or inside it, so
+  the same two indents are right once each. Level with the `for` is an
+  IndentationError; two levels deeper is legal but breaks the 4-space
+  indentation of everything else.
   """
-  deep = rng.random() < 0.5
-  lines, indent, args = _function(rng, method=deep and rng.random() < 0.6)
-  if deep and len(indent) == 4:
-    lines.append(indent + _pick(rng, (
-        f'if {_pick(rng, _CONDITIONS)}:',
-        f'with open({_pick(rng, _NAMES)}) as f:',
-        'with self._lock:', f'while {_pick(rng, _CONDITIONS)}:',
-        f'for {_pick(rng, _NAMES)} in {_pick(rng, args)}:')))
-    indent += '    '
-    lines += _fillers(rng, indent, args, 0, 1)
-  seq, item = _pick(rng, _SEQS)
-  lines.append(indent + _pick(rng, (
+  lines, indent, args = pools.function(rng)
+  method = indent == '        '
+  inner = indent + '    '
+  lines.append(indent + pick(rng, (
+      f'if {pick(rng, pools.CONDITIONS)}:',
+      f'with open({pick(rng, pools.NAMES)}) as f:',
+      'with self._lock:', f'while {pick(rng, pools.CONDITIONS)}:',
+      f'for {pick(rng, pools.NAMES)} in {pick(rng, args)}:')))
+  lines += pools.statements(rng, inner, args, 1, 2, method)
+  seq, item = pick(rng, pools.SEQS)
+  loop = pick(rng, (
       f'for {item} in {seq}:', f'for i in range(len({seq})):',
-      f'for key, value in self._{_pick(rng, _KEYS)}.items():',
+      f'for key, value in self._{pick(rng, pools.KEYS)}.items():',
       f'for i, {item} in enumerate({seq}):', 'for line in f:',
-      f'for name in sorted(os.listdir({_pick(rng, _NAMES)})):',
-      f'for _ in range({_pick(rng, _ATOMS)}):', f'for {item} in self.{seq}:',
-      f'for {item} in reversed({seq}):')))
-  body, level = (' ' * 11, ' ' * 7) if deep else (' ' * 7, ' ' * 3)
-  return _datapoint(lines, '\n' + body, '\n' + level)
+      f'for name in sorted(os.listdir({pick(rng, pools.NAMES)})):',
+      f'for _ in range({pick(rng, pools.ATOMS)}):',
+      f'for {item} in self.{seq}:', f'for {item} in reversed({seq}):'))
+  lines.append((indent, inner)[answer] + loop)
+  candidates = ['\n' + ' ' * (len(indent) + n) for n in (3, 7)]
+  return pools.datapoint(lines, candidates, answer)
 
 
-def lambda_func(rng):
-  """`:` after a lambda's parameters, `)` after a def's.
+def lambda_func(rng, answer):
+  """`:` after a lambda's parameters, `):` after a def's.
 
-  A def parameter could take a `:` annotation; the standard library rarely
-  annotates, and the earlier parameters here never are.
+  The pair defines the same parameters in the same function body, with a
+  lambda or a nested def; two of them at least, so both end in the same
+  words. `):` after a lambda's parameters is a syntax error. A def's last
+  parameter could take a `:` annotation: where it has a default that is a
+  syntax error too, elsewhere it is legal but rare in the standard library.
   """
-  is_lambda = rng.random() < 0.5
-  names = _pick(rng, _NAMES, rng.randint(2, 4))
-  params = ', '.join(names[:-1])
-  if is_lambda:
-    lines, indent, _ = _function(rng)
-    seq, item = _pick(rng, _SEQS)
-    lines.append(indent + _pick(rng, (
-        f'{seq}.sort(key=lambda {item}',
-        f'return sorted({seq}, key=lambda {item}',
-        f'callback = lambda {params}', f'self._{item} = lambda {params}',
-        f'return map(lambda {item}', f'{item} = max({seq}, key=lambda {item}',
-        f'return filter(lambda {item}', f'atexit.register(lambda {params}')))
-  else:
-    lines = []
-    if rng.random() < 0.5:  # Another function first.
-      lines = _function(rng, fillers=(1, 2))[0] + ['']
-    method = rng.random() < 0.5
-    prefix = '    ' if method else ''
-    if method:
-      lines.append(f'class {_pick(rng, _CLASSES)}:')
-      params = 'self, ' + params
-    last = _pick(rng, (names[-1], f'{names[-1]}=None',
-                       f'{names[-1]}={_pick(rng, _ATOMS)}'))
-    lines.append(f'{prefix}def {_func_name(rng)}({params}, {last}')
-  return _datapoint(lines, *((':', ')') if is_lambda else (')', ':')))
+  lines, indent, _ = pools.function(rng)
+  names = pick(rng, pools.NAMES, rng.randint(2, 4))
+  if rng.random() < 0.4:
+    names[-1] += f'={pick(rng, ("None", "0", "False", "True", "1"))}'
+  params = ', '.join(names)
+  target = pick(rng, pools.NAMES)
+  lambdas = [f'callback = lambda {params}', f'self._{target} = lambda {params}',
+             f'return lambda {params}', f'{target} = lambda {params}',
+             f'handlers.append(lambda {params}',
+             f'atexit.register(lambda {params}']
+  if len(names) == 2:
+    lambdas += [f'return functools.reduce(lambda {params}',
+                f'items.sort(key=functools.cmp_to_key(lambda {params}']
+  lam = pick(rng, lambdas)
+  name = pools.func_name(rng)
+  lines.append(indent + (lam if answer == 0 else f'def {name}({params}'))
+  return pools.datapoint(lines, (':', '):'), answer)
 
 
-def if_equals(rng):
+def if_equals(rng, answer):
   """` ==` in a condition, ` =` at the start of a statement.
 
-  A comparison as a statement (`self.mode == x`) is legal but does nothing.
+  The pair ends in the same target, after a keyword or at the start of the
+  line. ` =` in a condition is a syntax error; a comparison as a statement
+  (`self.mode == x`) is legal but does nothing.
   """
-  compare = rng.random() < 0.5
-  lines, indent, args = _function(rng)
-  target = _pick(rng, (_pick(rng, args), f'self.{_pick(rng, _NAMES)}',
-                       f'self._{_pick(rng, _NAMES)}',
-                       f'{_pick(rng, _NAMES)}.{_pick(rng, _KEYS)}'))
-  if compare:
-    before, keyword = _keyword(rng, indent, ('if', 'elif', 'while', 'assert',
-                                             'if not', 'return', 'if x and'))
-    lines += before + [f'{indent}{keyword} {target}']
-  else:
-    lines.append(indent + target)
-  return _datapoint(lines, *((' ==', ' =') if compare else (' =', ' ==')))
+  lines, indent, args = pools.function(rng)
+  target = pick(rng, (pick(rng, args), f'self.{pick(rng, pools.NAMES)}',
+                      f'self._{pick(rng, pools.NAMES)}',
+                      f'{pick(rng, pools.NAMES)}.{pick(rng, pools.KEYS)}'))
+  keyword = pick(rng, ('if', 'elif', 'while', 'assert', 'if not', 'return',
+                       'if x and'))
+  lines += _block_before(rng, indent, keyword)
+  lines.append(indent + (f'{keyword} {target}' if answer == 0 else target))
+  return pools.datapoint(lines, (' ==', ' ='), answer)
 
 
-def enumerate_range(rng):
-  """`enumerate(` takes the sequence, `range(` takes `len` of it."""
-  use_range = rng.random() < 0.5
-  seq, item = _pick(rng, (('lines', 'line'), ('args', 'arg'), ('keys', 'key'),
-                          ('data', 'byte'), ('text', 'char')))
-  lines, indent, _ = _function(rng, [seq])
-  if use_range:
-    lines.append(f'{indent}for i in range(')
-  else:
-    lines.append(f'{indent}for i, {item} in enumerate(')
-  return _datapoint(lines, *(('len', seq) if use_range else (seq, 'len')))
+def enumerate_range(rng, answer):
+  """In a loop over `range(len(seq))` the element is `seq[i]`; in one over
+  `enumerate(seq)` it is the loop's own name.
+
+  The pair has the same body under `for i in range(len(lines)):` or
+  `for i, line in enumerate(lines, 1):`, and the prompt ends where the body
+  uses the element: `lines` (then `[i]`) or `line`. After `range` the name
+  `line` is unbound, a NameError; the enumerate loops are ones where
+  `lines[i]` is a different element (counting from 1, sorted, reversed), an
+  IndexError or a contradiction.
+  """
+  seq, item = pick(rng, (('lines', 'line'), ('args', 'arg'), ('keys', 'key'),
+                         ('items', 'item'), ('names', 'name'),
+                         ('values', 'value'), ('modules', 'module')))
+  index = pick(rng, ('i', 'j', 'n', 'k', 'pos', 'index', 'lineno'))
+  names = [n for n in pools.NAMES if n not in (seq, item, index)]
+  extra = pick(rng, names, rng.randint(0, 1))
+  lines, indent, _ = pools.function(rng, [seq] + extra, names=names)
+  ranges = pick(rng, (f'range(len({seq}))', f'range(1, len({seq}))',
+                      f'range(len({seq}) - 1)', f'range(0, len({seq}), 2)'))
+  enumerates = pick(rng, (f'enumerate({seq}, 1)', f'enumerate({seq}, start=1)',
+                          f'enumerate(sorted({seq}))',
+                          f'enumerate(reversed({seq}))'))
+  body = indent + '    '
+  skip = pick(rng, ([], [], [f'{body}if {index} == 0:', f'{body}    continue'],
+                    [f'{body}if {index} % 2:', f'{body}    continue']))
+  use = pick(rng, ('{} = int(', '{}.append(', 'print(', 'total += len(',
+                   '_{}(', '{} = convert(', 'yield {}(', 'if not check('))
+  use = use.format(pick(rng, ('acc', 'rows', 'handle', 'parse', 'emit')))
+  lines += [f'{indent}for {index} in {ranges}:' if answer == 0 else
+            f'{indent}for {index}, {item} in {enumerates}:']
+  lines += skip + [body + use]
+  return pools.datapoint(lines, (seq, item), answer)
 
 
-def while_return_true(rng):
+def var_if(rng, answer):
+  """`if` tests the variable this function just assigned, not another
+  function's.
+
+  The paper names this task without describing it. Here a helper function
+  assigns and returns one name, and the function the prompt ends in assigns
+  another from a call that may return None, then starts `if`. The pair
+  swaps the two names, so the candidates are the same; the other function's
+  local is not in scope, a NameError at run time.
+  """
+  a, b = pick(rng, pools.NAMES, 2)
+  names = [n for n in pools.NAMES if n not in (a, b)]
+  helper = pools.func_name(rng)
+  helper_args = pick(rng, names, rng.randint(1, 2))
+  helper_value = pick(rng, (
+      f'{helper_args[0]}.strip()', f'len({helper_args[0]})',
+      f'{helper_args[0]}.get({pools.quoted(rng, pools.KEYS)})',
+      f'os.fspath({helper_args[0]})',
+      f'{pick(rng, pools.CALLS)}({", ".join(helper_args)})'))
+  helper_use = pick(rng, ('return {}', 'return {} or None',
+                          '_cache[{0}] = {0}', 'print({})'))
+  args = pick(rng, names, rng.randint(1, 3))
+  lines, indent, _ = pools.function(rng, args, method=False, names=names)
+  arg = pick(rng, args)
+  value = pick(rng, (
+      f'pattern.match({arg})', f'cache.get({arg})', f'_lookup({arg})',
+      f'os.environ.get({pools.quoted(rng, pools.KEYS)})',
+      f'getattr({arg}, {pools.quoted(rng, pools.KEYS)}, None)',
+      f'next(iter({arg}), None)', f'shutil.which({arg})',
+      f're.search({pools.quoted(rng, ("x", "_", "0"))}, {arg})'))
+  after = pools.statements(rng, indent, args, 0, 1, names=names)
+  own, other = (a, b) if answer == 0 else (b, a)
+  prompt = [f'def {helper}({", ".join(helper_args)}):',
+            f'    {other} = {helper_value}',
+            '    ' + helper_use.format(other), '', '']
+  prompt += lines + [f'{indent}{own} = {value}'] + after + [f'{indent}if']
+  return pools.datapoint(prompt, (' ' + a, ' ' + b), answer)
+
+
+def while_return_true(rng, answer):
   """` False` after a loop whose body returns True, and vice versa.
 
-  Returning the same value after the loop as inside it would make the
-  early return pointless.
+  The pair swaps the two constants. Returning the same value after the loop
+  as inside it would make the early return pointless.
   """
-  early = rng.choice(('True', 'False'))
-  late = 'False' if early == 'True' else 'True'
-  noun, attr = _pick(rng, _NOUNS), _pick(rng, _KEYS)
-  name = _pick(rng, ('value', 'key', 'name', 'chars', 'sep', 'prefix',
-                     'target', 'needle'))
+  early = ('False', 'True')[answer]  # The other candidate is right.
+  noun, attr = pick(rng, pools.NOUNS), pick(rng, pools.KEYS)
+  name = pick(rng, ('value', 'key', 'name', 'chars', 'sep', 'prefix',
+                    'target', 'needle'))
   loop = rng.randint(0, 3)
   if loop == 0:
     args = f'node, {name}'
@@ -767,59 +707,63 @@ def while_return_true(rng):
     args = f'self, {name}'
     body = ['    stack = [self]', '    while stack:',
             '        node = stack.pop()',
-            f'        if {_pick(rng, ("not ", ""))}node.{attr}:',
+            f'        if {pick(rng, ("not ", ""))}node.{attr}:',
             f'            return {early}',
-            f'        stack.extend(node.{_pick(rng, ("children", "_nodes"))})']
+            f'        stack.extend(node.{pick(rng, ("children", "_nodes"))})']
   else:
-    seq, item = _pick(rng, _SEQS)
+    seq, item = pick(rng, pools.SEQS)
     args = seq
     body = [f'    for {item} in {seq}:',
-            f'        if {item}.{_pick(rng, ("startswith", "endswith"))}('
-            f'{_quoted(rng, _KEYS)}):', f'            return {early}']
-  lines = [f'def {_pick(rng, ("is", "has", "_is", "_has", "contains"))}_{noun}'
+            f'        if {item}.{pick(rng, ("startswith", "endswith"))}('
+            f'{pools.quoted(rng, pools.KEYS)}):', f'            return {early}']
+  lines = [f'def {pick(rng, ("is", "has", "_is", "_has", "contains"))}_{noun}'
            f'({args}):']
   if rng.random() < 0.5:
     lines.append(f'    """Return {early} if any {noun} matches."""')
   lines += body + ['    return']
-  return _datapoint(lines, ' ' + late, ' ' + early)
+  return pools.datapoint(lines, (' True', ' False'), answer)
 
 
-TASKS: dict[str, Callable[[random.Random], dict]] = {
+TASKS: dict[str, Callable[[random.Random, int], dict]] = {
     f.__name__: f for f in (
         single_double_quote, bracket_counting, set_or_string,
         set_or_string_fixedvarname, final_kwarg, class_init, with_as,
         bracket_brace, with_open, for_while, else_elif, fstring_brace,
         if_ternary, var_swap, indent_for, lambda_func, if_equals,
-        enumerate_range, while_return_true)
+        enumerate_range, var_if, while_return_true)
 }
 
 
 def generate(name, n, seed=0):
-  """`n` datapoints of task `name`, the same for the same seed.
+  """`n` datapoints of task `name`, n/2 contrastive pairs; the same for the
+  same seed.
 
-  No candidate is the correct one in more than half of them (rounded up),
-  nor the incorrect one. Where one candidate is in every datapoint (`}` in
-  `fstring_brace`, both in most tasks) that balances the two classes exactly,
-  so a model that ignores the prompt scores at most chance. Generators draw
-  either class with probability 1/2, so the last places take about n extra
-  draws.
+  Pair i is datapoints 2i (answer 0) and 2i + 1 (answer 1), both with
+  `"pair": i`: the task's generator called twice with copies of one random
+  state, so the two prompts differ only where the answer needs them to and
+  have the same candidates, swapped. Each candidate is therefore the
+  correct one exactly as often as the incorrect one.
   """
   if name not in TASKS:
     raise ValueError(f'Unknown task {name!r}; known tasks: {", ".join(TASKS)}')
+  if n % 2:
+    raise ValueError(f'{name}: n={n} is odd; datapoints come in pairs.')
   rng = random.Random(seed)
-  counts = collections.Counter()
   data = []
-  while len(data) < n:
-    d = TASKS[name](rng)
-    roles = [('correct', d['correct']), ('incorrect', d['incorrect'])]
-    if all(counts[r] < (n + 1) // 2 for r in roles):
-      counts.update(roles)
-      data.append(d)
+  for pair in range(n // 2):
+    state = rng.getrandbits(64)
+    for answer in (0, 1):
+      data.append({**TASKS[name](random.Random(state), answer), 'pair': pair})
   return data
 
 
 def load_jsonl(path):
-  """A user task: one `{"prompt", "correct", "incorrect"}` object per line."""
+  """A user task: one `{"prompt", "correct", "incorrect"}` object per line.
+
+  An optional `"pair"` (an integer or a string) groups datapoints into
+  contrastive pairs or larger groups, which `encode` numbers; other keys are
+  dropped.
+  """
   data = []
   with open(path, encoding='utf-8') as f:
     for lineno, line in enumerate(f, 1):
@@ -836,13 +780,17 @@ def load_jsonl(path):
       missing = [k for k in ('prompt', 'correct', 'incorrect') if k not in d]
       if missing:
         raise ValueError(f'{where}: missing key(s) {", ".join(missing)}.')
-      d = {k: d[k] for k in ('prompt', 'correct', 'incorrect')}
-      if not all(isinstance(v, str) and v for v in d.values()):
+      kept = {k: d[k] for k in ('prompt', 'correct', 'incorrect')}
+      if not all(isinstance(v, str) and v for v in kept.values()):
         raise ValueError(f'{where}: prompt, correct and incorrect must be '
                          'non-empty strings.')
-      if d['correct'] == d['incorrect']:
+      if kept['correct'] == kept['incorrect']:
         raise ValueError(f'{where}: correct and incorrect are the same.')
-      data.append(d)
+      if 'pair' in d:
+        if isinstance(d['pair'], bool) or not isinstance(d['pair'], (int, str)):
+          raise ValueError(f'{where}: pair must be an integer or a string.')
+        kept['pair'] = d['pair']
+      data.append(kept)
   if not data:
     raise ValueError(f'{path}: no datapoints.')
   return data
@@ -861,8 +809,10 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
 
   Returns `tokens` int32 [N, seq_len] (right-padded with 0; long prompts keep
   their last seq_len tokens), `lengths` [N] (prompt tokens kept), the
-  `correct` and `incorrect` token ids [N], and `index` [N], each row's
-  position in `datapoints`.
+  `correct` and `incorrect` token ids [N], `index` [N], each row's position
+  in `datapoints`, and `pair` [N], a group id numbering the rows' `"pair"`
+  values from 0 in order of appearance; a datapoint without one is a group
+  of its own, and so is a pair's member whose partner was skipped.
   """
   if not datapoints:
     raise ValueError(f'{name}: no datapoints.')
@@ -880,7 +830,7 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
       [p + d['correct'] for p, d in zip(prompts, datapoints)])
   with_incorrect = tokenizer.encode_batch(
       [p + d['incorrect'] for p, d in zip(prompts, datapoints)])
-  rows = []
+  rows, groups = [], {}
   for index, (d, e, ec, ei) in enumerate(
       zip(datapoints, encoded, with_correct, with_incorrect)):
     if not e.ids or 0 in e.ids:
@@ -888,7 +838,9 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
                        'token 0, which is padding.')
     c, i = ids_of[d['correct']], ids_of[d['incorrect']]
     if ec.ids == e.ids + c and ei.ids == e.ids + i:
-      rows.append((e.ids[-seq_len:], c[0], i[0], index))
+      group = ('pair', d['pair']) if 'pair' in d else ('row', index)
+      group = groups.setdefault(group, len(groups))
+      rows.append((e.ids[-seq_len:], c[0], i[0], index, group))
   skipped = len(datapoints) - len(rows)
   if not rows:
     raise ValueError(f'{name}: in all {skipped} datapoints a candidate merges '
@@ -900,13 +852,14 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
   tokens = np.zeros((len(rows), seq_len), np.int32)
   for r, (ids, *_) in enumerate(rows):
     tokens[r, :len(ids)] = ids
-  _, correct, incorrect, index = zip(*rows)
+  _, correct, incorrect, index, pair = zip(*rows)
   return {
       'tokens': tokens,
       'lengths': np.array([len(ids) for ids, *_ in rows], np.int32),
       'correct': np.array(correct, np.int32),
       'incorrect': np.array(incorrect, np.int32),
       'index': np.array(index, np.int32),
+      'pair': np.array(pair, np.int32),
   }
 
 
