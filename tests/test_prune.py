@@ -240,6 +240,8 @@ def test_mean_ablation_all_or_nothing():
     ['--task=no_such_task'],
     ['--task=bracket_counting', '--task_file=tasks.jsonl'],
     [],
+    ['--task=var_if', '--num_prompts=7', '--dump_prompts=x.jsonl'],
+    ['--task=var_if', '--target_loss=0.9'],
 ])
 def test_cli_bad_input_is_one_line_exit_1(args, tmp_path):
   result = subprocess.run(
@@ -305,3 +307,15 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   assert sum(s['pairs'] for s in circuit['splits'].values()) == 8
   assert circuit['examples'][0]['correct'] in ("'", '"')
   assert circuit['model_shape']['d_head'] == 16
+
+
+def test_cli_dumps_prompts_in_the_user_task_format(tmp_path):
+  from sparse_gpt2.circuits import tasks  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'var_if.jsonl'
+  result = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.circuits', '--task=var_if',
+       '--num_prompts=6', '--seed=3', f'--dump_prompts={path}'],
+      capture_output=True, text=True, timeout=120,
+      cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 0, result.stderr
+  assert tasks.load_jsonl(path) == tasks.generate('var_if', 6, seed=3)

@@ -226,11 +226,14 @@ def test_cli_rejects_bad_input_before_pruning(tmp_path, bad):
   assert not os.path.exists(tmp_path / 'out')
 
 
-def _fake_run(path, val_losses):
-  """A run directory as `runs.checkpoints` reads it: config.json, one
-  (empty) checkpoint folder per step, and metrics.jsonl."""
+def _fake_run(path, val_losses, mode):
+  """A run directory as `runs.checkpoints` reads it: config.json (200 steps,
+  annealed over the first half in topk mode), one (empty) checkpoint folder
+  per step, and metrics.jsonl."""
   (path / 'checkpoints').mkdir(parents=True)
-  (path / 'config.json').write_text('{}')
+  (path / 'config.json').write_text(json.dumps({
+      'train_steps': 200, 'sparsity': {'mode': mode,
+                                       'anneal_fraction': 0.5}}))
   lines = []
   for step, loss in val_losses.items():
     (path / 'checkpoints' / str(step)).mkdir()
@@ -260,8 +263,8 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
 
   monkeypatch.setattr(runs_lib, 'find_circuit', find_circuit)
   runs = {'sparse': tmp_path / 'sparse', 'dense': tmp_path / 'dense'}
-  _fake_run(runs['sparse'], {100: 3.6, 200: 3.2})
-  _fake_run(runs['dense'], {50: 3.5, 100: 3.21, 150: 3.0})
+  _fake_run(runs['sparse'], {50: 4.0, 100: 3.6, 200: 3.2}, 'topk')
+  _fake_run(runs['dense'], {50: 3.5, 100: 3.21, 150: 3.0}, 'none')
   out = tmp_path / 'out'
 
   def run(*args):
@@ -303,13 +306,16 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
   run('--tasks=if_equals', '--steps=9')
   assert calls[4:] == [('sparse', 200, 'if_equals', 9, ()),
                        ('dense', 100, 'if_equals', 9, ())]
-  run('--tasks=if_equals', '--steps=9', '--curve', '--curve_every=100')
-  # The curve prunes the other checkpoints at multiples of 100 only.
+  run('--tasks=if_equals', '--steps=9', '--curve', '--curve_every=50')
+  # The curve prunes the other checkpoints at multiples of 50, but not the
+  # sparse run's before its annealing ended (step 100).
   assert calls[6:] == [('sparse', 100, 'if_equals', 9, ()),
-                       ('dense', 100, 'if_equals', 9, ())][:1]
+                       ('dense', 50, 'if_equals', 9, ()),
+                       ('dense', 150, 'if_equals', 9, ())]
   points = json.loads((out / 'curve.json').read_text())
   assert [(p['model'], p['step']) for p in points] == [
-      ('sparse', 100), ('sparse', 200), ('dense', 100)]
+      ('sparse', 100), ('sparse', 200), ('dense', 50), ('dense', 100),
+      ('dense', 150)]
   assert (out / 'curve.png').exists()
 
   with pytest.raises(SystemExit):

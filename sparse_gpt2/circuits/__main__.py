@@ -110,6 +110,8 @@ def main(argv):
     return
   metrics.quiet_library_logs()
   try:
+    settings = settings_lib.from_flags()
+    settings.validate()
     if _DUMP_PROMPTS.value:
       _dump_prompts(_DUMP_PROMPTS.value)
       return
@@ -120,7 +122,7 @@ def main(argv):
                       [_TASK.value] if _TASK.value else list(tasks.TASKS)))
       return
     circuit = runs.find_circuit(
-        _WORKDIR.value, settings_lib.from_flags(), step=_STEP.value,
+        _WORKDIR.value, settings, step=_STEP.value,
         task=_TASK.value, task_file=_TASK_FILE.value)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)

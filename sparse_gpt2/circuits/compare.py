@@ -288,11 +288,14 @@ def curve(runs_, task_names, settings, out):
   """Geometric-mean circuit edges against validation loss, one line per
   model, over the kept checkpoints at multiples of --curve_every: the
   paper's Fig. 3 shape. A point's mean is over the tasks that checkpoint
-  solves; only points that solve every task share one set of tasks."""
+  solves; only points that solve every task share one set of tasks. A
+  top-k run's checkpoints before its annealing ends are left out: they are
+  denser than the model the curve is about."""
   points = []
   for model in MODELS:
+    annealed = runs.annealed_step(runs_[model])
     for step, val in runs.checkpoints(runs_[model]).items():
-      if step % _CURVE_EVERY.value or val is None:
+      if step % _CURVE_EVERY.value or val is None or step < annealed:
         continue
       circuits = [_circuit(runs_[model], step, t, settings, out, model)
                   for t in task_names]

@@ -4,6 +4,7 @@ once per process (`compare` asks the same checkpoints about every task)."""
 
 import functools
 import json
+import math
 import os
 
 import jax
@@ -40,6 +41,17 @@ def checkpoints(workdir):
                  if name.isdigit()) if os.path.isdir(root) else []
   losses = val_losses(workdir)
   return {step: losses.get(step) for step in steps}
+
+
+def annealed_step(workdir):
+  """The step at which a top-k run reaches its target density (0 for a run
+  that does not anneal): earlier checkpoints are denser models."""
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
+  sparsity = config['sparsity']
+  if sparsity['mode'] != 'topk':
+    return 0
+  return math.ceil(sparsity['anneal_fraction'] * config['train_steps'])
 
 
 def newest(workdir):

@@ -59,6 +59,9 @@ class Settings:
     for name in ('steps', 'batch_pairs', 'num_prompts'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+    if self.num_prompts % 2:
+      raise ValueError('num_prompts must be even (prompts come in contrastive '
+                       f'pairs), got {self.num_prompts}')
     if not (0 < self.select_fraction and 0 < self.test_fraction
             and self.select_fraction + self.test_fraction < 1):
       raise ValueError('select_fraction and test_fraction must be > 0 and '
