@@ -73,6 +73,16 @@ def test_bigram_table_adds_the_row_of_the_current_token():
   np.testing.assert_allclose(np.delete(diff, 7, axis=-1), 0.0, atol=1e-5)
 
 
+@pytest.mark.parametrize('kw', [{}, dict(bigram_table=True,
+                                          tie_embeddings=False)])
+def test_positions_give_the_logits_of_one_position_per_row(kw):
+  m, params, _ = _init(**kw)
+  positions = jnp.array([3, 11])
+  np.testing.assert_allclose(
+      _logits(m, params, positions=positions),
+      _logits(m, params)[np.arange(2), positions], rtol=1e-5, atol=1e-6)
+
+
 def test_attention_sink_can_switch_attention_off():
   m, params, _ = _init(attention_sink=True)
   assert params['block_0']['sink'].shape == (2,)

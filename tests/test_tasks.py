@@ -274,11 +274,3 @@ def test_task_loss_matches_numpy():
   np.testing.assert_allclose(loss, np.mean(np.logaddexp(0, li - lc)),
                              rtol=1e-6)
   np.testing.assert_allclose(accuracy, np.mean(lc > li))
-
-
-def test_last_logits_picks_last_prompt_position():
-  logits = np.arange(3 * 5 * 7, dtype=np.float32).reshape(3, 5, 7)
-  lengths = np.array([1, 5, 3])
-  np.testing.assert_array_equal(
-      tasks.last_logits(logits, lengths),
-      np.stack([logits[0, 0], logits[1, 4], logits[2, 2]]))

@@ -872,8 +872,3 @@ def task_loss(logits_last, correct, incorrect):
   margin = (logits_last[rows, correct] -
             logits_last[rows, incorrect]).astype(jnp.float32)
   return jnp.mean(jax.nn.softplus(-margin)), jnp.mean(margin > 0)
-
-
-def last_logits(logits, lengths):
-  """Logits [N, L, V] at each row's last prompt position -> [N, V]."""
-  return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
