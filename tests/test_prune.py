@@ -125,6 +125,10 @@ def test_prune_recovers_planted_circuit():
   assert {k: v['pairs'] for k, v in circuit['splits'].items()} == {
       'train': 64, 'select': 32, 'test': 32}
   assert [c['steps'] for c in circuit['convergence']] == [20, 50, 100]
+  late = prune.prune(model, params, _means(model, params), _task(256, 0),
+                     SETTINGS, record_at=(150,))
+  assert [c['steps'] for c in late['convergence']] == [100, 150]
+  assert late['nodes'] == circuit['nodes']  # Same run up to step 100.
   assert circuit['convergence'][-1]['num_nodes'] == 3
   # Each planted node is needed: ablating it alone breaks the circuit.
   assert all(n['ablation_effect'] > 0.3 for n in circuit['nodes'])

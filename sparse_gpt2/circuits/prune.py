@@ -201,7 +201,8 @@ class _Pruner:
          optax.constant_schedule(s.lr)], [s.warmup_steps])
     self.tx = optax.chain(
         optax.clip_by_global_norm(s.grad_rms * math.sqrt(self.num_nodes)),
-        optax.adamw(schedule, b1=s.b1, b2=s.b2, weight_decay=s.weight_decay))
+        optax.adamw(schedule, b1=s.b1, b2=s.b2, eps=s.eps,
+                    weight_decay=s.weight_decay))
     self._segment = jax.jit(self._train_segment, static_argnames='length')
     self._logits = jax.jit(self._bucket_logits)
     self._evaluate = jax.jit(self._losses)
@@ -412,16 +413,16 @@ def prune(model, params, means, encoded, settings, record_at=()):
     return mask, kept, importance, edges_lib.between(params, kept,
                                                      num_layers)
 
-  for s in steps[:-1]:
-    mask, _, _, (_, count, _) = circuit_of(taus[s])
+  for s in steps:
+    if s == settings.steps:
+      tau = taus[s]
+      mask, kept, importance, (edges, count, truncated) = circuit_of(tau)
+      found = mask
+    else:
+      found, _, _, (_, count, _) = circuit_of(taus[s])
     circuit['convergence'].append({
-        'steps': s, 'num_nodes': int(mask.sum()), 'num_edges': count,
+        'steps': s, 'num_nodes': int(found.sum()), 'num_edges': count,
         'kept_by_mask': int((taus[s] > 0).sum())})
-  tau = taus[settings.steps]
-  mask, kept, importance, (edges, count, truncated) = circuit_of(tau)
-  circuit['convergence'].append({
-      'steps': settings.steps, 'num_nodes': int(mask.sum()),
-      'num_edges': count, 'kept_by_mask': int((tau > 0).sum())})
 
   results = {'circuit_only': pruner.evaluate(mask, 'test'),
              'circuit_ablated': pruner.evaluate(~mask, 'test'),

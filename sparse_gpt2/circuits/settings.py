@@ -27,6 +27,7 @@ class Settings:
               'steps of a longer run are those of an N-step run.'})
   b1: float = dataclasses.field(default=0.9, metadata={'help': 'AdamW b1.'})
   b2: float = dataclasses.field(default=0.95, metadata={'help': 'AdamW b2.'})
+  eps: float = dataclasses.field(default=1e-8, metadata={'help': 'AdamW eps.'})
   weight_decay: float = dataclasses.field(default=1e-3, metadata={
       'help': 'AdamW weight decay of the scores.'})
   grad_rms: float = dataclasses.field(default=1.0, metadata={
