@@ -129,6 +129,7 @@ def test_prune_recovers_planted_circuit():
                      SETTINGS, record_at=(150,))
   assert [c['steps'] for c in late['convergence']] == [100, 150]
   assert late['nodes'] == circuit['nodes']  # Same run up to step 100.
+  assert late['num_edges'] == late['convergence'][0]['num_edges']
   assert circuit['convergence'][-1]['num_nodes'] == 3
   # Each planted node is needed: ablating it alone breaks the circuit.
   assert all(n['ablation_effect'] > 0.3 for n in circuit['nodes'])

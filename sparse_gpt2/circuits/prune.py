@@ -414,15 +414,13 @@ def prune(model, params, means, encoded, settings, record_at=()):
                                                      num_layers)
 
   for s in steps:
+    found = circuit_of(taus[s])
     if s == settings.steps:
-      tau = taus[s]
-      mask, kept, importance, (edges, count, truncated) = circuit_of(tau)
-      found = mask
-    else:
-      found, _, _, (_, count, _) = circuit_of(taus[s])
+      mask, kept, importance, (edges, count, truncated) = found
     circuit['convergence'].append({
-        'steps': s, 'num_nodes': int(found.sum()), 'num_edges': count,
-        'kept_by_mask': int((taus[s] > 0).sum())})
+        'steps': s, 'num_nodes': int(found[0].sum()),
+        'num_edges': found[3][1], 'kept_by_mask': int((taus[s] > 0).sum())})
+  tau = taus[settings.steps]
 
   results = {'circuit_only': pruner.evaluate(mask, 'test'),
              'circuit_ablated': pruner.evaluate(~mask, 'test'),
