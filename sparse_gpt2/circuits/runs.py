@@ -8,6 +8,7 @@ import math
 import os
 
 import jax
+import ml_collections
 import numpy as np
 
 from sparse_gpt2 import data
@@ -43,15 +44,26 @@ def checkpoints(workdir):
   return {step: losses.get(step) for step in steps}
 
 
+@functools.lru_cache(maxsize=8)
+def _config(workdir):
+  with open(os.path.join(workdir, 'config.json')) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus(workdir):
+  """The run's corpus, read once per run, not once per checkpoint."""
+  config = _config(workdir)
+  return data.load(config.data, config.seq_len)
+
+
 def annealed_step(workdir):
   """The step at which a top-k run reaches its target density (0 for a run
   that does not anneal): earlier checkpoints are denser models."""
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = json.load(f)
-  sparsity = config['sparsity']
-  if sparsity['mode'] != 'topk':
+  config = _config(workdir)
+  if config.sparsity.mode != 'topk':
     return 0
-  return math.ceil(sparsity['anneal_fraction'] * config['train_steps'])
+  return math.ceil(config.sparsity.anneal_fraction * config.train_steps)
 
 
 def newest(workdir):
@@ -73,7 +85,7 @@ def _load(workdir, step):
   config, model, state = train.load_run(workdir, step)
   step = int(state.step)
   return {'config': config, 'model': model, 'params': state.params,
-          'corpus': data.load(config.data, config.seq_len), 'step': step,
+          'corpus': _corpus(workdir), 'step': step,
           'val_loss': val_losses(workdir).get(step)}
 
 
@@ -95,7 +107,7 @@ def node_means(workdir, step):
 def _last_position_logits(workdir):
   """One jitted forward per run, shared by its checkpoints (same model), so
   evaluating many checkpoints compiles once per prompt shape."""
-  model = load(workdir)['model']
+  model = train.make_model(_config(workdir))
   return jax.jit(lambda params, tokens, positions: model.apply(
       {'params': params}, tokens, positions=positions))
 
