@@ -226,7 +226,8 @@ def save(params, model_kwargs, out_dir, overwrite=False):
       model_type='gpt2', architectures=['GPT2LMHeadModel'],
       vocab_size=gpt2.vocab_size, n_positions=gpt2.max_len,
       n_embd=gpt2.d_model, n_layer=gpt2.num_layers, n_head=gpt2.num_heads,
-      n_inner=gpt2.d_mlp or 4 * gpt2.d_model, activation_function='gelu_new',
+      n_inner=model.derived_sizes(gpt2)[1],
+      activation_function='gelu_new',
       layer_norm_epsilon=1e-5, tie_word_embeddings=gpt2.tie_embeddings,
       dtype='float32')
 

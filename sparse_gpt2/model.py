@@ -18,6 +18,11 @@ Every node of the circuit analysis ('attn_in', 'q', 'k', 'v', 'attn_out',
 AbsTopK is applied there, its batch mean is sown into 'node_stats', and when
 the caller passes 'node_mask' and 'node_mean' collections the node is mixed
 with its mean (mean ablation) there, so circuit pruning needs no other model.
+
+Memory at scale: attention goes through `jax.nn.dot_product_attention`
+(cuDNN flash attention on GPU, XLA elsewhere), and `remat` recomputes each
+block's activations in the backward pass instead of keeping them
+(`REMAT_POLICIES`).
 """
 
 import math
@@ -30,6 +35,20 @@ import jax.numpy as jnp
 
 NODE_LOCATIONS = ('attn_in', 'q', 'k', 'v', 'attn_out',
                   'mlp_in', 'mlp_neuron', 'mlp_out')
+ATTENTION = ('auto', 'xla', 'cudnn')
+# What a block keeps for the backward pass; everything else is recomputed.
+REMAT_POLICIES = {
+    'none': None,                   # No remat: keep every activation.
+    'full': jax.checkpoint_policies.nothing_saveable,  # Keep block inputs.
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def derived_sizes(model_config):
+  """(d_head, d_mlp) of a GPT2 or its config: None means GPT-2's
+  d_model // num_heads and 4 * d_model. The one place they are derived."""
+  m = model_config
+  return (m.d_head or m.d_model // m.num_heads, m.d_mlp or 4 * m.d_model)
 
 
 def abs_topk(x, fraction):
@@ -39,6 +58,38 @@ def abs_topk(x, fraction):
     return x
   kth = jax.lax.top_k(jnp.abs(x), k)[0][..., -1:]
   return jnp.where(jnp.abs(x) >= kth, x, 0)
+
+
+def attend(q, k, v, sink=None, implementation='auto'):
+  """Causal softmax attention, fused where the backend can: [B, T, H, Dh]
+  each -> [B, T, H, Dh], through `jax.nn.dot_product_attention`.
+
+  `sink` [H] (float32) lets a head attend "nowhere": an extra key whose logit
+  is sink[h] for every query and whose value is zero. It is put in front of
+  the keys, with a zero query in front of the queries, so the causal mask
+  (query i sees keys <= i) shows token t the sink and tokens 0..t; the extra
+  query's output is dropped. 'auto' is cuDNN flash attention on GPU in
+  16-bit without a sink (cuDNN wants a full [T, S] bias of even lengths for
+  one), XLA otherwise. There is no dropout on attention probabilities (the
+  fused kernels have none).
+  """
+  if implementation == 'auto':
+    fused = (jax.default_backend() == 'gpu' and sink is None
+             and q.dtype in (jnp.bfloat16, jnp.float16))
+    implementation = 'cudnn' if fused else 'xla'
+  if sink is None:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                        implementation=implementation)
+  if implementation == 'cudnn':
+    raise ValueError("model.attention='cudnn' does not support attention "
+                     "sinks; use 'xla' or 'auto'")
+  h, t = q.shape[2], q.shape[1]
+  bias = jnp.concatenate([sink[None, :, None, None],
+                          jnp.zeros((1, h, 1, t))], -1)        # [1, H, 1, 1+T]
+  q, k, v = (jnp.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0))) for x in (q, k, v))
+  y = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=True,
+                                   implementation=implementation)
+  return y[:, 1:]
 
 
 def _dense(features, names, dtype, param_dtype, std, use_bias, name):
@@ -75,6 +126,7 @@ class Block(nn.Module):
   d_mlp: int
   norm: str
   attention_sink: bool
+  attention: str
   act_topk_fraction: float
   act_topk_locations: Sequence[str]
   dropout: float
@@ -109,21 +161,11 @@ class Block(nn.Module):
     q, k, v = (self._node(n, self._dense(h * dh, ('embed', 'heads'), m)(a))
                for n, m in (('q', 'query'), ('k', 'key'), ('v', 'value')))
     q, k, v = (y.reshape(b, t, h, dh) for y in (q, k, v))
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
-    logits = logits / math.sqrt(dh)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    sink = None
     if self.attention_sink:
-      # A learned logit per head for an extra key whose value is zero: a head
-      # can attend "nowhere" instead of being forced onto some token.
       sink = self.param('sink', nn.with_logical_partitioning(
           nn.initializers.zeros_init(), ('heads_only',)), (h,), jnp.float32)
-      sink = jnp.broadcast_to(sink[None, :, None, None], (b, h, t, 1))
-      probs = jax.nn.softmax(jnp.concatenate([logits, sink], -1))[..., :t]
-    else:
-      probs = jax.nn.softmax(logits)
-    probs = drop(probs.astype(self.dtype))
-    y = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, t, h * dh)
+    y = attend(q, k, v, sink, self.attention).reshape(b, t, h * dh)
     y = self._dense(d, ('heads', 'embed'), 'attn_proj', self.proj_std)(y)
     x = x + drop(self._node('attn_out', y))
 
@@ -149,6 +191,8 @@ class GPT2(nn.Module):
   pos_embedding: bool = True
   bigram_table: bool = False  # Dense [vocab, vocab] logits of the last token.
   attention_sink: bool = False
+  attention: str = 'auto'     # 'auto' (cuDNN on GPU if it can) | 'xla' | 'cudnn'
+  remat: str = 'none'         # A key of REMAT_POLICIES.
   use_bias: bool = True
   act_topk_fraction: float = 0.0   # AbsTopK: keep this fraction; 0 = off.
   act_topk_locations: Sequence[str] = ()  # Subset of NODE_LOCATIONS.
@@ -165,6 +209,12 @@ class GPT2(nn.Module):
     if not 0 <= self.act_topk_fraction <= 1:
       raise ValueError('model.act_topk_fraction must be in [0, 1], got '
                        f'{self.act_topk_fraction}')
+    if self.attention not in ATTENTION:
+      raise ValueError(f'model.attention must be one of {ATTENTION}, got '
+                       f'{self.attention!r}')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'model.remat must be one of {tuple(REMAT_POLICIES)}, '
+                       f'got {self.remat!r}')
 
   @nn.compact
   def __call__(self, tokens, deterministic=True, positions=None):
@@ -188,20 +238,25 @@ class GPT2(nn.Module):
                        (self.max_len, self.d_model), param_dtype)
       x = x + wpe[None, :tokens.shape[1]].astype(dtype)
     x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
 
+    d_head, d_mlp = derived_sizes(self)
+    block = Block
+    if self.remat != 'none':
+      # `deterministic` (argument 2, counting self) decides control flow.
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat],
+                       static_argnums=(2,))
     for i in range(self.num_layers):
-      x = Block(
-          num_heads=self.num_heads,
-          d_head=self.d_head or self.d_model // self.num_heads,
-          d_mlp=self.d_mlp or 4 * self.d_model, norm=self.norm,
-          attention_sink=self.attention_sink,
+      x = block(
+          num_heads=self.num_heads, d_head=d_head, d_mlp=d_mlp,
+          norm=self.norm, attention_sink=self.attention_sink,
+          attention=self.attention,
           act_topk_fraction=self.act_topk_fraction,
           act_topk_locations=tuple(self.act_topk_locations),
           dropout=self.dropout, use_bias=self.use_bias, init_std=std,
           proj_std=std / math.sqrt(2 * self.num_layers), dtype=dtype,
           param_dtype=param_dtype, name=f'block_{i}')(x, deterministic)
-      x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+      x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
 
     if positions is not None:
       rows = jnp.arange(tokens.shape[0])

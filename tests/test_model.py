@@ -181,3 +181,65 @@ def test_node_masks_of_ones_change_nothing_and_zeros_mean_ablate():
       {'params': params, 'node_mask': zeros, 'node_mean': means},
       other, mutable=['node_stats'])[0])
   np.testing.assert_allclose(ablated[:, 6:], ablated_other[:, 6:], atol=1e-5)
+
+
+def _reference_attention(q, k, v, sink=None):
+  """The attention this model used before dot_product_attention: explicit
+  [B, H, T, T] logits, causal mask, sink logit concatenated as a last key."""
+  b, t, h, dh = q.shape
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+  logits = logits / np.sqrt(dh)
+  logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits,
+                     jnp.finfo(jnp.float32).min)
+  if sink is not None:
+    sink = jnp.broadcast_to(sink[None, :, None, None], (b, h, t, 1))
+    probs = jax.nn.softmax(jnp.concatenate([logits, sink], -1))[..., :t]
+  else:
+    probs = jax.nn.softmax(logits)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(q.dtype), v)
+
+
+@pytest.mark.parametrize('with_sink', [False, True])
+def test_dot_product_attention_equals_the_explicit_attention(with_sink):
+  q, k, v = jax.random.normal(jax.random.key(5), (3, 2, 9, 4, 8))
+  sink = jnp.array([-1.0, 0.0, 0.5, 3.0])
+
+  def attend(q, k, v, sink):
+    return model_lib.attend(q, k, v, sink if with_sink else None, 'xla')
+
+  got = attend(q, k, v, sink)
+  want = _reference_attention(q, k, v, sink if with_sink else None)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # And so do the gradients, the sink's included.
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+  grads = jax.grad(loss(attend), argnums=(0, 1, 2, 3))(q, k, v, sink)
+  ref = jax.grad(loss(lambda q, k, v, s: _reference_attention(
+      q, k, v, s if with_sink else None)), argnums=(0, 1, 2, 3))(q, k, v, sink)
+  for g, r in zip(grads[:4 if with_sink else 3], ref):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_gives_identical_loss_and_gradients(remat):
+  kw = dict(attention_sink=True, bigram_table=True, tie_embeddings=False)
+  m, params, _ = _init(**kw)
+  m_remat = model_lib.GPT2(**{**SMALL, **kw, 'remat': remat})
+
+  def loss(model):
+    return lambda p: jnp.mean(model.apply({'params': p}, TOKENS) ** 2)
+
+  l1, g1 = jax.jit(jax.value_and_grad(loss(m)))(params)
+  l2, g2 = jax.jit(jax.value_and_grad(loss(m_remat)))(params)
+  np.testing.assert_array_equal(l1, l2)
+  jax.tree.map(np.testing.assert_array_equal, g1, g2)
+  # The node collections of circuit pruning pass through remat unchanged.
+  _, stats = m_remat.apply({'params': params}, TOKENS, mutable=['node_stats'])
+  _, stats_ref = m.apply({'params': params}, TOKENS, mutable=['node_stats'])
+  jax.tree.map(np.testing.assert_array_equal, stats, stats_ref)
+
+
+def test_bad_attention_or_remat_fails_clearly():
+  with pytest.raises(ValueError, match='model.remat'):
+    _init(remat='sometimes')
+  with pytest.raises(ValueError, match='model.attention'):
+    _init(attention='flash')
