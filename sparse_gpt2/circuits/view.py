@@ -1,0 +1,389 @@
+r"""Circuit explorer: one self-contained HTML page to read circuits in.
+
+  python -m sparse_gpt2.circuits.view --compare=runs/compare \
+      --out=runs/compare/index.html
+  python -m sparse_gpt2.circuits.view --circuits=runs/sparse_medium/circuits \
+      --out=circuits.html [--load_runs=false]
+
+`--compare` reads what `compare` wrote (comparison.json and
+circuits/<model>-<step>/<task>.json) and shows "Sparse GPT-2" beside
+"GPT-2 (baseline)"; `--circuits` reads the circuit files in a directory
+(DIR/circuit.json, DIR/*/circuit.json or DIR/*.json), one panel per run and
+checkpoint. The page is one file: its data is JSON inside it and its script
+and style are inline (`view.html` is the template), so it opens from disk,
+with no server, no network and nothing to install, and can be mailed.
+
+What the circuit files do not hold is computed here, from each circuit's run
+and checkpoint (skipped with a note on the page when the run directory is
+not there, or with --load_runs=false): the top-activating tokens of every
+circuit node in a few thousand validation tokens, and each model's
+probability of the two candidates on the task's example prompts, full model
+and circuit only. Bad input is one `error:` line on stderr, exit 1.
+"""
+
+import glob
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_gpt2 import metrics
+from sparse_gpt2 import model as model_lib
+from sparse_gpt2.circuits import runs
+from sparse_gpt2.circuits import tasks
+from sparse_gpt2.circuits import viz
+
+LOCATIONS = model_lib.NODE_LOCATIONS
+PANEL_LABELS = {'sparse': 'Sparse GPT-2', 'dense': 'GPT-2 (baseline)'}
+TEMPLATE = os.path.join(os.path.dirname(__file__), 'view.html')
+_DATA_MARK = '/*DATA*/null'  # Where the template takes the page's JSON.
+
+
+def _rounded(x, digits=4):
+  """`x` to `digits` significant digits: the page shows no more, and a
+  dense circuit's 20,000 edge weights are much of its size."""
+  return None if x is None else float(f'{x:.{digits}g}')
+
+
+def node_key(layer, location, index):
+  """A node's name in the page: in URLs, snippet tables and links."""
+  return f'{layer}/{location}/{index}'
+
+
+def compact(circuit):
+  """What the page needs of a circuit, as columns and index pairs.
+
+  Nodes become columns (layer, location, index, score, importance, the
+  task loss with the node alone ablated where prune measured it); edges
+  become [source node, destination node, weight] sorted strongest first, so
+  the page draws the strongest K by slicing; residual links (`viz`) become
+  node pairs.
+  """
+  nodes = circuit['nodes']
+  where = {(v['layer'], v['location'], v['index']): i
+           for i, v in enumerate(nodes)}
+  edges = sorted(
+      ([where[tuple(e['src'])], where[tuple(e['dst'])], _rounded(e['value'])]
+       for e in circuit['edges']), key=lambda e: -abs(e[2]))
+  base = circuit['losses'].get('circuit_only')
+  links = viz.residual_links(nodes)  # Pairs of the dicts in `nodes`.
+  ids = {id(v): i for i, v in enumerate(nodes)}
+  keep = ('step', 'val_loss', 'solved', 'target_loss', 'num_nodes',
+          'num_edges', 'total_nodes', 'total_edges', 'edges_truncated',
+          'past_mask', 'losses', 'num_layers', 'layer_sizes')
+  return {
+      **{k: circuit.get(k) for k in keep},
+      'd_head': circuit.get('model_shape', {}).get('d_head'),
+      'nodes': {
+          'layer': [v['layer'] for v in nodes],
+          'location': [LOCATIONS.index(v['location']) for v in nodes],
+          'index': [v['index'] for v in nodes],
+          'score': [_rounded(v.get('score')) for v in nodes],
+          'importance': [_rounded(v.get('importance')) for v in nodes],
+          'ablated_loss': [
+              None if v.get('ablation_effect') is None or base is None
+              else _rounded(base + v['ablation_effect']) for v in nodes],
+      },
+      'edges': edges,
+      'residual': [[ids[id(a)], ids[id(b)]] for a, b in links],
+  }
+
+
+def _node_activations(model):
+  """A jitted forward: (params, tokens [B, T]) -> {'block_i': {location:
+  [B, T, width]}}, every node's activation at every token.
+
+  The model sows only batch means ('node_stats'); the per-token values are
+  the return values of `Block._node`, caught with `nn.intercept_methods`,
+  so the model needs no extra output for this.
+  """
+  def forward(params, tokens):
+    acts = {}
+
+    def record(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if context.method_name == '_node':
+        acts.setdefault(context.module.name, {})[args[0]] = out
+      return out
+
+    with nn.intercept_methods(record):
+      model.apply({'params': params}, tokens)
+    return acts
+
+  return jax.jit(forward)
+
+
+def top_snippets(run, means, keys, num_tokens, per_node):
+  """The validation tokens at which each node of `keys` is furthest from
+  its mean (the value ablation puts there), `per_node` of them.
+
+  Reads `num_tokens` of the run's validation stream as windows of its
+  seq_len spread evenly over the stream (one file would say little about
+  most nodes). Returns {'tokens': ids [num windows * seq_len], 'seq_len',
+  'vocab': {id: text}, 'top': {key: [[position, activation], ...]},
+  'mean': {key: mean}}, strongest first; a position indexes `tokens`.
+  """
+  config, corpus = run['config'], run['corpus']
+  seq_len = config.seq_len
+  val = np.asarray(corpus.val_tokens)
+  count = max(1, min(num_tokens // seq_len, len(val) // seq_len))
+  starts = np.linspace(0, len(val) - seq_len, count).astype(int)
+  windows = np.stack([val[s:s + seq_len] for s in starts]).astype(np.int32)
+  acts = jax.device_get(_node_activations(run['model'])(run['params'],
+                                                        windows))
+  wanted = {}
+  for key in keys:
+    layer, location, index = key.split('/')
+    wanted.setdefault((f'block_{layer}', location), []).append(
+        (key, int(index)))
+  top, mean_of = {}, {}
+  for (block, location), members in wanted.items():
+    values = acts[block][location].reshape(-1, acts[block][location].shape[-1])
+    mean = np.asarray(means[block][location])
+    columns = np.array([i for _, i in members])
+    distance = np.abs(values[:, columns] - mean[columns])
+    k = min(per_node, len(values))
+    best = np.argpartition(-distance, k - 1, axis=0)[:k]
+    for j, (key, index) in enumerate(members):
+      rows = best[np.argsort(-distance[best[:, j], j]), j]
+      top[key] = [[int(r), _rounded(float(values[r, index]), 3)]
+                  for r in rows]
+      mean_of[key] = _rounded(float(mean[index]), 3)
+  tokenizer = corpus.tokenizer
+  return {'tokens': windows.reshape(-1).tolist(), 'seq_len': seq_len,
+          'vocab': {int(t): tokenizer.decode([int(t)])
+                    for t in np.unique(windows)},
+          'top': top, 'mean': mean_of}
+
+
+def _circuit_mask(circuit, means):
+  """The 'node_mask' tree that keeps exactly the circuit's nodes."""
+  mask = jax.tree.map(lambda m: np.zeros(m.shape, np.float32), means)
+  for v in circuit['nodes']:
+    mask[f"block_{v['layer']}"][v['location']][v['index']] = 1.0
+  return mask
+
+
+def example_probabilities(run, means, circuit, examples):
+  """Per example prompt ({prompt, correct, incorrect}): the model's softmax
+  probability of the correct and the incorrect candidate, full model and
+  circuit only (the rest mean-ablated), and the circuit's calibrated
+  two-way probability of the correct one (the logit scale and shift its
+  reported losses use). None for a prompt the run's tokenizer cannot score
+  (`tasks.encode` skips it)."""
+  if not examples:
+    return []
+  encoded = tasks.encode(examples, run['corpus'].tokenizer,
+                         run['config'].seq_len, circuit['task'])
+  tokens = jnp.asarray(encoded['tokens'])
+  positions = jnp.asarray(encoded['lengths'] - 1)
+  variables = {'params': run['params']}
+  logits = {'full': run['model'].apply(variables, tokens,
+                                       positions=positions)}
+  if circuit['solved'] and circuit['nodes']:
+    logits['circuit'] = run['model'].apply(
+        {**variables, 'node_mask': _circuit_mask(circuit, means),
+         'node_mean': means}, tokens, positions=positions)
+  correct, incorrect = encoded['correct'], encoded['incorrect']
+  probs = {k: np.asarray(jax.nn.softmax(v)) for k, v in logits.items()}
+  rows = [None] * len(examples)
+  for n, i in enumerate(encoded['index']):
+    rows[i] = {k: [_rounded(float(p[n, correct[n]])),
+                   _rounded(float(p[n, incorrect[n]]))]
+               for k, p in probs.items()}
+  if 'circuit' in logits and circuit.get('logit_scale'):
+    calibrated = calibrated_probability(
+        np.asarray(logits['circuit']), correct, incorrect,
+        circuit['logit_scale'], circuit['logit_shift'])
+    for n, i in enumerate(encoded['index']):
+      rows[i]['calibrated'] = _rounded(float(calibrated[n]))
+  return rows
+
+
+def calibrated_probability(logits, correct, incorrect, scale, shift):
+  """P(correct of the two candidates) under a circuit's calibration, as
+  `prune.calibrated_loss` defines it: the scale and shift apply to the
+  logit difference taken lower token id first, whose loss is
+  softplus(-margin), so the probability is sigmoid(margin)."""
+  first = np.minimum(correct, incorrect)
+  rows = np.arange(len(logits))
+  diff = logits[rows, first] - logits[rows, correct + incorrect - first]
+  margin = np.where(correct == first, 1.0, -1.0) * (scale * diff + shift)
+  return 1 / (1 + np.exp(-margin))
+
+
+def run_data(panel, circuits, examples, snippet_tokens, per_node):
+  """(snippets, {task: example probabilities}) of one panel's run at its
+  step, for its `circuits` ({task: circuit}) and the tasks' `examples`;
+  (None, {}) with a note on the panel when that run is not on this
+  machine."""
+  run_dir, step = panel['run'], panel['step']
+  if not os.path.isfile(os.path.join(run_dir, 'config.json')):
+    panel['notes'].append(f'run {run_dir} is not on this machine: no '
+                          'snippets or prompt probabilities')
+    return None, {}
+  run = runs.load(run_dir, step)
+  means = jax.device_get(runs.node_means(run_dir, run['step']))
+  keys = sorted({node_key(v['layer'], v['location'], v['index'])
+                 for c in circuits.values() for v in c['nodes']})
+  snippets = top_snippets(run, means, keys, snippet_tokens, per_node)
+  return snippets, {task: example_probabilities(run, means, c,
+                                                examples[task])
+                    for task, c in circuits.items()}
+
+
+def _read(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def from_compare(directory):
+  """(panels, {task: [circuit per panel]}, summary) of a `compare` output
+  directory, in its table's task order."""
+  path = os.path.join(directory, 'comparison.json')
+  if not os.path.isfile(path):
+    raise ValueError(f'{directory} is not a compare output directory (no '
+                     'comparison.json)')
+  summary = _read(path)
+  panels, by_task = [], {}
+  for model in ('sparse', 'dense'):
+    checkpoint = summary['checkpoints'][model]
+    panels.append({'label': PANEL_LABELS[model], 'run': checkpoint['run'],
+                   'step': checkpoint['step'],
+                   'val_loss': checkpoint['val_loss'], 'notes': []})
+    for row in summary['tasks']:
+      circuit_path = os.path.join(directory, 'circuits',
+                                  f"{model}-{checkpoint['step']}",
+                                  row['task'] + '.json')
+      if not os.path.isfile(circuit_path):
+        raise ValueError(f'{circuit_path} is missing')
+      by_task.setdefault(row['task'], []).append(_read(circuit_path))
+  if not by_task:
+    raise ValueError(f'{path} lists no task')
+  return panels, by_task, summary
+
+
+def from_circuits(directory):
+  """(panels, {task: [circuit or None per panel]}, None) of the circuit
+  files in `directory`: one panel per run and step, in the order found."""
+  paths = sorted({*glob.glob(os.path.join(directory, 'circuit.json')),
+                  *glob.glob(os.path.join(directory, '*.json')),
+                  *glob.glob(os.path.join(directory, '*', 'circuit.json'))})
+  found = [c for c in map(_read, paths)
+           if isinstance(c, dict) and 'nodes' in c and 'task' in c]
+  if not found:
+    raise ValueError(f'no circuit files in {directory} (looked for '
+                     'circuit.json, *.json and */circuit.json)')
+  groups = list(dict.fromkeys((c['run'], c['step']) for c in found))
+  panels = [{'label': f'{os.path.basename(os.path.normpath(run))} step {step}',
+             'run': run, 'step': step,
+             'val_loss': next(c.get('val_loss') for c in found
+                              if (c['run'], c['step']) == (run, step)),
+             'notes': []} for run, step in groups]
+  by_task = {}
+  for c in found:
+    by_task.setdefault(c['task'], [None] * len(groups))[
+        groups.index((c['run'], c['step']))] = c
+  return panels, by_task, None
+
+
+def page_data(panels, by_task, summary=None, *, load_runs=True,
+              snippet_tokens=4096, snippets_per_node=5):
+  """The page's JSON: panels (label, run, step, validation loss, snippets,
+  notes), tasks in order, each with one compact circuit (or None) per panel
+  and its example prompts (those of its first circuit) with each panel's
+  probabilities, and the comparison's geometric means."""
+  examples = {name: next(c for c in circuits if c).get('examples') or []
+              for name, circuits in by_task.items()}
+  probs = [{} for _ in panels]
+  for p, panel in enumerate(panels):
+    panel['snippets'] = None
+    if load_runs:
+      panel['snippets'], probs[p] = run_data(
+          panel, {name: c[p] for name, c in by_task.items() if c[p]},
+          examples, snippet_tokens, snippets_per_node)
+  task_rows = []
+  for name, circuits in by_task.items():
+    unknown = [None] * len(examples[name])  # A panel without probabilities.
+    task_rows.append({
+        'name': name,
+        'examples': [dict(e, probs=[by_panel.get(name, unknown)[i]
+                                    for by_panel in probs])
+                     for i, e in enumerate(examples[name])],
+        'circuits': [compact(c) if c else None for c in circuits]})
+  return {'panels': panels, 'tasks': task_rows,
+          'locations': list(LOCATIONS),
+          'geomean': summary.get('geomean') if summary else None,
+          'target_loss': summary.get('target_loss') if summary else None}
+
+
+def render(data):
+  """The page: the template with `data` as JSON in place of its marker.
+
+  `</` is escaped so that no string in the data (a prompt, a token) can
+  close the script element it sits in.
+  """
+  with open(TEMPLATE, encoding='utf-8') as f:
+    template = f.read()
+  payload = json.dumps(data, separators=(',', ':'), allow_nan=False)
+  return template.replace(_DATA_MARK, payload.replace('</', '<\\/'), 1)
+
+
+def write_page(out, *, compare_dir=None, circuits_dir=None, **options):
+  """Writes the page for a compare directory or a directory of circuits
+  (exactly one) to `out`; `options` go to `page_data`. Returns the data."""
+  if (compare_dir is None) == (circuits_dir is None):
+    raise ValueError('give exactly one of --compare and --circuits')
+  directory = compare_dir or circuits_dir
+  if not os.path.isdir(directory):
+    raise ValueError(f'{directory} is not a directory')
+  load = from_compare if compare_dir else from_circuits
+  data = page_data(*load(directory), **options)
+  if os.path.dirname(out):
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out + '.tmp', 'w', encoding='utf-8') as f:
+    f.write(render(data))
+  os.replace(out + '.tmp', out)
+  return data
+
+
+def _define_flags():
+  """The CLI's flags, defined only when this module is the program:
+  `compare` defines --out too, and tests import both modules."""
+  flags.DEFINE_string('compare', None, 'A `compare` output directory.')
+  flags.DEFINE_string('circuits', None, 'A directory of circuit files.')
+  flags.DEFINE_string('out', None, 'The HTML file to write.')
+  flags.DEFINE_bool('load_runs', True, 'Load each circuit\'s run for '
+                    'snippets and prompt probabilities.')
+  flags.DEFINE_integer('snippet_tokens', 4096, 'Validation tokens searched '
+                       'for each node\'s top activations.')
+  flags.DEFINE_integer('snippets_per_node', 5, 'Top-activating tokens kept '
+                       'per node.')
+  flags.mark_flag_as_required('out')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  metrics.quiet_library_logs()
+  f = flags.FLAGS
+  try:
+    data = write_page(f.out, compare_dir=f.compare, circuits_dir=f.circuits,
+                      load_runs=f.load_runs, snippet_tokens=f.snippet_tokens,
+                      snippets_per_node=f.snippets_per_node)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(f"{len(data['tasks'])} task(s), {len(data['panels'])} panel(s) -> "
+        f'{f.out}')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,481 @@
+"""Tests for the circuit explorer page, on a tiny sparse and dense pair of
+trained runs, in headless Chromium (Debian's `chromium`, driven over the
+DevTools protocol): the page is checked as a user gets it, not as text.
+
+The circuits are drawn at random from the runs' nodes, with their real edges
+(`edges.between` on the runs' weights): the page reads circuit files as they
+are, so how they were found does not matter here, and pruning would cost
+more than every other test in the file.
+"""
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+import websocket
+
+from sparse_gpt2.circuits import compare
+from sparse_gpt2.circuits import edges as edges_lib
+from sparse_gpt2.circuits import runs
+from sparse_gpt2.circuits import view
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Prompts the tiny runs' tokenizer scores (a quote opened, which to close).
+EXAMPLES = [{'prompt': f'x = {q}{name}', 'correct': q, 'incorrect': other}
+            for name in ('name', 'value') for q, other in (("'", '"'),
+                                                           ('"', "'"))]
+NODES = {'sparse': 40, 'dense': 90}  # Nodes of each tiny circuit.
+
+
+@pytest.fixture(scope='module')
+def twins(tiny_config, tmp_path_factory):
+  """A sparse and a dense tiny run, each with one checkpoint (step 10)."""
+  from sparse_gpt2 import train  # pylint: disable=g-import-not-at-top
+  made = {}
+  for name, mode in (('sparse', 'topk'), ('dense', 'none')):
+    workdir = str(tmp_path_factory.mktemp(name))
+    train.train_and_evaluate(tiny_config(mode, train_steps=10), workdir)
+    made[name] = workdir
+  return made
+
+
+def random_circuit(run, task, num_nodes, seed, solved=True):
+  """A circuit file as `runs.find_circuit` writes it, of `num_nodes` nodes
+  drawn at random from a run's newest checkpoint, with their real edges."""
+  loaded = runs.load(run)
+  params = loaded['params']
+  means = jax.device_get(runs.node_means(run, loaded['step']))
+  num_layers = len(means)
+  rng = np.random.default_rng(seed)
+  kept = jax.tree.map(lambda m: np.zeros(m.shape, bool), means)
+  slots = [(layer, loc, i) for layer in range(num_layers)
+           for loc, m in means[f'block_{layer}'].items()
+           for i in range(m.size)]
+  nodes = []
+  for j in sorted(rng.choice(len(slots), num_nodes if solved else 0,
+                             replace=False)):
+    layer, loc, i = slots[j]
+    kept[f'block_{layer}'][loc][i] = True
+    nodes.append({'layer': layer, 'location': loc, 'index': i,
+                  'score': float(rng.uniform(0, 1)),
+                  'importance': float(rng.normal()),
+                  'ablation_effect': float(rng.uniform(0, 0.3))
+                                     if len(nodes) % 2 else None})
+  edges, count, truncated = edges_lib.between(params, kept, num_layers)
+  block = means['block_0']
+  losses = {'full_model': 0.1 if solved else 0.6,
+            'circuit_only': 0.3 if solved else None,
+            'circuit_ablated': 0.69 if solved else None, 'all_ablated': None}
+  return {
+      'task': task, 'run': run, 'step': loaded['step'],
+      'val_loss': loaded['val_loss'], 'examples': EXAMPLES,
+      'target_loss': 0.5, 'solved': solved,
+      'model_shape': {'num_layers': num_layers,
+                      'd_model': int(block['attn_in'].size), 'num_heads': 2,
+                      'd_head': 16, 'd_mlp': int(block['mlp_neuron'].size)},
+      'num_layers': num_layers,
+      'layer_sizes': {loc: int(m.size) for loc, m in block.items()},
+      'settings': {'steps': 5}, 'num_nodes': len(nodes), 'num_edges': count,
+      'total_nodes': len(slots),
+      'total_edges': edges_lib.total(params, num_layers),
+      'kept_by_mask': len(nodes), 'past_mask': False, 'nodes': nodes,
+      'edges': edges, 'edges_truncated': truncated, 'losses': losses,
+      'accuracy': dict(losses), 'logit_scale': 1.5 if solved else None,
+      'logit_shift': -0.2 if solved else None, 'convergence': [],
+      'seconds': 1.0}
+
+
+@pytest.fixture(scope='module')
+def compare_dir(twins, tmp_path_factory):
+  """A `compare` output directory for the twins: task 'quotes' solved by
+  both, task 'closing' solved by the sparse run only."""
+  out = tmp_path_factory.mktemp('compare')
+  results = {
+      'quotes': (random_circuit(twins['sparse'], 'quotes',
+                                NODES['sparse'], 0),
+                 random_circuit(twins['dense'], 'quotes', NODES['dense'], 1)),
+      'closing': (random_circuit(twins['sparse'], 'closing', 7, 2),
+                  random_circuit(twins['dense'], 'closing', 0, 3,
+                                 solved=False))}
+  checkpoints = {m: {'run': twins[m], 'step': 10,
+                     'val_loss': runs.val_losses(twins[m])[10]}
+                 for m in ('sparse', 'dense')}
+  for task, pair in results.items():
+    for model, circuit in zip(('sparse', 'dense'), pair):
+      path = out / 'circuits' / f'{model}-10' / f'{task}.json'
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(json.dumps(circuit))
+  (out / 'comparison.json').write_text(json.dumps(
+      compare.summarize(results, checkpoints)))
+  return out, results
+
+
+@pytest.fixture(scope='module')
+def page(compare_dir):
+  out, _ = compare_dir
+  path = str(out / 'index.html')
+  data = view.write_page(path, compare_dir=str(out), snippets_per_node=3)
+  return path, data
+
+
+def test_page_data_reads_every_circuit_and_computes_run_data(page,
+                                                             compare_dir):
+  _, data = page
+  _, results = compare_dir
+  assert [p['label'] for p in data['panels']] == ['Sparse GPT-2',
+                                                  'GPT-2 (baseline)']
+  assert [t['name'] for t in data['tasks']] == ['quotes', 'closing']
+  for task in data['tasks']:
+    for circuit, source in zip(task['circuits'], results[task['name']]):
+      assert len(circuit['nodes']['layer']) == source['num_nodes']
+      assert len(circuit['edges']) == len(source['edges'])
+      strengths = [abs(e[2]) for e in circuit['edges']]
+      assert strengths == sorted(strengths, reverse=True)
+  for panel, model in zip(data['panels'], ('sparse', 'dense')):
+    snippets = panel['snippets']
+    keys = {view.node_key(v['layer'], v['location'], v['index'])
+            for pair in results.values() for v in pair[0 if model ==
+                                                       'sparse' else 1]
+            ['nodes']}
+    assert set(snippets['top']) == keys
+    assert all(len(top) == 3 for top in snippets['top'].values())
+    assert len(snippets['tokens']) == 4096  # 128 windows of 32 tokens.
+    for key, top in snippets['top'].items():  # Furthest from the mean first.
+      distance = [abs(a - snippets['mean'][key]) for _, a in top]
+      assert distance == sorted(distance, reverse=True)
+  # Two of the sparse panel's probabilities: full model and circuit only.
+  probs = data['tasks'][0]['examples'][0]['probs']
+  assert len(probs) == 2 and set(probs[0]) == {'full', 'circuit',
+                                               'calibrated'}
+  assert all(0 < p < 1 for p in probs[1]['full'] + probs[1]['circuit'])
+  # The dense model did not solve 'closing': full model only.
+  assert set(data['tasks'][1]['examples'][0]['probs'][1]) == {'full'}
+
+
+def test_snippet_activations_are_the_models(twins):
+  """A node's top activations, against the same node read another way
+  (Flax's capture_intermediates, every `_node` output in forward order)."""
+  run = runs.load(twins['sparse'])
+  means = jax.device_get(runs.node_means(twins['sparse'], run['step']))
+  key = view.node_key(1, 'mlp_neuron', 5)
+  snippets = view.top_snippets(run, means, [key], 256, per_node=4)
+  tokens = np.asarray(snippets['tokens']).reshape(-1, snippets['seq_len'])
+  _, state = run['model'].apply(
+      {'params': run['params']}, tokens,
+      capture_intermediates=lambda _, name: name == '_node',
+      mutable='intermediates')
+  neuron = np.asarray(state['intermediates']['block_1']['_node'][
+      view.LOCATIONS.index('mlp_neuron')])[..., 5].reshape(-1)
+  top = snippets['top'][key]
+  np.testing.assert_allclose([a for _, a in top],
+                             [neuron[p] for p, _ in top], rtol=1e-2,
+                             atol=1e-3)
+  mean = means['block_1']['mlp_neuron'][5]
+  assert abs(top[-1][1] - mean) >= np.sort(np.abs(neuron - mean))[-4] - 1e-3
+
+
+def test_circuit_of_every_node_has_the_full_models_probabilities(twins):
+  run = runs.load(twins['dense'])
+  means = jax.device_get(runs.node_means(twins['dense'], run['step']))
+  everything = random_circuit(twins['dense'], 'quotes', 1, 0)
+  everything['nodes'] = [
+      {'layer': layer, 'location': loc, 'index': i}
+      for layer in range(len(means))
+      for loc, m in means[f'block_{layer}'].items() for i in range(m.size)]
+  rows = view.example_probabilities(run, means, everything, EXAMPLES)
+  for row in rows:
+    np.testing.assert_allclose(row['circuit'], row['full'], rtol=1e-3)
+  nothing = dict(everything, nodes=everything['nodes'][:1])
+  assert view.example_probabilities(run, means, nothing, EXAMPLES) != rows
+
+
+class Browser:
+  """Headless Chromium driven over the DevTools protocol (a websocket):
+  every console message, exception and network request is recorded."""
+
+  def __init__(self, binary):
+    self.profile = tempfile.mkdtemp(prefix='chromium-')
+    self.proc = subprocess.Popen(
+        [binary, '--headless', '--no-sandbox', '--disable-gpu',
+         '--hide-scrollbars', '--remote-debugging-port=0',
+         f'--user-data-dir={self.profile}', '--window-size=1400,1000',
+         'about:blank'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port_file = os.path.join(self.profile, 'DevToolsActivePort')
+    deadline = time.time() + 60
+    while not (os.path.exists(port_file) and open(port_file).read().strip()):
+      if time.time() > deadline or self.proc.poll() is not None:
+        raise RuntimeError('chromium did not start')
+      time.sleep(0.1)
+    port = open(port_file).read().split()[0]
+    with urllib.request.urlopen(f'http://127.0.0.1:{port}/json/list') as r:
+      target = next(t for t in json.load(r) if t['type'] == 'page')
+    self.ws = websocket.create_connection(target['webSocketDebuggerUrl'],
+                                          timeout=60, suppress_origin=True)
+    self.next_id = 0
+    self.events = []
+    for domain in ('Page', 'Runtime', 'Network', 'Log'):
+      self.send(f'{domain}.enable')
+
+  def send(self, method, **params):
+    self.next_id += 1
+    self.ws.send(json.dumps({'id': self.next_id, 'method': method,
+                             'params': params}))
+    while True:
+      message = json.loads(self.ws.recv())
+      if message.get('id') == self.next_id:
+        if 'error' in message:
+          raise RuntimeError(f"{method}: {message['error']}")
+        return message['result']
+      self.events.append(message)
+
+  def wait_for(self, method):
+    while not any(e.get('method') == method for e in self.events):
+      self.events.append(json.loads(self.ws.recv()))
+
+  def open(self, url):
+    self.events = []
+    self.send('Page.navigate', url=url)
+    self.wait_for('Page.loadEventFired')
+
+  def js(self, expression):
+    result = self.send('Runtime.evaluate', expression=expression,
+                       returnByValue=True)
+    if 'exceptionDetails' in result:
+      raise RuntimeError(result['exceptionDetails'])
+    return result['result'].get('value')
+
+  def click(self, selector):
+    """A real mouse click at the centre of the element, as a user does."""
+    x, y = self.js(f'''(() => {{
+        const e = document.querySelector({json.dumps(selector)});
+        e.scrollIntoView({{block: 'center'}});
+        const r = e.getBoundingClientRect();
+        return [r.x + r.width / 2, r.y + r.height / 2]; }})()''')
+    for kind in ('mouseMoved', 'mousePressed', 'mouseReleased'):
+      self.send('Input.dispatchMouseEvent', type=kind, x=x, y=y,
+                button='left', clickCount=1)
+
+  def errors(self):
+    """Console errors and warnings, uncaught exceptions, error log entries."""
+    found = []
+    for e in self.events:
+      params = e.get('params', {})
+      if e.get('method') == 'Runtime.exceptionThrown':
+        found.append(params['exceptionDetails'])
+      elif (e.get('method') == 'Runtime.consoleAPICalled'
+            and params['type'] in ('error', 'warning', 'assert')):
+        found.append(params['args'])
+      elif (e.get('method') == 'Log.entryAdded'
+            and params['entry']['level'] in ('error', 'warning')):
+        found.append(params['entry'])
+    return found
+
+  def requests(self):
+    return [e['params']['request']['url'] for e in self.events
+            if e.get('method') == 'Network.requestWillBeSent']
+
+  def screenshot(self, path):
+    data = self.send('Page.captureScreenshot', format='png')['data']
+    with open(path, 'wb') as f:
+      f.write(base64.b64decode(data))
+
+  def close(self):
+    self.ws.close()
+    self.proc.terminate()
+    self.proc.wait(timeout=30)
+    shutil.rmtree(self.profile, ignore_errors=True)
+
+
+@pytest.fixture(scope='module')
+def browser():
+  binary = shutil.which('chromium') or shutil.which('chromium-browser')
+  if binary is None:
+    pytest.skip('chromium is not installed, so the page cannot be opened in '
+                "a browser: install Debian's chromium package (apt-get "
+                'install -y chromium; .ci/run does this)')
+  b = Browser(binary)
+  yield b
+  b.close()
+
+
+def _node_counts(browser):
+  return browser.js("[...document.querySelectorAll('.panel')].map("
+                    "p => p.querySelectorAll('circle.node').length)")
+
+
+def test_page_in_a_browser(page, compare_dir, browser, tmp_path):
+  path, _ = page
+  _, results = compare_dir
+  url = 'file://' + path
+  browser.open(url)
+  assert browser.errors() == []
+  # Nothing but the page itself is fetched: no CDN, no server.
+  assert {u.split('#')[0] for u in browser.requests()} == {url}
+  assert browser.js("[...document.querySelectorAll('.panel h2')]"
+                    '.map(h => h.textContent)') == ['Sparse GPT-2',
+                                                    'GPT-2 (baseline)']
+  assert _node_counts(browser) == [c['num_nodes'] for c in results['quotes']]
+  titles = browser.js("document.querySelector('#panels').innerText")
+  dense = results['quotes'][1]
+  assert (f"{dense['num_edges']:,} of {dense['total_edges']:,} edges, "
+          f"{NODES['dense']} of {dense['total_nodes']} nodes") in titles
+  assert 'validation loss' in titles
+  edges = browser.js("[...document.querySelectorAll('.panel')].map("
+                     "p => p.querySelectorAll('line.edge').length)")
+  assert edges == [len(c['edges']) for c in results['quotes']]
+  assert browser.js("document.querySelectorAll('#task-table tr.task-row')"
+                    '.length') == 2
+  prompts = browser.js("document.querySelector('#prompts').innerText")
+  assert "x = 'name" in prompts and 'n/a' not in prompts
+
+  # A click on a node shows what it is, its edges and its snippets.
+  node = results['quotes'][0]['nodes'][5]
+  browser.click(".panel[data-panel='0'] circle.node[data-i='5']")
+  details = browser.js("document.querySelector('#details').innerText")
+  assert f"layer {node['layer']} {node['location']} {node['index']}" in \
+      details
+  assert f"{node['score']:.3f}" in details
+  assert 'Incoming edges' in details and 'Outgoing edges' in details
+  assert browser.js("document.querySelectorAll('#details .snippet mark')"
+                    '.length') == 3  # snippets_per_node
+  assert 'task=quotes&node=0:' in browser.js('location.hash')
+
+  # An edge: its weight and its two nodes.
+  browser.click(".panel[data-panel='1'] line.edge[data-e='0']")
+  details = browser.js("document.querySelector('#details').innerText")
+  strongest = max(results['quotes'][1]['edges'], key=lambda e: abs(e['value']))
+  assert f"{strongest['weight']}" in details
+  assert f"layer {strongest['src'][0]} {strongest['src'][1]} " \
+         f"{strongest['src'][2]}" in details
+
+  # The task picker: the dense model did not solve 'closing'.
+  browser.js("const s = document.querySelector('#task'); s.value = 1;"
+             "s.dispatchEvent(new Event('change'))")
+  assert _node_counts(browser) == [7, 0]
+  assert 'not solved' in browser.js(
+      "document.querySelector('.panel[data-panel=\"1\"]').textContent")
+  browser.screenshot(str(tmp_path / 'page.png'))
+  with open(tmp_path / 'page.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert os.path.getsize(tmp_path / 'page.png') > 20_000
+  assert browser.errors() == []
+
+
+def _big_circuit(num_listed, num_edges):
+  """A dense-sized circuit (no run behind it): every node of a 4 x 128
+  model and `num_listed` random edges, as if cut from `num_edges`."""
+  sizes = {'attn_in': 128, 'q': 128, 'k': 128, 'v': 128, 'attn_out': 128,
+           'mlp_in': 128, 'mlp_neuron': 512, 'mlp_out': 128}
+  pairs = [(s, d) for _, s, d in edges_lib.EDGE_WEIGHTS]
+  rng = np.random.default_rng(0)
+  edges = set()
+  while len(edges) < num_listed:
+    layer = int(rng.integers(4))
+    src, dst = pairs[rng.integers(len(pairs))]
+    edges.add(((layer, src, int(rng.integers(sizes[src]))),
+               (layer, dst, int(rng.integers(sizes[dst])))))
+  nodes = sorted({n for e in edges for n in e})
+  return {'task': 'big', 'run': '/nowhere/dense', 'step': 7,
+          'val_loss': 3.5, 'solved': True, 'target_loss': 0.5,
+          'num_layers': 4, 'layer_sizes': sizes, 'num_nodes': len(nodes),
+          'num_edges': num_edges, 'edges_truncated': True,
+          'nodes': [{'layer': l, 'location': loc, 'index': i}
+                    for l, loc, i in nodes],
+          'edges': [{'src': list(s), 'dst': list(d), 'value':
+                     float(rng.normal())} for s, d in edges],
+          'losses': {'full_model': 0.1, 'circuit_only': 0.4,
+                     'circuit_ablated': 0.69}}
+
+
+def test_cli_big_circuit_draws_the_strongest_edges(tmp_path, browser):
+  """20,000 listed edges of 250,000: the page draws 2,000, says how many
+  are hidden, and stays quick; the CLI writes it without the run."""
+  circuits = tmp_path / 'circuits'
+  circuits.mkdir()
+  circuit = _big_circuit(20_000, 250_000)
+  (circuits / 'big.json').write_text(json.dumps(circuit))
+  out = tmp_path / 'big.html'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.circuits.view',
+       f'--circuits={circuits}', f'--out={out}'],
+      capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert '1 task(s), 1 panel(s)' in proc.stdout
+  start = time.time()
+  browser.open(f'file://{out}')
+  assert time.time() - start < 10
+  assert browser.errors() == []
+  assert _node_counts(browser) == [circuit['num_nodes']]
+  assert browser.js("document.querySelectorAll('line.edge').length") == 2000
+  note = browser.js("document.querySelector('.panel .note').textContent")
+  assert 'drawing the 2,000 strongest of 250,000 edges; 248,000 hidden' in \
+      note and 'lists the 20,000 strongest' in note
+  assert 'is not on this machine' in note
+  drawn = browser.js("[...document.querySelectorAll('line.edge')].map("
+                     'l => +l.getAttribute("stroke-width"))')
+  assert drawn[0] == max(drawn)  # Strongest first.
+  # Every listed edge, when asked for, in a few seconds, not a frozen tab.
+  start = time.time()
+  browser.js("const s = document.querySelector('#cap'); s.value = 'Infinity';"
+             "s.dispatchEvent(new Event('change'))")
+  assert browser.js("document.querySelectorAll('line.edge').length") == \
+      20_000
+  assert time.time() - start < 10
+  assert browser.errors() == []
+
+
+def test_cli_bad_input_is_one_line_exit_1(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.circuits.view',
+       '--compare=/no/such/dir', f'--out={tmp_path / "page.html"}'],
+      capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert proc.returncode == 1
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
+  assert '/no/such/dir is not a directory' in lines[0]
+  assert not os.path.exists(tmp_path / 'page.html')
+
+
+def test_bad_directories_are_refused_before_any_work(tmp_path):
+  out = str(tmp_path / 'page.html')
+  with pytest.raises(ValueError, match='no circuit files'):
+    view.write_page(out, circuits_dir=str(tmp_path))
+  with pytest.raises(ValueError, match='no comparison.json'):
+    view.write_page(out, compare_dir=str(tmp_path))
+  with pytest.raises(ValueError, match='exactly one'):
+    view.write_page(out, compare_dir=str(tmp_path),
+                    circuits_dir=str(tmp_path))
+  (tmp_path / 'comparison.json').write_text(json.dumps(
+      {'checkpoints': {m: {'run': m, 'step': 1, 'val_loss': 3.0}
+                       for m in ('sparse', 'dense')},
+       'tasks': [{'task': 'gone'}]}))
+  with pytest.raises(ValueError, match='gone.json is missing'):
+    view.write_page(out, compare_dir=str(tmp_path))
+  assert not os.path.exists(out)
+
+
+def test_calibrated_probability_is_the_calibrated_loss():
+  """-log of the page's calibrated probability, averaged, is the calibrated
+  loss prune reports for the same scale and shift."""
+  from sparse_gpt2.circuits import prune  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 2, (64, 10)).astype(np.float32)
+  correct = rng.integers(0, 5, 64)
+  incorrect = correct + rng.integers(1, 5, 64)
+  swap = rng.random(64) < 0.5
+  correct, incorrect = (np.where(swap, incorrect, correct),
+                        np.where(swap, correct, incorrect))
+  loss, _, scale, shift = prune.calibrated_loss(jax.numpy.asarray(logits),
+                                                correct, incorrect)
+  p = view.calibrated_probability(logits, correct, incorrect, float(scale),
+                                  float(shift))
+  np.testing.assert_allclose(np.mean(-np.log(p)), float(loss), rtol=1e-4)
