@@ -61,35 +61,78 @@ def abs_topk(x, fraction):
 
 
 def attend(q, k, v, sink=None, implementation='auto'):
-  """Causal softmax attention, fused where the backend can: [B, T, H, Dh]
-  each -> [B, T, H, Dh], through `jax.nn.dot_product_attention`.
+  """Causal softmax attention: [B, T, H, Dh] each -> [B, T, H, Dh].
 
   `sink` [H] (float32) lets a head attend "nowhere": an extra key whose logit
-  is sink[h] for every query and whose value is zero. It is put in front of
-  the keys, with a zero query in front of the queries, so the causal mask
-  (query i sees keys <= i) shows token t the sink and tokens 0..t; the extra
-  query's output is dropped. 'auto' is cuDNN flash attention on GPU in
-  16-bit without a sink (cuDNN wants a full [T, S] bias of even lengths for
-  one), XLA otherwise. There is no dropout on attention probabilities (the
-  fused kernels have none).
+  is sink[h] for every query and whose value is zero. 'cudnn' is
+  `jax.nn.dot_product_attention`'s fused flash kernel (GPU, 16-bit, no sink:
+  cuDNN wants a full [T, S] bias of even lengths for one); 'xla' is
+  `softmax_attention`. 'auto' picks cuDNN where it can. There is no dropout
+  on attention probabilities (the fused kernels have none).
   """
   if implementation == 'auto':
     fused = (jax.default_backend() == 'gpu' and sink is None
              and q.dtype in (jnp.bfloat16, jnp.float16))
     implementation = 'cudnn' if fused else 'xla'
-  if sink is None:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                        implementation=implementation)
-  if implementation == 'cudnn':
+  if implementation == 'xla':
+    if sink is None:
+      sink = jnp.full((q.shape[2],), -jnp.inf, jnp.float32)
+    return softmax_attention(q, k, v, sink)
+  if sink is not None:
     raise ValueError("model.attention='cudnn' does not support attention "
                      "sinks; use 'xla' or 'auto'")
-  h, t = q.shape[2], q.shape[1]
-  bias = jnp.concatenate([sink[None, :, None, None],
-                          jnp.zeros((1, h, 1, t))], -1)        # [1, H, 1, 1+T]
-  q, k, v = (jnp.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0))) for x in (q, k, v))
-  y = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=True,
-                                   implementation=implementation)
-  return y[:, 1:]
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                      implementation='cudnn')
+
+
+def _attention_forward(q, k, v, sink):
+  """(out [B, T, H, Dh], probabilities [B, H, T, T], sink probability
+  [B, H, T]). The sink enters the softmax's normaliser as one more term, so
+  the scores keep their [T, T] shape (no padded key or query)."""
+  t = q.shape[1]
+  s = jnp.einsum('bthd,bshd->bhts', q, k * q.shape[-1] ** -0.5)
+  s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+  sink = sink.astype(s.dtype)[:, None]                       # [H, 1]
+  m = jax.lax.stop_gradient(jnp.maximum(s.max(-1), sink))    # [B, H, T]
+  e = jnp.exp(s - m[..., None])
+  e_sink = jnp.exp(sink - m)
+  z = e.sum(-1) + e_sink
+  p = e / z[..., None]
+  return jnp.einsum('bhts,bshd->bthd', p, v), p, e_sink / z
+
+
+@jax.custom_vjp
+def softmax_attention(q, k, v, sink):
+  """Causal attention with a sink logit per head (-inf: none).
+
+  Written out with its own backward pass because autodiff of a softmax
+  makes several passes over the [B, H, T, T] scores for each one this needs
+  (dS = P * (dP - rowsum(dO * O)), as flash attention computes it): on a CPU,
+  where those passes are most of a small model's step, this halves the
+  attention's time.
+  """
+  return _attention_forward(q, k, v, sink)[0]
+
+
+def _attention_fwd(q, k, v, sink):
+  out, p, p_sink = _attention_forward(q, k, v, sink)
+  return out, (q, k, v, out, p, p_sink, sink)
+
+
+def _attention_bwd(residuals, d_out):
+  q, k, v, out, p, p_sink, sink = residuals
+  scale = q.shape[-1] ** -0.5
+  d_v = jnp.einsum('bhts,bthd->bshd', p, d_out)
+  d_p = jnp.einsum('bthd,bshd->bhts', d_out, v)
+  delta = jnp.einsum('bthd,bthd->bht', d_out, out)           # [B, H, T]
+  d_s = p * (d_p - delta[..., None])
+  d_q = jnp.einsum('bhts,bshd->bthd', d_s, k) * scale
+  d_k = jnp.einsum('bhts,bthd->bshd', d_s, q) * scale
+  d_sink = -(p_sink * delta).sum((0, 2)).astype(sink.dtype)
+  return d_q, d_k, d_v, d_sink
+
+
+softmax_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _dense(features, names, dtype, param_dtype, std, use_bias, name):

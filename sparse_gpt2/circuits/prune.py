@@ -78,27 +78,28 @@ def node_means(model, params, tokens_batches):
   return means(params, tokens_batches)
 
 
-def calibrated_loss(logits, correct, incorrect):
-  """Task loss and accuracy after fitting a scale a > 0 and shift b.
+def calibrated_margin(logits, correct, incorrect, p):
+  """sign * (exp(p[0]) * diff + p[1]) for logits [N, V] at the last position.
 
-  logits [N, V] at the last position. The difference is taken in a fixed
-  token order (lower id first) and the shift added to it is a bias towards
-  one token; on correct - incorrect, a shift b -> inf would reach loss 0 on
-  any data. The scale is kept positive (a = exp(.)) so that ablating a
-  circuit cannot score well by reversing the answers.
-
-  Returns (loss, accuracy, a, b).
+  The difference is taken in a fixed token order (lower id first) and the
+  shift added to it is a bias towards one token; on correct - incorrect, a
+  shift b -> inf would reach loss 0 on any data. The scale is kept positive
+  (exp) so that ablating a circuit cannot score well by reversing the
+  answers. Its softplus(-margin) is the calibrated task loss.
   """
   first = jnp.minimum(correct, incorrect)
   rows = jnp.arange(logits.shape[0])
   diff = logits[rows, first] - logits[rows, correct + incorrect - first]
   sign = jnp.where(correct == first, 1.0, -1.0)
+  return sign * (jnp.exp(p[0]) * diff + p[1])
 
-  def margin(p):
-    return sign * (jnp.exp(p[0]) * diff + p[1])
 
+def calibrated_loss(logits, correct, incorrect):
+  """Task loss and accuracy after fitting the scale and shift of
+  `calibrated_margin` (16 L-BFGS steps). Returns (loss, accuracy, a, b)."""
   def loss(p):
-    return jnp.mean(jax.nn.softplus(-margin(p)))
+    return jnp.mean(jax.nn.softplus(-calibrated_margin(logits, correct,
+                                                       incorrect, p)))
 
   opt = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(loss)
@@ -112,7 +113,8 @@ def calibrated_loss(logits, correct, incorrect):
 
   p = jnp.zeros(2)
   (p, _), _ = jax.lax.scan(step, (p, opt.init(p)), length=CALIBRATION_STEPS)
-  return loss(p), jnp.mean(margin(p) > 0), jnp.exp(p[0]), p[1]
+  margin = calibrated_margin(logits, correct, incorrect, p)
+  return loss(p), jnp.mean(margin > 0), jnp.exp(p[0]), p[1]
 
 
 def trim(encoded):
@@ -200,7 +202,7 @@ class _Pruner:
         [optax.linear_schedule(0.0, s.lr, s.warmup_steps),
          optax.constant_schedule(s.lr)], [s.warmup_steps])
     self.tx = optax.chain(
-        optax.clip_by_global_norm(s.grad_rms * math.sqrt(self.num_nodes)),
+        optax.clip_by_global_norm(s.grad_rms * math.sqrt(self.num_nodes + 2)),
         optax.adamw(schedule, b1=s.b1, b2=s.b2, eps=s.eps,
                     weight_decay=s.weight_decay))
     self._segment = jax.jit(self._train_segment, static_argnames='length')
@@ -214,61 +216,81 @@ class _Pruner:
     return tasks.task_loss(logits, batch['correct'], batch['incorrect'])[0]
 
   def init_scores(self, key):
+    """(scores, optimizer state, log multiplier). scores: {'tau':
+    [num_nodes], 'logit': the circuit's logit scale and shift [2], learned
+    with tau so that training minimises the calibrated loss the circuit is
+    judged by}."""
     s = self.settings
     tau = s.init_bias + s.init_noise * jax.random.normal(key,
                                                          (self.num_nodes,))
-    return tau, self.tx.init(tau)
+    scores = {'tau': tau, 'logit': jnp.zeros(2)}
+    return scores, self.tx.init(scores), jnp.zeros(())
 
-  def _train_segment(self, params, tau, opt_state, first_step, key,
-                     buckets, *, length):
+  def _train_segment(self, params, scores, opt_state, log_lam, first_step,
+                     key, buckets, *, length):
     """`length` steps of the scores from step `first_step`. Each step draws
     a length bucket (in proportion to its pairs) and batch_pairs pairs from
-    it; `lax.switch` runs only that bucket's shapes."""
+    it; `lax.switch` runs only that bucket's shapes.
+
+    The loss is lam * task + k_coef * nodes kept. log lam starts at 0 (the
+    paper's objective) and rises by dual_lr * (task - target_loss) a step,
+    never below 0: where every node alone is worth less than k_coef (a dense
+    model spreads a task thinly), the fixed objective trades the task away
+    and the mask ends far above the target; the multiplier stops that at
+    the target, so the scores converge to a circuit that meets it.
+    """
     s = self.settings
     sizes = jnp.array([b['pairs'].shape[0] for b in buckets])
 
-    def loss_fn(tau, batch):
-      mask = hard_mask(tau, s.temperature)
-      task = self._task_loss(params, mask, batch)
-      return task + s.k_coef * mask.sum(), task
+    def loss_fn(scores, lam, batch):
+      mask = hard_mask(scores['tau'], s.temperature)
+      logits = _last_logits(self.model, params, self.means,
+                            self.unravel(mask), batch)
+      margin = calibrated_margin(logits, batch['correct'], batch['incorrect'],
+                                 scores['logit'])
+      task = jnp.mean(jax.nn.softplus(-margin))
+      return lam * task + s.k_coef * mask.sum(), task
 
-    def bucket_grad(bucket, tau, key):
+    def bucket_grad(bucket, scores, lam, key):
       picked = jax.random.randint(key, (s.batch_pairs,), 0,
                                   bucket['pairs'].shape[0])
       rows = bucket['pairs'][picked].reshape(-1)
       batch = {k: v[rows] for k, v in bucket.items() if k != 'pairs'}
-      return jax.grad(loss_fn, has_aux=True)(tau, batch)
+      return jax.grad(loss_fn, has_aux=True)(scores, lam, batch)
 
     def step(carry, i):
-      tau, opt_state = carry
+      scores, opt_state, log_lam = carry
       bucket_key, pick_key = jax.random.split(jax.random.fold_in(key, i))
       which = jax.random.choice(bucket_key, len(buckets), p=sizes / sizes.sum())
       grad, task = jax.lax.switch(
-          which, [lambda t, k, b=b: bucket_grad(b, t, k) for b in buckets],
-          tau, pick_key)
-      updates, opt_state = self.tx.update(grad, opt_state, tau)
-      tau = jnp.clip(optax.apply_updates(tau, updates), -1, 1)
-      return (tau, opt_state), task
+          which, [lambda *a, b=b: bucket_grad(b, *a) for b in buckets],
+          scores, jnp.exp(log_lam), pick_key)
+      updates, opt_state = self.tx.update(grad, opt_state, scores)
+      scores = optax.apply_updates(scores, updates)
+      scores['tau'] = jnp.clip(scores['tau'], -1, 1)
+      log_lam = jnp.maximum(0.0, log_lam + s.dual_lr * (task - s.target_loss))
+      return (scores, opt_state, log_lam), task
 
-    (tau, opt_state), task = jax.lax.scan(
-        step, (tau, opt_state), first_step + jnp.arange(length))
-    return tau, opt_state, task.mean()
+    (scores, opt_state, log_lam), task = jax.lax.scan(
+        step, (scores, opt_state, log_lam), first_step + jnp.arange(length))
+    return scores, opt_state, log_lam, task.mean()
 
   def train_scores(self, key, record_at):
     """{steps: tau [num_nodes]} after each of `record_at` steps (one run)."""
     init_key, key = jax.random.split(key)
-    tau, opt_state = self.init_scores(init_key)
+    scores, opt_state, log_lam = self.init_scores(init_key)
     length = math.gcd(*record_at)
     recorded, done = {}, 0
     while done < max(record_at):
-      tau, opt_state, task = self._segment(self.params, tau, opt_state, done,
-                                           key, self.train_buckets,
-                                           length=length)
+      scores, opt_state, log_lam, task = self._segment(
+          self.params, scores, opt_state, log_lam, done, key,
+          self.train_buckets, length=length)
       done += length
       if done in record_at:
-        recorded[done] = np.asarray(tau)
-        logging.info('prune step %d: train task loss %.4f, %d nodes kept.',
-                     done, float(task), int((recorded[done] > 0).sum()))
+        recorded[done] = np.asarray(scores['tau'])
+        logging.info('prune step %d: train task loss %.4f, multiplier %.3g, '
+                     '%d nodes kept.', done, float(task),
+                     float(np.exp(log_lam)), int((recorded[done] > 0).sum()))
     return recorded
 
   def _bucket_logits(self, params, mask, bucket):

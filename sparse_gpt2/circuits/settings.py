@@ -34,6 +34,10 @@ class Settings:
       'help': 'Gradients are clipped to this RMS.'})
   k_coef: float = dataclasses.field(default=1e-4, metadata={
       'help': 'Penalty per kept node, added to the task loss.'})
+  dual_lr: float = dataclasses.field(default=0.05, metadata={
+      'help': 'Rate of the multiplier on the task loss, which rises while '
+              'the train loss is above target_loss (0: the paper\'s fixed '
+              'objective).'})
   batch_pairs: int = dataclasses.field(default=16, metadata={
       'help': 'Contrastive pairs per step (two prompts each).'})
   init_bias: float = dataclasses.field(default=0.1, metadata={
