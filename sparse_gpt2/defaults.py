@@ -10,6 +10,8 @@ def base():
   config.seed = 0
   config.train_steps = 1000
   config.batch_size = 32           # Global, over all processes.
+  config.microbatches = 1          # Gradients accumulated over this many
+                                   # slices of the batch: memory of one slice.
   config.seq_len = 128
   config.log_every = 10
   config.eval_every = 250
@@ -72,8 +74,24 @@ def base():
   config.optim.grad_rms = 1.0      # Gradients rescaled to this RMS each step.
 
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1            # -1: all devices not used by 'model'.
-  config.mesh.model = 1
+  config.mesh.data = -1            # -1: all devices not used by the others.
+  config.mesh.fsdp = 1             # Params, masks, Adam state split this way.
+  config.mesh.model = 1            # Heads, MLP and vocab split this way.
+  # Logical axis -> mesh axes (sharding.py). Weights name 'embed', 'heads',
+  # 'mlp', 'vocab', 'vocab_in', 'positions', 'heads_only'; activations
+  # 'batch', 'length', 'act_embed'.
+  config.mesh.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('length', None),
+      ('act_embed', None),
+      ('embed', 'fsdp'),
+      ('positions', None),
+      ('heads', 'model'),
+      ('heads_only', None),
+      ('mlp', 'model'),
+      ('vocab', 'model'),
+      ('vocab_in', None),
+  )
   return config
 
 

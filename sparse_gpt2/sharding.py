@@ -1,9 +1,14 @@
 """Device mesh, logical axis rules, and the shardings of state and batches.
 
-The model names every weight's axes ('embed', 'heads', 'mlp', 'vocab', ...);
-the rules below map them onto a 2-D mesh ('data', 'model'): batches split over
-'data', heads/MLP/vocab over 'model' (Megatron-style tensor parallelism).
-Masks and Adam moments take exactly their weight's sharding.
+The model names every weight's axes ('embed', 'heads', 'mlp', 'vocab', ...)
+and its activations' ('batch', 'length', 'act_embed'); `config.mesh.rules`
+maps them onto a 3-D mesh ('data', 'fsdp', 'model'). By default batches split
+over 'data' and 'fsdp', every weight's 'embed' axis over 'fsdp' (so
+parameters, masks and Adam moments are split, ZeRO-3 style, and gathered one
+layer at a time in the step), and heads/MLP/vocab over 'model' (Megatron-style
+tensor parallelism). Masks and Adam moments take exactly their weight's
+sharding. The functions below read the rules in effect
+(`nn.logical_axis_rules(rules(config.mesh))`), as the model does.
 """
 
 import flax.linen as nn
@@ -12,36 +17,42 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import optax
 
-LOGICAL_RULES = (
-    ('batch', 'data'),
-    ('length', None),
-    ('embed', None),
-    ('positions', None),
-    ('heads', 'model'),
-    ('heads_only', None),
-    ('mlp', 'model'),
-    ('vocab', 'model'),
-    ('vocab_in', None),
-)
+AXES = ('data', 'fsdp', 'model')
+
+
+def rules(mesh_config):
+  """config.mesh.rules as flax wants them: a tuple of (logical, mesh axes)
+  pairs (a config read back from JSON holds lists)."""
+  out = []
+  for logical, axes in mesh_config.rules:
+    if isinstance(axes, (list, tuple)):
+      axes = tuple(axes)
+    for axis in axes if isinstance(axes, tuple) else (axes,):
+      if axis is not None and axis not in AXES:
+        raise ValueError(f'mesh.rules: {logical!r} maps to unknown mesh axis '
+                         f'{axis!r}; the axes are {AXES}')
+    out.append((logical, axes))
+  return tuple(out)
 
 
 def make_mesh(config, devices=None):
-  """Mesh of config.data x config.model devices (-1 = all that remain)."""
+  """Mesh of config.data x config.fsdp x config.model devices (data -1 = all
+  that remain)."""
   devices = jax.devices() if devices is None else devices
   n = len(devices)
-  model = config.model
-  data = n // model if config.data == -1 else config.data
-  if model < 1 or data < 1 or data * model != n:
-    raise ValueError(f'mesh data={config.data} x model={config.model} does '
-                     f'not fit the {n} available device(s)')
-  grid = mesh_utils.create_device_mesh((data, model), devices)
+  fsdp, model = config.fsdp, config.model
+  data = n // (fsdp * model) if config.data == -1 else config.data
+  if min(data, fsdp, model) < 1 or data * fsdp * model != n:
+    raise ValueError(f'mesh data={config.data} x fsdp={fsdp} x model={model} '
+                     f'does not fit the {n} available device(s)')
+  grid = mesh_utils.create_device_mesh((data, fsdp, model), devices)
   # Auto axes: linen's logical partitioning assumes them (jax's default
   # Explicit axes break the embedding lookup).
-  return Mesh(grid, ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+  return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def to_shardings(logical_specs, mesh):
-  return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+  return nn.logical_to_mesh_sharding(logical_specs, mesh)
 
 
 def state_shardings(boxed_variables, abstract_state, tx, mesh):
@@ -59,4 +70,16 @@ def state_shardings(boxed_variables, abstract_state, tx, mesh):
 
 
 def batch_sharding(mesh):
-  return NamedSharding(mesh, P('data', None))
+  """Rows of a [B, T] batch over the mesh axes of 'batch'."""
+  return to_shardings(P('batch', 'length'), mesh)
+
+
+def data_parallel(mesh, mesh_config):
+  """How many ways a batch is split: the size of the 'batch' axes."""
+  with nn.logical_axis_rules(rules(mesh_config)):
+    spec = batch_sharding(mesh).spec[0]
+  axes = spec if isinstance(spec, tuple) else (spec,)
+  size = 1
+  for axis in axes:
+    size *= mesh.shape[axis] if axis else 1
+  return size

@@ -26,6 +26,7 @@ order like their bits), shared by all tensors, and ties at the threshold are
 broken by index order so exactly k stay (`topk_masks`).
 """
 
+import functools
 import re
 from typing import NamedTuple
 
@@ -33,6 +34,7 @@ import flax.linen as nn
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
@@ -95,22 +97,24 @@ def guaranteed_per_neuron(shape, k, min_per_neuron):
   return int(min(min_per_neuron, k // neurons, fan_in))
 
 
-def _guarantee_top_per_neuron(bits, j):
+def _guarantee_top_per_neuron(bits, j, row_axes=()):
   """Raises the j largest entries of each neuron's fan-in above everything.
 
-  bits: int32 [..., neurons]. j passes of a column max below the previous
-  one find each column's j-th largest value (no sort, no top_k, both slow on
-  CPU); zeros are never guaranteed.
+  bits: int32 [..., neurons], this device's block; its fan-in rows are split
+  over the mesh axes `row_axes` (a column max is then a `pmax`). j passes of
+  a column max below the previous one find each column's j-th largest value
+  (no sort, no top_k, both slow on CPU); zeros are never guaranteed.
   """
   cols = bits.reshape(-1, bits.shape[-1])  # [fan_in, neurons]
   nth = jnp.full(cols.shape[1], _GUARANTEED, jnp.int32)
   for _ in range(j):
-    nth = jnp.max(jnp.where(cols < nth[None, :], cols, -1), axis=0)
+    nth = _pmax(jnp.max(jnp.where(cols < nth[None, :], cols, -1), axis=0),
+                row_axes)
   cols = jnp.where((cols >= nth[None, :]) & (cols > 0), _GUARANTEED, cols)
   return cols.reshape(bits.shape)
 
 
-def topk_masks(scores, ks, min_per_neuron):
+def topk_masks(scores, ks, min_per_neuron, shardings=None):
   """Bool masks of exactly ks[p] largest-|scores[p]| entries, every p at once.
 
   Args:
@@ -120,48 +124,98 @@ def topk_masks(scores, ks, min_per_neuron):
       of each neuron's fan-in (a slice along the last axis) are taken first,
       then the tensor's top-k, so no neuron or channel is cut off. Callers
       keep j * neurons <= k (`guaranteed_per_neuron`).
+    shardings: None, or {path: NamedSharding} of the scores, all on one mesh
+      (only their first and last axes may be split). Each device then works
+      on its own shard (`shard_map`) and only histograms and per-row counts
+      cross devices: histograms add, so a `psum` of the local ones is the
+      histogram of the whole tensor, and the masks are exactly those of one
+      device. No tensor is gathered.
 
   Non-negative floats order like their int32 bit patterns, so the k-th
   largest is found on integers by a two-pass radix select: a histogram of
   the high 15 bits finds the bucket holding it, a histogram of the low 16
   bits inside that bucket finds it exactly. All tensors share the two
-  scatter passes (one histogram row per tensor), which is what makes this
-  cheap for a model's worth of small tensors; no sort and no lax.top_k (both
-  20-30x slower on CPU). Ties at the threshold are kept in index order so
-  exactly k stay.
+  scatter passes (one histogram row per tensor, the row number added to each
+  bin index), which is what makes this cheap for a model's worth of small
+  tensors; no sort and no lax.top_k (both 20-30x slower on CPU). Ties at the
+  threshold are kept in index order so exactly k stay.
   """
   paths = sorted(scores)
-  num = len(paths)
-  bits = []
-  for p in paths:
-    b = jax.lax.bitcast_convert_type(
-        jnp.abs(scores[p]).astype(jnp.float32), jnp.int32)
-    if min_per_neuron[p] and b.ndim >= 2:
-      b = _guarantee_top_per_neuron(b, min_per_neuron[p])
-    bits.append(b.reshape(-1))
-  sizes = [b.size for b in bits]
-  bits = jnp.concatenate(bits)                                  # [N]
-  segment = jnp.asarray(np.repeat(np.arange(num, dtype=np.int32), sizes))
+  arrays = [scores[p] for p in paths]
   k = jnp.stack([jnp.asarray(ks[p], jnp.int32) for p in paths])  # [num]
+  select = functools.partial(_topk_blocks,
+                             js=[min_per_neuron[p] for p in paths])
+  if shardings is None:
+    keep = select(arrays, k, specs=[_spec(P(), x.ndim) for x in arrays],
+                  mesh_axes=())
+  else:
+    mesh = shardings[paths[0]].mesh
+    specs = [shardings[p].spec for p in paths]
+    keep = jax.shard_map(
+        functools.partial(select, specs=[
+            _spec(s, x.ndim) for s, x in zip(specs, arrays)],
+                          mesh_axes=mesh.axis_names),
+        mesh=mesh, in_specs=(specs, P()), out_specs=specs,
+        check_vma=False)(arrays, k)
+  return dict(zip(paths, keep))
 
-  high = bits >> 16                                             # < 2**15
-  hist = jnp.zeros(num << 15, jnp.int32).at[(segment << 15) | high].add(1)
-  bucket, above, _ = _select(hist.reshape(num, 1 << 15), k)
+
+def _spec(spec, ndim):
+  """A PartitionSpec as one tuple of mesh axes per dimension."""
+  spec = tuple(spec) + (None,) * (ndim - len(spec))
+  out = tuple(() if a is None else tuple(a) if isinstance(a, (tuple, list))
+              else (a,) for a in spec)
+  if any(out[1:-1]):
+    raise ValueError(f'top-k of a tensor split on a middle axis: {spec}')
+  return out
+
+
+def _row_col_axes(spec):
+  """Mesh axes of a tensor's rows (all but its last axis) and columns."""
+  if not spec:
+    return (), ()
+  return tuple(a for d in spec[:-1] for a in d), spec[-1]
+
+
+def _topk_blocks(arrays, k, *, js, specs, mesh_axes):
+  """`topk_masks` on this device's blocks of `arrays` (whole arrays, specs of
+  all (), off a mesh). Each tensor is counted by one replica only: the
+  devices at index 0 of every mesh axis it is not split over."""
+  num = len(arrays)
+  bits, counted = [], []
+  for x, j, spec in zip(arrays, js, specs):
+    b = jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.int32)
+    if j and b.ndim >= 2:
+      b = _guarantee_top_per_neuron(b, j, _row_col_axes(spec)[0])
+    bits.append(b)
+    split = {a for d in spec for a in d}
+    counted.append(functools.reduce(
+        jnp.logical_and, [jax.lax.axis_index(a) == 0 for a in mesh_axes
+                          if a not in split], jnp.bool_(True)))
+
+  high = jnp.concatenate([                                      # [local N]
+      jnp.where(c, (i << 15) | (b >> 16), num << 15).reshape(-1)
+      for i, (b, c) in enumerate(zip(bits, counted))])
+  hist = jnp.zeros(num << 15, jnp.int32).at[high].add(1, mode='drop')
+  bucket, above, _ = _select(_psum(hist, mesh_axes).reshape(num, 1 << 15), k)
   rank = k - above                              # rank of the k-th in bucket
-  low = jnp.where(high == bucket[segment], (segment << 16) | (bits & 0xFFFF),
-                  num << 16)
+  low = jnp.concatenate([
+      jnp.where(c & (b >> 16 == bucket[i]), (i << 16) | (b & 0xFFFF),
+                num << 16).reshape(-1)
+      for i, (b, c) in enumerate(zip(bits, counted))])
   hist = jnp.zeros(num << 16, jnp.int32).at[low].add(1, mode='drop')
-  value, above, ties_total = _select(hist.reshape(num, 1 << 16), rank)
+  value, above, ties_total = _select(
+      _psum(hist, mesh_axes).reshape(num, 1 << 16), rank)
   ties_kept = rank - above
 
-  threshold = ((bucket << 16) | value)[segment]
-  above, ties = bits > threshold, bits == threshold
-  keep = jax.lax.cond(
-      jnp.all(ties_total == ties_kept), lambda: above | ties,
-      lambda: above | _first_ties(ties, ties_kept, sizes))
-  offsets = np.cumsum([0] + sizes)
-  return {p: keep[offsets[i]:offsets[i + 1]].reshape(scores[p].shape)
-          for i, p in enumerate(paths)}
+  threshold = (bucket << 16) | value                            # [num]
+  above = [b > threshold[i] for i, b in enumerate(bits)]
+  ties = [b == threshold[i] for i, b in enumerate(bits)]
+  return jax.lax.cond(
+      jnp.all(ties_total == ties_kept),
+      lambda: [a | t for a, t in zip(above, ties)],
+      lambda: [a | _first_ties(t, ties_kept[i], specs[i])
+               for i, (a, t) in enumerate(zip(above, ties))])
 
 
 def _select(hist, k, blocks=256):
@@ -186,36 +240,51 @@ def _select(hist, k, blocks=256):
           count)
 
 
-def _first_ties(ties, counts, sizes):
-  """Per tensor, its first counts[i] ties in index order. Rarely run: only
-  exact duplicates at a threshold (e.g. zero-initialised biases) need it."""
-  offsets = np.cumsum([0] + sizes)
-  return jnp.concatenate([
-      _first_true(ties[offsets[i]:offsets[i + 1]], counts[i])
-      for i in range(len(sizes))])
+def _first_ties(ties, count, spec):
+  """The first `count` True entries of `ties` in index order, on this
+  device's block. Rarely run: only exact duplicates at a threshold (e.g.
+  zero-initialised biases) need it.
+
+  A prefix sum over the whole tensor is slow on CPU and would need all of
+  it on one device, so it is taken over per-row counts and then inside the
+  one row where the cut falls: only vectors of one row's or one column's
+  length cross devices.
+  """
+  row_axes, col_axes = _row_col_axes(spec)
+  block = ties.reshape(-1, ties.shape[-1] if ties.ndim else 1)  # [rows, cols]
+  per_row = _psum(jnp.sum(block, axis=1, dtype=jnp.int32), col_axes)
+  per_row = _all_gather(per_row, row_axes)                      # [R]
+  before = jnp.cumsum(per_row) - per_row                        # exclusive
+  cut = jnp.sum(before < count) - 1                             # row of the cut
+  rows = _axis_index(row_axes) * block.shape[0] + jnp.arange(block.shape[0])
+  row = _psum(jnp.sum(block & (rows == cut)[:, None], axis=0,
+                      dtype=jnp.int32), row_axes)
+  inside = jnp.cumsum(_all_gather(row, col_axes)) <= count - before[cut]
+  inside = jax.lax.dynamic_slice_in_dim(
+      inside, _axis_index(col_axes) * block.shape[1], block.shape[1])
+  keep = (rows < cut)[:, None] | ((rows == cut)[:, None] & inside[None, :])
+  return (block & keep).reshape(ties.shape)
+
+
+def _psum(x, axes):
+  return jax.lax.psum(x, tuple(axes)) if axes else x
+
+
+def _pmax(x, axes):
+  return jax.lax.pmax(x, tuple(axes)) if axes else x
+
+
+def _all_gather(x, axes):
+  return jax.lax.all_gather(x, tuple(axes), tiled=True) if axes else x
+
+
+def _axis_index(axes):
+  return jax.lax.axis_index(tuple(axes)) if axes else 0
 
 
 def topk_mask(scores, k, min_per_neuron=0):
   """`topk_masks` for one tensor."""
   return topk_masks({'': scores}, {'': k}, {'': min_per_neuron})['']
-
-
-def _first_true(flags, count, block=1024):
-  """The first `count` True entries of flat bool `flags`, in index order.
-
-  A prefix sum over the whole tensor is slow on CPU, so it is taken over
-  per-block counts and then inside the one block where the cut falls.
-  """
-  n = flags.size
-  blocks = jnp.pad(flags, (0, -n % block)).reshape(-1, block)
-  per_block = jnp.sum(blocks, axis=1, dtype=jnp.int32)
-  before = jnp.cumsum(per_block) - per_block            # exclusive
-  cut = jnp.sum(before < count) - 1                     # block of the cut
-  inside = jnp.cumsum(jax.lax.dynamic_index_in_dim(blocks, cut, 0, False))
-  inside = inside <= count - before[cut]
-  index = jnp.arange(blocks.shape[0])[:, None]
-  keep = (index < cut) | ((index == cut) & inside[None, :])
-  return (blocks & keep).reshape(-1)[:n]
 
 
 def flat(tree):
@@ -320,11 +389,13 @@ def reproject(config, total_steps):
   static: the mask is the `masks` passed in. topk: it is the top-k of
   params + updates at the annealed density, so the new support is simply the
   nonzeros of the new params (`support`); no second copy of the masks is kept
-  in the optimizer state.
+  in the optimizer state. `mask_shardings`, when the caller passes them,
+  make the top-k work shard by shard (`topk_masks`).
   """
   validate(config)
 
-  def update_fn(updates, state, params, *, masks, **extra):
+  def update_fn(updates, state, params, *, masks, mask_shardings=None,
+                **extra):
     del extra
     flat_masks, flat_params = flat(masks), flat(params)
     flat_updates = flat(updates)
@@ -334,7 +405,8 @@ def reproject(config, total_steps):
       flat_masks = topk_masks(
           {p: flat_params[p] + flat_updates[p] for p in flat_masks},
           {p: num_kept(m.size, density) for p, m in flat_masks.items()},
-          {p: kept[p][1] for p in flat_masks})
+          {p: kept[p][1] for p in flat_masks},
+          None if mask_shardings is None else flat(mask_shardings))
     new_updates = {
         p: jnp.where(flat_masks[p], u, -flat_params[p]) if p in flat_masks
         else u for p, u in flat_updates.items()}

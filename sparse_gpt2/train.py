@@ -63,6 +63,9 @@ def validate(config):
       raise ValueError(f'{field} must be >= 1, got {config[field]}')
   if config.keep_every < 0:
     raise ValueError(f'keep_every must be >= 0, got {config.keep_every}')
+  if config.microbatches < 1 or config.batch_size % config.microbatches:
+    raise ValueError(f'microbatches must be >= 1 and divide batch_size '
+                     f'{config.batch_size}, got {config.microbatches}')
   if config.model.pos_embedding and config.seq_len > config.model.max_len:
     raise ValueError(f'seq_len {config.seq_len} > model.max_len '
                      f'{config.model.max_len}')
@@ -94,12 +97,38 @@ def init_state(config, model, tx, rng, init_params):
                     masks=masks, opt_state=tx.init(params))
 
 
-def train_step(state, tokens, *, model, tx, config):
+def _loss_and_grads(model, params, tokens, rng, microbatches):
+  """Mean loss and gradients of tokens [B, T+1], accumulated over
+  `microbatches` slices of B / microbatches rows, so the activations held are
+  those of one slice; equal slices make the mean of their means the batch
+  mean. Slice i holds rows i, i + M, i + 2M, ...: every device keeps its own
+  rows, so slicing moves no data."""
+  grad_fn = jax.value_and_grad(lambda p, t, r: _loss(model, p, t, r))
+  if microbatches == 1:
+    return grad_fn(params, tokens, rng)
+  slices = tokens.reshape(-1, microbatches, tokens.shape[1]).swapaxes(0, 1)
+  slices = nn.with_logical_constraint(slices, (None, 'batch', 'length'))
+
+  def accumulate(total, xs):
+    i, t = xs
+    out = grad_fn(params, t, jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, total, out), None
+
+  zeros = (jnp.zeros([], jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  total, _ = jax.lax.scan(accumulate, zeros,
+                          (jnp.arange(microbatches), slices))
+  return jax.tree.map(lambda x: x / microbatches, total)
+
+
+def train_step(state, tokens, *, model, tx, config, mask_shardings=None):
+  """One update. `mask_shardings` (the masks' NamedShardings) lets the top-k
+  work on each device's shard of the weights (`sparsity.topk_masks`)."""
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
-  loss, grads = jax.value_and_grad(
-      lambda p: _loss(model, p, tokens, rng))(state.params)
+  loss, grads = _loss_and_grads(model, state.params, tokens, rng,
+                                config.microbatches)
   updates, opt_state = tx.update(grads, state.opt_state, state.params,
-                                 masks=state.masks)
+                                 masks=state.masks,
+                                 mask_shardings=mask_shardings)
   params = optax.apply_updates(state.params, updates)
   grad_rms = optim.global_rms(grads)
   new_state = state.replace(
@@ -196,16 +225,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     raise ValueError(f'tokenizer has {corpus.tokenizer.get_vocab_size()} '
                      f'tokens but model.vocab_size={config.model.vocab_size}')
   mesh = sharding.make_mesh(config.mesh)
-  if config.batch_size % mesh.shape['data']:
-    raise ValueError(f"batch_size {config.batch_size} is not divisible by "
-                     f"the mesh's data axis ({mesh.shape['data']})")
+  parallel = sharding.data_parallel(mesh, config.mesh)
+  if config.batch_size // config.microbatches % parallel:
+    raise ValueError(f'batch_size {config.batch_size} / microbatches '
+                     f'{config.microbatches} is not divisible by the '
+                     f'{parallel} ways the mesh splits a batch')
 
   model = make_model(config)
   tx = optim.make(config, config.train_steps)
   rng = jax.random.key(config.seed)
   init_params = hf.load(config.init_from_hf)[1] if config.init_from_hf else None
   init = functools.partial(init_state, config, model, tx)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
     abstract_state = jax.eval_shape(init, rng, init_params)
     boxed = jax.eval_shape(model.init, rng,
                            jnp.zeros((1, config.seq_len), jnp.int32))
@@ -233,7 +264,8 @@ def _train_loop(config, workdir, model, tx, state, state_sharding,
   run_start = time.perf_counter()
 
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, config=config),
+      functools.partial(train_step, model=model, tx=tx, config=config,
+                        mask_shardings=state_sharding.masks),
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, None), donate_argnums=0)
   eval_step = jax.jit(lambda params, tokens: _loss(model, params, tokens))

@@ -125,7 +125,7 @@ def test_pattern_matching_nothing_fails_clearly():
 
 def _run_steps(config, steps=20):
   """Steps a tiny model on random tokens; yields the state after each."""
-  config.train_steps = steps
+  config.train_steps = config.schedule_steps = steps
   model = train.make_model(config)
   tx = optim.make(config, steps)
   state = train.init_state(config, model, tx, jax.random.key(0), None)

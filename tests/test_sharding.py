@@ -1,0 +1,176 @@
+"""Sharded state on 8 fake CPU devices (data 2 x fsdp 2 x model 2): the
+top-k works shard by shard and gives the masks of one device, sharded
+training matches one device in every sparsity mode, and the compiled step
+gathers no sparse tensor. Each check runs in a subprocess, which is given 8
+devices before jax starts: `python tests/test_sharding.py CHECK`."""
+
+import functools
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sparse_gpt2 import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sparse_gpt2 import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sparse_gpt2 import sparsity  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sparse_gpt2 import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _in_subprocess(check, *args):
+  result = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), check, *args], cwd=ROOT,
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_sharded_topk_gives_the_masks_of_one_device():
+  _in_subprocess('check_topk')
+
+
+def test_sharded_training_matches_one_device_in_topk_and_static_modes():
+  _in_subprocess('check_training')
+
+
+def _mesh(data, fsdp, model):
+  config = tiny.get_config().mesh
+  config.data, config.fsdp, config.model = data, fsdp, model
+  return sharding.make_mesh(config, jax.devices()[:data * fsdp * model])
+
+
+def check_topk():
+  """Tensors split on rows, columns, both, over two axes at once, or not at
+  all, with ties (zeros, equal rows): the masks of one device, exactly."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = _mesh(2, 2, 2)
+  specs = {'a': P('fsdp', 'model'), 'b': P('model'), 'c': P(None, 'model'),
+           'd': P('fsdp'), 'e': P(('data', 'fsdp'), None), 'f': P(),
+           'zeros': P('fsdp', 'model'), 'zero_bias': P('model')}
+  shapes = {'a': (16, 8), 'b': (8,), 'c': (6, 4), 'd': (12,), 'e': (8, 5),
+            'f': (3, 5), 'zeros': (8, 4), 'zero_bias': (6,)}
+  rng = np.random.default_rng(0)
+  scores = {p: rng.normal(size=s).astype(np.float32)
+            for p, s in shapes.items()}
+  scores['a'][5] = 0.5                        # A row of ties.
+  scores['zeros'] = np.zeros((8, 4), np.float32)
+  scores['zeros'][3, 1] = 1.0
+  scores['zero_bias'] = np.zeros(6, np.float32)
+  shardings = {p: NamedSharding(mesh, specs[p]) for p in specs}
+  placed = {p: jax.device_put(v, shardings[p]) for p, v in scores.items()}
+  for density in (1.0, 0.5, 0.3, 0.1):
+    ks = {p: int(sparsity.num_kept(v.size, density))
+          for p, v in scores.items()}
+    js = {p: sparsity.guaranteed_per_neuron(v.shape, ks[p], 2)
+          for p, v in scores.items()}
+    want = jax.jit(lambda s: sparsity.topk_masks(s, ks, js))(scores)  # pylint: disable=cell-var-from-loop
+    got = jax.jit(lambda s: sparsity.topk_masks(s, ks, js, shardings),  # pylint: disable=cell-var-from-loop
+                  out_shardings=shardings)(placed)
+    for p in scores:
+      assert int(got[p].sum()) == ks[p], (p, density)
+      np.testing.assert_array_equal(got[p], want[p], err_msg=f'{p} {density}')
+
+
+def _steps(mode, mesh_shape, steps=2):
+  """(losses, final state as numpy, compiled HLO) of `steps` train steps of
+  the tiny model on random tokens, on a mesh of `mesh_shape`."""
+  config = tiny.get_config(mode)
+  config.train_steps = config.schedule_steps = steps
+  config.batch_size = 8
+  config.model.num_layers = 1  # Compile time is most of this check.
+  config.mesh.data, config.mesh.fsdp, config.mesh.model = mesh_shape
+  mesh = _mesh(*mesh_shape)
+  model = train.make_model(config)
+  tx = optim.make(config, steps)
+  tokens = jax.random.randint(jax.random.key(1), (steps, 8, 17), 0,
+                              config.model.vocab_size)
+  init = functools.partial(train.init_state, config, model, tx)
+  rng = jax.random.key(0)
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
+    abstract = jax.eval_shape(init, rng, None)
+    boxed = jax.eval_shape(model.init, rng, jnp.zeros((1, 16), jnp.int32))
+    state_sharding = sharding.state_shardings(boxed, abstract, tx, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    state = jax.jit(init, out_shardings=state_sharding)(rng, None)
+    step = jax.jit(
+        functools.partial(train.train_step, model=model, tx=tx,
+                          config=config, mask_shardings=state_sharding.masks),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, None))
+    hlo = step.lower(state, jax.device_put(tokens[0], batch_sharding)
+                     ).compile().as_text()
+    losses = []
+    for i in range(steps):
+      state, metrics = step(state, jax.device_put(tokens[i], batch_sharding))
+      losses.append(float(metrics['loss']))
+  return losses, jax.tree.map(np.asarray, state), hlo
+
+
+def check_training():
+  for mode in ('static', 'topk'):
+    _check_training(mode)
+
+
+def _check_training(mode):
+  """Same losses, masks and params on the mesh as on one device."""
+  losses, state, hlo = _steps(mode, (2, 2, 2))
+  losses_one, state_one, _ = _steps(mode, (1, 1, 1))
+  np.testing.assert_allclose(losses, losses_one, rtol=2e-5)
+  masks, masks_one = sparsity.flat(state.masks), sparsity.flat(state_one.masks)
+  for path in masks:
+    np.testing.assert_array_equal(masks[path], masks_one[path], err_msg=path)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4,
+                                 atol=2e-6), state.params, state_one.params)
+  # No all-gather in the step yields a whole sparse matrix (FSDP gathers
+  # give one model-axis shard of it), nor anything as large as all sparse
+  # tensors together; and no constant of one entry per sparse weight.
+  shapes = {tuple(m.shape) for m in masks.values() if m.ndim == 2}
+  shapes |= {(m.size,) for m in masks.values() if m.ndim == 2}
+  gathered = {tuple(int(d) for d in dims.split(',') if d) for dims in
+              re.findall(r'= \w+\[([\d,]*)\][^=]*all-gather\(', hlo)}
+  assert not gathered & shapes, sorted(gathered & shapes)
+  total = sum(m.size for m in masks.values())
+  assert max(np.prod(g) for g in gathered) < total
+  for dims in re.findall(r's32\[(\d+)\][^\n]*constant\(', hlo):
+    assert int(dims) < total, dims
+
+
+def test_microbatches_give_the_update_of_one_batch():
+  """Gradients accumulated over 2 slices of the batch: the same update."""
+  results = {}
+  for microbatches in (1, 2):
+    config = tiny.get_config('topk')
+    config.train_steps = config.schedule_steps = 3
+    config.microbatches = microbatches
+    model = train.make_model(config)
+    tx = optim.make(config, 3)
+    state = train.init_state(config, model, tx, jax.random.key(0), None)
+    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+                                     config=config))
+    tokens = jax.random.randint(jax.random.key(1), (3, 8, 17), 0,
+                                config.model.vocab_size)
+    losses = []
+    for i in range(3):
+      state, metrics = step(state, tokens[i])
+      losses.append(float(metrics['loss']))
+    results[microbatches] = losses, state
+  np.testing.assert_allclose(results[2][0], results[1][0], rtol=1e-5)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4,
+                                 atol=1e-6), results[2][1].params,
+               results[1][1].params)
+  for path, mask in sparsity.flat(results[1][1].masks).items():
+    np.testing.assert_array_equal(sparsity.flat(results[2][1].masks)[path],
+                                  mask, err_msg=path)
+
+
+if __name__ == '__main__':
+  jax.config.update('jax_num_cpu_devices', 8)
+  globals()[sys.argv[1]](*sys.argv[2:])
