@@ -348,6 +348,9 @@ def test_page_in_a_browser(page, compare_dir, browser, tmp_path):
   assert browser.js("document.querySelectorAll('#details .snippet mark')"
                     '.length') == 3  # snippets_per_node
   assert 'task=quotes&node=0:' in browser.js('location.hash')
+  tooltip = browser.js("document.querySelector('#tooltip').textContent")
+  assert f"layer {node['layer']} {node['location']} {node['index']}" in \
+      tooltip  # The mouse is over the node: a summary follows it.
 
   # An edge: its weight and its two nodes.
   browser.click(".panel[data-panel='1'] line.edge[data-e='0']")
