@@ -1,19 +1,66 @@
 #!/usr/bin/env bash
-# Submits a config to a Slurm GPU cluster: one process per node, all local
-# GPUs per process; jax.distributed reads the Slurm environment.
+# Submits a training run to a Slurm GPU cluster: whole nodes, one process per
+# node driving all its GPUs, jax.distributed coordinated by the first node.
 #
-#   launch/gpu_slurm.sh NODES configs/dense_gpt2_124m.py [--dry_run] [-- --config.FIELD=V ...]
+#   launch/gpu_slurm.sh [--dry_run] NODES CONFIG [--time=HH:MM:SS]
+#       [--gpus_per_node=8] [--partition=P] [--workdir=DIR] [-- --config.FIELD=V ...]
+#
+# The batch script installs requirements (with CUDA jaxlib) once, into
+# .venv of this checkout, which every node must see (a shared filesystem, as
+# is usual for Slurm); then `srun` starts one process per node. The log of
+# all processes goes to logs/JOBNAME-JOBID.out. --workdir defaults to
+# runs/CONFIG_NAME in this checkout, also on the shared filesystem.
+# --dry_run prints the batch script and the sbatch command instead.
 set -euo pipefail
-if [[ $# -lt 2 ]]; then
-  sed -n '2,6p' "$0"; exit 2
-fi
-nodes=$1 config=$2; shift 2
+usage() { sed -n '2,14p' "$0"; exit 2; }
+
 dry_run=0
 if [[ "${1:-}" == "--dry_run" ]]; then dry_run=1; shift; fi
-[[ "${1:-}" == "--" ]] && shift
-workdir=${WORKDIR:-runs/$(basename "$config" .py)}
-script="pip install -q -r requirements.txt 'jax[cuda12]==0.10.2' && \
-SPARSE_GPT2_DISTRIBUTED=1 python -m sparse_gpt2.main --config=$config --workdir=$workdir $*"
-cmd=(sbatch --nodes="$nodes" --ntasks-per-node=1 --gpus-per-node=8
-     --wrap="srun bash -c \"$script\"")
-if (( dry_run )); then printf '%q ' "${cmd[@]}"; echo; else "${cmd[@]}"; fi
+[[ $# -lt 2 ]] && usage
+nodes=$1 config=$2; shift 2
+time_limit=24:00:00 gpus=8 partition='' workdir='' overrides=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --time=*) time_limit=${1#*=} ;;
+    --gpus_per_node=*) gpus=${1#*=} ;;
+    --partition=*) partition=${1#*=} ;;
+    --workdir=*) workdir=${1#*=} ;;
+    --) shift; overrides=("$@"); break ;;
+    *) echo "error: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+repo=$(cd "$(dirname "$0")/.." && pwd)
+name=$(basename "${config%%:*}" .py)
+workdir=${workdir:-runs/$name}
+args=(--config="$config" --workdir="$workdir" "${overrides[@]}")
+
+script="#!/usr/bin/env bash
+#SBATCH --job-name=sparse_gpt2-$name
+#SBATCH --nodes=$nodes
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=$gpus
+#SBATCH --exclusive
+#SBATCH --time=$time_limit
+#SBATCH --output=$repo/logs/%x-%j.out
+${partition:+#SBATCH --partition=$partition
+}set -euo pipefail
+cd $(printf '%q' "$repo")
+# Once, on the first node, before any process starts.
+[[ -x .venv/bin/python ]] || python3 -m venv .venv
+.venv/bin/pip install -q -r requirements.txt 'jax[cuda12]==0.10.2'
+# jax.distributed.initialize() reads the process count and ids from Slurm;
+# the coordinator is the first node of the job.
+export JAX_COORDINATOR_ADDRESS=\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n 1):12345
+export SPARSE_GPT2_DISTRIBUTED=1
+srun --ntasks-per-node=1 .venv/bin/python -m sparse_gpt2.main $(printf '%q ' "${args[@]}")
+"
+
+if (( dry_run )); then
+  printf '%s' "$script"
+  echo "sbatch $(printf '%q' "$repo/logs/sparse_gpt2-$name.sbatch")"
+else
+  mkdir -p "$repo/logs"
+  printf '%s' "$script" > "$repo/logs/sparse_gpt2-$name.sbatch"
+  sbatch "$repo/logs/sparse_gpt2-$name.sbatch"
+fi

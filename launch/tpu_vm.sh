@@ -1,25 +1,114 @@
 #!/usr/bin/env bash
-# Runs a config on every host of a TPU VM slice (one process per host; JAX
-# finds the other hosts itself).
+# A training run on a Cloud TPU VM slice, one process per host.
 #
-#   launch/tpu_vm.sh NAME ZONE configs/sparse_gpt2_124m.py [--dry_run] [-- --config.FIELD=V ...]
+#   launch/tpu_vm.sh [--dry_run] create NAME ZONE TYPE [--spot]
+#   launch/tpu_vm.sh [--dry_run] start  NAME ZONE CONFIG [--workdir=DIR] [-- --config.FIELD=V ...]
+#   launch/tpu_vm.sh [--dry_run] logs   NAME ZONE [--worker=N]
+#   launch/tpu_vm.sh [--dry_run] stop   NAME ZONE
+#   launch/tpu_vm.sh [--dry_run] delete NAME ZONE
 #
-# The repo is copied to each host, requirements installed with TPU jaxlib,
-# and the run writes to --workdir (a gs:// path works with orbax and TFDS).
+# create: a queued resource of TYPE (e.g. v5litepod-16; --spot for spot
+#   capacity), waiting until it is ACTIVE; an existing VM NAME is reused.
+# start: copies the code as git sees it (tracked and untracked files, not
+#   ignored ones such as runs/) into a fresh ~/sparse_gpt2 on every worker,
+#   replacing the old copy, installs requirements with TPU jaxlib, and starts
+#   the run detached on all workers, each logging to ~/sparse_gpt2.log.
+#   --workdir defaults to runs/CONFIG_NAME on each host; give a gs:// path
+#   so checkpoints outlive the VM and all hosts share one run directory.
+# logs: follows one worker's log (default 0). stop: sends SIGTERM, on which
+#   the run saves a checkpoint and exits. delete: removes the VM.
+# --dry_run prints every command instead of running it. RUNTIME overrides the
+# TPU software version chosen from TYPE; PROJECT sets gcloud's --project.
 set -euo pipefail
-if [[ $# -lt 3 ]]; then
-  sed -n '2,9p' "$0"; exit 2
-fi
-name=$1 zone=$2 config=$3; shift 3
+usage() { sed -n '2,22p' "$0"; exit 2; }
+
 dry_run=0
 if [[ "${1:-}" == "--dry_run" ]]; then dry_run=1; shift; fi
-[[ "${1:-}" == "--" ]] && shift
-run() { if (( dry_run )); then printf '%q ' "$@"; echo; else "$@"; fi; }
+[[ $# -lt 3 ]] && usage
+action=$1 name=$2 zone=$3; shift 3
+positional=() spot=0 worker=0 workdir='' overrides=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --spot) spot=1 ;;
+    --worker=*) worker=${1#*=} ;;
+    --workdir=*) workdir=${1#*=} ;;
+    --) shift; overrides=("$@"); break ;;
+    -*) echo "error: unknown option $1" >&2; exit 2 ;;
+    *) positional+=("$1") ;;
+  esac
+  shift
+done
 
-repo=$(cd "$(dirname "$0")/.." && pwd)
-workdir=${WORKDIR:-runs/$(basename "$config" .py)}
-run gcloud compute tpus tpu-vm scp --recurse --zone="$zone" --worker=all \
-  "$repo" "$name":~/sparse_gpt2
-run gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command \
-  "cd ~/sparse_gpt2 && pip install -q -r requirements.txt 'jax[tpu]==0.10.2' \
-   && SPARSE_GPT2_DISTRIBUTED=1 python -m sparse_gpt2.main --config=$config --workdir=$workdir $*"
+# Prints the command (shell-quoted) under --dry_run, else runs it.
+run() { if (( dry_run )); then printf '%q ' "$@"; echo; else "$@"; fi; }
+gcloud_tpu=(gcloud compute tpus)
+[[ -n "${PROJECT:-}" ]] && gcloud_tpu+=(--project="$PROJECT")
+ssh_all() { run "${gcloud_tpu[@]}" tpu-vm ssh "$name" --zone="$zone" --worker=all --command="$1"; }
+
+case $action in
+  create)
+    [[ ${#positional[@]} -eq 1 ]] || usage
+    type=${positional[0]}
+    case $type in
+      v4-*) default_runtime=tpu-ubuntu2204-base ;;
+      v5litepod-*) default_runtime=v2-alpha-tpuv5-lite ;;
+      v5p-*) default_runtime=v2-alpha-tpuv5 ;;
+      v6e-*) default_runtime=v2-alpha-tpuv6e ;;
+      *) echo "error: unknown TPU type $type; set RUNTIME" >&2
+         [[ -z "${RUNTIME:-}" ]] && exit 2 ;;
+    esac
+    if (( ! dry_run )) && "${gcloud_tpu[@]}" tpu-vm describe "$name" \
+        --zone="$zone" >/dev/null 2>&1; then
+      echo "reusing TPU VM $name"; exit 0
+    fi
+    capacity=()
+    (( spot )) && capacity=(--spot)
+    run "${gcloud_tpu[@]}" queued-resources create "$name" --node-id="$name" \
+      --zone="$zone" --accelerator-type="$type" \
+      --runtime-version="${RUNTIME:-$default_runtime}" "${capacity[@]}"
+    # The request waits in a queue until capacity frees up.
+    if (( dry_run )); then
+      run "${gcloud_tpu[@]}" queued-resources describe "$name" --zone="$zone" \
+        --format='value(state.state)'
+    else
+      while state=$("${gcloud_tpu[@]}" queued-resources describe "$name" \
+          --zone="$zone" --format='value(state.state)'); [[ $state != ACTIVE ]]; do
+        [[ $state == FAILED || $state == SUSPENDED ]] && {
+          echo "error: queued resource $name is $state" >&2; exit 1; }
+        echo "queued resource $name: $state"; sleep 60
+      done
+    fi
+    ;;
+  start)
+    [[ ${#positional[@]} -eq 1 ]] || usage
+    config=${positional[0]}
+    repo=$(cd "$(dirname "$0")/.." && pwd)
+    workdir=${workdir:-runs/$(basename "${config%%:*}" .py)}
+    tarball=${TMPDIR:-/tmp}/sparse_gpt2-$name.tar.gz
+    # What git sees, so runs/, caches and build outputs never travel.
+    if (( dry_run )); then
+      echo "git -C $(printf '%q' "$repo") ls-files -z --cached --others --exclude-standard | tar -czf $(printf '%q' "$tarball") -C $(printf '%q' "$repo") --null -T -"
+    else
+      git -C "$repo" ls-files -z --cached --others --exclude-standard \
+        | tar -czf "$tarball" -C "$repo" --null -T -
+    fi
+    run "${gcloud_tpu[@]}" tpu-vm scp "$tarball" "$name":sparse_gpt2.tar.gz \
+      --zone="$zone" --worker=all
+    # A fresh directory each time: the new code, never a stale nested copy.
+    ssh_all "rm -rf ~/sparse_gpt2 && mkdir ~/sparse_gpt2 && tar -xzf ~/sparse_gpt2.tar.gz -C ~/sparse_gpt2 && pip install -q -r ~/sparse_gpt2/requirements.txt 'jax[tpu]==0.10.2'"
+    args=(--config="$config" --workdir="$workdir" "${overrides[@]}")
+    ssh_all "cd ~/sparse_gpt2 && SPARSE_GPT2_DISTRIBUTED=1 nohup python -m sparse_gpt2.main $(printf '%q ' "${args[@]}")> ~/sparse_gpt2.log 2>&1 < /dev/null & echo \$! > ~/sparse_gpt2.pid"
+    ;;
+  logs)
+    run "${gcloud_tpu[@]}" tpu-vm ssh "$name" --zone="$zone" --worker="$worker" \
+      --command="tail -n 100 -F ~/sparse_gpt2.log"
+    ;;
+  stop)
+    ssh_all 'if [[ -f ~/sparse_gpt2.pid ]]; then kill -TERM "$(cat ~/sparse_gpt2.pid)" 2>/dev/null || true; rm -f ~/sparse_gpt2.pid; fi'
+    ;;
+  delete)
+    run "${gcloud_tpu[@]}" queued-resources delete "$name" --zone="$zone" \
+      --force --quiet
+    ;;
+  *) usage ;;
+esac

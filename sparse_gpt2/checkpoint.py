@@ -1,17 +1,23 @@
 """Orbax glue: periodic async saves of the whole TrainState, and a restore
-that survives a truncated newest checkpoint.
+that moves a corrupt newest checkpoint aside but stops on any other failure.
 
 The data position needs no saving: the batch at step s is a pure function of
 (seed, s), so the restored `step` is the data position.
 """
 
-import os
-import shutil
+import json
 import time
 
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
+
+from sparse_gpt2 import multihost
+from sparse_gpt2 import workdir as workdir_lib
+
+# Tensorstore status codes that mean a checkpoint's own files are damaged: a
+# chunk shorter than its index says, undecodable, or missing.
+_CORRUPT_STATUS = ('DATA_LOSS:', 'OUT_OF_RANGE:', 'NOT_FOUND:')
 
 
 def manager(workdir, keep, keep_every=0):
@@ -21,7 +27,7 @@ def manager(workdir, keep, keep_every=0):
       max_to_keep=keep, keep_period=keep_every or None, create=True,
       enable_async_checkpointing=True)
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options)
+      workdir_lib.path(workdir) / workdir_lib.CHECKPOINTS, options=options)
 
 
 def save(mngr, step, state):
@@ -35,25 +41,60 @@ def restore(mngr, step, abstract_state):
       state=ocp.args.StandardRestore(abstract_state))).state
 
 
+def is_corrupt(error):
+  """Whether a restore failed because the checkpoint's files are damaged
+  (truncated JSON metadata, a short or missing chunk), rather than because
+  of what reads them: a changed model or optimizer (tree or shape mismatch),
+  memory, permissions or the network. Only the first is the checkpoint's
+  fault; the rest would fail the same way on every checkpoint."""
+  while error is not None:
+    if (isinstance(error, (json.JSONDecodeError, FileNotFoundError))
+        or str(error).startswith(_CORRUPT_STATUS)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
 def restore_latest(mngr, abstract_state, workdir):
   """The newest checkpoint that reads back, or None if there is none.
 
-  An unreadable one (e.g. files truncated by a crash outside orbax's atomic
-  rename) is moved to `workdir/corrupt_checkpoints/` with a warning, never
-  deleted, and the one before it is tried.
+  A corrupt one (`is_corrupt`, e.g. files truncated by a crash outside
+  orbax's atomic rename) is moved to `workdir/corrupt_checkpoints/` with a
+  warning, never deleted, and the one before it is tried. Any other failure
+  stops with a ValueError and moves nothing. Every process takes the same
+  decision: one that fails for another reason stops them all.
   """
   for step in sorted(mngr.all_steps(), reverse=True):
+    state, error = None, None
     try:
-      return restore(mngr, step, abstract_state)
-    except Exception as e:  # pylint: disable=broad-except
-      if jax.process_index() == 0:
-        aside = os.path.join(workdir, 'corrupt_checkpoints',
-                             f'{step}-{int(time.time())}')
-        os.makedirs(os.path.dirname(aside), exist_ok=True)
-        shutil.move(os.path.join(mngr.directory, str(step)), aside)
-      logging.warning('Checkpoint at step %d is unreadable (%s: %s); moved '
-                      'it to %s and falling back to the previous one.', step,
-                      type(e).__name__, str(e).splitlines()[0][:200],
-                      'corrupt_checkpoints/')
-      mngr.reload()
+      state = restore(mngr, step, abstract_state)
+    except Exception as e:  # pylint: disable=broad-except  Classified below.
+      error = e
+    corrupt = error is not None and is_corrupt(error)
+    if multihost.any_process(error is not None and not corrupt):
+      reason = (f'{type(error).__name__}: {_first_line(error)}'
+                if error is not None and not corrupt else
+                'it failed on another process; see its log')
+      raise ValueError(
+          f'cannot restore the checkpoint at step {step} in {workdir} '
+          f'({reason}). The checkpoint is not corrupt and was left in place; '
+          'a changed model or optimizer, too little memory or a storage '
+          'error does this. Fix the cause and rerun.') from error
+    if not multihost.any_process(corrupt):
+      return state
+    aside = (workdir_lib.path(workdir) / workdir_lib.CORRUPT /
+             f'{step}-{int(time.time())}')
+    if jax.process_index() == 0:
+      aside.parent.mkdir(parents=True, exist_ok=True)
+      (mngr.directory / str(step)).rename(aside)
+    logging.warning('Checkpoint at step %d is corrupt (%s); moved it to %s '
+                    'and falling back to the previous one.', step,
+                    _first_line(error) if error else 'on another process',
+                    aside)
+    multihost.barrier(f'checkpoint.aside.{step}')
+    mngr.reload()
   return None
+
+
+def _first_line(error):
+  return str(error).splitlines()[0][:200] if str(error) else ''

@@ -14,14 +14,11 @@ The run made from Hugging Face trains on with
 `python -m sparse_gpt2.main --workdir=RUN` and the same --config flags.
 """
 
-import sys
-
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from sparse_gpt2 import cli
 from sparse_gpt2 import hf
-from sparse_gpt2 import metrics
 from sparse_gpt2 import train
 
 _FROM_RUN = flags.DEFINE_string('from_run', None, 'Run directory to export.')
@@ -46,27 +43,22 @@ def hf_to_run(hf_dir, run, config):
   with config.unlocked():
     config.model.update(kwargs)
     config.init_from_hf = hf_dir
+    # Step 0 of the config's schedules, so training on resumes along them.
+    config.schedule_steps = config.schedule_steps or config.train_steps
     config.train_steps = 0
   train.train_and_evaluate(config, run)
 
 
-def main(argv):
-  del argv
-  metrics.quiet_library_logs()
-  try:
-    if _FROM_RUN.value and _TO_HF.value and not (_FROM_HF.value
-                                                 or _TO_RUN.value):
-      run_to_hf(_FROM_RUN.value, _TO_HF.value, _OVERWRITE.value)
-    elif _FROM_HF.value and _TO_RUN.value and not (_FROM_RUN.value
-                                                   or _TO_HF.value):
-      hf_to_run(_FROM_HF.value, _TO_RUN.value, _CONFIG.value)
-    else:
-      raise ValueError('give either --from_run and --to_hf, or --from_hf '
-                       'and --to_run')
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+def main():
+  if _FROM_RUN.value and _TO_HF.value and not (_FROM_HF.value or _TO_RUN.value):
+    run_to_hf(_FROM_RUN.value, _TO_HF.value, _OVERWRITE.value)
+  elif _FROM_HF.value and _TO_RUN.value and not (_FROM_RUN.value
+                                                 or _TO_HF.value):
+    hf_to_run(_FROM_HF.value, _TO_RUN.value, _CONFIG.value)
+  else:
+    raise ValueError('give either --from_run and --to_hf, or --from_hf and '
+                     '--to_run')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

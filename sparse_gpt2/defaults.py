@@ -8,7 +8,12 @@ import ml_collections
 def base():
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.train_steps = 1000
+  config.train_steps = 1000        # Where the run stops.
+  config.schedule_steps = 0        # Length of the lr and annealing schedules;
+                                   # 0 = train_steps at the run's first start.
+                                   # Saved with the run, so a resumed run that
+                                   # changes train_steps stops elsewhere on the
+                                   # same schedules.
   config.batch_size = 32           # Global, over all processes.
   config.microbatches = 1          # Gradients accumulated over this many
                                    # slices of the batch: memory of one slice.
@@ -21,7 +26,8 @@ def base():
   config.keep_every = 0            # ...and forever those at multiples of this
                                    # (0: none): the checkpoints that circuits
                                    # compare at matched loss (`--step`).
-  config.peak_flops = 0.0          # FLOP/s for MFU; 0 = time a matmul at start.
+  config.peak_flops = 0.0          # FLOP/s of all devices for MFU; 0 = the
+                                   # datasheet peak (CPU: a timed matmul).
   config.init_from_hf = ''         # A Hugging Face GPT-2 dir to start from.
 
   config.data = ml_collections.ConfigDict()

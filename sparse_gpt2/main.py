@@ -5,41 +5,31 @@ to `train.train_and_evaluate`.
 """
 
 import os
-import sys
 
-from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 
-from sparse_gpt2 import metrics
+from sparse_gpt2 import cli
 from sparse_gpt2 import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, `file.py[:arg]`; override fields with '
     '--config.FIELD=VALUE.', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Run directory (default runs/<config file name>).')
+    'workdir', None, 'Run directory, local or remote such as gs://... '
+    '(default runs/<config file name>).')
 flags.mark_flags_as_required(['config'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  metrics.quiet_library_logs()
+def main():
   if os.environ.get('SPARSE_GPT2_DISTRIBUTED') == '1':  # Set by launch/.
     jax.distributed.initialize()  # Finds the TPU slice / Slurm job itself.
   config_file = flags.FLAGS['config'].config_filename
   name = os.path.splitext(os.path.basename(config_file.split(':')[0]))[0]
-  workdir = _WORKDIR.value or os.path.join('runs', name)
-  try:
-    train.train_and_evaluate(_CONFIG.value, workdir)
-  except (ValueError, FloatingPointError) as e:
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  train.train_and_evaluate(_CONFIG.value,
+                           _WORKDIR.value or os.path.join('runs', name))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, errors=(ValueError, FloatingPointError, train.Preempted))

@@ -3,7 +3,6 @@ and the FLOP accounting behind MFU."""
 
 import json
 import logging as std_logging
-import os
 import time
 
 from absl import logging
@@ -11,6 +10,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from tensorboardX import SummaryWriter  # TF-free event files.
+
+from sparse_gpt2 import workdir as workdir_lib
+
+# Dense bf16 peak FLOP/s of one device, from the vendors' datasheets, by
+# `device_kind` (first match wins, so longer names come first). MFU is
+# conventionally quoted against this peak whatever dtype a run uses.
+DATASHEET_PEAKS = (
+    ('TPU v6 lite', 918e12),   # v6e
+    ('TPU v5 lite', 197e12),   # v5e
+    ('TPU v5', 459e12),        # v5p
+    ('TPU v4', 275e12),
+    ('H100 PCIe', 756e12),
+    ('H100', 989e12),          # SXM
+    ('H200', 989e12),          # Also GH200.
+    ('B200', 2250e12),
+    ('A100', 312e12),
+)
 
 from sparse_gpt2 import model as model_lib
 
@@ -31,9 +47,27 @@ def flops_per_token(model_config, seq_len):
   return 6 * matmul + 6 * attention
 
 
+def peak_flops(dtype='float32'):
+  """The MFU denominator, FLOP/s of all devices together: a known
+  accelerator's datasheet peak times the device count. A CPU has no useful
+  datasheet number (and fake CPU devices share its cores), so there one
+  timed matmul is the ceiling; an accelerator missing from DATASHEET_PEAKS
+  is timed the same way per device, with a warning."""
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    return measure_peak_flops(dtype)
+  per_device = next((peak for kind, peak in DATASHEET_PEAKS
+                     if kind in device.device_kind), None)
+  if per_device is None:
+    logging.warning('No datasheet peak for %r; MFU is against a timed '
+                    'matmul.', device.device_kind)
+    per_device = measure_peak_flops(dtype)
+  return per_device * jax.device_count()
+
+
 def measure_peak_flops(dtype='float32', n=2048, repeats=5):
-  """FLOP/s of one n^3 matmul on the first device: the MFU denominator when
-  none is configured (the hardware's real ceiling, not a datasheet)."""
+  """FLOP/s of one n^3 matmul on the first device: the hardware's real
+  ceiling where no datasheet number applies."""
   x = jnp.ones((n, n), dtype)
   f = jax.jit(lambda a: a @ a)
   f(x).block_until_ready()
@@ -44,21 +78,30 @@ def measure_peak_flops(dtype='float32', n=2048, repeats=5):
 
 
 class Writer:
-  """Appends one JSON object per logged step and mirrors scalars to
-  TensorBoard; only process 0 writes."""
+  """Adds one JSON object per logged step to metrics.jsonl and mirrors
+  scalars to TensorBoard; only process 0 writes.
 
-  def __init__(self, workdir):
+  metrics.jsonl is rewritten whole (atomically) at each log, since object
+  stores such as gs:// cannot append; a run logs hundreds of lines, not
+  millions. A resumed run drops the lines past its checkpoint, which it is
+  about to log again.
+  """
+
+  def __init__(self, workdir, start_step):
     self._active = jax.process_index() == 0
     if self._active:
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-      self._tb = SummaryWriter(workdir)
+      self._file = workdir_lib.path(workdir) / workdir_lib.METRICS
+      old = (self._file.read_text().splitlines() if self._file.exists()
+             else [])
+      self._lines = [l for l in old if json.loads(l)['step'] <= start_step]
+      self._tb = SummaryWriter(str(workdir_lib.path(workdir)))
 
   def write(self, step, metrics):
     if not self._active:
       return
     metrics = {k: _plain(v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({'step': int(step), **metrics}) + '\n')
-    self._jsonl.flush()
+    self._lines.append(json.dumps({'step': int(step), **metrics}))
+    workdir_lib.write_atomic(self._file, '\n'.join(self._lines) + '\n')
     for key, value in metrics.items():
       if isinstance(value, dict):
         for sub, v in value.items():
@@ -69,7 +112,6 @@ class Writer:
 
   def close(self):
     if self._active:
-      self._jsonl.close()
       self._tb.close()
 
 

@@ -8,9 +8,7 @@ state donated.
 """
 
 import functools
-import json
 import math
-import os
 import time
 from typing import Any
 
@@ -28,15 +26,15 @@ from sparse_gpt2 import data
 from sparse_gpt2 import hf
 from sparse_gpt2 import metrics
 from sparse_gpt2 import model as model_lib
+from sparse_gpt2 import multihost
 from sparse_gpt2 import optim
 from sparse_gpt2 import sharding
 from sparse_gpt2 import sparsity
+from sparse_gpt2 import workdir as workdir_lib
 
-# Fields that may differ between a workdir's saved config and a resumed run:
-# run length and bookkeeping, nothing that changes what a step computes.
-RESUMABLE_FIELDS = ('train_steps', 'log_every', 'eval_every', 'eval_batches',
-                    'checkpoint_every', 'keep_checkpoints', 'keep_every',
-                    'peak_flops')
+
+class Preempted(Exception):
+  """The run saved a checkpoint and stopped on a preemption notice."""
 
 
 @flax.struct.dataclass
@@ -55,8 +53,9 @@ def make_model(config):
 def validate(config):
   """One-line errors for configs that cannot run, before any work."""
   sparsity.validate(config.sparsity)
-  if config.train_steps < 0:
-    raise ValueError(f'train_steps must be >= 0, got {config.train_steps}')
+  for field in ('train_steps', 'schedule_steps'):
+    if config[field] < 0:
+      raise ValueError(f'{field} must be >= 0, got {config[field]}')
   for field in ('batch_size', 'seq_len', 'log_every', 'eval_every',
                 'checkpoint_every', 'keep_checkpoints'):
     if config[field] < 1:
@@ -92,7 +91,7 @@ def init_state(config, model, tx, rng, init_params):
   if config.sparsity.mode != 'none':
     params, masks = sparsity.init_masks(
         params, masks, config.sparsity, jax.random.fold_in(rng, 1),
-        config.train_steps)
+        config.schedule_steps)
   return TrainState(step=jnp.zeros([], jnp.int32), params=params,
                     masks=masks, opt_state=tx.init(params))
 
@@ -137,45 +136,10 @@ def train_step(state, tokens, *, model, tx, config, mask_shardings=None):
   return new_state, {'loss': loss, 'grad_rms': grad_rms}
 
 
-def _prepare_workdir(config, workdir):
-  """Creates a run directory or checks that `workdir` continues this run.
-
-  Refuses, without touching anything: a path that is a file, a non-empty
-  directory that is not a run, and a run whose saved config differs from
-  `config` in anything but RESUMABLE_FIELDS.
-  """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f'workdir {workdir} exists and is not a directory')
-  saved_path = os.path.join(workdir, 'config.json')
-  if os.path.isdir(workdir) and os.listdir(workdir):
-    if not os.path.exists(saved_path):
-      raise ValueError(f'workdir {workdir} is not empty and holds no '
-                       'config.json: not a run directory, refusing to use it')
-    with open(saved_path) as f:
-      saved = json.load(f)
-    new = json.loads(config.to_json())
-    diff = sorted(k for k in set(saved) | set(new)
-                  if k not in RESUMABLE_FIELDS and saved.get(k) != new.get(k))
-    if diff:
-      raise ValueError(f'workdir {workdir} holds a run with a different '
-                       f'config (fields {diff}); use another --workdir')
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = saved_path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.write(config.to_json(indent=2))
-    os.replace(tmp, saved_path)
-
-
 def evaluate(eval_step, state, val_tokens, config, batch_sharding):
-  losses = []
-  for i in range(config.eval_batches):
-    batch = data.get_batch(
-        val_tokens, i, seed=config.seed + 1, batch_size=config.batch_size,
-        seq_len=config.seq_len, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    losses.append(eval_step(state.params, _global_batch(batch,
-                                                        batch_sharding)))
+  losses = [eval_step(state.params, global_batch(
+      val_tokens, i, config.seed + 1, config, batch_sharding))
+            for i in range(config.eval_batches)]
   return float(np.mean(jax.device_get(losses)))
 
 
@@ -184,13 +148,9 @@ def load_run(workdir, step=None):
   analysis (circuits, export), not for training. `step` None is the newest
   readable checkpoint; a step that was not kept is an error naming those
   that were."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise ValueError(f'{workdir} is not a run directory (no config.json)')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = workdir_lib.load_config(workdir)
   model = make_model(config)
-  tx = optim.make(config, config.train_steps)
+  tx = optim.make(config, config.schedule_steps)
   abstract = jax.eval_shape(
       functools.partial(init_state, config, model, tx), jax.random.key(0),
       None)
@@ -212,27 +172,47 @@ def load_run(workdir, step=None):
   return config, model, state
 
 
-def _global_batch(local, batch_sharding):
-  return jax.make_array_from_process_local_data(batch_sharding, local)
+def global_batch(tokens, step, seed, config, batch_sharding):
+  """The batch at `step` as one global array, of which this process computes
+  only the rows its own devices hold: read off the sharding, so any mesh
+  works, also one whose batch-sharded axes do not follow process
+  boundaries (a `model` axis across hosts needs every row on every host)."""
+  shape = (config.batch_size, config.seq_len + 1)
+  index = batch_sharding.addressable_devices_indices_map(shape).values()
+  rows = np.unique(np.concatenate([np.arange(shape[0])[i[0]] for i in index]))
+  local = data.get_batch(tokens, step, seed=seed, batch_size=shape[0],
+                         seq_len=config.seq_len, rows=rows)
+  position = np.zeros(shape[0], np.int64)
+  position[rows] = np.arange(len(rows))
+  return jax.make_array_from_callback(
+      shape, batch_sharding,
+      lambda i: local[position[np.arange(shape[0])[i[0]]]][:, i[1]])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Trains (or resumes) the run in `workdir`; returns the final state."""
+  """Trains (or resumes) the run in `workdir`; returns the final state.
+
+  Everything that can refuse the run (config, workdir, mesh, data source,
+  tokenizer) is checked before the workdir is written, so a refused start
+  leaves nothing behind for the corrected command to trip on.
+  """
   validate(config)
-  _prepare_workdir(config, workdir)
-  corpus = data.load(config.data, config.seq_len)
-  if corpus.tokenizer.get_vocab_size() > config.model.vocab_size:
-    raise ValueError(f'tokenizer has {corpus.tokenizer.get_vocab_size()} '
-                     f'tokens but model.vocab_size={config.model.vocab_size}')
+  config = workdir_lib.check(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   parallel = sharding.data_parallel(mesh, config.mesh)
   if config.batch_size // config.microbatches % parallel:
     raise ValueError(f'batch_size {config.batch_size} / microbatches '
                      f'{config.microbatches} is not divisible by the '
                      f'{parallel} ways the mesh splits a batch')
+  corpus = multihost.process_0_first(
+      lambda: data.load(config.data, config.seq_len))
+  if corpus.tokenizer.get_vocab_size() > config.model.vocab_size:
+    raise ValueError(f'tokenizer has {corpus.tokenizer.get_vocab_size()} '
+                     f'tokens but model.vocab_size={config.model.vocab_size}')
+  workdir_lib.create(config, workdir)
 
   model = make_model(config)
-  tx = optim.make(config, config.train_steps)
+  tx = optim.make(config, config.schedule_steps)
   rng = jax.random.key(config.seed)
   init_params = hf.load(config.init_from_hf)[1] if config.init_from_hf else None
   init = functools.partial(init_state, config, model, tx)
@@ -254,13 +234,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       state = jax.jit(init, out_shardings=state_sharding)(rng, init_params)
     else:
       logging.info('Resumed from step %d.', int(state.step))
-    return _train_loop(config, workdir, model, tx, state, state_sharding,
-                       batch_sharding, corpus, mngr)
+    try:
+      return _train_loop(config, workdir, model, tx, state, state_sharding,
+                         batch_sharding, corpus, mngr)
+    finally:
+      mngr.close()  # Waits for the last async save.
 
 
 def _train_loop(config, workdir, model, tx, state, state_sharding,
                 batch_sharding, corpus, mngr):
-  """Steps, logs, evaluates and saves until config.train_steps."""
+  """Steps, logs, evaluates and saves until config.train_steps, or until
+  a preemption notice, after saving (raises Preempted)."""
   run_start = time.perf_counter()
 
   step_fn = jax.jit(
@@ -269,41 +253,38 @@ def _train_loop(config, workdir, model, tx, state, state_sharding,
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, None), donate_argnums=0)
   eval_step = jax.jit(lambda params, tokens: _loss(model, params, tokens))
-  lr_fn = jax.jit(optim.learning_rate(config, config.train_steps))
+  lr_fn = jax.jit(optim.learning_rate(config, config.schedule_steps))
   stats_fn = jax.jit(sparsity.stats)
 
   tokens_per_step = config.batch_size * config.seq_len
   flops = metrics.flops_per_token(config.model, config.seq_len)
-  peak = config.peak_flops or metrics.measure_peak_flops(config.model.dtype)
-  writer = metrics.Writer(workdir)
+  peak = config.peak_flops or metrics.peak_flops(config.model.dtype)
   start_step = int(state.step)
+  writer = metrics.Writer(workdir, start_step)
   pending = []  # (step, device metrics) since the last log.
   last_good = start_step if mngr.latest_step() is not None else None
   t0, t0_step = time.perf_counter(), start_step
   for step in range(start_step, config.train_steps):
-    batch = data.get_batch(
-        corpus.train_tokens, step, seed=config.seed,
-        batch_size=config.batch_size, seq_len=config.seq_len,
-        process_index=jax.process_index(),
-        process_count=jax.process_count())
-    state, step_metrics = step_fn(state, _global_batch(batch,
-                                                       batch_sharding))
+    state, step_metrics = step_fn(state, global_batch(
+        corpus.train_tokens, step, config.seed, config, batch_sharding))
     pending.append((step + 1, step_metrics))
     done = step + 1
     is_last = done == config.train_steps
+    preempted = mngr.reached_preemption(done)  # The same on every process.
     do_eval = done % config.eval_every == 0 or is_last
-    do_save = done % config.checkpoint_every == 0 or is_last
+    do_save = done % config.checkpoint_every == 0 or is_last or preempted
     if done % config.log_every and not (do_eval or do_save):
       continue
 
     host = jax.device_get(pending)
     pending = []
     for s, m in host:
-      if not math.isfinite(m['loss']):
-        mngr.wait_until_finished()
-        raise FloatingPointError(
-            f'non-finite loss {m["loss"]} at step {s}; stopped, the last '
-            f'good checkpoint is step {last_good} in {workdir}')
+      for key in ('loss', 'grad_rms'):  # A NaN gradient has a NaN RMS.
+        if not math.isfinite(m[key]):
+          mngr.wait_until_finished()
+          raise FloatingPointError(
+              f'non-finite {key} {m[key]} at step {s}; stopped, the last '
+              f'good checkpoint is step {last_good} in {workdir}')
     elapsed = time.perf_counter() - t0
     rate = (done - t0_step) * tokens_per_step / elapsed
     t0, t0_step = time.perf_counter(), done
@@ -325,6 +306,9 @@ def _train_loop(config, workdir, model, tx, state, state_sharding,
     if do_save:
       checkpoint.save(mngr, done, state)
       last_good = done
+    if preempted:  # The caller closes the manager, which ends the save.
+      raise Preempted(f'preempted at step {done}; saved a checkpoint there, '
+                      'rerun the same command to resume')
 
   mngr.wait_until_finished()
   if config.train_steps == start_step and mngr.latest_step() is None:

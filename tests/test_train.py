@@ -1,5 +1,6 @@
-"""End to end: training, resume after SIGKILL, checkpoint fallback, and the
-clear refusals of bad configs and workdirs."""
+"""End to end: training, resume after SIGKILL, checkpoint fallback and
+failed restores, schedules on resume, preemption, and the clear refusals of
+bad configs and workdirs (which leave no files)."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from sparse_gpt2 import checkpoint
 from sparse_gpt2 import optim
 from sparse_gpt2 import train
 
@@ -115,6 +117,8 @@ def test_resume_after_sigkill_is_bitwise_identical(reference_run, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   _, _, resumed = train.load_run(workdir)
   _assert_same_state(resumed, reference)
+  steps = [m['step'] for m in _metrics(workdir)]
+  assert steps == sorted(set(steps)) and steps[-1] == 60  # No step twice.
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(
@@ -133,12 +137,46 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(
   assert len(aside) == 1 and aside[0].startswith('60-')
 
 
-def test_longer_train_steps_extends_an_existing_run(tiny_config, tmp_path):
-  workdir = str(tmp_path / 'extend')
-  train.train_and_evaluate(tiny_config(train_steps=10), workdir)
-  state = train.train_and_evaluate(tiny_config(train_steps=20), workdir)
-  assert int(state.step) == 20
-  assert [m['step'] for m in _metrics(workdir)][-1] == 20
+@pytest.mark.parametrize('failure', ['changed model', 'out of memory'])
+def test_a_restore_failing_for_another_reason_stops_and_moves_nothing(
+    reference_run, tmp_path, monkeypatch, failure):
+  config, ref_dir, _ = reference_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(ref_dir, workdir)
+  before = _listing(os.path.join(workdir, 'checkpoints'))
+  if failure == 'changed model':  # Same config, different code: shapes.
+    make_model = train.make_model
+    monkeypatch.setattr(train, 'make_model',
+                        lambda c: make_model(c).clone(d_mlp=64))
+  else:
+    def restore(*args):
+      del args
+      raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 4GB')
+    monkeypatch.setattr(checkpoint, 'restore', restore)
+  with pytest.raises(ValueError, match=r'cannot restore the checkpoint at '
+                     r'step 60 .* left in place'):
+    train.train_and_evaluate(config, workdir)
+  assert _listing(os.path.join(workdir, 'checkpoints')) == before
+  assert not os.path.exists(os.path.join(workdir, 'corrupt_checkpoints'))
+
+
+def test_train_steps_moves_the_stop_not_the_schedules(tiny_config, tmp_path):
+  """Stopped at 10 of a 20-step schedule and resumed to 20: the same run as
+  an uninterrupted 20-step one, lr and annealing included."""
+  whole = str(tmp_path / 'whole')
+  reference = train.train_and_evaluate(tiny_config(train_steps=20), whole)
+  parts = str(tmp_path / 'parts')
+  train.train_and_evaluate(tiny_config(train_steps=10, schedule_steps=20),
+                           parts)
+  state = train.train_and_evaluate(tiny_config(train_steps=20), parts)
+  _assert_same_state(state, reference)
+  assert ([m['lr'] for m in _metrics(parts)]
+          == [m['lr'] for m in _metrics(whole)])
+  with pytest.raises(ValueError, match='past the end of the lr and annealing'):
+    train.train_and_evaluate(tiny_config(train_steps=30), parts)
+  with pytest.raises(ValueError, match=r"fields \['schedule_steps'\]"):
+    train.train_and_evaluate(tiny_config(train_steps=20, schedule_steps=30),
+                             parts)
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tiny_config, tmp_path):
@@ -149,19 +187,52 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_config, tmp_path):
   assert not os.listdir(tmp_path / 'nan' / 'checkpoints')
 
 
+def test_non_finite_gradients_stop_before_anything_is_saved(
+    tiny_config, tmp_path, monkeypatch):
+  loss = train._loss  # pylint: disable=protected-access
+  def nan_gradient_loss(model, params, tokens, rng=None):
+    # sqrt'(0) is inf, so the gradient is NaN while the loss stays finite.
+    x = params['wte']['embedding'].sum() * 0.0
+    return loss(model, params, tokens, rng) + 0.0 * jax.numpy.sqrt(x)
+  monkeypatch.setattr(train, '_loss', nan_gradient_loss)
+  with pytest.raises(FloatingPointError, match='non-finite grad_rms nan at '
+                     'step 1'):
+    train.train_and_evaluate(tiny_config(train_steps=20),
+                             str(tmp_path / 'nan'))
+  assert not os.listdir(tmp_path / 'nan' / 'checkpoints')
+
+
+def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
+                                              monkeypatch):
+  manager = checkpoint.manager
+  def preempted_at_7(*args):
+    mngr = manager(*args)
+    mngr.reached_preemption = lambda step: step == 7
+    return mngr
+  monkeypatch.setattr(checkpoint, 'manager', preempted_at_7)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train.Preempted, match='preempted at step 7'):
+    train.train_and_evaluate(tiny_config(train_steps=20), workdir)
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['7']
+
+
 @pytest.mark.parametrize('overrides,message', [
     ({'sparsity.density': 0.0}, 'sparsity.density must be in'),
     ({'sparsity.density': 1.5}, 'sparsity.density must be in'),
     ({'sparsity.mode': 'dense'}, 'sparsity.mode must be one of'),
     ({'mesh.model': 3}, 'does not fit'),
     ({'batch_size': 0}, 'batch_size must be >= 1'),
+    ({'data.source': '/no/such/dir'}, 'does not exist'),
+    ({'model.vocab_size': 256}, r'tokenizer has \d+ tokens'),
+    ({'train_steps': 30, 'schedule_steps': 20}, 'past the end'),
 ])
-def test_bad_configs_fail_before_any_work(tiny_config, tmp_path, overrides,
-                                          message):
+def test_refused_starts_leave_no_files(tiny_config, tmp_path, overrides,
+                                       message):
+  """So the corrected command is not refused for a workdir it left."""
   workdir = tmp_path / 'run'
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(tiny_config(**overrides), str(workdir))
-  assert not (workdir / 'checkpoints').exists()
+  assert not workdir.exists()
 
 
 def test_empty_corpus_fails_clearly(tiny_config, tmp_path):
@@ -171,6 +242,7 @@ def test_empty_corpus_fails_clearly(tiny_config, tmp_path):
   config.data.source = str(empty)
   with pytest.raises(ValueError, match='empty corpus'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
 
 
 def test_a_different_config_never_touches_an_existing_run(reference_run):
@@ -197,11 +269,23 @@ def test_workdirs_that_are_not_runs_are_refused(tiny_config, tmp_path):
   assert os.listdir(other) == ['todo.txt']
 
 
+def _errors(result):
+  return [l for l in result.stderr.splitlines() if l.startswith('error:')]
+
+
 def test_command_line_errors_are_one_line_and_non_zero(tiny_config, tmp_path):
   config = tiny_config()
   unknown = _main(str(tmp_path / 'a'), config, '--config.no_such_field=1')
-  assert unknown.returncode != 0
-  assert 'no_such_field' in unknown.stderr
+  assert unknown.returncode == 2
+  assert _errors(unknown) == ["error: no such config field: 'no_such_field'"]
+  assert 'Traceback' not in unknown.stderr
+  missing = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.main', '--config=configs/nope.py',
+       f'--workdir={tmp_path / "c"}'], cwd=ROOT, capture_output=True,
+      text=True, timeout=300)
+  assert missing.returncode == 2 and 'Traceback' not in missing.stderr
+  assert _errors(missing) == [
+      "error: [Errno 2] No such file or directory: 'configs/nope.py'"]
   bad = _main(str(tmp_path / 'b'), config, '--config.sparsity.density=2')
   assert bad.returncode == 1
   errors = [l for l in bad.stderr.splitlines() if l.startswith('error:')]

@@ -241,26 +241,23 @@ def _permutation(seed, epoch, n):
   return order
 
 
-def get_batch(tokens, step, *, seed, batch_size, seq_len, process_index=0,
-              process_count=1):
-  """This process's rows of the global batch at `step`, int32 [B/P, L+1].
+def get_batch(tokens, step, *, seed, batch_size, seq_len, rows=None):
+  """Rows `rows` (default all) of the global batch at `step`, int32
+  [len(rows), L+1].
 
   Window i is tokens[i*(L+1) : (i+1)*(L+1)]; inputs are [:, :-1], targets
   [:, 1:]. Global example g = step*B + b is window
   permutation(seed, g // n)[g % n], so each epoch visits every window once,
-  and the batch depends only on (seed, step), never on what ran before.
-  Process p gets global rows [p*B/P, (p+1)*B/P).
+  and the batch depends only on (seed, step), never on what ran before. A
+  process asks only for the rows its devices hold.
   """
-  if batch_size % process_count:
-    raise ValueError(f'batch_size {batch_size} is not divisible by '
-                     f'process_count {process_count}')
   n = num_windows(tokens, seq_len)
   if n < 1:
     raise ValueError(f'{len(tokens)} tokens hold no window of {seq_len + 1}')
-  rows = batch_size // process_count
-  g = step * batch_size + process_index * rows + np.arange(rows, dtype=np.int64)
+  rows = np.arange(batch_size) if rows is None else np.asarray(rows)
+  g = step * batch_size + rows.astype(np.int64)
   epochs, slots = np.divmod(g, n)
-  windows = np.empty(rows, np.int64)
+  windows = np.empty(len(rows), np.int64)
   for epoch in np.unique(epochs):  # A batch can straddle an epoch boundary.
     mask = epochs == epoch
     windows[mask] = _permutation(seed, int(epoch), n)[slots[mask]]

@@ -1,0 +1,53 @@
+"""How every command-line entry point runs: absl flags, quiet library logs,
+and each expected failure as one `error:` line on stderr with a non-zero
+exit code (2 for a bad command line, 1 for a refused or failed run), never a
+traceback."""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from sparse_gpt2 import metrics
+
+
+def fail(message, code):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(code)
+
+
+def _parse_flags(argv):
+  # config_flags loads the file and applies its overrides while flags are
+  # parsed: an unknown field raises AttributeError or KeyError there, and a
+  # file that does not load raises OSError when its value is first read.
+  try:
+    argv = flags.FLAGS(argv)
+    for name in flags.FLAGS:
+      flag = flags.FLAGS[name]
+      if hasattr(flag, 'config_filename') and flag.present:
+        flag.value.keys()
+    return argv
+  except flags.Error as e:  # A missing, unknown or malformed flag.
+    fail(str(e), 2)
+  except (AttributeError, KeyError) as e:
+    fail(f'no such config field: {str(e).strip(chr(34))}', 2)
+  except OSError as e:
+    fail(str(e).splitlines()[-1].strip(), 2)
+
+
+def run(main, errors=(ValueError, FloatingPointError)):
+  """Parses flags and calls main(); an exception in `errors` ends the
+  process with its one-line message."""
+
+  def wrapped(argv):
+    if len(argv) > 1:
+      fail(f'unexpected arguments: {argv[1:]}', 2)
+    metrics.quiet_library_logs()
+    try:
+      main()
+    except errors as e:
+      logging.error('%s', e)
+      fail(str(e), 1)
+
+  app.run(wrapped, flags_parser=_parse_flags)

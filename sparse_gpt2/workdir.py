@@ -1,0 +1,107 @@
+"""The run directory: its layout, how its files are written, and the saved
+config that decides what a rerun may change.
+
+  WORKDIR/config.json                     the resolved config
+  WORKDIR/metrics.jsonl                   one JSON object per logged step
+  WORKDIR/events.out.tfevents.*           TensorBoard
+  WORKDIR/checkpoints/STEP/               orbax
+  WORKDIR/corrupt_checkpoints/STEP-TIME/  unreadable checkpoints, moved aside
+
+Paths are `etils.epath.Path`, so a workdir on gs:// (or any filesystem epath
+knows) works like a local one. `check` only reads and `create` only writes,
+so a start that is refused leaves nothing behind; only process 0 writes.
+"""
+
+import json
+import os
+
+from etils import epath
+import jax
+import ml_collections
+
+from sparse_gpt2 import multihost
+
+CONFIG = 'config.json'
+METRICS = 'metrics.jsonl'
+CHECKPOINTS = 'checkpoints'
+CORRUPT = 'corrupt_checkpoints'
+
+# Fields that may differ between a workdir's saved config and a resumed run:
+# where it stops and bookkeeping, nothing that changes what a step computes.
+# `schedule_steps` is not among them: it fixes the lr and annealing of every
+# step, so `train_steps` can move without changing steps already planned.
+RESUMABLE_FIELDS = ('train_steps', 'log_every', 'eval_every', 'eval_batches',
+                    'checkpoint_every', 'keep_checkpoints', 'keep_every',
+                    'peak_flops')
+
+
+def path(workdir):
+  """`workdir` as an absolute epath (orbax needs one); URLs stay as given."""
+  p = epath.Path(workdir)
+  return p if '://' in str(workdir) else p.resolve()
+
+
+def write_atomic(file, text):
+  """Writes `text` to a temporary file renamed onto `file`, so a killed run
+  leaves the old file or the new one, never half of one."""
+  tmp = file.parent / f'{file.name}.tmp{os.getpid()}'
+  tmp.write_text(text)
+  tmp.replace(file)
+
+
+def load_config(workdir):
+  """The saved config of the run in `workdir`."""
+  file = path(workdir) / CONFIG
+  if not file.exists():
+    raise ValueError(f'{workdir} is not a run directory (no {CONFIG})')
+  saved = json.loads(file.read_text())
+  # Runs from before the field planned their schedules over train_steps.
+  saved.setdefault('schedule_steps', saved['train_steps'])
+  return ml_collections.ConfigDict(saved)
+
+
+def check(config, workdir):
+  """The config this start runs with, after checking that `workdir` can
+  hold it; reads only.
+
+  `schedule_steps` 0 becomes the saved run's (or, for a new run,
+  `train_steps`). Refuses a path that is a file, a non-empty directory that
+  is not a run, a run whose saved config differs in anything but
+  RESUMABLE_FIELDS, and `train_steps` past the end of the schedules.
+  """
+  root = path(workdir)
+  if root.exists() and not root.is_dir():
+    raise ValueError(f'workdir {workdir} exists and is not a directory')
+  saved = None
+  if root.is_dir() and any(root.iterdir()):
+    if not (root / CONFIG).exists():
+      raise ValueError(f'workdir {workdir} is not empty and holds no '
+                       f'{CONFIG}: not a run directory, refusing to use it')
+    saved = load_config(workdir)
+  config = config.copy_and_resolve_references()
+  config.schedule_steps = (config.schedule_steps or
+                           (saved.schedule_steps if saved else
+                            config.train_steps))
+  if saved is not None:
+    new, old = json.loads(config.to_json()), saved.to_dict()
+    diff = sorted(k for k in set(old) | set(new)
+                  if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
+    if diff:
+      raise ValueError(f'workdir {workdir} holds a run with a different '
+                       f'config (fields {diff}); use another --workdir')
+  if config.train_steps > config.schedule_steps:
+    raise ValueError(
+        f'train_steps {config.train_steps} is past the end of the lr and '
+        f'annealing schedules (schedule_steps {config.schedule_steps}); a '
+        'run cannot be extended past them, start a new one')
+  return config
+
+
+def create(config, workdir):
+  """Writes `config` as the run's config.json (process 0), then waits for
+  every process, so none opens a run directory that is not there yet."""
+  root = path(workdir)
+  if jax.process_index() == 0:
+    root.mkdir(parents=True, exist_ok=True)
+    write_atomic(root / CONFIG, config.to_json(indent=2))
+  multihost.barrier('workdir.create')

@@ -1,0 +1,90 @@
+"""The launch scripts' --dry_run output: every command they would run, with
+overrides that survive both the local and the remote shell."""
+
+import os
+import shlex
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATTERN = '--config.sparsity.pattern=^(?!.*(norm|bigram|sink))'
+
+
+def _dry_run(script, *args):
+  result = subprocess.run(['bash', os.path.join(ROOT, 'launch', script),
+                           '--dry_run', *args], capture_output=True,
+                          text=True, timeout=60, check=True)
+  return result.stdout.splitlines()
+
+
+def _remote(line):
+  """The command a `gcloud ... ssh --command=...` line runs on the hosts."""
+  argv = shlex.split(line)
+  return next(a for a in argv if a.startswith('--command='))[len('--command='):]
+
+
+def test_tpu_create_queues_spot_or_on_demand_capacity():
+  spot = _dry_run('tpu_vm.sh', 'create', 'tpu1', 'us-east5-a',
+                  'v5litepod-16', '--spot')
+  assert shlex.split(spot[0]) == [
+      'gcloud', 'compute', 'tpus', 'queued-resources', 'create', 'tpu1',
+      '--node-id=tpu1', '--zone=us-east5-a',
+      '--accelerator-type=v5litepod-16',
+      '--runtime-version=v2-alpha-tpuv5-lite', '--spot']
+  assert 'queued-resources describe tpu1' in spot[1]
+  on_demand = _dry_run('tpu_vm.sh', 'create', 'tpu1', 'us-east5-a',
+                       'v4-32')
+  assert '--spot' not in on_demand[0]
+  assert '--runtime-version=tpu-ubuntu2204-base' in on_demand[0]
+
+
+def test_tpu_start_ships_fresh_code_and_starts_detached_on_all_workers():
+  lines = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'us-east5-a',
+                   'configs/sparse_gpt2_124m.py', '--workdir=gs://b/run',
+                   '--', PATTERN, '--config.seed=1')
+  pack, copy, install, start = lines
+  # What git sees: ignored paths such as runs/ never travel.
+  assert 'ls-files -z --cached --others --exclude-standard' in pack
+  assert 'tpu-vm scp' in copy and '--worker=all' in copy
+  # A fresh directory, so a relaunch runs the new code and nothing nested.
+  remote = shlex.split(_remote(install))
+  assert remote[:3] == ['rm', '-rf', '~/sparse_gpt2']
+  assert remote.index('tar') < remote.index('pip')
+  assert "jax[tpu]==0.10.2" in remote
+  assert '--worker=all' in start
+  remote = shlex.split(_remote(start))
+  assert 'SPARSE_GPT2_DISTRIBUTED=1' in remote and 'nohup' in remote
+  main = remote.index('sparse_gpt2.main')
+  assert remote[main + 1:main + 5] == [
+      '--config=configs/sparse_gpt2_124m.py', '--workdir=gs://b/run',
+      PATTERN, '--config.seed=1']
+  assert remote[remote.index('>') + 1] == '~/sparse_gpt2.log'
+
+
+def test_tpu_logs_stop_and_delete():
+  logs, = _dry_run('tpu_vm.sh', 'logs', 'tpu1', 'z', '--worker=3')
+  assert '--worker=3' in logs and 'sparse_gpt2.log' in _remote(logs)
+  stop, = _dry_run('tpu_vm.sh', 'stop', 'tpu1', 'z')
+  assert '--worker=all' in stop and 'kill -TERM' in _remote(stop)
+  delete, = _dry_run('tpu_vm.sh', 'delete', 'tpu1', 'z')
+  assert shlex.split(delete) == [
+      'gcloud', 'compute', 'tpus', 'queued-resources', 'delete', 'tpu1',
+      '--zone=z', '--force', '--quiet']
+
+
+def test_slurm_script_installs_once_and_runs_a_process_per_node():
+  lines = _dry_run('gpu_slurm.sh', '2', 'configs/dense_gpt2_124m.py',
+                   '--time=01:30:00', '--', PATTERN)
+  directives = [l for l in lines if l.startswith('#SBATCH')]
+  for expected in ('--nodes=2', '--ntasks-per-node=1', '--gpus-per-node=8',
+                   '--exclusive', '--time=01:30:00'):
+    assert f'#SBATCH {expected}' in directives, expected
+  assert any(d.startswith('#SBATCH --output=') for d in directives)
+  pip = next(i for i, l in enumerate(lines) if 'pip install' in l)
+  srun = next(i for i, l in enumerate(lines) if l.startswith('srun '))
+  assert pip < srun and 'jax[cuda12]' in lines[pip]  # Once, not per node.
+  assert any(l.startswith('export JAX_COORDINATOR_ADDRESS=') for l in lines)
+  assert 'export SPARSE_GPT2_DISTRIBUTED=1' in lines
+  assert shlex.split(lines[srun])[-3:] == [
+      '--config=configs/dense_gpt2_124m.py', '--workdir=runs/dense_gpt2_124m',
+      PATTERN]
+  assert lines[-1].startswith('sbatch ')

@@ -1,0 +1,88 @@
+"""Two jax.distributed processes on this machine (CPU backend, loopback
+coordinator, two fake devices each) train, checkpoint and resume like one
+process with the same four-device mesh.
+
+The mesh is data 1 x model 4: the model axis spans both processes, so each
+needs every row of every batch, which only a batch built from the batch
+sharding (not from process_index) gets right.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from sparse_gpt2 import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Trains to each of `stops` in turn (resuming from the last checkpoint), in
+# each of `num_processes` processes.
+_WORKER = '''
+import json, sys
+import jax
+port, num_processes, process_id, devices, workdir, overrides, stops = (
+    sys.argv[1:])
+jax.config.update('jax_num_cpu_devices', int(devices))
+if int(num_processes) > 1:
+  jax.distributed.initialize(f'127.0.0.1:{port}', int(num_processes),
+                             int(process_id))
+from configs import tiny
+from sparse_gpt2 import train
+for steps in json.loads(stops):
+  config = tiny.get_config('topk')
+  for key, value in json.loads(overrides).items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  config.train_steps = steps
+  state = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == steps, int(state.step)
+'''
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _run(num_processes, workdir, overrides, stops):
+  port = _free_port()
+  devices = 4 // num_processes
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', _WORKER, str(port), str(num_processes), str(p),
+       str(devices), workdir, json.dumps(overrides), json.dumps(stops)],
+      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for p in range(num_processes)]
+  for proc in procs:
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def test_two_processes_train_and_resume_like_one(tiny_config, tmp_path):
+  config = tiny_config()
+  overrides = {
+      'data.source': config.data.source,
+      'data.data_dir': config.data.data_dir,
+      'schedule_steps': 8, 'checkpoint_every': 4, 'log_every': 2,
+      'eval_every': 4, 'model.num_layers': 1, 'model.num_heads': 4,
+      'mesh.data': 1, 'mesh.model': 4}
+  runs = {}
+  for n, stops in ((2, [4, 8]), (1, [8])):  # Resumed at 4 / uninterrupted.
+    workdir = str(tmp_path / f'processes{n}')
+    _run(n, workdir, overrides, stops)
+    runs[n] = train.load_run(workdir)[2]
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      assert [json.loads(l)['step'] for l in f] == [2, 4, 6, 8]
+  assert sorted(os.listdir(tmp_path / 'processes2' / 'checkpoints'),
+                key=int) == ['4', '8']
+  for a, b in zip(jax.tree.leaves(runs[2]), jax.tree.leaves(runs[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-6)
