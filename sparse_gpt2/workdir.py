@@ -27,12 +27,14 @@ CHECKPOINTS = 'checkpoints'
 CORRUPT = 'corrupt_checkpoints'
 
 # Fields that may differ between a workdir's saved config and a resumed run:
-# where it stops and bookkeeping, nothing that changes what a step computes.
-# `schedule_steps` is not among them: it fixes the lr and annealing of every
-# step, so `train_steps` can move without changing steps already planned.
+# where it stops, bookkeeping, and how a step is laid out on devices (so a
+# preempted run can resume on another slice), nothing that changes what a
+# step computes beyond float rounding. `schedule_steps` is not among them: it
+# fixes the lr and annealing of every step, so `train_steps` can move
+# without changing steps already planned.
 RESUMABLE_FIELDS = ('train_steps', 'log_every', 'eval_every', 'eval_batches',
                     'checkpoint_every', 'keep_checkpoints', 'keep_every',
-                    'peak_flops')
+                    'peak_flops', 'mesh', 'microbatches')
 
 
 def path(workdir):

@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
 import pytest
 
 from sparse_gpt2 import checkpoint
+from sparse_gpt2 import metrics
 from sparse_gpt2 import optim
 from sparse_gpt2 import train
 
@@ -168,7 +170,9 @@ def test_train_steps_moves_the_stop_not_the_schedules(tiny_config, tmp_path):
   parts = str(tmp_path / 'parts')
   train.train_and_evaluate(tiny_config(train_steps=10, schedule_steps=20),
                            parts)
-  state = train.train_and_evaluate(tiny_config(train_steps=20), parts)
+  # Resumed with the mesh spelled differently: layout may change on resume.
+  state = train.train_and_evaluate(tiny_config(train_steps=20, **{
+      'mesh.data': 1}), parts)
   _assert_same_state(state, reference)
   assert ([m['lr'] for m in _metrics(parts)]
           == [m['lr'] for m in _metrics(whole)])
@@ -311,6 +315,16 @@ def test_sharded_training_on_8_devices_matches_one_device(tiny_config,
     assert result.returncode == 0, result.stderr[-2000:]
     runs[name] = [m['loss'] for m in _metrics(workdir)]
   np.testing.assert_allclose(runs['mesh'], runs['one'], rtol=1e-4)
+
+
+def test_mfu_peak_is_the_datasheet_peak_times_the_devices(monkeypatch):
+  """So 8 GPUs at full speed read 100%, not 800%."""
+  device = types.SimpleNamespace(platform='gpu', device_kind='NVIDIA H200')
+  monkeypatch.setattr(jax, 'devices', lambda: [device] * 8)
+  monkeypatch.setattr(jax, 'device_count', lambda: 8)
+  assert metrics.peak_flops('bfloat16') == 8 * 989e12
+  device.platform, device.device_kind = 'tpu', 'TPU v5 lite'
+  assert metrics.peak_flops('bfloat16') == 8 * 197e12
 
 
 def test_convert_exports_a_gpt2_run_and_refuses_the_paper_architecture(
