@@ -12,7 +12,7 @@
 # runs/CONFIG_NAME in this checkout, also on the shared filesystem.
 # --dry_run prints the batch script and the sbatch command instead.
 set -euo pipefail
-usage() { sed -n '2,14p' "$0"; exit 2; }
+usage() { sed -n '2,13p' "$0"; exit 2; }
 
 dry_run=0
 if [[ "${1:-}" == "--dry_run" ]]; then dry_run=1; shift; fi

@@ -14,13 +14,15 @@
 #   replacing the old copy, installs requirements with TPU jaxlib, and starts
 #   the run detached on all workers, each logging to ~/sparse_gpt2.log.
 #   --workdir defaults to runs/CONFIG_NAME on each host; give a gs:// path
-#   so checkpoints outlive the VM and all hosts share one run directory.
+#   so checkpoints outlive the VM and all hosts share one run directory
+#   (gcsfs and google-cloud-storage, installed here, let etils.epath and
+#   tensorboardX write there; orbax uses tensorstore).
 # logs: follows one worker's log (default 0). stop: sends SIGTERM, on which
 #   the run saves a checkpoint and exits. delete: removes the VM.
 # --dry_run prints every command instead of running it. RUNTIME overrides the
 # TPU software version chosen from TYPE; PROJECT sets gcloud's --project.
 set -euo pipefail
-usage() { sed -n '2,22p' "$0"; exit 2; }
+usage() { sed -n '2,23p' "$0"; exit 2; }
 
 dry_run=0
 if [[ "${1:-}" == "--dry_run" ]]; then dry_run=1; shift; fi
@@ -95,7 +97,7 @@ case $action in
     run "${gcloud_tpu[@]}" tpu-vm scp "$tarball" "$name":sparse_gpt2.tar.gz \
       --zone="$zone" --worker=all
     # A fresh directory each time: the new code, never a stale nested copy.
-    ssh_all "rm -rf ~/sparse_gpt2 && mkdir ~/sparse_gpt2 && tar -xzf ~/sparse_gpt2.tar.gz -C ~/sparse_gpt2 && pip install -q -r ~/sparse_gpt2/requirements.txt 'jax[tpu]==0.10.2'"
+    ssh_all "rm -rf ~/sparse_gpt2 && mkdir ~/sparse_gpt2 && tar -xzf ~/sparse_gpt2.tar.gz -C ~/sparse_gpt2 && pip install -q -r ~/sparse_gpt2/requirements.txt 'jax[tpu]==0.10.2' gcsfs google-cloud-storage"
     args=(--config="$config" --workdir="$workdir" "${overrides[@]}")
     ssh_all "cd ~/sparse_gpt2 && SPARSE_GPT2_DISTRIBUTED=1 nohup python -m sparse_gpt2.main $(printf '%q ' "${args[@]}")> ~/sparse_gpt2.log 2>&1 < /dev/null & echo \$! > ~/sparse_gpt2.pid"
     ;;

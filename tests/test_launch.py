@@ -49,7 +49,7 @@ def test_tpu_start_ships_fresh_code_and_starts_detached_on_all_workers():
   remote = shlex.split(_remote(install))
   assert remote[:3] == ['rm', '-rf', '~/sparse_gpt2']
   assert remote.index('tar') < remote.index('pip')
-  assert "jax[tpu]==0.10.2" in remote
+  assert "jax[tpu]==0.10.2" in remote and 'gcsfs' in remote
   assert '--worker=all' in start
   remote = shlex.split(_remote(start))
   assert 'SPARSE_GPT2_DISTRIBUTED=1' in remote and 'nohup' in remote

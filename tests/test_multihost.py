@@ -1,6 +1,7 @@
 """Two jax.distributed processes on this machine (CPU backend, loopback
 coordinator, two fake devices each) train, checkpoint and resume like one
-process with the same four-device mesh.
+process with the same four-device mesh; a SIGTERM (a preemption notice)
+makes a run save and stop.
 
 The mesh is data 1 x model 4: the model axis spans both processes, so each
 needs every row of every batch, which only a batch built from the batch
@@ -9,9 +10,11 @@ sharding (not from process_index) gets right.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -21,16 +24,15 @@ from sparse_gpt2 import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Trains to each of `stops` in turn (resuming from the last checkpoint), in
-# each of `num_processes` processes.
+# each of `num_processes` processes; exit code 3 if preempted.
 _WORKER = '''
 import json, sys
 import jax
 port, num_processes, process_id, devices, workdir, overrides, stops = (
     sys.argv[1:])
 jax.config.update('jax_num_cpu_devices', int(devices))
-if int(num_processes) > 1:
-  jax.distributed.initialize(f'127.0.0.1:{port}', int(num_processes),
-                             int(process_id))
+jax.distributed.initialize(f'127.0.0.1:{port}', int(num_processes),
+                           int(process_id))
 from configs import tiny
 from sparse_gpt2 import train
 for steps in json.loads(stops):
@@ -42,7 +44,11 @@ for steps in json.loads(stops):
       node = node[p]
     node[leaf] = value
   config.train_steps = steps
-  state = train.train_and_evaluate(config, workdir)
+  try:
+    state = train.train_and_evaluate(config, workdir)
+  except train.Preempted as e:
+    print(e, flush=True)
+    sys.exit(3)
   assert int(state.step) == steps, int(state.step)
 '''
 
@@ -53,27 +59,33 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _run(num_processes, workdir, overrides, stops):
+def _start(num_processes, workdir, overrides, stops):
   port = _free_port()
   devices = 4 // num_processes
-  procs = [subprocess.Popen(
+  return [subprocess.Popen(
       [sys.executable, '-c', _WORKER, str(port), str(num_processes), str(p),
        str(devices), workdir, json.dumps(overrides), json.dumps(stops)],
-      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-           for p in range(num_processes)]
-  for proc in procs:
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for p in range(num_processes)]
+
+
+def _run(num_processes, workdir, overrides, stops):
+  for proc in _start(num_processes, workdir, overrides, stops):
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
 
 
-def test_two_processes_train_and_resume_like_one(tiny_config, tmp_path):
-  config = tiny_config()
-  overrides = {
+def _overrides(config):
+  return {
       'data.source': config.data.source,
       'data.data_dir': config.data.data_dir,
       'schedule_steps': 8, 'checkpoint_every': 4, 'log_every': 2,
       'eval_every': 4, 'model.num_layers': 1, 'model.num_heads': 4,
       'mesh.data': 1, 'mesh.model': 4}
+
+
+def test_two_processes_train_and_resume_like_one(tiny_config, tmp_path):
+  overrides = _overrides(tiny_config())
   runs = {}
   for n, stops in ((2, [4, 8]), (1, [8])):  # Resumed at 4 / uninterrupted.
     workdir = str(tmp_path / f'processes{n}')
@@ -86,3 +98,20 @@ def test_two_processes_train_and_resume_like_one(tiny_config, tmp_path):
   for a, b in zip(jax.tree.leaves(runs[2]), jax.tree.leaves(runs[1])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tiny_config, tmp_path):
+  """jax.distributed turns SIGTERM into orbax's preemption sync point."""
+  workdir = tmp_path / 'run'
+  overrides = {**_overrides(tiny_config()), 'schedule_steps': 1000,
+               'checkpoint_every': 1000, 'log_every': 1}
+  proc, = _start(1, str(workdir), overrides, [1000])
+  deadline = time.time() + 240
+  while not (workdir / 'metrics.jsonl').exists() and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=240)
+  assert proc.returncode == 3, err[-3000:]
+  saved = os.listdir(workdir / 'checkpoints')
+  assert len(saved) == 1 and 0 < int(saved[0]) < 1000
+  assert f'preempted at step {saved[0]}' in out
