@@ -193,8 +193,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains (or resumes) the run in `workdir`; returns the final state.
 
   Everything that can refuse the run (config, workdir, mesh, data source,
-  tokenizer) is checked before the workdir is written, so a refused start
-  leaves nothing behind for the corrected command to trip on.
+  tokenizer, init_from_hf) is checked before the workdir is written, so a
+  refused start leaves nothing behind for the corrected command to trip on.
   """
   validate(config)
   config = workdir_lib.check(config, workdir)
@@ -209,12 +209,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   if corpus.tokenizer.get_vocab_size() > config.model.vocab_size:
     raise ValueError(f'tokenizer has {corpus.tokenizer.get_vocab_size()} '
                      f'tokens but model.vocab_size={config.model.vocab_size}')
+  init_params = hf.load(config.init_from_hf)[1] if config.init_from_hf else None
   workdir_lib.create(config, workdir)
 
   model = make_model(config)
   tx = optim.make(config, config.schedule_steps)
   rng = jax.random.key(config.seed)
-  init_params = hf.load(config.init_from_hf)[1] if config.init_from_hf else None
   init = functools.partial(init_state, config, model, tx)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
     abstract_state = jax.eval_shape(init, rng, init_params)

@@ -229,6 +229,7 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
     ({'data.source': '/no/such/dir'}, 'does not exist'),
     ({'model.vocab_size': 256}, r'tokenizer has \d+ tokens'),
     ({'train_steps': 30, 'schedule_steps': 20}, 'past the end'),
+    ({'init_from_hf': '/no/such/hf_dir'}, 'expected a Hugging Face GPT-2'),
 ])
 def test_refused_starts_leave_no_files(tiny_config, tmp_path, overrides,
                                        message):
