@@ -80,9 +80,9 @@ def base():
   config.optim.grad_rms = 1.0      # Gradients rescaled to this RMS each step.
 
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1            # -1: all devices not used by the others.
-  config.mesh.fsdp = 1             # Params, masks, Adam state split this way.
-  config.mesh.model = 1            # Heads, MLP and vocab split this way.
+  config.mesh.data = -1            # -1 (one axis at most): all devices the
+  config.mesh.fsdp = 1             # others leave. fsdp splits params, masks
+  config.mesh.model = 1            # and Adam state; model heads, MLP, vocab.
   # Logical axis -> mesh axes (sharding.py). Weights name 'embed', 'heads',
   # 'mlp', 'vocab', 'vocab_in', 'positions', 'heads_only'; activations
   # 'batch', 'length', 'act_embed'.
@@ -142,7 +142,10 @@ def medium_run(config):
 
 
 def gpt2_124m_run(config):
-  """Run length and batch of the 124M configs (sparse and dense twins)."""
+  """Run length and batch of the 124M configs (sparse and dense twins), and
+  what makes a step of 512 x 1024 tokens fit a chip: the batch goes through
+  in 8 slices, gradients accumulated (`python -m sparse_gpt2.plan` measured
+  it, README; 'dots' remat with 2 slices also fits, but recomputes)."""
   config.train_steps = 10_000
   config.batch_size = 512
   config.seq_len = 1024
@@ -150,5 +153,6 @@ def gpt2_124m_run(config):
   config.eval_every = 1000
   config.eval_batches = 16
   config.checkpoint_every = 1000
+  config.microbatches = 8
   config.model.dtype = 'bfloat16'
   return config

@@ -11,6 +11,8 @@ sharding. The functions below read the rules in effect
 (`nn.logical_axis_rules(rules(config.mesh))`), as the model does.
 """
 
+import math
+
 import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils
@@ -36,16 +38,19 @@ def rules(mesh_config):
 
 
 def make_mesh(config, devices=None):
-  """Mesh of config.data x config.fsdp x config.model devices (data -1 = all
-  that remain)."""
+  """Mesh of config.data x config.fsdp x config.model devices; one of them
+  may be -1: all the devices the others leave."""
   devices = jax.devices() if devices is None else devices
   n = len(devices)
-  fsdp, model = config.fsdp, config.model
-  data = n // (fsdp * model) if config.data == -1 else config.data
-  if min(data, fsdp, model) < 1 or data * fsdp * model != n:
-    raise ValueError(f'mesh data={config.data} x fsdp={fsdp} x model={model} '
-                     f'does not fit the {n} available device(s)')
-  grid = mesh_utils.create_device_mesh((data, fsdp, model), devices)
+  sizes = [config.data, config.fsdp, config.model]
+  if sizes.count(-1) == 1:
+    rest = -math.prod(sizes)
+    sizes[sizes.index(-1)] = n // rest if rest > 0 and n % rest == 0 else 0
+  if min(sizes) < 1 or math.prod(sizes) != n:
+    raise ValueError(f'mesh data={config.data} x fsdp={config.fsdp} x '
+                     f'model={config.model} does not fit the {n} available '
+                     'device(s)')
+  grid = mesh_utils.create_device_mesh(sizes, devices)
   # Auto axes: linen's logical partitioning assumes them (jax's default
   # Explicit axes break the embedding lookup).
   return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))

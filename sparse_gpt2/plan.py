@@ -1,0 +1,182 @@
+r"""Will a config's train step fit a target? Compile it there and see.
+
+  python -m sparse_gpt2.plan --config=configs/dense_gpt2_124m.py \
+      --topology=v5e-8 [--config.microbatches=4 ...]
+
+In the spirit of MaxText's `train_compile`: the real train step (`train.
+train_step`, the same shardings and donation as a run) is compiled ahead of
+time for the target's devices, without the hardware, and its per-device
+memory (arguments, outputs, temporaries), its FLOPs per step and whether it
+fits are printed. TPU targets are abstract devices from
+`jax.experimental.topologies`, which need libtpu (`pip install
+"jax[tpu]==0.10.2"`; JAX_PLATFORMS=cpu and TPU_SKIP_MDS_QUERY=1 are set here,
+so nothing looks for a TPU); `cpu:N` compiles for N fake CPU devices. A step
+too large for a TPU fails to compile with the sizes in the error, which is
+reported as "does not fit".
+"""
+
+import functools
+import os
+import re
+import sys
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+from sparse_gpt2 import metrics
+from sparse_gpt2 import optim
+from sparse_gpt2 import sharding
+from sparse_gpt2 import train
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+# Name -> (jax topology name, HBM per device in GiB, as libtpu reports it).
+TPU_TOPOLOGIES = {
+    'v5e-8': ('v5e:2x4', 15.75),
+    'v5e-16': ('v5e:4x4', 15.75),
+    'v4-8': ('v4:2x2x1', 30.75),
+    'v5p-8': ('v5p:2x2x1', 95.74),
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, `file.py[:arg]`; override fields with '
+    '--config.FIELD=VALUE.', lock_config=True)
+_TOPOLOGY = flags.DEFINE_string(
+    'topology', 'cpu:8', f'{"|".join(TPU_TOPOLOGIES)}|cpu:N.')
+flags.mark_flags_as_required(['config'])
+
+GIB = 1024**3
+
+
+def _size(n):
+  return f'{n / GIB:.2f} GiB' if n >= GIB / 10 else f'{n / 2**20:.1f} MiB'
+
+
+def devices(topology):
+  """The target's devices: abstract TPUs, or N (fake) CPU devices."""
+  if topology in TPU_TOPOLOGIES:
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    try:
+      return topologies.get_topology_desc(
+          platform='tpu', topology_name=TPU_TOPOLOGIES[topology][0]).devices
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f'--topology={topology} needs libtpu (pip install '
+                       f'"jax[tpu]==0.10.2"): {str(e).splitlines()[0]}'
+                       ) from None
+  match = re.fullmatch(r'cpu:(\d+)', topology)
+  if not match or int(match.group(1)) < 1:
+    raise ValueError(f'--topology must be one of {sorted(TPU_TOPOLOGIES)} or '
+                     f'cpu:N, got {topology!r}')
+  jax.config.update('jax_num_cpu_devices', int(match.group(1)))
+  return jax.devices('cpu')[:int(match.group(1))]
+
+
+def compile_step(config, target_devices):
+  """(parameter count, devices, compiled step or the compiler's error)."""
+  train.validate(config)
+  mesh = sharding.make_mesh(config.mesh, target_devices)
+  parallel = sharding.data_parallel(mesh, config.mesh)
+  if config.batch_size // config.microbatches % parallel:
+    raise ValueError(f'batch_size {config.batch_size} / microbatches '
+                     f'{config.microbatches} is not divisible by the '
+                     f'{parallel} ways the mesh splits a batch')
+  model = train.make_model(config)
+  tx = optim.make(config, config.get('schedule_steps') or config.train_steps)
+  init = functools.partial(train.init_state, config, model, tx)
+  rng = jax.random.key(config.seed)
+  rules = sharding.rules(config.mesh)
+  with nn.logical_axis_rules(rules):
+    # Outside the mesh: eager ops (optax's placeholders) cannot run on
+    # abstract devices.
+    abstract = jax.eval_shape(init, rng, None)
+    boxed = jax.eval_shape(model.init, rng, jax.ShapeDtypeStruct(
+        (1, config.seq_len), jnp.int32))
+    state_sharding = sharding.state_shardings(boxed, abstract, tx, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = jax.jit(
+        functools.partial(train.train_step, model=model, tx=tx, config=config,
+                          mask_shardings=state_sharding.masks),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, None), donate_argnums=0)
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, state_sharding)
+    tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1),
+                                  jnp.int32, sharding=batch_sharding)
+    params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    try:
+      return params, mesh, step.lower(state, tokens).compile()
+    except Exception as e:  # pylint: disable=broad-except
+      if 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      return params, mesh, e
+
+
+def report(config, topology, params, mesh, compiled):
+  """The plan as lines of text."""
+  n = mesh.size
+  tokens = config.batch_size * config.seq_len
+  model_flops = metrics.flops_per_token(config.model, config.seq_len) * tokens
+  lines = [
+      f'config: {params / 1e6:.1f}M parameters, batch {config.batch_size} x '
+      f'{config.seq_len}, microbatches {config.microbatches}, remat '
+      f'{config.model.remat!r}, dtype {config.model.dtype}, sparsity '
+      f'{config.sparsity.mode}',
+      f'target: {topology}, {n} devices, mesh ' + ' x '.join(
+          f'{axis} {size}' for axis, size in mesh.shape.items()),
+      f'model FLOPs per step: {model_flops:.3e} (6 per weight per token, plus '
+      'attention)']
+  if isinstance(compiled, Exception):
+    message = str(compiled)
+    found = re.search(r'RESOURCE_EXHAUSTED:[^\n]*', message)
+    lines += [f'fits: NO ({found.group(0) if found else message[:300]})']
+    return lines
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  arguments = memory.argument_size_in_bytes
+  outputs = memory.output_size_in_bytes
+  aliased = memory.alias_size_in_bytes
+  temps = memory.temp_size_in_bytes
+  total = arguments + outputs - aliased + temps
+  flops = cost.get('flops', 0)
+  lines += [
+      f'per device: arguments {_size(arguments)}, outputs {_size(outputs)} '
+      f'({_size(aliased)} of them aliased to arguments), temporaries '
+      f'{_size(temps)}, code {_size(memory.generated_code_size_in_bytes)}; '
+      f'total {_size(total)}',
+      f'compiled FLOPs per step per device: {flops:.3e} (x {n} devices = '
+      f'{flops * n:.3e}; XLA counts a loop body once, so with microbatches '
+      'this is about one microbatch\'s share plus the update)']
+  if topology in TPU_TOPOLOGIES:
+    hbm = TPU_TOPOLOGIES[topology][1]
+    verdict = 'yes' if total <= hbm * GIB else 'NO'
+    lines.append(f'fits: {verdict} ({total / GIB:.2f} of {hbm} GiB HBM per '
+                 'device)')
+  else:
+    lines.append('fits: yes (compiled; CPU memory is the host\'s)')
+  return lines
+
+
+def main(argv):
+  del argv
+  try:
+    target = devices(_TOPOLOGY.value)
+    params, mesh, compiled = compile_step(_CONFIG.value, target)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print('\n'.join(report(_CONFIG.value, _TOPOLOGY.value, params, mesh,
+                         compiled)))
+
+
+if __name__ == '__main__':
+  app.run(main)
