@@ -202,7 +202,7 @@ class _Pruner:
         [optax.linear_schedule(0.0, s.lr, s.warmup_steps),
          optax.constant_schedule(s.lr)], [s.warmup_steps])
     self.tx = optax.chain(
-        optax.clip_by_global_norm(s.grad_rms * math.sqrt(self.num_nodes + 2)),
+        optax.clip_by_global_norm(s.grad_rms * math.sqrt(self.num_nodes)),
         optax.adamw(schedule, b1=s.b1, b2=s.b2, eps=s.eps,
                     weight_decay=s.weight_decay))
     self._segment = jax.jit(self._train_segment, static_argnames='length')
@@ -216,17 +216,13 @@ class _Pruner:
     return tasks.task_loss(logits, batch['correct'], batch['incorrect'])[0]
 
   def init_scores(self, key):
-    """(scores, optimizer state, log multiplier). scores: {'tau':
-    [num_nodes], 'logit': the circuit's logit scale and shift [2], learned
-    with tau so that training minimises the calibrated loss the circuit is
-    judged by}."""
+    """(tau [num_nodes], optimizer state, log multiplier)."""
     s = self.settings
     tau = s.init_bias + s.init_noise * jax.random.normal(key,
                                                          (self.num_nodes,))
-    scores = {'tau': tau, 'logit': jnp.zeros(2)}
-    return scores, self.tx.init(scores), jnp.zeros(())
+    return tau, self.tx.init(tau), jnp.zeros(())
 
-  def _train_segment(self, params, scores, opt_state, log_lam, first_step,
+  def _train_segment(self, params, tau, opt_state, log_lam, first_step,
                      key, buckets, *, length):
     """`length` steps of the scores from step `first_step`. Each step draws
     a length bucket (in proportion to its pairs) and batch_pairs pairs from
@@ -237,57 +233,55 @@ class _Pruner:
     never below 0: where every node alone is worth less than k_coef (a dense
     model spreads a task thinly), the fixed objective trades the task away
     and the mask ends far above the target; the multiplier stops that at
-    the target, so the scores converge to a circuit that meets it.
+    the target, so the scores converge to a circuit that meets it. The
+    task loss here is uncalibrated: calibration (fit afterwards) only lowers
+    it, so a mask held at the target on it keeps enough, and a scale learned
+    with the scores would let the loss go to zero on any separable batch.
     """
     s = self.settings
     sizes = jnp.array([b['pairs'].shape[0] for b in buckets])
 
-    def loss_fn(scores, lam, batch):
-      mask = hard_mask(scores['tau'], s.temperature)
-      logits = _last_logits(self.model, params, self.means,
-                            self.unravel(mask), batch)
-      margin = calibrated_margin(logits, batch['correct'], batch['incorrect'],
-                                 scores['logit'])
-      task = jnp.mean(jax.nn.softplus(-margin))
+    def loss_fn(tau, lam, batch):
+      mask = hard_mask(tau, s.temperature)
+      task = self._task_loss(params, mask, batch)
       return lam * task + s.k_coef * mask.sum(), task
 
-    def bucket_grad(bucket, scores, lam, key):
+    def bucket_grad(bucket, tau, lam, key):
       picked = jax.random.randint(key, (s.batch_pairs,), 0,
                                   bucket['pairs'].shape[0])
       rows = bucket['pairs'][picked].reshape(-1)
       batch = {k: v[rows] for k, v in bucket.items() if k != 'pairs'}
-      return jax.grad(loss_fn, has_aux=True)(scores, lam, batch)
+      return jax.grad(loss_fn, has_aux=True)(tau, lam, batch)
 
     def step(carry, i):
-      scores, opt_state, log_lam = carry
+      tau, opt_state, log_lam = carry
       bucket_key, pick_key = jax.random.split(jax.random.fold_in(key, i))
       which = jax.random.choice(bucket_key, len(buckets), p=sizes / sizes.sum())
       grad, task = jax.lax.switch(
           which, [lambda *a, b=b: bucket_grad(b, *a) for b in buckets],
-          scores, jnp.exp(log_lam), pick_key)
-      updates, opt_state = self.tx.update(grad, opt_state, scores)
-      scores = optax.apply_updates(scores, updates)
-      scores['tau'] = jnp.clip(scores['tau'], -1, 1)
+          tau, jnp.exp(log_lam), pick_key)
+      updates, opt_state = self.tx.update(grad, opt_state, tau)
+      tau = jnp.clip(optax.apply_updates(tau, updates), -1, 1)
       log_lam = jnp.maximum(0.0, log_lam + s.dual_lr * (task - s.target_loss))
-      return (scores, opt_state, log_lam), task
+      return (tau, opt_state, log_lam), task
 
-    (scores, opt_state, log_lam), task = jax.lax.scan(
-        step, (scores, opt_state, log_lam), first_step + jnp.arange(length))
-    return scores, opt_state, log_lam, task.mean()
+    (tau, opt_state, log_lam), task = jax.lax.scan(
+        step, (tau, opt_state, log_lam), first_step + jnp.arange(length))
+    return tau, opt_state, log_lam, task.mean()
 
   def train_scores(self, key, record_at):
     """{steps: tau [num_nodes]} after each of `record_at` steps (one run)."""
     init_key, key = jax.random.split(key)
-    scores, opt_state, log_lam = self.init_scores(init_key)
+    tau, opt_state, log_lam = self.init_scores(init_key)
     length = math.gcd(*record_at)
     recorded, done = {}, 0
     while done < max(record_at):
-      scores, opt_state, log_lam, task = self._segment(
-          self.params, scores, opt_state, log_lam, done, key,
+      tau, opt_state, log_lam, task = self._segment(
+          self.params, tau, opt_state, log_lam, done, key,
           self.train_buckets, length=length)
       done += length
       if done in record_at:
-        recorded[done] = np.asarray(scores['tau'])
+        recorded[done] = np.asarray(tau)
         logging.info('prune step %d: train task loss %.4f, multiplier %.3g, '
                      '%d nodes kept.', done, float(task),
                      float(np.exp(log_lam)), int((recorded[done] > 0).sum()))
