@@ -1,0 +1,360 @@
+r"""The speed suite: every number of the README's speed section, in one run.
+
+  python benchmarks/run.py [--quick] [--out=benchmarks/out] [--baseline=COMMIT]
+
+Sections (each a table in run.md, all of them in run.json):
+  peers     the plain GPT-2 shape trained by this project (dense), by Hugging
+            Face `transformers` on CPU PyTorch, and by a textbook Flax +
+            optax GPT-2 (`peers.py`); ratios against the PyTorch peer.
+  modes     one model in the 'none', 'static' and 'topk' modes, and the
+            top-k reprojection's own share of a topk step.
+            With each, the per-device memory of the compiled step
+            (arguments, outputs, temporaries), dense against topk: what
+            masks and the top-k cost against the fp32 parameters.
+  sizes     widths 128, 256 and 512, plain GPT-2 and the paper's architecture
+            (d_head 16, RMSNorm, bigram table, attention sinks, untied).
+  twins     sparse_small's and dense_small's step at the checkout against
+            the same configs at --baseline (an older commit, unpacked with
+            `git archive` and run in its own process): old/new.
+
+Timing protocol: every section times its contenders in turns (a round = a
+few steps of each), so that a busy moment hits them alike, and reports
+medians. MFU counts attention as MaxText does (`metrics.flops_per_token`) and
+divides by a matmul peak measured in the same round, right before the
+contender's steps, so a machine that slows down cannot inflate it.
+"""
+
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers  # pylint: disable=g-import-not-at-top
+from sparse_gpt2 import defaults  # pylint: disable=g-import-not-at-top
+from sparse_gpt2 import metrics  # pylint: disable=g-import-not-at-top
+from sparse_gpt2 import optim  # pylint: disable=g-import-not-at-top
+from sparse_gpt2 import sparsity  # pylint: disable=g-import-not-at-top
+from sparse_gpt2 import train  # pylint: disable=g-import-not-at-top
+
+_QUICK = flags.DEFINE_bool('quick', False, 'Tiny shapes, one round of two '
+                           'steps: a smoke run of the whole suite (seconds).')
+_OUT = flags.DEFINE_string('out', os.path.join(ROOT, 'benchmarks', 'out'),
+                           'Where run.json and run.md go.')
+_BASELINE = flags.DEFINE_string(
+    'baseline', 'c25ae90', 'Commit whose step the twins section times against '
+    "the checkout's ('' skips the section).")
+MODES = ('none', 'static', 'topk')
+
+
+def _settings():
+  """(rounds, steps per round, the peers' shape, widths of `sizes`)."""
+  if _QUICK.value:
+    return 1, 2, peers.Shape(256, 32, 2, 2, 32, 4), (32,)
+  return 5, 4, peers.Shape(), (128, 256, 512)
+
+
+def project_config(shape, arch, mode):
+  """This project's config of `shape` in `arch` ('gpt2' | 'paper')."""
+  config = defaults.base()
+  if arch == 'paper':
+    config = defaults.paper_architecture(config)
+  config.seq_len, config.batch_size, config.train_steps = (
+      shape.seq_len, shape.batch_size, 1000)
+  m = config.model
+  m.num_layers, m.d_model, m.vocab_size = (shape.num_layers, shape.d_model,
+                                           shape.vocab_size)
+  m.d_head = 16 if arch == 'paper' else shape.d_model // shape.num_heads
+  m.num_heads = shape.d_model // m.d_head
+  m.d_mlp, m.max_len = 4 * shape.d_model, shape.seq_len
+  config.sparsity.mode = mode
+  config.sparsity.density = 1.0 if mode == 'none' else 0.1
+  return config
+
+
+def project_step(config):
+  """(step() -> loss, the jitted step, its state, its tokens)."""
+  model = train.make_model(config)
+  tx = optim.make(config, config.train_steps)
+  state = jax.jit(functools.partial(train.init_state, config, model, tx))(
+      jax.random.key(0), None)
+  jitted = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+                                     config=config), donate_argnums=0)
+  tokens = jax.random.randint(jax.random.key(1),
+                              (config.batch_size, config.seq_len + 1), 0,
+                              config.model.vocab_size)
+  holder = [state]
+
+  def step():
+    holder[0], out = jitted(holder[0], tokens)
+    return float(out['loss'])
+
+  return step, jitted, holder, tokens
+
+
+def interleaved(contenders, rounds, steps):
+  """{name: {'step_s': median, 'peak_flops': median, 'mfu': median}} of
+  contenders {name: (step, flops_per_step)} timed in turns."""
+  times = {name: [] for name in contenders}
+  mfus = {name: [] for name in contenders}
+  peaks = {name: [] for name in contenders}
+  for step, _ in contenders.values():
+    step()  # Compile, allocate, warm the caches.
+  for _ in range(rounds):
+    for name, (step, flops) in contenders.items():
+      peak = metrics.measure_peak_flops(n=1024, repeats=3)
+      for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        elapsed = time.perf_counter() - start
+        times[name].append(elapsed)
+        mfus[name].append(flops / elapsed / peak)
+      peaks[name].append(peak)
+  return {name: {'step_s': float(np.median(times[name])),
+                 'peak_flops': float(np.median(peaks[name])),
+                 'mfu': float(np.median(mfus[name]))} for name in contenders}
+
+
+def _flops_per_step(config):
+  return (metrics.flops_per_token(config.model, config.seq_len)
+          * config.batch_size * config.seq_len)
+
+
+def _tokens(shape):
+  return shape.batch_size * shape.seq_len
+
+
+def peers_section(shape, rounds, steps):
+  config = project_config(shape, 'gpt2', 'none')
+  flops = _flops_per_step(config)
+  contenders = {'sparse_gpt2 (dense)': (project_step(config)[0], flops),
+                'plain Flax + optax': (peers.flax_step(shape), flops)}
+  note = None
+  try:
+    contenders['PyTorch + transformers'] = (peers.torch_step(shape), flops)
+  except ImportError as e:
+    note = f'PyTorch peer skipped: {e} (pip install -r requirements-dev.txt)'
+  result = interleaved(contenders, rounds, steps)
+  torch_result = result.get('PyTorch + transformers')
+  for r in result.values():
+    r['tokens_per_s'] = _tokens(shape) / r['step_s']
+    if torch_result:
+      r['vs_pytorch'] = torch_result['step_s'] / r['step_s']
+  return {'shape': vars(shape), 'results': result, 'note': note}
+
+
+def modes_section(shape, arch, rounds, steps):
+  made = {m: project_step(project_config(shape, arch, m)) for m in MODES}
+  flops = _flops_per_step(project_config(shape, arch, 'none'))
+  result = interleaved({m: (made[m][0], flops) for m in MODES}, rounds, steps)
+  # The reprojection alone: the exact top-k of every sparse tensor.
+  state = made['topk'][2][0]
+  params = sparsity.flat(state.params)
+  sparse = {p: params[p] for p in sparsity.flat(state.masks)}
+  ks = {p: sparsity.num_kept(v.size, 0.1) for p, v in sparse.items()}
+  topk = jax.jit(lambda s: sparsity.topk_masks(s, ks, {p: 4 for p in s}))
+  jax.block_until_ready(topk(sparse))
+  spent = []
+  for _ in range(rounds * steps):
+    start = time.perf_counter()
+    jax.block_until_ready(topk(sparse))
+    spent.append(time.perf_counter() - start)
+  for m, r in result.items():
+    r['tokens_per_s'] = _tokens(shape) / r['step_s']
+    r['vs_dense'] = r['step_s'] / result['none']['step_s']
+  return {'shape': vars(shape), 'arch': arch, 'results': result,
+          'topk_s': float(np.median(spent)),
+          'topk_share_of_step': float(np.median(spent))
+                                / result['topk']['step_s'],
+          'memory': memory(made)}
+
+
+def memory(made):
+  """Bytes of the compiled step per device, dense and topk, of the
+  `project_step`s of modes_section."""
+  out = {}
+  for mode in ('none', 'topk'):
+    _, jitted, holder, tokens = made[mode]
+    analysis = jitted.lower(holder[0], tokens).compile().memory_analysis()
+    params = sum(x.size * 4 for x in jax.tree.leaves(holder[0].params))
+    out[mode] = {'arguments': analysis.argument_size_in_bytes,
+                 'outputs': analysis.output_size_in_bytes,
+                 'temporaries': analysis.temp_size_in_bytes,
+                 'fp32_params': params}
+  total = lambda r: r['arguments'] + r['temporaries']
+  return {'results': out,
+          'sparse_extra_vs_params': (total(out['topk']) - total(out['none']))
+                                    / out['none']['fp32_params']}
+
+
+def sizes_section(base, widths, rounds, steps):
+  rows = []
+  for width in widths:
+    shape = peers.Shape(base.vocab_size, width, base.num_layers,
+                        max(1, width // 64), base.seq_len, base.batch_size)
+    contenders = {}
+    for arch in ('gpt2', 'paper'):
+      config = project_config(shape, arch, 'none')
+      contenders[arch] = (project_step(config)[0], _flops_per_step(config))
+    for arch, r in interleaved(contenders, rounds, steps).items():
+      rows.append({'d_model': width, 'arch': arch,
+                   'tokens_per_s': _tokens(shape) / r['step_s'], **r})
+  return {'shape': vars(base), 'results': rows}
+
+
+class _Worker:
+  """A `twin_worker.py` process on one code tree and config."""
+
+  def __init__(self, code_dir, config_file):
+    self.proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'benchmarks', 'twin_worker.py'),
+         code_dir, config_file], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True)
+    line = self.proc.stdout.readline().strip()
+    if line != 'ready':
+      raise RuntimeError(f'twin worker on {code_dir} failed to start')
+
+  def steps(self, n):
+    self.proc.stdin.write(f'{n}\n')
+    self.proc.stdin.flush()
+    return json.loads(self.proc.stdout.readline())
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def twins_section(baseline, rounds, steps):
+  """Old/new step time of the twins' configs, old and new in turns (each
+  in its own process; one waits while the other runs)."""
+  with tempfile.TemporaryDirectory() as old_dir:
+    archive = subprocess.run(
+        ['git', '-C', ROOT, 'archive', baseline, 'sparse_gpt2', 'configs'],
+        capture_output=True, check=False)
+    if archive.returncode:
+      return {'note': f'twins skipped: commit {baseline} not found '
+                      f'({archive.stderr.decode().strip()})'}
+    subprocess.run(['tar', '-x', '-C', old_dir], input=archive.stdout,
+                   check=True)
+    names = (('configs/tiny.py',) if _QUICK.value else
+             ('configs/sparse_small.py', 'configs/dense_small.py'))
+    out = {}
+    for name in names:
+      workers = {'old': _Worker(old_dir, os.path.join(old_dir, name)),
+                 'new': _Worker(ROOT, os.path.join(ROOT, name))}
+      times = {k: [] for k in workers}
+      for _ in range(rounds):
+        for k, w in workers.items():
+          times[k] += w.steps(steps)
+      for w in workers.values():
+        w.close()
+      median = {k: float(np.median(t)) for k, t in times.items()}
+      out[name] = {'old_step_s': median['old'], 'new_step_s': median['new'],
+                   'speedup': median['old'] / median['new']}
+    return {'baseline': baseline, 'results': out}
+
+
+def to_markdown(result):
+  lines = [f"Measured {result['date']} on {result['machine']} "
+           f"(`python benchmarks/run.py`).", '']
+  p = result['peers']
+  lines += [f"**Peers** (plain GPT-2: {_shape(p['shape'])}, fp32, AdamW)", '',
+            '| trainer | step (ms) | tokens/s | vs PyTorch | MFU |',
+            '|---|---:|---:|---:|---:|']
+  for name, r in p['results'].items():
+    vs = f"{r['vs_pytorch']:.2f}x" if 'vs_pytorch' in r else '-'
+    lines.append(f"| {name} | {1e3 * r['step_s']:.0f} | "
+                 f"{r['tokens_per_s']:,.0f} | {vs} | {100 * r['mfu']:.1f}% |")
+  if p['note']:
+    lines += ['', p['note']]
+  for m in result['modes']:
+    lines += ['', f"**Sparsity modes** ({m['arch']} architecture, "
+                  f"{_shape(m['shape'])}, density 0.1)", '',
+              '| mode | step (ms) | tokens/s | vs dense | MFU |',
+              '|---|---:|---:|---:|---:|']
+    for mode, r in m['results'].items():
+      lines.append(f"| {mode} | {1e3 * r['step_s']:.0f} | "
+                   f"{r['tokens_per_s']:,.0f} | {r['vs_dense']:.3f} | "
+                   f"{100 * r['mfu']:.1f}% |")
+    lines += ['', f"The top-k reprojection alone: {1e3 * m['topk_s']:.1f} ms, "
+                  f"{100 * m['topk_share_of_step']:.1f}% of a topk step.", '',
+              'Memory of the compiled step, MiB:', '',
+              '| mode | arguments | outputs | temporaries | fp32 params |',
+              '|---|---:|---:|---:|---:|']
+    mem = m['memory']
+    for mode, r in mem['results'].items():
+      lines.append(f"| {mode} | " + ' | '.join(
+          f'{r[k] / 2**20:.1f}' for k in ('arguments', 'outputs',
+                                          'temporaries', 'fp32_params'))
+                   + ' |')
+    lines += ['', 'topk costs (arguments + temporaries) '
+                  f"{100 * mem['sparse_extra_vs_params']:.0f}% of the fp32 "
+                  'parameters more than dense.']
+  s = result['sizes']
+  lines += ['', f"**Sizes** (dense, {_shape(s['shape'], width=False)})", '',
+            '| d_model | architecture | step (ms) | tokens/s | MFU |',
+            '|---:|---|---:|---:|---:|']
+  for r in s['results']:
+    lines.append(f"| {r['d_model']} | {r['arch']} | {1e3 * r['step_s']:.0f} "
+                 f"| {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% |")
+  t = result['twins']
+  if 'results' in t:
+    lines += ['', f"**Twins** against commit `{t['baseline']}`", '',
+              '| config | old step (ms) | new step (ms) | old / new |',
+              '|---|---:|---:|---:|']
+    for name, r in t['results'].items():
+      lines.append(f"| {name} | {1e3 * r['old_step_s']:.0f} | "
+                   f"{1e3 * r['new_step_s']:.0f} | {r['speedup']:.2f}x |")
+  else:
+    lines += ['', t['note']]
+  return '\n'.join(lines) + '\n'
+
+
+def _shape(shape, width=True):
+  parts = [f"d {shape['d_model']}"] if width else []
+  parts += [f"{shape['num_layers']} layers", f"{shape['seq_len']} tokens",
+            f"batch {shape['batch_size']}", f"vocab {shape['vocab_size']}"]
+  return ', '.join(parts)
+
+
+def main(argv):
+  del argv
+  rounds, steps, shape, widths = _settings()
+  small = peers.Shape(2048, 128, 4, 8, 128, 32)  # sparse_small's shape.
+  if _QUICK.value:
+    small = shape
+  result = {
+      'date': time.strftime('%Y-%m-%d'),
+      'machine': f'{platform.machine()}, {os.cpu_count()} cores, '
+                 f'{jax.devices()[0].device_kind}',
+      'quick': _QUICK.value,
+      'peers': peers_section(shape, rounds, steps),
+      'modes': [modes_section(small, 'paper', rounds, steps)] + (
+          [] if _QUICK.value else [modes_section(shape, 'gpt2', rounds,
+                                                 steps)]),
+      'sizes': sizes_section(shape, widths, rounds, steps),
+      'twins': twins_section(_BASELINE.value, rounds, steps)
+               if _BASELINE.value else {'note': 'twins skipped (--baseline=)'},
+  }
+  os.makedirs(_OUT.value, exist_ok=True)
+  with open(os.path.join(_OUT.value, 'run.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  text = to_markdown(result)
+  with open(os.path.join(_OUT.value, 'run.md'), 'w') as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == '__main__':
+  app.run(main)

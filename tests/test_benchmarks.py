@@ -1,0 +1,55 @@
+"""The speed suite's quick mode end to end, and its two peers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+import peers  # pylint: disable=g-import-not-at-top
+
+TINY = peers.Shape(vocab_size=64, d_model=32, num_layers=1, num_heads=2,
+                   seq_len=16, batch_size=4)
+
+
+def test_quick_suite_writes_every_section_and_skips_a_missing_peer(tmp_path):
+  # torch hidden: the suite must say the peer was skipped, not fail.
+  code = ("import runpy, sys; sys.modules['torch'] = None; "
+          f"sys.argv = ['run.py', '--quick', '--out={tmp_path}', "
+          "'--baseline=HEAD']; "
+          "runpy.run_path('benchmarks/run.py', run_name='__main__')")
+  subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True,
+                 capture_output=True)
+  result = json.loads((tmp_path / 'run.json').read_text())
+  assert set(result) >= {'peers', 'modes', 'sizes', 'twins', 'date',
+                         'machine'}
+  assert 'PyTorch peer skipped' in result['peers']['note']
+  assert set(result['peers']['results']) == {'sparse_gpt2 (dense)',
+                                             'plain Flax + optax'}
+  modes = result['modes'][0]
+  assert set(modes['results']) == {'none', 'static', 'topk'}
+  for r in [*result['peers']['results'].values(), *modes['results'].values(),
+            *result['sizes']['results']]:
+    assert r['step_s'] > 0 and 0 < r['mfu'] < 1.5 and r['peak_flops'] > 0
+  assert 0 < modes['topk_share_of_step'] < 1
+  memory = modes['memory']['results']
+  assert memory['topk']['fp32_params'] == memory['none']['fp32_params'] > 0
+  twins = result['twins']['results']['configs/tiny.py']
+  assert twins['old_step_s'] > 0 and twins['new_step_s'] > 0
+  markdown = (tmp_path / 'run.md').read_text()
+  for heading in ('**Peers**', '**Sparsity modes**', '**Sizes**',
+                  '**Twins**', 'PyTorch peer skipped'):
+    assert heading in markdown
+
+
+@pytest.mark.parametrize('make', [peers.flax_step, peers.torch_step])
+def test_peers_train(make):
+  step = make(TINY, lr=1e-2)
+  losses = [step() for _ in range(20)]
+  # The same batch every step: a trainer that learns drives its loss down.
+  assert np.isfinite(losses).all()
+  assert losses[-1] < losses[0] - 0.5
