@@ -51,7 +51,8 @@ def base():
   config.model.pos_embedding = True
   config.model.bigram_table = False
   config.model.attention_sink = False
-  config.model.attention = 'auto'  # 'auto' (cuDNN on GPU if it can)|'xla'|'cudnn'.
+  config.model.attention = 'auto'  # 'auto' (cuDNN on GPU where it can),
+                                   # 'xla' or 'cudnn'.
   config.model.remat = 'none'      # Per block: 'none' | 'full' | 'dots'.
   config.model.use_bias = True
   config.model.act_topk_fraction = 0.0  # AbsTopK; the paper keeps 0.25.

@@ -62,7 +62,7 @@ def _size(n):
 def devices(topology):
   """The target's devices: abstract TPUs, or N (fake) CPU devices."""
   if topology in TPU_TOPOLOGIES:
-    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    from jax.experimental import topologies  # Only TPU targets need it.
     try:
       return topologies.get_topology_desc(
           platform='tpu', topology_name=TPU_TOPOLOGIES[topology][0]).devices

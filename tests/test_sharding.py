@@ -1,8 +1,9 @@
 """Sharded state on 8 fake CPU devices (data 2 x fsdp 2 x model 2): the
 top-k works shard by shard and gives the masks of one device, sharded
-training matches one device in every sparsity mode, and the compiled step
-gathers no sparse tensor. Each check runs in a subprocess, which is given 8
-devices before jax starts: `python tests/test_sharding.py CHECK`."""
+training matches one device in the topk and static modes, and the compiled
+step gathers no sparse tensor. Each check runs in a subprocess, which is given 8
+devices before jax starts: `PYTHONPATH=. python tests/test_sharding.py
+CHECK`."""
 
 import functools
 import os
@@ -10,25 +11,26 @@ import re
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
-import pytest
+
+from configs import tiny
+from sparse_gpt2 import optim
+from sparse_gpt2 import sharding
+from sparse_gpt2 import sparsity
+from sparse_gpt2 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sparse_gpt2 import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sparse_gpt2 import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sparse_gpt2 import sparsity  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sparse_gpt2 import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _in_subprocess(check, *args):
   result = subprocess.run(
       [sys.executable, os.path.abspath(__file__), check, *args], cwd=ROOT,
-      capture_output=True, text=True, timeout=600)
+      env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True, text=True,
+      timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -49,7 +51,6 @@ def _mesh(data, fsdp, model):
 def check_topk():
   """Tensors split on rows, columns, both, over two axes at once, or not at
   all, with ties (zeros, equal rows): the masks of one device, exactly."""
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   mesh = _mesh(2, 2, 2)
   specs = {'a': P('fsdp', 'model'), 'b': P('model'), 'c': P(None, 'model'),
            'd': P('fsdp'), 'e': P(('data', 'fsdp'), None), 'f': P(),
@@ -70,8 +71,9 @@ def check_topk():
           for p, v in scores.items()}
     js = {p: sparsity.guaranteed_per_neuron(v.shape, ks[p], 2)
           for p, v in scores.items()}
-    want = jax.jit(lambda s: sparsity.topk_masks(s, ks, js))(scores)  # pylint: disable=cell-var-from-loop
-    got = jax.jit(lambda s: sparsity.topk_masks(s, ks, js, shardings),  # pylint: disable=cell-var-from-loop
+    one = functools.partial(sparsity.topk_masks, ks=ks, min_per_neuron=js)
+    want = jax.jit(one)(scores)
+    got = jax.jit(functools.partial(one, shardings=shardings),
                   out_shardings=shardings)(placed)
     for p in scores:
       assert int(got[p].sum()) == ks[p], (p, density)
@@ -93,7 +95,6 @@ def _steps(mode, mesh_shape, steps=2):
                               config.model.vocab_size)
   init = functools.partial(train.init_state, config, model, tx)
   rng = jax.random.key(0)
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
     abstract = jax.eval_shape(init, rng, None)
     boxed = jax.eval_shape(model.init, rng, jnp.zeros((1, 16), jnp.int32))
