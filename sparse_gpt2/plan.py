@@ -37,12 +37,15 @@ from sparse_gpt2 import sharding
 from sparse_gpt2 import train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-# Name -> (jax topology name, HBM per device in GiB, as libtpu reports it).
+# Name -> (jax topology name, HBM per device in GiB, options): v5e as
+# libtpu's own out-of-memory error states it, v4 and v5p from the
+# datasheets. v4 needs "megacore" (one device per chip, as a v4 VM runs):
+# meshes on TPUs after v3 are built from whole chips.
 TPU_TOPOLOGIES = {
-    'v5e-8': ('v5e:2x4', 15.75),
-    'v5e-16': ('v5e:4x4', 15.75),
-    'v4-8': ('v4:2x2x1', 30.75),
-    'v5p-8': ('v5p:2x2x1', 95.74),
+    'v5e-8': ('v5e:2x4', 15.75, {}),
+    'v5e-16': ('v5e:4x4', 15.75, {}),
+    'v4-8': ('v4:2x2x1', 32.0, {'chip_config_name': 'megacore'}),
+    'v5p-8': ('v5p:2x2x1', 95.0, {}),
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -64,8 +67,9 @@ def devices(topology):
   if topology in TPU_TOPOLOGIES:
     from jax.experimental import topologies  # Only TPU targets need it.
     try:
+      name, _, options = TPU_TOPOLOGIES[topology]
       return topologies.get_topology_desc(
-          platform='tpu', topology_name=TPU_TOPOLOGIES[topology][0]).devices
+          platform='tpu', topology_name=name, **options).devices
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f'--topology={topology} needs libtpu (pip install '
                        f'"jax[tpu]==0.10.2"): {str(e).splitlines()[0]}'
