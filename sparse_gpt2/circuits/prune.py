@@ -330,6 +330,14 @@ class _Pruner:
       return mask
 
     lo, hi = -1, self.num_nodes  # top(hi) reaches the target, top(lo) not.
+    # Search inside the mask when the mask itself reaches the target: the
+    # loss is not monotone past it (a mask learns to rely on some nodes
+    # sitting at their means, and restoring them can undo it), so a
+    # bisection over all nodes can land far beyond a mask that sufficed.
+    kept = int((tau > 0).sum())
+    if 0 < kept < self.num_nodes and self.evaluate(
+        top(kept), 'select')['loss'] <= target_loss:
+      hi = kept
     while hi - lo > 1:
       mid = (lo + hi) // 2
       loss = self.evaluate(top(mid), 'select')['loss']
