@@ -24,7 +24,6 @@ divides by a matmul peak measured in the same round, right before the
 contender's steps, so a machine that slows down cannot inflate it.
 """
 
-import functools
 import json
 import os
 import platform
@@ -42,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # pylint: disable=g-import-not-at-top
+import twin_worker  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import defaults  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import metrics  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import optim  # pylint: disable=g-import-not-at-top
@@ -84,16 +84,8 @@ def project_config(shape, arch, mode):
 
 
 def project_step(config):
-  """(step() -> loss, the jitted step, its state, its tokens)."""
-  model = train.make_model(config)
-  tx = optim.make(config, config.train_steps)
-  state = jax.jit(functools.partial(train.init_state, config, model, tx))(
-      jax.random.key(0), None)
-  jitted = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
-                                     config=config), donate_argnums=0)
-  tokens = jax.random.randint(jax.random.key(1),
-                              (config.batch_size, config.seq_len + 1), 0,
-                              config.model.vocab_size)
+  """(step() -> loss, the jitted step, [its state], its tokens)."""
+  jitted, state, tokens = twin_worker.make_step(config, train, optim)
   holder = [state]
 
   def step():

@@ -16,16 +16,12 @@ import json
 import sys
 import time
 
+import jax
 
-def main(code_dir, config_file):
-  sys.path.insert(0, code_dir)
-  import jax  # pylint: disable=g-import-not-at-top
-  from sparse_gpt2 import optim  # pylint: disable=g-import-not-at-top
-  from sparse_gpt2 import train  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('config', config_file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+
+def make_step(config, train, optim):
+  """(jitted train step with the state donated, initial state, tokens) of a
+  config, from a version's `train` and `optim` modules."""
   model = train.make_model(config)
   tx = optim.make(config, config.train_steps)
   state = jax.jit(functools.partial(train.init_state, config, model, tx))(
@@ -35,6 +31,17 @@ def main(code_dir, config_file):
   tokens = jax.random.randint(jax.random.key(1),
                               (config.batch_size, config.seq_len + 1), 0,
                               config.model.vocab_size)
+  return step, state, tokens
+
+
+def main(code_dir, config_file):
+  sys.path.insert(0, code_dir)
+  from sparse_gpt2 import optim  # pylint: disable=g-import-not-at-top
+  from sparse_gpt2 import train  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('config', config_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  step, state, tokens = make_step(module.get_config(), train, optim)
   state, out = step(state, tokens)
   jax.block_until_ready(out)
   print('ready', flush=True)
