@@ -78,28 +78,27 @@ def node_means(model, params, tokens_batches):
   return means(params, tokens_batches)
 
 
-def calibrated_margin(logits, correct, incorrect, p):
-  """sign * (exp(p[0]) * diff + p[1]) for logits [N, V] at the last position.
+def calibrated_loss(logits, correct, incorrect):
+  """Task loss and accuracy after fitting a scale a > 0 and shift b.
 
-  The difference is taken in a fixed token order (lower id first) and the
-  shift added to it is a bias towards one token; on correct - incorrect, a
-  shift b -> inf would reach loss 0 on any data. The scale is kept positive
-  (exp) so that ablating a circuit cannot score well by reversing the
-  answers. Its softplus(-margin) is the calibrated task loss.
+  logits [N, V] at the last position. The difference is taken in a fixed
+  token order (lower id first) and the shift added to it is a bias towards
+  one token; on correct - incorrect, a shift b -> inf would reach loss 0 on
+  any data. The scale is kept positive (a = exp(.)) so that ablating a
+  circuit cannot score well by reversing the answers.
+
+  Returns (loss, accuracy, a, b).
   """
   first = jnp.minimum(correct, incorrect)
   rows = jnp.arange(logits.shape[0])
   diff = logits[rows, first] - logits[rows, correct + incorrect - first]
   sign = jnp.where(correct == first, 1.0, -1.0)
-  return sign * (jnp.exp(p[0]) * diff + p[1])
 
+  def margin(p):
+    return sign * (jnp.exp(p[0]) * diff + p[1])
 
-def calibrated_loss(logits, correct, incorrect):
-  """Task loss and accuracy after fitting the scale and shift of
-  `calibrated_margin` (16 L-BFGS steps). Returns (loss, accuracy, a, b)."""
   def loss(p):
-    return jnp.mean(jax.nn.softplus(-calibrated_margin(logits, correct,
-                                                       incorrect, p)))
+    return jnp.mean(jax.nn.softplus(-margin(p)))
 
   opt = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(loss)
@@ -113,8 +112,7 @@ def calibrated_loss(logits, correct, incorrect):
 
   p = jnp.zeros(2)
   (p, _), _ = jax.lax.scan(step, (p, opt.init(p)), length=CALIBRATION_STEPS)
-  margin = calibrated_margin(logits, correct, incorrect, p)
-  return loss(p), jnp.mean(margin > 0), jnp.exp(p[0]), p[1]
+  return loss(p), jnp.mean(margin(p) > 0), jnp.exp(p[0]), p[1]
 
 
 def trim(encoded):
