@@ -109,6 +109,18 @@ def test_abs_topk_keeps_the_largest_fraction():
                                 [[3.0, -4.0, 0, 0, 0, 0, 0, 0]])
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_abs_topk_equals_a_sort_based_reference(dtype):
+  x = jax.random.normal(jax.random.key(0), (6, 5, 96)).astype(dtype)
+  x = x.at[0, 0, :8].set(-3.0).at[1, 1].set(0.0)  # Ties at and above the k-th.
+  kth = jax.lax.top_k(jnp.abs(x), 24)[0][..., -1:]
+  np.testing.assert_array_equal(model_lib.abs_topk(x, 0.25),
+                                jnp.where(jnp.abs(x) >= kth, x, 0))
+  grad = jax.grad(lambda x: model_lib.abs_topk(x, 0.25).astype(
+      jnp.float32).sum())(x)
+  np.testing.assert_array_equal(grad, jnp.abs(x) >= kth)
+
+
 def test_act_topk_sparsifies_the_chosen_nodes():
   m, params, _ = _init(act_topk_fraction=0.25,
                        act_topk_locations=('mlp_neuron',))
