@@ -32,8 +32,9 @@ class Settings:
       'help': 'AdamW weight decay of the scores.'})
   grad_rms: float = dataclasses.field(default=1.0, metadata={
       'help': 'Gradients are clipped to this RMS.'})
-  k_coef: float = dataclasses.field(default=1e-4, metadata={
-      'help': 'Penalty per kept node, added to the task loss.'})
+  k_coef: float = dataclasses.field(default=1e-3, metadata={
+      'help': 'Penalty per kept node, added to the task loss (the paper: '
+              '1e-4).'})
   dual_lr: float = dataclasses.field(default=0.05, metadata={
       'help': 'Rate of the multiplier on the task loss, which rises while '
               'the train loss is above target_loss (0: the paper\'s fixed '
