@@ -9,16 +9,24 @@ a checkpoint is kept for the matched-loss comparison.
 
   python -m sparse_gpt2.main --config=configs/sparse_medium.py
 
-Its dense twin is configs/dense_medium.py.
+Its dense twin is configs/dense_medium.py. With `:abstopk`
+(`--config=configs/sparse_medium.py:abstopk`) it also keeps only the largest
+quarter of the activations by magnitude at every node location, as the
+paper does (AbsTopK), to measure what that does to its circuits.
 """
 
 from sparse_gpt2 import defaults
+from sparse_gpt2 import model
 
 
 def get_config(arg=None):
-  del arg
+  if arg not in (None, '', 'abstopk'):
+    raise ValueError(f"sparse_medium: unknown arg {arg!r}; known: 'abstopk'")
   config = defaults.medium_run(defaults.base())
   config.sparsity.mode = 'topk'
   config.sparsity.density = 1 / 16
   config.optim.lr = 1e-2
+  if arg == 'abstopk':
+    config.model.act_topk_fraction = 0.25
+    config.model.act_topk_locations = model.NODE_LOCATIONS
   return config

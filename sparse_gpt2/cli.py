@@ -29,7 +29,10 @@ def _parse_flags(argv):
         flag.value.keys()
     return argv
   except flags.Error as e:  # A missing, unknown or malformed flag.
-    fail(str(e), 2)
+    # A config file that raises comes with its traceback: keep the first
+    # line (which flag) and the last (the exception).
+    lines = str(e).strip().splitlines()
+    fail(lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}', 2)
   except (AttributeError, KeyError) as e:
     fail(f'no such config field: {str(e).strip(chr(34))}', 2)
   except OSError as e:

@@ -291,6 +291,17 @@ def test_command_line_errors_are_one_line_and_non_zero(tiny_config, tmp_path):
   assert missing.returncode == 2 and 'Traceback' not in missing.stderr
   assert _errors(missing) == [
       "error: [Errno 2] No such file or directory: 'configs/nope.py'"]
+  bad_arg = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.main',
+       '--config=configs/sparse_medium.py:bogus',
+       f'--workdir={tmp_path / "d"}'], cwd=ROOT, capture_output=True,
+      text=True, timeout=300)
+  assert bad_arg.returncode == 2 and 'Traceback' not in bad_arg.stderr
+  assert _errors(bad_arg) == [
+      'error: flag --config=configs/sparse_medium.py:bogus: Error whilst '
+      "parsing config file: ValueError: sparse_medium: unknown arg 'bogus'; "
+      "known: 'abstopk'"]
+  assert not (tmp_path / 'd').exists()
   bad = _main(str(tmp_path / 'b'), config, '--config.sparsity.density=2')
   assert bad.returncode == 1
   errors = [l for l in bad.stderr.splitlines() if l.startswith('error:')]

@@ -37,8 +37,8 @@ class Settings:
               '1e-4).'})
   dual_lr: float = dataclasses.field(default=0.05, metadata={
       'help': 'Rate of the multiplier on the task loss, which rises while '
-              'the train loss is above target_loss (0: the paper\'s fixed '
-              'objective).'})
+              'the train loss is above target_loss and falls while it is '
+              'below (0: the paper\'s fixed objective).'})
   batch_pairs: int = dataclasses.field(default=16, metadata={
       'help': 'Contrastive pairs per step (two prompts each).'})
   init_bias: float = dataclasses.field(default=0.1, metadata={
