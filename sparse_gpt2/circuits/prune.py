@@ -8,20 +8,21 @@ activation over pretraining data at every token, which removes what it says
 about this input without moving the network off the activations it was
 trained on. Each node has a score tau in [-1, 1]; the forward pass keeps it
 iff tau > 0, the backward pass uses the derivative of sigmoid(tau / T) in
-place of the step's, which is zero. Training minimises task cross-entropy +
-k_coef * (nodes kept) over contrastive pairs (a prompt and a minimally
-different one with the other answer, always in the same batch), with AdamW
-(b2 0.95), gradients clipped by RMS and a linear warmup, as the paper does.
+place of the step's, which is zero. Training minimises lam * task
+cross-entropy + k_coef * (nodes kept) over contrastive pairs (a prompt and a
+minimally different one with the other answer, always in the same batch),
+with AdamW (b2 0.95), gradients clipped by RMS and a linear warmup, as the
+paper does; lam is a multiplier that holds the train loss at the target
+(the paper's weight is fixed), so the mask converges to the fewest nodes
+that reach it.
 
 A task's pairs are split three ways, disjointly: `train` fits the scores,
-`select` chooses the circuit's size, `test` is untouched until the losses
-that are reported. The mask's nodes (tau > 0) are ranked by what removing
-each alone does to the train loss, the rest by tau, ties (many scores end
-at a clip) broken by a first-order estimate of the same, and bisection finds the smallest K whose top-K nodes alone reach
-`target_loss` on `select`. Each of those losses is taken after fitting a
-scale and a shift of the two candidates' logit difference (16 L-BFGS steps):
-ablation shrinks and offsets the logits, which says nothing about whether
-the circuit still tells the answers apart.
+`select` checks the mask and, where it misses the target, chooses how far
+to extend it, `test` is untouched until the losses that are reported. Each
+select and test loss is taken after fitting a scale and a shift of the two
+candidates' logit difference (16 L-BFGS steps): ablation shrinks and
+offsets the logits, which says nothing about whether the circuit still
+tells the answers apart.
 """
 
 import dataclasses
@@ -42,8 +43,7 @@ from sparse_gpt2.circuits import tasks
 CALIBRATION_STEPS = 16
 NUM_BUCKETS = 4            # Prompt-length buckets of each split.
 ESTIMATE_PROMPTS = 256     # Train prompts of the tie-breaking gradient.
-REMOVAL_PROMPTS = 64       # Train prompts of a mask node's removal effect.
-MAX_MEASURED = 1024        # Larger masks (early in pruning) rank by score.
+DUAL_FALL = 0.2            # The multiplier falls at this times its rate.
 MAX_ABLATED_NODES = 64     # Circuit nodes whose own ablation is measured.
 
 
@@ -209,7 +209,6 @@ class _Pruner:
     self._logits = jax.jit(self._bucket_logits)
     self._evaluate = jax.jit(self._losses)
     self._importance = jax.jit(jax.grad(self._task_loss, argnums=1))
-    self._removal_effects = jax.jit(self._removal_effects_fn)
 
   def _task_loss(self, params, mask, batch):
     logits = _last_logits(self.model, params, self.means, self.unravel(mask),
@@ -232,7 +231,12 @@ class _Pruner:
     The loss is lam * task + k_coef * nodes kept, and log lam (from 0, the
     paper's objective) moves by dual_lr * (task - target_loss) a step, both
     ways: a Lagrange multiplier that holds the train loss at the target, so
-    the mask itself converges to the smallest set that reaches it. With a
+    the mask itself converges to the smallest set that reaches it. It falls
+    DUAL_FALL times as fast as it rises: the mask follows lam with a delay
+    of ~100 steps (a score moves at most lr a step across [-1, 1]), and a
+    multiplier that fell as fast wound up below its balance, pruned a
+    sparse for_while mask to 54 nodes at chance and never recovered (lam
+    1e11, where no single node restored lowers the loss). With a
     fixed weight the mask settles wherever k_coef puts it (far below the
     target at 1e-4 and 1e-3: train loss 0.05 with 335 nodes where 80
     suffice), leaving the bisection to cut a third of it by a ranking that
@@ -265,7 +269,8 @@ class _Pruner:
           tau, jnp.exp(log_lam), pick_key)
       updates, opt_state = self.tx.update(grad, opt_state, tau)
       tau = jnp.clip(optax.apply_updates(tau, updates), -1, 1)
-      log_lam = log_lam + s.dual_lr * (task - s.target_loss)
+      excess = task - s.target_loss
+      log_lam += s.dual_lr * jnp.where(excess > 0, 1.0, DUAL_FALL) * excess
       return (tau, opt_state, log_lam), task
 
     (tau, opt_state, log_lam), task = jax.lax.scan(
@@ -320,50 +325,26 @@ class _Pruner:
     return -np.asarray(self._importance(
         self.params, jnp.asarray(kept, jnp.float32), batch))
 
-  def _removal_effects_fn(self, params, kept, ids, batch):
-    """Train loss with each node of `ids` [M] alone removed from the mask
-    `kept` [num_nodes], minus the loss of `kept`: [M]."""
-    base = self._task_loss(params, kept, batch)
-    return jax.lax.map(
-        lambda i: self._task_loss(params, kept.at[i].set(0.0), batch) - base,
-        ids)
-
-  def ranking_effects(self, tau):
-    """(effects, measured): what each node is worth to the train loss,
-    [num_nodes]. Measured for the nodes of a mask of at most MAX_MEASURED
-    (the loss increase when the node alone is removed from the mask, on
-    REMOVAL_PROMPTS prompts: ~0.08 s a node here), estimated for the rest
-    (`importance`; measuring the restores of thousands of pruned nodes
-    would cost more than the pruning, and the bisection reaches them only
-    when it goes past the mask)."""
-    kept = tau > 0
-    effects = self.importance(kept)
-    inside = np.flatnonzero(kept)
-    measured = 0 < inside.size <= MAX_MEASURED
-    if measured:
-      # Padded to a multiple of 64 (repeating a node) to bound recompiles.
-      ids = np.resize(inside, 64 * math.ceil(inside.size / 64))
-      batch = trim({k: v[:REMOVAL_PROMPTS] for k, v in self.train.items()
-                    if k != 'pair'})
-      removal = np.asarray(self._removal_effects(
-          self.params, jnp.asarray(kept, jnp.float32), ids, batch))
-      effects[inside] = removal[:inside.size]
-    return effects, measured
-
   def smallest_circuit(self, tau, target_loss):
-    """(mask, ranking details) of the fewest top-ranked nodes whose select
-    loss is <= target_loss (the full model's is, or there is nothing to
-    prune)."""
-    importance, measured = self.ranking_effects(tau)
-    kept = tau > 0
-    if measured:
-      # The mask's nodes first, by measured effect: once the mask has
-      # settled most of their scores sit within 1e-3 of the clip (tau = 1),
-      # in an order that is optimizer noise. Then the rest by score, then
-      # estimate.
-      order = np.lexsort((-importance, np.where(kept, 0, -tau), ~kept))
-    else:
-      order = np.lexsort((-importance, -tau))  # Last key first.
+    """(mask, importance): the circuit the scores `tau` give, and the
+    estimate that broke their ties. The mask (tau > 0) when it reaches
+    target_loss on select: the multiplier has already made it the fewest
+    nodes at the target on train. Else the mask and the fewest next-ranked
+    nodes that reach it (found in doubling strides, then bisected): ranked
+    by tau, ties (many scores sit at a clip) broken by `importance`, never
+    by storage order.
+
+    Not a bisection inside the mask: trimming it by score removes nodes
+    without the rest re-fitting, and how much it removed depended on the
+    ranking of scores that sit at the clip in an order that is optimizer
+    noise (on if_equals, sparse: 216 and 264 nodes at 1000 and 3000 steps
+    of one run, from masks of 335 and 324). Not a bisection over all nodes:
+    the loss is not monotone past a mask (it learns to rely on some nodes
+    sitting at their means, and restoring them can undo it), and one sent a
+    dense circuit from a 196-node mask to 4,598 nodes.
+    """
+    importance = self.importance(tau > 0)
+    order = np.lexsort((-importance, -tau))  # Last key first: tau, then est.
 
     def top(k):
       mask = np.zeros(self.num_nodes, bool)
@@ -372,24 +353,16 @@ class _Pruner:
 
     def reaches(k):
       loss = self.evaluate(top(k), 'select')['loss']
-      logging.info('bisection: %d nodes -> select loss %.4f', k, loss)
+      logging.info('circuit search: %d nodes -> select loss %.4f', k, loss)
       return loss <= target_loss
 
-    # The search starts at the mask: the loss is not monotone in the number
-    # of nodes (a mask learns to rely on some nodes sitting at their means,
-    # and restoring them can undo it), so a bisection over all nodes can
-    # land far from a mask that (nearly) sufficed. Inside the mask when it
-    # reaches the target; else upwards from it in doubling strides.
-    lo, hi = -1, self.num_nodes  # top(hi) reaches the target, top(lo) not.
-    num_kept = int(kept.sum())
-    if 0 < num_kept < self.num_nodes:
-      if reaches(num_kept):
-        hi = num_kept
-      else:
-        lo, stride = num_kept, 1
-        while lo + stride < self.num_nodes and not reaches(lo + stride):
-          lo, stride = lo + stride, 2 * stride
-        hi = min(lo + stride, self.num_nodes)
+    lo = int((tau > 0).sum())  # top(lo) is the mask.
+    if reaches(lo):
+      return top(lo), importance
+    stride = 1
+    while lo + stride < self.num_nodes and not reaches(lo + stride):
+      lo, stride = lo + stride, 2 * stride
+    hi = min(lo + stride, self.num_nodes)  # top(hi) reaches, top(lo) not.
     while hi - lo > 1:
       mid = (lo + hi) // 2
       lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
@@ -420,7 +393,7 @@ def prune(model, params, means, encoded, settings, record_at=()):
       kept_by_mask: nodes with tau > 0; past_mask: the bisection needed more
         nodes than the mask kept (so the ranking beyond it decided).
       nodes: [{'layer', 'location', 'index', 'score' (tau), 'importance'
-        (train loss it is worth: `ranking_effects`), 'ablation_effect' (test loss
+        (first-order estimate of its train loss effect), 'ablation_effect' (test loss
         with this node alone ablated from the circuit, minus the circuit's;
         None past the MAX_ABLATED_NODES best-ranked)}].
       edges, edges_truncated: see `edges.between`.
