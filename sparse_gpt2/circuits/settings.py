@@ -18,7 +18,7 @@ class Settings:
   target_loss: float = dataclasses.field(default=0.15, metadata={
       'help': 'Calibrated task loss the circuit must reach (the paper: '
               '0.15).'})
-  steps: int = dataclasses.field(default=1000, metadata={
+  steps: int = dataclasses.field(default=2000, metadata={
       'help': 'Optimizer steps on the node scores.'})
   lr: float = dataclasses.field(default=1e-2, metadata={
       'help': 'Peak learning rate of the node scores.'})
