@@ -175,11 +175,13 @@ def to_markdown(summary):
   s = summary['settings']
   out += [
       '',
-      f"Circuits are the fewest nodes whose calibrated task loss on the "
-      f"selection split is \u2264 {_num(summary['target_loss'], 'g')} "
-      f"({s['steps']} pruning steps); losses are on the untouched test "
-      'split: circuit = everything outside the circuit ablated, ablated = '
-      'the circuit ablated.', '',
+      f"Circuits are the learned masks after {s['steps']} pruning steps "
+      f"(a multiplier holds their train loss at "
+      f"{_num(summary['target_loss'], 'g')}), extended by the next nodes "
+      "by score where a mask's calibrated loss on the selection split is "
+      "above it; losses are on the untouched test split: circuit = "
+      'everything outside the circuit ablated, ablated = the circuit '
+      'ablated.', '',
       '| task | edges sparse | edges dense | dense/sparse | nodes sparse | '
       'nodes dense | circuit loss sparse / dense | ablated loss sparse / '
       'dense |',
