@@ -238,8 +238,8 @@ class _Pruner:
     sparse for_while mask to 54 nodes at chance and never recovered (lam
     1e11, where no single node restored lowers the loss). With a
     fixed weight the mask settles wherever k_coef puts it (far below the
-    target at 1e-4 and 1e-3: train loss 0.05 with 335 nodes where 80
-    suffice), leaving the bisection to cut a third of it by a ranking that
+    target at 1e-4 and 1e-3: train loss 0.05 with 335 nodes where ~100
+    suffice), leaving a bisection to cut a third of it by a ranking that
     moved the result by 30% between 1000 and 3000 steps; and a task that
     each node carries only thinly (a dense model) is traded away above the
     target. The task loss here is uncalibrated: a scale learned with the
@@ -390,12 +390,14 @@ def prune(model, params, means, encoded, settings, record_at=()):
         not, nothing is pruned and the circuit's fields are empty or None.
       num_nodes, num_edges: the circuit's; total_nodes, total_edges: the
         model's (edges: nonzero weights of `edges.EDGE_WEIGHTS`).
-      kept_by_mask: nodes with tau > 0; past_mask: the bisection needed more
-        nodes than the mask kept (so the ranking beyond it decided).
+      kept_by_mask: nodes with tau > 0; past_mask: the mask missed the
+        target on select and the search added nodes (so the ranking beyond
+        it decided).
       nodes: [{'layer', 'location', 'index', 'score' (tau), 'importance'
-        (first-order estimate of its train loss effect), 'ablation_effect' (test loss
-        with this node alone ablated from the circuit, minus the circuit's;
-        None past the MAX_ABLATED_NODES best-ranked)}].
+        (first-order estimate of its effect on the train loss),
+        'ablation_effect' (test loss with this node alone ablated from the
+        circuit, minus the circuit's; None past the MAX_ABLATED_NODES
+        best-ranked)}].
       edges, edges_truncated: see `edges.between`.
       losses, accuracy: {'full_model', 'circuit_only', 'circuit_ablated'
         (the circuit's nodes ablated, the rest kept), 'all_ablated'},
