@@ -152,7 +152,7 @@ def test_split_is_disjoint_by_pair():
 
 def test_ties_are_broken_by_measured_effect():
   """Scores of the planted read and write at +1, all others tied at -1: the
-  bisection must go past the mask, and the node it needs (the planted
+  search must go past the mask, and the node it needs (the planted
   neuron) comes first among the tied ones, not in storage order."""
   model = _tiny_model()
   params = _planted_params(model)
@@ -163,7 +163,7 @@ def test_ties_are_broken_by_measured_effect():
   scores = jax.tree.map(lambda m: np.full(m.shape, -1.0), means)
   scores['block_0']['mlp_in'][READ] = scores['block_0']['mlp_out'][WRITE] = 1
   tau = np.asarray(jax.flatten_util.ravel_pytree(scores)[0])
-  mask, importance = pruner.smallest_circuit(tau, 0.15)
+  mask, importance = pruner.circuit_of_scores(tau, 0.15)
   kept = jax.tree.map(np.asarray, pruner.unravel(mask))
   assert {(loc, i) for loc, m in kept['block_0'].items()
           for i in np.flatnonzero(m)} == PLANTED

@@ -325,7 +325,7 @@ class _Pruner:
     return -np.asarray(self._importance(
         self.params, jnp.asarray(kept, jnp.float32), batch))
 
-  def smallest_circuit(self, tau, target_loss):
+  def circuit_of_scores(self, tau, target_loss):
     """(mask, importance): the circuit the scores `tau` give, and the
     estimate that broke their ties. The mask (tau > 0) when it reaches
     target_loss on select: the multiplier has already made it the fewest
@@ -457,7 +457,7 @@ def prune(model, params, means, encoded, settings, record_at=()):
   circuit['seconds_scores'] = time.perf_counter() - start
 
   def circuit_of(tau):
-    mask, importance = pruner.smallest_circuit(tau, settings.target_loss)
+    mask, importance = pruner.circuit_of_scores(tau, settings.target_loss)
     kept = jax.tree.map(np.asarray, pruner.unravel(mask))
     return mask, kept, importance, edges_lib.between(params, kept,
                                                      num_layers)
