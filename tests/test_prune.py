@@ -134,6 +134,8 @@ def test_prune_recovers_planted_circuit():
   # Each planted node is needed: ablating it alone breaks the circuit.
   assert all(n['ablation_effect'] > 0.3 for n in circuit['nodes'])
   assert not circuit['past_mask']
+  assert all(c['steps'] / 2 < c['mask_step'] <= c['steps']
+             for c in circuit['convergence'])
 
 
 def test_split_is_disjoint_by_pair():
@@ -163,11 +165,44 @@ def test_ties_are_broken_by_measured_effect():
   scores = jax.tree.map(lambda m: np.full(m.shape, -1.0), means)
   scores['block_0']['mlp_in'][READ] = scores['block_0']['mlp_out'][WRITE] = 1
   tau = np.asarray(jax.flatten_util.ravel_pytree(scores)[0])
-  mask, importance = pruner.circuit_of_scores(tau, 0.15)
+  mask = pruner.extend_mask(tau, 0.15)
   kept = jax.tree.map(np.asarray, pruner.unravel(mask))
   assert {(loc, i) for loc, m in kept['block_0'].items()
           for i in np.flatnonzero(m)} == PLANTED
-  assert importance.shape == (64,)
+
+
+def test_circuit_is_smallest_late_mask_reaching_target():
+  """Masks recorded at 100..400 steps (and at 350): the planted circuit
+  plus a node, the planted circuit, the planted circuit less its neuron
+  (misses the target), and every node. After 400 steps the candidates are
+  the masks at 300 and 400 (the run's second half, snapshots only): the
+  circuit is every node, the only one that reaches. After 350 steps they
+  are 200, 300 and 350, and the planted circuit at 200 wins."""
+  model = _tiny_model()
+  params = _planted_params(model)
+  means = _means(model, params)
+  pruner = prune._Pruner(model, params, means,
+                         prune.split(prune.trim(_task(256, 0)), SETTINGS),
+                         SETTINGS)
+
+  def tau_of(nodes):
+    scores = jax.tree.map(lambda m: np.full(m.shape, -1.0), means)
+    for loc, i in nodes:
+      scores['block_0'][loc][i] = 1.0
+    return np.asarray(jax.flatten_util.ravel_pytree(scores)[0])
+
+  planted = tau_of(PLANTED)
+  taus = {100: tau_of(PLANTED | {('attn_in', 0)}), 200: planted,
+          300: tau_of(PLANTED - {('mlp_neuron', NEURON)}),
+          350: tau_of(PLANTED | {('attn_in', 1)}), 400: np.ones(64)}
+  step, mask = pruner.circuit_of_run(taus, 400, 0.15)
+  assert step == 400 and mask.all()
+  step, mask = pruner.circuit_of_run(taus, 350, 0.15)
+  assert step == 200
+  np.testing.assert_array_equal(mask, planted > 0)
+  step, mask = pruner.circuit_of_run(taus, 100, 0.15)
+  assert step == 100 and mask.sum() == 4
+
 
 def test_edge_list_is_capped_largest_first(monkeypatch):
   model = _tiny_model()

@@ -14,6 +14,7 @@ from absl import flags
 import pytest
 
 from sparse_gpt2.circuits import compare
+from sparse_gpt2.circuits import prune
 from sparse_gpt2.circuits import runs as runs_lib
 from sparse_gpt2.circuits import settings as settings_lib
 from sparse_gpt2.circuits import viz
@@ -46,7 +47,8 @@ def make_circuit(task='t', edges_per_kind=2, solved=True, num_layers=3,
   nodes = sorted({n for e in edges for n in e})
   total_edges = num_layers * sum(_SIZES[s] * _SIZES[d] for s, d in _EDGE_KINDS)
   return {
-      'task': task, 'run': run, 'target_loss': 0.15, 'solved': solved,
+      'task': task, 'run': run, 'version': prune.VERSION, 'target_loss': 0.15,
+      'solved': solved,
       'num_nodes': len(nodes), 'num_edges': len(edges),
       'total_nodes': num_layers * sum(_SIZES.values()),
       'total_edges': total_edges,
@@ -200,7 +202,7 @@ def test_match_picks_closest_dense_checkpoint_and_refuses_a_gap():
     compare.match(300, None, dense, 0.02)
 
 
-def test_reusable_refuses_other_settings_step_or_run():
+def test_reusable_refuses_other_settings_version_step_or_run():
   circuit = make_circuit('t', run='elsewhere/runs/sparse')
   assert compare.reusable(circuit, 'runs/sparse', 100, 't', SETTINGS)
   assert not compare.reusable(circuit, 'runs/sparse', 150, 't', SETTINGS)
@@ -208,6 +210,8 @@ def test_reusable_refuses_other_settings_step_or_run():
   assert not compare.reusable(circuit, 'runs/sparse', 100, 'u', SETTINGS)
   assert not compare.reusable(circuit, 'runs/sparse', 100, 't',
                               dataclasses.replace(SETTINGS, lr=0.5))
+  assert not compare.reusable({**circuit, 'version': prune.VERSION - 1},
+                              'runs/sparse', 100, 't', SETTINGS)
 
 
 @pytest.mark.parametrize('bad', ['run', 'task'])

@@ -37,6 +37,7 @@ from absl import flags
 from absl import logging
 
 from sparse_gpt2 import metrics
+from sparse_gpt2.circuits import prune
 from sparse_gpt2.circuits import runs
 from sparse_gpt2.circuits import settings as settings_lib
 from sparse_gpt2.circuits import tasks as tasks_lib
@@ -237,8 +238,10 @@ def _num(value, spec):
 
 def reusable(circuit, run, step, task, settings):
   """Whether a saved circuit was found in this run's checkpoint, for this
-  task, with exactly these settings (a changed default re-prunes)."""
-  return (os.path.basename(os.path.normpath(circuit['run'])) ==
+  task, with exactly these settings and this version of the algorithm (a
+  changed default or method re-prunes)."""
+  return (circuit.get('version') == prune.VERSION
+          and os.path.basename(os.path.normpath(circuit['run'])) ==
           os.path.basename(os.path.normpath(run))
           and circuit['step'] == step and circuit['task'] == task
           and circuit['settings'] == dataclasses.asdict(settings))

@@ -17,12 +17,12 @@ paper does; lam is a multiplier that holds the train loss at the target
 that reach it.
 
 A task's pairs are split three ways, disjointly: `train` fits the scores,
-`select` checks the mask and, where it misses the target, chooses how far
-to extend it, `test` is untouched until the losses that are reported. Each
-select and test loss is taken after fitting a scale and a shift of the two
-candidates' logit difference (16 L-BFGS steps): ablation shrinks and
-offsets the logits, which says nothing about whether the circuit still
-tells the answers apart.
+`select` chooses the circuit among the masks of the run's second half
+(and, where none reaches the target, how far to extend one), `test` is
+untouched until the losses that are reported. Each select and test loss is
+taken after fitting a scale and a shift of the two candidates' logit
+difference (16 L-BFGS steps): ablation shrinks and offsets the logits, which
+says nothing about whether the circuit still tells the answers apart.
 """
 
 import dataclasses
@@ -44,7 +44,11 @@ CALIBRATION_STEPS = 16
 NUM_BUCKETS = 4            # Prompt-length buckets of each split.
 ESTIMATE_PROMPTS = 256     # Train prompts of the tie-breaking gradient.
 DUAL_FALL = 0.2            # The multiplier falls at this times its rate.
+SNAPSHOT_EVERY = 100       # Steps between the masks a circuit is chosen from.
 MAX_ABLATED_NODES = 64     # Circuit nodes whose own ablation is measured.
+# Of the algorithm, saved in circuit.json: bumped by a change that gives
+# other circuits for the same settings, so `compare` re-prunes saved ones.
+VERSION = 2                # 2: the smallest late mask (`circuit_of_run`).
 
 
 def hard_mask(tau, temperature):
@@ -209,6 +213,7 @@ class _Pruner:
     self._logits = jax.jit(self._bucket_logits)
     self._evaluate = jax.jit(self._losses)
     self._importance = jax.jit(jax.grad(self._task_loss, argnums=1))
+    self._select_loss = {}  # Mask bytes -> calibrated loss on select.
 
   def _task_loss(self, params, mask, batch):
     logits = _last_logits(self.model, params, self.means, self.unravel(mask),
@@ -325,14 +330,32 @@ class _Pruner:
     return -np.asarray(self._importance(
         self.params, jnp.asarray(kept, jnp.float32), batch))
 
-  def circuit_of_scores(self, tau, target_loss):
-    """(mask, importance): the circuit the scores `tau` give, and the
-    estimate that broke their ties. The mask (tau > 0) when it reaches
-    target_loss on select: the multiplier has already made it the fewest
-    nodes at the target on train. Else the mask and the fewest next-ranked
-    nodes that reach it (found in doubling strides, then bisected): ranked
-    by tau, ties (many scores sit at a clip) broken by `importance`, never
-    by storage order.
+  def reaches(self, mask, target_loss):
+    """Whether `mask` [num_nodes] bool reaches target_loss on select."""
+    key = mask.tobytes()
+    if key not in self._select_loss:
+      self._select_loss[key] = self.evaluate(mask, 'select')['loss']
+      logging.info('circuit search: %d nodes -> select loss %.4f',
+                   mask.sum(), self._select_loss[key])
+    return self._select_loss[key] <= target_loss
+
+  def circuit_of_run(self, taus, steps, target_loss):
+    """(step, mask): the circuit after `steps` steps of a run whose scores
+    after each step that `train_scores` recorded are `taus` {step: tau}.
+
+    The smallest of the masks (tau > 0) recorded in the run's second half,
+    every SNAPSHOT_EVERY steps and at `steps`, that reaches target_loss on
+    select; the latest of equal ones. Near its balance the multiplier
+    swings the mask between close sizes, so any one step's mask is a draw
+    from those (sparse for_while: 76, 126 and 75 nodes at 1000, 2000 and
+    3000 steps); select, the split held out to choose the circuit, picks
+    among them. Which masks are candidates depends on `steps` alone, so the
+    circuit after N steps of a longer run is that of an N-step run.
+
+    If none reaches, the mask at `steps` and the fewest next-ranked nodes
+    that reach it (found in doubling strides, then bisected): ranked by
+    tau, ties (many scores sit at a clip) broken by `importance`, never by
+    storage order.
 
     Not a bisection inside the mask: trimming it by score removes nodes
     without the rest re-fitting, and how much it removed depended on the
@@ -343,6 +366,18 @@ class _Pruner:
     sitting at their means, and restoring them can undo it), and one sent a
     dense circuit from a 196-node mask to 4,598 nodes.
     """
+    candidates = [t for t in taus if steps / 2 < t <= steps
+                  and (t == steps or t % SNAPSHOT_EVERY == 0)]
+    reaching = [t for t in candidates
+                if self.reaches(taus[t] > 0, target_loss)]
+    if reaching:
+      step = min(reaching, key=lambda t: ((taus[t] > 0).sum(), -t))
+      return step, taus[step] > 0
+    return steps, self.extend_mask(taus[steps], target_loss)
+
+  def extend_mask(self, tau, target_loss):
+    """The mask (tau > 0) and the fewest next-ranked nodes that reach
+    target_loss on select; see `circuit_of_run`."""
     importance = self.importance(tau > 0)
     order = np.lexsort((-importance, -tau))  # Last key first: tau, then est.
 
@@ -351,22 +386,16 @@ class _Pruner:
       mask[order[:k]] = True
       return mask
 
-    def reaches(k):
-      loss = self.evaluate(top(k), 'select')['loss']
-      logging.info('circuit search: %d nodes -> select loss %.4f', k, loss)
-      return loss <= target_loss
-
-    lo = int((tau > 0).sum())  # top(lo) is the mask.
-    if reaches(lo):
-      return top(lo), importance
+    lo = int((tau > 0).sum())  # top(lo) is the mask, which misses.
     stride = 1
-    while lo + stride < self.num_nodes and not reaches(lo + stride):
+    while (lo + stride < self.num_nodes
+           and not self.reaches(top(lo + stride), target_loss)):
       lo, stride = lo + stride, 2 * stride
     hi = min(lo + stride, self.num_nodes)  # top(hi) reaches, top(lo) not.
     while hi - lo > 1:
       mid = (lo + hi) // 2
-      lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
-    return top(hi), importance
+      lo, hi = (lo, mid) if self.reaches(top(mid), target_loss) else (mid, hi)
+    return top(hi)
 
 
 def prune(model, params, means, encoded, settings, record_at=()):
@@ -390,11 +419,13 @@ def prune(model, params, means, encoded, settings, record_at=()):
         not, nothing is pruned and the circuit's fields are empty or None.
       num_nodes, num_edges: the circuit's; total_nodes, total_edges: the
         model's (edges: nonzero weights of `edges.EDGE_WEIGHTS`).
-      kept_by_mask: nodes with tau > 0; past_mask: the mask missed the
-        target on select and the search added nodes (so the ranking beyond
-        it decided).
-      nodes: [{'layer', 'location', 'index', 'score' (tau), 'importance'
-        (first-order estimate of its effect on the train loss),
+      mask_step: the step whose mask the circuit is (`circuit_of_run`);
+      kept_by_mask: that mask's nodes (tau > 0); past_mask: no mask reached
+        the target on select and the search added nodes (so the ranking
+        beyond it decided).
+      nodes: [{'layer', 'location', 'index', 'score' (tau at mask_step),
+        'importance' (first-order estimate of its effect on the train
+        loss, at the circuit),
         'ablation_effect' (test loss with this node alone ablated from the
         circuit, minus the circuit's; None past the MAX_ABLATED_NODES
         best-ranked)}].
@@ -404,8 +435,10 @@ def prune(model, params, means, encoded, settings, record_at=()):
         calibrated, on `test`; raw_losses: the same uncalibrated;
         select_loss: the circuit's on `select`, which chose its size.
       logit_scale, logit_shift: the calibration of 'circuit_only'.
-      convergence: [{'steps', 'num_nodes', 'num_edges', 'kept_by_mask'}].
-      model_shape, settings, splits (prompts and pairs of each), seconds.
+      convergence: [{'steps', 'mask_step', 'num_nodes', 'num_edges',
+        'kept_by_mask'}].
+      version, model_shape, settings, splits (prompts and pairs of each),
+      seconds.
   """
   start = time.perf_counter()
   settings.validate()
@@ -416,7 +449,7 @@ def prune(model, params, means, encoded, settings, record_at=()):
   ones = np.ones(pruner.num_nodes, bool)
   full = {name: pruner.evaluate(ones, name) for name in ('select', 'test')}
   circuit = {
-      'target_loss': settings.target_loss,
+      'version': VERSION, 'target_loss': settings.target_loss,
       'solved': full['select']['loss'] <= settings.target_loss,
       'model_shape': {
           'num_layers': num_layers, 'd_model': int(block['attn_in'].size),
@@ -432,7 +465,7 @@ def prune(model, params, means, encoded, settings, record_at=()):
                  for name, rows in zip(('train', 'select', 'test'), splits)},
       'num_nodes': 0, 'num_edges': 0, 'total_nodes': pruner.num_nodes,
       'total_edges': edges_lib.total(params, num_layers),
-      'kept_by_mask': None, 'past_mask': None,
+      'mask_step': None, 'kept_by_mask': None, 'past_mask': None,
       'nodes': [], 'edges': [], 'edges_truncated': False,
       'losses': {'full_model': full['test']['loss'], 'circuit_only': None,
                  'circuit_ablated': None, 'all_ablated': None},
@@ -453,23 +486,24 @@ def prune(model, params, means, encoded, settings, record_at=()):
     return circuit
 
   steps = sorted(set(record_at) | {settings.steps})
-  taus = pruner.train_scores(jax.random.key(settings.seed), steps)
+  snapshots = set(range(SNAPSHOT_EVERY, steps[-1] + 1, SNAPSHOT_EVERY))
+  taus = pruner.train_scores(jax.random.key(settings.seed),
+                             sorted(snapshots | set(steps)))
   circuit['seconds_scores'] = time.perf_counter() - start
 
-  def circuit_of(tau):
-    mask, importance = pruner.circuit_of_scores(tau, settings.target_loss)
-    kept = jax.tree.map(np.asarray, pruner.unravel(mask))
-    return mask, kept, importance, edges_lib.between(params, kept,
-                                                     num_layers)
-
   for s in steps:
-    found = circuit_of(taus[s])
+    found_step, found = pruner.circuit_of_run(taus, s, settings.target_loss)
+    found_kept = jax.tree.map(np.asarray, pruner.unravel(found))
+    found_edges = edges_lib.between(params, found_kept, num_layers)
     if s == settings.steps:
-      mask, kept, importance, (edges, count, truncated) = found
+      mask_step, mask, kept = found_step, found, found_kept
+      edges, count, truncated = found_edges
     circuit['convergence'].append({
-        'steps': s, 'num_nodes': int(found[0].sum()),
-        'num_edges': found[3][1], 'kept_by_mask': int((taus[s] > 0).sum())})
-  tau = taus[settings.steps]
+        'steps': s, 'mask_step': found_step, 'num_nodes': int(found.sum()),
+        'num_edges': found_edges[1],
+        'kept_by_mask': int((taus[found_step] > 0).sum())})
+  tau = taus[mask_step]
+  importance = pruner.importance(mask)
 
   results = {'circuit_only': pruner.evaluate(mask, 'test'),
              'circuit_ablated': pruner.evaluate(~mask, 'test'),
@@ -502,7 +536,7 @@ def prune(model, params, means, encoded, settings, record_at=()):
   circuit.update({
       'num_nodes': int(mask.sum()), 'num_edges': count, 'nodes': nodes,
       'edges': edges, 'edges_truncated': truncated,
-      'kept_by_mask': int((tau > 0).sum()),
+      'mask_step': mask_step, 'kept_by_mask': int((tau > 0).sum()),
       'past_mask': bool(mask.sum() > (tau > 0).sum()),
       'logit_scale': results['circuit_only']['scale'],
       'logit_shift': results['circuit_only']['shift'],
