@@ -152,32 +152,10 @@ def test_split_is_disjoint_by_pair():
   assert all((a['index'] == b['index']).all() for a, b in zip(parts, again))
 
 
-def test_ties_are_broken_by_measured_effect():
-  """Scores of the planted read and write at +1, all others tied at -1: the
-  search must go past the mask, and the node it needs (the planted
-  neuron) comes first among the tied ones, not in storage order."""
-  model = _tiny_model()
-  params = _planted_params(model)
-  means = _means(model, params)
-  pruner = prune._Pruner(model, params, means,
-                         prune.split(prune.trim(_task(256, 0)), SETTINGS),
-                         SETTINGS)
-  scores = jax.tree.map(lambda m: np.full(m.shape, -1.0), means)
-  scores['block_0']['mlp_in'][READ] = scores['block_0']['mlp_out'][WRITE] = 1
-  tau = np.asarray(jax.flatten_util.ravel_pytree(scores)[0])
-  mask = pruner.extend_mask(tau, 0.15)
-  kept = jax.tree.map(np.asarray, pruner.unravel(mask))
-  assert {(loc, i) for loc, m in kept['block_0'].items()
-          for i in np.flatnonzero(m)} == PLANTED
-
-
-def test_circuit_is_smallest_late_mask_reaching_target():
-  """Masks recorded at 100..400 steps (and at 350): the planted circuit
-  plus a node, the planted circuit, the planted circuit less its neuron
-  (misses the target), and every node. After 400 steps the candidates are
-  the masks at 300 and 400 (the run's second half, snapshots only): the
-  circuit is every node, the only one that reaches. After 350 steps they
-  are 200, 300 and 350, and the planted circuit at 200 wins."""
+def _planted_pruner():
+  """A `prune._Pruner` of the planted model and task, and a function from
+  a set of (location, index) to scores tau: +1 on those nodes, -1 on all
+  others."""
   model = _tiny_model()
   params = _planted_params(model)
   means = _means(model, params)
@@ -191,6 +169,29 @@ def test_circuit_is_smallest_late_mask_reaching_target():
       scores['block_0'][loc][i] = 1.0
     return np.asarray(jax.flatten_util.ravel_pytree(scores)[0])
 
+  return pruner, tau_of
+
+
+def test_ties_are_broken_by_measured_effect():
+  """Scores of the planted read and write at +1, all others tied at -1: the
+  search must go past the mask, and the node it needs (the planted
+  neuron) comes first among the tied ones, not in storage order."""
+  pruner, tau_of = _planted_pruner()
+  tau = tau_of({('mlp_in', READ), ('mlp_out', WRITE)})
+  mask = pruner.extend_mask(tau, 0.15)
+  kept = jax.tree.map(np.asarray, pruner.unravel(mask))
+  assert {(loc, i) for loc, m in kept['block_0'].items()
+          for i in np.flatnonzero(m)} == PLANTED
+
+
+def test_circuit_is_smallest_late_mask_reaching_target():
+  """Masks recorded at 100..400 steps (and at 350): the planted circuit
+  plus a node, the planted circuit, the planted circuit less its neuron
+  (misses the target), and every node. After 400 steps the candidates are
+  the masks at 300 and 400 (the run's second half, snapshots only): the
+  circuit is every node, the only one that reaches. After 350 steps they
+  are 200, 300 and 350, and the planted circuit at 200 wins."""
+  pruner, tau_of = _planted_pruner()
   planted = tau_of(PLANTED)
   taus = {100: tau_of(PLANTED | {('attn_in', 0)}), 200: planted,
           300: tau_of(PLANTED - {('mlp_neuron', NEURON)}),

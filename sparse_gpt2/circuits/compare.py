@@ -176,11 +176,13 @@ def to_markdown(summary):
   s = summary['settings']
   out += [
       '',
-      f"Circuits are the learned masks after {s['steps']} pruning steps "
-      f"(a multiplier holds their train loss at "
-      f"{_num(summary['target_loss'], 'g')}), extended by the next nodes "
-      "by score where a mask's calibrated loss on the selection split is "
-      "above it; losses are on the untouched test split: circuit = "
+      f"Each circuit is the smallest learned mask, of those every "
+      f"{prune.SNAPSHOT_EVERY} steps in the second half of {s['steps']} "
+      "pruning steps (a multiplier holds their train loss at "
+      f"{_num(summary['target_loss'], 'g')}), that reaches that loss on "
+      "the selection split (calibrated; where none does, the last one "
+      "extended by the next nodes by score); losses are on the untouched "
+      "test split: circuit = "
       'everything outside the circuit ablated, ablated = the circuit '
       'ablated.', '',
       '| task | edges sparse | edges dense | dense/sparse | nodes sparse | '
