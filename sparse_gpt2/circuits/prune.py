@@ -345,11 +345,11 @@ class _Pruner:
 
     The smallest of the masks (tau > 0) recorded in the run's second half,
     every SNAPSHOT_EVERY steps and at `steps`, that reaches target_loss on
-    select; the latest of equal ones. Near its balance the multiplier
-    swings the mask between close sizes, so any one step's mask is a draw
-    from those (sparse for_while: 76, 126 and 75 nodes at 1000, 2000 and
-    3000 steps); select, the split held out to choose the circuit, picks
-    among them. Which masks are candidates depends on `steps` alone, so the
+    select; the latest of equal ones. The multiplier swings the mask
+    around its balance, at times widely (sparse for_while: 76, 126 and 75
+    nodes at 1000, 2000 and 3000 steps, 45 and 156 between), so any one
+    step's mask is a draw from that swing; select, the split held out to
+    choose the circuit, picks among them. Which masks are candidates depends on `steps` alone, so the
     circuit after N steps of a longer run is that of an N-step run.
 
     If none reaches, the mask at `steps` and the fewest next-ranked nodes
