@@ -182,9 +182,8 @@ def to_markdown(summary):
       f"{_num(summary['target_loss'], 'g')}), that reaches that loss on "
       "the selection split (calibrated; where none does, the last one "
       "extended by the next nodes by score); losses are on the untouched "
-      "test split: circuit = "
-      'everything outside the circuit ablated, ablated = the circuit '
-      'ablated.', '',
+      "test split: circuit = everything outside the circuit ablated, "
+      "ablated = the circuit ablated.", '',
       '| task | edges sparse | edges dense | dense/sparse | nodes sparse | '
       'nodes dense | circuit loss sparse / dense | ablated loss sparse / '
       'dense |',

@@ -330,14 +330,18 @@ class _Pruner:
     return -np.asarray(self._importance(
         self.params, jnp.asarray(kept, jnp.float32), batch))
 
-  def reaches(self, mask, target_loss):
-    """Whether `mask` [num_nodes] bool reaches target_loss on select."""
+  def select_loss(self, mask):
+    """Calibrated loss on select of `mask` [num_nodes] bool, each mask
+    evaluated once (the convergence record revisits the same masks)."""
     key = mask.tobytes()
     if key not in self._select_loss:
       self._select_loss[key] = self.evaluate(mask, 'select')['loss']
       logging.info('circuit search: %d nodes -> select loss %.4f',
                    mask.sum(), self._select_loss[key])
-    return self._select_loss[key] <= target_loss
+    return self._select_loss[key]
+
+  def reaches(self, mask, target_loss):
+    return self.select_loss(mask) <= target_loss
 
   def circuit_of_run(self, taus, steps, target_loss):
     """(step, mask): the circuit after `steps` steps of a run whose scores
@@ -349,8 +353,9 @@ class _Pruner:
     around its balance, at times widely (sparse for_while: 76, 126 and 75
     nodes at 1000, 2000 and 3000 steps, 45 and 156 between), so any one
     step's mask is a draw from that swing; select, the split held out to
-    choose the circuit, picks among them. Which masks are candidates depends on `steps` alone, so the
-    circuit after N steps of a longer run is that of an N-step run.
+    choose the circuit, picks among them. Which masks are candidates
+    depends on `steps` alone, so the circuit after N steps of a longer run
+    is that of an N-step run.
 
     If none reaches, the mask at `steps` and the fewest next-ranked nodes
     that reach it (found in doubling strides, then bisected): ranked by
@@ -512,8 +517,7 @@ def prune(model, params, means, encoded, settings, record_at=()):
     circuit['losses'][key] = r['loss']
     circuit['accuracy'][key] = r['accuracy']
     circuit['raw_losses'][key] = r['raw_loss']
-  circuit['select_loss']['circuit_only'] = pruner.evaluate(mask,
-                                                           'select')['loss']
+  circuit['select_loss']['circuit_only'] = pruner.select_loss(mask)
   base = results['circuit_only']['loss']
   ranked = sorted(np.flatnonzero(mask), key=lambda i: -tau[i])
   effect = {}

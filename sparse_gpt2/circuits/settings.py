@@ -50,8 +50,8 @@ class Settings:
   num_prompts: int = dataclasses.field(default=1024, metadata={
       'help': 'Prompts generated for a built-in task (half as many pairs).'})
   select_fraction: float = dataclasses.field(default=0.25, metadata={
-      'help': 'Of the pairs, to check the mask and choose how far to '
-              'extend it (and fit the logit calibration).'})
+      'help': 'Of the pairs, to choose the circuit among the late masks '
+              '(and how far to extend one; fits the logit calibration).'})
   test_fraction: float = dataclasses.field(default=0.25, metadata={
       'help': 'Of the pairs, untouched until the reported losses.'})
   seed: int = dataclasses.field(default=0, metadata={
