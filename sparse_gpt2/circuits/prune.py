@@ -43,12 +43,16 @@ from sparse_gpt2.circuits import tasks
 CALIBRATION_STEPS = 16
 NUM_BUCKETS = 4            # Prompt-length buckets of each split.
 ESTIMATE_PROMPTS = 256     # Train prompts of the tie-breaking gradient.
-DUAL_FALL = 0.2            # The multiplier falls at this times its rate.
+DUAL_FALL = 0.2            # The multiplier's integral falls this times its rate.
+DUAL_GAIN = 10.0           # Proportional gain on the smoothed excess loss,
+DUAL_DECAY = 0.9           # its EMA's decay,
+DUAL_CLIP = 0.2            # and the clip of each step's excess in it.
 SNAPSHOT_EVERY = 100       # Steps between the masks a circuit is chosen from.
 MAX_ABLATED_NODES = 64     # Circuit nodes whose own ablation is measured.
 # Of the algorithm, saved in circuit.json: bumped by a change that gives
 # other circuits for the same settings, so `compare` re-prunes saved ones.
-VERSION = 2                # 2: the smallest late mask (`circuit_of_run`).
+VERSION = 3                # 2: the smallest late mask (`circuit_of_run`);
+                           # 3: the multiplier's proportional term.
 
 
 def hard_mask(tau, temperature):
@@ -221,34 +225,42 @@ class _Pruner:
     return tasks.task_loss(logits, batch['correct'], batch['incorrect'])[0]
 
   def init_scores(self, key):
-    """(tau [num_nodes], optimizer state, log multiplier)."""
+    """(tau [num_nodes], optimizer state, multiplier state)."""
     s = self.settings
     tau = s.init_bias + s.init_noise * jax.random.normal(key,
                                                          (self.num_nodes,))
-    return tau, self.tx.init(tau), jnp.zeros(())
+    return tau, self.tx.init(tau), {'log_integral': jnp.zeros(()),
+                                    'excess_ema': jnp.zeros(())}
 
-  def _train_segment(self, params, tau, opt_state, log_lam, first_step,
-                     key, buckets, *, length):
+  @staticmethod
+  def multiplier(dual):
+    return jnp.exp(dual['log_integral'] + DUAL_GAIN * dual['excess_ema'])
+
+  def _train_segment(self, params, tau, opt_state, dual, first_step, key,
+                     buckets, *, length):
     """`length` steps of the scores from step `first_step`. Each step draws
     a length bucket (in proportion to its pairs) and batch_pairs pairs from
     it; `lax.switch` runs only that bucket's shapes.
 
-    The loss is lam * task + k_coef * nodes kept, and log lam (from 0, the
-    paper's objective) moves by dual_lr * (task - target_loss) a step, both
-    ways: a Lagrange multiplier that holds the train loss at the target, so
-    the mask itself converges to the smallest set that reaches it. It falls
-    DUAL_FALL times as fast as it rises: the mask follows lam with a delay
-    of ~100 steps (a score moves at most lr a step across [-1, 1]), and a
-    multiplier that fell as fast wound up below its balance, pruned a
-    sparse for_while mask to 54 nodes at chance and never recovered (lam
-    1e11, where no single node restored lowers the loss). With a
-    fixed weight the mask settles wherever k_coef puts it (far below the
-    target at 1e-4 and 1e-3: train loss 0.05 with 335 nodes where ~100
-    suffice), leaving a bisection to cut a third of it by a ranking that
-    moved the result by 30% between 1000 and 3000 steps; and a task that
-    each node carries only thinly (a dense model) is traded away above the
-    target. The task loss here is uncalibrated: a scale learned with the
-    scores would let it go to zero on any separable batch.
+    The loss is lam * task + k_coef * nodes kept: a Lagrange multiplier lam
+    (from 1, the paper's objective) that holds the train loss at the
+    target, so the mask itself converges to the smallest set that reaches
+    it. log lam is a PI controller on excess = task - target_loss:
+    - the integral moves by dual_lr * excess a step, falling DUAL_FALL
+      times as fast as it rises. One that fell as fast wound up below its
+      balance and pruned a sparse for_while mask to 54 nodes at chance.
+    - the proportional term, DUAL_GAIN * an EMA of the clipped excess,
+      damps the loop. The mask follows lam with a delay of ~100 steps (a
+      score moves at most lr a step across [-1, 1]), so the integral alone
+      overshot both ways: sparse for_while swung 76 -> 45 (chance) -> 156
+      -> 71 nodes with a period of ~2000 steps, and its 2000- and 3000-step
+      circuits differed by 64%. With the term it held 83-87 nodes from
+      step 1800 to 3000.
+    With a fixed weight instead, the mask settles wherever k_coef puts it
+    (train loss 0.05 with 335 nodes where ~100 suffice), and a task each
+    node carries only thinly (a dense model) is traded away above the
+    target. The task loss is uncalibrated: a scale learned with the scores
+    would let it go to zero on any separable batch.
     """
     s = self.settings
     sizes = jnp.array([b['pairs'].shape[0] for b in buckets])
@@ -266,38 +278,43 @@ class _Pruner:
       return jax.grad(loss_fn, has_aux=True)(tau, lam, batch)
 
     def step(carry, i):
-      tau, opt_state, log_lam = carry
+      tau, opt_state, dual = carry
       bucket_key, pick_key = jax.random.split(jax.random.fold_in(key, i))
       which = jax.random.choice(bucket_key, len(buckets), p=sizes / sizes.sum())
       grad, task = jax.lax.switch(
           which, [lambda *a, b=b: bucket_grad(b, *a) for b in buckets],
-          tau, jnp.exp(log_lam), pick_key)
+          tau, self.multiplier(dual), pick_key)
       updates, opt_state = self.tx.update(grad, opt_state, tau)
       tau = jnp.clip(optax.apply_updates(tau, updates), -1, 1)
       excess = task - s.target_loss
-      log_lam += s.dual_lr * jnp.where(excess > 0, 1.0, DUAL_FALL) * excess
-      return (tau, opt_state, log_lam), task
+      dual = {
+          'log_integral': dual['log_integral'] + s.dual_lr * jnp.where(
+              excess > 0, 1.0, DUAL_FALL) * excess,
+          'excess_ema': DUAL_DECAY * dual['excess_ema'] + (1 - DUAL_DECAY)
+                        * jnp.clip(excess, -DUAL_CLIP, DUAL_CLIP)}
+      return (tau, opt_state, dual), task
 
-    (tau, opt_state, log_lam), task = jax.lax.scan(
-        step, (tau, opt_state, log_lam), first_step + jnp.arange(length))
-    return tau, opt_state, log_lam, task.mean()
+    (tau, opt_state, dual), task = jax.lax.scan(
+        step, (tau, opt_state, dual), first_step + jnp.arange(length))
+    return tau, opt_state, dual, task.mean()
 
   def train_scores(self, key, record_at):
     """{steps: tau [num_nodes]} after each of `record_at` steps (one run)."""
     init_key, key = jax.random.split(key)
-    tau, opt_state, log_lam = self.init_scores(init_key)
+    tau, opt_state, dual = self.init_scores(init_key)
     length = math.gcd(*record_at)
     recorded, done = {}, 0
     while done < max(record_at):
-      tau, opt_state, log_lam, task = self._segment(
-          self.params, tau, opt_state, log_lam, done, key,
+      tau, opt_state, dual, task = self._segment(
+          self.params, tau, opt_state, dual, done, key,
           self.train_buckets, length=length)
       done += length
       if done in record_at:
         recorded[done] = np.asarray(tau)
         logging.info('prune step %d: train task loss %.4f, multiplier %.3g, '
                      '%d nodes kept.', done, float(task),
-                     float(np.exp(log_lam)), int((recorded[done] > 0).sum()))
+                     float(self.multiplier(dual)),
+                     int((recorded[done] > 0).sum()))
     return recorded
 
   def _bucket_logits(self, params, mask, bucket):
