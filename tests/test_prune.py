@@ -242,6 +242,27 @@ def test_hard_mask_is_exact_forward_with_surrogate_gradient():
   assert (grad > 0).all()
 
 
+def test_multiplier_is_pi_on_the_clipped_excess():
+  """Step response against the controller written out by hand: the
+  integral rises at dual_lr and falls DUAL_FALL times as fast; the
+  proportional term follows an EMA of the excess clipped to DUAL_CLIP, so
+  it reacts at once to a sign flip that the integral only slowly undoes."""
+  excesses = [0.1] * 30 + [5.0] + [-0.1] * 5
+  dual = {'log_integral': jnp.zeros(()), 'excess_ema': jnp.zeros(())}
+  integral = ema = 0.0
+  for excess in excesses:
+    before = float(prune.multiplier(dual))
+    dual = prune.update_multiplier(dual, jnp.float32(excess), 0.05)
+    integral += 0.05 * excess * (1.0 if excess > 0 else prune.DUAL_FALL)
+    ema = (prune.DUAL_DECAY * ema + (1 - prune.DUAL_DECAY)
+           * float(np.clip(excess, -prune.DUAL_CLIP, prune.DUAL_CLIP)))
+    lam = float(prune.multiplier(dual))
+    np.testing.assert_allclose(
+        lam, np.exp(integral + prune.DUAL_GAIN * ema), rtol=1e-5)
+    if excess < 0:  # Falls at once, while the integral is still > 0.
+      assert lam < before and integral > 0
+
+
 def _apply(model, params, tokens, means=None, mask_value=None):
   variables = {'params': params}
   if means is not None:

@@ -125,6 +125,23 @@ def calibrated_loss(logits, correct, incorrect):
   return loss(p), jnp.mean(margin(p) > 0), jnp.exp(p[0]), p[1]
 
 
+def multiplier(dual):
+  """lam of the multiplier state `dual` (see `update_multiplier`)."""
+  return jnp.exp(dual['log_integral'] + DUAL_GAIN * dual['excess_ema'])
+
+
+def update_multiplier(dual, excess, dual_lr):
+  """One step of log lam's PI controller on excess = train loss - target:
+  the integral rises by dual_lr * excess and falls DUAL_FALL times as fast;
+  the proportional term follows an EMA of the excess clipped to DUAL_CLIP.
+  """
+  return {
+      'log_integral': dual['log_integral'] + dual_lr * jnp.where(
+          excess > 0, 1.0, DUAL_FALL) * excess,
+      'excess_ema': DUAL_DECAY * dual['excess_ema'] + (1 - DUAL_DECAY)
+                    * jnp.clip(excess, -DUAL_CLIP, DUAL_CLIP)}
+
+
 def trim(encoded):
   """Task arrays with tokens cut to the longest prompt, rounded up to 8.
 
@@ -232,10 +249,6 @@ class _Pruner:
     return tau, self.tx.init(tau), {'log_integral': jnp.zeros(()),
                                     'excess_ema': jnp.zeros(())}
 
-  @staticmethod
-  def multiplier(dual):
-    return jnp.exp(dual['log_integral'] + DUAL_GAIN * dual['excess_ema'])
-
   def _train_segment(self, params, tau, opt_state, dual, first_step, key,
                      buckets, *, length):
     """`length` steps of the scores from step `first_step`. Each step draws
@@ -283,15 +296,10 @@ class _Pruner:
       which = jax.random.choice(bucket_key, len(buckets), p=sizes / sizes.sum())
       grad, task = jax.lax.switch(
           which, [lambda *a, b=b: bucket_grad(b, *a) for b in buckets],
-          tau, self.multiplier(dual), pick_key)
+          tau, multiplier(dual), pick_key)
       updates, opt_state = self.tx.update(grad, opt_state, tau)
       tau = jnp.clip(optax.apply_updates(tau, updates), -1, 1)
-      excess = task - s.target_loss
-      dual = {
-          'log_integral': dual['log_integral'] + s.dual_lr * jnp.where(
-              excess > 0, 1.0, DUAL_FALL) * excess,
-          'excess_ema': DUAL_DECAY * dual['excess_ema'] + (1 - DUAL_DECAY)
-                        * jnp.clip(excess, -DUAL_CLIP, DUAL_CLIP)}
+      dual = update_multiplier(dual, task - s.target_loss, s.dual_lr)
       return (tau, opt_state, dual), task
 
     (tau, opt_state, dual), task = jax.lax.scan(
@@ -313,7 +321,7 @@ class _Pruner:
         recorded[done] = np.asarray(tau)
         logging.info('prune step %d: train task loss %.4f, multiplier %.3g, '
                      '%d nodes kept.', done, float(task),
-                     float(self.multiplier(dual)),
+                     float(multiplier(dual)),
                      int((recorded[done] > 0).sum()))
     return recorded
 
