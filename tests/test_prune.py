@@ -246,21 +246,26 @@ def test_multiplier_is_pi_on_the_clipped_excess():
   """Step response against the controller written out by hand: the
   integral rises at dual_lr and falls DUAL_FALL times as fast; the
   proportional term follows an EMA of the excess clipped to DUAL_CLIP, so
-  it reacts at once to a sign flip that the integral only slowly undoes."""
+  it reacts at once to a sign flip that the integral only slowly undoes;
+  dual_lr 0 holds lam at 1."""
   excesses = [0.1] * 30 + [5.0] + [-0.1] * 5
   dual = {'log_integral': jnp.zeros(()), 'excess_ema': jnp.zeros(())}
   integral = ema = 0.0
   for excess in excesses:
-    before = float(prune.multiplier(dual))
+    before = float(prune.multiplier(dual, 0.05))
     dual = prune.update_multiplier(dual, jnp.float32(excess), 0.05)
     integral += 0.05 * excess * (1.0 if excess > 0 else prune.DUAL_FALL)
     ema = (prune.DUAL_DECAY * ema + (1 - prune.DUAL_DECAY)
            * float(np.clip(excess, -prune.DUAL_CLIP, prune.DUAL_CLIP)))
-    lam = float(prune.multiplier(dual))
+    lam = float(prune.multiplier(dual, 0.05))
     np.testing.assert_allclose(
-        lam, np.exp(integral + prune.DUAL_GAIN * ema), rtol=1e-5)
+        lam, np.exp(integral + prune.DUAL_GAIN * 0.05 * ema), rtol=1e-5)
     if excess < 0:  # Falls at once, while the integral is still > 0.
       assert lam < before and integral > 0
+  fixed = {'log_integral': jnp.zeros(()), 'excess_ema': jnp.zeros(())}
+  for excess in excesses:  # dual_lr 0: the paper's fixed objective.
+    fixed = prune.update_multiplier(fixed, jnp.float32(excess), 0.0)
+    assert float(prune.multiplier(fixed, 0.0)) == 1.0
 
 
 def _apply(model, params, tokens, means=None, mask_value=None):

@@ -44,9 +44,9 @@ CALIBRATION_STEPS = 16
 NUM_BUCKETS = 4            # Prompt-length buckets of each split.
 ESTIMATE_PROMPTS = 256     # Train prompts of the tie-breaking gradient.
 DUAL_FALL = 0.2            # The multiplier's integral falls this times its rate.
-DUAL_GAIN = 10.0           # Proportional gain on the smoothed excess loss,
-DUAL_DECAY = 0.9           # its EMA's decay,
-DUAL_CLIP = 0.2            # and the clip of each step's excess in it.
+DUAL_GAIN = 200.0          # Proportional gain / dual_lr on the smoothed
+DUAL_DECAY = 0.9           # excess loss, its EMA's decay, and the clip of
+DUAL_CLIP = 0.2            # each step's excess in it.
 SNAPSHOT_EVERY = 100       # Steps between the masks a circuit is chosen from.
 MAX_ABLATED_NODES = 64     # Circuit nodes whose own ablation is measured.
 # Of the algorithm, saved in circuit.json: bumped by a change that gives
@@ -125,9 +125,13 @@ def calibrated_loss(logits, correct, incorrect):
   return loss(p), jnp.mean(margin(p) > 0), jnp.exp(p[0]), p[1]
 
 
-def multiplier(dual):
-  """lam of the multiplier state `dual` (see `update_multiplier`)."""
-  return jnp.exp(dual['log_integral'] + DUAL_GAIN * dual['excess_ema'])
+def multiplier(dual, dual_lr):
+  """lam of the multiplier state `dual` (see `update_multiplier`). The
+  proportional gain is DUAL_GAIN * dual_lr, so dual_lr 0 keeps lam at 1 (the
+  paper's fixed objective) and a faster integral gets as much more damping.
+  """
+  return jnp.exp(dual['log_integral']
+                 + DUAL_GAIN * dual_lr * dual['excess_ema'])
 
 
 def update_multiplier(dual, excess, dual_lr):
@@ -262,13 +266,13 @@ class _Pruner:
     - the integral moves by dual_lr * excess a step, falling DUAL_FALL
       times as fast as it rises. One that fell as fast wound up below its
       balance and pruned a sparse for_while mask to 54 nodes at chance.
-    - the proportional term, DUAL_GAIN * an EMA of the clipped excess,
-      damps the loop. The mask follows lam with a delay of ~100 steps (a
+    - the proportional term, DUAL_GAIN * dual_lr (10) * an EMA of the
+      clipped excess, damps the loop. The mask follows lam with a delay of ~100 steps (a
       score moves at most lr a step across [-1, 1]), so the integral alone
       overshot both ways: sparse for_while swung 76 -> 45 (chance) -> 156
       -> 71 nodes with a period of ~2000 steps, and its 2000- and 3000-step
-      circuits differed by 64%. With the term it held 83-87 nodes from
-      step 1800 to 3000.
+      circuits differed by 64%. With the term it held 76-84 nodes from
+      step 800 to 3000.
     With a fixed weight instead, the mask settles wherever k_coef puts it
     (train loss 0.05 with 335 nodes where ~100 suffice), and a task each
     node carries only thinly (a dense model) is traded away above the
@@ -296,7 +300,7 @@ class _Pruner:
       which = jax.random.choice(bucket_key, len(buckets), p=sizes / sizes.sum())
       grad, task = jax.lax.switch(
           which, [lambda *a, b=b: bucket_grad(b, *a) for b in buckets],
-          tau, multiplier(dual), pick_key)
+          tau, multiplier(dual, s.dual_lr), pick_key)
       updates, opt_state = self.tx.update(grad, opt_state, tau)
       tau = jnp.clip(optax.apply_updates(tau, updates), -1, 1)
       dual = update_multiplier(dual, task - s.target_loss, s.dual_lr)
@@ -321,7 +325,7 @@ class _Pruner:
         recorded[done] = np.asarray(tau)
         logging.info('prune step %d: train task loss %.4f, multiplier %.3g, '
                      '%d nodes kept.', done, float(task),
-                     float(multiplier(dual)),
+                     float(multiplier(dual, self.settings.dual_lr)),
                      int((recorded[done] > 0).sum()))
     return recorded
 

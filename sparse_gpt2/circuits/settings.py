@@ -36,9 +36,10 @@ class Settings:
       'help': 'Penalty per kept node, added to the task loss (the paper: '
               '1e-4).'})
   dual_lr: float = dataclasses.field(default=0.05, metadata={
-      'help': 'Rate of the multiplier on the task loss, which rises while '
-              'the train loss is above target_loss and falls while it is '
-              'below (0: the paper\'s fixed objective).'})
+      'help': 'Rate of the integral of the multiplier on the task loss, '
+              'which rises while the train loss is above target_loss and '
+              'falls while it is below; its proportional gain is 200x this '
+              '(0: the paper\'s fixed objective).'})
   batch_pairs: int = dataclasses.field(default=16, metadata={
       'help': 'Contrastive pairs per step (two prompts each).'})
   init_bias: float = dataclasses.field(default=0.1, metadata={
