@@ -29,6 +29,9 @@ def base():
   config.peak_flops = 0.0          # FLOP/s of all devices for MFU; 0 = the
                                    # datasheet peak (CPU: a timed matmul).
   config.init_from_hf = ''         # A Hugging Face GPT-2 dir to start from.
+  config.num_cpu_devices = 0       # Devices the host CPU is split into
+                                   # (`jax_num_cpu_devices`; 0: jax's, one).
+                                   # Only runs on the CPU backend use them.
 
   config.data = ml_collections.ConfigDict()
   config.data.source = 'stdlib'    # 'stdlib', a directory of code, 'tfds:NAME'.
@@ -125,6 +128,11 @@ def small_run(config):
   m = config.model
   m.num_layers, m.d_model, m.num_heads, m.d_mlp = 4, 128, 8, 512
   m.max_len = config.seq_len
+  # Two CPU devices, each running half the batch: one device left the two
+  # cores idle for about half of a step (a profile: 485 of 1,056 thread-ms
+  # busy), and two took a sparse_small step from 512 to 413 ms (1.24x),
+  # dense_small's from 458 to 391 ms (1.17x).
+  config.num_cpu_devices = 2
   return config
 
 

@@ -258,6 +258,7 @@ def _train_loop(config, workdir, model, tx, state, state_sharding,
 
   tokens_per_step = config.batch_size * config.seq_len
   flops = metrics.flops_per_token(config.model, config.seq_len)
+  jax.block_until_ready(state)  # The peak is timed on idle devices.
   peak = config.peak_flops or metrics.peak_flops(config.model.dtype)
   start_step = int(state.step)
   writer = metrics.Writer(workdir, start_step)

@@ -34,7 +34,7 @@ CORRUPT = 'corrupt_checkpoints'
 # without changing steps already planned.
 RESUMABLE_FIELDS = ('train_steps', 'log_every', 'eval_every', 'eval_batches',
                     'checkpoint_every', 'keep_checkpoints', 'keep_every',
-                    'peak_flops', 'mesh', 'microbatches')
+                    'peak_flops', 'mesh', 'microbatches', 'num_cpu_devices')
 
 
 def path(workdir):
