@@ -7,7 +7,9 @@ elsewhere) can be timed in turns on the same machine in one run.
 imports `sparse_gpt2` from CODE_DIR, compiles the step, prints `ready`, then
 answers every stdin line `N` with a JSON list of N step times in seconds.
 Uses only what every version of the project has: `train.make_model`,
-`optim.make`, `train.init_state`, `train.train_step`.
+`optim.make`, `train.init_state`, `train.train_step`; a config that asks for
+several CPU devices (`num_cpu_devices`, newer versions) gets them and its
+step runs data-parallel over them, as `main` runs it.
 """
 
 import functools
@@ -16,6 +18,7 @@ import json
 import sys
 import time
 
+import flax.linen as nn
 import jax
 
 
@@ -34,6 +37,25 @@ def make_step(config, train, optim):
   return step, state, tokens
 
 
+def make_data_parallel_step(config, train, optim, sharding):
+  """`make_step` laid out on all devices as `main` lays a run out (batch
+  rows split, the state as the mesh rules place it)."""
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
+    model = train.make_model(config)
+    tx = optim.make(config, config.train_steps)
+    _, state_sharding, batch_sharding = train.layout(config, model, tx, mesh)
+    state = jax.jit(functools.partial(train.init_state, config, model, tx),
+                    out_shardings=state_sharding)(jax.random.key(0), None)
+    step = train.jit_train_step(config, model, tx, state_sharding,
+                                batch_sharding)
+  tokens = jax.device_put(
+      jax.random.randint(jax.random.key(1),
+                         (config.batch_size, config.seq_len + 1), 0,
+                         config.model.vocab_size), batch_sharding)
+  return step, state, tokens
+
+
 def main(code_dir, config_file):
   sys.path.insert(0, code_dir)
   from sparse_gpt2 import optim  # pylint: disable=g-import-not-at-top
@@ -41,7 +63,14 @@ def main(code_dir, config_file):
   spec = importlib.util.spec_from_file_location('config', config_file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  step, state, tokens = make_step(module.get_config(), train, optim)
+  config = module.get_config()
+  if config.get('num_cpu_devices', 0) > 1:
+    from sparse_gpt2 import sharding  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_num_cpu_devices', config.num_cpu_devices)
+    step, state, tokens = make_data_parallel_step(config, train, optim,
+                                                  sharding)
+  else:
+    step, state, tokens = make_step(config, train, optim)
   state, out = step(state, tokens)
   jax.block_until_ready(out)
   print('ready', flush=True)

@@ -8,8 +8,8 @@ half of training, on the Python standard library.
   python -m sparse_gpt2.main --config=configs/sparse_small.py
 
 Its dense twin is configs/dense_small.py (same architecture, same tokens).
-Expected on a 2-core CPU: 13.5 min (0.79 s/step), validation loss 4.07
-nats/token (the corpus' unigram entropy is 6.46).
+Expected on a 2-core CPU, split into two devices: 9.8 min (0.57 s/step),
+validation loss 4.06 nats/token (the corpus' unigram entropy is 6.46).
 """
 
 from sparse_gpt2 import defaults

@@ -189,6 +189,28 @@ def global_batch(tokens, step, seed, config, batch_sharding):
       lambda i: local[position[np.arange(shape[0])[i[0]]]][:, i[1]])
 
 
+def layout(config, model, tx, mesh, init_params=None):
+  """(abstract state, its sharding, the batch's sharding) on `mesh`; call
+  under the mesh and config.mesh's logical axis rules."""
+  rng = jax.random.key(config.seed)
+  abstract_state = jax.eval_shape(
+      functools.partial(init_state, config, model, tx), rng, init_params)
+  boxed = jax.eval_shape(model.init, rng,
+                         jnp.zeros((1, config.seq_len), jnp.int32))
+  return (abstract_state,
+          sharding.state_shardings(boxed, abstract_state, tx, mesh),
+          sharding.batch_sharding(mesh))
+
+
+def jit_train_step(config, model, tx, state_sharding, batch_sharding):
+  """`train_step` jitted for these shardings, the state donated."""
+  return jax.jit(
+      functools.partial(train_step, model=model, tx=tx, config=config,
+                        mask_shardings=state_sharding.masks),
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, None), donate_argnums=0)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains (or resumes) the run in `workdir`; returns the final state.
 
@@ -217,12 +239,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   rng = jax.random.key(config.seed)
   init = functools.partial(init_state, config, model, tx)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
-    abstract_state = jax.eval_shape(init, rng, init_params)
-    boxed = jax.eval_shape(model.init, rng,
-                           jnp.zeros((1, config.seq_len), jnp.int32))
-    state_sharding = sharding.state_shardings(boxed, abstract_state, tx,
-                                              mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
+    abstract_state, state_sharding, batch_sharding = layout(
+        config, model, tx, mesh, init_params)
 
     mngr = checkpoint.manager(workdir, config.keep_checkpoints,
                               config.keep_every)
@@ -247,11 +265,7 @@ def _train_loop(config, workdir, model, tx, state, state_sharding,
   a preemption notice, after saving (raises Preempted)."""
   run_start = time.perf_counter()
 
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, config=config,
-                        mask_shardings=state_sharding.masks),
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, None), donate_argnums=0)
+  step_fn = jit_train_step(config, model, tx, state_sharding, batch_sharding)
   eval_step = jax.jit(lambda params, tokens: _loss(model, params, tokens))
   lr_fn = jax.jit(optim.learning_rate(config, config.schedule_steps))
   stats_fn = jax.jit(sparsity.stats)

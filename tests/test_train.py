@@ -310,7 +310,8 @@ def test_command_line_errors_are_one_line_and_non_zero(tiny_config, tmp_path):
 
 def test_sharded_training_on_8_devices_matches_one_device(tiny_config,
                                                          tmp_path):
-  """data 4 x model 2 on fake CPU devices: same losses as one device."""
+  """data 4 x model 2 on CPU devices that `num_cpu_devices` makes (a mesh
+  that did not get them would not fit): same losses as one device."""
   config = tiny_config('none', train_steps=10, log_every=1)
   flags = ('--config=configs/tiny.py:none', '--config.train_steps=10',
            '--config.log_every=1', f'--config.data.source={config.data.source}',
@@ -318,11 +319,10 @@ def test_sharded_training_on_8_devices_matches_one_device(tiny_config,
   runs = {}
   for name, devices, model in (('one', 1, 1), ('mesh', 8, 2)):
     workdir = str(tmp_path / name)
-    env = {**os.environ, 'XLA_FLAGS':
-           f'--xla_force_host_platform_device_count={devices}'}
     result = subprocess.run(
         [sys.executable, '-m', 'sparse_gpt2.main', f'--workdir={workdir}',
-         *flags, f'--config.mesh.model={model}'], cwd=ROOT, env=env,
+         *flags, f'--config.mesh.model={model}',
+         f'--config.num_cpu_devices={devices}'], cwd=ROOT,
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     runs[name] = [m['loss'] for m in _metrics(workdir)]
