@@ -4,11 +4,12 @@ r"""Where a train step's time goes, for the README's speed section.
 
 `gpt2` is this project's dense step on the peers' plain GPT-2 shape and
 `torch` the Hugging Face peer on it (`peers.py`); the others are the twins'
-configs, on one CPU device (no `num_cpu_devices`). A JAX step is traced with `jax.profiler` and its XLA ops summed over
-the CPU worker threads (by op kind: `ynn_fusion` is a matmul in XLA's
-YNNPACK library, `*_fusion` the loop fusions that XLA named after their first
-ops), with each thread's busy time per step: on a CPU, a thread that is busy
-for less than the step's wall time waited. The torch step goes through
+configs, on one CPU device (no `num_cpu_devices`). A JAX step is traced
+with `jax.profiler` and its XLA ops summed over the CPU worker threads (by
+op kind: `ynn_fusion` is a matmul in XLA's YNNPACK library, `*_fusion` the
+loop fusions that XLA named after their first ops), with each thread's busy
+time per step: on a CPU, a thread that is busy for less than the step's
+wall time waited. The torch step goes through
 `torch.profiler`, by ATen op.
 """
 
@@ -85,7 +86,7 @@ def profile_jax(config, steps):
   for name, ms in by_op.items():
     by_kind[name.rstrip('0123456789').rstrip('.')] += ms
   total = sum(by_kind.values())
-  print(f'\n| op kind | ms per step | share |\n|---|---:|---:|')
+  print('\n| op kind | ms per step | share |\n|---|---:|---:|')
   for kind, ms in by_kind.most_common(15):
     print(f'| {kind} | {ms:.1f} | {100 * ms / total:.1f}% |')
 

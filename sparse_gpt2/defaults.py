@@ -129,9 +129,9 @@ def small_run(config):
   m.num_layers, m.d_model, m.num_heads, m.d_mlp = 4, 128, 8, 512
   m.max_len = config.seq_len
   # Two CPU devices, each running half the batch: one device left the two
-  # cores idle for about half of a step (a profile: 485 of 1,056 thread-ms
-  # busy), and two took a sparse_small step from 512 to 413 ms (1.24x),
-  # dense_small's from 458 to 391 ms (1.17x).
+  # cores idle for over half of a step (benchmarks/step_profile.py: 596 of
+  # 1,374 thread-ms busy), and two make a step 1.25x (sparse_small) and
+  # 1.26x (dense_small) faster (benchmarks/run.py, twins).
   config.num_cpu_devices = 2
   return config
 

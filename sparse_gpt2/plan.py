@@ -15,7 +15,6 @@ too large for a TPU fails to compile with the sizes in the error, which is
 reported as "does not fit".
 """
 
-import functools
 import os
 import re
 import sys
@@ -93,23 +92,15 @@ def compile_step(config, target_devices):
                      f'{parallel} ways the mesh splits a batch')
   model = train.make_model(config)
   tx = optim.make(config, config.get('schedule_steps') or config.train_steps)
-  init = functools.partial(train.init_state, config, model, tx)
-  rng = jax.random.key(config.seed)
   rules = sharding.rules(config.mesh)
   with nn.logical_axis_rules(rules):
     # Outside the mesh: eager ops (optax's placeholders) cannot run on
     # abstract devices.
-    abstract = jax.eval_shape(init, rng, None)
-    boxed = jax.eval_shape(model.init, rng, jax.ShapeDtypeStruct(
-        (1, config.seq_len), jnp.int32))
-    state_sharding = sharding.state_shardings(boxed, abstract, tx, mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
+    abstract, state_sharding, batch_sharding = train.layout(config, model,
+                                                            tx, mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jax.jit(
-        functools.partial(train.train_step, model=model, tx=tx, config=config,
-                          mask_shardings=state_sharding.masks),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, None), donate_argnums=0)
+    step = train.jit_train_step(config, model, tx, state_sharding,
+                                batch_sharding)
     state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract, state_sharding)

@@ -191,7 +191,8 @@ def global_batch(tokens, step, seed, config, batch_sharding):
 
 def layout(config, model, tx, mesh, init_params=None):
   """(abstract state, its sharding, the batch's sharding) on `mesh`; call
-  under the mesh and config.mesh's logical axis rules."""
+  under config.mesh's logical axis rules (and the mesh, unless its devices
+  are abstract: `plan`)."""
   rng = jax.random.key(config.seed)
   abstract_state = jax.eval_shape(
       functools.partial(init_state, config, model, tx), rng, init_params)

@@ -43,7 +43,7 @@ from sparse_gpt2.circuits import tasks
 CALIBRATION_STEPS = 16
 NUM_BUCKETS = 4            # Prompt-length buckets of each split.
 ESTIMATE_PROMPTS = 256     # Train prompts of the tie-breaking gradient.
-DUAL_FALL = 0.2            # The multiplier's integral falls this times its rate.
+DUAL_FALL = 0.2            # The integral falls this times its rate.
 DUAL_GAIN = 200.0          # Proportional gain / dual_lr on the smoothed
 DUAL_DECAY = 0.9           # excess loss, its EMA's decay, and the clip of
 DUAL_CLIP = 0.2            # each step's excess in it.
@@ -267,12 +267,12 @@ class _Pruner:
       times as fast as it rises. One that fell as fast wound up below its
       balance and pruned a sparse for_while mask to 54 nodes at chance.
     - the proportional term, DUAL_GAIN * dual_lr (10) * an EMA of the
-      clipped excess, damps the loop. The mask follows lam with a delay of ~100 steps (a
-      score moves at most lr a step across [-1, 1]), so the integral alone
-      overshot both ways: sparse for_while swung 76 -> 45 (chance) -> 156
-      -> 71 nodes with a period of ~2000 steps, and its 2000- and 3000-step
-      circuits differed by 64%. With the term it held 76-84 nodes from
-      step 800 to 3000.
+      clipped excess, damps the loop. The mask follows lam with a delay of
+      ~100 steps (a score moves at most lr a step across [-1, 1]), so the
+      integral alone overshot both ways: sparse for_while swung 76 -> 45
+      (chance) -> 156 -> 71 nodes with a period of ~2000 steps, and its
+      2000- and 3000-step circuits differed by 64%. With the term it held
+      76-84 nodes from step 800 to 3000.
     With a fixed weight instead, the mask settles wherever k_coef puts it
     (train loss 0.05 with 335 nodes where ~100 suffice), and a task each
     node carries only thinly (a dense model) is traded away above the
@@ -378,11 +378,11 @@ class _Pruner:
 
     The smallest of the masks (tau > 0) recorded in the run's second half,
     every SNAPSHOT_EVERY steps and at `steps`, that reaches target_loss on
-    select; the latest of equal ones. The multiplier swings the mask
-    around its balance, at times widely (sparse for_while: 76, 126 and 75
-    nodes at 1000, 2000 and 3000 steps, 45 and 156 between), so any one
-    step's mask is a draw from that swing; select, the split held out to
-    choose the circuit, picks among them. Which masks are candidates
+    select; the latest of equal ones. Held at the target on train, the
+    mask still moves by a few nodes between snapshots, and masks of nearly
+    one size land on either side of the target on select (sparse
+    for_while: 76-80 nodes read 0.07-0.34), so select, the split held out
+    to choose the circuit, picks among them. Which masks are candidates
     depends on `steps` alone, so the circuit after N steps of a longer run
     is that of an N-step run.
 
