@@ -138,6 +138,39 @@ def test_prune_recovers_planted_circuit():
              for c in circuit['convergence'])
 
 
+def test_scores_compile_once_and_split_batches_over_devices():
+  """A pruning's segments share one compiled program (a second compile cost
+  ~10 s a pruning), and on two CPU devices, each running half of every
+  batch, pruning finds the same circuit with the same losses."""
+  model = _tiny_model()
+  params = _planted_params(model)
+  means = _means(model, params)
+  pruner = prune._Pruner(model, params, means,
+                         prune.split(_task(256, 0), SETTINGS), SETTINGS)
+  pruner.train_scores(jax.random.key(0), (10, 20, 30))
+  assert pruner._segment._cache_size() == 1
+  one = prune.prune(model, params, means, _task(256, 0), SETTINGS)
+  code = (
+      'import json, sys; import jax\n'
+      "jax.config.update('jax_num_cpu_devices', 2)\n"
+      "sys.path.insert(0, 'tests'); import test_prune as t\n"
+      'from sparse_gpt2.circuits import prune\n'
+      'model = t._tiny_model(); params = t._planted_params(model)\n'
+      'c = prune.prune(model, params, t._means(model, params), '
+      't._task(256, 0), t.SETTINGS)\n'
+      "print(json.dumps([len(jax.devices()), c['nodes'], c['losses']]))\n")
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 0, result.stderr[-2000:]
+  devices, nodes, losses = json.loads(result.stdout.splitlines()[-1])
+  assert devices == 2
+  assert [(n['location'], n['index']) for n in nodes] == [
+      (n['location'], n['index']) for n in one['nodes']]
+  for key, value in one['losses'].items():
+    assert losses[key] == pytest.approx(value, abs=1e-5)
+
+
 def test_split_is_disjoint_by_pair():
   task = _task(200, 0)
   parts = prune.split(task, SETTINGS)

@@ -217,7 +217,17 @@ class _Pruner:
   node means and the task's splits."""
 
   def __init__(self, model, params, means, splits, settings):
-    self.model, self.params, self.means = model, params, means
+    # Every batch's rows are split over the devices (the circuits CLIs cut
+    # the CPU into --num_cpu_devices), the rest is replicated: on one CPU
+    # device a 2-core machine sat idle for much of a step. Uneven splits
+    # are padded by XLA, so any batch fits.
+    mesh = jax.sharding.Mesh(jax.devices(), ('data',))
+    self.rows = jax.sharding.NamedSharding(mesh,
+                                           jax.sharding.PartitionSpec('data'))
+    self.replicated = jax.sharding.NamedSharding(mesh,
+                                                 jax.sharding.PartitionSpec())
+    self.model = model
+    self.params, self.means = jax.device_put((params, means), self.replicated)
     self.settings = settings
     flat, self.unravel = ravel_pytree(means)
     self.num_nodes = flat.size
@@ -250,8 +260,11 @@ class _Pruner:
     s = self.settings
     tau = s.init_bias + s.init_noise * jax.random.normal(key,
                                                          (self.num_nodes,))
-    return tau, self.tx.init(tau), {'log_integral': jnp.zeros(()),
-                                    'excess_ema': jnp.zeros(())}
+    # Placed as the segments return them, or the second segment compiles
+    # again (a jit is specialised on where its arguments live).
+    return jax.device_put((tau, self.tx.init(tau),
+                           {'log_integral': jnp.zeros(()),
+                            'excess_ema': jnp.zeros(())}), self.replicated)
 
   def _train_segment(self, params, tau, opt_state, dual, first_step, key,
                      buckets, *, length):
@@ -291,7 +304,8 @@ class _Pruner:
       picked = jax.random.randint(key, (s.batch_pairs,), 0,
                                   bucket['pairs'].shape[0])
       rows = bucket['pairs'][picked].reshape(-1)
-      batch = {k: v[rows] for k, v in bucket.items() if k != 'pairs'}
+      batch = jax.lax.with_sharding_constraint(
+          {k: v[rows] for k, v in bucket.items() if k != 'pairs'}, self.rows)
       return jax.grad(loss_fn, has_aux=True)(tau, lam, batch)
 
     def step(carry, i):
@@ -331,7 +345,7 @@ class _Pruner:
 
   def _bucket_logits(self, params, mask, bucket):
     return _last_logits(self.model, params, self.means, self.unravel(mask),
-                        bucket)
+                        jax.lax.with_sharding_constraint(bucket, self.rows))
 
   def _losses(self, logits, correct, incorrect):
     raw, raw_acc = tasks.task_loss(logits, correct, incorrect)

@@ -9,6 +9,7 @@ circuit found another way.
 import dataclasses
 
 from absl import flags
+import jax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +77,21 @@ class Settings:
 
 
 def define_flags():
-  """One absl flag per field, named and defaulted as the field."""
+  """One absl flag per field, named and defaulted as the field; and
+  --num_cpu_devices, which says where a circuit is found, not how, so it is
+  no setting."""
   define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}
   for field in dataclasses.fields(Settings):
     define[field.type](field.name, field.default, field.metadata['help'])
+  flags.DEFINE_integer(
+      'num_cpu_devices', 2, 'CPU devices the host is split into, each '
+      'running a share of every pruning batch (jax_num_cpu_devices; no '
+      'effect on an accelerator).', lower_bound=1)
+
+
+def split_cpu():
+  """Splits the CPU into --num_cpu_devices; call before jax starts."""
+  jax.config.update('jax_num_cpu_devices', flags.FLAGS.num_cpu_devices)
 
 
 def from_flags():
