@@ -266,6 +266,8 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
     return circuit
 
   monkeypatch.setattr(runs_lib, 'find_circuit', find_circuit)
+  # The CPU is split before jax starts, which in this process it has.
+  monkeypatch.setattr(settings_lib, 'start_jax', lambda: None)
   runs = {'sparse': tmp_path / 'sparse', 'dense': tmp_path / 'dense'}
   _fake_run(runs['sparse'], {50: 4.0, 100: 3.6, 200: 3.2}, 'topk')
   _fake_run(runs['dense'], {50: 3.5, 100: 3.21, 150: 3.0}, 'none')

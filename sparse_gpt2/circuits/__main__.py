@@ -108,7 +108,7 @@ def main(argv):
   if _LIST_TASKS.value:
     print('\n'.join(tasks.TASKS))
     return
-  settings_lib.split_cpu()
+  settings_lib.start_jax()
   metrics.quiet_library_logs()
   try:
     settings = settings_lib.from_flags()

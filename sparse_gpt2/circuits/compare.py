@@ -344,7 +344,7 @@ def _write(out, name, markdown, data):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  settings_lib.split_cpu()
+  settings_lib.start_jax()
   metrics.quiet_library_logs()
   runs_ = {'sparse': _SPARSE.value, 'dense': _DENSE.value}
   task_names = list(tasks_lib.TASKS) if _TASKS.value is None else _TASKS.value

@@ -227,7 +227,11 @@ class _Pruner:
     self.replicated = jax.sharding.NamedSharding(mesh,
                                                  jax.sharding.PartitionSpec())
     self.model = model
-    self.params, self.means = jax.device_put((params, means), self.replicated)
+    # Arguments of every jitted piece, not constants in it: the program is
+    # then the same for every checkpoint of one architecture, so a task's
+    # pruning compiles once for both twins and for a curve's every point
+    # (the circuits CLIs keep compiled programs on disk, `settings.start`).
+    self.weights = jax.device_put((params, means), self.replicated)
     self.settings = settings
     flat, self.unravel = ravel_pytree(means)
     self.num_nodes = flat.size
@@ -250,9 +254,8 @@ class _Pruner:
     self._importance = jax.jit(jax.grad(self._task_loss, argnums=1))
     self._select_loss = {}  # Mask bytes -> calibrated loss on select.
 
-  def _task_loss(self, params, mask, batch):
-    logits = _last_logits(self.model, params, self.means, self.unravel(mask),
-                          batch)
+  def _task_loss(self, weights, mask, batch):
+    logits = _last_logits(self.model, *weights, self.unravel(mask), batch)
     return tasks.task_loss(logits, batch['correct'], batch['incorrect'])[0]
 
   def init_scores(self, key):
@@ -266,7 +269,7 @@ class _Pruner:
                            {'log_integral': jnp.zeros(()),
                             'excess_ema': jnp.zeros(())}), self.replicated)
 
-  def _train_segment(self, params, tau, opt_state, dual, first_step, key,
+  def _train_segment(self, weights, tau, opt_state, dual, first_step, key,
                      buckets, *, length):
     """`length` steps of the scores from step `first_step`. Each step draws
     a length bucket (in proportion to its pairs) and batch_pairs pairs from
@@ -297,7 +300,7 @@ class _Pruner:
 
     def loss_fn(tau, lam, batch):
       mask = hard_mask(tau, s.temperature)
-      task = self._task_loss(params, mask, batch)
+      task = self._task_loss(weights, mask, batch)
       return lam * task + s.k_coef * mask.sum(), task
 
     def bucket_grad(bucket, tau, lam, key):
@@ -332,7 +335,7 @@ class _Pruner:
     recorded, done = {}, 0
     while done < max(record_at):
       tau, opt_state, dual, task = self._segment(
-          self.params, tau, opt_state, dual, done, key,
+          self.weights, tau, opt_state, dual, done, key,
           self.train_buckets, length=length)
       done += length
       if done in record_at:
@@ -343,8 +346,8 @@ class _Pruner:
                      int((recorded[done] > 0).sum()))
     return recorded
 
-  def _bucket_logits(self, params, mask, bucket):
-    return _last_logits(self.model, params, self.means, self.unravel(mask),
+  def _bucket_logits(self, weights, mask, bucket):
+    return _last_logits(self.model, *weights, self.unravel(mask),
                         jax.lax.with_sharding_constraint(bucket, self.rows))
 
   def _losses(self, logits, correct, incorrect):
@@ -356,7 +359,7 @@ class _Pruner:
     with the nodes outside `mask` [num_nodes] bool ablated, on a split."""
     mask = jnp.asarray(mask, jnp.float32)
     buckets = self.eval_buckets[split_name]
-    logits = jnp.concatenate([self._logits(self.params, mask, b)
+    logits = jnp.concatenate([self._logits(self.weights, mask, b)
                               for b in buckets])
     values = jax.device_get(self._evaluate(
         logits, *(np.concatenate([b[k] for b in buckets])
@@ -371,7 +374,7 @@ class _Pruner:
     batch = trim({k: v[:ESTIMATE_PROMPTS] for k, v in self.train.items()
                   if k != 'pair'})
     return -np.asarray(self._importance(
-        self.params, jnp.asarray(kept, jnp.float32), batch))
+        self.weights, jnp.asarray(kept, jnp.float32), batch))
 
   def select_loss(self, mask):
     """Calibrated loss on select of `mask` [num_nodes] bool, each mask

@@ -7,6 +7,7 @@ circuit found another way.
 """
 
 import dataclasses
+import os
 
 from absl import flags
 import jax
@@ -89,9 +90,16 @@ def define_flags():
       'effect on an accelerator).', lower_bound=1)
 
 
-def split_cpu():
-  """Splits the CPU into --num_cpu_devices; call before jax starts."""
+def start_jax():
+  """Before jax starts: the CPU split into --num_cpu_devices, and compiled
+  programs kept on disk (JAX_COMPILATION_CACHE_DIR, else
+  ~/.cache/sparse_gpt2/jax), so that a task's pruning program, which takes
+  the weights as arguments, compiles once for both twins, every point of a
+  curve and the next run."""
   jax.config.update('jax_num_cpu_devices', flags.FLAGS.num_cpu_devices)
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.expanduser('~/.cache/sparse_gpt2/jax'))
 
 
 def from_flags():
