@@ -17,6 +17,11 @@ Sections (each a table in run.md, all of them in run.json):
             the same configs at --baseline (an older commit, unpacked with
             `git archive` and run in its own process): old/new.
 
+This project's steps run as `main` runs the small configs: the CPU split
+into --num_cpu_devices (2), each taking half of every batch (one device left
+two cores idle for much of a step). The peak a step's MFU is measured
+against is one device's matmul, which uses every core.
+
 Timing protocol: every section times its contenders in turns (a round = a
 few steps of each), so that a busy moment hits them alike, and reports
 medians. MFU counts attention as MaxText does (`metrics.flops_per_token`) and
@@ -45,6 +50,7 @@ import twin_worker  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import defaults  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import metrics  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import optim  # pylint: disable=g-import-not-at-top
+from sparse_gpt2 import sharding  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import sparsity  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import train  # pylint: disable=g-import-not-at-top
 
@@ -52,6 +58,10 @@ _QUICK = flags.DEFINE_bool('quick', False, 'Tiny shapes, one round of two '
                            'steps: a smoke run of the whole suite (seconds).')
 _OUT = flags.DEFINE_string('out', os.path.join(ROOT, 'benchmarks', 'out'),
                            'Where run.json and run.md go.')
+_NUM_CPU_DEVICES = flags.DEFINE_integer(
+    'num_cpu_devices', 2, "CPU devices this project's steps split each batch "
+    "over, as `main` runs the small configs (`defaults.small_run`); the "
+    'plain Flax peer runs on one, as its user would.', lower_bound=1)
 _BASELINE = flags.DEFINE_string(
     'baseline', 'c25ae90', 'Commit whose step the twins section times against '
     "the checkout's ('' skips the section).")
@@ -80,12 +90,15 @@ def project_config(shape, arch, mode):
   m.d_mlp, m.max_len = 4 * shape.d_model, shape.seq_len
   config.sparsity.mode = mode
   config.sparsity.density = 1.0 if mode == 'none' else 0.1
+  config.num_cpu_devices = _NUM_CPU_DEVICES.value
   return config
 
 
 def project_step(config):
-  """(step() -> loss, the jitted step, [its state], its tokens)."""
-  jitted, state, tokens = twin_worker.make_step(config, train, optim)
+  """(step() -> loss, the jitted step, [its state], its tokens), laid out
+  on the CPU devices as `main` lays out a run."""
+  jitted, state, tokens = twin_worker.make_data_parallel_step(
+      config, train, optim, sharding)
   holder = [state]
 
   def step():
@@ -259,7 +272,9 @@ def twins_section(baseline, rounds, steps):
 
 def to_markdown(result):
   lines = [f"Measured {result['date']} on {result['machine']} "
-           f"(`python benchmarks/run.py`).", '']
+           f"(`python benchmarks/run.py`); this project's steps on "
+           f"{result['num_cpu_devices']} CPU device(s), each batch split "
+           'over them.', '']
   p = result['peers']
   lines += [f"**Peers** (plain GPT-2: {_shape(p['shape'])}, fp32, AdamW)", '',
             '| trainer | step (ms) | tokens/s | vs PyTorch | MFU |',
@@ -281,7 +296,7 @@ def to_markdown(result):
                    f"{100 * r['mfu']:.1f}% |")
     lines += ['', f"The top-k reprojection alone: {1e3 * m['topk_s']:.1f} ms, "
                   f"{100 * m['topk_share_of_step']:.1f}% of a topk step.", '',
-              'Memory of the compiled step, MiB:', '',
+              'Memory of the compiled step, MiB per device:', '',
               '| mode | arguments | outputs | temporaries | fp32 params |',
               '|---|---:|---:|---:|---:|']
     mem = m['memory']
@@ -322,6 +337,7 @@ def _shape(shape, width=True):
 
 def main(argv):
   del argv
+  jax.config.update('jax_num_cpu_devices', _NUM_CPU_DEVICES.value)
   rounds, steps, shape, widths = _settings()
   small = peers.Shape(2048, 128, 4, 8, 128, 32)  # sparse_small's shape.
   if _QUICK.value:
@@ -330,6 +346,7 @@ def main(argv):
       'date': time.strftime('%Y-%m-%d'),
       'machine': f'{platform.machine()}, {os.cpu_count()} cores, '
                  f'{jax.devices()[0].device_kind}',
+      'num_cpu_devices': _NUM_CPU_DEVICES.value,
       'quick': _QUICK.value,
       'peers': peers_section(shape, rounds, steps),
       'modes': [modes_section(small, 'paper', rounds, steps)] + (
