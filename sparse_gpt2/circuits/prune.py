@@ -230,7 +230,8 @@ class _Pruner:
     # Arguments of every jitted piece, not constants in it: the program is
     # then the same for every checkpoint of one architecture, so a task's
     # pruning compiles once for both twins and for a curve's every point
-    # (the circuits CLIs keep compiled programs on disk, `settings.start`).
+    # (the circuits CLIs keep compiled programs on disk,
+    # `settings.start_jax`).
     self.weights = jax.device_put((params, means), self.replicated)
     self.settings = settings
     flat, self.unravel = ravel_pytree(means)
