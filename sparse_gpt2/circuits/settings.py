@@ -79,8 +79,9 @@ class Settings:
 
 def define_flags():
   """One absl flag per field, named and defaulted as the field; and
-  --num_cpu_devices, which says where a circuit is found, not how, so it is
-  no setting."""
+  --num_cpu_devices, which says where a circuit is found, not by what
+  method, so it is no setting (its sums in another order can still move a
+  circuit by a few nodes)."""
   define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}
   for field in dataclasses.fields(Settings):
     define[field.type](field.name, field.default, field.metadata['help'])
