@@ -84,12 +84,7 @@ def devices(topology):
 def compile_step(config, target_devices):
   """(parameter count, devices, compiled step or the compiler's error)."""
   train.validate(config)
-  mesh = sharding.make_mesh(config.mesh, target_devices)
-  parallel = sharding.data_parallel(mesh, config.mesh)
-  if config.batch_size // config.microbatches % parallel:
-    raise ValueError(f'batch_size {config.batch_size} / microbatches '
-                     f'{config.microbatches} is not divisible by the '
-                     f'{parallel} ways the mesh splits a batch')
+  mesh = train.make_mesh(config, target_devices)
   model = train.make_model(config)
   tx = optim.make(config, config.get('schedule_steps') or config.train_steps)
   rules = sharding.rules(config.mesh)

@@ -189,6 +189,18 @@ def global_batch(tokens, step, seed, config, batch_sharding):
       lambda i: local[position[np.arange(shape[0])[i[0]]]][:, i[1]])
 
 
+def make_mesh(config, devices=None):
+  """config.mesh over `devices` (default: all), refused when a microbatch
+  does not split evenly over the ways the mesh splits a batch."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  parallel = sharding.data_parallel(mesh, config.mesh)
+  if config.batch_size // config.microbatches % parallel:
+    raise ValueError(f'batch_size {config.batch_size} / microbatches '
+                     f'{config.microbatches} is not divisible by the '
+                     f'{parallel} ways the mesh splits a batch')
+  return mesh
+
+
 def layout(config, model, tx, mesh, init_params=None):
   """(abstract state, its sharding, the batch's sharding) on `mesh`; call
   under config.mesh's logical axis rules (and the mesh, unless its devices
@@ -221,12 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """
   validate(config)
   config = workdir_lib.check(config, workdir)
-  mesh = sharding.make_mesh(config.mesh)
-  parallel = sharding.data_parallel(mesh, config.mesh)
-  if config.batch_size // config.microbatches % parallel:
-    raise ValueError(f'batch_size {config.batch_size} / microbatches '
-                     f'{config.microbatches} is not divisible by the '
-                     f'{parallel} ways the mesh splits a batch')
+  mesh = make_mesh(config)
   corpus = multihost.process_0_first(
       lambda: data.load(config.data, config.seq_len))
   if corpus.tokenizer.get_vocab_size() > config.model.vocab_size:
