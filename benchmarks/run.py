@@ -90,7 +90,6 @@ def project_config(shape, arch, mode):
   m.d_mlp, m.max_len = 4 * shape.d_model, shape.seq_len
   config.sparsity.mode = mode
   config.sparsity.density = 1.0 if mode == 'none' else 0.1
-  config.num_cpu_devices = _NUM_CPU_DEVICES.value
   return config
 
 
