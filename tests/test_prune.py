@@ -277,7 +277,7 @@ def test_hard_mask_is_exact_forward_with_surrogate_gradient():
 
 def test_multiplier_is_pi_on_the_clipped_excess():
   """Step response against the controller written out by hand: the
-  integral rises at dual_lr and falls DUAL_FALL times as fast; the
+  integral moves by dual_lr * excess, as fast down as up; the
   proportional term follows an EMA of the excess clipped to DUAL_CLIP, so
   it reacts at once to a sign flip that the integral only slowly undoes;
   dual_lr 0 holds lam at 1."""
@@ -287,7 +287,7 @@ def test_multiplier_is_pi_on_the_clipped_excess():
   for excess in excesses:
     before = float(prune.multiplier(dual, 0.05))
     dual = prune.update_multiplier(dual, jnp.float32(excess), 0.05)
-    integral += 0.05 * excess * (1.0 if excess > 0 else prune.DUAL_FALL)
+    integral += 0.05 * excess
     ema = (prune.DUAL_DECAY * ema + (1 - prune.DUAL_DECAY)
            * float(np.clip(excess, -prune.DUAL_CLIP, prune.DUAL_CLIP)))
     lam = float(prune.multiplier(dual, 0.05))

@@ -43,7 +43,6 @@ from sparse_gpt2.circuits import tasks
 CALIBRATION_STEPS = 16
 NUM_BUCKETS = 4            # Prompt-length buckets of each split.
 ESTIMATE_PROMPTS = 256     # Train prompts of the tie-breaking gradient.
-DUAL_FALL = 0.2            # The integral falls this times its rate.
 DUAL_GAIN = 200.0          # Proportional gain / dual_lr on the smoothed
 DUAL_DECAY = 0.9           # excess loss, its EMA's decay, and the clip of
 DUAL_CLIP = 0.2            # each step's excess in it.
@@ -51,8 +50,9 @@ SNAPSHOT_EVERY = 100       # Steps between the masks a circuit is chosen from.
 MAX_ABLATED_NODES = 64     # Circuit nodes whose own ablation is measured.
 # Of the algorithm, saved in circuit.json: bumped by a change that gives
 # other circuits for the same settings, so `compare` re-prunes saved ones.
-VERSION = 3                # 2: the smallest late mask (`circuit_of_run`);
-                           # 3: the multiplier's proportional term.
+VERSION = 4                # 2: the smallest late mask (`circuit_of_run`);
+                           # 3: the multiplier's proportional term;
+                           # 4: its integral falls as fast as it rises.
 
 
 def hard_mask(tau, temperature):
@@ -136,12 +136,11 @@ def multiplier(dual, dual_lr):
 
 def update_multiplier(dual, excess, dual_lr):
   """One step of log lam's PI controller on excess = train loss - target:
-  the integral rises by dual_lr * excess and falls DUAL_FALL times as fast;
-  the proportional term follows an EMA of the excess clipped to DUAL_CLIP.
+  the integral moves by dual_lr * excess; the proportional term follows an
+  EMA of the excess clipped to DUAL_CLIP.
   """
   return {
-      'log_integral': dual['log_integral'] + dual_lr * jnp.where(
-          excess > 0, 1.0, DUAL_FALL) * excess,
+      'log_integral': dual['log_integral'] + dual_lr * excess,
       'excess_ema': DUAL_DECAY * dual['excess_ema'] + (1 - DUAL_DECAY)
                     * jnp.clip(excess, -DUAL_CLIP, DUAL_CLIP)}
 
@@ -280,16 +279,23 @@ class _Pruner:
     (from 1, the paper's objective) that holds the train loss at the
     target, so the mask itself converges to the smallest set that reaches
     it. log lam is a PI controller on excess = task - target_loss:
-    - the integral moves by dual_lr * excess a step, falling DUAL_FALL
-      times as fast as it rises. One that fell as fast wound up below its
-      balance and pruned a sparse for_while mask to 54 nodes at chance.
+    - the integral moves by dual_lr * excess a step, as fast down as up,
+      so it balances with the mean train loss at the target.
     - the proportional term, DUAL_GAIN * dual_lr (10) * an EMA of the
       clipped excess, damps the loop. The mask follows lam with a delay of
       ~100 steps (a score moves at most lr a step across [-1, 1]), so the
       integral alone overshot both ways: sparse for_while swung 76 -> 45
       (chance) -> 156 -> 71 nodes with a period of ~2000 steps, and its
-      2000- and 3000-step circuits differed by 64%. With the term it held
-      76-84 nodes from step 800 to 3000.
+      2000- and 3000-step circuits differed by 64%.
+    Without the term, an integral falling as fast as it rose had wound up
+    below its balance (sparse for_while pruned to 54 nodes at chance), so
+    it fell at a fifth of the rate. With the term that asymmetry only held
+    the train loss under the target (0.36-0.46 for 0.5: it balances where
+    the batches above the target weigh five times those below) and left
+    the mask shrinking past 2000 steps (dense if_equals: 257, 249, 236
+    nodes at 1000, 2000, 3000). Symmetric, the train loss reaches the
+    target by step ~500 and the same mask holds 196-207 nodes from step
+    1100 to 3000.
     With a fixed weight instead, the mask settles wherever k_coef puts it
     (train loss 0.05 with 335 nodes where ~100 suffice), and a task each
     node carries only thinly (a dense model) is traded away above the
