@@ -47,6 +47,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # pylint: disable=g-import-not-at-top
 import twin_worker  # pylint: disable=g-import-not-at-top
+from sparse_gpt2 import cli  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import defaults  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import metrics  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import optim  # pylint: disable=g-import-not-at-top
@@ -336,6 +337,7 @@ def _shape(shape, width=True):
 
 def main(argv):
   del argv
+  cli.keep_freed_memory()  # As `main` runs; the peers get it alike.
   jax.config.update('jax_num_cpu_devices', _NUM_CPU_DEVICES.value)
   rounds, steps, shape, widths = _settings()
   small = peers.Shape(2048, 128, 4, 8, 128, 32)  # sparse_small's shape.

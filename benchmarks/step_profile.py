@@ -29,6 +29,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # pylint: disable=g-import-not-at-top
 import run  # pylint: disable=g-import-not-at-top
+from sparse_gpt2 import cli  # pylint: disable=g-import-not-at-top
 from configs import dense_small  # pylint: disable=g-import-not-at-top
 from configs import sparse_small  # pylint: disable=g-import-not-at-top
 
@@ -93,6 +94,7 @@ def profile_jax(config, steps):
 
 def main(argv):
   del argv
+  cli.keep_freed_memory()
   if _STEP.value == 'torch':
     profile_torch(_STEPS.value)
     return

@@ -13,6 +13,7 @@ step runs data-parallel over them, as `main` runs it.
 """
 
 import functools
+import importlib
 import importlib.util
 import json
 import sys
@@ -64,6 +65,10 @@ def main(code_dir, config_file):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
+  if importlib.util.find_spec('sparse_gpt2.cli'):  # Newer versions set up
+    cli = importlib.import_module('sparse_gpt2.cli')  # the process as `main`.
+    if hasattr(cli, 'keep_freed_memory'):
+      cli.keep_freed_memory()
   if config.get('num_cpu_devices', 0) > 1:
     from sparse_gpt2 import sharding  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_num_cpu_devices', config.num_cpu_devices)

@@ -4,6 +4,7 @@ bad configs and workdirs (which leave no files)."""
 
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -327,6 +328,32 @@ def test_sharded_training_on_8_devices_matches_one_device(tiny_config,
     assert result.returncode == 0, result.stderr[-2000:]
     runs[name] = [m['loss'] for m in _metrics(workdir)]
   np.testing.assert_allclose(runs['mesh'], runs['one'], rtol=1e-4)
+
+
+_FAULTS_PER_STEP = r"""
+import resource, sys
+from sparse_gpt2 import cli
+if sys.argv[1] == 'keep':
+  cli.keep_freed_memory()
+import jax, jax.numpy as jnp
+step = jax.jit(lambda x: jnp.sum(jnp.sin(jnp.outer(x, x)) @ x))  # 64 MiB temp.
+x = jnp.ones(4096)
+faults = []
+for _ in range(5):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  step(x).block_until_ready()
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')
+def test_freed_memory_is_reused_without_page_faults():
+  faults = {how: int(subprocess.run(
+      [sys.executable, '-c', _FAULTS_PER_STEP, how], capture_output=True,
+      text=True, check=True, cwd=ROOT).stdout) for how in ('default', 'keep')}
+  assert faults['default'] > 8000  # 16,384 pages of 4 KiB every call...
+  assert faults['keep'] < 500      # ...or faulted in once, then reused.
 
 
 def test_mfu_peak_is_the_datasheet_peak_times_the_devices(monkeypatch):

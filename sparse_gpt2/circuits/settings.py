@@ -12,6 +12,8 @@ import os
 from absl import flags
 import jax
 
+from sparse_gpt2 import cli
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -96,7 +98,9 @@ def start_jax():
   programs kept on disk (JAX_COMPILATION_CACHE_DIR, else
   ~/.cache/sparse_gpt2/jax), so that a task's pruning program, which takes
   the weights as arguments, compiles once for both twins, every point of a
-  curve and the next run."""
+  curve and the next run. And freed memory kept for reuse
+  (`cli.keep_freed_memory`)."""
+  cli.keep_freed_memory()
   jax.config.update('jax_num_cpu_devices', flags.FLAGS.num_cpu_devices)
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir',
