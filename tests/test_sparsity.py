@@ -30,6 +30,17 @@ def test_topk_mask_equals_sort_reference(shape, k):
   np.testing.assert_array_equal(np.asarray(got), _reference_topk(w, k))
 
 
+@pytest.mark.parametrize('k', [1, 137, 511, 999])
+def test_topk_mask_finds_the_last_bits_of_the_threshold(k):
+  # 1000 neighbouring floats: they share their high 21 bits, so only the
+  # radix select's later passes tell them apart.
+  rng = np.random.default_rng(2)
+  bits = np.float32(-1.5).view(np.int32) + rng.permutation(1000)
+  w = bits.astype(np.int32).view(np.float32)
+  got = jax.jit(sparsity.topk_mask)(w, k)
+  np.testing.assert_array_equal(np.asarray(got), _reference_topk(w, k))
+
+
 def test_topk_mask_breaks_ties_by_index_to_keep_exactly_k():
   w = np.array([0, 1, 2, 2, 2, 3, 2, 0, 0, 0], np.float32)
   for k in range(1, w.size + 1):
