@@ -73,7 +73,7 @@ def _settings():
   """(rounds, steps per round, the peers' shape, widths of `sizes`)."""
   if _QUICK.value:
     return 1, 2, peers.Shape(256, 32, 2, 2, 32, 4), (32,)
-  return 4, 3, peers.Shape(), (128, 256, 512)
+  return 3, 3, peers.Shape(), (128, 256, 512)
 
 
 def project_config(shape, arch, mode):

@@ -24,7 +24,11 @@ def keep_freed_memory():
   page faults per `sparse_small` step, which cost more than a fifth of it.
   With one arena and no mmap, the freed blocks stay in the heap and the next
   step reuses them without a fault. The arena matters: a thread's own arena
-  cannot hold blocks that large and falls back to mmap. A no-op off glibc.
+  cannot hold blocks that large and falls back to mmap. The one arena costs
+  compile time (XLA's compiler threads share its lock: `sparse_small`'s
+  step compiled in 43-52 s instead of 31-40 s), which a run earns back
+  within its first ~150 steps; the test suite, mostly compiles, does not
+  call this in its own process. A no-op off glibc.
   """
   if platform.libc_ver()[0] != 'glibc':
     return

@@ -22,8 +22,8 @@ collection (`support`).
 
 Top-k never sorts: the k-th largest |w| of every tensor is found by one
 three-pass radix select over the int32 bit patterns of |w| (non-negative
-floats order like their bits), shared by all tensors, and ties at the threshold are
-broken by index order so exactly k stay (`topk_masks`).
+floats order like their bits), all tensors at once, and ties at the
+threshold are broken by index order so exactly k stay (`topk_masks`).
 """
 
 import functools

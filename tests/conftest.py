@@ -12,10 +12,6 @@ import sysconfig  # pylint: disable=g-import-not-at-top
 
 import pytest  # pylint: disable=g-import-not-at-top
 
-from sparse_gpt2 import cli  # pylint: disable=g-import-not-at-top
-
-cli.keep_freed_memory()  # The suite's steps run as `main` runs them.
-
 
 @pytest.fixture(scope='session')
 def code_dir(tmp_path_factory):
