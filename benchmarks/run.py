@@ -73,7 +73,7 @@ def _settings():
   """(rounds, steps per round, the peers' shape, widths of `sizes`)."""
   if _QUICK.value:
     return 1, 2, peers.Shape(256, 32, 2, 2, 32, 4), (32,)
-  return 3, 3, peers.Shape(), (128, 256, 512)
+  return 3, 2, peers.Shape(), (128, 256, 512)
 
 
 def project_config(shape, arch, mode):
@@ -337,7 +337,8 @@ def _shape(shape, width=True):
 
 def main(argv):
   del argv
-  cli.keep_freed_memory()  # As `main` runs; the peers get it alike.
+  if not _QUICK.value:  # As `main` runs a long run; the peers get it alike.
+    cli.keep_freed_memory()
   jax.config.update('jax_num_cpu_devices', _NUM_CPU_DEVICES.value)
   rounds, steps, shape, widths = _settings()
   small = peers.Shape(2048, 128, 4, 8, 128, 32)  # sparse_small's shape.

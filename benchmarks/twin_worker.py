@@ -67,7 +67,8 @@ def main(code_dir, config_file):
   config = module.get_config()
   if importlib.util.find_spec('sparse_gpt2.cli'):  # Newer versions set up
     cli = importlib.import_module('sparse_gpt2.cli')  # the process as `main`.
-    if hasattr(cli, 'keep_freed_memory'):
+    if hasattr(cli, 'keep_freed_memory') and config.train_steps >= getattr(
+        cli, 'STEPS_TO_EARN_BACK_FREED_MEMORY', 0):
       cli.keep_freed_memory()
   if config.get('num_cpu_devices', 0) > 1:
     from sparse_gpt2 import sharding  # pylint: disable=g-import-not-at-top

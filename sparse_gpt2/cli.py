@@ -14,9 +14,16 @@ from absl import logging
 from sparse_gpt2 import metrics
 
 
+# Fewer optimizer steps than this do not earn back the slower compile that
+# `keep_freed_memory` brings (measured on sparse_small: ~100 ms gained a step
+# against 10-20 s more compile time).
+STEPS_TO_EARN_BACK_FREED_MEMORY = 200
+
+
 def keep_freed_memory():
   """Makes glibc keep freed memory for reuse instead of returning it to the
-  OS; call it before jax starts its backend.
+  OS; call it before jax starts its backend, in runs of at least
+  STEPS_TO_EARN_BACK_FREED_MEMORY steps.
 
   XLA:CPU allocates a step's temporaries anew each step (a few hundred MB for
   the small twins). glibc serves blocks that large with mmap and gives them
@@ -27,8 +34,8 @@ def keep_freed_memory():
   cannot hold blocks that large and falls back to mmap. The one arena costs
   compile time (XLA's compiler threads share its lock: `sparse_small`'s
   step compiled in 43-52 s instead of 31-40 s), which a run earns back
-  within its first ~150 steps; the test suite, mostly compiles, does not
-  call this in its own process. A no-op off glibc.
+  within its first ~150 steps; short runs (the test suite's, `convert`) do
+  not call this. A no-op off glibc.
   """
   if platform.libc_ver()[0] != 'glibc':
     return
@@ -73,7 +80,6 @@ def run(main, errors=(ValueError, FloatingPointError)):
     if len(argv) > 1:
       fail(f'unexpected arguments: {argv[1:]}', 2)
     metrics.quiet_library_logs()
-    keep_freed_memory()
     try:
       main()
     except errors as e:

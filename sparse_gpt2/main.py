@@ -23,6 +23,8 @@ flags.mark_flags_as_required(['config'])
 
 
 def main():
+  if _CONFIG.value.train_steps >= cli.STEPS_TO_EARN_BACK_FREED_MEMORY:
+    cli.keep_freed_memory()
   if _CONFIG.value.num_cpu_devices:  # Before jax starts its CPU backend.
     jax.config.update('jax_num_cpu_devices', _CONFIG.value.num_cpu_devices)
   if os.environ.get('SPARSE_GPT2_DISTRIBUTED') == '1':  # Set by launch/.

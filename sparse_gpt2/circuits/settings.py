@@ -98,9 +98,10 @@ def start_jax():
   programs kept on disk (JAX_COMPILATION_CACHE_DIR, else
   ~/.cache/sparse_gpt2/jax), so that a task's pruning program, which takes
   the weights as arguments, compiles once for both twins, every point of a
-  curve and the next run. And freed memory kept for reuse
-  (`cli.keep_freed_memory`)."""
-  cli.keep_freed_memory()
+  curve and the next run. And, for a long enough pruning, freed memory kept
+  for reuse (`cli.keep_freed_memory`)."""
+  if flags.FLAGS.steps >= cli.STEPS_TO_EARN_BACK_FREED_MEMORY:
+    cli.keep_freed_memory()
   jax.config.update('jax_num_cpu_devices', flags.FLAGS.num_cpu_devices)
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir',
