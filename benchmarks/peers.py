@@ -102,6 +102,7 @@ def flax_step(shape, lr=1e-3):
 
   def step():
     state[0], state[1], loss = update(state[0], state[1], tokens)
+    jax.block_until_ready(state)  # The whole update, not only the loss.
     return float(loss)
 
   return step

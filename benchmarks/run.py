@@ -103,6 +103,7 @@ def project_step(config):
 
   def step():
     holder[0], out = jitted(holder[0], tokens)
+    jax.block_until_ready(holder[0])  # The whole update, not only the loss.
     return float(out['loss'])
 
   return step, jitted, holder, tokens
@@ -219,16 +220,19 @@ def sizes_section(base, widths, rounds, steps):
 
 
 class _Worker:
-  """A `twin_worker.py` process on one code tree and config."""
+  """A `twin_worker.py` process on one code tree and config; it compiles
+  while the caller goes on, until `wait_ready`."""
 
   def __init__(self, code_dir, config_file):
+    self.code_dir = code_dir
     self.proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, 'benchmarks', 'twin_worker.py'),
          code_dir, config_file], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL, text=True)
-    line = self.proc.stdout.readline().strip()
-    if line != 'ready':
-      raise RuntimeError(f'twin worker on {code_dir} failed to start')
+
+  def wait_ready(self):
+    if self.proc.stdout.readline().strip() != 'ready':
+      raise RuntimeError(f'twin worker on {self.code_dir} failed to start')
 
   def steps(self, n):
     self.proc.stdin.write(f'{n}\n')
@@ -254,10 +258,16 @@ def twins_section(baseline, rounds, steps):
                    check=True)
     names = (('configs/tiny.py',) if _QUICK.value else
              ('configs/sparse_small.py', 'configs/dense_small.py'))
+    # All compile at once (a compile keeps about one core busy), and all are
+    # ready before any is timed; each then waits, idle, for its turn.
+    all_workers = {name: {'old': _Worker(old_dir, os.path.join(old_dir, name)),
+                          'new': _Worker(ROOT, os.path.join(ROOT, name))}
+                   for name in names}
+    for workers in all_workers.values():
+      for w in workers.values():
+        w.wait_ready()
     out = {}
-    for name in names:
-      workers = {'old': _Worker(old_dir, os.path.join(old_dir, name)),
-                 'new': _Worker(ROOT, os.path.join(ROOT, name))}
+    for name, workers in all_workers.items():
       times = {k: [] for k in workers}
       for _ in range(rounds):
         for k, w in workers.items():
