@@ -119,7 +119,7 @@ def interleaved(contenders, rounds, steps):
     step()  # Compile, allocate, warm the caches.
   for _ in range(rounds):
     for name, (step, flops) in contenders.items():
-      peak = metrics.measure_peak_flops(n=1024, repeats=3)
+      peak = metrics.measure_peak_flops(n=1024, repeats=10)
       for _ in range(steps):
         start = time.perf_counter()
         step()
