@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from sparse_gpt2 import checkpoint
+from sparse_gpt2 import cli
 from sparse_gpt2 import metrics
 from sparse_gpt2 import optim
 from sparse_gpt2 import train
@@ -354,6 +355,28 @@ def test_freed_memory_is_reused_without_page_faults():
       text=True, check=True, cwd=ROOT).stdout) for how in ('default', 'keep')}
   assert faults['default'] > 8000  # 16,384 pages of 4 KiB every call...
   assert faults['keep'] < 500      # ...or faulted in once, then reused.
+
+
+_MAIN_WITH_A_SPY = r"""
+import sys
+from sparse_gpt2 import cli, main, train
+cli.keep_freed_memory = lambda: print('kept')
+train.train_and_evaluate = lambda config, workdir: None
+sys.argv = ['main', '--config=configs/tiny.py',
+            f'--config.train_steps={sys.argv[1]}']
+cli.run(main.main)
+"""
+
+
+@pytest.mark.parametrize('steps', [cli.STEPS_TO_EARN_BACK_FREED_MEMORY - 1,
+                                   cli.STEPS_TO_EARN_BACK_FREED_MEMORY])
+def test_only_runs_long_enough_keep_freed_memory(steps):
+  # Its one malloc arena slows compiles, which a short run never earns back.
+  out = subprocess.run([sys.executable, '-c', _MAIN_WITH_A_SPY, str(steps)],
+                       capture_output=True, text=True, check=True,
+                       cwd=ROOT).stdout
+  assert (out.strip() == 'kept') == (
+      steps >= cli.STEPS_TO_EARN_BACK_FREED_MEMORY)
 
 
 def test_mfu_peak_is_the_datasheet_peak_times_the_devices(monkeypatch):
