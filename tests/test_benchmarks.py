@@ -35,7 +35,9 @@ def test_quick_suite_writes_every_section_and_skips_a_missing_peer(tmp_path):
   for r in [*result['peers']['results'].values(), *modes['results'].values(),
             *result['sizes']['results']]:
     assert r['step_s'] > 0 and 0 < r['mfu'] < 1.5 and r['peak_flops'] > 0
-  assert 0 < modes['topk_share_of_step'] < 1
+  # Two timings of millisecond steps: on a loaded machine the top-k alone
+  # can outlast a whole step, so only the sign is checked.
+  assert modes['topk_share_of_step'] > 0
   memory = modes['memory']['results']
   assert memory['topk']['fp32_params'] == memory['none']['fp32_params'] > 0
   twins = result['twins']['results']['configs/tiny.py']
