@@ -85,6 +85,48 @@ def test_min_per_neuron_keeps_j_inputs_of_every_neuron():
   assert sparsity.guaranteed_per_neuron(w.shape, 100, 4) == 3
 
 
+def _reference_guaranteed(w, k, j):
+  """Sort-based reference of the guarantee: the entries of each column at
+  or above its j-th largest distinct |w| (zeros never) come first, then
+  the largest |w|, earlier index first among ties."""
+  a = np.abs(w).reshape(-1, w.shape[-1])
+  raised = np.zeros(a.shape, bool)
+  for col in range(a.shape[1]):
+    distinct = np.unique(a[:, col])[::-1]
+    raised[:, col] = (a[:, col] >= distinct[min(j, distinct.size) - 1]) & (
+        a[:, col] > 0)
+  order = np.lexsort((np.arange(a.size), -a.ravel(), ~raised.ravel()))
+  mask = np.zeros(a.size, bool)
+  mask[order[:k]] = True
+  return mask.reshape(w.shape)
+
+
+def test_min_per_neuron_equals_reference_with_and_without_short_columns():
+  # The guarantee runs only for tensors with a column short of j above the
+  # plain threshold; both kinds in one call, at densities where it binds
+  # and where it does not.
+  rng = np.random.default_rng(3)
+  scores = {p: rng.normal(size=s).astype(np.float32)
+            for p, s in [('short', (64, 32)), ('fine', (48, 16)),
+                         ('short_3d', (6, 5, 12)), ('bias', (40,))]}
+  scores['short'][:, 5] *= 1e-3
+  scores['short_3d'][..., 2] *= 1e-3
+  scores['fine'] += np.sign(scores['fine'])  # No column near the cut.
+  for density in (0.5, 0.2, 0.1):
+    ks = {p: int(sparsity.num_kept(v.size, density))
+          for p, v in scores.items()}
+    js = {p: sparsity.guaranteed_per_neuron(v.shape, ks[p], 4)
+          for p, v in scores.items()}
+    got = jax.jit(functools.partial(sparsity.topk_masks, ks=ks,
+                                    min_per_neuron=js))(scores)
+    for p, v in scores.items():
+      want = (_reference_guaranteed(v, ks[p], js[p]) if js[p]
+              else _reference_topk(v, ks[p]))
+      np.testing.assert_array_equal(np.asarray(got[p]), want,
+                                    err_msg=f'{p} {density}')
+    assert not _reference_topk(scores['short'], ks['short'])[:, 5].any()
+
+
 def test_density_schedule_anneals_linearly_then_holds():
   config = tiny.get_config('topk').sparsity
   config.density, config.anneal_fraction = 0.1, 0.5
