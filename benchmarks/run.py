@@ -29,6 +29,7 @@ divides by a matmul peak measured in the same round, right before the
 contender's steps, so a machine that slows down cannot inflate it.
 """
 
+import functools
 import json
 import os
 import platform
@@ -109,6 +110,14 @@ def project_step(config):
   return step, jitted, holder, tokens
 
 
+@functools.cache
+def shared_step(shape, arch, mode):
+  """`project_step` of `project_config(shape, arch, mode)`, built once per
+  run: the peers, modes and sizes sections share the plain GPT-2 shape's
+  dense step, so it is compiled once, not three times."""
+  return project_step(project_config(shape, arch, mode))
+
+
 def interleaved(contenders, rounds, steps):
   """{name: {'step_s': median, 'peak_flops': median, 'mfu': median}} of
   contenders {name: (step, flops_per_step)} timed in turns."""
@@ -144,7 +153,8 @@ def _tokens(shape):
 def peers_section(shape, rounds, steps):
   config = project_config(shape, 'gpt2', 'none')
   flops = _flops_per_step(config)
-  contenders = {'sparse_gpt2 (dense)': (project_step(config)[0], flops),
+  contenders = {'sparse_gpt2 (dense)': (shared_step(shape, 'gpt2', 'none')[0],
+                                        flops),
                 'plain Flax + optax': (peers.flax_step(shape), flops)}
   note = None
   try:
@@ -161,7 +171,7 @@ def peers_section(shape, rounds, steps):
 
 
 def modes_section(shape, arch, rounds, steps):
-  made = {m: project_step(project_config(shape, arch, m)) for m in MODES}
+  made = {m: shared_step(shape, arch, m) for m in MODES}
   flops = _flops_per_step(project_config(shape, arch, 'none'))
   result = interleaved({m: (made[m][0], flops) for m in MODES}, rounds, steps)
   # The reprojection alone: the exact top-k of every sparse tensor.
@@ -212,7 +222,8 @@ def sizes_section(base, widths, rounds, steps):
     contenders = {}
     for arch in ('gpt2', 'paper'):
       config = project_config(shape, arch, 'none')
-      contenders[arch] = (project_step(config)[0], _flops_per_step(config))
+      contenders[arch] = (shared_step(shape, arch, 'none')[0],
+                          _flops_per_step(config))
     for arch, r in interleaved(contenders, rounds, steps).items():
       rows.append({'d_model': width, 'arch': arch,
                    'tokens_per_s': _tokens(shape) / r['step_s'], **r})
@@ -335,6 +346,10 @@ def to_markdown(result):
                    f"{1e3 * r['new_step_s']:.0f} | {r['speedup']:.2f}x |")
   else:
     lines += ['', t['note']]
+  spent = result['seconds']
+  lines += ['', 'Wall time, compiles included: ' + ', '.join(
+      f'{name} {s:.0f} s' for name, s in spent.items())
+            + f'; {sum(spent.values()):.0f} s in all.']
   return '\n'.join(lines) + '\n'
 
 
@@ -360,14 +375,21 @@ def main(argv):
                  f'{jax.devices()[0].device_kind}',
       'num_cpu_devices': _NUM_CPU_DEVICES.value,
       'quick': _QUICK.value,
-      'peers': peers_section(shape, rounds, steps),
-      'modes': [modes_section(small, 'paper', rounds, steps)] + (
+      'seconds': {},  # Each section's wall time, compiles included.
+  }
+  sections = {
+      'peers': lambda: peers_section(shape, rounds, steps),
+      'modes': lambda: [modes_section(small, 'paper', rounds, steps)] + (
           [] if _QUICK.value else [modes_section(shape, 'gpt2', rounds,
                                                  steps)]),
-      'sizes': sizes_section(shape, widths, rounds, steps),
-      'twins': twins_section(_BASELINE.value, rounds, steps)
+      'sizes': lambda: sizes_section(shape, widths, rounds, steps),
+      'twins': lambda: twins_section(_BASELINE.value, rounds, steps)
                if _BASELINE.value else {'note': 'twins skipped (--baseline=)'},
   }
+  for name, section in sections.items():
+    start = time.perf_counter()
+    result[name] = section()
+    result['seconds'][name] = time.perf_counter() - start
   os.makedirs(_OUT.value, exist_ok=True)
   with open(os.path.join(_OUT.value, 'run.json'), 'w') as f:
     json.dump(result, f, indent=2)

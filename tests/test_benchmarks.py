@@ -40,11 +40,13 @@ def test_quick_suite_writes_every_section_and_skips_a_missing_peer(tmp_path):
   assert modes['topk_share_of_step'] > 0
   memory = modes['memory']['results']
   assert memory['topk']['fp32_params'] == memory['none']['fp32_params'] > 0
+  assert set(result['seconds']) == {'peers', 'modes', 'sizes', 'twins'}
+  assert all(s > 0 for s in result['seconds'].values())
   twins = result['twins']['results']['configs/tiny.py']
   assert twins['old_step_s'] > 0 and twins['new_step_s'] > 0
   markdown = (tmp_path / 'run.md').read_text()
   for heading in ('**Peers**', '**Sparsity modes**', '**Sizes**',
-                  '**Twins**', 'PyTorch peer skipped'):
+                  '**Twins**', 'PyTorch peer skipped', 'Wall time'):
     assert heading in markdown
 
 
