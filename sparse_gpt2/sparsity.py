@@ -184,55 +184,23 @@ def _row_col_axes(spec):
 def _topk_blocks(arrays, k, *, js, specs, mesh_axes):
   """`topk_masks` on this device's blocks of `arrays` (whole arrays, specs of
   all (), off a mesh). Each tensor is counted by one replica only: the
-  devices at index 0 of every mesh axis it is not split over.
-
-  The per-neuron guarantee is checked before it is paid for: raising the j
-  largest of each column changes nothing when every column already holds j
-  entries above the plain threshold (they are kept anyway, and the count
-  above and at the threshold stays). Only a tensor with a column short of j
-  runs the guarantee's j column-max passes and a select of its own: in
-  trained models 0-4 of ~50 tensors, where running it for all took 40% of
-  the top-k.
-  """
+  devices at index 0 of every mesh axis it is not split over."""
+  num = len(arrays)
   bits, counted = [], []
-  for x, spec in zip(arrays, specs):
-    bits.append(jax.lax.bitcast_convert_type(
-        jnp.abs(x).astype(jnp.float32), jnp.int32))
+  for x, j, spec in zip(arrays, js, specs):
+    b = jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.int32)
+    if j and b.ndim >= 2:
+      b = _guarantee_top_per_neuron(b, j, _row_col_axes(spec)[0])
+    bits.append(b)
     split = {a for d in spec for a in d}
     counted.append(functools.reduce(
         jnp.logical_and, [jax.lax.axis_index(a) == 0 for a in mesh_axes
                           if a not in split], jnp.bool_(True)))
-  threshold, ties_kept, ties_total = _kth_largest(bits, counted, k, mesh_axes)
-  masks = _keep(bits, threshold, ties_kept, ties_total, specs)
-  for i, (x, c, j, spec) in enumerate(zip(arrays, counted, js, specs)):
-    if j and x.ndim >= 2:
-      masks[i] = jax.lax.cond(
-          _a_column_short(bits[i] > threshold[i], j, spec),
-          functools.partial(_guaranteed, x, c, j, spec, k[i:i + 1],
-                            mesh_axes),
-          lambda m=masks[i]: m)
-  return masks
 
-
-def _guaranteed(x, counted, j, spec, k, mesh_axes):
-  """The mask of one tensor with the j largest of each column kept first."""
-  bits = _guarantee_top_per_neuron(
-      jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.int32),
-      j, _row_col_axes(spec)[0])
-  return _keep([bits], *_kth_largest([bits], [counted], k, mesh_axes),
-               [spec])[0]
-
-
-def _kth_largest(bits, counted, k, mesh_axes):
-  """(threshold, ties_kept, ties_total), each [num]: the k-th largest of
-  each tensor's bits, how many entries equal to it the top k take, and how
-  many there are.
-
-  One digit of the k-th largest's bits per pass, high to low: count, by
-  this digit, the entries whose higher bits match those found so far.
-  """
-  prefix = jnp.zeros(len(bits), jnp.int32)  # The k-th's bits found so far.
-  rank = k                                  # Its rank among those matching.
+  # One digit of the k-th largest's bits per pass, high to low: count, by
+  # this digit, the entries whose higher bits match those found so far.
+  prefix = jnp.zeros(num, jnp.int32)  # The k-th largest's bits found so far.
+  rank = k                            # Its rank among the entries matching.
   for shift, width in _DIGITS:
     hist = jnp.stack([                                          # [num, bins]
         jnp.zeros(1 << width, jnp.int32).at[
@@ -243,12 +211,7 @@ def _kth_largest(bits, counted, k, mesh_axes):
     value, above, ties_total = _select(_psum(hist, mesh_axes), rank)
     prefix = (prefix << width) | value
     rank = rank - above
-  return prefix, rank, ties_total
-
-
-def _keep(bits, threshold, ties_kept, ties_total, specs):
-  """The masks of the entries above each threshold and of the first
-  ties_kept[i] of those equal to it."""
+  threshold, ties_kept = prefix, rank                           # [num] each
   above = [b > threshold[i] for i, b in enumerate(bits)]
   ties = [b == threshold[i] for i, b in enumerate(bits)]
   return jax.lax.cond(
@@ -256,15 +219,6 @@ def _keep(bits, threshold, ties_kept, ties_total, specs):
       lambda: [a | t for a, t in zip(above, ties)],
       lambda: [a | _first_ties(t, ties_kept[i], specs[i])
                for i, (a, t) in enumerate(zip(above, ties))])
-
-
-def _a_column_short(above, j, spec):
-  """Whether a column (neuron) of the whole tensor has fewer than j entries
-  in `above`, this device's block of it."""
-  row_axes, col_axes = _row_col_axes(spec)
-  cols = above.reshape(-1, above.shape[-1])
-  count = _psum(jnp.sum(cols, axis=0, dtype=jnp.int32), row_axes)
-  return _pmax(jnp.any(count < j).astype(jnp.int32), col_axes) > 0
 
 
 def _select(hist, k):
