@@ -174,12 +174,19 @@ def modes_section(shape, arch, rounds, steps):
   made = {m: shared_step(shape, arch, m) for m in MODES}
   flops = _flops_per_step(project_config(shape, arch, 'none'))
   result = interleaved({m: (made[m][0], flops) for m in MODES}, rounds, steps)
-  # The reprojection alone: the exact top-k of every sparse tensor.
+  # The reprojection alone, as the step calls it: the exact top-k of every
+  # sparse tensor, the per-neuron guarantee and the weights' shardings.
+  config = project_config(shape, arch, 'topk').sparsity
   state = made['topk'][2][0]
   params = sparsity.flat(state.params)
   sparse = {p: params[p] for p in sparsity.flat(state.masks)}
-  ks = {p: sparsity.num_kept(v.size, 0.1) for p, v in sparse.items()}
-  topk = jax.jit(lambda s: sparsity.topk_masks(s, ks, {p: 4 for p in s}))
+  ks = {p: int(sparsity.num_kept(v.size, config.density))
+        for p, v in sparse.items()}
+  js = {p: sparsity.guaranteed_per_neuron(v.shape, ks[p],
+                                          config.min_per_neuron)
+        for p, v in sparse.items()}
+  shardings = {p: v.sharding for p, v in sparse.items()}
+  topk = jax.jit(lambda s: sparsity.topk_masks(s, ks, js, shardings))
   jax.block_until_ready(topk(sparse))
   spent = []
   for _ in range(rounds * steps):
