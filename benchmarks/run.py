@@ -176,14 +176,14 @@ def modes_section(shape, arch, rounds, steps):
   result = interleaved({m: (made[m][0], flops) for m in MODES}, rounds, steps)
   # The reprojection alone, as the step calls it: the exact top-k of every
   # sparse tensor, the per-neuron guarantee and the weights' shardings.
-  config = project_config(shape, arch, 'topk').sparsity
+  sparsity_config = project_config(shape, arch, 'topk').sparsity
   state = made['topk'][2][0]
   params = sparsity.flat(state.params)
   sparse = {p: params[p] for p in sparsity.flat(state.masks)}
-  ks = {p: int(sparsity.num_kept(v.size, config.density))
+  ks = {p: int(sparsity.num_kept(v.size, sparsity_config.density))
         for p, v in sparse.items()}
   js = {p: sparsity.guaranteed_per_neuron(v.shape, ks[p],
-                                          config.min_per_neuron)
+                                          sparsity_config.min_per_neuron)
         for p, v in sparse.items()}
   shardings = {p: v.sharding for p, v in sparse.items()}
   topk = jax.jit(lambda s: sparsity.topk_masks(s, ks, js, shardings))

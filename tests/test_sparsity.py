@@ -102,9 +102,9 @@ def _reference_guaranteed(w, k, j):
 
 
 def test_min_per_neuron_equals_reference_with_and_without_short_columns():
-  # The guarantee runs only for tensors with a column short of j above the
-  # plain threshold; both kinds in one call, at densities where it binds
-  # and where it does not.
+  # Tensors with a column a plain top-k would leave short of j, and tensors
+  # without, in one call, at densities where the guarantee binds and where
+  # it does not.
   rng = np.random.default_rng(3)
   scores = {p: rng.normal(size=s).astype(np.float32)
             for p, s in [('short', (64, 32)), ('fine', (48, 16)),
