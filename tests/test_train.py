@@ -340,28 +340,24 @@ import jax, jax.numpy as jnp
 step = jax.jit(lambda x: jnp.sum(jnp.sin(jnp.outer(x, x)) @ x))  # 64 MiB temp.
 x = jnp.ones(4096)
 faults = []
-for _ in range(5):
+for _ in range(21):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   step(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(min(faults[1:]))
+print(sorted(faults[1:])[10])  # The median call after the first.
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')
 def test_freed_memory_is_reused_without_page_faults():
-  # Where glibc places a block depends on the threads' timing: beside two
-  # busy loops, 2 of 8 processes kept faulting on every call, with the
-  # settings made before or after jax's import alike (likely a small block
-  # cut from the freed one first), so 'keep' gets three processes and the
-  # best must reuse.
-  def faults(how):
-    return int(subprocess.run(
-        [sys.executable, '-c', _FAULTS_PER_STEP, how], capture_output=True,
-        text=True, check=True, cwd=ROOT).stdout)
-
-  assert faults('default') > 8000  # 16,384 pages of 4 KiB every call...
-  assert min(faults('keep') for _ in range(3)) < 500  # ...or reused.
+  # Not every call reuses: now and then the heap grows by a temporary until
+  # the freed pieces fit it (1-8 of 39 calls faulted in scratch runs of 40,
+  # loaded or idle), so the median call is checked.
+  faults = {how: int(subprocess.run(
+      [sys.executable, '-c', _FAULTS_PER_STEP, how], capture_output=True,
+      text=True, check=True, cwd=ROOT).stdout) for how in ('default', 'keep')}
+  assert faults['default'] > 8000  # 16,384 pages of 4 KiB every call...
+  assert faults['keep'] < 500      # ...or faulted in once, then reused.
 
 
 _MAIN_WITH_A_SPY = r"""
