@@ -30,14 +30,13 @@ def keep_freed_memory():
   back with munmap, so every step page-faults and zeroes them again: ~130,000
   page faults per `sparse_small` step, which cost more than a fifth of it.
   With one arena and no mmap, the freed blocks stay in the heap and the next
-  step mostly reuses them without a fault (now and then a block does not
-  fit the freed pieces, and the heap grows by it). The arena matters: a
-  thread's own arena cannot hold blocks that large and falls back to mmap.
-  The one arena costs
-  compile time (XLA's compiler threads share its lock: `sparse_small`'s
-  step compiled in 43-52 s instead of 31-40 s), which a run earns back
-  within its first ~150 steps; short runs (the test suite's, `convert`) do
-  not call this. A no-op off glibc.
+  step mostly reuses them without a fault (now and then a block does not fit
+  the freed pieces, and the heap grows by it). The arena matters: a thread's
+  own arena cannot hold blocks that large and falls back to mmap. The one
+  arena costs compile time (XLA's compiler threads share its lock:
+  `sparse_small`'s step compiled in 43-52 s instead of 31-40 s), which a run
+  earns back within its first ~150 steps; short runs (the test suite's,
+  `convert`) do not call this. A no-op off glibc.
   """
   if platform.libc_ver()[0] != 'glibc':
     return
