@@ -27,6 +27,7 @@ threshold are broken by index order so exactly k stay (`topk_masks`).
 """
 
 import functools
+import math
 import re
 from typing import NamedTuple
 
@@ -98,20 +99,21 @@ def guaranteed_per_neuron(shape, k, min_per_neuron):
   return int(min(min_per_neuron, k // neurons, fan_in))
 
 
-def _guarantee_top_per_neuron(bits, j, row_axes=()):
+def _guarantee_top_per_neuron(bits, j, row_axes):
   """Raises the j largest entries of each neuron's fan-in above everything.
 
-  bits: int32 [..., neurons], this device's block; its fan-in rows are split
-  over the mesh axes `row_axes` (a column max is then a `pmax`). j passes of
-  a column max below the previous one find each column's j-th largest value
-  (no sort, no top_k, both slow on CPU); zeros are never guaranteed.
+  bits: int32 [n, ..., neurons], n tensors' blocks on this device; their
+  fan-in rows are split over the mesh axes `row_axes` (a column max is then
+  a `pmax`). j passes of a column max below the previous one find each
+  column's j-th largest value (no sort, no top_k, both slow on CPU); zeros
+  are never guaranteed.
   """
-  cols = bits.reshape(-1, bits.shape[-1])  # [fan_in, neurons]
-  nth = jnp.full(cols.shape[1], _GUARANTEED, jnp.int32)
+  cols = bits.reshape(bits.shape[0], -1, bits.shape[-1])  # [n, fan_in, out]
+  nth = jnp.full((cols.shape[0], 1, cols.shape[2]), _GUARANTEED, jnp.int32)
   for _ in range(j):
-    nth = _pmax(jnp.max(jnp.where(cols < nth[None, :], cols, -1), axis=0),
-                row_axes)
-  cols = jnp.where((cols >= nth[None, :]) & (cols > 0), _GUARANTEED, cols)
+    nth = _pmax(jnp.max(jnp.where(cols < nth, cols, -1), axis=1,
+                        keepdims=True), row_axes)
+  cols = jnp.where((cols >= nth) & (cols > 0), _GUARANTEED, cols)
   return cols.reshape(bits.shape)
 
 
@@ -127,16 +129,20 @@ def topk_masks(scores, ks, min_per_neuron, shardings=None):
       keep j * neurons <= k (`guaranteed_per_neuron`).
     shardings: None, or {path: NamedSharding} of the scores, all on one mesh
       (only their first and last axes may be split). Each device then works
-      on its own shard (`shard_map`) and only histograms and per-row counts
+      on a block of every tensor (`shard_map`): its shard, cut further into
+      row blocks over the mesh axes that replicate it where they divide its
+      rows, so that replicas (data parallelism's copies) share the top-k
+      instead of each doing all of it. Only histograms, column maxima,
+      per-row counts and, at the end, the replicas' blocks of the masks
       cross devices: histograms add, so a `psum` of the local ones is the
       histogram of the whole tensor, and the masks are exactly those of one
-      device. No tensor is gathered.
+      device. No weight is gathered.
 
   Non-negative floats order like their int32 bit patterns, so the k-th
   largest is found on integers by a radix select, one digit per pass (bits
   30-20, 19-9, 8-0): a histogram of the digit, over the entries whose
   higher bits match those found so far, gives the next digit. Each tensor
-  scatters into its own small histogram, so no index array of all the
+  counts into its own small histogram, so no index array of all the
   model's weights is built and the psum across devices is of [num, 2^11]
   bins: the top-k's temporaries measure 0.08-0.27x the fp32 parameters
   (`benchmarks/run.py`), where two passes of 2^15 and 2^16 bins over one
@@ -151,27 +157,52 @@ def topk_masks(scores, ks, min_per_neuron, shardings=None):
                              js=[min_per_neuron[p] for p in paths])
   if shardings is None:
     keep = select(arrays, k, specs=[_spec(P(), x.ndim) for x in arrays],
-                  mesh_axes=())
+                  shared=[()] * len(arrays), mesh_axes=())
   else:
     mesh = shardings[paths[0]].mesh
-    specs = [shardings[p].spec for p in paths]
+    specs = [_spec(shardings[p].spec, x.ndim, mesh)
+             for p, x in zip(paths, arrays)]
+    shared = [_shared_axes(s, x.shape, mesh) for s, x in zip(specs, arrays)]
+    work = [(s[0] + a,) + s[1:] if s else s for s, a in zip(specs, shared)]
     keep = jax.shard_map(
-        functools.partial(select, specs=[
-            _spec(s, x.ndim) for s, x in zip(specs, arrays)],
-                          mesh_axes=mesh.axis_names),
-        mesh=mesh, in_specs=(specs, P()), out_specs=specs,
-        check_vma=False)(arrays, k)
+        functools.partial(select, specs=work, shared=shared,
+                          mesh_axes=tuple(a for a in mesh.axis_names
+                                          if mesh.shape[a] > 1)),
+        mesh=mesh, in_specs=([_partition(s) for s in work], P()),
+        out_specs=[_partition(s) for s in specs], check_vma=False)(arrays, k)
   return dict(zip(paths, keep))
 
 
-def _spec(spec, ndim):
-  """A PartitionSpec as one tuple of mesh axes per dimension."""
+def _spec(spec, ndim, mesh=None):
+  """A PartitionSpec as one tuple of mesh axes per dimension, without the
+  mesh's axes of size 1 (XLA would still run a collective over them)."""
   spec = tuple(spec) + (None,) * (ndim - len(spec))
-  out = tuple(() if a is None else tuple(a) if isinstance(a, (tuple, list))
-              else (a,) for a in spec)
+  out = tuple(tuple(a for a in (() if d is None else d if isinstance(
+      d, (tuple, list)) else (d,)) if mesh is None or mesh.shape[a] > 1)
+              for d in spec)
   if any(out[1:-1]):
     raise ValueError(f'top-k of a tensor split on a middle axis: {spec}')
   return out
+
+
+def _partition(spec):
+  """`_spec`'s tuples back as a PartitionSpec."""
+  return P(*(d or None for d in spec))
+
+
+def _shared_axes(spec, shape, mesh):
+  """The mesh axes (of size > 1) a tensor is replicated over that, with its
+  own split, divide its first axis: its replicas share its top-k, each
+  taking a block of rows."""
+  if not spec:
+    return ()
+  used = {a for d in spec for a in d}
+  ways, shared = math.prod(mesh.shape[a] for a in spec[0]), ()
+  for a in mesh.axis_names:
+    if a not in used and mesh.shape[a] > 1 and not shape[0] % (
+        ways * mesh.shape[a]):
+      ways, shared = ways * mesh.shape[a], shared + (a,)
+  return shared
 
 
 def _row_col_axes(spec):
@@ -181,44 +212,74 @@ def _row_col_axes(spec):
   return tuple(a for d in spec[:-1] for a in d), spec[-1]
 
 
-def _topk_blocks(arrays, k, *, js, specs, mesh_axes):
+def _topk_blocks(arrays, k, *, js, specs, shared, mesh_axes):
   """`topk_masks` on this device's blocks of `arrays` (whole arrays, specs of
-  all (), off a mesh). Each tensor is counted by one replica only: the
-  devices at index 0 of every mesh axis it is not split over."""
-  num = len(arrays)
+  all (), off a mesh), each mask gathered over its `shared` axes at the end.
+
+  Tensors of one shape, split and j (a model's layers repeat them) are
+  stacked and go through every pass together: the top-k's op count, which
+  sets much of its time and most of its compile time on CPU, grows with the
+  kinds of tensor, not with the layers. A tensor split over fewer than all
+  mesh axes is counted by one replica only: the devices at index 0 of every
+  mesh axis it is not split over.
+  """
+  groups = {}  # (shape, j, spec, shared axes) -> its tensors' indices.
+  for i, (x, j, spec) in enumerate(zip(arrays, js, specs)):
+    key = (x.shape, j if x.ndim >= 2 else 0, spec, shared[i])
+    groups.setdefault(key, []).append(i)
   bits, counted = [], []
-  for x, j, spec in zip(arrays, js, specs):
-    b = jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.int32)
-    if j and b.ndim >= 2:
+  for (_, j, spec, _), members in groups.items():
+    b = jnp.stack([jax.lax.bitcast_convert_type(                # [n, ...]
+        jnp.abs(arrays[i]).astype(jnp.float32), jnp.int32) for i in members])
+    if j:
       b = _guarantee_top_per_neuron(b, j, _row_col_axes(spec)[0])
     bits.append(b)
     split = {a for d in spec for a in d}
     counted.append(functools.reduce(
         jnp.logical_and, [jax.lax.axis_index(a) == 0 for a in mesh_axes
                           if a not in split], jnp.bool_(True)))
+  # Per-tensor values below are [num] vectors in group order.
+  starts = np.cumsum([0] + [len(m) for m in groups.values()])
+
+  def of_group(values, g):  # Group g's values, broadcastable to its bits.
+    return values[starts[g]:starts[g + 1]].reshape(
+        (-1,) + (1,) * (bits[g].ndim - 1))
 
   # One digit of the k-th largest's bits per pass, high to low: count, by
   # this digit, the entries whose higher bits match those found so far.
-  prefix = jnp.zeros(num, jnp.int32)  # The k-th largest's bits found so far.
-  rank = k                            # Its rank among the entries matching.
+  prefix = jnp.zeros(starts[-1], jnp.int32)  # The k-th largest's bits so far.
+  rank = k[np.concatenate(list(groups.values()))]  # Its rank among those.
   for shift, width in _DIGITS:
-    hist = jnp.stack([                                          # [num, bins]
-        jnp.zeros(1 << width, jnp.int32).at[
-            jnp.where(c & (b >> (shift + width) == prefix[i]),
-                      (b >> shift) & ((1 << width) - 1), 1 << width)
-        ].add(1, mode='drop')
-        for i, (b, c) in enumerate(zip(bits, counted))])
-    value, above, ties_total = _select(_psum(hist, mesh_axes), rank)
+    bins = 1 << width
+    hist = []
+    for g, (b, c) in enumerate(zip(bits, counted)):
+      n = b.shape[0]
+      bin_of = (jnp.arange(n).reshape(of_group(prefix, g).shape) * bins
+                + ((b >> shift) & (bins - 1)))      # Tensor t's in row t.
+      hist.append(jnp.zeros(n * bins, jnp.int32).at[
+          jnp.where(c & (b >> (shift + width) == of_group(prefix, g)), bin_of,
+                    n * bins)].add(1, mode='drop').reshape(n, bins))
+    value, above, ties_total = _select(
+        _psum(jnp.concatenate(hist), mesh_axes), rank)          # [num] each
     prefix = (prefix << width) | value
     rank = rank - above
   threshold, ties_kept = prefix, rank                           # [num] each
-  above = [b > threshold[i] for i, b in enumerate(bits)]
-  ties = [b == threshold[i] for i, b in enumerate(bits)]
-  return jax.lax.cond(
+  above = [b > of_group(threshold, g) for g, b in enumerate(bits)]
+  ties = [b == of_group(threshold, g) for g, b in enumerate(bits)]
+  stacked = jax.lax.cond(
       jnp.all(ties_total == ties_kept),
       lambda: [a | t for a, t in zip(above, ties)],
-      lambda: [a | _first_ties(t, ties_kept[i], specs[i])
-               for i, (a, t) in enumerate(zip(above, ties))])
+      lambda: [a | jax.vmap(_first_ties, in_axes=(0, 0, None))(
+          t, ties_kept[starts[g]:starts[g + 1]], spec)
+               for g, (a, t, (_, _, spec, _)) in enumerate(
+                   zip(above, ties, groups))])
+  masks = [None] * len(arrays)
+  for (_, _, _, gather), members, m in zip(groups, groups.values(), stacked):
+    if gather:
+      m = jax.lax.all_gather(m, gather, axis=1, tiled=True)
+    for i, mask in zip(members, m):
+      masks[i] = mask
+  return masks
 
 
 def _select(hist, k):

@@ -50,17 +50,22 @@ def _mesh(data, fsdp, model):
 
 def check_topk():
   """Tensors split on rows, columns, both, over two axes at once, or not at
-  all, with ties (zeros, equal rows): the masks of one device, exactly."""
+  all, with ties (zeros, equal rows): the masks of one device, exactly.
+  The replicas of a tensor share its work over the axes that divide its
+  rows ('c' and 'd' over 'data' only); 'f' and 'zero_bias' are counted on
+  one replica. 'a' and 'a2' are stacked, and only 'a' has ties."""
   mesh = _mesh(2, 2, 2)
   specs = {'a': P('fsdp', 'model'), 'b': P('model'), 'c': P(None, 'model'),
            'd': P('fsdp'), 'e': P(('data', 'fsdp'), None), 'f': P(),
-           'zeros': P('fsdp', 'model'), 'zero_bias': P('model')}
+           'zeros': P('fsdp', 'model'), 'zero_bias': P('model'),
+           'a2': P('fsdp', 'model')}
   shapes = {'a': (16, 8), 'b': (8,), 'c': (6, 4), 'd': (12,), 'e': (8, 5),
-            'f': (3, 5), 'zeros': (8, 4), 'zero_bias': (6,)}
+            'f': (3, 5), 'zeros': (8, 4), 'zero_bias': (6,), 'a2': (16, 8)}
   rng = np.random.default_rng(0)
   scores = {p: rng.normal(size=s).astype(np.float32)
             for p, s in shapes.items()}
   scores['a'][5] = 0.5                        # A row of ties.
+  scores['a2'][:, 6] *= 1e-3
   scores['a'][:, 3] *= 1e-3                   # Neurons that only the
   scores['e'][:, 1] *= 1e-3                   # guarantee keeps.
   scores['zeros'] = np.zeros((8, 4), np.float32)

@@ -51,8 +51,11 @@ def test_topk_mask_breaks_ties_by_index_to_keep_exactly_k():
 
 def test_topk_masks_handles_many_tensors_and_traced_k():
   rng = np.random.default_rng(1)
+  # Tensors of one shape go through the top-k stacked: groups of one, of
+  # two, and a group in which only one tensor has ties to break.
   scores = {f't{i}': rng.normal(size=s).astype(np.float32)
-            for i, s in enumerate([(16, 8), (8,), (33, 7), (5, 5)])}
+            for i, s in enumerate([(16, 8), (8,), (33, 7), (5, 5), (16, 8),
+                                   (40,)])}
   scores['zeros'] = np.zeros((40,), np.float32)  # All tied.
 
   @jax.jit
@@ -108,8 +111,10 @@ def test_min_per_neuron_equals_reference_with_and_without_short_columns():
   rng = np.random.default_rng(3)
   scores = {p: rng.normal(size=s).astype(np.float32)
             for p, s in [('short', (64, 32)), ('fine', (48, 16)),
-                         ('short_3d', (6, 5, 12)), ('bias', (40,))]}
+                         ('short_3d', (6, 5, 12)), ('bias', (40,)),
+                         ('short_twin', (64, 32))]}
   scores['short'][:, 5] *= 1e-3
+  scores['short_twin'][:, 9] *= 1e-3  # Stacked with 'short', short elsewhere.
   scores['short_3d'][..., 2] *= 1e-3
   scores['fine'] += np.sign(scores['fine'])  # No column near the cut.
   for density in (0.5, 0.2, 0.1):
