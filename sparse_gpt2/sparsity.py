@@ -144,7 +144,7 @@ def topk_masks(scores, ks, min_per_neuron, shardings=None):
   higher bits match those found so far, gives the next digit. Each tensor
   counts into its own small histogram, so no index array of all the
   model's weights is built and the psum across devices is of [num, 2^11]
-  bins: the top-k's temporaries measure 0.08-0.27x the fp32 parameters
+  bins: the top-k's temporaries measure 0.05-0.39x the fp32 parameters
   (`benchmarks/run.py`), where two passes of 2^15 and 2^16 bins over one
   concatenated index array took 1.1-2.3x, and the step is no slower for the
   extra pass. No sort and no lax.top_k (both 20-30x slower on CPU). Ties
