@@ -255,7 +255,7 @@ def _topk_blocks(arrays, k, *, js, specs, shared, mesh_axes):
     for g, (b, c) in enumerate(zip(bits, counted)):
       n = b.shape[0]
       bin_of = (jnp.arange(n).reshape(of_group(prefix, g).shape) * bins
-                + ((b >> shift) & (bins - 1)))      # Tensor t's in row t.
+                + ((b >> shift) & (bins - 1)))  # Tensor t's digit, in row t.
       hist.append(jnp.zeros(n * bins, jnp.int32).at[
           jnp.where(c & (b >> (shift + width) == of_group(prefix, g)), bin_of,
                     n * bins)].add(1, mode='drop').reshape(n, bins))
