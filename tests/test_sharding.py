@@ -65,9 +65,9 @@ def check_topk():
   scores = {p: rng.normal(size=s).astype(np.float32)
             for p, s in shapes.items()}
   scores['a'][5] = 0.5                        # A row of ties.
-  scores['a2'][:, 6] *= 1e-3
   scores['a'][:, 3] *= 1e-3                   # Neurons that only the
   scores['e'][:, 1] *= 1e-3                   # guarantee keeps.
+  scores['a2'][:, 6] *= 1e-3
   scores['zeros'] = np.zeros((8, 4), np.float32)
   scores['zeros'][3, 1] = 1.0
   scores['zero_bias'] = np.zeros(6, np.float32)
