@@ -254,7 +254,7 @@ def _topk_blocks(arrays, k, *, js, specs, shared, mesh_axes):
     hist = []
     for g, (b, c) in enumerate(zip(bits, counted)):
       n = b.shape[0]
-      bin_of = (jnp.arange(n).reshape(of_group(prefix, g).shape) * bins
+      bin_of = (jax.lax.broadcasted_iota(jnp.int32, b.shape, 0) * bins
                 + ((b >> shift) & (bins - 1)))  # Tensor t's digit, in row t.
       hist.append(jnp.zeros(n * bins, jnp.int32).at[
           jnp.where(c & (b >> (shift + width) == of_group(prefix, g)), bin_of,
@@ -275,9 +275,7 @@ def _topk_blocks(arrays, k, *, js, specs, shared, mesh_axes):
                    zip(above, ties, groups))])
   masks = [None] * len(arrays)
   for (_, _, _, gather), members, m in zip(groups, groups.values(), stacked):
-    if gather:
-      m = jax.lax.all_gather(m, gather, axis=1, tiled=True)
-    for i, mask in zip(members, m):
+    for i, mask in zip(members, _all_gather(m, gather, axis=1)):
       masks[i] = mask
   return masks
 
@@ -339,8 +337,9 @@ def _pmax(x, axes):
   return jax.lax.pmax(x, tuple(axes)) if axes else x
 
 
-def _all_gather(x, axes):
-  return jax.lax.all_gather(x, tuple(axes), tiled=True) if axes else x
+def _all_gather(x, axes, axis=0):
+  return (jax.lax.all_gather(x, tuple(axes), axis=axis, tiled=True) if axes
+          else x)
 
 
 def _axis_index(axes):
