@@ -177,9 +177,10 @@ def _spec(spec, ndim, mesh=None):
   """A PartitionSpec as one tuple of mesh axes per dimension, without the
   mesh's axes of size 1 (XLA would still run a collective over them)."""
   spec = tuple(spec) + (None,) * (ndim - len(spec))
-  out = tuple(tuple(a for a in (() if d is None else d if isinstance(
-      d, (tuple, list)) else (d,)) if mesh is None or mesh.shape[a] > 1)
-              for d in spec)
+  axes = [() if d is None else tuple(d) if isinstance(d, (tuple, list))
+          else (d,) for d in spec]
+  out = tuple(tuple(a for a in d if mesh is None or mesh.shape[a] > 1)
+              for d in axes)
   if any(out[1:-1]):
     raise ValueError(f'top-k of a tensor split on a middle axis: {spec}')
   return out
@@ -274,7 +275,7 @@ def _topk_blocks(arrays, k, *, js, specs, shared, mesh_axes):
                for g, (a, t, (_, _, spec, _)) in enumerate(
                    zip(above, ties, groups))])
   masks = [None] * len(arrays)
-  for (_, _, _, gather), members, m in zip(groups, groups.values(), stacked):
+  for ((_, _, _, gather), members), m in zip(groups.items(), stacked):
     for i, mask in zip(members, _all_gather(m, gather, axis=1)):
       masks[i] = mask
   return masks
