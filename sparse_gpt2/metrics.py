@@ -10,7 +10,6 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tensorboardX import SummaryWriter  # TF-free event files.
 
 from sparse_gpt2 import workdir as workdir_lib
 
@@ -102,7 +101,11 @@ class Writer:
       old = (self._file.read_text().splitlines() if self._file.exists()
              else [])
       self._lines = [l for l in old if json.loads(l)['step'] <= start_step]
-      self._tb = SummaryWriter(str(workdir_lib.path(workdir)))
+      # TF-free event files. Imported here: tensorboardX imports torch
+      # wherever torch is installed (1.5-2 s), which only a process that
+      # writes a run's logs should pay, not every CLI that reads one.
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._tb = tensorboardX.SummaryWriter(str(workdir_lib.path(workdir)))
 
   def write(self, step, metrics):
     if not self._active:
