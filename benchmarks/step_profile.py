@@ -4,18 +4,22 @@ r"""Where a train step's time goes, for the README's speed section.
 
 `gpt2` is this project's dense step on the peers' plain GPT-2 shape and
 `torch` the Hugging Face peer on it (`peers.py`); the others are the twins'
-configs, on one CPU device (no `num_cpu_devices`). A JAX step is traced
-with `jax.profiler` and its XLA ops summed over the CPU worker threads (by
-op kind: `ynn_fusion` is a matmul in XLA's YNNPACK library, `*_fusion` the
-loop fusions that XLA named after their first ops), with each thread's busy
-time per step: on a CPU, a thread that is busy for less than the step's
-wall time waited. The torch step goes through
+configs. JAX steps run on `--num_cpu_devices` CPU devices (`run.py`'s flag:
+2, each batch split over them, as `main` runs the twins; 1 for one device
+with both cores). A JAX step is traced with `jax.profiler` and its XLA ops
+summed over the CPU worker threads (by op kind: `ynn_fusion` is a matmul in
+XLA's YNNPACK library, `*_fusion` the loop fusions that XLA named after
+their first ops; on two devices `all-reduce` sums their gradients, and
+`Rendezvous` and `Wait` are a thread blocked until the other device
+arrives), with each thread's busy time per step: on a CPU, a thread that is
+busy for less than the step's wall time waited. The torch step goes through
 `torch.profiler`, by ATen op.
 """
 
 import collections
 import glob
 import os
+import re
 import sys
 import tempfile
 import time
@@ -59,15 +63,29 @@ def profile_torch(steps):
                                   row_limit=20, max_name_column_width=45))
 
 
+def _self_times(events):
+  """(name, ns) of one thread's events, each without the events nested in
+  it (a collective holds its rendezvous, which holds the wait): every
+  nanosecond counts once, in the innermost event."""
+  out, stack = [], []  # stack: [end_ns, name, self_ns] of open events.
+  for e in sorted(events, key=lambda e: (e.start_ns, -e.duration_ns)):
+    while stack and stack[-1][0] <= e.start_ns:
+      out.append(tuple(stack.pop()[1:]))
+    if stack:
+      stack[-1][2] -= e.duration_ns
+    stack.append([e.start_ns + e.duration_ns, e.name, e.duration_ns])
+  return out + [tuple(s[1:]) for s in stack]
+
+
 def profile_jax(config, steps):
   step = run.project_step(config)[0]
   for _ in range(3):
     step()
-  print(f'step: {_wall_ms(step, steps):.0f} ms wall, on one device')
+  print(f'step: {_wall_ms(step, steps):.0f} ms wall, on '
+        f'{len(jax.devices())} device(s)')
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
-    for _ in range(steps):
-      step()
+    traced_ms = _wall_ms(step, steps)
     jax.profiler.stop_trace()
     trace, = glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True)
     data = jax.profiler.ProfileData.from_file(trace)
@@ -77,15 +95,16 @@ def profile_jax(config, steps):
       if not (plane.name.startswith('/host:CPU')
               and line.name.startswith('tf_XLA')):
         continue
-      for event in line.events:
-        if not event.name.startswith('ThunkExecutor'):  # Spans, not ops.
-          by_op[event.name] += event.duration_ns / 1e6 / steps
-          busy[line.name] += event.duration_ns / 1e6 / steps
-  print('busy ms per step, by thread:',
+      ops = [e for e in line.events
+             if not e.name.startswith('ThunkExecutor')]  # Spans, not ops.
+      for name, ns in _self_times(ops):
+        by_op[name] += ns / 1e6 / steps
+        busy[line.name] += ns / 1e6 / steps
+  print(f'busy ms per step, by thread, of {traced_ms:.0f} ms traced:',
         ', '.join(f'{ms:.0f}' for ms in busy.values()))
   by_kind = collections.Counter()
   for name, ms in by_op.items():
-    by_kind[name.rstrip('0123456789').rstrip('.')] += ms
+    by_kind[re.sub(r'\.\d+$', '', name)] += ms  # ynn_fusion.12 -> ynn_fusion
   total = sum(by_kind.values())
   print('\n| op kind | ms per step | share |\n|---|---:|---:|')
   for kind, ms in by_kind.most_common(15):
@@ -95,6 +114,7 @@ def profile_jax(config, steps):
 def main(argv):
   del argv
   cli.keep_freed_memory()
+  jax.config.update('jax_num_cpu_devices', flags.FLAGS.num_cpu_devices)
   if _STEP.value == 'torch':
     profile_torch(_STEPS.value)
     return
