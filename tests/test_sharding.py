@@ -160,7 +160,8 @@ def test_microbatches_give_the_update_of_one_batch():
     config.microbatches = microbatches
     model = train.make_model(config)
     tx = optim.make(config, 3)
-    state = train.init_state(config, model, tx, jax.random.key(0), None)
+    state = jax.jit(functools.partial(train.init_state, config, model, tx))(
+        jax.random.key(0), None)  # Jitted: op by op, it compiled 3x longer.
     step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
                                      config=config))
     tokens = jax.random.randint(jax.random.key(1), (3, 8, 17), 0,
