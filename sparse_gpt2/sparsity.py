@@ -402,6 +402,11 @@ def init_masks(params, masks, config, rng, total_steps):
   if not flat_masks:
     raise ValueError(f'sparsity.pattern {config.pattern!r} matches no '
                      'parameter')
+  if config.mode == 'topk' and config.anneal_fraction * total_steps > 0:
+    # Annealing starts at density 1: model.init's all-True masks are the
+    # top-k of every tensor, and compiling one would take two thirds of
+    # the init's compile time (sparse_small's: 10.1 s with it, 3.5 without).
+    return params, masks
   flat_params = flat(params)
   kept = _kept_per_tensor(masks, config)
   if config.mode == 'static' and config.static_init == 'erk':
