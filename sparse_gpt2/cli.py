@@ -4,12 +4,14 @@ exit code (2 for a bad command line, 1 for a refused or failed run), never a
 traceback."""
 
 import ctypes
+import os
 import platform
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
 from sparse_gpt2 import metrics
 
@@ -44,6 +46,17 @@ def keep_freed_memory():
   libc.mallopt(-8, 1)          # M_ARENA_MAX: every thread in the main arena.
   libc.mallopt(-4, 0)          # M_MMAP_MAX: no block is mmapped...
   libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: ...or trimmed back to the OS.
+
+
+def keep_compiled_programs():
+  """Keeps compiled programs on disk (JAX_COMPILATION_CACHE_DIR, else
+  ~/.cache/sparse_gpt2/jax), so that a rerun or a resumed run loads its
+  train step instead of compiling it again, and a task's pruning program,
+  which takes the weights as arguments, compiles once for both twins, every
+  point of a curve and the next run."""
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.expanduser('~/.cache/sparse_gpt2/jax'))
 
 
 def fail(message, code):

@@ -27,6 +27,7 @@ def main():
     cli.keep_freed_memory()
   if _CONFIG.value.num_cpu_devices:  # Before jax starts its CPU backend.
     jax.config.update('jax_num_cpu_devices', _CONFIG.value.num_cpu_devices)
+  cli.keep_compiled_programs()
   if os.environ.get('SPARSE_GPT2_DISTRIBUTED') == '1':  # Set by launch/.
     jax.distributed.initialize()  # Finds the TPU slice / Slurm job itself.
   config_file = flags.FLAGS['config'].config_filename

@@ -362,24 +362,44 @@ def test_freed_memory_is_reused_without_page_faults():
 
 _MAIN_WITH_A_SPY = r"""
 import sys
+import jax
 from sparse_gpt2 import cli, main, train
 cli.keep_freed_memory = lambda: print('kept')
-train.train_and_evaluate = lambda config, workdir: None
+train.train_and_evaluate = lambda config, workdir: print(
+    jax.config.jax_compilation_cache_dir)
 sys.argv = ['main', '--config=configs/tiny.py',
             f'--config.train_steps={sys.argv[1]}']
 cli.run(main.main)
 """
 
 
+def _main_with_a_spy(steps, env=None):
+  """main's output, run up to train_and_evaluate: 'kept' if it kept freed
+  memory, then the directory it keeps compiled programs in."""
+  return subprocess.run([sys.executable, '-c', _MAIN_WITH_A_SPY, str(steps)],
+                        capture_output=True, text=True, check=True, cwd=ROOT,
+                        env=env).stdout.split()
+
+
 @pytest.mark.parametrize('steps', [cli.STEPS_TO_EARN_BACK_FREED_MEMORY - 1,
                                    cli.STEPS_TO_EARN_BACK_FREED_MEMORY])
 def test_only_runs_long_enough_keep_freed_memory(steps):
   # Its one malloc arena slows compiles, which a short run never earns back.
-  out = subprocess.run([sys.executable, '-c', _MAIN_WITH_A_SPY, str(steps)],
-                       capture_output=True, text=True, check=True,
-                       cwd=ROOT).stdout
-  assert (out.strip() == 'kept') == (
+  assert ('kept' in _main_with_a_spy(steps)) == (
       steps >= cli.STEPS_TO_EARN_BACK_FREED_MEMORY)
+
+
+@pytest.mark.parametrize('cache', ['', 'chosen'])
+def test_main_keeps_compiled_programs_where_the_environment_says(cache,
+                                                                 tmp_path):
+  # A rerun or a resumed run then loads its train step instead of compiling.
+  env = {k: v for k, v in os.environ.items()
+         if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env['HOME'] = str(tmp_path)
+  if cache:
+    env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path / cache)
+  assert _main_with_a_spy(1, env)[-1] == str(
+      tmp_path / (cache or '.cache/sparse_gpt2/jax'))
 
 
 def test_mfu_peak_is_the_datasheet_peak_times_the_devices(monkeypatch):

@@ -7,7 +7,6 @@ circuit found another way.
 """
 
 import dataclasses
-import os
 
 from absl import flags
 import jax
@@ -94,18 +93,13 @@ def define_flags():
 
 
 def start_jax():
-  """Before jax starts: the CPU split into --num_cpu_devices, and compiled
-  programs kept on disk (JAX_COMPILATION_CACHE_DIR, else
-  ~/.cache/sparse_gpt2/jax), so that a task's pruning program, which takes
-  the weights as arguments, compiles once for both twins, every point of a
-  curve and the next run. And, for a long enough pruning, freed memory kept
-  for reuse (`cli.keep_freed_memory`)."""
+  """Before jax starts: the CPU split into --num_cpu_devices, compiled
+  programs kept on disk (`cli.keep_compiled_programs`) and, for a long
+  enough pruning, freed memory kept for reuse (`cli.keep_freed_memory`)."""
   if flags.FLAGS.steps >= cli.STEPS_TO_EARN_BACK_FREED_MEMORY:
     cli.keep_freed_memory()
   jax.config.update('jax_num_cpu_devices', flags.FLAGS.num_cpu_devices)
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir',
-                      os.path.expanduser('~/.cache/sparse_gpt2/jax'))
+  cli.keep_compiled_programs()
 
 
 def from_flags():
