@@ -106,13 +106,15 @@ def _guarantee_top_per_neuron(bits, j, row_axes):
   fan-in rows are split over the mesh axes `row_axes` (a column max is then
   a `pmax`). j passes of a column max below the previous one find each
   column's j-th largest value (no sort, no top_k, both slow on CPU); zeros
-  are never guaranteed.
+  are never guaranteed. The passes are one loop: unrolled, they took
+  sparse_small's train step ~1.7 s longer to compile and the top-k alone
+  5-10% longer to run.
   """
   cols = bits.reshape(bits.shape[0], -1, bits.shape[-1])  # [n, fan_in, out]
-  nth = jnp.full((cols.shape[0], 1, cols.shape[2]), _GUARANTEED, jnp.int32)
-  for _ in range(j):
-    nth = _pmax(jnp.max(jnp.where(cols < nth, cols, -1), axis=1,
-                        keepdims=True), row_axes)
+  nth = jax.lax.fori_loop(
+      0, j, lambda _, nth: _pmax(jnp.max(jnp.where(cols < nth, cols, -1),
+                                         axis=1, keepdims=True), row_axes),
+      jnp.full((cols.shape[0], 1, cols.shape[2]), _GUARANTEED, jnp.int32))
   cols = jnp.where((cols >= nth) & (cols > 0), _GUARANTEED, cols)
   return cols.reshape(bits.shape)
 
