@@ -53,6 +53,8 @@ cd $(printf '%q' "$repo")
 # the coordinator is the first node of the job.
 export JAX_COORDINATOR_ADDRESS=\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n 1):12345
 export SPARSE_GPT2_DISTRIBUTED=1
+# Compiled programs kept on each node's own disk, not the shared home.
+export JAX_COMPILATION_CACHE_DIR=\${JAX_COMPILATION_CACHE_DIR:-/tmp/sparse_gpt2_jax_cache}
 srun --ntasks-per-node=1 .venv/bin/python -m sparse_gpt2.main $(printf '%q ' "${args[@]}")
 "
 

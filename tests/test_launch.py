@@ -84,6 +84,8 @@ def test_slurm_script_installs_once_and_runs_a_process_per_node():
   assert pip < srun and 'jax[cuda12]' in lines[pip]  # Once, not per node.
   assert any(l.startswith('export JAX_COORDINATOR_ADDRESS=') for l in lines)
   assert 'export SPARSE_GPT2_DISTRIBUTED=1' in lines
+  assert ('export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-'
+          '/tmp/sparse_gpt2_jax_cache}') in lines  # Node-local, not ~.
   assert shlex.split(lines[srun])[-3:] == [
       '--config=configs/dense_gpt2_124m.py', '--workdir=runs/dense_gpt2_124m',
       PATTERN]
