@@ -22,7 +22,9 @@ with its mean (mean ablation) there, so circuit pruning needs no other model.
 Memory at scale: attention goes through `jax.nn.dot_product_attention`
 (cuDNN flash attention on GPU, XLA elsewhere), and `remat` recomputes each
 block's activations in the backward pass instead of keeping them
-(`REMAT_POLICIES`).
+(`REMAT_POLICIES`). On CPU (`xla_cpu_grads`, which `train.make_model` sets
+there) the dense layers' kernel gradients take the order XLA:CPU runs
+without copies (`matmul`).
 """
 
 import math
@@ -190,9 +192,50 @@ def _dense_inits(std, names):
                                        names[-1:]))
 
 
-def _dense(features, names, dtype, param_dtype, std, use_bias, name):
+@jax.custom_vjp
+def matmul(x, kernel):
+  """x [..., I] @ kernel [I, O], with the kernel's gradient taken as X^T dY.
+
+  JAX's own rule takes it as (dY^T X)^T, and XLA:CPU gave that dot's left
+  operand its contracting axis minor: every step copied dY [tokens, O] into
+  [O, tokens], the larger operand wherever O > I (the MLP's first layer,
+  query-key-value) and, for the unembedding, every logit's gradient. X^T dY
+  it runs with no copy, as one dot that reads X's rows (`sparse_small`'s
+  step: 147 -> 92 MiB of layout copies a device). CPU only
+  (`GPT2.xla_cpu_grads`): compiled for TPU this rule kept more per chip
+  (the dense 124M twin on v5e-8: 4.00 -> 4.14 GiB of temporaries), and
+  `remat='dots'` does not see the dots inside it.
+  """
+  return jnp.einsum('...i,io->...o', x, kernel)
+
+
+def _matmul_fwd(x, kernel):
+  return matmul(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(residuals, dy):
+  x, kernel = residuals
+  d_kernel = jnp.einsum('ti,to->io', x.reshape(-1, x.shape[-1]),
+                        dy.reshape(-1, dy.shape[-1]))
+  return jnp.einsum('...o,io->...i', dy, kernel), d_kernel
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _dense_dot_general(x, kernel, dimension_numbers, precision=None):
+  """`matmul` as nn.Dense's `dot_general` (x's last axis with the
+  kernel's first; `_dense` sets no precision)."""
+  if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or precision:
+    raise ValueError(f'matmul: unexpected {dimension_numbers}, {precision}')
+  return matmul(x, kernel)
+
+
+def _dense(features, names, dtype, param_dtype, std, use_bias, name,
+           xla_cpu_grads):
   kernel_init, bias_init = _dense_inits(std, names)
   return nn.Dense(features, use_bias=use_bias, dtype=dtype,
+                  dot_general=_dense_dot_general if xla_cpu_grads else None,
                   param_dtype=param_dtype, kernel_init=kernel_init,
                   bias_init=bias_init, name=name)
 
@@ -251,6 +294,7 @@ class Block(nn.Module):
   proj_std: float
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  xla_cpu_grads: bool
 
   def _node(self, name, x):
     if self.act_topk_fraction and name in self.act_topk_locations:
@@ -264,7 +308,8 @@ class Block(nn.Module):
 
   def _dense(self, features, names, name, std=None):
     return _dense(features, names, self.dtype, self.param_dtype,
-                  std or self.init_std, self.use_bias, name)
+                  std or self.init_std, self.use_bias, name,
+                  self.xla_cpu_grads)
 
   @nn.compact
   def __call__(self, x, deterministic=True):  # x: [B, T, D]
@@ -281,7 +326,10 @@ class Block(nn.Module):
                for m in ('query', 'key', 'value')]
     kernel = jnp.stack([w for w, _ in weights], 1)        # [D, 3, H * Dh]
     a, kernel = nn.dtypes.promote_dtype(a, kernel, dtype=self.dtype)
-    qkv = jnp.einsum('btd,dsk->btsk', a, kernel)          # [B, T, 3, H * Dh]
+    if self.xla_cpu_grads:                                # [B, T, 3, H * Dh]
+      qkv = matmul(a, kernel.reshape(d, -1)).reshape(b, t, 3, -1)
+    else:
+      qkv = jnp.einsum('btd,dsk->btsk', a, kernel)
     if self.use_bias:
       qkv = qkv + jnp.stack([bias for _, bias in weights]).astype(qkv.dtype)
     q, k, v = (self._node(n, qkv[:, :, i]).reshape(b, t, h, dh)
@@ -325,6 +373,7 @@ class GPT2(nn.Module):
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   sparse_params: str = ''     # Regex over parameter paths; '' = no masks.
+  xla_cpu_grads: bool = False  # Gradients laid out for XLA:CPU (`matmul`).
 
   def _check(self):
     unknown = set(self.act_topk_locations) - set(NODE_LOCATIONS)
@@ -380,18 +429,22 @@ class GPT2(nn.Module):
           act_topk_locations=tuple(self.act_topk_locations),
           dropout=self.dropout, use_bias=self.use_bias, init_std=std,
           proj_std=std / math.sqrt(2 * self.num_layers), dtype=dtype,
-          param_dtype=param_dtype, name=f'block_{i}')(x, deterministic)
+          param_dtype=param_dtype, xla_cpu_grads=self.xla_cpu_grads,
+          name=f'block_{i}')(x, deterministic)
       x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
 
     if positions is not None:
       rows = jnp.arange(tokens.shape[0])
       x, tokens = x[rows, positions], tokens[rows, positions]  # [B, D], [B]
     x = _norm(self.norm, dtype, param_dtype, 'norm_f')(x)
-    if self.tie_embeddings:
+    if self.tie_embeddings and self.xla_cpu_grads:
+      x, wte = nn.dtypes.promote_dtype(x, embed.embedding, dtype=dtype)
+      logits = matmul(x, wte.T)  # embed.attend(x), with `matmul`'s gradient.
+    elif self.tie_embeddings:
       logits = embed.attend(x)
     else:
       logits = _dense(self.vocab_size, ('embed', 'vocab'), dtype, param_dtype,
-                      std, False, 'lm_head')(x)
+                      std, False, 'lm_head', self.xla_cpu_grads)(x)
     logits = logits.astype(jnp.float32)
     if self.bigram_table:
       table = self.param('bigram', nn.with_logical_partitioning(

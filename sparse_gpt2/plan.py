@@ -85,7 +85,7 @@ def compile_step(config, target_devices):
   """(parameter count, devices, compiled step or the compiler's error)."""
   train.validate(config)
   mesh = train.make_mesh(config, target_devices)
-  model = train.make_model(config)
+  model = train.make_model(config, target_devices[0].platform)
   tx = optim.make(config, config.get('schedule_steps') or config.train_steps)
   rules = sharding.rules(config.mesh)
   with nn.logical_axis_rules(rules):

@@ -45,9 +45,14 @@ class TrainState:
   opt_state: Any
 
 
-def make_model(config):
+def make_model(config, platform=None):
+  """The config's GPT2 for `platform` ('cpu', 'gpu', 'tpu'; default: JAX's
+  backend), whose gradients on CPU are laid out for XLA:CPU
+  (`model.matmul`)."""
   return model_lib.GPT2(**config.model,
-                        sparse_params=sparsity.model_pattern(config.sparsity))
+                        sparse_params=sparsity.model_pattern(config.sparsity),
+                        xla_cpu_grads=(platform or jax.default_backend())
+                        == 'cpu')
 
 
 def validate(config):

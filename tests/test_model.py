@@ -1,6 +1,8 @@
 """GPT2 architecture switches: each builds, runs, and changes what it should.
 (Parity with transformers' GPT-2 is in test_hf.py.)"""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -232,9 +234,11 @@ def test_dot_product_attention_equals_the_explicit_attention(with_sink, t):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize('remat', ['full', 'dots'])
-def test_remat_gives_identical_loss_and_gradients(remat):
-  kw = dict(attention_sink=True, bigram_table=True, tie_embeddings=False)
+@pytest.mark.parametrize('remat,xla_cpu_grads',
+                         [('full', False), ('dots', False), ('full', True)])
+def test_remat_gives_identical_loss_and_gradients(remat, xla_cpu_grads):
+  kw = dict(attention_sink=True, bigram_table=True, tie_embeddings=False,
+            xla_cpu_grads=xla_cpu_grads)
   m, params, _ = _init(**kw)
   m_remat = model_lib.GPT2(**{**SMALL, **kw, 'remat': remat})
 
@@ -256,3 +260,27 @@ def test_bad_attention_or_remat_fails_clearly():
     _init(remat='sometimes')
   with pytest.raises(ValueError, match='model.attention'):
     _init(attention='flash')
+
+
+def test_xla_cpu_grads_are_the_gradients_of_jax_own_rules():
+  # `matmul`'s own backward pass (laid out for XLA:CPU) must give the
+  # gradients of JAX's rules, alone and in the whole model.
+  keys = jax.random.split(jax.random.key(2), 3)
+  x = jax.random.normal(keys[0], (3, 5, 7))
+  kernel = jax.random.normal(keys[1], (7, 4))
+  dy = jax.random.normal(keys[2], (3, 5, 4))
+  ours, reference = (
+      jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * dy), (0, 1))(x, kernel)
+      for f in (model_lib.matmul, jnp.matmul))
+  for got, want in zip(ours, reference):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for tied in (False, True):
+    kw = dict(bigram_table=True, tie_embeddings=tied)
+    m, params, _ = _init(**kw)
+    m_cpu = model_lib.GPT2(**SMALL, **kw, xla_cpu_grads=True)
+    g, g_cpu = (jax.grad(lambda p, m=m: jnp.mean(
+        m.apply({'params': p}, TOKENS) ** 2))(params) for m in (m, m_cpu))
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4,
+                                   atol=1e-7), g_cpu, g)
+  with pytest.raises(ValueError, match='matmul'):
+    model_lib._dense_dot_general(x, kernel, (((0,), (0,)), ((), ())))
