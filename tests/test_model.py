@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import tiny
 from sparse_gpt2 import model as model_lib
+from sparse_gpt2 import train
 
 SMALL = dict(vocab_size=50, num_layers=2, d_model=16, num_heads=2,
              max_len=12)
@@ -284,3 +286,7 @@ def test_xla_cpu_grads_are_the_gradients_of_jax_own_rules():
                                    atol=1e-7), g_cpu, g)
   with pytest.raises(ValueError, match='matmul'):
     model_lib._dense_dot_general(x, kernel, (((0,), (0,)), ((), ())))
+  # A run's model takes them where its step runs on CPU, and only there.
+  config = tiny.get_config()
+  assert train.make_model(config).xla_cpu_grads  # The tests run on CPU.
+  assert not train.make_model(config, 'tpu').xla_cpu_grads
