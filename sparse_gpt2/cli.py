@@ -59,6 +59,18 @@ def keep_compiled_programs():
                       os.path.expanduser('~/.cache/sparse_gpt2/jax'))
 
 
+def start_jax(steps, num_cpu_devices):
+  """Before jax starts its backend: for a run of `steps` long enough to earn
+  it back, freed memory kept for reuse; the CPU split into
+  `num_cpu_devices` (0: jax's default, one); compiled programs kept on
+  disk. `main` and the circuits CLIs start alike."""
+  if steps >= STEPS_TO_EARN_BACK_FREED_MEMORY:
+    keep_freed_memory()
+  if num_cpu_devices:
+    jax.config.update('jax_num_cpu_devices', num_cpu_devices)
+  keep_compiled_programs()
+
+
 def fail(message, code):
   print(f'error: {message}', file=sys.stderr)
   sys.exit(code)

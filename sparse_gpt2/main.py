@@ -23,11 +23,7 @@ flags.mark_flags_as_required(['config'])
 
 
 def main():
-  if _CONFIG.value.train_steps >= cli.STEPS_TO_EARN_BACK_FREED_MEMORY:
-    cli.keep_freed_memory()
-  if _CONFIG.value.num_cpu_devices:  # Before jax starts its CPU backend.
-    jax.config.update('jax_num_cpu_devices', _CONFIG.value.num_cpu_devices)
-  cli.keep_compiled_programs()
+  cli.start_jax(_CONFIG.value.train_steps, _CONFIG.value.num_cpu_devices)
   if os.environ.get('SPARSE_GPT2_DISTRIBUTED') == '1':  # Set by launch/.
     jax.distributed.initialize()  # Finds the TPU slice / Slurm job itself.
   config_file = flags.FLAGS['config'].config_filename

@@ -9,7 +9,6 @@ circuit found another way.
 import dataclasses
 
 from absl import flags
-import jax
 
 from sparse_gpt2 import cli
 
@@ -93,13 +92,8 @@ def define_flags():
 
 
 def start_jax():
-  """Before jax starts: the CPU split into --num_cpu_devices, compiled
-  programs kept on disk (`cli.keep_compiled_programs`) and, for a long
-  enough pruning, freed memory kept for reuse (`cli.keep_freed_memory`)."""
-  if flags.FLAGS.steps >= cli.STEPS_TO_EARN_BACK_FREED_MEMORY:
-    cli.keep_freed_memory()
-  jax.config.update('jax_num_cpu_devices', flags.FLAGS.num_cpu_devices)
-  cli.keep_compiled_programs()
+  """`cli.start_jax` for a pruning of --steps on --num_cpu_devices."""
+  cli.start_jax(flags.FLAGS.steps, flags.FLAGS.num_cpu_devices)
 
 
 def from_flags():
