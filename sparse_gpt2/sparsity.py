@@ -146,10 +146,10 @@ def topk_masks(scores, ks, min_per_neuron, shardings=None):
   higher bits match those found so far, gives the next digit. Each tensor
   counts into its own small histogram, so no index array of all the
   model's weights is built and the psum across devices is of [num, 2^11]
-  bins: the top-k's temporaries measure 0.05-0.39x the fp32 parameters
-  (`benchmarks/run.py`), where two passes of 2^15 and 2^16 bins over one
-  concatenated index array took 1.1-2.3x, and the step is no slower for the
-  extra pass. No sort and no lax.top_k (both 20-30x slower on CPU). Ties
+  bins: the top-k adds 0.01x the fp32 parameters to a train step's
+  temporaries (`benchmarks/run.py`), where two passes of 2^15 and 2^16 bins
+  over one concatenated index array took 1.1-2.3x, and the step is no
+  slower for the extra pass. No sort and no lax.top_k (both 20-30x slower on CPU). Ties
   at the threshold are kept in index order so exactly k stay.
   """
   paths = sorted(scores)
@@ -252,6 +252,12 @@ def _topk_blocks(arrays, k, *, js, specs, shared, mesh_axes):
   # this digit, the entries whose higher bits match those found so far.
   prefix = jnp.zeros(starts[-1], jnp.int32)  # The k-th largest's bits so far.
   rank = k[np.concatenate(list(groups.values()))]  # Its rank among those.
+  # The histograms' +1 per entry, made from the bits (whose first entry is
+  # >= 0, as every |w|'s is): ones made from a constant were computed at the
+  # step's start and held through the backward pass's peak, 0.37x the fp32
+  # parameters of the plain GPT-2 shape; these exist only from here on.
+  ones = [jnp.broadcast_to((b.reshape(-1)[0] >= 0).astype(jnp.int32), b.shape)
+          for b in bits]
   for shift, width in _DIGITS:
     bins = 1 << width
     hist = []
@@ -261,7 +267,7 @@ def _topk_blocks(arrays, k, *, js, specs, shared, mesh_axes):
                 + ((b >> shift) & (bins - 1)))  # Tensor t's digit, in row t.
       hist.append(jnp.zeros(n * bins, jnp.int32).at[
           jnp.where(c & (b >> (shift + width) == of_group(prefix, g)), bin_of,
-                    n * bins)].add(1, mode='drop').reshape(n, bins))
+                    n * bins)].add(ones[g], mode='drop').reshape(n, bins))
     value, above, ties_total = _select(
         _psum(jnp.concatenate(hist), mesh_axes), rank)          # [num] each
     prefix = (prefix << width) | value
