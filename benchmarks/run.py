@@ -9,8 +9,9 @@ Sections (each a table in run.md, all of them in run.json):
   modes     one model in the 'none', 'static' and 'topk' modes, and the
             top-k reprojection's own share of a topk step.
             With each, the per-device memory of the compiled step
-            (arguments, outputs, temporaries), dense against topk: what
-            masks and the top-k cost against the fp32 parameters.
+            (arguments, outputs, the outputs written over the donated
+            arguments, temporaries), dense against topk: what masks and
+            the top-k cost against the fp32 parameters.
   sizes     widths 128, 256 and 512, plain GPT-2 and the paper's architecture
             (d_head 16, RMSNorm, bigram table, attention sinks, untied).
   twins     sparse_small's and dense_small's step at the checkout against
@@ -205,7 +206,9 @@ def modes_section(shape, arch, rounds, steps):
 
 def memory(made):
   """Bytes of the compiled step per device, dense and topk, of the
-  `project_step`s of modes_section."""
+  `project_step`s of modes_section. A step holds its arguments, the outputs
+  not written over a donated argument (in topk mode the new masks: the step
+  reads none) and its temporaries."""
   out = {}
   for mode in ('none', 'topk'):
     _, jitted, holder, tokens = made[mode]
@@ -213,9 +216,11 @@ def memory(made):
     params = sum(x.size * 4 for x in jax.tree.leaves(holder[0].params))
     out[mode] = {'arguments': analysis.argument_size_in_bytes,
                  'outputs': analysis.output_size_in_bytes,
+                 'aliased': analysis.alias_size_in_bytes,
                  'temporaries': analysis.temp_size_in_bytes,
                  'fp32_params': params}
-  total = lambda r: r['arguments'] + r['temporaries']
+  total = lambda r: (r['arguments'] + r['outputs'] - r['aliased']
+                     + r['temporaries'])
   return {'results': out,
           'sparse_extra_vs_params': (total(out['topk']) - total(out['none']))
                                     / out['none']['fp32_params']}
@@ -325,16 +330,16 @@ def to_markdown(result):
     lines += ['', f"The top-k reprojection alone: {1e3 * m['topk_s']:.1f} ms, "
                   f"{100 * m['topk_share_of_step']:.1f}% of a topk step.", '',
               'Memory of the compiled step, MiB per device:', '',
-              '| mode | arguments | outputs | temporaries | fp32 params |',
-              '|---|---:|---:|---:|---:|']
+              '| mode | arguments | outputs | aliased | temporaries '
+              '| fp32 params |', '|---|---:|---:|---:|---:|---:|']
     mem = m['memory']
     for mode, r in mem['results'].items():
       lines.append(f"| {mode} | " + ' | '.join(
-          f'{r[k] / 2**20:.1f}' for k in ('arguments', 'outputs',
-                                          'temporaries', 'fp32_params'))
+          f'{r[k] / 2**20:.2f}' for k in ('arguments', 'outputs', 'aliased',
+                                           'temporaries', 'fp32_params'))
                    + ' |')
-    lines += ['', 'topk costs (arguments + temporaries) '
-                  f"{100 * mem['sparse_extra_vs_params']:.0f}% of the fp32 "
+    lines += ['', 'topk holds (arguments + outputs - aliased + temporaries) '
+                  f"{100 * mem['sparse_extra_vs_params']:.1f}% of the fp32 "
                   'parameters more than dense.']
   s = result['sizes']
   lines += ['', f"**Sizes** (dense, {_shape(s['shape'], width=False)})", '',

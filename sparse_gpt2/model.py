@@ -7,11 +7,11 @@ unembedding, no positions, a bigram logit table, attention sinks, a head size
 independent of the width, and AbsTopK activation sparsity.
 
 Weight sparsity lives here only as state: when `sparse_params` is a regex,
-`init` also creates a boolean mask in the 'sparsity' collection for every
-parameter whose path ('block_0/query/kernel', ...) matches it, with the same
-logical axes as that parameter so both shard alike. The forward pass never
-reads the masks: the optimizer keeps the weights exactly on them
-(`sparsity.reproject`).
+`init` also creates a mask in the 'sparsity' collection for every parameter
+whose path ('block_0/query/kernel', ...) matches it, bit-packed along the
+last axis (`sparsity.pack`), with the same logical axes as that parameter
+so both shard alike. The forward pass never reads the masks: the optimizer
+keeps the weights exactly on them (`sparsity.reproject`).
 
 Every node of the circuit analysis ('attn_in', 'q', 'k', 'v', 'attn_out',
 'mlp_in', 'mlp_neuron', 'mlp_out' in each block) goes through `Block._node`:
@@ -458,7 +458,8 @@ class GPT2(nn.Module):
     return logits
 
   def _init_masks(self):
-    """One all-True mask per matching parameter, boxed with its axes.
+    """One all-True mask per matching parameter, packed as
+    `sparsity.pack` packs (uint8 [..., ceil(n / 8)]), boxed with its axes.
 
     Created as top-level variables mirroring the parameter tree, so
     `variables['sparsity']` has exactly the structure of the matched subset
@@ -472,8 +473,8 @@ class GPT2(nn.Module):
         path = f'{prefix}{key}'
         if isinstance(value, nn.LogicallyPartitioned):
           if pattern.search(path):
-            out[key] = value.replace_boxed(
-                jnp.ones(value.value.shape, bool))
+            out[key] = value.replace_boxed(jnp.packbits(
+                jnp.ones(value.value.shape, bool), axis=-1))
         elif hasattr(value, 'items'):
           sub = masks(value, path + '/')
           if sub:

@@ -62,16 +62,34 @@ def to_shardings(logical_specs, mesh):
 
 def state_shardings(boxed_variables, abstract_state, tx, mesh):
   """Shardings of a TrainState: params and masks from the model's logical
-  axes, Adam moments as their params, scalars replicated."""
+  axes, Adam moments as their params, scalars replicated.
+
+  A mask is its weight bit-packed along the last axis (`sparsity.pack`),
+  so that axis is 8x shorter; where the weight's mesh axes no longer
+  divide it, the mask keeps that axis whole (it is 1/32 of the weight).
+  """
   specs = nn.get_partition_spec(boxed_variables)
   params = to_shardings(specs['params'], mesh)
-  masks = to_shardings(specs.get('sparsity', {}), mesh)
+  masks = jax.tree.map(_fitted, to_shardings(specs.get('sparsity', {}), mesh),
+                       abstract_state.masks)
   replicated = NamedSharding(mesh, P())
   opt_state = optax.tree_map_params(
       tx, lambda _, sharding: sharding, abstract_state.opt_state, params,
       transform_non_params=lambda _: replicated)
   return abstract_state.replace(step=replicated, params=params, masks=masks,
                                 opt_state=opt_state)
+
+
+def _fitted(sharding, x):
+  """`sharding` without the mesh axes of any dimension of x they do not
+  divide."""
+  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  fitted = []
+  for size, axes in zip(x.shape, spec):
+    names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+    fitted.append(axes if size % math.prod(
+        sharding.mesh.shape[a] for a in names) == 0 else None)
+  return NamedSharding(sharding.mesh, P(*fitted))
 
 
 def batch_sharding(mesh):

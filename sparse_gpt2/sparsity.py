@@ -1,8 +1,10 @@
 """Weight sparsity: masks, exact top-k, L0 annealing, the optax reprojection.
 
-Masks are created by `model.GPT2.init` in the 'sparsity' collection, one bool
-array per sparse parameter, keyed like the parameter ('block_0/query/kernel').
-This module decides their contents and keeps the weights on them:
+Masks are created by `model.GPT2.init` in the 'sparsity' collection, one per
+sparse parameter, keyed like the parameter ('block_0/query/kernel') and
+bit-packed along its last axis, 8 weights a byte (`pack`, `unpack`): bool
+masks would cost a quarter of the fp32 weights they cover. This module
+decides their contents and keeps the weights on them:
 
   none    dense baseline, no masks at all.
   static  masks drawn once at init (uniform random per tensor, or ERK) and
@@ -365,6 +367,18 @@ def topk_mask(scores, k, min_per_neuron=0):
   return topk_masks({'': scores}, {'': k}, {'': min_per_neuron})['']
 
 
+def pack(mask):
+  """Bool mask [..., n] -> uint8 [..., ceil(n / 8)]: 8 weights a byte along
+  the last axis, so each device's block of a weight's columns packs into
+  its block of the mask's (`sharding.state_shardings`)."""
+  return jnp.packbits(mask, axis=-1)
+
+
+def unpack(packed, shape):
+  """`pack`'s inverse: the bool mask of a weight of `shape`."""
+  return jnp.unpackbits(packed, axis=-1, count=shape[-1]).astype(bool)
+
+
 def flat(tree):
   return traverse_util.flatten_dict(nn.unbox(tree), sep='/')
 
@@ -373,13 +387,12 @@ def unflat(tree):
   return traverse_util.unflatten_dict(tree, sep='/')
 
 
-def _kept_per_tensor(masks, config):
-  """{path: (k_target, j)} for the final density."""
+def _kept_per_tensor(weights, config):
+  """{path: (k_target, j)} for the final density, per {path: weight}."""
   out = {}
-  for path, mask in flat(masks).items():
-    k = int(max(1, round(config.density * mask.size)))
-    out[path] = (k, guaranteed_per_neuron(mask.shape, k,
-                                          config.min_per_neuron))
+  for path, w in weights.items():
+    k = int(max(1, round(config.density * w.size)))
+    out[path] = (k, guaranteed_per_neuron(w.shape, k, config.min_per_neuron))
   return out
 
 
@@ -401,7 +414,8 @@ def erk_densities(shapes, density):
 
 
 def init_masks(params, masks, config, rng, total_steps):
-  """Fills the all-True masks from `model.init` and projects the params.
+  """Fills the all-True (packed) masks from `model.init` and projects the
+  params.
 
   Returns (params, masks), both keeping any LogicallyPartitioned boxes.
   """
@@ -416,25 +430,25 @@ def init_masks(params, masks, config, rng, total_steps):
     # the init's compile time (sparse_small's: 10.1 s with it, 3.5 without).
     return params, masks
   flat_params = flat(params)
-  kept = _kept_per_tensor(masks, config)
+  weights = {p: flat_params[p] for p in flat_masks}
+  kept = _kept_per_tensor(weights, config)
   if config.mode == 'static' and config.static_init == 'erk':
-    densities = erk_densities({p: m.shape for p, m in flat_masks.items()},
+    densities = erk_densities({p: w.shape for p, w in weights.items()},
                               config.density)
   else:
-    densities = {p: density_at(0, config, total_steps) for p in flat_masks}
+    densities = {p: density_at(0, config, total_steps) for p in weights}
   if config.mode == 'static':
-    scores = {p: jax.random.uniform(jax.random.fold_in(rng, i), m.shape)
-              for i, (p, m) in enumerate(sorted(flat_masks.items()))}
+    scores = {p: jax.random.uniform(jax.random.fold_in(rng, i), w.shape)
+              for i, (p, w) in enumerate(sorted(weights.items()))}
   else:
-    scores = {p: flat_params[p] for p in flat_masks}
+    scores = weights
   new = topk_masks(
-      scores, {p: num_kept(m.size, densities[p])
-               for p, m in flat_masks.items()},
-      {p: kept[p][1] for p in flat_masks})
+      scores, {p: num_kept(w.size, densities[p]) for p, w in weights.items()},
+      {p: kept[p][1] for p in weights})
   params = _replace_leaves(params, {
       p: jnp.where(new[p], v, 0) if p in new else v
       for p, v in flat_params.items()})
-  return params, _replace_leaves(masks, new)
+  return params, _replace_leaves(masks, {p: pack(m) for p, m in new.items()})
 
 
 def _replace_leaves(tree, values):
@@ -455,8 +469,9 @@ def mask_gradients():
   def update_fn(updates, state, params=None, *, masks, **extra):
     del params, extra
     flat_masks = flat(masks)
-    return unflat({p: jnp.where(flat_masks[p], g, 0) if p in flat_masks else g
-                   for p, g in flat(updates).items()}), state
+    return unflat({
+        p: jnp.where(unpack(flat_masks[p], g.shape), g, 0) if p in flat_masks
+        else g for p, g in flat(updates).items()}), state
 
   return optax.GradientTransformationExtraArgs(
       lambda params: optax.EmptyState(), update_fn)
@@ -472,27 +487,29 @@ def reproject(config, total_steps):
   static: the mask is the `masks` passed in. topk: it is the top-k of
   params + updates at the annealed density, so the new support is simply the
   nonzeros of the new params (`support`); no second copy of the masks is kept
-  in the optimizer state. `mask_shardings`, when the caller passes them,
-  make the top-k work shard by shard (`topk_masks`).
+  in the optimizer state. `shardings` (the params' NamedShardings), when the
+  caller passes them, make the top-k work shard by shard (`topk_masks`).
   """
   validate(config)
 
-  def update_fn(updates, state, params, *, masks, mask_shardings=None,
-                **extra):
+  def update_fn(updates, state, params, *, masks, shardings=None, **extra):
     del extra
-    flat_masks, flat_params = flat(masks), flat(params)
-    flat_updates = flat(updates)
+    flat_params, flat_updates = flat(params), flat(updates)
+    weights = {p: flat_params[p] for p in flat(masks)}
     if config.mode == 'topk':
       density = density_at(state.count + 1, config, total_steps)
-      kept = _kept_per_tensor(masks, config)
-      flat_masks = topk_masks(
-          {p: flat_params[p] + flat_updates[p] for p in flat_masks},
-          {p: num_kept(m.size, density) for p, m in flat_masks.items()},
-          {p: kept[p][1] for p in flat_masks},
-          None if mask_shardings is None else flat(mask_shardings))
+      kept = _kept_per_tensor(weights, config)
+      keep = topk_masks(
+          {p: w + flat_updates[p] for p, w in weights.items()},
+          {p: num_kept(w.size, density) for p, w in weights.items()},
+          {p: kept[p][1] for p in weights},
+          None if shardings is None else {
+              p: s for p, s in flat(shardings).items() if p in weights})
+    else:
+      keep = {p: unpack(m, weights[p].shape) for p, m in flat(masks).items()}
     new_updates = {
-        p: jnp.where(flat_masks[p], u, -flat_params[p]) if p in flat_masks
-        else u for p, u in flat_updates.items()}
+        p: jnp.where(keep[p], u, -flat_params[p]) if p in keep else u
+        for p, u in flat_updates.items()}
     return unflat(new_updates), ReprojectState(state.count + 1)
 
   return optax.GradientTransformationExtraArgs(
@@ -504,7 +521,7 @@ def support(params, masks, config):
   if config.mode != 'topk':
     return masks
   flat_params = flat(params)
-  return unflat({p: flat_params[p] != 0 for p in flat(masks)})
+  return unflat({p: pack(flat_params[p] != 0) for p in flat(masks)})
 
 
 def stats(params, masks):

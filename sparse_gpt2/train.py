@@ -124,15 +124,15 @@ def _loss_and_grads(model, params, tokens, rng, microbatches):
   return jax.tree.map(lambda x: x / microbatches, total)
 
 
-def train_step(state, tokens, *, model, tx, config, mask_shardings=None):
-  """One update. `mask_shardings` (the masks' NamedShardings) lets the top-k
-  work on each device's shard of the weights (`sparsity.topk_masks`)."""
+def train_step(state, tokens, *, model, tx, config, param_shardings=None):
+  """One update. `param_shardings` (the params' NamedShardings) lets the
+  top-k work on each device's shard of the weights (`sparsity.topk_masks`)."""
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
   loss, grads = _loss_and_grads(model, state.params, tokens, rng,
                                 config.microbatches)
   updates, opt_state = tx.update(grads, state.opt_state, state.params,
                                  masks=state.masks,
-                                 mask_shardings=mask_shardings)
+                                 shardings=param_shardings)
   params = optax.apply_updates(state.params, updates)
   grad_rms = optim.global_rms(grads)
   new_state = state.replace(
@@ -224,7 +224,7 @@ def jit_train_step(config, model, tx, state_sharding, batch_sharding):
   """`train_step` jitted for these shardings, the state donated."""
   return jax.jit(
       functools.partial(train_step, model=model, tx=tx, config=config,
-                        mask_shardings=state_sharding.masks),
+                        param_shardings=state_sharding.params),
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, None), donate_argnums=0)
 

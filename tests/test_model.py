@@ -174,7 +174,10 @@ def test_every_weight_has_logical_axes_and_masks_share_them():
   assert 'sink' not in masks['block_0']
   assert specs['sparsity']['block_0']['mlp_fc']['kernel'] == (
       specs['params']['block_0']['mlp_fc']['kernel'])
-  assert nn.unbox(masks)['wte']['embedding'].dtype == jnp.bool_
+  wte = nn.unbox(variables['params'])['wte']['embedding']
+  packed = nn.unbox(masks)['wte']['embedding']  # 8 weights a byte.
+  assert packed.dtype == jnp.uint8 and packed.shape == (
+      wte.shape[0], -(-wte.shape[1] // 8))
 
 
 def test_node_masks_of_ones_change_nothing_and_zeros_mean_ablate():

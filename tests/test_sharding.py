@@ -42,6 +42,10 @@ def test_sharded_training_matches_one_device_in_topk_and_static_modes():
   _in_subprocess('check_training')
 
 
+def test_packed_masks_shard_like_their_weights_where_the_mesh_divides():
+  _in_subprocess('check_packed_masks')
+
+
 def _mesh(data, fsdp, model):
   config = tiny.get_config().mesh
   config.data, config.fsdp, config.model = data, fsdp, model
@@ -87,6 +91,41 @@ def check_topk():
       np.testing.assert_array_equal(got[p], want[p], err_msg=f'{p} {density}')
 
 
+def check_packed_masks():
+  """Width 40: a weight of 40 columns packs into a mask of 5, which the
+  2-way 'fsdp' axis splitting the weight does not divide, so the mask keeps
+  those columns whole; 128 columns pack into 16, split like the weight's.
+  The step compiles for these shardings and keeps exactly k weights."""
+  config = tiny.get_config('topk')
+  config.model.d_model, config.model.num_layers = 40, 1
+  config.train_steps = config.schedule_steps = 2
+  config.sparsity.anneal_fraction = 0.0
+  config.mesh.data, config.mesh.fsdp, config.mesh.model = 2, 2, 2
+  mesh = _mesh(2, 2, 2)
+  model = train.make_model(config)
+  tx = optim.make(config, 2)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
+    _, state_sharding, batch_sharding = train.layout(config, model, tx, mesh)
+    params = sparsity.flat(state_sharding.params)
+    masks = sparsity.flat(state_sharding.masks)
+    assert params['block_0/mlp_proj/kernel'].spec == P('model', 'fsdp')
+    assert masks['block_0/mlp_proj/kernel'].spec == P('model', None)
+    assert params['block_0/mlp_fc/kernel'].spec == P('fsdp', 'model')
+    assert masks['block_0/mlp_fc/kernel'].spec == P('fsdp', 'model')
+    state = jax.jit(functools.partial(train.init_state, config, model, tx),
+                    out_shardings=state_sharding)(jax.random.key(0), None)
+    step = train.jit_train_step(config, model, tx, state_sharding,
+                                batch_sharding)
+    tokens = jax.random.randint(jax.random.key(1), (8, 17), 0,
+                                config.model.vocab_size)
+    state, _ = step(state, jax.device_put(tokens, batch_sharding))
+  weights = sparsity.flat(state.params)
+  for path, bits in sparsity.flat(state.masks).items():
+    mask = np.asarray(sparsity.unpack(bits, weights[path].shape))
+    assert mask.sum() == sparsity.num_kept(mask.size, 0.25), path
+    assert not np.any(np.asarray(weights[path])[~mask]), path
+
+
 def _steps(mode, mesh_shape, steps=2):
   """(losses, final state as numpy, compiled HLO) of `steps` train steps of
   the tiny model on random tokens, on a mesh of `mesh_shape`."""
@@ -110,7 +149,8 @@ def _steps(mode, mesh_shape, steps=2):
     state = jax.jit(init, out_shardings=state_sharding)(rng, None)
     step = jax.jit(
         functools.partial(train.train_step, model=model, tx=tx,
-                          config=config, mask_shardings=state_sharding.masks),
+                          config=config,
+                          param_shardings=state_sharding.params),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, None))
     hlo = step.lower(state, jax.device_put(tokens[0], batch_sharding)
@@ -140,12 +180,14 @@ def _check_training(mode):
   # No all-gather in the step yields a whole sparse matrix (FSDP gathers
   # give one model-axis shard of it), nor anything as large as all sparse
   # tensors together; and no constant of one entry per sparse weight.
-  shapes = {tuple(m.shape) for m in masks.values() if m.ndim == 2}
-  shapes |= {(m.size,) for m in masks.values() if m.ndim == 2}
+  params = sparsity.flat(state.params)
+  sparse = [params[p] for p in masks]
+  shapes = {tuple(w.shape) for w in sparse if w.ndim == 2}
+  shapes |= {(w.size,) for w in sparse if w.ndim == 2}
   gathered = {tuple(int(d) for d in dims.split(',') if d) for dims in
               re.findall(r'= \w+\[([\d,]*)\][^=]*all-gather\(', hlo)}
   assert not gathered & shapes, sorted(gathered & shapes)
-  total = sum(m.size for m in masks.values())
+  total = sum(w.size for w in sparse)
   assert max(np.prod(g) for g in gathered) < total
   for dims in re.findall(r's32\[(\d+)\][^\n]*constant\(', hlo):
     assert int(dims) < total, dims

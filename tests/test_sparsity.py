@@ -207,8 +207,15 @@ def test_every_sparse_tensor_holds_exactly_k_after_every_step(mode):
   for state in _run_steps(config):
     step = int(state.step)
     density = float(sparsity.density_at(step, config.sparsity, 20))
-    params, masks = sparsity.flat(state.params), sparsity.flat(state.masks)
-    assert masks, 'no sparse tensors'
+    params = sparsity.flat(state.params)
+    packed = sparsity.flat(state.masks)
+    assert packed, 'no sparse tensors'
+    for path, bits in packed.items():  # 8 weights a byte, the last padded.
+      assert bits.dtype == jnp.uint8, path
+      assert bits.shape == params[path].shape[:-1] + (
+          -(-params[path].shape[-1] // 8),), path
+    masks = {p: np.asarray(sparsity.unpack(bits, params[p].shape))
+             for p, bits in packed.items()}
     for path, mask in masks.items():
       k = max(1, round(density * mask.size))
       assert int(mask.sum()) == k, (step, path)
@@ -239,7 +246,7 @@ def test_topk_revives_a_pruned_weight_with_a_large_gradient():
   # to outgrow the threshold (0.05) to come back; with unit-RMS gradients
   # and lr 0.2 the first one does.
   w = jnp.array([[0.1, 0.05], [0.0, 0.0]])
-  params, masks = {'w': w}, {'w': w != 0}
+  params, masks = {'w': w}, {'w': sparsity.pack(w != 0)}
   tx = optim.make(config, 100)
   state = tx.init(params)
   grads = {'w': jnp.array([[0.0, 0.0], [-100.0, 0.0]])}
@@ -247,7 +254,8 @@ def test_topk_revives_a_pruned_weight_with_a_large_gradient():
     updates, state = tx.update(grads, state, params, masks=masks)
     params = optax.apply_updates(params, updates)
     masks = sparsity.support(params, masks, config.sparsity)
-  np.testing.assert_array_equal(masks['w'], [[True, False], [True, False]])
+  np.testing.assert_array_equal(sparsity.unpack(masks['w'], (2, 2)),
+                                [[True, False], [True, False]])
 
 
 def test_gradients_are_rescaled_to_unit_rms():
