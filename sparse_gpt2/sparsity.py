@@ -148,11 +148,11 @@ def topk_masks(scores, ks, min_per_neuron, shardings=None):
   higher bits match those found so far, gives the next digit. Each tensor
   counts into its own small histogram, so no index array of all the
   model's weights is built and the psum across devices is of [num, 2^11]
-  bins: the top-k adds 0.01x the fp32 parameters to a train step's
-  temporaries (`benchmarks/run.py`), where two passes of 2^15 and 2^16 bins
-  over one concatenated index array took 1.1-2.3x, and the step is no
-  slower for the extra pass. No sort and no lax.top_k (both 20-30x slower on CPU). Ties
-  at the threshold are kept in index order so exactly k stay.
+  bins: the top-k adds 0.01x the fp32 parameters to the temporaries of
+  `benchmarks/run.py`'s train steps, where two passes of 2^15 and 2^16
+  bins over one concatenated index array took 1.1-2.3x, and the step is no
+  slower for the extra pass. No sort and no lax.top_k (both 20-30x slower
+  on CPU). Ties at the threshold are kept in index order so exactly k stay.
   """
   paths = sorted(scores)
   arrays = [scores[p] for p in paths]
