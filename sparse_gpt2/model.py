@@ -35,6 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparse_gpt2 import sparsity
+
 NODE_LOCATIONS = ('attn_in', 'q', 'k', 'v', 'attn_out',
                   'mlp_in', 'mlp_neuron', 'mlp_out')
 ATTENTION = ('auto', 'xla', 'cudnn')
@@ -458,8 +460,8 @@ class GPT2(nn.Module):
     return logits
 
   def _init_masks(self):
-    """One all-True mask per matching parameter, packed as
-    `sparsity.pack` packs (uint8 [..., ceil(n / 8)]), boxed with its axes.
+    """One all-True mask per matching parameter, packed by `sparsity.pack`
+    (uint8 [..., ceil(n / 8)]), boxed with its axes.
 
     Created as top-level variables mirroring the parameter tree, so
     `variables['sparsity']` has exactly the structure of the matched subset
@@ -473,8 +475,8 @@ class GPT2(nn.Module):
         path = f'{prefix}{key}'
         if isinstance(value, nn.LogicallyPartitioned):
           if pattern.search(path):
-            out[key] = value.replace_boxed(jnp.packbits(
-                jnp.ones(value.value.shape, bool), axis=-1))
+            out[key] = value.replace_boxed(sparsity.pack(
+                jnp.ones(value.value.shape, bool)))
         elif hasattr(value, 'items'):
           sub = masks(value, path + '/')
           if sub:

@@ -495,7 +495,8 @@ def reproject(config, total_steps):
   def update_fn(updates, state, params, *, masks, shardings=None, **extra):
     del extra
     flat_params, flat_updates = flat(params), flat(updates)
-    weights = {p: flat_params[p] for p in flat(masks)}
+    flat_masks = flat(masks)
+    weights = {p: flat_params[p] for p in flat_masks}
     if config.mode == 'topk':
       density = density_at(state.count + 1, config, total_steps)
       kept = _kept_per_tensor(weights, config)
@@ -506,7 +507,7 @@ def reproject(config, total_steps):
           None if shardings is None else {
               p: s for p, s in flat(shardings).items() if p in weights})
     else:
-      keep = {p: unpack(m, weights[p].shape) for p, m in flat(masks).items()}
+      keep = {p: unpack(m, weights[p].shape) for p, m in flat_masks.items()}
     new_updates = {
         p: jnp.where(keep[p], u, -flat_params[p]) if p in keep else u
         for p, u in flat_updates.items()}
