@@ -1,5 +1,6 @@
 """Orbax glue: periodic async saves of the whole TrainState, and a restore
-that moves a corrupt newest checkpoint aside but stops on any other failure.
+that moves a corrupt newest checkpoint aside but stops on any other failure,
+and reads the bool masks of checkpoints older than bit-packed masks.
 
 The data position needs no saving: the batch at step s is a pure function of
 (seed, s), so the restored `step` is the data position.
@@ -13,6 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from sparse_gpt2 import multihost
+from sparse_gpt2 import sparsity
 from sparse_gpt2 import workdir as workdir_lib
 
 # Tensorstore status codes that mean a checkpoint's own files are damaged: a
@@ -36,9 +38,34 @@ def save(mngr, step, state):
 
 
 def restore(mngr, step, abstract_state):
-  """The state saved at `step`."""
+  """The state saved at `step`. Masks saved bool, as every checkpoint was
+  before masks were bit-packed (2026-12-02), are read as bool and packed:
+  older runs resume, and the circuits CLIs read them."""
+  if not _saved_bool_masks(mngr, step):
+    return _restore(mngr, step, abstract_state)
+  params = sparsity.flat(abstract_state.params)
+  packed = sparsity.flat(abstract_state.masks)
+  bool_masks = {p: jax.ShapeDtypeStruct(params[p].shape, bool,
+                                        sharding=params[p].sharding)
+                for p in packed}
+  state = _restore(mngr, step, abstract_state.replace(
+      masks=sparsity.unflat(bool_masks)))
+  pack = jax.jit(lambda masks: jax.tree.map(sparsity.pack, masks),
+                 out_shardings={p: m.sharding for p, m in packed.items()})
+  logging.info('Checkpoint at step %d holds bool masks; packed them.', step)
+  return state.replace(masks=sparsity.unflat(pack(sparsity.flat(state.masks))))
+
+
+def _restore(mngr, step, abstract_state):
   return mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state))).state
+
+
+def _saved_bool_masks(mngr, step):
+  saved = ocp.StandardCheckpointHandler().metadata(
+      mngr.directory / str(step) / 'state')
+  return any(leaf.dtype == bool
+             for leaf in jax.tree.leaves(saved.get('masks', {})))
 
 
 def is_corrupt(error):

@@ -20,6 +20,7 @@ from sparse_gpt2 import checkpoint
 from sparse_gpt2 import cli
 from sparse_gpt2 import metrics
 from sparse_gpt2 import optim
+from sparse_gpt2 import sparsity
 from sparse_gpt2 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,6 +140,29 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(
   _assert_same_state(state, reference)  # Redid 51..60 from step 50.
   aside = os.listdir(os.path.join(workdir, 'corrupt_checkpoints'))
   assert len(aside) == 1 and aside[0].startswith('60-')
+
+
+def test_a_checkpoint_with_bool_masks_restores_them_packed(reference_run,
+                                                          tmp_path):
+  """Checkpoints saved before masks were bit-packed hold bool masks of the
+  weights' shapes: they resume, and load for analysis, as packed masks."""
+  config, ref_dir, final = reference_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(ref_dir, workdir,
+                  ignore=shutil.ignore_patterns('checkpoints'))
+  _, _, state = train.load_run(ref_dir)
+  params = sparsity.flat(state.params)
+  bool_masks = {p: sparsity.unpack(m, params[p].shape)
+                for p, m in sparsity.flat(state.masks).items()}
+  mngr = checkpoint.manager(workdir, keep=2)
+  checkpoint.save(mngr, 60, state.replace(masks=sparsity.unflat(bool_masks)))
+  mngr.wait_until_finished()
+  _, _, loaded = train.load_run(workdir)
+  resumed = train.train_and_evaluate(config, workdir)  # At its last step.
+  for restored in (loaded, resumed):
+    dtypes = {m.dtype for m in jax.tree.leaves(restored.masks)}
+    assert dtypes == {np.dtype(np.uint8)}
+    _assert_same_state(restored, final)
 
 
 @pytest.mark.parametrize('failure', ['changed model', 'out of memory'])
