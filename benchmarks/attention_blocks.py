@@ -1,0 +1,79 @@
+r"""How many causal query blocks pay at each sequence length, for
+`model._query_blocks`.
+
+  python benchmarks/attention_blocks.py --batch=32 --heads=16
+
+Times `model.softmax_attention`'s forward and backward (d_head 16, the
+paper's) with the queries cut into 1, 2 and 4 blocks, at each of
+`--lengths`, the splits in turns, and prints the median ms of each as a
+markdown table. The circuit pruning runs prompts of 6-24 tokens, training
+128; the table says where blocks start to gain.
+"""
+
+import os
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sparse_gpt2 import model  # pylint: disable=g-import-not-at-top
+
+_BATCH = flags.DEFINE_integer('batch', 32, 'Sequences.')
+_HEADS = flags.DEFINE_integer('heads', 16, 'Heads of 16 dimensions.')
+_LENGTHS = flags.DEFINE_list('lengths', '8,16,24,32,48,64,96,128',
+                             'Sequence lengths.')
+_BLOCKS = (1, 2, 4)
+_ROUNDS, _CALLS = 7, 20
+
+
+def _blocks(n):
+  """`model._query_blocks` with n blocks at every length."""
+  def query_blocks(t):
+    n_t = min(n, t)
+    return [(i * t // n_t, (i + 1) * t // n_t) for i in range(n_t)]
+  return query_blocks
+
+
+def _compiled(n, q, k, v, d_out, sink):
+  """Forward and backward with n query blocks, compiled (the blocks are
+  read while tracing, so each n is its own program)."""
+  chosen, model._query_blocks = model._query_blocks, _blocks(n)  # pylint: disable=protected-access
+  try:
+    f = jax.jit(lambda q, k, v: jax.vjp(
+        lambda *a: model.softmax_attention(*a, sink), q, k, v)[1](d_out))
+    jax.block_until_ready(f(q, k, v))
+  finally:
+    model._query_blocks = chosen  # pylint: disable=protected-access
+  return f
+
+
+def main(argv):
+  del argv
+  print(f'| T | ' + ' | '.join(f'{n} block{"s" * (n > 1)} (ms)'
+                               for n in _BLOCKS) + ' | chosen |')
+  print('|---:|' + '---:|' * (len(_BLOCKS) + 1))
+  for t in map(int, _LENGTHS.value):
+    shape = (_BATCH.value, t, _HEADS.value, 16)
+    q, k, v, d_out = (jax.random.normal(key, shape) for key in
+                      jax.random.split(jax.random.key(0), 4))
+    sink = jnp.zeros((_HEADS.value,))
+    steps = {n: _compiled(n, q, k, v, d_out, sink) for n in _BLOCKS}
+    times = {n: [] for n in _BLOCKS}
+    for _ in range(_ROUNDS):
+      for n, f in steps.items():
+        start = time.perf_counter()
+        for _ in range(_CALLS):
+          jax.block_until_ready(f(q, k, v))
+        times[n].append(1e3 * (time.perf_counter() - start) / _CALLS)
+    print(f'| {t} | ' + ' | '.join(f'{statistics.median(times[n]):.2f}'
+                                   for n in _BLOCKS)
+          + f' | {len(model._query_blocks(t))} |', flush=True)  # pylint: disable=protected-access
+
+
+if __name__ == '__main__':
+  app.run(main)
