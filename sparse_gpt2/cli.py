@@ -38,7 +38,8 @@ def keep_freed_memory():
   arena costs compile time (XLA's compiler threads share its lock:
   `sparse_small`'s step compiled in 43-52 s instead of 31-40 s), which a run
   earns back within its first ~150 steps; short runs (the test suite's,
-  `convert`) do not call this. A no-op off glibc.
+  `convert`) do not call this, nor the circuits CLIs (`settings.start_jax`).
+  A no-op off glibc.
   """
   if platform.libc_ver()[0] != 'glibc':
     return
@@ -59,12 +60,12 @@ def keep_compiled_programs():
                       os.path.expanduser('~/.cache/sparse_gpt2/jax'))
 
 
-def start_jax(steps, num_cpu_devices):
-  """Before jax starts its backend: for a run of `steps` long enough to earn
-  it back, freed memory kept for reuse; the CPU split into
+def start_jax(num_cpu_devices, train_steps=0):
+  """Before jax starts its backend: for a training run of `train_steps` long
+  enough to earn it back, freed memory kept for reuse; the CPU split into
   `num_cpu_devices` (0: jax's default, one); compiled programs kept on
   disk. `main` and the circuits CLIs start alike."""
-  if steps >= STEPS_TO_EARN_BACK_FREED_MEMORY:
+  if train_steps >= STEPS_TO_EARN_BACK_FREED_MEMORY:
     keep_freed_memory()
   if num_cpu_devices:
     jax.config.update('jax_num_cpu_devices', num_cpu_devices)

@@ -23,7 +23,7 @@ flags.mark_flags_as_required(['config'])
 
 
 def main():
-  cli.start_jax(_CONFIG.value.train_steps, _CONFIG.value.num_cpu_devices)
+  cli.start_jax(_CONFIG.value.num_cpu_devices, _CONFIG.value.train_steps)
   if os.environ.get('SPARSE_GPT2_DISTRIBUTED') == '1':  # Set by launch/.
     jax.distributed.initialize()  # Finds the TPU slice / Slurm job itself.
   config_file = flags.FLAGS['config'].config_filename

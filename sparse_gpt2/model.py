@@ -117,7 +117,8 @@ def _query_blocks(t):
   4 blocks) and skip most of the masked-out half. More blocks, or blocks of
   fewer than 24 queries, save less than their smaller, more numerous ops
   cost on a CPU: the circuit pruning's prompts (6-24 tokens) run fastest
-  as one block, training's 128 tokens as four."""
+  as one block, training's 128 tokens as four
+  (benchmarks/attention_blocks.py)."""
   n = min(_QUERY_BLOCKS, max(1, t // _MIN_BLOCK_QUERIES))
   return [(i * t // n, (i + 1) * t // n) for i in range(n)]
 
