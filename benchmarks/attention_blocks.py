@@ -54,7 +54,7 @@ def _compiled(n, q, k, v, d_out, sink):
 
 def main(argv):
   del argv
-  print(f'| T | ' + ' | '.join(f'{n} block{"s" * (n > 1)} (ms)'
+  print('| T | ' + ' | '.join(f'{n} block{"s" * (n > 1)} (ms)'
                                for n in _BLOCKS) + ' | chosen |')
   print('|---:|' + '---:|' * (len(_BLOCKS) + 1))
   for t in map(int, _LENGTHS.value):
