@@ -31,24 +31,18 @@ _BLOCKS = (1, 2, 4)
 _ROUNDS, _CALLS = 7, 20
 
 
-def _blocks(n):
-  """`model._query_blocks` with n blocks at every length."""
-  def query_blocks(t):
-    n_t = min(n, t)
-    return [(i * t // n_t, (i + 1) * t // n_t) for i in range(n_t)]
-  return query_blocks
-
-
 def _compiled(n, q, k, v, d_out, sink):
-  """Forward and backward with n query blocks, compiled (the blocks are
-  read while tracing, so each n is its own program)."""
-  chosen, model._query_blocks = model._query_blocks, _blocks(n)  # pylint: disable=protected-access
+  """Forward and backward with n query blocks of any length, compiled
+  (`model._query_blocks` is read while tracing, so each n is its own
+  program)."""
+  chosen = model._QUERY_BLOCKS, model._MIN_BLOCK_QUERIES  # pylint: disable=protected-access
+  model._QUERY_BLOCKS, model._MIN_BLOCK_QUERIES = n, 1  # pylint: disable=protected-access
   try:
     f = jax.jit(lambda q, k, v: jax.vjp(
         lambda *a: model.softmax_attention(*a, sink), q, k, v)[1](d_out))
     jax.block_until_ready(f(q, k, v))
   finally:
-    model._query_blocks = chosen  # pylint: disable=protected-access
+    model._QUERY_BLOCKS, model._MIN_BLOCK_QUERIES = chosen  # pylint: disable=protected-access
   return f
 
 

@@ -107,7 +107,7 @@ def attend(q, k, v, sink=None, implementation='auto'):
                                       implementation='cudnn')
 
 
-_QUERY_BLOCKS = 4      # Causal attention scores only the keys up to each block.
+_QUERY_BLOCKS = 4  # Causal attention scores only the keys up to each block.
 _MIN_BLOCK_QUERIES = 24  # Shorter blocks cost more in ops than they save.
 
 
@@ -115,7 +115,7 @@ def _query_blocks(t):
   """[(start, end)] of the query blocks: block i's queries are [start, end)
   and its keys [0, end), so the blocks score 5/8 of the [T, T] square (with
   4 blocks) and skip most of the masked-out half. More blocks, or blocks of
-  fewer than 24 queries, save less than their smaller, more numerous ops
+  fewer than _MIN_BLOCK_QUERIES, save less than their smaller, more numerous ops
   cost on a CPU: the circuit pruning's prompts (6-24 tokens) run fastest
   as one block, training's 128 tokens as four
   (benchmarks/attention_blocks.py)."""
