@@ -178,6 +178,7 @@ def test_to_markdown():
   assert 'sparse: `runs/sparse` step 100, validation loss 3.1000' in md
   assert 'dense: `runs/dense` step 40, validation loss 3.1100' in md
   assert '**160.0x**' in md
+  assert 'Geometric mean over the 1 task solved by both' in md
   assert 'c (full-model test loss: dense 0.600)' in md
   assert '`figure.png` shows `a`' in md
 

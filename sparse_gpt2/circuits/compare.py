@@ -202,8 +202,9 @@ def to_markdown(summary):
   out.append('')
   g = summary['geomean']
   if g:
+    n = summary['num_compared']
     out.append(
-        f"Geometric mean over the {summary['num_compared']} tasks solved by "
+        f"Geometric mean over the {n} task{'s' * (n != 1)} solved by "
         f"both: {g['edges_sparse']:,.0f} edges sparse, {g['edges_dense']:,.0f} "
         f"edges dense, **{g['ratio']:.1f}x** fewer edges in the sparse model "
         f"({g['nodes_sparse']:,.0f} against {g['nodes_dense']:,.0f} nodes; "
