@@ -136,6 +136,56 @@ def test_prune_recovers_planted_circuit():
   assert not circuit['past_mask']
   assert all(c['steps'] / 2 < c['mask_step'] <= c['steps']
              for c in circuit['convergence'])
+  assert circuit['steps_run'] == 100 and late['steps_run'] == 100
+
+
+def _taus(kept_counts, every=100):
+  """{step: tau} of a run whose masks keep `kept_counts` nodes (of 400)
+  after every `every` steps."""
+  return {every * (i + 1): np.where(np.arange(400) < n, 1.0, -1.0)
+          for i, n in enumerate(kept_counts)}
+
+
+def test_a_run_goes_on_while_its_mask_still_shrinks():
+  """Kept counts as dense bracket_counting's run read them at steps
+  1000-2000 (falling 349 -> 283, then flat to 3000) and as sparse
+  for_while's did (wandering 64-67): only the first goes on, by half a
+  run, and stops where it has settled."""
+  falling = [400] * 9 + [349, 342, 347, 336, 329, 325, 320, 301, 295, 288,
+                         283]
+  flat = [287, 285, 289, 283, 284, 291, 286, 283, 285, 284]
+  wandering = [70] * 9 + [67, 67, 67, 65, 67, 67, 67, 65, 66, 65, 65]
+  s = settings_lib.Settings(steps=2000)
+  assert prune.still_shrinking(_taus(falling), 2000)
+  assert not prune.still_shrinking(_taus(wandering), 2000)
+  assert not prune.still_shrinking(_taus(falling + flat), 3000)
+  assert prune.run_length(_taus(falling + flat), s) == 3000
+  assert prune.run_length(_taus(wandering), s) == 2000
+  # Not yet recorded past 2000: the run must go on to 3000 to know more.
+  assert prune.run_length(_taus(falling), s) == 3000
+  # Never settling: at most max_extensions half runs more.
+  shrinking = list(range(400, 0, -10))
+  assert prune.run_length(_taus(shrinking), s) == 4000
+  assert prune.run_length(
+      _taus(shrinking), dataclasses.replace(s, max_extensions=0)) == 2000
+  # Two masks in the second half are no trend.
+  assert not prune.still_shrinking(_taus([300, 200, 100], every=50), 150)
+
+
+def test_prune_takes_the_circuit_after_the_run_it_went_on_to(monkeypatch):
+  """A run that is never settled goes on to settings.steps plus
+  max_extensions half runs; its circuit comes from there, the record at
+  settings.steps stays that of a run of settings.steps."""
+  monkeypatch.setattr(prune, 'SNAPSHOT_EVERY', 10)
+  monkeypatch.setattr(prune, 'SETTLED_FRACTION', -1.0)  # Never settled.
+  model = _tiny_model()
+  params = _planted_params(model)
+  circuit = prune.prune(model, params, _means(model, params), _task(256, 0),
+                        dataclasses.replace(SETTINGS, max_extensions=1))
+  assert circuit['steps_run'] == 150
+  assert 75 < circuit['mask_step'] <= 150
+  assert [c['steps'] for c in circuit['convergence']] == [100]
+  assert {(n['location'], n['index']) for n in circuit['nodes']} == PLANTED
 
 
 def test_scores_compile_once_and_split_batches_over_devices():
@@ -147,7 +197,9 @@ def test_scores_compile_once_and_split_batches_over_devices():
   means = _means(model, params)
   pruner = prune._Pruner(model, params, means,
                          prune.split(_task(256, 0), SETTINGS), SETTINGS)
-  pruner.train_scores(jax.random.key(0), (10, 20, 30))
+  taus = pruner.train_scores(jax.random.key(0), 10,
+                             until=lambda taus: len(taus) == 3)
+  assert sorted(taus) == [10, 20, 30]
   assert pruner._segment._cache_size() == 1
   one = prune.prune(model, params, means, _task(256, 0), SETTINGS)
   code = (
@@ -342,6 +394,7 @@ def test_mean_ablation_all_or_nothing():
     [],
     ['--task=var_if', '--num_prompts=7', '--dump_prompts=x.jsonl'],
     ['--task=var_if', '--target_loss=0.9'],
+    ['--task=var_if', '--max_extensions=-1'],
 ])
 def test_cli_bad_input_is_one_line_exit_1(args, tmp_path):
   result = subprocess.run(

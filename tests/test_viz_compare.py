@@ -65,7 +65,7 @@ def make_circuit(task='t', edges_per_kind=2, solved=True, num_layers=3,
       'logit_scale': 1.0, 'logit_shift': 0.0, 'num_layers': num_layers,
       'layer_sizes': dict(_SIZES), 'seconds': 1.0, 'step': 100,
       'val_loss': 3.25, 'settings': dataclasses.asdict(SETTINGS),
-      'convergence': [],
+      'steps_run': SETTINGS.steps if solved else None, 'convergence': [],
   }
 
 
@@ -164,13 +164,17 @@ def test_summarize_nothing_solved_by_both():
   summary = compare.summarize(
       {'a': (make_circuit(solved=False), _edge_count(10))}, CHECKPOINTS)
   assert summary['geomean'] is None and summary['figure_task'] is None
-  assert 'No task is solved by both' in compare.to_markdown(summary)
+  md = compare.to_markdown(summary)
+  assert 'No task is solved by both' in md
+  assert 'Every mask had settled by step 2,000.' in md
 
 
 def test_to_markdown():
-  results = {'a': (_edge_count(10), _edge_count(1600)),
+  results = {'a': (_edge_count(10), dict(_edge_count(1600), steps_run=3000)),
              'c': (_edge_count(5), make_circuit(solved=False))}
   md = compare.to_markdown(compare.summarize(results, CHECKPOINTS))
+  assert ('Pruned on past step 2,000, their masks still shrinking there: '
+          'a dense (3,000 steps).') in md
   assert ('| a | 10 | 1,600 | 160.0x | 5 | 800 | 0.100 / 0.100 | '
           '0.690 / 0.690 |') in md
   assert ('| c | 5 | not solved | n/a | 2 | not solved | 0.100 / n/a | '
@@ -261,6 +265,7 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
                            solved=not (dense and task == 'var_swap'),
                            num_layers=1, run=workdir)
     circuit.update(step=step, settings=dataclasses.asdict(settings),
+                   steps_run=settings.steps,
                    convergence=[{'steps': s, 'num_nodes': 9, 'num_edges': 9,
                                  'kept_by_mask': 9}
                                 for s in (*record_at, settings.steps)])

@@ -60,7 +60,8 @@ def _summary(c, out):
             f'{c["select_loss"]["full_model"]:.3f} > target '
             f'{c["target_loss"]}; {c["seconds"]:.0f} s -> {out}')
   return (f'{c["task"]}: {c["num_nodes"]}/{c["total_nodes"]} nodes, '
-          f'{c["num_edges"]}/{c["total_edges"]} edges; test loss full '
+          f'{c["num_edges"]}/{c["total_edges"]} edges after '
+          f'{c["steps_run"]} pruning steps; test loss full '
           f'{losses["full_model"]:.3f}, circuit {losses["circuit_only"]:.3f}, '
           f'ablated {losses["circuit_ablated"]:.3f}; {c["seconds"]:.0f} s '
           f'-> {out}')

@@ -120,6 +120,7 @@ def summarize(results, checkpoints):
           'circuit_loss': c['losses']['circuit_only'] if solved else None,
           'ablated_loss': c['losses']['circuit_ablated'] if solved else None,
           'full_model_loss': c['losses']['full_model'],
+          'steps_run': c['steps_run'] if solved else None,
           'seconds': c['seconds'],
       }
     failed = [name for name in MODELS if not row[name]['solved']]
@@ -183,7 +184,7 @@ def to_markdown(summary):
       "the selection split (calibrated; where none does, the last one "
       "extended by the next nodes by score); losses are on the untouched "
       "test split: circuit = everything outside the circuit ablated, "
-      "ablated = the circuit ablated.", '',
+      "ablated = the circuit ablated. " + _extended(summary), '',
       '| task | edges sparse | edges dense | dense/sparse | nodes sparse | '
       'nodes dense | circuit loss sparse / dense | ablated loss sparse / '
       'dense |',
@@ -226,6 +227,19 @@ def to_markdown(summary):
             'whose ratio is closest to the geometric mean; every task has '
             'its own in `<task>/figure.png`.']
   return '\n'.join(out) + '\n'
+
+
+def _extended(summary):
+  """Which circuits came from runs that went on because their masks were
+  still shrinking (`prune.run_length`)."""
+  steps = summary['settings']['steps']
+  longer = [f"{r['task']} {name} ({r[name]['steps_run']:,} steps)"
+            for r in summary['tasks'] for name in MODELS
+            if (r[name]['steps_run'] or steps) > steps]
+  if not longer:
+    return f'Every mask had settled by step {steps:,}.'
+  return ('Pruned on past step {:,}, their masks still shrinking there: {}.'
+          .format(steps, ', '.join(longer)))
 
 
 def _count(model_row, key):

@@ -14,7 +14,9 @@ minimally different one with the other answer, always in the same batch),
 with AdamW (b2 0.95), gradients clipped by RMS and a linear warmup, as the
 paper does; lam is a multiplier that holds the train loss at the target
 (the paper's weight is fixed), so the mask converges to the fewest nodes
-that reach it.
+that reach it; a run whose mask is still shrinking at its end goes on
+(`run_length`), so a task slower to prune than those the defaults were
+measured on still gets a settled circuit.
 
 A task's pairs are split three ways, disjointly: `train` fits the scores,
 `select` chooses the circuit among the masks of the run's second half
@@ -48,11 +50,13 @@ DUAL_DECAY = 0.9           # excess loss, its EMA's decay, and the clip of
 DUAL_CLIP = 0.2            # each step's excess in it.
 SNAPSHOT_EVERY = 100       # Steps between the masks a circuit is chosen from.
 MAX_ABLATED_NODES = 64     # Circuit nodes whose own ablation is measured.
+SETTLED_FRACTION = 0.1     # See `still_shrinking`.
 # Of the algorithm, saved in circuit.json: bumped by a change that gives
 # other circuits for the same settings, so `compare` re-prunes saved ones.
-VERSION = 4                # 2: the smallest late mask (`circuit_of_run`);
+VERSION = 5                # 2: the smallest late mask (`circuit_of_run`);
                            # 3: the multiplier's proportional term;
-                           # 4: its integral falls as fast as it rises.
+                           # 4: its integral falls as fast as it rises;
+                           # 5: a run still shrinking goes on (`run_length`).
 
 
 def hard_mask(tau, temperature):
@@ -334,23 +338,23 @@ class _Pruner:
         step, (tau, opt_state, dual), first_step + jnp.arange(length))
     return tau, opt_state, dual, task.mean()
 
-  def train_scores(self, key, record_at):
-    """{steps: tau [num_nodes]} after each of `record_at` steps (one run)."""
+  def train_scores(self, key, stride, until):
+    """{steps: tau [num_nodes]} after every `stride` steps of one run, which
+    goes on until `until(recorded)`: how long a run needs can depend on its
+    scores (`run_length`)."""
     init_key, key = jax.random.split(key)
     tau, opt_state, dual = self.init_scores(init_key)
-    length = math.gcd(*record_at)
     recorded, done = {}, 0
-    while done < max(record_at):
+    while not until(recorded):
       tau, opt_state, dual, task = self._segment(
           self.weights, tau, opt_state, dual, done, key,
-          self.train_buckets, length=length)
-      done += length
-      if done in record_at:
-        recorded[done] = np.asarray(tau)
-        logging.info('prune step %d: train task loss %.4f, multiplier %.3g, '
-                     '%d nodes kept.', done, float(task),
-                     float(multiplier(dual, self.settings.dual_lr)),
-                     int((recorded[done] > 0).sum()))
+          self.train_buckets, length=stride)
+      done += stride
+      recorded[done] = np.asarray(tau)
+      logging.info('prune step %d: train task loss %.4f, multiplier %.3g, '
+                   '%d nodes kept.', done, float(task),
+                   float(multiplier(dual, self.settings.dual_lr)),
+                   int((recorded[done] > 0).sum()))
     return recorded
 
   def _bucket_logits(self, weights, mask, bucket):
@@ -456,6 +460,43 @@ class _Pruner:
     return top(hi)
 
 
+def still_shrinking(taus, steps):
+  """Whether the nodes kept after `steps` steps of a run, whose scores
+  after each recorded step are `taus` {step: tau}, are still falling: the
+  least-squares line through the kept counts of its second half's masks
+  (those `circuit_of_run` chooses from) would lose more than
+  SETTLED_FRACTION of its value at `steps` in another steps / 2.
+
+  A trend, not the last two masks: held at the target the count wanders by
+  a few nodes between snapshots (sparse for_while 64-67 over steps
+  1000-2000), while a run that has not settled falls steadily (dense
+  bracket_counting 349 -> 283 over the same steps, a line that loses 27%
+  in another 1000 steps; it held 283-291 from 1900 to 3000). Fewer than
+  three masks in the half: no trend, settled.
+  """
+  late = sorted(t for t in taus if steps / 2 < t <= steps
+                and (t == steps or t % SNAPSHOT_EVERY == 0))
+  if len(late) < 3:
+    return False
+  kept = [int((taus[t] > 0).sum()) for t in late]
+  slope, intercept = np.polyfit(late, kept, 1)
+  return -slope * steps / 2 > SETTLED_FRACTION * (slope * steps + intercept)
+
+
+def run_length(taus, settings):
+  """The steps after which a run's circuit is taken: settings.steps, and
+  while the run is `still_shrinking` there, half as many again, at most
+  settings.max_extensions times; a circuit whose mask had not settled
+  would overstate what the task needs. Reads only the scores up to the
+  length it returns, so a run can stop as soon as it gets there."""
+  extension = max(settings.steps // 2, 1)
+  steps = settings.steps
+  while (steps < settings.steps + settings.max_extensions * extension
+         and steps in taus and still_shrinking(taus, steps)):
+    steps += extension
+  return steps
+
+
 def prune(model, params, means, encoded, settings, record_at=()):
   """The circuit of a task: the fewest nodes that keep its loss at target.
 
@@ -468,7 +509,9 @@ def prune(model, params, means, encoded, settings, record_at=()):
     settings: a `settings.Settings`.
     record_at: step counts, besides settings.steps, at which the circuit is
       also found, from the same run of the scores (the warmup is in steps,
-      so these are the circuits of shorter runs): a convergence check.
+      so these are the circuits of shorter runs): a convergence check. They
+      are recorded as asked even where the run itself goes on
+      (`run_length`).
 
   Returns:
     The circuit, as saved to circuit.json (`find_circuit` adds the task, the
@@ -477,6 +520,8 @@ def prune(model, params, means, encoded, settings, record_at=()):
         not, nothing is pruned and the circuit's fields are empty or None.
       num_nodes, num_edges: the circuit's; total_nodes, total_edges: the
         model's (edges: nonzero weights of `edges.EDGE_WEIGHTS`).
+      steps_run: the steps the circuit was taken after: settings.steps,
+        or more where the mask was still shrinking (`run_length`).
       mask_step: the step whose mask the circuit is (`circuit_of_run`);
       kept_by_mask: that mask's nodes (tau > 0); past_mask: no mask reached
         the target on select and the search added nodes (so the ranking
@@ -523,7 +568,8 @@ def prune(model, params, means, encoded, settings, record_at=()):
                  for name, rows in zip(('train', 'select', 'test'), splits)},
       'num_nodes': 0, 'num_edges': 0, 'total_nodes': pruner.num_nodes,
       'total_edges': edges_lib.total(params, num_layers),
-      'mask_step': None, 'kept_by_mask': None, 'past_mask': None,
+      'steps_run': None, 'mask_step': None, 'kept_by_mask': None,
+      'past_mask': None,
       'nodes': [], 'edges': [], 'edges_truncated': False,
       'losses': {'full_model': full['test']['loss'], 'circuit_only': None,
                  'circuit_ablated': None, 'all_ablated': None},
@@ -544,22 +590,28 @@ def prune(model, params, means, encoded, settings, record_at=()):
     return circuit
 
   steps = sorted(set(record_at) | {settings.steps})
-  snapshots = set(range(SNAPSHOT_EVERY, steps[-1] + 1, SNAPSHOT_EVERY))
-  taus = pruner.train_scores(jax.random.key(settings.seed),
-                             sorted(snapshots | set(steps)))
+  # Every snapshot, every recorded step and every extension's end is a
+  # multiple of the stride.
+  stride = math.gcd(SNAPSHOT_EVERY, max(settings.steps // 2, 1), *steps)
+  taus = pruner.train_scores(
+      jax.random.key(settings.seed), stride,
+      until=lambda taus: max(taus, default=0) >= max(steps[-1],
+                                                     run_length(taus, settings)))
+  steps_run = run_length(taus, settings)
   circuit['seconds_scores'] = time.perf_counter() - start
 
-  for s in steps:
+  for s in sorted(set(steps) | {steps_run}):
     found_step, found = pruner.circuit_of_run(taus, s, settings.target_loss)
     found_kept = jax.tree.map(np.asarray, pruner.unravel(found))
     found_edges = edges_lib.between(params, found_kept, num_layers)
-    if s == settings.steps:
+    if s == steps_run:
       mask_step, mask, kept = found_step, found, found_kept
       edges, count, truncated = found_edges
-    circuit['convergence'].append({
-        'steps': s, 'mask_step': found_step, 'num_nodes': int(found.sum()),
-        'num_edges': found_edges[1],
-        'kept_by_mask': int((taus[found_step] > 0).sum())})
+    if s in steps:
+      circuit['convergence'].append({
+          'steps': s, 'mask_step': found_step, 'num_nodes': int(found.sum()),
+          'num_edges': found_edges[1],
+          'kept_by_mask': int((taus[found_step] > 0).sum())})
   tau = taus[mask_step]
   importance = pruner.importance(mask)
 
@@ -593,7 +645,8 @@ def prune(model, params, means, encoded, settings, record_at=()):
   circuit.update({
       'num_nodes': int(mask.sum()), 'num_edges': count, 'nodes': nodes,
       'edges': edges, 'edges_truncated': truncated,
-      'mask_step': mask_step, 'kept_by_mask': int((tau > 0).sum()),
+      'steps_run': steps_run, 'mask_step': mask_step,
+      'kept_by_mask': int((tau > 0).sum()),
       'past_mask': bool(mask.sum() > (tau > 0).sum()),
       'logit_scale': results['circuit_only']['scale'],
       'logit_shift': results['circuit_only']['shift'],

@@ -22,6 +22,9 @@ class Settings:
               '0.15).'})
   steps: int = dataclasses.field(default=2000, metadata={
       'help': 'Optimizer steps on the node scores.'})
+  max_extensions: int = dataclasses.field(default=2, metadata={
+      'help': 'Times a run goes on by steps / 2 while its mask is still '
+              'shrinking (prune.run_length; 0: never).'})
   lr: float = dataclasses.field(default=1e-2, metadata={
       'help': 'Peak learning rate of the node scores.'})
   warmup_steps: int = dataclasses.field(default=50, metadata={
@@ -68,6 +71,9 @@ class Settings:
     for name in ('steps', 'batch_pairs', 'num_prompts'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+    if self.max_extensions < 0:
+      raise ValueError(
+          f'max_extensions must be >= 0, got {self.max_extensions}')
     if self.num_prompts % 2:
       raise ValueError('num_prompts must be even (prompts come in contrastive '
                        f'pairs), got {self.num_prompts}')
