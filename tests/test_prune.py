@@ -460,6 +460,11 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   assert sum(s['pairs'] for s in circuit['splits'].values()) == 8
   assert circuit['examples'][0]['correct'] in ("'", '"')
   assert circuit['model_shape']['d_head'] == 16
+  # Ten steps of a tiny model do not do the task: the printed line says so
+  # and what could.
+  assert not circuit['solved'] and circuit['steps_run'] is None
+  assert 'quotes: not solved: full model select loss' in result.stdout
+  assert 'a looser --target_loss may solve it' in result.stdout
 
 
 def test_cli_dumps_prompts_in_the_user_task_format(tmp_path):

@@ -58,7 +58,9 @@ def _summary(c, out):
   if not c['solved']:
     return (f'{c["task"]}: not solved: full model select loss '
             f'{c["select_loss"]["full_model"]:.3f} > target '
-            f'{c["target_loss"]}; {c["seconds"]:.0f} s -> {out}')
+            f'{c["target_loss"]}, so nothing to prune (a later checkpoint '
+            f'or a looser --target_loss may solve it); {c["seconds"]:.0f} s '
+            f'-> {out}')
   return (f'{c["task"]}: {c["num_nodes"]}/{c["total_nodes"]} nodes, '
           f'{c["num_edges"]}/{c["total_edges"]} edges after '
           f'{c["steps_run"]} pruning steps; test loss full '
