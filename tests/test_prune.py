@@ -137,6 +137,7 @@ def test_prune_recovers_planted_circuit():
   assert all(c['steps'] / 2 < c['mask_step'] <= c['steps']
              for c in circuit['convergence'])
   assert circuit['steps_run'] == 100 and late['steps_run'] == 100
+  assert circuit['settled'] and late['settled']
 
 
 def _taus(kept_counts, every=100):
@@ -182,7 +183,7 @@ def test_prune_takes_the_circuit_after_the_run_it_went_on_to(monkeypatch):
   params = _planted_params(model)
   circuit = prune.prune(model, params, _means(model, params), _task(256, 0),
                         dataclasses.replace(SETTINGS, max_extensions=1))
-  assert circuit['steps_run'] == 150
+  assert circuit['steps_run'] == 150 and not circuit['settled']
   assert 75 < circuit['mask_step'] <= 150
   assert [c['steps'] for c in circuit['convergence']] == [100]
   assert {(n['location'], n['index']) for n in circuit['nodes']} == PLANTED
@@ -463,6 +464,7 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   # Ten steps of a tiny model do not do the task: the printed line says so
   # and what could.
   assert not circuit['solved'] and circuit['steps_run'] is None
+  assert circuit['settled'] is None
   assert 'quotes: not solved: full model select loss' in result.stdout
   assert 'a looser --target_loss may solve it' in result.stdout
 

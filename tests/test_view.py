@@ -85,6 +85,7 @@ def random_circuit(run, task, num_nodes, seed, solved=True):
       'num_layers': num_layers,
       'layer_sizes': {loc: int(m.size) for loc, m in block.items()},
       'settings': {'steps': 5}, 'steps_run': 5 if solved else None,
+      'settled': True if solved else None,
       'num_nodes': len(nodes), 'num_edges': count,
       'total_nodes': len(slots),
       'total_edges': edges_lib.total(params, num_layers),

@@ -65,7 +65,8 @@ def make_circuit(task='t', edges_per_kind=2, solved=True, num_layers=3,
       'logit_scale': 1.0, 'logit_shift': 0.0, 'num_layers': num_layers,
       'layer_sizes': dict(_SIZES), 'seconds': 1.0, 'step': 100,
       'val_loss': 3.25, 'settings': dataclasses.asdict(SETTINGS),
-      'steps_run': SETTINGS.steps if solved else None, 'convergence': [],
+      'steps_run': SETTINGS.steps if solved else None,
+      'settled': True if solved else None, 'convergence': [],
   }
 
 
@@ -175,6 +176,12 @@ def test_to_markdown():
   md = compare.to_markdown(compare.summarize(results, CHECKPOINTS))
   assert ('Pruned on past step 2,000, their masks still shrinking there: '
           'a dense (3,000 steps).') in md
+  assert 'Still shrinking at the end' not in md
+  results['a'] = (_edge_count(10), dict(_edge_count(1600), steps_run=4000,
+                                        settled=False))
+  md = compare.to_markdown(compare.summarize(results, CHECKPOINTS))
+  assert ('a dense (4,000 steps). Still shrinking at the end, so larger '
+          'than the task needs: a dense.') in md
   assert ('| a | 10 | 1,600 | 160.0x | 5 | 800 | 0.100 / 0.100 | '
           '0.690 / 0.690 |') in md
   assert ('| c | 5 | not solved | n/a | 2 | not solved | 0.100 / n/a | '
@@ -265,7 +272,7 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
                            solved=not (dense and task == 'var_swap'),
                            num_layers=1, run=workdir)
     circuit.update(step=step, settings=dataclasses.asdict(settings),
-                   steps_run=settings.steps,
+                   steps_run=settings.steps, settled=True,
                    convergence=[{'steps': s, 'num_nodes': 9, 'num_edges': 9,
                                  'kept_by_mask': 9}
                                 for s in (*record_at, settings.steps)])

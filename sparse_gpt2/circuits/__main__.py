@@ -63,8 +63,10 @@ def _summary(c, out):
             f'-> {out}')
   return (f'{c["task"]}: {c["num_nodes"]}/{c["total_nodes"]} nodes, '
           f'{c["num_edges"]}/{c["total_edges"]} edges after '
-          f'{c["steps_run"]} pruning steps; test loss full '
-          f'{losses["full_model"]:.3f}, circuit {losses["circuit_only"]:.3f}, '
+          f'{c["steps_run"]} pruning steps'
+          f'{"" if c["settled"] else " (the mask still shrinking)"}; test '
+          f'loss full {losses["full_model"]:.3f}, circuit '
+          f'{losses["circuit_only"]:.3f}, '
           f'ablated {losses["circuit_ablated"]:.3f}; {c["seconds"]:.0f} s '
           f'-> {out}')
 

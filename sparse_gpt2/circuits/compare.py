@@ -121,6 +121,7 @@ def summarize(results, checkpoints):
           'ablated_loss': c['losses']['circuit_ablated'] if solved else None,
           'full_model_loss': c['losses']['full_model'],
           'steps_run': c['steps_run'] if solved else None,
+          'settled': c['settled'] if solved else None,
           'seconds': c['seconds'],
       }
     failed = [name for name in MODELS if not row[name]['solved']]
@@ -231,15 +232,21 @@ def to_markdown(summary):
 
 def _extended(summary):
   """Which circuits came from runs that went on because their masks were
-  still shrinking (`prune.run_length`)."""
+  still shrinking (`prune.run_length`), and which still were at the end."""
   steps = summary['settings']['steps']
-  longer = [f"{r['task']} {name} ({r[name]['steps_run']:,} steps)"
-            for r in summary['tasks'] for name in MODELS
-            if (r[name]['steps_run'] or steps) > steps]
-  if not longer:
-    return f'Every mask had settled by step {steps:,}.'
-  return ('Pruned on past step {:,}, their masks still shrinking there: {}.'
-          .format(steps, ', '.join(longer)))
+  solved = [(r['task'], name, r[name]) for r in summary['tasks']
+            for name in MODELS if r[name]['solved']]
+  longer = [f"{task} {name} ({row['steps_run']:,} steps)"
+            for task, name, row in solved if row['steps_run'] > steps]
+  unsettled = [f'{task} {name}' for task, name, row in solved
+               if not row['settled']]
+  out = (f'Pruned on past step {steps:,}, their masks still shrinking '
+         f"there: {', '.join(longer)}." if longer
+         else f'Every mask had settled by step {steps:,}.')
+  if unsettled:
+    out += (f" Still shrinking at the end, so larger than the task needs: "
+            f"{', '.join(unsettled)}.")
+  return out
 
 
 def _count(model_row, key):

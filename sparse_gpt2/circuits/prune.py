@@ -521,7 +521,9 @@ def prune(model, params, means, encoded, settings, record_at=()):
       num_nodes, num_edges: the circuit's; total_nodes, total_edges: the
         model's (edges: nonzero weights of `edges.EDGE_WEIGHTS`).
       steps_run: the steps the circuit was taken after: settings.steps,
-        or more where the mask was still shrinking (`run_length`).
+        or more where the mask was still shrinking (`run_length`);
+        settled: false if it still was after the last extension (the
+        circuit may then overstate what the task needs).
       mask_step: the step whose mask the circuit is (`circuit_of_run`);
       kept_by_mask: that mask's nodes (tau > 0); past_mask: no mask reached
         the target on select and the search added nodes (so the ranking
@@ -568,7 +570,8 @@ def prune(model, params, means, encoded, settings, record_at=()):
                  for name, rows in zip(('train', 'select', 'test'), splits)},
       'num_nodes': 0, 'num_edges': 0, 'total_nodes': pruner.num_nodes,
       'total_edges': edges_lib.total(params, num_layers),
-      'steps_run': None, 'mask_step': None, 'kept_by_mask': None,
+      'steps_run': None, 'settled': None, 'mask_step': None,
+      'kept_by_mask': None,
       'past_mask': None,
       'nodes': [], 'edges': [], 'edges_truncated': False,
       'losses': {'full_model': full['test']['loss'], 'circuit_only': None,
@@ -645,7 +648,8 @@ def prune(model, params, means, encoded, settings, record_at=()):
   circuit.update({
       'num_nodes': int(mask.sum()), 'num_edges': count, 'nodes': nodes,
       'edges': edges, 'edges_truncated': truncated,
-      'steps_run': steps_run, 'mask_step': mask_step,
+      'steps_run': steps_run,
+      'settled': not still_shrinking(taus, steps_run), 'mask_step': mask_step,
       'kept_by_mask': int((tau > 0).sum()),
       'past_mask': bool(mask.sum() > (tau > 0).sum()),
       'logit_scale': results['circuit_only']['scale'],
