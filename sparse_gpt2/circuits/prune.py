@@ -52,11 +52,13 @@ SNAPSHOT_EVERY = 100       # Steps between the masks a circuit is chosen from.
 MAX_ABLATED_NODES = 64     # Circuit nodes whose own ablation is measured.
 SETTLED_FRACTION = 0.1     # See `still_shrinking`.
 # Of the algorithm, saved in circuit.json: bumped by a change that gives
-# other circuits for the same settings, so `compare` re-prunes saved ones.
-VERSION = 5                # 2: the smallest late mask (`circuit_of_run`);
+# other circuits for the same settings, or other fields in circuit.json, so
+# `compare` re-prunes saved ones rather than read what they lack.
+VERSION = 6                # 2: the smallest late mask (`circuit_of_run`);
                            # 3: the multiplier's proportional term;
                            # 4: its integral falls as fast as it rises;
-                           # 5: a run still shrinking goes on (`run_length`).
+                           # 5: a run still shrinking goes on (`run_length`);
+                           # 6: `settled` (the same circuits as 5).
 
 
 def hard_mask(tau, temperature):
