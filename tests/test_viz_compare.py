@@ -98,7 +98,8 @@ def test_draw_comparison(tmp_path):
   path = str(tmp_path / 'figure')
   viz.draw_comparison(make_circuit(), make_circuit(edges_per_kind=200), path)
   _check_files(path)
-  svg = open(path + '.svg').read()
+  with open(path + '.svg') as f:
+    svg = f.read()
   assert 'Sparse GPT-2' in svg and 'GPT-2 (baseline)' in svg
   assert '3,600 edges' in svg  # The dense panel's count, in its title.
   assert 'validation loss 3.250 (step 100)' in svg
