@@ -108,6 +108,8 @@ def compare_dir(twins, tmp_path_factory):
       'closing': (random_circuit(twins['sparse'], 'closing', 7, 2),
                   random_circuit(twins['dense'], 'closing', 0, 3,
                                  solved=False))}
+  # A dense pruning that went on and had still not settled.
+  results['quotes'][1].update(steps_run=8, settled=False)
   checkpoints = {m: {'run': twins[m], 'step': 10,
                      'val_loss': runs.val_losses(twins[m])[10]}
                  for m in ('sparse', 'dense')}
@@ -331,6 +333,11 @@ def test_page_in_a_browser(page, compare_dir, browser, tmp_path):
   assert (f"{dense['num_edges']:,} of {dense['total_edges']:,} edges, "
           f"{NODES['dense']} of {dense['total_nodes']} nodes") in titles
   assert 'validation loss' in titles
+  panels = browser.js("[...document.querySelectorAll('.panel .note')]"
+                      '.map(n => n.textContent)')
+  assert 'pruned for 5 steps' in panels[0]
+  assert 'still shrinking' not in panels[0]
+  assert 'pruned for 8 steps, its mask still shrinking' in panels[1]
   edges = browser.js("[...document.querySelectorAll('.panel')].map("
                      "p => p.querySelectorAll('line.edge').length)")
   assert edges == [len(c['edges']) for c in results['quotes']]

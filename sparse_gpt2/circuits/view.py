@@ -76,7 +76,8 @@ def compact(circuit):
   ids = {id(v): i for i, v in enumerate(nodes)}
   keep = ('step', 'val_loss', 'solved', 'target_loss', 'num_nodes',
           'num_edges', 'total_nodes', 'total_edges', 'edges_truncated',
-          'past_mask', 'losses', 'num_layers', 'layer_sizes')
+          'past_mask', 'steps_run', 'settled', 'losses', 'num_layers',
+          'layer_sizes')
   return {
       **{k: circuit.get(k) for k in keep},
       'd_head': circuit.get('model_shape', {}).get('d_head'),
