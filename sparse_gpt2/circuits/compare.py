@@ -120,8 +120,8 @@ def summarize(results, checkpoints):
           'circuit_loss': c['losses']['circuit_only'] if solved else None,
           'ablated_loss': c['losses']['circuit_ablated'] if solved else None,
           'full_model_loss': c['losses']['full_model'],
-          'steps_run': c['steps_run'] if solved else None,
-          'settled': c['settled'] if solved else None,
+          'steps_run': c['steps_run'],  # None where not solved.
+          'settled': c['settled'],
           'seconds': c['seconds'],
       }
     failed = [name for name in MODELS if not row[name]['solved']]

@@ -485,13 +485,18 @@ def still_shrinking(taus, steps):
   return -slope * steps / 2 > SETTLED_FRACTION * (slope * steps + intercept)
 
 
+def _extension(settings):
+  """Steps a run goes on by each time it is still shrinking."""
+  return max(settings.steps // 2, 1)
+
+
 def run_length(taus, settings):
   """The steps after which a run's circuit is taken: settings.steps, and
   while the run is `still_shrinking` there, half as many again, at most
   settings.max_extensions times; a circuit whose mask had not settled
   would overstate what the task needs. Reads only the scores up to the
   length it returns, so a run can stop as soon as it gets there."""
-  extension = max(settings.steps // 2, 1)
+  extension = _extension(settings)
   steps = settings.steps
   while (steps < settings.steps + settings.max_extensions * extension
          and steps in taus and still_shrinking(taus, steps)):
@@ -596,7 +601,7 @@ def prune(model, params, means, encoded, settings, record_at=()):
   steps = sorted(set(record_at) | {settings.steps})
   # Every snapshot, every recorded step and every extension's end is a
   # multiple of the stride.
-  stride = math.gcd(SNAPSHOT_EVERY, max(settings.steps // 2, 1), *steps)
+  stride = math.gcd(SNAPSHOT_EVERY, _extension(settings), *steps)
   taus = pruner.train_scores(
       jax.random.key(settings.seed), stride,
       until=lambda taus: max(taus, default=0) >= max(steps[-1],
