@@ -413,6 +413,39 @@ def test_only_runs_long_enough_keep_freed_memory(steps):
       steps >= cli.STEPS_TO_EARN_BACK_FREED_MEMORY)
 
 
+@pytest.mark.parametrize('platforms, kept', [('cpu', True), ('tpu', False),
+                                              ('cuda', False)])
+def test_only_cpu_runs_keep_freed_memory(platforms, kept):
+  # With an accelerator the step's temporaries are not in host memory, and
+  # the one arena only slowed the host's compiles.
+  env = dict(os.environ, JAX_PLATFORMS=platforms)
+  assert ('kept' in _main_with_a_spy(
+      cli.STEPS_TO_EARN_BACK_FREED_MEMORY, env)) == kept
+
+
+@pytest.mark.skipif(bool(jax.config.jax_platforms),
+                    reason='JAX_PLATFORMS is set, and decides first')
+@pytest.mark.parametrize('vendor, libtpu, gpu_files, plugins, on_cpu', [
+    ('0x8086', True, False, [], True),             # No accelerator.
+    ('0x1ae0', True, False, [], False),            # A TPU VM.
+    ('0x1ae0', False, False, [], True),            # A TPU, CPU-only jax.
+    ('0x8086', False, True, ['jax_plugins.xla_cuda12'], False),  # A GPU.
+    ('0x8086', False, True, [], True),             # A GPU, CPU-only jax.
+])
+def test_runs_on_cpu_unless_jax_can_use_an_attached_accelerator(
+    tmp_path, monkeypatch, vendor, libtpu, gpu_files, plugins, on_cpu):
+  (tmp_path / 'vendor').write_text(vendor + '\n')
+  if gpu_files:
+    (tmp_path / 'nvidiactl').touch()
+  monkeypatch.setattr(cli, 'PCI_VENDOR_FILES', str(tmp_path / 'vendor'))
+  monkeypatch.setattr(cli, 'GPU_DEVICE_FILES', (str(tmp_path / 'nvidiactl'),))
+  find_spec = cli.importlib.util.find_spec
+  monkeypatch.setattr(cli.importlib.util, 'find_spec', lambda name: (
+      libtpu if name == 'libtpu' else find_spec(name)))
+  monkeypatch.setattr(cli, '_jax_plugins', lambda: plugins)
+  assert cli.runs_on_cpu() == on_cpu
+
+
 def test_the_circuits_clis_do_not_keep_freed_memory():
   # In its one arena a pruning compiled in-process ran ~1.36x slower.
   spy = ('from absl import flags\n'
