@@ -101,24 +101,36 @@ def guaranteed_per_neuron(shape, k, min_per_neuron):
   return int(min(min_per_neuron, k // neurons, fan_in))
 
 
-def _guarantee_top_per_neuron(bits, j, row_axes):
-  """Raises the j largest entries of each neuron's fan-in above everything.
+def _guarantee_top_per_neuron(bits, js, row_axes):
+  """Raises the js[g] largest entries of each neuron's fan-in above everything.
 
-  bits: int32 [n, ..., neurons], n tensors' blocks on this device; their
-  fan-in rows are split over the mesh axes `row_axes` (a column max is then
-  a `pmax`). j passes of a column max below the previous one find each
-  column's j-th largest value (no sort, no top_k, both slow on CPU); zeros
-  are never guaranteed. The passes are one loop: unrolled, they took
-  sparse_small's train step ~1.7 s longer to compile and the top-k alone
-  5-10% longer to run.
+  bits: [int32 [n, ..., neurons]], groups of n tensors' blocks on this
+  device, group g's fan-in rows split over the mesh axes `row_axes[g]` (a
+  column max is then a `pmax`). j passes of a column max below the previous
+  one find each column's j-th largest value (no sort, no top_k, both slow on
+  CPU); zeros are never guaranteed. The passes are one loop over all groups,
+  with one `pmax` a pass for the groups that share row axes: unrolled, they
+  took sparse_small's train step ~1.7 s longer to compile and the top-k
+  alone 5-10% longer to run; a loop and a pmax per group, 2-7% longer.
   """
-  cols = bits.reshape(bits.shape[0], -1, bits.shape[-1])  # [n, fan_in, out]
-  nth = jax.lax.fori_loop(
-      0, j, lambda _, nth: _pmax(jnp.max(jnp.where(cols < nth, cols, -1),
-                                         axis=1, keepdims=True), row_axes),
-      jnp.full((cols.shape[0], 1, cols.shape[2]), _GUARANTEED, jnp.int32))
-  cols = jnp.where((cols >= nth) & (cols > 0), _GUARANTEED, cols)
-  return cols.reshape(bits.shape)
+  cols = [b.reshape(b.shape[0], -1, b.shape[-1]) for b in bits]  # [n, in, out]
+
+  def next_below(i, nth):  # [n, 1, out] each: the next largest of a column.
+    below = _pmax_each([jnp.max(jnp.where(c < t, c, -1), axis=1, keepdims=True)
+                        for c, t in zip(cols, nth)], row_axes)
+    return [jnp.where(i < j, b, t) for b, t, j in zip(below, nth, js)]
+
+  nth = jax.lax.fori_loop(0, max(js), next_below, [
+      jnp.full((c.shape[0], 1, c.shape[2]), _GUARANTEED, jnp.int32)
+      for c in cols])
+  return [jnp.where((c >= t) & (c > 0), _GUARANTEED, c).reshape(b.shape)
+          for b, c, t in zip(bits, cols, nth)]
+
+
+def _bits(x):
+  """|x| as int32 bit patterns, which order like the non-negative floats."""
+  return jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32),
+                                      jnp.int32)
 
 
 def topk_masks(scores, ks, min_per_neuron, shardings=None):
@@ -232,17 +244,20 @@ def _topk_blocks(arrays, k, *, js, specs, shared, mesh_axes):
   for i, (x, j, spec) in enumerate(zip(arrays, js, specs)):
     key = (x.shape, j if x.ndim >= 2 else 0, spec, shared[i])
     groups.setdefault(key, []).append(i)
-  bits, counted = [], []
-  for (_, j, spec, _), members in groups.items():
-    b = jnp.stack([jax.lax.bitcast_convert_type(                # [n, ...]
-        jnp.abs(arrays[i]).astype(jnp.float32), jnp.int32) for i in members])
-    if j:
-      b = _guarantee_top_per_neuron(b, j, _row_col_axes(spec)[0])
-    bits.append(b)
-    split = {a for d in spec for a in d}
-    counted.append(functools.reduce(
-        jnp.logical_and, [jax.lax.axis_index(a) == 0 for a in mesh_axes
-                          if a not in split], jnp.bool_(True)))
+  keys = list(groups)
+  bits = [jnp.stack([_bits(arrays[i]) for i in m])              # [n, ...]
+          for m in groups.values()]
+  guaranteed = [g for g, (_, j, _, _) in enumerate(keys) if j]
+  if guaranteed:
+    raised = _guarantee_top_per_neuron(
+        [bits[g] for g in guaranteed], [keys[g][1] for g in guaranteed],
+        [_row_col_axes(keys[g][2])[0] for g in guaranteed])
+    for g, b in zip(guaranteed, raised):
+      bits[g] = b
+  counted = [functools.reduce(
+      jnp.logical_and, [jax.lax.axis_index(a) == 0 for a in mesh_axes
+                        if a not in {a for d in spec for a in d}],
+      jnp.bool_(True)) for _, _, spec, _ in keys]
   # Per-tensor values below are [num] vectors in group order.
   starts = np.cumsum([0] + [len(m) for m in groups.values()])
 
@@ -283,18 +298,40 @@ def _topk_blocks(arrays, k, *, js, specs, shared, mesh_axes):
       lambda: [a | jax.vmap(_first_ties, in_axes=(0, 0, None))(
           t, ties_kept[starts[g]:starts[g + 1]], spec)
                for g, (a, t, (_, _, spec, _)) in enumerate(
-                   zip(above, ties, groups))])
+                   zip(above, ties, keys))])
+  gathers = [gather for _, _, _, gather in keys]
+  stacked = _each(stacked, gathers, lambda x, a: jax.lax.all_gather(x, a))
   masks = [None] * len(arrays)
-  for ((_, _, _, gather), members), m in zip(groups.items(), stacked):
-    if gather:
-      # [R, n, rows / R, ...]: the R replicas' blocks one after another, each
-      # tensor's rows then sliced out of them. Gathering into [n, rows, ...]
+  for members, m, gather in zip(groups.values(), stacked, gathers):
+    for t, i in enumerate(members):
+      # m: [R, n, rows / R, ...], the R replicas' blocks one after another,
+      # each tensor's rows sliced out of them. Gathering into [n, rows, ...]
       # made a transposed copy of every stack (and a copy XLA:CPU did not
       # elide even of a stack of one): 8-15% of the top-k's time.
-      m = jax.lax.all_gather(m, gather)
-    for t, i in enumerate(members):
       masks[i] = m[:, t].reshape((-1,) + m.shape[3:]) if gather else m[t]
   return masks
+
+
+def _pmax_each(values, axes):
+  """[pmax(v, a) for v, a in zip(values, axes)]."""
+  return _each(values, axes, _pmax)
+
+
+def _each(values, axes, collective):
+  """collective(v, a) of each value v over its mesh axes a (none: v), run
+  once for all the values that share a, flattened and concatenated: on CPU
+  the devices' rendezvous costs a collective more than the bytes it moves.
+  collective maps [size] to [..., size]."""
+  out = list(values)
+  for a in set(axes) - {()}:
+    at = [i for i, b in enumerate(axes) if b == a]
+    joined = collective(jnp.concatenate([values[i].reshape(-1) for i in at]),
+                        a)
+    parts = jnp.split(joined, np.cumsum([values[i].size for i in at])[:-1],
+                      axis=-1)
+    for i, part in zip(at, parts):
+      out[i] = part.reshape(joined.shape[:-1] + values[i].shape)
+  return out
 
 
 def _select(hist, k):
