@@ -90,14 +90,13 @@ def test_min_per_neuron_keeps_j_inputs_of_every_neuron():
 
 def _reference_guaranteed(w, k, j):
   """Sort-based reference of the guarantee: the entries of each column at
-  or above its j-th largest distinct |w| (zeros never) come first, then
-  the largest |w|, earlier index first among ties."""
+  or above its j-th largest |w| (ties with it too; zeros never) come first,
+  then the largest |w|, earlier index first among ties."""
   a = np.abs(w).reshape(-1, w.shape[-1])
   raised = np.zeros(a.shape, bool)
   for col in range(a.shape[1]):
-    distinct = np.unique(a[:, col])[::-1]
-    raised[:, col] = (a[:, col] >= distinct[min(j, distinct.size) - 1]) & (
-        a[:, col] > 0)
+    jth = np.sort(a[:, col])[::-1][min(j, a.shape[0]) - 1]
+    raised[:, col] = (a[:, col] >= jth) & (a[:, col] > 0)
   order = np.lexsort((np.arange(a.size), -a.ravel(), ~raised.ravel()))
   mask = np.zeros(a.size, bool)
   mask[order[:k]] = True
@@ -117,6 +116,11 @@ def test_min_per_neuron_equals_reference_with_and_without_short_columns():
   scores['short_twin'][:, 9] *= 1e-3  # Stacked with 'short', short elsewhere.
   scores['short_3d'][..., 2] *= 1e-3
   scores['fine'] += np.sign(scores['fine'])  # No column near the cut.
+  # A short column whose largest |w| repeat: its 4 largest are 3 entries of
+  # 5e-3 and one of 4e-3, so the guarantee raises those 4 and no more (the
+  # 4th largest distinct |w| would raise a 5th).
+  scores['short'][:6, 11] = 1e-3 * np.array([5, -5, 5, 4, 3, 2])
+  scores['short'][6:, 11] = 1e-6
   for density in (0.5, 0.2, 0.1):
     ks = {p: int(sparsity.num_kept(v.size, density))
           for p, v in scores.items()}
@@ -130,6 +134,8 @@ def test_min_per_neuron_equals_reference_with_and_without_short_columns():
       np.testing.assert_array_equal(np.asarray(got[p]), want,
                                     err_msg=f'{p} {density}')
     assert not _reference_topk(scores['short'], ks['short'])[:, 5].any()
+    np.testing.assert_array_equal(np.asarray(got['short'])[:, 11],
+                                  np.arange(64) < 4)
 
 
 def test_density_schedule_anneals_linearly_then_holds():
