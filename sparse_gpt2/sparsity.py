@@ -187,9 +187,9 @@ def topk_masks(scores, ks, min_per_neuron, shardings=None):
       on a block of every tensor (`shard_map`): its shard, cut further into
       row blocks over the mesh axes that replicate it where they divide its
       rows, so that replicas (data parallelism's copies) share the top-k
-      instead of each doing all of it. Only histograms, column maxima,
-      per-row counts and, at the end, the replicas' blocks of the masks
-      cross devices: histograms add, so a `psum` of the local ones is the
+      instead of each doing all of it. Only histograms, each column's
+      top-j lists, per-row counts and, at the end, the replicas' blocks of
+      the masks cross devices: histograms add, so a `psum` of the local ones is the
       histogram of the whole tensor, and the masks are exactly those of one
       device. No weight is gathered.
 
