@@ -68,8 +68,7 @@ def abs_topk(x, fraction):
   k = max(1, math.ceil(fraction * x.shape[-1]))
   if k >= x.shape[-1]:
     return x
-  bits = jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32),
-                                      jnp.int32)
+  bits = sparsity.abs_bits(x)
 
   def next_bit(i, kth):
     candidate = kth | (1 << (30 - i))

@@ -135,7 +135,8 @@ def _column_tops(cols, j):
   rows = cols.shape[1] // width
   lists = [[cols[:, i * rows:(i + 1) * rows]] for i in range(width)]
   while len(lists) > 1:  # Sorted lists of 1, 2, ..., J values each.
-    lists = [_bitonic_sort(a + b[::-1]) for a, b in zip(lists[::2], lists[1::2])]
+    lists = [_bitonic_sort(a + b[::-1])
+             for a, b in zip(lists[::2], lists[1::2])]
   return _merge_rows(lists[0])
 
 
@@ -166,8 +167,9 @@ def _bitonic_sort(seq):
   return seq
 
 
-def _bits(x):
-  """|x| as int32 bit patterns, which order like the non-negative floats."""
+def abs_bits(x):
+  """|x| as int32 bit patterns, which order like the non-negative floats
+  (the top-k here and `model.abs_topk` select on them)."""
   return jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32),
                                       jnp.int32)
 
@@ -189,9 +191,9 @@ def topk_masks(scores, ks, min_per_neuron, shardings=None):
       rows, so that replicas (data parallelism's copies) share the top-k
       instead of each doing all of it. Only histograms, each column's
       top-j lists, per-row counts and, at the end, the replicas' blocks of
-      the masks cross devices: histograms add, so a `psum` of the local ones is the
-      histogram of the whole tensor, and the masks are exactly those of one
-      device. No weight is gathered.
+      the masks cross devices: histograms add, so a `psum` of the local
+      ones is the histogram of the whole tensor, and the masks are exactly
+      those of one device. No weight is gathered.
 
   Non-negative floats order like their int32 bit patterns, so the k-th
   largest is found on integers by a radix select, one digit per pass (bits
@@ -289,7 +291,7 @@ def _topk_blocks(arrays, k, *, js, specs, shared, mesh_axes):
   # blocks too and all-gather every weight and both moments after it, ~200
   # collectives that made a topk step 1.10x slower at sparse_small's shape.
   arrays = [_row_block(x, a) for x, a in zip(arrays, shared)]
-  bits = [jnp.stack([_bits(arrays[i]) for i in m])              # [n, ...]
+  bits = [jnp.stack([abs_bits(arrays[i]) for i in m])           # [n, ...]
           for m in groups.values()]
   guaranteed = [g for g, (_, j, _, _) in enumerate(keys) if j]
   if guaranteed:
@@ -298,10 +300,10 @@ def _topk_blocks(arrays, k, *, js, specs, shared, mesh_axes):
         [_row_col_axes(keys[g][2])[0] for g in guaranteed])
     for g, b in zip(guaranteed, raised):
       bits[g] = b
+  split = [{a for d in spec for a in d} for _, _, spec, _ in keys]
   counted = [functools.reduce(
       jnp.logical_and, [jax.lax.axis_index(a) == 0 for a in mesh_axes
-                        if a not in {a for d in spec for a in d}],
-      jnp.bool_(True)) for _, _, spec, _ in keys]
+                        if a not in s], jnp.bool_(True)) for s in split]
   # Per-tensor values below are [num] vectors in group order.
   starts = np.cumsum([0] + [len(m) for m in groups.values()])
 
