@@ -8,12 +8,17 @@ configs. JAX steps run on `--num_cpu_devices` CPU devices (`run.py`'s flag:
 2, each batch split over them, as `main` runs the twins; 1 for one device
 with both cores). A JAX step is traced with `jax.profiler` and its XLA ops
 summed over the CPU worker threads (by op kind: `ynn_fusion` is a matmul in
-XLA's YNNPACK library, `*_fusion` the loop fusions that XLA named after
-their first ops; on two devices `all-reduce` sums their gradients, and
-`Rendezvous` and `Wait` are a thread blocked until the other device
-arrives), with each thread's busy time per step: on a CPU, a thread that is
-busy for less than the step's wall time waited. The torch step goes through
-`torch.profiler`, by ATen op.
+XLA's YNNPACK library, `dot` one in Eigen (the kernel gradients' X^T dY,
+whose transposed left operand YNNPACK does not take), `*_fusion` the loop
+fusions that XLA named after their first ops; on two devices `all-reduce`
+sums their gradients, and `Rendezvous` and `Wait` are a thread blocked until
+the other device arrives), with each thread's busy time per step: on a CPU,
+a thread that is busy for less than the step's wall time waited. An op
+whose work goes on in the thread pool after its own event has ended (an
+Eigen dot, a partitioned loop) ends at its `end: <op>` marker, which may
+lie on the other thread: it is timed from its event's start to that
+marker, else an Eigen dot would count ~0.1 ms of its ~20. The torch step
+goes through `torch.profiler`, by ATen op.
 """
 
 import collections
@@ -63,17 +68,39 @@ def profile_torch(steps):
                                   row_limit=20, max_name_column_width=45))
 
 
-def _self_times(events):
-  """(name, ns) of one thread's events, each without the events nested in
-  it (a collective holds its rendezvous, which holds the wait): every
-  nanosecond counts once, in the innermost event."""
-  out, stack = [], []  # stack: [end_ns, name, self_ns] of open events.
-  for e in sorted(events, key=lambda e: (e.start_ns, -e.duration_ns)):
-    while stack and stack[-1][0] <= e.start_ns:
+def _op_spans(events):
+  """(start_ns, end_ns, name, thread) of each op in `events` (start_ns,
+  duration_ns, name, thread): an op with an `end: <name>` marker runs from
+  its start to the end of that marker, which may be on another thread (the
+  one that finished the op's last task); the first marker after a start
+  closes it. The span stays with the thread that started the op."""
+  closed_later = {n[len('end: '):] for _, _, n, _ in events
+                  if n.startswith('end: ')}
+  spans, open_starts = [], collections.defaultdict(collections.deque)
+  for start, duration, name, thread in sorted(events):
+    if name.startswith('end: '):
+      op_start, op_thread = open_starts[name[len('end: '):]].popleft()
+      spans.append((op_start, start + duration, name[len('end: '):],
+                    op_thread))
+    elif name in closed_later:
+      open_starts[name].append((start, thread))
+    else:
+      spans.append((start, start + duration, name, thread))
+  return spans
+
+
+def _self_times(spans):
+  """(name, ns) of one thread's spans (start_ns, end_ns, name), each
+  without the spans nested in it (a collective holds its rendezvous, which
+  holds the wait; a dot's span, the other device's ops that the thread ran
+  meanwhile): every nanosecond counts once, in the innermost span."""
+  out, stack = [], []  # stack: [end_ns, name, self_ns] of open spans.
+  for start, end, name in sorted(spans, key=lambda s: (s[0], -s[1])):
+    while stack and stack[-1][0] <= start:
       out.append(tuple(stack.pop()[1:]))
     if stack:
-      stack[-1][2] -= e.duration_ns
-    stack.append([e.start_ns + e.duration_ns, e.name, e.duration_ns])
+      stack[-1][2] -= min(end, stack[-1][0]) - start
+    stack.append([end, name, end - start])
   return out + [tuple(s[1:]) for s in stack]
 
 
@@ -89,17 +116,20 @@ def profile_jax(config, steps):
     jax.profiler.stop_trace()
     trace, = glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True)
     data = jax.profiler.ProfileData.from_file(trace)
+  lines = [line for plane in data.planes for line in plane.lines
+           if plane.name.startswith('/host:CPU')
+           and line.name.startswith('tf_XLA')]
+  events = [(e.start_ns, e.duration_ns, e.name, line.name)
+            for line in lines for e in line.events
+            if not e.name.startswith('ThunkExecutor')]  # Spans, not ops.
+  by_thread = collections.defaultdict(list)
+  for start, end, name, thread in _op_spans(events):
+    by_thread[thread].append((start, end, name))
   by_op, busy = collections.Counter(), collections.Counter()
-  for plane in data.planes:
-    for line in plane.lines:
-      if not (plane.name.startswith('/host:CPU')
-              and line.name.startswith('tf_XLA')):
-        continue
-      ops = [e for e in line.events
-             if not e.name.startswith('ThunkExecutor')]  # Spans, not ops.
-      for name, ns in _self_times(ops):
-        by_op[name] += ns / 1e6 / steps
-        busy[line.name] += ns / 1e6 / steps
+  for thread, spans in by_thread.items():
+    for name, ns in _self_times(spans):
+      by_op[name] += ns / 1e6 / steps
+      busy[thread] += ns / 1e6 / steps
   print(f'busy ms per step, by thread, of {traced_ms:.0f} ms traced:',
         ', '.join(f'{ms:.0f}' for ms in busy.values()))
   by_kind = collections.Counter()

@@ -57,3 +57,23 @@ def test_peers_train(make):
   # The same batch every step: a trainer that learns drives its loss down.
   assert np.isfinite(losses).all()
   assert losses[-1] < losses[0] - 0.5
+
+
+def test_step_profile_times_an_op_to_its_end_marker():
+  # An Eigen dot's event ends at once and its `end:` marker comes when the
+  # thread pool is done, here on the other thread; the op the first thread
+  # ran meanwhile counts once, as its own. In a subprocess: step_profile's
+  # flags would clash with those of modules other tests import.
+  code = '''
+import step_profile
+events = [(0, 1, 'dot.1', 'a'), (2, 3, 'fusion.2', 'b'),
+          (4, 2, 'fusion.3', 'a'), (9, 1, 'end: dot.1', 'b'),
+          (20, 1, 'dot.1', 'b'), (24, 2, 'end: dot.1', 'a')]
+spans = sorted(step_profile._op_spans(events))
+assert spans == [(0, 10, 'dot.1', 'a'), (2, 5, 'fusion.2', 'b'),
+                 (4, 6, 'fusion.3', 'a'), (20, 26, 'dot.1', 'b')], spans
+own = step_profile._self_times([s[:3] for s in spans if s[3] == 'a'])
+assert sorted(own) == [('dot.1', 8), ('fusion.3', 2)], own
+'''
+  subprocess.run([sys.executable, '-c', code], check=True,
+                 cwd=os.path.join(ROOT, 'benchmarks'))
