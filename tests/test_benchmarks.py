@@ -77,3 +77,17 @@ assert sorted(own) == [('dot.1', 8), ('fusion.3', 2)], own
 '''
   subprocess.run([sys.executable, '-c', code], check=True,
                  cwd=os.path.join(ROOT, 'benchmarks'))
+
+
+def test_matmuls_quick_times_every_kind_beside_both_steps():
+  out = subprocess.run([sys.executable, 'benchmarks/matmuls.py', '--quick'],
+                       cwd=ROOT, check=True, capture_output=True,
+                       text=True).stdout
+  rows = {line.split(' | ')[0].strip('| '): line.split(' | ')[1:]
+          for line in out.splitlines() if line.startswith('| ')}
+  assert set(rows) >= {'forward (ms, GFLOP/s)', 'input gradient (ms, GFLOP/s)',
+                       'kernel gradient (ms, GFLOP/s)',
+                       'all weight matmuls (ms)', 'train step (ms)'}
+  for name in ('all weight matmuls (ms)', 'train step (ms)'):
+    assert all(float(v.strip(' |')) > 0 for v in rows[name])
+  assert "A step 1.3x PyTorch's:" in out
