@@ -1,6 +1,6 @@
 r"""The plain GPT-2 step's weight matmuls alone, XLA:CPU against PyTorch.
 
-  python benchmarks/matmuls.py           # ~2 min
+  python benchmarks/matmuls.py           # ~1 min
   python benchmarks/matmuls.py --quick   # tiny shapes, seconds (in the tests)
 
 What bounds this project's step against its PyTorch peer (`run.py`'s peers
@@ -25,7 +25,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
