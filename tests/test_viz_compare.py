@@ -162,6 +162,33 @@ def test_summarize_ratios_and_geometric_means():
   assert summary['settings'] == dataclasses.asdict(SETTINGS)
 
 
+def test_pairs_table_ranges_the_ratio_over_the_tasks_every_pairing_solves():
+  sparse = {'a': _edge_count(10), 'b': _edge_count(20), 'c': _edge_count(5)}
+  dense_by_step = {40: {'a': 160, 'b': 40, 'c': 50},
+                   60: {'a': 40, 'b': 80, 'c': None}}
+  summaries = []
+  for step, edges in dense_by_step.items():
+    results = {t: (sparse[t], _edge_count(n, run='runs/dense') if n
+                   else make_circuit(solved=False)) for t, n in edges.items()}
+    summaries.append(compare.summarize(results, dict(
+        CHECKPOINTS, dense={'run': 'runs/dense', 'step': step,
+                            'val_loss': 3.11 if step == 40 else 3.085})))
+  md, data = compare.pairs_table(summaries, 3, 0.02)
+  assert data['common_tasks'] == ['a', 'b']
+  assert math.isclose(data['common_ratios'][0], (16 * 2) ** 0.5)
+  assert math.isclose(data['common_ratios'][1], (4 * 4) ** 0.5)
+  assert data['pairs'] == summaries
+  assert ('against the 2 dense checkpoints closest in validation loss '
+          'within 0.02 nats (3 asked for)') in md
+  # Step 40: all three tasks (16x, 2x, 10x); step 60 misses c.
+  assert '| 40 | 3.1100 | 3/3 | 10 / 68 | 6.8x | 5.7x | 16.0x | 2.0x | 10.0x |' \
+      in md
+  assert ('| 60 | 3.0850 | 2/3 | 14 / 57 | 4.0x | 4.0x | 4.0x | 4.0x | '
+          'dense not solved |') in md
+  assert 'On the 2 tasks solved at every pairing (a, b)' in md
+  assert '4.0-5.7x fewer edges' in md
+
+
 def test_summarize_nothing_solved_by_both():
   summary = compare.summarize(
       {'a': (make_circuit(solved=False), _edge_count(10))}, CHECKPOINTS)
@@ -206,11 +233,16 @@ def test_val_losses(tmp_path):
 
 def test_match_picks_closest_dense_checkpoint_and_refuses_a_gap():
   dense = {50: 4.0, 100: 3.515, 150: 3.47, 200: 3.30, 250: None}
-  assert compare.match(300, 3.50, dense, 0.02) == (100, 3.515)
-  assert compare.match(300, 3.46, dense, 0.02) == (150, 3.47)
+  assert compare.match(300, 3.50, dense, 0.02) == [(100, 3.515)]
+  assert compare.match(300, 3.46, dense, 0.02) == [(150, 3.47)]
   with pytest.raises(ValueError, match='no dense checkpoint within 0.02'):
     compare.match(300, 3.40, dense, 0.02)
-  assert compare.match(300, 3.40, dense, 0.2) == (150, 3.47)
+  assert compare.match(300, 3.40, dense, 0.2) == [(150, 3.47)]
+  # Closest first, only those within the gap, however many are asked for.
+  assert compare.match(300, 3.49, dense, 0.03, count=3) == [
+      (150, 3.47), (100, 3.515)]
+  assert compare.match(300, 3.40, dense, 0.2, count=2) == [
+      (150, 3.47), (200, 3.30)]
   with pytest.raises(ValueError, match='no validation loss'):
     compare.match(300, None, dense, 0.02)
 
@@ -341,3 +373,21 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
   with pytest.raises(SystemExit):
     run('--tasks=if_equals', '--step=100')  # 3.6: no dense within 0.02.
   assert 'no dense checkpoint within 0.02' in capsys.readouterr().err
+
+  # Three pairings asked for, two within the gap (3.21 and 3.0 of 3.2).
+  # if_equals at 9 steps was pruned at both dense steps above (the curve).
+  run('--tasks=if_equals,var_swap', '--steps=9', '--max_loss_gap=0.25',
+      '--pairs=3')
+  assert calls[9:] == [('sparse', 200, 'var_swap', 9, ()),
+                       ('dense', 100, 'var_swap', 9, ()),
+                       ('dense', 150, 'var_swap', 9, ())]
+  assert 'with dense step 100 (val loss 3.2100), then 150.' in \
+      capsys.readouterr().out
+  pairs = json.loads((out / 'pairs.json').read_text())
+  assert [p['checkpoints']['dense']['step'] for p in pairs['pairs']] == [
+      100, 150]
+  assert pairs['common_tasks'] == ['if_equals']
+  assert '(3 asked for)' in (out / 'pairs.md').read_text()
+  with pytest.raises(SystemExit):
+    run('--tasks=if_equals', '--pairs=0')
+  assert capsys.readouterr().err.strip() == 'error: --pairs must be >= 1, got 0'

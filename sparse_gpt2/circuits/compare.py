@@ -4,7 +4,7 @@ for each task.
   python -m sparse_gpt2.circuits.compare --sparse=runs/sparse_medium \
       --dense=runs/dense_medium --out=runs/compare [--tasks=a,b] \
       [--step=N] [--max_loss_gap=0.02] [--target_loss=0.15 --steps=...] \
-      [--convergence_steps=100,300,1000,3000] [--curve]
+      [--pairs=3] [--convergence_steps=100,300,1000,3000] [--curve]
 
 The sparse run's checkpoint (`--step`, default newest) is paired with the
 dense run's kept checkpoint of closest validation loss; a gap above
@@ -19,6 +19,9 @@ every task both are pruned (`runs.find_circuit`, every setting a flag) and
                                             task, the ratio, geometric means
   OUT/figure.{png,svg}                      the task whose ratio is closest
                                             to the geometric mean
+  OUT/pairs.{md,json}                       with --pairs: the same against
+                                            each of the dense checkpoints
+                                            closest in loss, as a range
   OUT/convergence.{md,json}                 with --convergence_steps: circuit
                                             size after each number of steps
   OUT/curve.{md,json,png,svg}               with --curve: geometric-mean
@@ -54,6 +57,11 @@ _STEP = flags.DEFINE_integer('step', None, 'Sparse checkpoint (default: the '
 _MAX_LOSS_GAP = flags.DEFINE_float(
     'max_loss_gap', 0.02, 'Largest validation-loss gap (nats) allowed between '
     'the paired checkpoints.')
+_PAIRS = flags.DEFINE_integer(
+    'pairs', 1, 'Compare against this many dense checkpoints, the closest '
+    'in validation loss within --max_loss_gap, to show how far the ratio '
+    'moves with the choice among equally matched ones (pairs.md); the '
+    'closest makes comparison.md.')
 _RECOMPUTE = flags.DEFINE_bool('recompute', False, 'Prune again even where '
                                'a matching circuit is saved.')
 _CONVERGENCE_STEPS = flags.DEFINE_list(
@@ -72,24 +80,26 @@ flags.mark_flags_as_required(['sparse', 'dense', 'out'])
 MODELS = ('sparse', 'dense')
 
 
-def match(sparse_step, sparse_loss, dense_checkpoints, max_gap):
-  """(dense step, its loss) of the dense checkpoint closest in validation
-  loss to the sparse one; ValueError when none is within `max_gap`."""
+def match(sparse_step, sparse_loss, dense_checkpoints, max_gap, count=1):
+  """[(dense step, its loss)] of the `count` dense checkpoints closest in
+  validation loss to the sparse one within `max_gap`, closest first (fewer
+  where fewer are that close); ValueError when none is."""
   if sparse_loss is None:
     raise ValueError(f'the sparse checkpoint at step {sparse_step} has no '
                      'validation loss in metrics.jsonl')
   scored = {s: v for s, v in dense_checkpoints.items() if v is not None}
   if not scored:
     raise ValueError('no dense checkpoint has a validation loss')
-  step = min(scored, key=lambda s: (abs(scored[s] - sparse_loss), s))
-  gap = abs(scored[step] - sparse_loss)
-  if gap > max_gap:
+  ranked = sorted(scored, key=lambda s: (abs(scored[s] - sparse_loss), s))
+  step = ranked[0]
+  if abs(scored[step] - sparse_loss) > max_gap:
     raise ValueError(
         f'no dense checkpoint within {max_gap} nats of the sparse one '
         f'(step {sparse_step}, val loss {sparse_loss:.4f}); the closest is '
         f'step {step} at {scored[step]:.4f}; keep more dense checkpoints '
         '(keep_every) or pass --max_loss_gap')
-  return step, scored[step]
+  return [(s, scored[s]) for s in ranked[:count]
+          if abs(scored[s] - sparse_loss) <= max_gap]
 
 
 def summarize(results, checkpoints):
@@ -230,6 +240,58 @@ def to_markdown(summary):
   return '\n'.join(out) + '\n'
 
 
+def pairs_table(summaries, asked, max_gap):
+  """Markdown and data: `summarize`'s result against each paired dense
+  checkpoint (closest in validation loss first), and how far the ratio
+  moves among them: each checkpoint's geometric mean over the tasks it and
+  the sparse model solve, and over the tasks solved at every pairing (the
+  same tasks for all, so the one to read as a range)."""
+  sparse = summaries[0]['checkpoints']['sparse']
+  tasks = [r['task'] for r in summaries[0]['tasks']]
+  common = [t for i, t in enumerate(tasks)
+            if all(s['tasks'][i]['ratio'] is not None for s in summaries)]
+  common_ratios = [
+      geometric_mean([r['ratio'] for r in s['tasks'] if r['task'] in common])
+      if common else None for s in summaries]
+  fewer = f' ({asked} asked for)' if len(summaries) < asked else ''
+  lines = [
+      f"Sparse step {sparse['step']} (validation loss "
+      f"{_num(sparse['val_loss'], '.4f')}) against the {len(summaries)} "
+      f'dense checkpoints closest in validation loss within {max_gap:g} '
+      f'nats{fewer}:', '',
+      '| dense step | val loss | solved by both | edges sparse / dense | '
+      'dense/sparse | on the tasks all solve | '
+      + ' | '.join(tasks) + ' |',
+      '|---:|---:|---:|---:|---:|---:|' + '---:|' * len(tasks)]
+  for s, common_ratio in zip(summaries, common_ratios):
+    d, g = s['checkpoints']['dense'], s['geomean']
+    lines.append(
+        f"| {d['step']} | {_num(d['val_loss'], '.4f')} | "
+        f"{s['num_compared']}/{len(tasks)} | "
+        + (f"{g['edges_sparse']:,.0f} / {g['edges_dense']:,.0f} | "
+           f"{g['ratio']:.1f}x" if g else 'n/a | n/a')
+        + f" | {_num(common_ratio, '.1f')}{'x' if common_ratio else ''} | "
+        + ' | '.join(_ratio_cell(r) for r in s['tasks']) + ' |')
+  lines.append('')
+  if common:
+    lines.append(
+        f'On the {len(common)} task{"s" * (len(common) != 1)} solved at '
+        f"every pairing ({', '.join(common)}) the sparse model has "
+        f'{min(common_ratios):.1f}-{max(common_ratios):.1f}x fewer edges.')
+  else:
+    lines.append('No task is solved by both models at every pairing.')
+  data = {'pairs': summaries, 'common_tasks': common,
+          'common_ratios': common_ratios}
+  return '\n'.join(lines) + '\n', data
+
+
+def _ratio_cell(row):
+  if row['ratio'] is not None:
+    return f"{row['ratio']:.1f}x"
+  failed = [name for name in MODELS if not row[name]['solved']]
+  return f"{' and '.join(failed)} not solved" if failed else 'n/a'
+
+
 def _extended(summary):
   """Which circuits came from runs that went on because their masks were
   still shrinking (`prune.run_length`), and which still were at the end."""
@@ -341,9 +403,11 @@ def curve(runs_, task_names, settings, out):
   return '\n'.join(lines) + '\n', points
 
 
-def _check_args(runs_, task_names):
+def _check_args(runs_, task_names, pairs):
   """The one-line reason the arguments cannot work, or None; checked before
   any pruning, which takes minutes."""
+  if pairs < 1:
+    return f'--pairs must be >= 1, got {pairs}'
   for name, run in runs_.items():
     if not os.path.isdir(run):
       return f'--{name}={run} is not a directory'
@@ -372,7 +436,7 @@ def main(argv):
   task_names = list(tasks_lib.TASKS) if _TASKS.value is None else _TASKS.value
   out = _OUT.value
   try:
-    error = _check_args(runs_, task_names)
+    error = _check_args(runs_, task_names, _PAIRS.value)
     if error:
       raise ValueError(error)
     settings = settings_lib.from_flags()
@@ -382,16 +446,18 @@ def main(argv):
     step = runs.newest(runs_['sparse']) if _STEP.value is None else _STEP.value
     if step not in sparse_ckpts:
       raise ValueError(f'{runs_["sparse"]} has no checkpoint at step {step}')
-    dense_step, dense_loss = match(step, sparse_ckpts[step],
-                                   runs.checkpoints(runs_['dense']),
-                                   _MAX_LOSS_GAP.value)
+    pairs = match(step, sparse_ckpts[step], runs.checkpoints(runs_['dense']),
+                  _MAX_LOSS_GAP.value, _PAIRS.value)
+    dense_step, dense_loss = pairs[0]
     checkpoints = {
         'sparse': {'run': runs_['sparse'], 'step': step,
                    'val_loss': sparse_ckpts[step]},
         'dense': {'run': runs_['dense'], 'step': dense_step,
                   'val_loss': dense_loss}}
     print(f"Pairing sparse step {step} (val loss {sparse_ckpts[step]:.4f}) "
-          f"with dense step {dense_step} (val loss {dense_loss:.4f}).")
+          f"with dense step {dense_step} (val loss {dense_loss:.4f})"
+          + (f", then {', '.join(str(s) for s, _ in pairs[1:])}"
+             if pairs[1:] else '') + '.')
     results = {}
     for i, task in enumerate(task_names):
       record = record_at if i < _CONVERGENCE_TASKS.value else ()
@@ -406,6 +472,19 @@ def main(argv):
       viz.draw_comparison(*results[summary['figure_task']],
                           os.path.join(out, 'figure'))
     print(markdown)
+    if _PAIRS.value > 1:
+      summaries = [summary]
+      for other_step, other_loss in pairs[1:]:
+        other = dict(checkpoints, dense={'run': runs_['dense'],
+                                         'step': other_step,
+                                         'val_loss': other_loss})
+        summaries.append(summarize(
+            {t: (results[t][0], _circuit(runs_['dense'], other_step, t,
+                                         settings, out, 'dense'))
+             for t in task_names}, other))
+      table, data = pairs_table(summaries, _PAIRS.value, _MAX_LOSS_GAP.value)
+      _write(out, 'pairs', table, data)
+      print(table)
     if record_at:
       names = task_names[:_CONVERGENCE_TASKS.value]
       table, records = convergence_table(
