@@ -429,7 +429,8 @@ def test_matched_loss_pairing_on_two_tiny_runs(tiny_twins):
   assert list(sparse) == list(dense) == [10, 20]
   for step, loss in sparse.items():
     closest = min(dense, key=lambda s: abs(dense[s] - loss))
-    assert compare.match(step, loss, dense, 10.0) == (closest, dense[closest])
+    assert compare.match(step, loss, dense, 10.0)[0] == (closest,
+                                                         dense[closest])
   with pytest.raises(ValueError, match='no dense checkpoint within'):
     compare.match(20, sparse[20], {10: sparse[20] + 0.5}, 0.02)
 
