@@ -47,39 +47,47 @@ def flops_per_token(model_config, seq_len):
   return 6 * matmul + 6 * attention
 
 
-def peak_flops(dtype='float32'):
+def peak_flops(dtype='float32', fastest_yet=0.0, repeats=5):
   """The MFU denominator, FLOP/s of all devices together: a known
   accelerator's datasheet peak times the device count. A CPU has no useful
-  datasheet number (and fake CPU devices share its cores), so there one
-  timed matmul is the ceiling; an accelerator missing from DATASHEET_PEAKS
-  is timed the same way per device, with a warning."""
+  datasheet number (and fake CPU devices share its cores), so there a timed
+  matmul is the ceiling, the fastest of `repeats` and of `fastest_yet` (an
+  earlier reading): a run times it again at every evaluation, so that a
+  busy moment when it started cannot inflate all its MFUs (one run on a
+  shared machine logged 80-106% against a start that read half the
+  rate). An accelerator missing from DATASHEET_PEAKS is timed the same way
+  per device, with a warning."""
   device = jax.devices()[0]
   if device.platform == 'cpu':
-    return measure_peak_flops(dtype)
+    return max(fastest_yet, measure_peak_flops(dtype, repeats=repeats))
   per_device = next((peak for kind, peak in DATASHEET_PEAKS
                      if kind in device.device_kind), None)
   if per_device is None:
-    logging.warning('No datasheet peak for %r; MFU is against a timed '
-                    'matmul.', device.device_kind)
-    per_device = measure_peak_flops(dtype)
-  return per_device * jax.device_count()
+    if not fastest_yet:
+      logging.warning('No datasheet peak for %r; MFU is against a timed '
+                      'matmul.', device.device_kind)
+    per_device = measure_peak_flops(dtype, repeats=repeats)
+  return max(fastest_yet, per_device * jax.device_count())
+
+
+# Compiled at the first reading, so that a later one times only the matmul.
+_square = jax.jit(lambda a: a @ a)
 
 
 def measure_peak_flops(dtype='float32', n=2048, repeats=5):
-  """FLOP/s of one n^3 matmul on the first device: the hardware's real
-  ceiling where no datasheet number applies. The fastest of `repeats`: a
-  ceiling, which a moment of load on a shared machine would lower (and so
-  inflate the MFU divided by it)."""
+  """FLOP/s of one n^3 matmul on this process's first device: the
+  hardware's real ceiling where no datasheet number applies. The fastest of
+  `repeats`: a ceiling, which a moment of load on a shared machine would
+  lower (and so inflate the MFU divided by it). A process's first reading
+  also compiles the matmul, so it takes several."""
   # On a mesh of its own: under the run's mesh (`jax.set_mesh`) the matmul
   # is replicated, every device doing all of it (half the rate on 2 CPUs).
-  with jax.set_mesh(jax.sharding.Mesh(jax.devices()[:1], ('one',))):
+  with jax.set_mesh(jax.sharding.Mesh(jax.local_devices()[:1], ('one',))):
     x = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
     fastest = math.inf
     for _ in range(repeats):
       start = time.perf_counter()
-      f(x).block_until_ready()
+      _square(x).block_until_ready()
       fastest = min(fastest, time.perf_counter() - start)
   return 2 * n**3 / fastest
 

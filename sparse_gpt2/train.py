@@ -320,13 +320,16 @@ def _train_loop(config, workdir, model, tx, state, state_sharding,
     record = {
         'loss': host[-1][1]['loss'], 'grad_rms': host[-1][1]['grad_rms'],
         'lr': float(lr_fn(done - 1)), 'tokens_per_s': rate,
-        'mfu': rate * flops / peak, 'l0': int(stats['l0']),
+        'l0': int(stats['l0']),
         'density': float(stats['density']),
         'l0_per_tensor': {k: int(v) for k, v in
                           stats['l0_per_tensor'].items()}}
     if do_eval:
       record['val_loss'] = evaluate(eval_step, state, corpus.val_tokens,
                                     config, batch_sharding)
+      if not config.peak_flops:  # One more matmul, on idle devices.
+        peak = metrics.peak_flops(config.model.dtype, peak, repeats=1)
+    record['mfu'] = rate * flops / peak
     writer.write(done, record)
     metrics.console_line(done, config.train_steps, record,
                          (config.train_steps - done) * tokens_per_step

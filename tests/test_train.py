@@ -60,12 +60,23 @@ def _listing(workdir):
   return out
 
 
+# What the reference run's timed matmul peak reads: at the start, then after
+# each evaluation (steps 10, 20, ... 60).
+PEAK_READINGS = (1e9, 4e9, 2e9, 8e9, 1e9, 1e9, 1e9)
+
+
 @pytest.fixture(scope='module')
 def reference_run(tiny_config, tmp_path_factory):
   """An uninterrupted 60-step sparse run: (config, workdir, final state)."""
-  config = tiny_config(train_steps=60, checkpoint_every=10, keep_every=20)
+  config = tiny_config(train_steps=60, checkpoint_every=10, keep_every=20,
+                       peak_flops=0.0)
   workdir = str(tmp_path_factory.mktemp('reference'))
-  state = train.train_and_evaluate(config, workdir)
+  readings = iter(PEAK_READINGS)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(metrics, 'measure_peak_flops',
+                  lambda dtype, repeats: next(readings))
+    state = train.train_and_evaluate(config, workdir)
+  assert next(readings, None) is None
   return config, workdir, state
 
 
@@ -472,6 +483,18 @@ def test_main_keeps_compiled_programs_where_the_environment_says(cache,
     env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path / cache)
   assert _main_with_a_spy(1, env)[-1] == str(
       tmp_path / (cache or '.cache/sparse_gpt2/jax'))
+
+
+def test_mfu_divides_by_the_fastest_matmul_timed_so_far(reference_run):
+  """A start timed in a busy moment stops counting at the first evaluation
+  that reads faster; a slower reading later changes nothing."""
+  config, workdir, _ = reference_run
+  flops = metrics.flops_per_token(config.model, config.seq_len)
+  fastest = {5: 1e9, 10: 4e9, 15: 4e9, 20: 4e9, 25: 4e9}
+  for line in _metrics(workdir):
+    peak = fastest.get(line['step'], 8e9)
+    assert line['mfu'] == pytest.approx(line['tokens_per_s'] * flops / peak,
+                                        rel=1e-12), line['step']
 
 
 def test_mfu_peak_is_the_datasheet_peak_times_the_devices(monkeypatch):
