@@ -40,9 +40,10 @@ def keep_freed_memory():
   step mostly reuses them without a fault (now and then a block does not fit
   the freed pieces, and the heap grows by it). The arena matters: a thread's
   own arena cannot hold blocks that large and falls back to mmap. The one
-  arena costs compile time (XLA's compiler threads share its lock:
-  `sparse_small`'s step compiled in 43-52 s instead of 31-40 s), which a run
-  earns back within its first ~150 steps; short runs (the test suite's,
+  arena can cost compile time (XLA's compiler threads share its lock:
+  `sparse_small`'s step compiled in 43-52 s instead of 31-40 s on one
+  machine, 14-20 s against 15-17 on another), which a run earns back within
+  its first ~150 steps; short runs (the test suite's,
   `convert`) do not call this, nor the circuits CLIs (`settings.start_jax`).
   A no-op off glibc.
   """
