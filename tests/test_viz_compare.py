@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -247,16 +248,29 @@ def test_match_picks_closest_dense_checkpoint_and_refuses_a_gap():
     compare.match(300, None, dense, 0.02)
 
 
-def test_reusable_refuses_other_settings_version_step_or_run():
-  circuit = make_circuit('t', run='elsewhere/runs/sparse')
-  assert compare.reusable(circuit, 'runs/sparse', 100, 't', SETTINGS)
-  assert not compare.reusable(circuit, 'runs/sparse', 150, 't', SETTINGS)
-  assert not compare.reusable(circuit, 'runs/dense', 100, 't', SETTINGS)
-  assert not compare.reusable(circuit, 'runs/sparse', 100, 'u', SETTINGS)
-  assert not compare.reusable(circuit, 'runs/sparse', 100, 't',
+def test_reusable_refuses_other_weights_settings_version_or_step(tmp_path):
+  """Weights are told by the checkpoint's files, not the run's name."""
+  _fake_run(tmp_path / 'sparse', {100: 3.1, 150: 3.0}, 'topk')
+  run = str(tmp_path / 'sparse')
+  circuit = {**make_circuit('t', run=run), 'checkpoint_sha256':
+             runs_lib.checkpoint_digest(run, 100)}
+  assert compare.reusable(circuit, run, 100, 't', SETTINGS)
+  assert not compare.reusable(circuit, run, 150, 't', SETTINGS)
+  assert not compare.reusable(circuit, run, 100, 'u', SETTINGS)
+  assert not compare.reusable(circuit, run, 100, 't',
                               dataclasses.replace(SETTINGS, lr=0.5))
   assert not compare.reusable({**circuit, 'version': prune.VERSION - 1},
-                              'runs/sparse', 100, 't', SETTINGS)
+                              run, 100, 't', SETTINGS)
+  # A copy under another name holds the same weights; another run under
+  # this one's name (the same files, one byte changed) does not.
+  copy = tmp_path / 'elsewhere' / 'renamed'
+  shutil.copytree(run, copy)
+  assert compare.reusable(circuit, str(copy), 100, 't', SETTINGS)
+  _retrain(tmp_path / 'sparse', 100)
+  runs_lib.checkpoint_digest.cache_clear()
+  assert not compare.reusable(circuit, run, 100, 't', SETTINGS)
+  assert not compare.reusable({**circuit, 'checkpoint_sha256': None}, str(copy),
+                              100, 't', SETTINGS)
 
 
 @pytest.mark.parametrize('bad', ['run', 'task'])
@@ -277,17 +291,25 @@ def test_cli_rejects_bad_input_before_pruning(tmp_path, bad):
 
 def _fake_run(path, val_losses, mode):
   """A run directory as `runs.checkpoints` reads it: config.json (200 steps,
-  annealed over the first half in topk mode), one (empty) checkpoint folder
-  per step, and metrics.jsonl."""
+  annealed over the first half in topk mode), one checkpoint folder per step
+  (a file of stand-in weights), and metrics.jsonl."""
   (path / 'checkpoints').mkdir(parents=True)
   (path / 'config.json').write_text(json.dumps({
       'train_steps': 200, 'sparsity': {'mode': mode,
                                        'anneal_fraction': 0.5}}))
   lines = []
   for step, loss in val_losses.items():
-    (path / 'checkpoints' / str(step)).mkdir()
+    (path / 'checkpoints' / str(step) / 'state').mkdir(parents=True)
+    (path / 'checkpoints' / str(step) / 'state' / 'weights').write_bytes(
+        f'{mode} {step}'.encode())
     lines.append(json.dumps({'step': step, 'val_loss': loss}))
   (path / 'metrics.jsonl').write_text('\n'.join(lines) + '\n')
+
+
+def _retrain(path, step):
+  """The run at `path` trained again: other weights at `step`."""
+  weights = path / 'checkpoints' / str(step) / 'state' / 'weights'
+  weights.write_bytes(weights.read_bytes() + b' again')
 
 
 def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
@@ -305,6 +327,7 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
                            solved=not (dense and task == 'var_swap'),
                            num_layers=1, run=workdir)
     circuit.update(step=step, settings=dataclasses.asdict(settings),
+                   checkpoint_sha256=runs_lib.checkpoint_digest(workdir, step),
                    steps_run=settings.steps, settled=True,
                    convergence=[{'steps': s, 'num_nodes': 9, 'num_edges': 9,
                                  'kept_by_mask': 9}
@@ -355,13 +378,19 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
   run('--tasks=if_equals,var_swap', '--steps=7', '--convergence_steps=3',
       '--convergence_tasks=1')
   assert len(calls) == 4  # All reused.
+  # The sparse run trained again under its name: its circuits are pruned
+  # anew, the dense run's reused.
+  _retrain(runs['sparse'], 200)
+  run('--tasks=if_equals', '--steps=7', '--convergence_steps=3',
+      '--convergence_tasks=1')
+  assert calls[4:] == [('sparse', 200, 'if_equals', 7, (3,))]
   run('--tasks=if_equals', '--steps=9')
-  assert calls[4:] == [('sparse', 200, 'if_equals', 9, ()),
+  assert calls[5:] == [('sparse', 200, 'if_equals', 9, ()),
                        ('dense', 100, 'if_equals', 9, ())]
   run('--tasks=if_equals', '--steps=9', '--curve', '--curve_every=50')
   # The curve prunes the other checkpoints at multiples of 50, but not the
   # sparse run's before its annealing ended (step 100).
-  assert calls[6:] == [('sparse', 100, 'if_equals', 9, ()),
+  assert calls[7:] == [('sparse', 100, 'if_equals', 9, ()),
                        ('dense', 50, 'if_equals', 9, ()),
                        ('dense', 150, 'if_equals', 9, ())]
   points = json.loads((out / 'curve.json').read_text())
@@ -378,7 +407,7 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
   # if_equals at 9 steps was pruned at both dense steps above (the curve).
   run('--tasks=if_equals,var_swap', '--steps=9', '--max_loss_gap=0.25',
       '--pairs=3')
-  assert calls[9:] == [('sparse', 200, 'var_swap', 9, ()),
+  assert calls[10:] == [('sparse', 200, 'var_swap', 9, ()),
                        ('dense', 100, 'var_swap', 9, ()),
                        ('dense', 150, 'var_swap', 9, ())]
   assert 'with dense step 100 (val loss 3.2100), then 150.' in \

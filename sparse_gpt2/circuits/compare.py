@@ -12,7 +12,8 @@ dense run's kept checkpoint of closest validation loss; a gap above
 every task both are pruned (`runs.find_circuit`, every setting a flag) and
 
   OUT/circuits/<model>-<step>/<task>.json   the circuits; reused only when
-                                            found with the same run, step and
+                                            found in the same weights (the
+                                            checkpoint's files), step and
                                             settings in full
   OUT/<task>/figure.{png,svg}               the two circuits side by side
   OUT/comparison.{md,json}                  edges, nodes and test losses per
@@ -322,14 +323,16 @@ def _num(value, spec):
 
 
 def reusable(circuit, run, step, task, settings):
-  """Whether a saved circuit was found in this run's checkpoint, for this
-  task, with exactly these settings and this version of the algorithm (a
-  changed default or method re-prunes)."""
+  """Whether a saved circuit was found in the weights of this run's
+  checkpoint (its files' digest: a copied run reuses, a run trained again
+  under the same name prunes anew), for this task, with exactly these
+  settings and this version of the algorithm (a changed default or method
+  re-prunes)."""
   return (circuit.get('version') == prune.VERSION
-          and os.path.basename(os.path.normpath(circuit['run'])) ==
-          os.path.basename(os.path.normpath(run))
           and circuit['step'] == step and circuit['task'] == task
-          and circuit['settings'] == dataclasses.asdict(settings))
+          and circuit['settings'] == dataclasses.asdict(settings)
+          and circuit.get('checkpoint_sha256') ==
+          runs.checkpoint_digest(run, step))
 
 
 def _circuit(run, step, task, settings, out, model, record_at=()):
@@ -432,6 +435,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   settings_lib.start_jax()
   metrics.quiet_library_logs()
+  runs.checkpoint_digest.cache_clear()  # Read anew by each call of main.
   runs_ = {'sparse': _SPARSE.value, 'dense': _DENSE.value}
   task_names = list(tasks_lib.TASKS) if _TASKS.value is None else _TASKS.value
   out = _OUT.value

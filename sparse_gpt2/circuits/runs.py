@@ -3,9 +3,11 @@ losses, and one checkpoint loaded with its corpus and node means, each read
 once per process (`compare` asks the same checkpoints about every task)."""
 
 import functools
+import hashlib
 import json
 import math
 import os
+import pathlib
 
 import jax
 import ml_collections
@@ -42,6 +44,22 @@ def checkpoints(workdir):
                  if name.isdigit()) if os.path.isdir(root) else []
   losses = val_losses(workdir)
   return {step: losses.get(step) for step in steps}
+
+
+@functools.lru_cache(maxsize=64)
+def checkpoint_digest(workdir, step):
+  """SHA-256 of a kept checkpoint's files, names and bytes: what says which
+  weights a circuit was found in. A copy of the checkpoint digests the same
+  wherever it lies and whatever its run is called; a run trained again into
+  the same directory digests otherwise, so its old circuits are not taken
+  for its new weights'. Read once per process (`cache_clear` to read again)."""
+  root = pathlib.Path(workdir, 'checkpoints', str(step))
+  digest = hashlib.sha256()
+  for path in sorted(p for p in root.rglob('*') if p.is_file()):
+    with open(path, 'rb') as f:
+      digest.update(f'{path.relative_to(root)}\0'.encode()
+                    + hashlib.file_digest(f, 'sha256').digest())
+  return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=8)
@@ -171,4 +189,5 @@ def find_circuit(workdir, settings, *, step=None, task=None, task_file=None,
               for i, c, w in zip(encoded['index'][:num_examples],
                                  encoded['correct'], encoded['incorrect'])]
   return {'task': name, 'run': workdir, 'step': run['step'],
+          'checkpoint_sha256': checkpoint_digest(workdir, run['step']),
           'val_loss': run['val_loss'], 'examples': examples, **circuit}
