@@ -27,7 +27,8 @@ def base():
                                    # (0: none): the checkpoints that circuits
                                    # compare at matched loss (`--step`).
   config.peak_flops = 0.0          # FLOP/s of all devices for MFU; 0 = the
-                                   # datasheet peak (CPU: a timed matmul).
+                                   # datasheet peak (CPU: the run's fastest
+                                   # timed matmul, read again at each eval).
   config.init_from_hf = ''         # A Hugging Face GPT-2 dir to start from.
   config.num_cpu_devices = 0       # Devices the host CPU is split into
                                    # (`jax_num_cpu_devices`; 0: jax's, one).
