@@ -294,6 +294,8 @@ def twins_section(baseline, rounds, steps):
         w.wait_ready()
     out = {}
     for name, workers in all_workers.items():
+      for w in workers.values():  # Idle since it compiled: warm it again.
+        w.steps(steps)
       times = {k: [] for k in workers}
       for _ in range(rounds):
         for k, w in workers.items():
