@@ -26,7 +26,9 @@ against is one device's matmul, which uses every core.
 
 Timing protocol: every section times its contenders in turns (a round = a
 few steps of each), so that a busy moment hits them alike, and reports
-medians. MFU counts attention as MaxText does (`metrics.flops_per_token`) and
+medians; each contender steps untimed first (the twins' workers a round
+right before their own rounds: they wait idle while the other config's
+are timed). MFU counts attention as MaxText does (`metrics.flops_per_token`) and
 divides by a matmul peak measured in the same round, right before the
 contender's steps, so a machine that slows down cannot inflate it.
 """
