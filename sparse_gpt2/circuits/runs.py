@@ -10,11 +10,11 @@ import os
 import pathlib
 
 import jax
-import ml_collections
 import numpy as np
 
 from sparse_gpt2 import data
 from sparse_gpt2 import train
+from sparse_gpt2 import workdir as workdir_lib
 from sparse_gpt2.circuits import prune
 from sparse_gpt2.circuits import tasks
 
@@ -24,7 +24,7 @@ MEAN_BATCHES = 16  # Batches of the run's training data for the node means.
 def val_losses(workdir):
   """{step: validation loss} of every evaluation in workdir/metrics.jsonl
   (a resumed run's later record of a step wins)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = os.path.join(workdir, workdir_lib.METRICS)
   losses = {}
   if os.path.exists(path):
     with open(path) as f:
@@ -37,9 +37,9 @@ def val_losses(workdir):
 
 def checkpoints(workdir):
   """{step: validation loss or None} of the checkpoints kept in `workdir`."""
-  if not os.path.exists(os.path.join(workdir, 'config.json')):
+  if not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG)):
     raise ValueError(f'{workdir} is not a run directory (no config.json)')
-  root = os.path.join(workdir, 'checkpoints')
+  root = os.path.join(workdir, workdir_lib.CHECKPOINTS)
   steps = sorted(int(name) for name in os.listdir(root)
                  if name.isdigit()) if os.path.isdir(root) else []
   losses = val_losses(workdir)
@@ -53,7 +53,7 @@ def checkpoint_digest(workdir, step):
   wherever it lies and whatever its run is called; a run trained again into
   the same directory digests otherwise, so its old circuits are not taken
   for its new weights'. Read once per process (`cache_clear` to read again)."""
-  root = pathlib.Path(workdir, 'checkpoints', str(step))
+  root = pathlib.Path(workdir, workdir_lib.CHECKPOINTS, str(step))
   digest = hashlib.sha256()
   for path in sorted(p for p in root.rglob('*') if p.is_file()):
     with open(path, 'rb') as f:
@@ -64,8 +64,7 @@ def checkpoint_digest(workdir, step):
 
 @functools.lru_cache(maxsize=8)
 def _config(workdir):
-  with open(os.path.join(workdir, 'config.json')) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return workdir_lib.load_config(workdir)
 
 
 @functools.lru_cache(maxsize=4)

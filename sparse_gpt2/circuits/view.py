@@ -35,6 +35,7 @@ import numpy as np
 
 from sparse_gpt2 import metrics
 from sparse_gpt2 import model as model_lib
+from sparse_gpt2 import workdir as workdir_lib
 from sparse_gpt2.circuits import runs
 from sparse_gpt2.circuits import tasks
 from sparse_gpt2.circuits import viz
@@ -225,7 +226,7 @@ def run_data(panel, circuits, examples, snippet_tokens, per_node):
   (None, {}) with a note on the panel when that run is not on this
   machine."""
   run_dir, step = panel['run'], panel['step']
-  if not os.path.isfile(os.path.join(run_dir, 'config.json')):
+  if not os.path.isfile(os.path.join(run_dir, workdir_lib.CONFIG)):
     panel['notes'].append(f'run {run_dir} is not on this machine: no '
                           'snippets or prompt probabilities')
     return None, {}
