@@ -91,16 +91,16 @@ def match(sparse_step, sparse_loss, dense_checkpoints, max_gap, count=1):
   scored = {s: v for s, v in dense_checkpoints.items() if v is not None}
   if not scored:
     raise ValueError('no dense checkpoint has a validation loss')
-  ranked = sorted(scored, key=lambda s: (abs(scored[s] - sparse_loss), s))
+  gap = {s: abs(v - sparse_loss) for s, v in scored.items()}
+  ranked = sorted(gap, key=lambda s: (gap[s], s))
   step = ranked[0]
-  if abs(scored[step] - sparse_loss) > max_gap:
+  if gap[step] > max_gap:
     raise ValueError(
         f'no dense checkpoint within {max_gap} nats of the sparse one '
         f'(step {sparse_step}, val loss {sparse_loss:.4f}); the closest is '
         f'step {step} at {scored[step]:.4f}; keep more dense checkpoints '
         '(keep_every) or pass --max_loss_gap')
-  return [(s, scored[s]) for s in ranked[:count]
-          if abs(scored[s] - sparse_loss) <= max_gap]
+  return [(s, scored[s]) for s in ranked[:count] if gap[s] <= max_gap]
 
 
 def summarize(results, checkpoints):
@@ -479,7 +479,7 @@ def main(argv):
     if _PAIRS.value > 1:
       summaries = [summary]
       for other_step, other_loss in pairs[1:]:
-        other = dict(checkpoints, dense={'run': runs_['dense'],
+        other = dict(checkpoints, dense={**checkpoints['dense'],
                                          'step': other_step,
                                          'val_loss': other_loss})
         summaries.append(summarize(
