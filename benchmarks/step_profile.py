@@ -17,7 +17,10 @@ a thread that is busy for less than the step's wall time waited. An op
 whose work goes on in the thread pool after its own event has ended (an
 Eigen dot, a partitioned loop) ends at its `end: <op>` marker, which may
 lie on the other thread: it is timed from its event's start to that
-marker, else an Eigen dot would count ~0.1 ms of its ~20. The torch step
+marker, else an Eigen dot would count ~0.1 ms of its ~20. The same times
+are then summed by part of the step (attention, MLP, unembedding, bigram
+table, top-k, optimizer, ...: `PARTS`), read off the name scope each op
+carries, and the time no XLA op runs at all is the host's. The torch step
 goes through `torch.profiler`, by ATen op.
 """
 
@@ -104,8 +107,64 @@ def _self_times(spans):
   return out + [tuple(s[1:]) for s in stack]
 
 
+# A step's parts, by the name scopes its ops carry (XLA keeps on each op, a
+# fusion too, the jax name stack of the operation it came from, e.g.
+# `transpose(jvp(GPT2))/block_0/mlp/mlp_fc/dot_general`: the model's modules
+# and the scopes that `model`, `train` and `sparsity` open). The first
+# pattern that matches an op's name stack takes it; an op that XLA fused
+# across two parts counts in the part of the fusion's root.
+PARTS = (
+    ('top-k and masks', r'\breproject\b|\bshard_map\b'),
+    ('attention: scores, softmax, weighted values', r'\battention\b'),
+    ('attention: q/k/v and output matmuls', r'\bqkv\b|\battn_proj\b'),
+    ('MLP', r'\bmlp\b'),
+    ('norms', r'\bnorm_[12f]\b'),
+    ('unembedding', r'\bunembed\b'),  # Before wte: tied, it is wte's too.
+    ('embedding', r'\bwte\b|\bwpe\b'),
+    ('bigram table', r'\bbigram\b'),
+    ('loss', r'\bloss\b'),
+    ('optimizer (gradient RMS, AdamW)', r'\boptimizer\b'),
+    ('residual adds', r'\bblock_\d+/add(_any)?$'),
+)
+
+
+def parts_of_ops(hlo_text):
+  """{op name: part} of every op in a compiled module's text: a collective
+  outside the top-k is the gradients' all-reduce; any other op goes to the
+  first of PARTS whose pattern its name stack matches, else to 'other'."""
+  out = {}
+  for name, rest in re.findall(r'^\s*(?:ROOT )?%(\S+) = (.*)$', hlo_text,
+                               re.M):
+    stack = re.search(r'metadata=\{op_name="([^"]*)"', rest)
+    stack = stack.group(1) if stack else ''
+    part = next((p for p, pattern in PARTS if re.search(pattern, stack)),
+                'other')
+    if part != PARTS[0][0] and name.startswith(
+        ('all-reduce', 'all-gather', 'reduce-scatter')):
+      part = 'gradient all-reduce'
+    out[name] = part
+  return out
+
+
+def _busy_ns(spans):
+  """Nanoseconds covered by at least one of spans (start_ns, end_ns)."""
+  total, reached = 0, None
+  for start, end in sorted(spans):
+    if reached is None or start > reached:
+      total, reached = total + end - start, end
+    elif end > reached:
+      total, reached = total + end - reached, end
+  return total
+
+
 def profile_jax(config, steps):
-  step = run.project_step(config)[0]
+  _, jitted, holder, tokens = run.project_step(config)
+  compiled = jitted.lower(holder[0], tokens).compile()
+
+  def step():
+    holder[0], _ = compiled(holder[0], tokens)
+    jax.block_until_ready(holder[0])
+
   for _ in range(3):
     step()
   print(f'step: {_wall_ms(step, steps):.0f} ms wall, on '
@@ -123,7 +182,8 @@ def profile_jax(config, steps):
             for line in lines for e in line.events
             if not e.name.startswith('ThunkExecutor')]  # Spans, not ops.
   by_thread = collections.defaultdict(list)
-  for start, end, name, thread in _op_spans(events):
+  op_spans = _op_spans(events)
+  for start, end, name, thread in op_spans:
     by_thread[thread].append((start, end, name))
   by_op, busy = collections.Counter(), collections.Counter()
   for thread, spans in by_thread.items():
@@ -139,6 +199,18 @@ def profile_jax(config, steps):
   print('\n| op kind | ms per step | share |\n|---|---:|---:|')
   for kind, ms in by_kind.most_common(15):
     print(f'| {kind} | {ms:.1f} | {100 * ms / total:.1f}% |')
+  part_of = parts_of_ops(compiled.as_text())
+  by_part = collections.Counter()
+  for name, ms in by_op.items():
+    by_part[part_of.get(name, 'waiting for the other device'
+                        if name.startswith(('Wait', 'Rendezvous'))
+                        else 'XLA runtime (launch, outputs)')] += ms
+  print('\n| part of the step | ms per step | share |\n|---|---:|---:|')
+  for part, ms in by_part.most_common():
+    print(f'| {part} | {ms:.1f} | {100 * ms / total:.1f}% |')
+  idle_ms = traced_ms - _busy_ns([s[:2] for s in op_spans]) / 1e6 / steps
+  print(f'\nno XLA op running (the host: Python, dispatch, the step\'s '
+        f'end): {idle_ms:.1f} of {traced_ms:.0f} ms per step')
 
 
 def main(argv):

@@ -330,29 +330,34 @@ class Block(nn.Module):
     weights = [_DenseWeights(h * dh, ('embed', 'heads'), self.init_std,
                              self.use_bias, self.param_dtype, name=m)(d)
                for m in ('query', 'key', 'value')]
-    kernel = jnp.stack([w for w, _ in weights], 1)        # [D, 3, H * Dh]
-    a, kernel = nn.dtypes.promote_dtype(a, kernel, dtype=self.dtype)
-    if self.xla_cpu_grads:                                # [B, T, 3, H * Dh]
-      qkv = matmul(a, kernel.reshape(d, -1)).reshape(b, t, 3, -1)
-    else:
-      qkv = jnp.einsum('btd,dsk->btsk', a, kernel)
-    if self.use_bias:
-      qkv = qkv + jnp.stack([bias for _, bias in weights]).astype(qkv.dtype)
-    q, k, v = (self._node(n, qkv[:, :, i]).reshape(b, t, h, dh)
-               for i, n in enumerate(('q', 'k', 'v')))
+    # Name scopes (qkv, attention, mlp, ...) say which part of the model an
+    # op is in, in profiles (`benchmarks/step_profile.py` sums by them).
+    with jax.named_scope('qkv'):
+      kernel = jnp.stack([w for w, _ in weights], 1)      # [D, 3, H * Dh]
+      a, kernel = nn.dtypes.promote_dtype(a, kernel, dtype=self.dtype)
+      if self.xla_cpu_grads:                              # [B, T, 3, H * Dh]
+        qkv = matmul(a, kernel.reshape(d, -1)).reshape(b, t, 3, -1)
+      else:
+        qkv = jnp.einsum('btd,dsk->btsk', a, kernel)
+      if self.use_bias:
+        qkv = qkv + jnp.stack([bias for _, bias in weights]).astype(qkv.dtype)
+      q, k, v = (self._node(n, qkv[:, :, i]).reshape(b, t, h, dh)
+                 for i, n in enumerate(('q', 'k', 'v')))
     sink = None
     if self.attention_sink:
       sink = self.param('sink', nn.with_logical_partitioning(
           nn.initializers.zeros_init(), ('heads_only',)), (h,), jnp.float32)
-    y = attend(q, k, v, sink, self.attention).reshape(b, t, h * dh)
+    with jax.named_scope('attention'):
+      y = attend(q, k, v, sink, self.attention).reshape(b, t, h * dh)
     y = self._dense(d, ('heads', 'embed'), 'attn_proj', self.proj_std)(y)
     x = x + drop(self._node('attn_out', y))
 
     m = self._node('mlp_in', _norm(self.norm, self.dtype, self.param_dtype,
                                    'norm_2')(x))
-    m = self._dense(self.d_mlp, ('embed', 'mlp'), 'mlp_fc')(m)
-    m = self._node('mlp_neuron', nn.gelu(m, approximate=True))
-    m = self._dense(d, ('mlp', 'embed'), 'mlp_proj', self.proj_std)(m)
+    with jax.named_scope('mlp'):
+      m = self._dense(self.d_mlp, ('embed', 'mlp'), 'mlp_fc')(m)
+      m = self._node('mlp_neuron', nn.gelu(m, approximate=True))
+      m = self._dense(d, ('mlp', 'embed'), 'mlp_proj', self.proj_std)(m)
     return x + drop(self._node('mlp_out', m))
 
 
@@ -416,7 +421,8 @@ class GPT2(nn.Module):
       wpe = self.param('wpe', nn.with_logical_partitioning(
           nn.initializers.normal(0.01), ('positions', 'embed')),
                        (self.max_len, self.d_model), param_dtype)
-      x = x + wpe[None, :tokens.shape[1]].astype(dtype)
+      with jax.named_scope('wpe'):
+        x = x + wpe[None, :tokens.shape[1]].astype(dtype)
     x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
 
@@ -443,20 +449,23 @@ class GPT2(nn.Module):
       rows = jnp.arange(tokens.shape[0])
       x, tokens = x[rows, positions], tokens[rows, positions]  # [B, D], [B]
     x = _norm(self.norm, dtype, param_dtype, 'norm_f')(x)
-    if self.tie_embeddings and self.xla_cpu_grads:
-      x, wte = nn.dtypes.promote_dtype(x, embed.embedding, dtype=dtype)
-      logits = matmul(x, wte.T)  # embed.attend(x), with `matmul`'s gradient.
-    elif self.tie_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = _dense(self.vocab_size, ('embed', 'vocab'), dtype, param_dtype,
-                      std, False, 'lm_head', self.xla_cpu_grads)(x)
-    logits = logits.astype(jnp.float32)
+    with jax.named_scope('unembed'):
+      if self.tie_embeddings and self.xla_cpu_grads:
+        x, wte = nn.dtypes.promote_dtype(x, embed.embedding, dtype=dtype)
+        logits = matmul(x, wte.T)  # embed.attend(x), with `matmul`'s gradient.
+      elif self.tie_embeddings:
+        logits = embed.attend(x)
+      else:
+        logits = _dense(self.vocab_size, ('embed', 'vocab'), dtype,
+                        param_dtype, std, False, 'lm_head',
+                        self.xla_cpu_grads)(x)
+      logits = logits.astype(jnp.float32)
     if self.bigram_table:
       table = self.param('bigram', nn.with_logical_partitioning(
           nn.initializers.zeros_init(), ('vocab_in', 'vocab')),
                          (self.vocab_size, self.vocab_size), param_dtype)
-      logits = logits + table[tokens].astype(jnp.float32)
+      with jax.named_scope('bigram'):
+        logits = logits + table[tokens].astype(jnp.float32)
 
     if self.sparse_params and self.is_initializing():
       self._init_masks()

@@ -574,6 +574,7 @@ def reproject(config, total_steps):
   """
   validate(config)
 
+  @jax.named_scope('reproject')  # Its ops' name in profiles.
   def update_fn(updates, state, params, *, masks, shardings=None, **extra):
     del extra
     flat_params, flat_updates = flat(params), flat(updates)

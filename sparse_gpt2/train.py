@@ -80,8 +80,9 @@ def _loss(model, params, tokens, rng=None):
   logits = model.apply({'params': params}, tokens[:, :-1],
                        deterministic=rng is None,
                        rngs=None if rng is None else {'dropout': rng})
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits, tokens[:, 1:]).mean()
+  with jax.named_scope('loss'):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, tokens[:, 1:]).mean()
 
 
 def init_state(config, model, tx, rng, init_params):
@@ -130,14 +131,16 @@ def train_step(state, tokens, *, model, tx, config, param_shardings=None):
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
   loss, grads = _loss_and_grads(model, state.params, tokens, rng,
                                 config.microbatches)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params,
-                                 masks=state.masks,
-                                 shardings=param_shardings)
-  params = optax.apply_updates(state.params, updates)
-  grad_rms = optim.global_rms(grads)
-  new_state = state.replace(
-      step=state.step + 1, params=params, opt_state=opt_state,
-      masks=sparsity.support(params, state.masks, config.sparsity))
+  with jax.named_scope('optimizer'):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                   masks=state.masks,
+                                   shardings=param_shardings)
+    params = optax.apply_updates(state.params, updates)
+    grad_rms = optim.global_rms(grads)
+  with jax.named_scope('reproject'):
+    masks = sparsity.support(params, state.masks, config.sparsity)
+  new_state = state.replace(step=state.step + 1, params=params,
+                            opt_state=opt_state, masks=masks)
   return new_state, {'loss': loss, 'grad_rms': grad_rms}
 
 
