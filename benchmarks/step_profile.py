@@ -217,6 +217,9 @@ def main(argv):
   del argv
   cli.keep_freed_memory()
   jax.config.update('jax_num_cpu_devices', flags.FLAGS.num_cpu_devices)
+  # The compile cache's key leaves out the ops' name stacks: a program it
+  # holds would name its parts by the scopes of the code that compiled it.
+  jax.config.update('jax_enable_compilation_cache', False)
   if _STEP.value == 'torch':
     profile_torch(_STEPS.value)
     return

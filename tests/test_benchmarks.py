@@ -98,10 +98,13 @@ def test_step_profile_names_the_part_of_every_op_of_a_sparse_step():
   # The paper architecture (bigram table, sinks, untied unembedding) in topk
   # mode on two devices has ops of every part; 'other' holds only what XLA
   # made up (copies, constants), not a matmul or a scatter of the step.
+  # Compiled anew: the compile cache's key leaves out the name stacks, so a
+  # cached program would show the scopes of the code that filled it.
   code = '''
 import re
 import jax
 jax.config.update('jax_num_cpu_devices', 2)
+jax.config.update('jax_enable_compilation_cache', False)
 import run, step_profile
 from configs import tiny
 _, jitted, holder, tokens = run.project_step(tiny.get_config('topk'))
