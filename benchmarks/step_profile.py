@@ -1,9 +1,11 @@
 r"""Where a train step's time goes, for the README's speed section.
 
-  python benchmarks/step_profile.py --step=sparse_small   # or dense_small, gpt2, torch
+  python benchmarks/step_profile.py --step=sparse_small   # or dense_small, gpt2, paper, torch
 
-`gpt2` is this project's dense step on the peers' plain GPT-2 shape and
-`torch` the Hugging Face peer on it (`peers.py`); the others are the twins'
+`gpt2` is this project's dense step on the peers' plain GPT-2 shape,
+`paper` the paper's architecture (d_head 16, bigram table, sinks, untied)
+on the same shape, as `run.py`'s sizes section builds them, and `torch`
+the Hugging Face peer on it (`peers.py`); the others are the twins'
 configs. JAX steps run on `--num_cpu_devices` CPU devices (`run.py`'s flag:
 2, each batch split over them, as `main` runs the twins; 1 for one device
 with both cores). A JAX step is traced with `jax.profiler` and its XLA ops
@@ -46,7 +48,8 @@ from configs import dense_small  # pylint: disable=g-import-not-at-top
 from configs import sparse_small  # pylint: disable=g-import-not-at-top
 
 _STEP = flags.DEFINE_enum('step', 'sparse_small',
-                          ['sparse_small', 'dense_small', 'gpt2', 'torch'],
+                          ['sparse_small', 'dense_small', 'gpt2', 'paper',
+                           'torch'],
                           'Which train step to profile.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Steps traced (after 3 warm-up).')
 
@@ -223,8 +226,8 @@ def main(argv):
   if _STEP.value == 'torch':
     profile_torch(_STEPS.value)
     return
-  if _STEP.value == 'gpt2':
-    config = run.project_config(peers.Shape(), 'gpt2', 'none')
+  if _STEP.value in ('gpt2', 'paper'):
+    config = run.project_config(peers.Shape(), _STEP.value, 'none')
   else:
     config = {'sparse_small': sparse_small,
               'dense_small': dense_small}[_STEP.value].get_config()
