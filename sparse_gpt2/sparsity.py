@@ -600,6 +600,7 @@ def reproject(config, total_steps):
       lambda params: ReprojectState(jnp.zeros([], jnp.int32)), update_fn)
 
 
+@jax.named_scope('reproject')  # Its ops' name in profiles, as the update's.
 def support(params, masks, config):
   """The masks after a step: fixed in static mode, the nonzeros in topk."""
   if config.mode != 'topk':

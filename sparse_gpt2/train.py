@@ -137,10 +137,9 @@ def train_step(state, tokens, *, model, tx, config, param_shardings=None):
                                    shardings=param_shardings)
     params = optax.apply_updates(state.params, updates)
     grad_rms = optim.global_rms(grads)
-  with jax.named_scope('reproject'):
-    masks = sparsity.support(params, state.masks, config.sparsity)
-  new_state = state.replace(step=state.step + 1, params=params,
-                            opt_state=opt_state, masks=masks)
+  new_state = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state,
+      masks=sparsity.support(params, state.masks, config.sparsity))
   return new_state, {'loss': loss, 'grad_rms': grad_rms}
 
 
