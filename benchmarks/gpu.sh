@@ -1,53 +1,101 @@
 #!/usr/bin/env bash
-# GPU readiness check: GPT-2 124M dense and sparse (bf16 compute) trained for
-# a fixed number of steps on this machine's GPUs through the real entry point
-# (data, sharding, checkpoint included), then tokens/s, MFU against the
-# card's datasheet bf16 peak (sparse_gpt2/metrics.py), and the sparse/dense
-# step-time ratio. Sized for under 5 minutes on one H200, corpus build
-# included; needs `pip install -r requirements.txt 'jax[cuda12]==0.10.2'`.
+# GPU check: the GPT-2 124M twins (bf16 compute, the configs' own batch of
+# 512 x 1024 tokens in 8 microbatches) trained for a few steps each through
+# the real entry point (corpus build, sharding, checkpoint included), and the
+# dense twin once more with XLA's attention in place of cuDNN's fused kernel.
+# Per run: tokens/s and step time (medians over the logged intervals after
+# the first, which holds compilation), MFU against the card's datasheet bf16
+# peak (what the logs show) and against a bf16 matmul timed here, the
+# devices' peak memory, the last loss; and the sparse/dense step-time ratio.
+# Sized for about 5 minutes on one H200; needs this project's requirements
+# and a CUDA jax (e.g. `pip install -r requirements.txt 'jax[cuda13]==0.10.2'`).
 #
-#   benchmarks/gpu.sh            # STEPS=100 BATCH=32 (x 1024 tokens) by default
+#   benchmarks/gpu.sh                 # STEPS=25, results in benchmarks/out
+#   OUT_DIR=/tmp/o EXTRA='--config.model.num_layers=2' benchmarks/gpu.sh
 #
-# Writes benchmarks/out/gpu.json and gpu.md; rates are medians over the
-# logged intervals after the first (which holds compilation).
-set -euo pipefail
+# Writes gpu.json and gpu.md (and each run's log) to OUT_DIR.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-steps=${STEPS:-100} batch=${BATCH:-32}
+steps=${STEPS:-25} out=${OUT_DIR:-benchmarks/out} extra=${EXTRA:-}
 runs=$(mktemp -d)
-python -c 'import jax; d = jax.devices(); print(len(d), "x", d[0].device_kind)'
-for name in dense_gpt2_124m sparse_gpt2_124m; do
+mkdir -p "$out"
+python3 - "$out/peak.json" <<'PY'
+import json, sys
+import jax
+from sparse_gpt2 import metrics
+devices = jax.devices()
+print(len(devices), 'x', devices[0].device_kind, '| jax', jax.__version__)
+n = 8192 if devices[0].platform != 'cpu' else 1024  # CPU: a smoke run.
+timed = metrics.measure_peak_flops('bfloat16', n=n, repeats=10)
+print(f'bf16 {n}^3 matmul, fastest of 10: {timed / 1e12:.1f} TFLOP/s')
+with open(sys.argv[1], 'w') as f:
+  json.dump({'device': devices[0].device_kind, 'devices': len(devices),
+             'jax': jax.__version__, 'timed_bf16_flops': timed * len(devices),
+             'logged_peak_flops': metrics.peak_flops('bfloat16')}, f)
+PY
+# name|config|flags. The dense twin first: it builds the corpus and the
+# tokenizer, which the other runs reuse.
+for run in "dense_gpt2_124m|dense_gpt2_124m|" \
+           "sparse_gpt2_124m|sparse_gpt2_124m|" \
+           "dense_gpt2_124m_xla_attention|dense_gpt2_124m|--config.model.attention=xla"; do
+  IFS='|' read -r name config flags <<<"$run"
   start=$(date +%s)
-  python -m sparse_gpt2.main --config="configs/$name.py" \
-    --workdir="$runs/$name" --config.train_steps="$steps" \
-    --config.batch_size="$batch" --config.log_every=10 \
+  # shellcheck disable=SC2086  # flags and extra are lists of flags.
+  timeout "${RUN_TIMEOUT:-300}" python3 -m sparse_gpt2.main \
+    --config="configs/$config.py" --workdir="$runs/$name" \
+    --config.train_steps="$steps" --config.log_every=5 \
     --config.eval_every="$steps" --config.eval_batches=1 \
-    --config.checkpoint_every="$steps"
-  echo "$name: $(( $(date +%s) - start )) s in all"
+    --config.checkpoint_every="$steps" $flags $extra 2>&1 | tee "$out/$name.log"
+  echo "$name: exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s in all" \
+    | tee -a "$out/$name.log"
 done
-python - "$runs" <<'PY'
+python3 - "$runs" "$out" "$steps" <<'PY'
 import json, os, statistics, sys
-runs, out = sys.argv[1], 'benchmarks/out'
-result = {}
-for name in ('dense_gpt2_124m', 'sparse_gpt2_124m'):
-  with open(os.path.join(runs, name, 'metrics.jsonl')) as f:
-    logged = [json.loads(line) for line in f][1:]  # The first compiles.
-  result[name] = {
-      'tokens_per_s': statistics.median(m['tokens_per_s'] for m in logged),
-      'mfu': statistics.median(m['mfu'] for m in logged),
-      'final_loss': logged[-1]['loss']}
-result['sparse_over_dense_step_time'] = (
-    result['dense_gpt2_124m']['tokens_per_s']
-    / result['sparse_gpt2_124m']['tokens_per_s'])
-os.makedirs(out, exist_ok=True)
+runs, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with open(os.path.join(out, 'peak.json')) as f:
+  result = json.load(f)
+result.update(steps=steps, runs={})
+for name in sorted(os.listdir(runs)):
+  path = os.path.join(runs, name, 'metrics.jsonl')
+  if not os.path.exists(path):
+    continue  # The run failed before its first log: see its log.
+  with open(path) as f:
+    lines = [json.loads(line) for line in f]
+  with open(os.path.join(runs, name, 'config.json')) as f:
+    config = json.load(f)
+  timed = lines[1:] or lines  # The first interval holds the compile.
+  rate = statistics.median(m['tokens_per_s'] for m in timed)
+  mfu = statistics.median(m['mfu'] for m in timed)
+  result['runs'][name] = {
+      'steps': lines[-1]['step'], 'tokens_per_s': rate,
+      'step_s': config['batch_size'] * config['seq_len'] / rate,
+      'mfu_datasheet': mfu,
+      'mfu_timed': mfu * result['logged_peak_flops']
+                   / result['timed_bf16_flops'],
+      'peak_memory_gib': max((m['peak_memory_gib'] for m in lines
+                              if 'peak_memory_gib' in m), default=None),
+      'loss': lines[-1]['loss']}
+r = result['runs']
+_gib = lambda b: '-' if b is None else f'{b:.1f} GiB'  # The CPU keeps none.
+if 'dense_gpt2_124m' in r and 'sparse_gpt2_124m' in r:
+  result['sparse_over_dense_step_time'] = (
+      r['sparse_gpt2_124m']['step_s'] / r['dense_gpt2_124m']['step_s'])
 with open(os.path.join(out, 'gpu.json'), 'w') as f:
   json.dump(result, f, indent=2)
-lines = ['| run | tokens/s | MFU (bf16 peak) | loss |', '|---|---:|---:|---:|']
-for name in ('dense_gpt2_124m', 'sparse_gpt2_124m'):
-  r = result[name]
-  lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% "
-               f"| {r['final_loss']:.3f} |")
-lines.append(f"\nsparse/dense step time: "
-             f"{result['sparse_over_dense_step_time']:.2f}x")
+lines = [f"{result['devices']} x {result['device']}, jax {result['jax']}, "
+         f"{steps} steps a run; bf16 matmul timed at "
+         f"{result['timed_bf16_flops'] / 1e12:.0f} TFLOP/s, datasheet "
+         f"{result['logged_peak_flops'] / 1e12:.0f}.", '',
+         '| run | step | tokens/s | MFU (datasheet) | MFU (timed matmul) '
+         '| peak memory | loss |', '|---|---:|---:|---:|---:|---:|---:|']
+for name, m in r.items():
+  lines.append(f"| {name} | {m['step_s']:.3f} s | {m['tokens_per_s']:,.0f} "
+               f"| {100 * m['mfu_datasheet']:.1f}% "
+               f"| {100 * m['mfu_timed']:.1f}% "
+               f"| {_gib(m['peak_memory_gib'])} | {m['loss']:.3f} |")
+if 'sparse_over_dense_step_time' in result:
+  lines.append(f"\nsparse/dense step time: "
+               f"{result['sparse_over_dense_step_time']:.2f}x")
 with open(os.path.join(out, 'gpu.md'), 'w') as f:
   f.write('\n'.join(lines) + '\n')
 print('\n'.join(lines))

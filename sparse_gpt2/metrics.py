@@ -92,6 +92,17 @@ def measure_peak_flops(dtype='float32', n=2048, repeats=5):
   return 2 * n**3 / fastest
 
 
+def peak_memory_bytes():
+  """The most memory any of this process's devices has held since it
+  started, where the device keeps count (GPU, TPU): what decides whether a
+  config fits a chip, read off the real run rather than a plan. None on
+  the CPU, whose devices report no memory statistics."""
+  peaks = [stats['peak_bytes_in_use'] for stats in
+           (d.memory_stats() for d in jax.local_devices())
+           if stats and 'peak_bytes_in_use' in stats]
+  return max(peaks, default=None)
+
+
 class Writer:
   """Adds one JSON object per logged step to metrics.jsonl and mirrors
   scalars to TensorBoard; only process 0 writes.
@@ -147,8 +158,10 @@ def console_line(step, total, metrics, eta_s):
     parts.append(f"val {metrics['val_loss']:.4f}")
   parts += [f"lr {metrics['lr']:.2e}", f"L0 {metrics['l0']:,}",
             f"{metrics['tokens_per_s']:,.0f} tok/s",
-            f"MFU {100 * metrics['mfu']:.1f}%",
-            f'ETA {time.strftime("%H:%M:%S", time.gmtime(eta_s))}']
+            f"MFU {100 * metrics['mfu']:.1f}%"]
+  if 'peak_memory_gib' in metrics:
+    parts.append(f"peak mem {metrics['peak_memory_gib']:.1f} GiB")
+  parts += [f'ETA {time.strftime("%H:%M:%S", time.gmtime(eta_s))}']
   logging.info(' | '.join(parts))
 
 

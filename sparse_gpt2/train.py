@@ -332,6 +332,9 @@ def _train_loop(config, workdir, model, tx, state, state_sharding,
       if not config.peak_flops:  # One more matmul, on idle devices.
         peak = metrics.peak_flops(config.model.dtype, peak, repeats=1)
     record['mfu'] = rate * flops / peak
+    peak_memory = metrics.peak_memory_bytes()
+    if peak_memory is not None:
+      record['peak_memory_gib'] = peak_memory / 2**30
     writer.write(done, record)
     metrics.console_line(done, config.train_steps, record,
                          (config.train_steps - done) * tokens_per_step

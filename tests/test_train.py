@@ -507,6 +507,17 @@ def test_mfu_peak_is_the_datasheet_peak_times_the_devices(monkeypatch):
   assert metrics.peak_flops('bfloat16') == 8 * 197e12
 
 
+def test_peak_memory_is_the_largest_device_peak_and_absent_on_cpu(
+    monkeypatch):
+  """The CPU reports no memory statistics, so its runs log none; on
+  accelerators the fullest device decides whether a config fits."""
+  assert metrics.peak_memory_bytes() is None
+  devices = [types.SimpleNamespace(memory_stats=lambda p=p: {
+      'bytes_in_use': 1, 'peak_bytes_in_use': p}) for p in (3 << 30, 5 << 30)]
+  monkeypatch.setattr(jax, 'local_devices', lambda: devices)
+  assert metrics.peak_memory_bytes() == 5 << 30
+
+
 def test_convert_exports_a_gpt2_run_and_refuses_the_paper_architecture(
     reference_run, tiny_config, tmp_path):
   import torch  # pylint: disable=g-import-not-at-top
