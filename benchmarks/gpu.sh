@@ -12,6 +12,7 @@
 #
 #   benchmarks/gpu.sh                 # STEPS=25, results in benchmarks/out
 #   OUT_DIR=/tmp/o EXTRA='--config.model.num_layers=2' benchmarks/gpu.sh
+#   STEPS=10 RUNS='sparse_gpt2_paper|sparse_gpt2_paper|' benchmarks/gpu.sh
 #
 # Writes gpu.json and gpu.md (and each run's log) to OUT_DIR.
 set -uo pipefail
@@ -35,9 +36,10 @@ with open(sys.argv[1], 'w') as f:
 PY
 # name|config|flags. The dense twin first: it builds the corpus and the
 # tokenizer, which the other runs reuse.
-for run in "dense_gpt2_124m|dense_gpt2_124m|" \
-           "sparse_gpt2_124m|sparse_gpt2_124m|" \
-           "dense_gpt2_124m_xla_attention|dense_gpt2_124m|--config.model.attention=xla"; do
+default_runs="dense_gpt2_124m|dense_gpt2_124m|
+sparse_gpt2_124m|sparse_gpt2_124m|
+dense_gpt2_124m_xla_attention|dense_gpt2_124m|--config.model.attention=xla"
+while IFS= read -r run; do
   IFS='|' read -r name config flags <<<"$run"
   start=$(date +%s)
   # shellcheck disable=SC2086  # flags and extra are lists of flags.
@@ -48,7 +50,7 @@ for run in "dense_gpt2_124m|dense_gpt2_124m|" \
     --config.checkpoint_every="$steps" $flags $extra 2>&1 | tee "$out/$name.log"
   echo "$name: exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s in all" \
     | tee -a "$out/$name.log"
-done
+done <<<"${RUNS:-$default_runs}"
 python3 - "$runs" "$out" "$steps" <<'PY'
 import json, os, statistics, sys
 runs, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -89,6 +91,8 @@ lines = [f"{result['devices']} x {result['device']}, jax {result['jax']}, "
          '| run | step | tokens/s | MFU (datasheet) | MFU (timed matmul) '
          '| peak memory | loss |', '|---|---:|---:|---:|---:|---:|---:|']
 for name, m in r.items():
+  if m['steps'] < steps:  # Stopped early (its log says why).
+    name += f" (stopped at step {m['steps']})"
   lines.append(f"| {name} | {m['step_s']:.3f} s | {m['tokens_per_s']:,.0f} "
                f"| {100 * m['mfu_datasheet']:.1f}% "
                f"| {100 * m['mfu_timed']:.1f}% "
