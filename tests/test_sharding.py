@@ -222,6 +222,25 @@ def test_microbatches_give_the_update_of_one_batch():
                                   mask, err_msg=path)
 
 
+
+def test_evaluation_takes_the_batch_in_the_training_slices():
+  """The whole batch's loss, holding one slice's activations at a time."""
+  config = tiny.get_config()
+  model = train.make_model(config)
+  params = nn.unbox(jax.jit(model.init)(
+      jax.random.key(0), jnp.zeros((1, config.seq_len), jnp.int32))['params'])
+  tokens = jax.random.randint(jax.random.key(1), (16, config.seq_len + 1), 0,
+                              config.model.vocab_size)
+  evaluate = {m: jax.jit(functools.partial(train.eval_loss, model,
+                                           microbatches=m))
+              for m in (1, 4)}
+  np.testing.assert_allclose(evaluate[4](params, tokens),
+                             evaluate[1](params, tokens), rtol=1e-6)
+  temporaries = {m: f.lower(params, tokens).compile().memory_analysis()
+                 .temp_size_in_bytes for m, f in evaluate.items()}
+  assert temporaries[4] < temporaries[1] / 2, temporaries
+
+
 if __name__ == '__main__':
   jax.config.update('jax_num_cpu_devices', 8)
   globals()[sys.argv[1]](*sys.argv[2:])
