@@ -1,18 +1,19 @@
-r"""Will a config's train step fit a target? Compile it there and see.
+r"""Will a config's run fit a target? Compile its programs there and see.
 
   python -m sparse_gpt2.plan --config=configs/dense_gpt2_124m.py \
       --topology=v5e-8 [--config.microbatches=4 ...]
 
 In the spirit of MaxText's `train_compile`: the real train step (`train.
-train_step`, the same shardings and donation as a run) is compiled ahead of
-time for the target's devices, without the hardware, and its per-device
-memory (arguments, outputs, temporaries), its FLOPs per step and whether it
-fits are printed. TPU targets are abstract devices from
+train_step`, the same shardings and donation as a run) and the evaluation
+(`train.eval_loss`, which a plan of the step alone once missed: it held the
+whole batch at once) are compiled ahead of time for the target's devices,
+without the hardware, and their per-device memory (arguments, outputs,
+temporaries), the step's FLOPs and whether both fit are printed. TPU targets are abstract devices from
 `jax.experimental.topologies`, which need libtpu (`pip install
 "jax[tpu]==0.10.2"`; JAX_PLATFORMS=cpu and TPU_SKIP_MDS_QUERY=1 are set here,
-so nothing looks for a TPU); `cpu:N` compiles for N fake CPU devices. A step
+so nothing looks for a TPU); `cpu:N` compiles for N fake CPU devices. A program
 too large for a TPU fails to compile with the sizes in the error, which is
-reported as "does not fit".
+reported as not fitting.
 """
 
 import os
@@ -82,7 +83,9 @@ def devices(topology):
 
 
 def compile_step(config, target_devices):
-  """(parameter count, devices, compiled step or the compiler's error)."""
+  """(parameter count, mesh, {program: compiled or the compiler's error})
+  for the two programs a run compiles on its state: the train step and the
+  evaluation."""
   train.validate(config)
   mesh = train.make_mesh(config, target_devices)
   model = train.make_model(config, target_devices[0].platform)
@@ -102,12 +105,20 @@ def compile_step(config, target_devices):
     tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1),
                                   jnp.int32, sharding=batch_sharding)
     params = sum(x.size for x in jax.tree.leaves(abstract.params))
-    try:
-      return params, mesh, step.lower(state, tokens).compile()
-    except Exception as e:  # pylint: disable=broad-except
-      if 'RESOURCE_EXHAUSTED' not in str(e):
-        raise
-      return params, mesh, e
+    return params, mesh, {
+        'train step': _compile(step, state, tokens),
+        'evaluation': _compile(train.jit_eval_step(config, model),
+                               state.params, tokens)}
+
+
+def _compile(jitted, *args):
+  """The compiled program, or the compiler's out-of-memory error."""
+  try:
+    return jitted.lower(*args).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    return e
 
 
 def report(config, topology, params, mesh, compiled):
@@ -124,33 +135,44 @@ def report(config, topology, params, mesh, compiled):
           f'{axis} {size}' for axis, size in mesh.shape.items()),
       f'model FLOPs per step: {model_flops:.3e} (6 per weight per token, plus '
       'attention)']
-  if isinstance(compiled, Exception):
-    message = str(compiled)
-    found = re.search(r'RESOURCE_EXHAUSTED:[^\n]*', message)
-    lines += [f'fits: NO ({found.group(0) if found else message[:300]})']
-    return lines
-  memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  arguments = memory.argument_size_in_bytes
-  outputs = memory.output_size_in_bytes
-  aliased = memory.alias_size_in_bytes
-  temps = memory.temp_size_in_bytes
-  total = arguments + outputs - aliased + temps
-  flops = cost.get('flops', 0)
-  lines += [
-      f'per device: arguments {_size(arguments)}, outputs {_size(outputs)} '
-      f'({_size(aliased)} of them aliased to arguments), temporaries '
-      f'{_size(temps)}, code {_size(memory.generated_code_size_in_bytes)}; '
-      f'total {_size(total)}',
-      f'compiled FLOPs per step per device: {flops:.3e} (x {n} devices = '
-      f'{flops * n:.3e}; XLA counts a loop body once, so with microbatches '
-      'this is about one microbatch\'s share plus the update)']
-  if topology in TPU_TOPOLOGIES:
+  totals = {}
+  for name, program in compiled.items():
+    if isinstance(program, Exception):
+      message = str(program)
+      found = re.search(r'RESOURCE_EXHAUSTED:[^\n]*', message)
+      lines.append(f'{name}: does not compile '
+                   f'({found.group(0) if found else message[:300]})')
+      totals[name] = None
+      continue
+    memory = program.memory_analysis()
+    arguments = memory.argument_size_in_bytes
+    outputs = memory.output_size_in_bytes
+    aliased = memory.alias_size_in_bytes
+    temps = memory.temp_size_in_bytes
+    totals[name] = arguments + outputs - aliased + temps
+    lines.append(
+        f'{name} per device: arguments {_size(arguments)}, outputs '
+        f'{_size(outputs)} ({_size(aliased)} of them aliased to arguments), '
+        f'temporaries {_size(temps)}, code '
+        f'{_size(memory.generated_code_size_in_bytes)}; total '
+        f'{_size(totals[name])}')
+  if totals['train step'] is not None:
+    cost = compiled['train step'].cost_analysis()
+    flops = (cost[0] if isinstance(cost, (list, tuple)) else cost).get(
+        'flops', 0)
+    lines.append(
+        f'compiled FLOPs per step per device: {flops:.3e} (x {n} devices = '
+        f'{flops * n:.3e}; XLA counts a loop body once, so with microbatches '
+        'this is about one microbatch\'s share plus the update)')
+  if None in totals.values():
+    lines.append('fits: NO')
+  elif topology in TPU_TOPOLOGIES:
     hbm = TPU_TOPOLOGIES[topology][1]
-    verdict = 'yes' if total <= hbm * GIB else 'NO'
-    lines.append(f'fits: {verdict} ({total / GIB:.2f} of {hbm} GiB HBM per '
-                 'device)')
+    largest = max(totals.values())
+    lines.append(f'fits: {"yes" if largest <= hbm * GIB else "NO"} ('
+                 + ', '.join(f'{name} {total / GIB:.2f}'
+                             for name, total in totals.items())
+                 + f' of {hbm} GiB HBM per device)')
   else:
     lines.append('fits: yes (compiled; CPU memory is the host\'s)')
   return lines

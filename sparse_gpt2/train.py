@@ -250,6 +250,13 @@ def jit_train_step(config, model, tx, state_sharding, batch_sharding):
       out_shardings=(state_sharding, None), donate_argnums=0)
 
 
+def jit_eval_step(config, model):
+  """`eval_loss` jitted for config's microbatches: (params, tokens) -> loss,
+  sharded as its arguments are."""
+  return jax.jit(functools.partial(eval_loss, model,
+                                   microbatches=config.microbatches))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains (or resumes) the run in `workdir`; returns the final state.
 
@@ -300,8 +307,7 @@ def _train_loop(config, workdir, model, tx, state, state_sharding,
   run_start = time.perf_counter()
 
   step_fn = jit_train_step(config, model, tx, state_sharding, batch_sharding)
-  eval_step = jax.jit(functools.partial(eval_loss, model,
-                                        microbatches=config.microbatches))
+  eval_step = jit_eval_step(config, model)
   lr_fn = jax.jit(optim.learning_rate(config, config.schedule_steps))
   stats_fn = jax.jit(sparsity.stats)
 
