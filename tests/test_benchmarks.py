@@ -123,3 +123,34 @@ assert dots >= {'MLP', 'unembedding', 'attention: q/k/v and output matmuls',
 '''
   subprocess.run([sys.executable, '-c', code], check=True,
                  cwd=os.path.join(ROOT, 'benchmarks'))
+
+
+def test_gpu_check_trains_both_twins_and_writes_its_tables(tiny_config,
+                                                           tmp_path):
+  """benchmarks/gpu.sh end to end, shrunk onto the CPU: both 124M configs
+  through sparse_gpt2.main, the JSON and the table from their logs."""
+  config = tiny_config()
+  shrink = (f'--config.data.source={config.data.source} '
+            f'--config.data.data_dir={config.data.data_dir} '
+            '--config.data.vocab_size=512 --config.batch_size=8 '
+            '--config.microbatches=2 --config.seq_len=32 '
+            '--config.model.max_len=32 --config.model.num_layers=1 '
+            '--config.model.d_model=32 --config.model.num_heads=2 '
+            '--config.model.d_head=16 --config.model.d_mlp=64')
+  runs = 'dense_gpt2_124m|dense_gpt2_124m|\nsparse_gpt2_124m|sparse_gpt2_124m|'
+  subprocess.run(['bash', 'benchmarks/gpu.sh'], cwd=ROOT, check=True,
+                 capture_output=True, env={
+                     **os.environ, 'OUT_DIR': str(tmp_path), 'STEPS': '10',
+                     'RUNS': runs, 'EXTRA': shrink})
+  result = json.loads((tmp_path / 'gpu.json').read_text())
+  assert set(result['runs']) == {'dense_gpt2_124m', 'sparse_gpt2_124m'}
+  for run in result['runs'].values():
+    assert run['steps'] == 10 and run['step_s'] > 0
+    assert run['tokens_per_s'] == pytest.approx(8 * 32 / run['step_s'])
+    assert 0 < run['mfu_timed'] and run['peak_memory_gib'] is None  # CPU.
+  assert result['sparse_over_dense_step_time'] == pytest.approx(
+      result['runs']['sparse_gpt2_124m']['step_s']
+      / result['runs']['dense_gpt2_124m']['step_s'])
+  table = (tmp_path / 'gpu.md').read_text()
+  assert '| dense_gpt2_124m |' in table and 'sparse/dense step time' in table
+  assert (tmp_path / 'sparse_gpt2_124m.log').exists()
