@@ -8,7 +8,9 @@
 # peak (what the logs show) and against a bf16 matmul timed here, the
 # devices' peak memory, the last loss; and the sparse/dense step-time ratio.
 # Sized for about 5 minutes on one H200; needs this project's requirements
-# and a CUDA jax (e.g. `pip install -r requirements.txt 'jax[cuda13]==0.10.2'`).
+# and a CUDA jax (`pip install -r requirements.txt 'jax[cuda12]==0.10.2'`, as
+# launch/gpu_slurm.sh does; the README's H200 numbers ran on that machine's
+# own jax 0.11.2 with CUDA 13).
 #
 #   benchmarks/gpu.sh                 # STEPS=25, results in benchmarks/out
 #   OUT_DIR=/tmp/o EXTRA='--config.model.num_layers=2' benchmarks/gpu.sh

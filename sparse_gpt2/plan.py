@@ -8,12 +8,12 @@ train_step`, the same shardings and donation as a run) and the evaluation
 (`train.eval_loss`, which a plan of the step alone once missed: it held the
 whole batch at once) are compiled ahead of time for the target's devices,
 without the hardware, and their per-device memory (arguments, outputs,
-temporaries), the step's FLOPs and whether both fit are printed. TPU targets are abstract devices from
-`jax.experimental.topologies`, which need libtpu (`pip install
-"jax[tpu]==0.10.2"`; JAX_PLATFORMS=cpu and TPU_SKIP_MDS_QUERY=1 are set here,
-so nothing looks for a TPU); `cpu:N` compiles for N fake CPU devices. A program
-too large for a TPU fails to compile with the sizes in the error, which is
-reported as not fitting.
+temporaries), the step's FLOPs and whether both fit are printed. TPU
+targets are abstract devices from `jax.experimental.topologies`, which need
+libtpu (`pip install "jax[tpu]==0.10.2"`; JAX_PLATFORMS=cpu and
+TPU_SKIP_MDS_QUERY=1 are set here, so nothing looks for a TPU); `cpu:N`
+compiles for N fake CPU devices. A program too large for a TPU fails to
+compile with the sizes in the error, which is reported as not fitting.
 """
 
 import os
