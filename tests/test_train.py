@@ -507,6 +507,23 @@ def test_mfu_peak_is_the_datasheet_peak_times_the_devices(monkeypatch):
   assert metrics.peak_flops('bfloat16') == 8 * 197e12
 
 
+def test_tokens_per_second_time_training_not_evaluation(tiny_config,
+                                                       tmp_path, monkeypatch):
+  """An evaluation that takes a second leaves the next interval's rate
+  alone: five tiny steps take milliseconds."""
+  evaluate = train.evaluate
+
+  def slow_evaluate(*args):
+    time.sleep(1.0)
+    return evaluate(*args)
+
+  monkeypatch.setattr(train, 'evaluate', slow_evaluate)
+  config = tiny_config('none', train_steps=15)
+  train.train_and_evaluate(config, str(tmp_path))
+  after_eval = {m['step']: m for m in _metrics(str(tmp_path))}[15]
+  assert after_eval['tokens_per_s'] > 5 * config.batch_size * config.seq_len
+
+
 def test_peak_memory_is_the_largest_device_peak_and_absent_on_cpu(
     monkeypatch):
   """The CPU reports no memory statistics, so its runs log none; on
