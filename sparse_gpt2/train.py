@@ -186,13 +186,16 @@ def load_run(workdir, step=None):
       abstract)
   mngr = checkpoint.manager(workdir, config.keep_checkpoints,
                             config.get('keep_every', 0))
-  if step is None:
-    state = checkpoint.restore_latest(mngr, abstract, workdir)
-  elif step in mngr.all_steps():
-    state = checkpoint.restore(mngr, step, abstract)
-  else:
-    raise ValueError(f'{workdir} has no checkpoint at step {step}; it has '
-                     f'{sorted(mngr.all_steps())}')
+  try:  # Closed either way, as orbax asks of every manager.
+    if step is None:
+      state = checkpoint.restore_latest(mngr, abstract, workdir)
+    elif step in mngr.all_steps():
+      state = checkpoint.restore(mngr, step, abstract)
+    else:
+      raise ValueError(f'{workdir} has no checkpoint at step {step}; it '
+                       f'has {sorted(mngr.all_steps())}')
+  finally:
+    mngr.close()
   if state is None:
     raise ValueError(f'{workdir} holds no readable checkpoint')
   return config, model, state
@@ -285,19 +288,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
     mngr = checkpoint.manager(workdir, config.keep_checkpoints,
                               config.keep_every)
-    state = checkpoint.restore_latest(
-        mngr, jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract_state, state_sharding), workdir)
-    if state is None:
-      state = jax.jit(init, out_shardings=state_sharding)(rng, init_params)
-    else:
-      logging.info('Resumed from step %d.', int(state.step))
     try:
+      state = checkpoint.restore_latest(
+          mngr, jax.tree.map(
+              lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+              abstract_state, state_sharding), workdir)
+      if state is None:
+        state = jax.jit(init, out_shardings=state_sharding)(rng, init_params)
+      else:
+        logging.info('Resumed from step %d.', int(state.step))
       return _train_loop(config, workdir, model, tx, state, state_sharding,
                          batch_sharding, corpus, mngr)
     finally:
-      mngr.close()  # Waits for the last async save.
+      mngr.close()  # Waits for the last async save; also after a refusal.
 
 
 def _train_loop(config, workdir, model, tx, state, state_sharding,

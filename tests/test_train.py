@@ -192,11 +192,45 @@ def test_a_restore_failing_for_another_reason_stops_and_moves_nothing(
       del args
       raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 4GB')
     monkeypatch.setattr(checkpoint, 'restore', restore)
+  closed = _count_closed_managers(monkeypatch)
   with pytest.raises(ValueError, match=r'cannot restore the checkpoint at '
                      r'step 60 .* left in place'):
     train.train_and_evaluate(config, workdir)
   assert _listing(os.path.join(workdir, 'checkpoints')) == before
   assert not os.path.exists(os.path.join(workdir, 'corrupt_checkpoints'))
+  assert closed == {'opened': 1, 'closed': 1}
+
+
+def _count_closed_managers(monkeypatch):
+  """{'opened': n, 'closed': m} of the checkpoint managers made from now."""
+  counts = {'opened': 0, 'closed': 0}
+  make_manager = checkpoint.manager
+
+  def manager(*args):
+    mngr = make_manager(*args)
+    close = mngr.close
+    counts['opened'] += 1
+
+    def counted_close():
+      counts['closed'] += 1
+      close()
+
+    mngr.close = counted_close
+    return mngr
+
+  monkeypatch.setattr(checkpoint, 'manager', manager)
+  return counts
+
+
+def test_loading_a_run_closes_its_checkpoint_manager(reference_run,
+                                                     monkeypatch):
+  _, workdir, final = reference_run
+  closed = _count_closed_managers(monkeypatch)
+  _, _, state = train.load_run(workdir)
+  assert int(state.step) == int(final.step)
+  with pytest.raises(ValueError, match='no checkpoint at step 7'):
+    train.load_run(workdir, step=7)
+  assert closed == {'opened': 2, 'closed': 2}
 
 
 def test_train_steps_moves_the_stop_not_the_schedules(tiny_config, tmp_path):
