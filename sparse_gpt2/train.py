@@ -110,24 +110,10 @@ def _loss_and_grads(model, params, tokens, rng, microbatches):
   grad_fn = jax.value_and_grad(lambda p, t, r: _loss(model, p, t, r))
   if microbatches == 1:
     return grad_fn(params, tokens, rng)
-
-  def accumulate(total, xs):
-    i, t = xs
-    out = grad_fn(params, t, jax.random.fold_in(rng, i))
-    return jax.tree.map(jnp.add, total, out), None
-
   zeros = (jnp.zeros([], jnp.float32), jax.tree.map(jnp.zeros_like, params))
-  total, _ = jax.lax.scan(accumulate, zeros, (
-      jnp.arange(microbatches), _slices(tokens, microbatches)))
-  return jax.tree.map(lambda x: x / microbatches, total)
-
-
-def _slices(tokens, microbatches):
-  """tokens [B, T+1] -> [M, B / M, T+1] for M microbatches. Slice i holds
-  rows i, i + M, i + 2M, ...: every device keeps its own rows, so slicing
-  moves no data."""
-  slices = tokens.reshape(-1, microbatches, tokens.shape[1]).swapaxes(0, 1)
-  return nn.with_logical_constraint(slices, (None, 'batch', 'length'))
+  return _mean_over_slices(
+      lambda i, t: grad_fn(params, t, jax.random.fold_in(rng, i)), zeros,
+      tokens, microbatches)
 
 
 def eval_loss(model, params, tokens, microbatches):
@@ -137,11 +123,23 @@ def eval_loss(model, params, tokens, microbatches):
   H200, against 35.6 GiB for its training steps (benchmarks/gpu.sh)."""
   if microbatches == 1:
     return _loss(model, params, tokens)
-  total, _ = jax.lax.scan(lambda total, t: (total + _loss(model, params, t),
-                                            None),
-                          jnp.zeros([], jnp.float32),
-                          _slices(tokens, microbatches))
-  return total / microbatches
+  return _mean_over_slices(lambda i, t: _loss(model, params, t),
+                           jnp.zeros([], jnp.float32), tokens, microbatches)
+
+
+def _mean_over_slices(fn, zeros, tokens, microbatches):
+  """Mean of fn(i, slice i), a pytree shaped as `zeros`, over M =
+  `microbatches` slices [B / M, T+1] of tokens [B, T+1], summed in a scan.
+  Slice i holds rows i, i + M, i + 2M, ...: every device keeps its own rows,
+  so slicing moves no data."""
+  slices = tokens.reshape(-1, microbatches, tokens.shape[1]).swapaxes(0, 1)
+  slices = nn.with_logical_constraint(slices, (None, 'batch', 'length'))
+
+  def add(total, xs):
+    return jax.tree.map(jnp.add, total, fn(*xs)), None
+
+  total, _ = jax.lax.scan(add, zeros, (jnp.arange(microbatches), slices))
+  return jax.tree.map(lambda x: x / microbatches, total)
 
 
 def train_step(state, tokens, *, model, tx, config, param_shardings=None):
