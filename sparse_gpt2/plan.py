@@ -82,7 +82,7 @@ def devices(topology):
   return jax.devices('cpu')[:int(match.group(1))]
 
 
-def compile_step(config, target_devices):
+def compile_programs(config, target_devices):
   """(parameter count, mesh, {program: compiled or the compiler's error})
   for the two programs a run compiles on its state: the train step and the
   evaluation."""
@@ -182,7 +182,7 @@ def main(argv):
   del argv
   try:
     target = devices(_TOPOLOGY.value)
-    params, mesh, compiled = compile_step(_CONFIG.value, target)
+    params, mesh, compiled = compile_programs(_CONFIG.value, target)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
