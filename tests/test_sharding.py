@@ -222,7 +222,6 @@ def test_microbatches_give_the_update_of_one_batch():
                                   mask, err_msg=path)
 
 
-
 def test_evaluation_takes_the_batch_in_the_training_slices():
   """The whole batch's loss, holding one slice's activations at a time."""
   config = tiny.get_config()
