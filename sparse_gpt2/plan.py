@@ -3,17 +3,19 @@ r"""Will a config's run fit a target? Compile its programs there and see.
   python -m sparse_gpt2.plan --config=configs/dense_gpt2_124m.py \
       --topology=v5e-8 [--config.microbatches=4 ...]
 
-In the spirit of MaxText's `train_compile`: the real train step (`train.
-train_step`, the same shardings and donation as a run) and the evaluation
-(`train.eval_loss`, which a plan of the step alone once missed: it held the
-whole batch at once) are compiled ahead of time for the target's devices,
-without the hardware, and their per-device memory (arguments, outputs,
-temporaries), the step's FLOPs and whether both fit are printed. TPU
-targets are abstract devices from `jax.experimental.topologies`, which need
-libtpu (`pip install "jax[tpu]==0.10.2"`; JAX_PLATFORMS=cpu and
-TPU_SKIP_MDS_QUERY=1 are set here, so nothing looks for a TPU); `cpu:N`
-compiles for N fake CPU devices. A program too large for a TPU fails to
-compile with the sizes in the error, which is reported as not fitting.
+In the spirit of MaxText's `train_compile`: every program a run compiles on
+its state, the initialization (`train.init_state`, the masks' top-k
+included), the real train step (`train.train_step`, the same shardings and
+donation as a run) and the evaluation (`train.eval_loss`, which a plan of
+the step alone once missed: it held the whole batch at once), is compiled
+ahead of time for the target's devices, without the hardware, and their
+per-device memory (arguments, outputs, temporaries), the step's FLOPs and
+whether all of them fit are printed. TPU targets are abstract devices from
+`jax.experimental.topologies`, which need libtpu (`pip install
+"jax[tpu]==0.10.2"`; JAX_PLATFORMS=cpu and TPU_SKIP_MDS_QUERY=1 are set
+here, so nothing looks for a TPU); `cpu:N` compiles for N fake CPU devices.
+A program too large for a TPU fails to compile with the sizes in the error,
+which is reported as not fitting.
 """
 
 import os
@@ -29,6 +31,7 @@ from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from sparse_gpt2 import metrics
@@ -84,8 +87,9 @@ def devices(topology):
 
 def compile_programs(config, target_devices):
   """(parameter count, mesh, {program: compiled or the compiler's error})
-  for the two programs a run compiles on its state: the train step and the
-  evaluation."""
+  for the three programs a run compiles on its state: the initialization
+  (a first start's random weights and, when sparse, their top-k masks), the
+  train step and the evaluation."""
   train.validate(config)
   mesh = train.make_mesh(config, target_devices)
   model = train.make_model(config, target_devices[0].platform)
@@ -104,8 +108,12 @@ def compile_programs(config, target_devices):
         abstract, state_sharding)
     tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1),
                                   jnp.int32, sharding=batch_sharding)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                               sharding=NamedSharding(mesh, P()))
     params = sum(x.size for x in jax.tree.leaves(abstract.params))
     return params, mesh, {
+        'initialization': _compile(
+            train.jit_init(config, model, tx, state_sharding), rng, None),
         'train step': _compile(step, state, tokens),
         'evaluation': _compile(train.jit_eval_step(config, model),
                                state.params, tokens)}

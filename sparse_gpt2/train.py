@@ -242,6 +242,13 @@ def layout(config, model, tx, mesh, init_params=None):
           sharding.batch_sharding(mesh))
 
 
+def jit_init(config, model, tx, state_sharding):
+  """`init_state` jitted to build the state in its shards: (rng,
+  init_params) -> state, never whole on one device."""
+  return jax.jit(functools.partial(init_state, config, model, tx),
+                 out_shardings=state_sharding)
+
+
 def jit_train_step(config, model, tx, state_sharding, batch_sharding):
   """`train_step` jitted for these shardings, the state donated."""
   return jax.jit(
@@ -279,7 +286,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   model = make_model(config)
   tx = optim.make(config, config.schedule_steps)
   rng = jax.random.key(config.seed)
-  init = functools.partial(init_state, config, model, tx)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
     abstract_state, state_sharding, batch_sharding = layout(
         config, model, tx, mesh, init_params)
@@ -292,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
               lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
               abstract_state, state_sharding), workdir)
       if state is None:
-        state = jax.jit(init, out_shardings=state_sharding)(rng, init_params)
+        state = jit_init(config, model, tx, state_sharding)(rng, init_params)
       else:
         logging.info('Resumed from step %d.', int(state.step))
       return _train_loop(config, workdir, model, tx, state, state_sharding,

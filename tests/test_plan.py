@@ -1,6 +1,6 @@
-"""`python -m sparse_gpt2.plan`: the train step and the evaluation compiled
-ahead of time for a target, here 8 fake CPU devices (TPU targets need
-libtpu, not installed for the tests)."""
+"""`python -m sparse_gpt2.plan`: the initialization, the train step and the
+evaluation compiled ahead of time for a target, here 8 fake CPU devices (TPU
+targets need libtpu, not installed for the tests)."""
 
 import os
 import re
@@ -23,7 +23,7 @@ def test_plan_compiles_the_step_for_8_cpu_devices_with_fsdp():
   assert result.returncode == 0, result.stderr[-2000:]
   out = result.stdout
   assert 'mesh data 2 x fsdp 2 x model 2' in out
-  for program in ('train step', 'evaluation'):
+  for program in ('initialization', 'train step', 'evaluation'):
     assert re.search(program + r' per device: arguments [\d.]+ [MG]iB, '
                      'outputs', out), out
   assert re.search(r'compiled FLOPs per step per device: [\d.]+e\+\d+', out)
