@@ -100,6 +100,8 @@ def compile_programs(config, target_devices):
     # abstract devices.
     abstract, state_sharding, batch_sharding = train.layout(config, model,
                                                             tx, mesh)
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                             sharding=NamedSharding(mesh, P()))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step = train.jit_train_step(config, model, tx, state_sharding,
                                 batch_sharding)
@@ -108,8 +110,6 @@ def compile_programs(config, target_devices):
         abstract, state_sharding)
     tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1),
                                   jnp.int32, sharding=batch_sharding)
-    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
-                               sharding=NamedSharding(mesh, P()))
     params = sum(x.size for x in jax.tree.leaves(abstract.params))
     return params, mesh, {
         'initialization': _compile(
