@@ -96,8 +96,8 @@ def compile_programs(config, target_devices):
   tx = optim.make(config, config.get('schedule_steps') or config.train_steps)
   rules = sharding.rules(config.mesh)
   with nn.logical_axis_rules(rules):
-    # Outside the mesh: eager ops (optax's placeholders) cannot run on
-    # abstract devices.
+    # Outside the mesh: eager ops (optax's placeholders, the key below)
+    # cannot run on abstract devices.
     abstract, state_sharding, batch_sharding = train.layout(config, model,
                                                             tx, mesh)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
