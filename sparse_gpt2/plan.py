@@ -98,19 +98,16 @@ def compile_programs(config, target_devices):
   with nn.logical_axis_rules(rules):
     # Outside the mesh: eager ops (optax's placeholders, the key below)
     # cannot run on abstract devices.
-    abstract, state_sharding, batch_sharding = train.layout(config, model,
-                                                            tx, mesh)
+    state, state_sharding, batch_sharding = train.layout(config, model, tx,
+                                                         mesh)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
                              sharding=NamedSharding(mesh, P()))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step = train.jit_train_step(config, model, tx, state_sharding,
                                 batch_sharding)
-    state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract, state_sharding)
     tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1),
                                   jnp.int32, sharding=batch_sharding)
-    params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    params = sum(x.size for x in jax.tree.leaves(state.params))
     return params, mesh, {
         'initialization': _compile(
             train.jit_init(config, model, tx, state_sharding), rng, None),

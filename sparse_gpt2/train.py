@@ -229,17 +229,19 @@ def make_mesh(config, devices=None):
 
 
 def layout(config, model, tx, mesh, init_params=None):
-  """(abstract state, its sharding, the batch's sharding) on `mesh`; call
-  under config.mesh's logical axis rules (and the mesh, unless its devices
-  are abstract: `plan`)."""
+  """(abstract state carrying its sharding, that sharding, the batch's
+  sharding) on `mesh`; call under config.mesh's logical axis rules (and the
+  mesh, unless its devices are abstract: `plan`)."""
   rng = jax.random.key(config.seed)
   abstract_state = jax.eval_shape(
       functools.partial(init_state, config, model, tx), rng, init_params)
   boxed = jax.eval_shape(model.init, rng,
                          jnp.zeros((1, config.seq_len), jnp.int32))
-  return (abstract_state,
-          sharding.state_shardings(boxed, abstract_state, tx, mesh),
-          sharding.batch_sharding(mesh))
+  state_sharding = sharding.state_shardings(boxed, abstract_state, tx, mesh)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state, state_sharding)
+  return abstract_state, state_sharding, sharding.batch_sharding(mesh)
 
 
 def jit_init(config, model, tx, state_sharding):
@@ -293,10 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     mngr = checkpoint.manager(workdir, config.keep_checkpoints,
                               config.keep_every)
     try:
-      state = checkpoint.restore_latest(
-          mngr, jax.tree.map(
-              lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-              abstract_state, state_sharding), workdir)
+      state = checkpoint.restore_latest(mngr, abstract_state, workdir)
       if state is None:
         state = jit_init(config, model, tx, state_sharding)(rng, init_params)
       else:
