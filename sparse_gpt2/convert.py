@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from sparse_gpt2 import cli
 from sparse_gpt2 import hf
 from sparse_gpt2 import train
+from sparse_gpt2 import workdir
 
 _FROM_RUN = flags.DEFINE_string('from_run', None, 'Run directory to export.')
 _TO_HF = flags.DEFINE_string('to_hf', None, 'Hugging Face directory to write.')
@@ -44,7 +45,7 @@ def hf_to_run(hf_dir, run, config):
     config.model.update(kwargs)
     config.init_from_hf = hf_dir
     # Step 0 of the config's schedules, so training on resumes along them.
-    config.schedule_steps = config.schedule_steps or config.train_steps
+    config.schedule_steps = workdir.schedule_steps(config)
     config.train_steps = 0
   train.train_and_evaluate(config, run)
 

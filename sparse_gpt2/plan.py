@@ -4,8 +4,8 @@ r"""Will a config's run fit a target? Compile its programs there and see.
       --topology=v5e-8 [--config.microbatches=4 ...]
 
 In the spirit of MaxText's `train_compile`: every program a run compiles on
-its state, the initialization (`train.init_state`, the masks' top-k
-included), the real train step (`train.train_step`, the same shardings and
+its state, the initialization (`train.init_state`: with the masks' top-k
+unless the annealing starts dense), the real train step (`train.train_step`, the same shardings and
 donation as a run) and the evaluation (`train.eval_loss`, which a plan of
 the step alone once missed: it held the whole batch at once), is compiled
 ahead of time for the target's devices, without the hardware, and their
@@ -38,6 +38,7 @@ from sparse_gpt2 import metrics
 from sparse_gpt2 import optim
 from sparse_gpt2 import sharding
 from sparse_gpt2 import train
+from sparse_gpt2 import workdir
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # Name -> (jax topology name, HBM per device in GiB, options): v5e as
@@ -88,12 +89,16 @@ def devices(topology):
 def compile_programs(config, target_devices):
   """(parameter count, mesh, {program: compiled or the compiler's error})
   for the three programs a run compiles on its state: the initialization
-  (a first start's random weights and, when sparse, their top-k masks), the
-  train step and the evaluation."""
+  (a first start's random weights and their masks), the train step and the
+  evaluation."""
   train.validate(config)
+  # The schedules' length as a new run sets it: a run that anneals starts
+  # dense, and its initialization computes no top-k.
+  config = config.copy_and_resolve_references()
+  config.schedule_steps = workdir.schedule_steps(config)
   mesh = train.make_mesh(config, target_devices)
   model = train.make_model(config, target_devices[0].platform)
-  tx = optim.make(config, config.get('schedule_steps') or config.train_steps)
+  tx = optim.make(config, config.schedule_steps)
   rules = sharding.rules(config.mesh)
   with nn.logical_axis_rules(rules):
     # Outside the mesh: eager ops (optax's placeholders, the key below)

@@ -62,6 +62,15 @@ def load_config(workdir):
   return ml_collections.ConfigDict(saved)
 
 
+def schedule_steps(config, saved=None):
+  """Steps the lr and annealing schedules run over: `schedule_steps`, or if
+  0 the `saved` run's, or for a new run `train_steps`. Whatever starts from
+  a config (a run, `plan`, `convert`) reads it here: whether the annealing
+  starts dense decides what the initialization computes."""
+  return config.schedule_steps or (saved.schedule_steps if saved
+                                   else config.train_steps)
+
+
 def check(config, workdir):
   """The config this start runs with, after checking that `workdir` can
   hold it; reads only.
@@ -81,9 +90,7 @@ def check(config, workdir):
                        f'{CONFIG}: not a run directory, refusing to use it')
     saved = load_config(workdir)
   config = config.copy_and_resolve_references()
-  config.schedule_steps = (config.schedule_steps or
-                           (saved.schedule_steps if saved else
-                            config.train_steps))
+  config.schedule_steps = schedule_steps(config, saved)
   if saved is not None:
     new, old = json.loads(config.to_json()), saved.to_dict()
     diff = sorted(k for k in set(old) | set(new)

@@ -30,6 +30,40 @@ def test_plan_compiles_the_step_for_8_cpu_devices_with_fsdp():
   assert 'fits: yes' in out
 
 
+# Plans configs/tiny.py on one CPU device, runs the planned initialization
+# and compares it with the first state a run of the same config starts from.
+_SAME_INIT = """
+import sys
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from configs import tiny
+from sparse_gpt2 import optim, plan, train, workdir
+config = tiny.get_config('topk')
+_, mesh, compiled = plan.compile_programs(config, jax.devices()[:1])
+key = jax.random.key(0)
+planned = compiled['initialization'](
+    jax.device_put(key, NamedSharding(mesh, P())), None)
+run = workdir.check(config, sys.argv[1])
+model = train.make_model(run)
+tx = optim.make(run, run.schedule_steps)
+started = jax.jit(lambda key: train.init_state(run, model, tx, key, None))(key)
+jax.tree.map(np.testing.assert_array_equal, planned, started)
+print('same state')
+"""
+
+
+def test_plan_compiles_the_initialization_a_run_starts_from(tmp_path):
+  """tiny's top-k anneals from dense, so its first state keeps every weight;
+  the plan once read the config's schedule_steps 0 as no annealing and
+  compiled a top-k to the final density, a program no run compiles."""
+  result = subprocess.run(
+      [sys.executable, '-c', _SAME_INIT, str(tmp_path / 'run')], cwd=ROOT,
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'same state' in result.stdout
+
+
 def test_plan_refuses_an_unknown_topology_in_one_line():
   result = _plan('--topology=v9-8')
   assert result.returncode == 1
