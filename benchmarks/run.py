@@ -96,6 +96,9 @@ def project_config(shape, arch, mode):
   m.d_mlp, m.max_len = 4 * shape.d_model, shape.seq_len
   config.sparsity.mode = mode
   config.sparsity.density = 1.0 if mode == 'none' else 0.1
+  # At its density from the first step: annealing from dense, the steps
+  # timed (the first few of a run) would keep nearly every weight.
+  config.sparsity.anneal_fraction = 0.0
   return config
 
 
