@@ -5,12 +5,13 @@ r"""Will a config's run fit a target? Compile its programs there and see.
 
 In the spirit of MaxText's `train_compile`: every program a run compiles on
 its state, the initialization (`train.init_state`: with the masks' top-k
-unless the annealing starts dense), the real train step (`train.train_step`, the same shardings and
-donation as a run) and the evaluation (`train.eval_loss`, which a plan of
-the step alone once missed: it held the whole batch at once), is compiled
-ahead of time for the target's devices, without the hardware, and their
-per-device memory (arguments, outputs, temporaries), the step's FLOPs and
-whether all of them fit are printed. TPU targets are abstract devices from
+unless the annealing starts dense), the real train step
+(`train.train_step`, the same shardings and donation as a run) and the
+evaluation (`train.eval_loss`, which a plan of the step alone once missed:
+it held the whole batch at once), is compiled ahead of time for the
+target's devices, without the hardware, and their per-device memory
+(arguments, outputs, temporaries), the step's FLOPs and whether all of them
+fit are printed. TPU targets are abstract devices from
 `jax.experimental.topologies`, which need libtpu (`pip install
 "jax[tpu]==0.10.2"`; JAX_PLATFORMS=cpu and TPU_SKIP_MDS_QUERY=1 are set
 here, so nothing looks for a TPU); `cpu:N` compiles for N fake CPU devices.
