@@ -66,9 +66,16 @@ def schedule_steps(config, saved=None):
   """Steps the lr and annealing schedules run over: `schedule_steps`, or if
   0 the `saved` run's, or for a new run `train_steps`. Whatever starts from
   a config (a run, `plan`, `convert`) reads it here: whether the annealing
-  starts dense decides what the initialization computes."""
-  return config.schedule_steps or (saved.schedule_steps if saved
-                                   else config.train_steps)
+  starts dense decides what the initialization computes, and a config whose
+  `train_steps` run past the schedules is refused by all of them alike."""
+  steps = config.schedule_steps or (saved.schedule_steps if saved
+                                    else config.train_steps)
+  if config.train_steps > steps:
+    raise ValueError(
+        f'train_steps {config.train_steps} is past the end of the lr and '
+        f'annealing schedules (schedule_steps {steps}); a run cannot be '
+        'extended past them, start a new one')
+  return steps
 
 
 def check(config, workdir):
@@ -77,8 +84,8 @@ def check(config, workdir):
 
   `schedule_steps` 0 becomes the saved run's (or, for a new run,
   `train_steps`). Refuses a path that is a file, a non-empty directory that
-  is not a run, a run whose saved config differs in anything but
-  RESUMABLE_FIELDS, and `train_steps` past the end of the schedules.
+  is not a run, `train_steps` past the end of the schedules, and a run
+  whose saved config differs in anything but RESUMABLE_FIELDS.
   """
   root = path(workdir)
   if root.exists() and not root.is_dir():
@@ -98,11 +105,6 @@ def check(config, workdir):
     if diff:
       raise ValueError(f'workdir {workdir} holds a run with a different '
                        f'config (fields {diff}); use another --workdir')
-  if config.train_steps > config.schedule_steps:
-    raise ValueError(
-        f'train_steps {config.train_steps} is past the end of the lr and '
-        f'annealing schedules (schedule_steps {config.schedule_steps}); a '
-        'run cannot be extended past them, start a new one')
   return config
 
 

@@ -69,3 +69,13 @@ def test_plan_refuses_an_unknown_topology_in_one_line():
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith(
       'error: --topology must be one of')
+
+
+def test_plan_refuses_train_steps_past_the_schedules_as_a_run_does():
+  result = _plan('--topology=cpu:1', '--config.train_steps=30',
+                 '--config.schedule_steps=20')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: train_steps 30 is past the end of the lr and annealing '
+      'schedules (schedule_steps 20); a run cannot be extended past them, '
+      'start a new one')
