@@ -18,6 +18,7 @@ from sparse_gpt2 import model as model_lib
 from sparse_gpt2.circuits import edges as edges_lib
 from sparse_gpt2.circuits import prune
 from sparse_gpt2.circuits import settings as settings_lib
+from sparse_gpt2.circuits import tasks
 
 A, B = 1, 2          # The last prompt token decides the answer...
 YES, NO = 3, 4       # ...between these candidates: A -> YES, B -> NO.
@@ -392,6 +393,7 @@ def test_mean_ablation_all_or_nothing():
 @pytest.mark.parametrize('args', [
     ['--task=no_such_task'],
     ['--task=bracket_counting', '--task_file=tasks.jsonl'],
+    ['--task_file=tasks.txt'],
     [],
     ['--task=var_if', '--num_prompts=7', '--dump_prompts=x.jsonl'],
     ['--task=var_if', '--target_loss=0.9'],
@@ -457,6 +459,8 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   circuit = json.loads((out / 'circuit.json').read_text())
   assert circuit['task'] == 'quotes' and circuit['step'] == 10
+  assert circuit['prompts_sha256'] == runs.prompts_digest(
+      tasks.load_jsonl(task_file))
   assert circuit['val_loss'] == runs.val_losses(tiny_twins['sparse'])[10]
   assert circuit['settings']['steps'] == 5
   assert sum(s['pairs'] for s in circuit['splits'].values()) == 8
@@ -468,10 +472,19 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   assert circuit['settled'] is None
   assert 'quotes: not solved: full model select loss' in result.stdout
   assert 'a looser --target_loss may solve it' in result.stdout
+  # --evaluate reads the task file too: one row, the file's task.
+  result = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.circuits',
+       f'--workdir={tiny_twins["sparse"]}', f'--task_file={task_file}',
+       '--step=10', '--evaluate'],
+      capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [l for l in result.stdout.splitlines() if l.startswith('| ')]
+  assert len(rows) == 2 and rows[1].startswith('| quotes | ')
 
 
 def test_cli_dumps_prompts_in_the_user_task_format(tmp_path):
-  from sparse_gpt2.circuits import tasks  # pylint: disable=g-import-not-at-top
   path = tmp_path / 'var_if.jsonl'
   result = subprocess.run(
       [sys.executable, '-m', 'sparse_gpt2.circuits', '--task=var_if',

@@ -248,29 +248,34 @@ def test_match_picks_closest_dense_checkpoint_and_refuses_a_gap():
     compare.match(300, None, dense, 0.02)
 
 
-def test_reusable_refuses_other_weights_settings_version_or_step(tmp_path):
-  """Weights are told by the checkpoint's files, not the run's name."""
+def test_reusable_refuses_other_weights_prompts_settings_version_or_step(
+    tmp_path):
+  """Weights are told by the checkpoint's files, not the run's name; prompts
+  by their digest, not the task's name."""
   _fake_run(tmp_path / 'sparse', {100: 3.1, 150: 3.0}, 'topk')
   run = str(tmp_path / 'sparse')
-  circuit = {**make_circuit('t', run=run), 'checkpoint_sha256':
-             runs_lib.checkpoint_digest(run, 100)}
-  assert compare.reusable(circuit, run, 100, 't', SETTINGS)
-  assert not compare.reusable(circuit, run, 150, 't', SETTINGS)
-  assert not compare.reusable(circuit, run, 100, 'u', SETTINGS)
-  assert not compare.reusable(circuit, run, 100, 't',
+  prompts = runs_lib.prompts_digest([{'prompt': 'x = 1', 'correct': '\n',
+                                      'incorrect': ';'}])
+  circuit = {**make_circuit('t', run=run), 'prompts_sha256': prompts,
+             'checkpoint_sha256': runs_lib.checkpoint_digest(run, 100)}
+  assert compare.reusable(circuit, run, 100, prompts, SETTINGS)
+  assert not compare.reusable(circuit, run, 150, prompts, SETTINGS)
+  assert not compare.reusable(circuit, run, 100, runs_lib.prompts_digest(
+      [{'prompt': 'x = 2', 'correct': '\n', 'incorrect': ';'}]), SETTINGS)
+  assert not compare.reusable(circuit, run, 100, prompts,
                               dataclasses.replace(SETTINGS, lr=0.5))
   assert not compare.reusable({**circuit, 'version': prune.VERSION - 1},
-                              run, 100, 't', SETTINGS)
+                              run, 100, prompts, SETTINGS)
   # A copy under another name holds the same weights; another run under
   # this one's name (the same files, one byte changed) does not.
   copy = tmp_path / 'elsewhere' / 'renamed'
   shutil.copytree(run, copy)
-  assert compare.reusable(circuit, str(copy), 100, 't', SETTINGS)
+  assert compare.reusable(circuit, str(copy), 100, prompts, SETTINGS)
   _retrain(tmp_path / 'sparse', 100)
   runs_lib.checkpoint_digest.cache_clear()
-  assert not compare.reusable(circuit, run, 100, 't', SETTINGS)
+  assert not compare.reusable(circuit, run, 100, prompts, SETTINGS)
   assert not compare.reusable({**circuit, 'checkpoint_sha256': None}, str(copy),
-                              100, 't', SETTINGS)
+                              100, prompts, SETTINGS)
 
 
 @pytest.mark.parametrize('bad', ['run', 'task'])
@@ -323,10 +328,13 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
     calls.append((os.path.basename(workdir), step, task, settings.steps,
                   tuple(record_at)))
     dense = workdir.endswith('dense')
-    circuit = make_circuit(task, edges_per_kind=20 if dense else 1,
+    name, datapoints = runs_lib.task_datapoints(task, settings.num_prompts,
+                                                settings.seed)
+    circuit = make_circuit(name, edges_per_kind=20 if dense else 1,
                            solved=not (dense and task == 'var_swap'),
                            num_layers=1, run=workdir)
     circuit.update(step=step, settings=dataclasses.asdict(settings),
+                   prompts_sha256=runs_lib.prompts_digest(datapoints),
                    checkpoint_sha256=runs_lib.checkpoint_digest(workdir, step),
                    steps_run=settings.steps, settled=True,
                    convergence=[{'steps': s, 'num_nodes': 9, 'num_edges': 9,
@@ -420,3 +428,36 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
   with pytest.raises(SystemExit):
     run('--tasks=if_equals', '--pairs=0')
   assert capsys.readouterr().err.strip() == 'error: --pairs must be >= 1, got 0'
+
+  # A user's task file beside a built-in task: named by the file, pruned
+  # again once edited, refused when missing or named like another task.
+  mine = tmp_path / 'mine.jsonl'
+  mine.write_text(json.dumps({'prompt': 'x = 1', 'correct': '\n',
+                              'incorrect': ';'}) + '\n')
+  run(f'--tasks=if_equals,{mine}', '--steps=9')
+  assert calls[13:] == [('sparse', 200, str(mine), 9, ()),
+                        ('dense', 100, str(mine), 9, ())]
+  assert [r['task'] for r in json.loads(
+      (out / 'comparison.json').read_text())['tasks']] == ['if_equals', 'mine']
+  assert (out / 'circuits' / 'sparse-200' / 'mine.json').exists()
+  assert (out / 'mine' / 'figure.png').exists()
+  run(f'--tasks={mine}', '--steps=9')
+  assert len(calls) == 15  # Reused.
+  mine.write_text(json.dumps({'prompt': 'y = 1', 'correct': '\n',
+                              'incorrect': ';'}) + '\n')
+  run(f'--tasks={mine}', '--steps=9')
+  assert calls[15:] == [('sparse', 200, str(mine), 9, ()),
+                        ('dense', 100, str(mine), 9, ())]
+  other = tmp_path / 'other' / 'mine.jsonl'
+  for tasks, error in (
+      (f'{tmp_path / "missing.jsonl"}',
+       f'error: task file {tmp_path / "missing.jsonl"} does not exist'),
+      (f'{mine},{other}', 'error: two tasks named mine in --tasks'),
+      ('no_such_task', "error: unknown task 'no_such_task': neither a "
+       'built-in task (')):
+    other.parent.mkdir(exist_ok=True)
+    other.write_text(mine.read_text())
+    with pytest.raises(SystemExit):
+      run(f'--tasks={tasks}')
+    assert capsys.readouterr().err.startswith(error)
+  assert len(calls) == 17

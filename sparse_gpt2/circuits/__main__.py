@@ -32,8 +32,8 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the '
                              'newest).')
 _TASK = flags.DEFINE_string('task', None, 'Built-in task (see --list_tasks).')
 _TASK_FILE = flags.DEFINE_string(
-    'task_file', None, 'JSONL task, one {"prompt", "correct", "incorrect"'
-    '[, "pair"]} a line.')
+    'task_file', None, 'JSONL task (a .jsonl file), one {"prompt", "correct", '
+    '"incorrect"[, "pair"]} a line.')
 _OUT = flags.DEFINE_string('out', None,
                            'Output directory (default RUN/circuits/TASK).')
 _DRAW = flags.DEFINE_bool('draw', True, 'Also draw circuit.png/.svg.')
@@ -45,7 +45,8 @@ _DUMP_PROMPTS = flags.DEFINE_string(
     'format, and exit.')
 _EVALUATE = flags.DEFINE_bool(
     'evaluate', False, 'Print the unpruned model\'s loss and accuracy on '
-    '--task (default: every built-in task) and exit: which tasks it solves.')
+    '--task or --task_file (default: every built-in task) and exit: which '
+    'tasks it solves.')
 _EVALUATE_EVERY = flags.DEFINE_integer(
     'evaluate_every', 0, 'With --evaluate: at every kept checkpoint whose '
     'step is a multiple of this, as a table of calibrated task loss against '
@@ -82,6 +83,16 @@ def _dump_prompts(path):
   print(f'{len(datapoints)} datapoints of {_TASK.value} -> {path}')
 
 
+def _task():
+  """--task or --task_file (at most one) as `runs.task_datapoints` takes it."""
+  if _TASK.value and _TASK_FILE.value:
+    raise ValueError('give --task or --task_file, not both')
+  if _TASK_FILE.value and not _TASK_FILE.value.endswith('.jsonl'):
+    raise ValueError(f'--task_file must be a .jsonl file, got '
+                     f'{_TASK_FILE.value}')
+  return _TASK.value or _TASK_FILE.value
+
+
 def _evaluate(workdir, names):
   """Markdown: the unpruned model on each task, at one step or all."""
   seed = flags.FLAGS.seed
@@ -96,7 +107,8 @@ def _evaluate(workdir, names):
   steps = {s: v for s, v in runs.checkpoints(workdir).items()
            if s % _EVALUATE_EVERY.value == 0}
   config = runs.load(workdir)['config']
-  lines = ['| step | tokens | val loss | ' + ' | '.join(names) + ' |',
+  lines = ['| step | tokens | val loss | '
+           + ' | '.join(map(runs.task_name, names)) + ' |',
            '|---:|---:|---:|' + '---:|' * len(names)]
   for step, val in steps.items():
     rows = runs.evaluate_tasks(workdir, names, step=step, seed=seed)
@@ -123,13 +135,14 @@ def main(argv):
       return
     if not _WORKDIR.value:
       raise ValueError('--workdir is required')
+    task = _task()
     if _EVALUATE.value:
-      print(_evaluate(_WORKDIR.value,
-                      [_TASK.value] if _TASK.value else list(tasks.TASKS)))
+      print(_evaluate(_WORKDIR.value, [task] if task else list(tasks.TASKS)))
       return
-    circuit = runs.find_circuit(
-        _WORKDIR.value, settings, step=_STEP.value,
-        task=_TASK.value, task_file=_TASK_FILE.value)
+    if not task:
+      raise ValueError('give --task or --task_file')
+    circuit = runs.find_circuit(_WORKDIR.value, settings, task=task,
+                                step=_STEP.value)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -2,7 +2,7 @@ r"""Sparse vs dense at matched pretraining loss: the circuit each model needs
 for each task.
 
   python -m sparse_gpt2.circuits.compare --sparse=runs/sparse_medium \
-      --dense=runs/dense_medium --out=runs/compare [--tasks=a,b] \
+      --dense=runs/dense_medium --out=runs/compare [--tasks=a,b,my.jsonl] \
       [--step=N] [--max_loss_gap=0.02] [--target_loss=0.15 --steps=...] \
       [--pairs=3] [--convergence_steps=100,300,1000,3000] [--curve]
 
@@ -13,8 +13,8 @@ every task both are pruned (`runs.find_circuit`, every setting a flag) and
 
   OUT/circuits/<model>-<step>/<task>.json   the circuits; reused only when
                                             found in the same weights (the
-                                            checkpoint's files), step and
-                                            settings in full
+                                            checkpoint's files), step,
+                                            prompts and settings in full
   OUT/<task>/figure.{png,svg}               the two circuits side by side
   OUT/comparison.{md,json}                  edges, nodes and test losses per
                                             task, the ratio, geometric means
@@ -51,8 +51,10 @@ _SPARSE = flags.DEFINE_string('sparse', None, 'Run directory of the sparse '
                               'model.')
 _DENSE = flags.DEFINE_string('dense', None, 'Run directory of the dense model.')
 _OUT = flags.DEFINE_string('out', None, 'Output directory.')
-_TASKS = flags.DEFINE_list('tasks', None, 'Tasks to compare (default: all of '
-                           'circuits.tasks.TASKS).')
+_TASKS = flags.DEFINE_list(
+    'tasks', None, 'Tasks to compare: built-in tasks\' names or JSONL task '
+    'files (.jsonl, the user-task format), named by the file name without '
+    'the extension (default: every built-in task).')
 _STEP = flags.DEFINE_integer('step', None, 'Sparse checkpoint (default: the '
                              'newest).')
 _MAX_LOSS_GAP = flags.DEFINE_float(
@@ -322,29 +324,33 @@ def _num(value, spec):
   return 'n/a' if value is None else format(value, spec)
 
 
-def reusable(circuit, run, step, task, settings):
+def reusable(circuit, run, step, prompts_sha256, settings):
   """Whether a saved circuit was found in the weights of this run's
   checkpoint (its files' digest: a copied run reuses, a run trained again
-  under the same name prunes anew), for this task, with exactly these
-  settings and this version of the algorithm (a changed default or method
-  re-prunes)."""
+  under the same name prunes anew), on these prompts (their digest: an
+  edited task file prunes anew), with exactly these settings and this
+  version of the algorithm (a changed default or method re-prunes)."""
   return (circuit.get('version') == prune.VERSION
-          and circuit['step'] == step and circuit['task'] == task
+          and circuit['step'] == step
+          and circuit.get('prompts_sha256') == prompts_sha256
           and circuit['settings'] == dataclasses.asdict(settings)
           and circuit.get('checkpoint_sha256') ==
           runs.checkpoint_digest(run, step))
 
 
 def _circuit(run, step, task, settings, out, model, record_at=()):
-  """The circuit of `run` at `step` for `task`: from disk when a reusable
-  one is there (and has the convergence record asked for), else pruned now
-  and saved."""
-  path = os.path.join(out, 'circuits', f'{model}-{step}', task + '.json')
+  """The circuit of `run` at `step` for `task` (a --tasks entry): from
+  disk when a reusable one is there (and has the convergence record asked
+  for), else pruned now and saved."""
+  name, datapoints = runs.task_datapoints(task, settings.num_prompts,
+                                          settings.seed)
+  path = os.path.join(out, 'circuits', f'{model}-{step}', name + '.json')
   if os.path.exists(path) and not _RECOMPUTE.value:
     with open(path) as f:
       circuit = json.load(f)
     recorded = {c['steps'] for c in circuit['convergence']}
-    if (reusable(circuit, run, step, task, settings)
+    if (reusable(circuit, run, step, runs.prompts_digest(datapoints),
+                 settings)
         and (not circuit['solved'] or set(record_at) <= recorded)):
       logging.info('Reusing %s', path)
       return circuit
@@ -406,21 +412,23 @@ def curve(runs_, task_names, settings, out):
   return '\n'.join(lines) + '\n', points
 
 
-def _check_args(runs_, task_names, pairs):
-  """The one-line reason the arguments cannot work, or None; checked before
-  any pruning, which takes minutes."""
+def _check_args(runs_, task_names, pairs, settings):
+  """Raises ValueError, one line, where the arguments cannot work; checked
+  before any pruning, which takes minutes: every task is read (a task
+  file's format too) and no two share a name."""
   if pairs < 1:
-    return f'--pairs must be >= 1, got {pairs}'
+    raise ValueError(f'--pairs must be >= 1, got {pairs}')
   for name, run in runs_.items():
     if not os.path.isdir(run):
-      return f'--{name}={run} is not a directory'
+      raise ValueError(f'--{name}={run} is not a directory')
   if not task_names:
-    return '--tasks is empty'
-  unknown = [t for t in task_names if t not in tasks_lib.TASKS]
-  if unknown:
-    return (f'unknown task(s) {", ".join(unknown)}; known: '
-            f'{", ".join(tasks_lib.TASKS)}')
-  return None
+    raise ValueError('--tasks is empty')
+  for task in task_names:  # An unknown task or a bad file fails here.
+    runs.task_datapoints(task, settings.num_prompts, settings.seed)
+  names = [runs.task_name(t) for t in task_names]
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    raise ValueError(f'two tasks named {", ".join(twice)} in --tasks')
 
 
 def _write(out, name, markdown, data):
@@ -440,11 +448,9 @@ def main(argv):
   task_names = list(tasks_lib.TASKS) if _TASKS.value is None else _TASKS.value
   out = _OUT.value
   try:
-    error = _check_args(runs_, task_names, _PAIRS.value)
-    if error:
-      raise ValueError(error)
     settings = settings_lib.from_flags()
     settings.validate()
+    _check_args(runs_, task_names, _PAIRS.value, settings)
     record_at = tuple(int(s) for s in _CONVERGENCE_STEPS.value)
     sparse_ckpts = runs.checkpoints(runs_['sparse'])
     step = runs.newest(runs_['sparse']) if _STEP.value is None else _STEP.value
@@ -462,13 +468,14 @@ def main(argv):
           f"with dense step {dense_step} (val loss {dense_loss:.4f})"
           + (f", then {', '.join(str(s) for s, _ in pairs[1:])}"
              if pairs[1:] else '') + '.')
+    named = {runs.task_name(t): t for t in task_names}
     results = {}
-    for i, task in enumerate(task_names):
+    for i, (name, task) in enumerate(named.items()):
       record = record_at if i < _CONVERGENCE_TASKS.value else ()
-      results[task] = tuple(
+      results[name] = tuple(
           _circuit(runs_[m], checkpoints[m]['step'], task, settings, out, m,
                    record) for m in MODELS)
-      viz.draw_comparison(*results[task], os.path.join(out, task, 'figure'))
+      viz.draw_comparison(*results[name], os.path.join(out, name, 'figure'))
     summary = summarize(results, checkpoints)
     markdown = to_markdown(summary)
     _write(out, 'comparison', markdown, summary)
@@ -483,16 +490,16 @@ def main(argv):
                                          'step': other_step,
                                          'val_loss': other_loss})
         summaries.append(summarize(
-            {t: (results[t][0], _circuit(runs_['dense'], other_step, t,
-                                         settings, out, 'dense'))
-             for t in task_names}, other))
+            {name: (results[name][0], _circuit(runs_['dense'], other_step,
+                                               task, settings, out, 'dense'))
+             for name, task in named.items()}, other))
       table, data = pairs_table(summaries, _PAIRS.value, _MAX_LOSS_GAP.value)
       _write(out, 'pairs', table, data)
       print(table)
     if record_at:
-      names = task_names[:_CONVERGENCE_TASKS.value]
       table, records = convergence_table(
-          results, names, sorted(set(record_at) | {settings.steps}))
+          results, list(named)[:_CONVERGENCE_TASKS.value],
+          sorted(set(record_at) | {settings.steps}))
       _write(out, 'convergence', table, records)
       print(table)
     if _CURVE.value:

@@ -137,10 +137,10 @@ def evaluate_tasks(workdir, names, *, step=None, num_prompts=256, seed=0):
   run = load(workdir, step)
   apply = _last_position_logits(workdir)
   rows = []
-  for name in names:
+  for task in names:
+    name, datapoints = task_datapoints(task, num_prompts, seed)
     encoded = prune.trim(tasks.encode(
-        tasks.generate(name, num_prompts, seed), run['corpus'].tokenizer,
-        run['config'].seq_len, name))
+        datapoints, run['corpus'].tokenizer, run['config'].seq_len, name))
     logits = apply(run['params'], encoded['tokens'], encoded['lengths'] - 1)
     loss, accuracy = tasks.task_loss(logits, encoded['correct'],
                                      encoded['incorrect'])
@@ -152,30 +152,46 @@ def evaluate_tasks(workdir, names, *, step=None, num_prompts=256, seed=0):
   return rows
 
 
-def task_datapoints(task, task_file, num_prompts, seed):
-  """(name, datapoints) of a built-in `task` or a JSONL `task_file`
-  (exactly one of them); `num_prompts` are generated for a built-in task, a
-  file is used whole."""
-  if (task is None) == (task_file is None):
-    raise ValueError('give exactly one of task and task_file')
-  if task is not None:
+def task_name(task):
+  """A task's name: a built-in task's own, a task file's its file name
+  without the extension (tables, circuit files and figures are named so)."""
+  if task.endswith('.jsonl'):
+    return os.path.splitext(os.path.basename(task))[0]
+  return task
+
+
+def task_datapoints(task, num_prompts, seed):
+  """(name, datapoints) of `task`: a built-in task's name, whose
+  `num_prompts` datapoints are generated from `seed`, or the path of a JSONL
+  task file (ending in .jsonl), used whole and named by its file name
+  without the extension. Every command that takes a task takes either."""
+  if not task.endswith('.jsonl'):
+    if task not in tasks.TASKS:
+      raise ValueError(f'unknown task {task!r}: neither a built-in task '
+                       f'({", ".join(tasks.TASKS)}) nor a .jsonl task file')
     return task, tasks.generate(task, num_prompts, seed)
-  if not os.path.isfile(task_file):
-    raise ValueError(f'task file {task_file} does not exist')
-  name = os.path.splitext(os.path.basename(task_file))[0]
-  return name, tasks.load_jsonl(task_file)
+  if not os.path.isfile(task):
+    raise ValueError(f'task file {task} does not exist')
+  return task_name(task), tasks.load_jsonl(task)
 
 
-def find_circuit(workdir, settings, *, step=None, task=None, task_file=None,
-                 record_at=(), num_examples=4):
-  """The circuit of a task in a checkpoint of a run (`prune.prune`), with
-  what a reader needs beside it: the task, the run, the checkpoint's step
-  and validation loss, and `num_examples` prompts with their candidates as
-  the tokenizer decodes them. Raises ValueError for bad input: not exactly
-  one of task and task_file, an unknown task, a bad file, a directory that
-  is not a run, a step that was not kept."""
-  name, datapoints = task_datapoints(task, task_file, settings.num_prompts,
-                                     settings.seed)
+def prompts_digest(datapoints):
+  """SHA-256 of a task's datapoints: what says which prompts a circuit was
+  found on, so that an edited task file, or a built-in task whose generator
+  changed, is pruned anew rather than answered from an old circuit."""
+  return hashlib.sha256(json.dumps(datapoints, sort_keys=True).encode()
+                        ).hexdigest()
+
+
+def find_circuit(workdir, settings, *, task, step=None, record_at=(),
+                 num_examples=4):
+  """The circuit of `task` (`task_datapoints`) in a checkpoint of a run
+  (`prune.prune`), with what a reader needs beside it: the task and its
+  prompts' digest, the run, the checkpoint's step and validation loss, and
+  `num_examples` prompts with their candidates as the tokenizer decodes
+  them. Raises ValueError for bad input: an unknown task, a bad file, a
+  directory that is not a run, a step that was not kept."""
+  name, datapoints = task_datapoints(task, settings.num_prompts, settings.seed)
   run = load(workdir, step)
   tokenizer = run['corpus'].tokenizer
   encoded = tasks.encode(datapoints, tokenizer, run['config'].seq_len, name)
@@ -187,6 +203,7 @@ def find_circuit(workdir, settings, *, step=None, task=None, task_file=None,
                'incorrect': tokenizer.decode([int(w)])}
               for i, c, w in zip(encoded['index'][:num_examples],
                                  encoded['correct'], encoded['incorrect'])]
-  return {'task': name, 'run': workdir, 'step': run['step'],
+  return {'task': name, 'prompts_sha256': prompts_digest(datapoints),
+          'run': workdir, 'step': run['step'],
           'checkpoint_sha256': checkpoint_digest(workdir, run['step']),
           'val_loss': run['val_loss'], 'examples': examples, **circuit}
