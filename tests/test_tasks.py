@@ -4,6 +4,8 @@ import collections
 import json
 import os
 import random
+import subprocess
+import sys
 import sysconfig
 
 import numpy as np
@@ -144,6 +146,26 @@ def test_shortcut_accuracy_finds_shortcuts():
 def test_candidates_are_tokens_the_tokenizer_makes(name, tokenizer,
                                                     sample_ids):
   for c in {d['correct'] for d in tasks.generate(name, N)}:
+    ids = tokenizer.encode(c).ids
+    assert len(ids) == 1 and ids[0] in sample_ids, (c, ids)
+
+
+def test_the_example_user_task_is_well_posed(tmp_path, tokenizer, sample_ids):
+  """examples/cls_self_task.py's file, read as a user task, passes the
+  built-in tasks' checks: contrastive pairs that differ in the decorator
+  alone, no shortcut, candidates the tokenizer makes."""
+  path = tmp_path / 'cls_self.jsonl'
+  subprocess.run([sys.executable, 'examples/cls_self_task.py', str(path)],
+                 check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  data = tasks.load_jsonl(path)
+  assert len(data) == 600
+  for a, b in zip(data[::2], data[1::2]):
+    assert a['pair'] == b['pair']
+    assert (a['correct'], a['incorrect']) == (b['incorrect'], b['correct'])
+    assert a['prompt'].replace('@classmethod', '@property') == b['prompt']
+  assert _shortcut_accuracy(data) <= 0.6
+  assert _shortcut_accuracy(data, _last_word) <= 0.7
+  for c in ('cls', 'self'):
     ids = tokenizer.encode(c).ids
     assert len(ids) == 1 and ids[0] in sample_ids, (c, ids)
 
