@@ -437,6 +437,29 @@ def test_matched_loss_pairing_on_two_tiny_runs(tiny_twins):
     compare.match(20, sparse[20], {10: sparse[20] + 0.5}, 0.02)
 
 
+def test_compare_refuses_a_task_the_tokenizer_cannot_score_before_pruning(
+    tiny_twins, tmp_path):
+  """A task file whose candidate is two tokens of the runs' tokenizer is
+  refused in one line before anything is pruned, even after a good task."""
+  good, bad = tmp_path / 'quotes.jsonl', tmp_path / 'long_answer.jsonl'
+  good.write_text(json.dumps({'prompt': 'x = "a', 'correct': '"',
+                              'incorrect': "'"}) + '\n')
+  bad.write_text(json.dumps({'prompt': 'x = 1', 'correct':
+                             'supercalifragilistic', 'incorrect': '"'}) + '\n')
+  out = tmp_path / 'out'
+  result = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.circuits.compare',
+       f'--sparse={tiny_twins["sparse"]}', f'--dense={tiny_twins["dense"]}',
+       f'--tasks={good},{bad}', '--max_loss_gap=10', f'--out={out}'],
+      capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: long_answer: candidate "
+                              "'supercalifragilistic' is tokens ["), lines
+  assert not out.exists()
+
+
 def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   """The circuits CLI on a user task at a step that is not the newest:
   circuit.json names the step and its validation loss, and the examples."""

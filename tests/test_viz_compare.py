@@ -343,6 +343,9 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
     return circuit
 
   monkeypatch.setattr(runs_lib, 'find_circuit', find_circuit)
+  # The stand-in runs have no tokenizer: tasks are read, not encoded.
+  monkeypatch.setattr(runs_lib, 'encode_task', lambda run, task, n, seed: (
+      *runs_lib.task_datapoints(task, n, seed), None))
   # The CPU is split before jax starts, which in this process it has.
   monkeypatch.setattr(settings_lib, 'start_jax', lambda: None)
   runs = {'sparse': tmp_path / 'sparse', 'dense': tmp_path / 'dense'}

@@ -415,7 +415,8 @@ def curve(runs_, task_names, settings, out):
 def _check_args(runs_, task_names, pairs, settings):
   """Raises ValueError, one line, where the arguments cannot work; checked
   before any pruning, which takes minutes: every task is read (a task
-  file's format too) and no two share a name."""
+  file's format too) and encoded for both runs (its candidates single
+  tokens of each tokenizer), and no two tasks share a name."""
   if pairs < 1:
     raise ValueError(f'--pairs must be >= 1, got {pairs}')
   for name, run in runs_.items():
@@ -423,8 +424,9 @@ def _check_args(runs_, task_names, pairs, settings):
       raise ValueError(f'--{name}={run} is not a directory')
   if not task_names:
     raise ValueError('--tasks is empty')
-  for task in task_names:  # An unknown task or a bad file fails here.
-    runs.task_datapoints(task, settings.num_prompts, settings.seed)
+  for task in task_names:
+    for run in runs_.values():
+      runs.encode_task(run, task, settings.num_prompts, settings.seed)
   names = [runs.task_name(t) for t in task_names]
   twice = sorted({n for n in names if names.count(n) > 1})
   if twice:

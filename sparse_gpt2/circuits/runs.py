@@ -138,9 +138,8 @@ def evaluate_tasks(workdir, names, *, step=None, num_prompts=256, seed=0):
   apply = _last_position_logits(workdir)
   rows = []
   for task in names:
-    name, datapoints = task_datapoints(task, num_prompts, seed)
-    encoded = prune.trim(tasks.encode(
-        datapoints, run['corpus'].tokenizer, run['config'].seq_len, name))
+    name, _, encoded = encode_task(workdir, task, num_prompts, seed)
+    encoded = prune.trim(encoded)
     logits = apply(run['params'], encoded['tokens'], encoded['lengths'] - 1)
     loss, accuracy = tasks.task_loss(logits, encoded['correct'],
                                      encoded['incorrect'])
@@ -183,6 +182,16 @@ def prompts_digest(datapoints):
                         ).hexdigest()
 
 
+def encode_task(workdir, task, num_prompts, seed):
+  """(name, datapoints, encoded): `task` (`task_datapoints`) in the tokens
+  of the run's tokenizer, within its sequence length (`tasks.encode`).
+  Reads no checkpoint, so a candidate that is not one token of the
+  tokenizer fails before any is loaded."""
+  name, datapoints = task_datapoints(task, num_prompts, seed)
+  return name, datapoints, tasks.encode(
+      datapoints, _corpus(workdir).tokenizer, _config(workdir).seq_len, name)
+
+
 def find_circuit(workdir, settings, *, task, step=None, record_at=(),
                  num_examples=4):
   """The circuit of `task` (`task_datapoints`) in a checkpoint of a run
@@ -191,10 +200,10 @@ def find_circuit(workdir, settings, *, task, step=None, record_at=(),
   `num_examples` prompts with their candidates as the tokenizer decodes
   them. Raises ValueError for bad input: an unknown task, a bad file, a
   directory that is not a run, a step that was not kept."""
-  name, datapoints = task_datapoints(task, settings.num_prompts, settings.seed)
+  name, datapoints, encoded = encode_task(workdir, task, settings.num_prompts,
+                                         settings.seed)
   run = load(workdir, step)
   tokenizer = run['corpus'].tokenizer
-  encoded = tasks.encode(datapoints, tokenizer, run['config'].seq_len, name)
   circuit = prune.prune(run['model'], run['params'],
                         node_means(workdir, run['step']), encoded, settings,
                         record_at)
