@@ -440,10 +440,13 @@ def test_matched_loss_pairing_on_two_tiny_runs(tiny_twins):
 def test_compare_refuses_a_task_the_tokenizer_cannot_score_before_pruning(
     tiny_twins, tmp_path):
   """A task file whose candidate is two tokens of the runs' tokenizer is
-  refused in one line before anything is pruned, even after a good task."""
+  refused in one line before anything is pruned, even after a good task;
+  so is a task with too few pairs to split."""
   good, bad = tmp_path / 'quotes.jsonl', tmp_path / 'long_answer.jsonl'
-  good.write_text(json.dumps({'prompt': 'x = "a', 'correct': '"',
-                              'incorrect': "'"}) + '\n')
+  good.write_text(''.join(
+      json.dumps({'prompt': f'x = {q}{name}', 'correct': q,
+                  'incorrect': other, 'pair': name}) + '\n'
+      for name in ('a', 'b', 'c') for q, other in (("'", '"'), ('"', "'"))))
   bad.write_text(json.dumps({'prompt': 'x = 1', 'correct':
                              'supercalifragilistic', 'incorrect': '"'}) + '\n')
   out = tmp_path / 'out'
@@ -457,6 +460,14 @@ def test_compare_refuses_a_task_the_tokenizer_cannot_score_before_pruning(
   lines = result.stderr.strip().splitlines()
   assert lines[-1].startswith("error: long_answer: candidate "
                               "'supercalifragilistic' is tokens ["), lines
+  bad.write_text(json.dumps({'prompt': 'x = 1', 'correct': '"',
+                             'incorrect': "'"}) + '\n')
+  result = subprocess.run(
+      result.args, capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: long_answer: need at least 3 prompt pairs to prune, got 1')
   assert not out.exists()
 
 

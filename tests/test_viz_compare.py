@@ -12,6 +12,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 from absl import flags
+import numpy as np
 import pytest
 
 from sparse_gpt2.circuits import compare
@@ -343,9 +344,10 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
     return circuit
 
   monkeypatch.setattr(runs_lib, 'find_circuit', find_circuit)
-  # The stand-in runs have no tokenizer: tasks are read, not encoded.
+  # The stand-in runs have no tokenizer: tasks are read, and encoded as
+  # three pairs.
   monkeypatch.setattr(runs_lib, 'encode_task', lambda run, task, n, seed: (
-      *runs_lib.task_datapoints(task, n, seed), None))
+      *runs_lib.task_datapoints(task, n, seed), {'pair': np.arange(3)}))
   # The CPU is split before jax starts, which in this process it has.
   monkeypatch.setattr(settings_lib, 'start_jax', lambda: None)
   runs = {'sparse': tmp_path / 'sparse', 'dense': tmp_path / 'dense'}

@@ -415,8 +415,9 @@ def curve(runs_, task_names, settings, out):
 def _check_args(runs_, task_names, pairs, settings):
   """Raises ValueError, one line, where the arguments cannot work; checked
   before any pruning, which takes minutes: every task is read (a task
-  file's format too) and encoded for both runs (its candidates single
-  tokens of each tokenizer), and no two tasks share a name."""
+  file's format too), encoded for both runs (its candidates single tokens
+  of each tokenizer) and split (enough pairs), and no two tasks share a
+  name."""
   if pairs < 1:
     raise ValueError(f'--pairs must be >= 1, got {pairs}')
   for name, run in runs_.items():
@@ -426,7 +427,12 @@ def _check_args(runs_, task_names, pairs, settings):
     raise ValueError('--tasks is empty')
   for task in task_names:
     for run in runs_.values():
-      runs.encode_task(run, task, settings.num_prompts, settings.seed)
+      name, _, encoded = runs.encode_task(run, task, settings.num_prompts,
+                                          settings.seed)
+      try:
+        prune.split(encoded, settings)
+      except ValueError as e:
+        raise ValueError(f'{name}: {e}') from None
   names = [runs.task_name(t) for t in task_names]
   twice = sorted({n for n in names if names.count(n) > 1})
   if twice:
