@@ -414,17 +414,21 @@ def curve(runs_, task_names, settings, out):
 
 def _check_args(runs_, task_names, pairs, settings):
   """Raises ValueError, one line, where the arguments cannot work; checked
-  before any pruning, which takes minutes: every task is read (a task
-  file's format too), encoded for both runs (its candidates single tokens
-  of each tokenizer) and split (enough pairs), and no two tasks share a
-  name."""
+  before any pruning, which takes minutes: no two tasks share a name, and
+  every task is read (a task file's format too), encoded for both runs
+  (its candidates single tokens of each tokenizer) and split (enough
+  pairs)."""
   if pairs < 1:
     raise ValueError(f'--pairs must be >= 1, got {pairs}')
-  for name, run in runs_.items():
+  for model, run in runs_.items():
     if not os.path.isdir(run):
-      raise ValueError(f'--{name}={run} is not a directory')
+      raise ValueError(f'--{model}={run} is not a directory')
   if not task_names:
     raise ValueError('--tasks is empty')
+  names = [runs.task_name(t) for t in task_names]
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    raise ValueError(f'two tasks named {", ".join(twice)} in --tasks')
   for task in task_names:
     for run in runs_.values():
       name, _, encoded = runs.encode_task(run, task, settings.num_prompts,
@@ -433,10 +437,6 @@ def _check_args(runs_, task_names, pairs, settings):
         prune.split(encoded, settings)
       except ValueError as e:
         raise ValueError(f'{name}: {e}') from None
-  names = [runs.task_name(t) for t in task_names]
-  twice = sorted({n for n in names if names.count(n) > 1})
-  if twice:
-    raise ValueError(f'two tasks named {", ".join(twice)} in --tasks')
 
 
 def _write(out, name, markdown, data):
