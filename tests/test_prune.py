@@ -441,7 +441,8 @@ def test_compare_refuses_a_task_the_tokenizer_cannot_score_before_pruning(
     tiny_twins, tmp_path):
   """A task file whose candidate is two tokens of the runs' tokenizer is
   refused in one line before anything is pruned, even after a good task;
-  so is a task with too few pairs to split."""
+  so is a task with too few pairs to split, and one whose answers a fixed
+  preference predicts."""
   good, bad = tmp_path / 'quotes.jsonl', tmp_path / 'long_answer.jsonl'
   good.write_text(''.join(
       json.dumps({'prompt': f'x = {q}{name}', 'correct': q,
@@ -460,14 +461,25 @@ def test_compare_refuses_a_task_the_tokenizer_cannot_score_before_pruning(
   lines = result.stderr.strip().splitlines()
   assert lines[-1].startswith("error: long_answer: candidate "
                               "'supercalifragilistic' is tokens ["), lines
-  bad.write_text(json.dumps({'prompt': 'x = 1', 'correct': '"',
-                             'incorrect': "'"}) + '\n')
+  bad.write_text(''.join(
+      json.dumps({'prompt': 'x = 1', 'correct': q, 'incorrect': other,
+                  'pair': 0}) + '\n' for q, other in (('"', "'"), ("'", '"'))))
   result = subprocess.run(
       result.args, capture_output=True, text=True, timeout=300,
       cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
       'error: long_answer: need at least 3 prompt pairs to prune, got 1')
+  bad.write_text(''.join(
+      json.dumps({'prompt': f'x = {i}', 'correct': '"', 'incorrect': "'",
+                  'pair': i // 2}) + '\n' for i in range(8)))
+  result = subprocess.run(
+      result.args, capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      'error: long_answer: one fixed preference between the candidates'
+  ), result.stderr
   assert not out.exists()
 
 

@@ -198,6 +198,7 @@ def test_encode_task(name, tokenizer):
     assert tokenizer.encode(data[i]['incorrect']).ids == [enc['incorrect'][r]]
   assert (enc['correct'] != enc['incorrect']).all()
   assert enc['tokens'].dtype == np.int32
+  tasks.check_balanced(enc, name)  # Even where this tokenizer skips some.
   pairs = [data[i]['pair'] for i in enc['index']]
   assert (np.equal.outer(pairs, pairs) ==
           np.equal.outer(enc['pair'], enc['pair'])).all()
@@ -217,6 +218,23 @@ def test_load_jsonl_round_trip(tmp_path):
   lines[0] = json.dumps(dict(data[0], note='dropped'))
   path.write_text('\n'.join(lines) + '\n\n')
   assert tasks.load_jsonl(path) == data
+
+
+def test_check_balanced_refuses_a_fixed_preference(tokenizer):
+  """A task that always answers ',' (or does 4 times in 6) is refused: the
+  calibration's shift alone would score it. Both answers half the time, or
+  at the bound (3 of 5), pass."""
+  def encoded(answers):
+    return tasks.encode(
+        [{'prompt': f'x = {i}', 'correct': c, 'incorrect': ',)'.strip(c)}
+         for i, c in enumerate(answers)], tokenizer, SEQ_LEN)
+  for answers, share in ((',,,,,,', 100), (',,,,))', 67), ('))))))', 100),
+                         (')),))))', 86)):
+    with pytest.raises(ValueError, match=r'^t: one fixed preference .* '
+                       rf'answers {share}% of the datapoints'):
+      tasks.check_balanced(encoded(answers), 't')
+  for answers in (',),),)', ',,,)))', ',,,))'):
+    tasks.check_balanced(encoded(answers), 't')
 
 
 def test_encode_numbers_pairs(tokenizer):

@@ -184,12 +184,15 @@ def prompts_digest(datapoints):
 
 def encode_task(workdir, task, num_prompts, seed):
   """(name, datapoints, encoded): `task` (`task_datapoints`) in the tokens
-  of the run's tokenizer, within its sequence length (`tasks.encode`).
-  Reads no checkpoint, so a candidate that is not one token of the
-  tokenizer fails before any is loaded."""
+  of the run's tokenizer, within its sequence length (`tasks.encode`), its
+  answers checked against a fixed preference (`tasks.check_balanced`).
+  Reads no checkpoint, so a task that cannot be scored fails before any is
+  loaded."""
   name, datapoints = task_datapoints(task, num_prompts, seed)
-  return name, datapoints, tasks.encode(
-      datapoints, _corpus(workdir).tokenizer, _config(workdir).seq_len, name)
+  encoded = tasks.encode(datapoints, _corpus(workdir).tokenizer,
+                         _config(workdir).seq_len, name)
+  tasks.check_balanced(encoded, name)
+  return name, datapoints, encoded
 
 
 def find_circuit(workdir, settings, *, task, step=None, record_at=(),

@@ -863,6 +863,35 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
   }
 
 
+# The most datapoints of a task that one fixed preference between its
+# candidates may answer (the built-in tasks' bound for a constant answer).
+MAX_FIXED_PREFERENCE = 0.6
+
+
+def check_balanced(encoded, name):
+  """Refuses a task whose answers a fixed preference predicts.
+
+  The calibration that every reported task loss goes through
+  (`prune.calibrated_loss`) fits a shift towards the candidate of lower
+  token id. Where that candidate is right in most datapoints, the shift
+  alone scores well without the prompt being read, and any circuit, even
+  none, looks solved: a task whose answer was always ` ==` read test loss
+  0.000 for the full model, the circuit and the circuit ablated. The
+  built-in tasks' contrastive pairs give each candidate both answers, so
+  the share is exactly one half; a task file must keep it within
+  MAX_FIXED_PREFERENCE either way. `encoded` as `encode` returns it.
+  """
+  share = float(np.mean(encoded['correct'] < encoded['incorrect']))
+  share = max(share, 1 - share)
+  if share > MAX_FIXED_PREFERENCE:
+    raise ValueError(
+        f'{name}: one fixed preference between the candidates (the one of '
+        f'lower token id) answers {share:.0%} of the datapoints, which the '
+        'calibrated loss would reward without reading the prompts; keep it '
+        f'within {MAX_FIXED_PREFERENCE:.0%} by giving each candidate both '
+        'answers (contrastive pairs do).')
+
+
 def task_loss(logits_last, correct, incorrect):
   """Binary cross-entropy between the two candidates, and accuracy.
 
