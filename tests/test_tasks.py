@@ -218,6 +218,8 @@ def test_load_jsonl_round_trip(tmp_path):
   lines[0] = json.dumps(dict(data[0], note='dropped'))
   path.write_text('\n'.join(lines) + '\n\n')
   assert tasks.load_jsonl(path) == data
+  path.write_text('\ufeff' + '\r\n'.join(lines), encoding='utf-8')
+  assert tasks.load_jsonl(path) == data  # A byte order mark, CRLF lines.
 
 
 def test_check_balanced_refuses_a_fixed_preference(tokenizer):

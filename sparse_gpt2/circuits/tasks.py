@@ -762,10 +762,10 @@ def load_jsonl(path):
 
   An optional `"pair"` (an integer or a string) groups datapoints into
   contrastive pairs or larger groups, which `encode` numbers; other keys are
-  dropped.
+  dropped. A UTF-8 byte order mark, as some editors write, is skipped.
   """
   data = []
-  with open(path, encoding='utf-8') as f:
+  with open(path, encoding='utf-8-sig') as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
