@@ -4,6 +4,7 @@ hand: the circuit is known, so pruning must find exactly it."""
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -239,6 +240,34 @@ def test_split_is_disjoint_by_pair():
   assert all((a['index'] == b['index']).all() for a, b in zip(parts, again))
 
 
+def test_split_refuses_too_few_pairs_and_splits_that_lean_one_way():
+  """Select and test need 8 pairs each. A task balanced as a whole whose
+  groups each answer one way is refused whenever the seed's select or
+  test split leans past the bound; a split that passes is within it."""
+  with pytest.raises(ValueError, match=r'^29 prompt pairs .* split 15/7/7 '
+                     r'.* needs at least 1/8/8: give the task at least 30 '
+                     r'pairs$'):
+    prune.split(_task(58, 0), SETTINGS)
+  assert [len(np.unique(p['pair'])) for p in
+          prune.split(_task(60, 0), SETTINGS)] == [14, 8, 8]
+  leaning = _task(256, 0)  # 32 groups of 8 prompts, each of one answer.
+  leaning['pair'][np.argsort(leaning['correct'], kind='stable')] = (
+      np.arange(256) // 8)
+  refused = 0
+  for seed in range(10):
+    s = dataclasses.replace(SETTINGS, seed=seed)
+    try:
+      parts = prune.split(leaning, s)
+    except ValueError as e:
+      assert re.match(r'its (select|test) split: one fixed preference', str(e))
+      refused += 1
+      continue
+    for part in parts[1:]:
+      share = np.mean(part['correct'] < part['incorrect'])
+      assert 0.4 <= share <= 0.6
+  assert refused
+
+
 def _planted_pruner():
   """A `prune._Pruner` of the planted model and task, and a function from
   a set of (location, index) to scores tau: +1 on those nodes, -1 on all
@@ -307,7 +336,8 @@ def test_prune_refuses_unsolved_task():
   model = _tiny_model()
   params = _planted_params(model)
   task = _task(64, 0)
-  yes = np.arange(64) % 4 < 2  # Independent of the last token's A or B.
+  # Each pair has both answers, the answer independent of its A or B.
+  yes = np.arange(64) % 2 == np.arange(64) // 2 % 2
   task['correct'] = np.where(yes, YES, NO).astype(np.int32)
   task['incorrect'] = np.where(yes, NO, YES).astype(np.int32)
   circuit = prune.prune(model, params, _means(model, params), task,
@@ -445,9 +475,9 @@ def test_compare_refuses_a_task_the_tokenizer_cannot_score_before_pruning(
   preference predicts."""
   good, bad = tmp_path / 'quotes.jsonl', tmp_path / 'long_answer.jsonl'
   good.write_text(''.join(
-      json.dumps({'prompt': f'x = {q}{name}', 'correct': q,
-                  'incorrect': other, 'pair': name}) + '\n'
-      for name in ('a', 'b', 'c') for q, other in (("'", '"'), ('"', "'"))))
+      json.dumps({'prompt': f'x = {q}n{i}', 'correct': q,
+                  'incorrect': other, 'pair': i}) + '\n'
+      for i in range(30) for q, other in (("'", '"'), ('"', "'"))))
   bad.write_text(json.dumps({'prompt': 'x = 1', 'correct':
                              'supercalifragilistic', 'incorrect': '"'}) + '\n')
   out = tmp_path / 'out'
@@ -469,7 +499,9 @@ def test_compare_refuses_a_task_the_tokenizer_cannot_score_before_pruning(
       cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      'error: long_answer: need at least 3 prompt pairs to prune, got 1')
+      'error: long_answer: 1 prompt pairs (unpaired prompts count one each) '
+      'split 1/0/0 into train/select/test, which needs at least 1/8/8: give '
+      'the task at least 30 pairs')
   bad.write_text(''.join(
       json.dumps({'prompt': f'x = {i}', 'correct': '"', 'incorrect': "'",
                   'pair': i // 2}) + '\n' for i in range(8)))
@@ -489,9 +521,9 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   from sparse_gpt2.circuits import runs  # pylint: disable=g-import-not-at-top
   lines = []
   for i, name in enumerate(('name', 'value', 'path', 'data', 'key', 'size',
-                            'text', 'line')):
+                            'text', 'line') * 4):
     for q, other in (("'", '"'), ('"', "'")):
-      lines.append(json.dumps({'prompt': f'x = {q}{name}', 'correct': q,
+      lines.append(json.dumps({'prompt': f'x = {q}{name}{i}', 'correct': q,
                                'incorrect': other, 'pair': i}))
   task_file = tmp_path / 'quotes.jsonl'
   task_file.write_text('\n'.join(lines) + '\n')
@@ -509,7 +541,8 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
       tasks.load_jsonl(task_file))
   assert circuit['val_loss'] == runs.val_losses(tiny_twins['sparse'])[10]
   assert circuit['settings']['steps'] == 5
-  assert sum(s['pairs'] for s in circuit['splits'].values()) == 8
+  assert [circuit['splits'][k]['pairs'] for k in ('train', 'select', 'test')
+          ] == [16, 8, 8]
   assert circuit['examples'][0]['correct'] in ("'", '"')
   assert circuit['model_shape']['d_head'] == 16
   # Ten steps of a tiny model do not do the task: the printed line says so

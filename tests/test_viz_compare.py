@@ -345,9 +345,12 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
 
   monkeypatch.setattr(runs_lib, 'find_circuit', find_circuit)
   # The stand-in runs have no tokenizer: tasks are read, and encoded as
-  # three pairs.
+  # 32 contrastive pairs of answers (enough to split).
+  answers = np.arange(64) % 2
   monkeypatch.setattr(runs_lib, 'encode_task', lambda run, task, n, seed: (
-      *runs_lib.task_datapoints(task, n, seed), {'pair': np.arange(3)}))
+      *runs_lib.task_datapoints(task, n, seed),
+      {'pair': np.arange(64) // 2, 'correct': answers,
+       'incorrect': 1 - answers}))
   # The CPU is split before jax starts, which in this process it has.
   monkeypatch.setattr(settings_lib, 'start_jax', lambda: None)
   runs = {'sparse': tmp_path / 'sparse', 'dense': tmp_path / 'dense'}

@@ -433,10 +433,7 @@ def _check_args(runs_, task_names, pairs, settings):
     for run in runs_.values():
       name, _, encoded = runs.encode_task(run, task, settings.num_prompts,
                                           settings.seed)
-      try:
-        prune.split(encoded, settings)
-      except ValueError as e:
-        raise ValueError(f'{name}: {e}') from None
+      runs.check_split(name, encoded, settings)
 
 
 def _write(out, name, markdown, data):

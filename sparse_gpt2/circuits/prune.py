@@ -51,6 +51,7 @@ DUAL_CLIP = 0.2            # each step's excess in it.
 SNAPSHOT_EVERY = 100       # Steps between the masks a circuit is chosen from.
 MAX_ABLATED_NODES = 64     # Circuit nodes whose own ablation is measured.
 SETTLED_FRACTION = 0.1     # See `still_shrinking`.
+MIN_SPLIT_PAIRS = 8        # Pairs in each of the select and test splits.
 # Of the algorithm, saved in circuit.json: bumped by a change that gives
 # other circuits for the same settings, or other fields in circuit.json, so
 # `compare` re-prunes saved ones rather than read what they lack.
@@ -163,21 +164,44 @@ def trim(encoded):
           **{k: np.asarray(v) for k, v in encoded.items() if k != 'tokens'}}
 
 
+def _split_sizes(num_groups, settings):
+  """(train, select, test) pair counts of `split`."""
+  n_select = round(num_groups * settings.select_fraction)
+  n_test = round(num_groups * settings.test_fraction)
+  return num_groups - n_select - n_test, n_select, n_test
+
+
 def split(encoded, settings):
   """(train, select, test): disjoint rows, whole pairs in one split each,
-  in a seeded random order of the pairs; each split gets >= 1 pair."""
+  in a seeded random order of the pairs.
+
+  The select split fits the calibration's scale and shift and decides the
+  circuit's size, and the test split reports its losses, both calibrated:
+  on a pair or two a model at chance passes a calibrated target by luck
+  (the scale grows until any ordering of two prompts reads as separated),
+  and a split whose answers lean one way is scored by the shift alone. So
+  each needs MIN_SPLIT_PAIRS pairs and the task's answer balance
+  (`tasks.check_balanced`): a task file whose pairs each lean one way is
+  balanced as a whole but not necessarily in its splits.
+  """
   groups = np.unique(encoded['pair'])
-  if len(groups) < 3:
-    raise ValueError(f'need at least 3 prompt pairs to prune, got '
-                     f'{len(groups)}')
+  sizes = _split_sizes(len(groups), settings)
+  if sizes[0] < 1 or min(sizes[1:]) < MIN_SPLIT_PAIRS:
+    needed = next(n for n in range(len(groups) + 1, 100_000)
+                  if _split_sizes(n, settings)[0] >= 1
+                  and min(_split_sizes(n, settings)[1:]) >= MIN_SPLIT_PAIRS)
+    raise ValueError(
+        f'{len(groups)} prompt pairs (unpaired prompts count one each) split '
+        f'{sizes[0]}/{sizes[1]}/{sizes[2]} into train/select/test, which '
+        f'needs at least 1/{MIN_SPLIT_PAIRS}/{MIN_SPLIT_PAIRS}: give the task '
+        f'at least {needed} pairs')
   groups = np.random.default_rng(settings.seed).permutation(groups)
-  n_select = max(1, round(len(groups) * settings.select_fraction))
-  n_test = max(1, min(len(groups) - n_select - 1,
-                      round(len(groups) * settings.test_fraction)))
-  parts = np.split(groups, [len(groups) - n_select - n_test,
-                            len(groups) - n_test])
-  return tuple({k: v[np.isin(encoded['pair'], part)]
-                for k, v in encoded.items()} for part in parts)
+  parts = np.split(groups, np.cumsum(sizes[:2]))
+  splits = tuple({k: v[np.isin(encoded['pair'], part)]
+                  for k, v in encoded.items()} for part in parts)
+  for name, rows in zip(('select', 'test'), splits[1:]):
+    tasks.check_balanced(rows, f'its {name} split')
+  return splits
 
 
 def _buckets(rows, num_buckets, by_pair):

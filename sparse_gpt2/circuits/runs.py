@@ -195,6 +195,16 @@ def encode_task(workdir, task, num_prompts, seed):
   return name, datapoints, encoded
 
 
+def check_split(name, encoded, settings):
+  """Raises ValueError, named by the task, where its prompts do not split
+  into the pruning's train, select and test splits (`prune.split`): what
+  the circuits CLI and `compare` check before any checkpoint is read."""
+  try:
+    prune.split(encoded, settings)
+  except ValueError as e:
+    raise ValueError(f'{name}: {e}') from None
+
+
 def find_circuit(workdir, settings, *, task, step=None, record_at=(),
                  num_examples=4):
   """The circuit of `task` (`task_datapoints`) in a checkpoint of a run
@@ -202,9 +212,11 @@ def find_circuit(workdir, settings, *, task, step=None, record_at=(),
   prompts' digest, the run, the checkpoint's step and validation loss, and
   `num_examples` prompts with their candidates as the tokenizer decodes
   them. Raises ValueError for bad input: an unknown task, a bad file, a
-  directory that is not a run, a step that was not kept."""
+  task too small or too unbalanced to split (`check_split`), a directory
+  that is not a run, a step that was not kept."""
   name, datapoints, encoded = encode_task(workdir, task, settings.num_prompts,
                                          settings.seed)
+  check_split(name, encoded, settings)
   run = load(workdir, step)
   tokenizer = run['corpus'].tokenizer
   circuit = prune.prune(run['model'], run['params'],
