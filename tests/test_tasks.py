@@ -220,6 +220,9 @@ def test_load_jsonl_round_trip(tmp_path):
   assert tasks.load_jsonl(path) == data
   path.write_text('\ufeff' + '\r\n'.join(lines), encoding='utf-8')
   assert tasks.load_jsonl(path) == data  # A byte order mark, CRLF lines.
+  path.write_bytes('\n'.join(lines).encode('latin-1', 'replace') + b'\xe9')
+  with pytest.raises(ValueError, match=rf'^{path}: not UTF-8 \('):
+    tasks.load_jsonl(path)
 
 
 def test_check_balanced_refuses_a_fixed_preference(tokenizer):
@@ -237,6 +240,16 @@ def test_check_balanced_refuses_a_fixed_preference(tokenizer):
       tasks.check_balanced(encoded(answers), 't')
   for answers in (',),),)', ',,,)))', ',,,))'):
     tasks.check_balanced(encoded(answers), 't')
+
+
+def test_encode_says_how_many_prompts_it_cuts(tokenizer, caplog):
+  data = [{'prompt': 'x = 1\n' * n + 'y = (1', 'correct': ')',
+           'incorrect': ']'} for n in (1, 40, 50)]
+  enc = tasks.encode(data, tokenizer, SEQ_LEN, 'long')
+  assert (enc['lengths'] == [len(tokenizer.encode(data[0]['prompt']).ids),
+                             SEQ_LEN, SEQ_LEN]).all()
+  assert ('long: 2 of 3 prompts are longer than 128 tokens and keep their '
+          'last 128.') in caplog.text
 
 
 def test_encode_numbers_pairs(tokenizer):

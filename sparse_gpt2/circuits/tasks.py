@@ -765,32 +765,36 @@ def load_jsonl(path):
   dropped. A UTF-8 byte order mark, as some editors write, is skipped.
   """
   data = []
-  with open(path, encoding='utf-8-sig') as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f'{path}:{lineno}'
-      try:
-        d = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{where}: not JSON ({e}).') from None
-      if not isinstance(d, dict):
-        raise ValueError(
-            f'{where}: expected an object, got {type(d).__name__}.')
-      missing = [k for k in ('prompt', 'correct', 'incorrect') if k not in d]
-      if missing:
-        raise ValueError(f'{where}: missing key(s) {", ".join(missing)}.')
-      kept = {k: d[k] for k in ('prompt', 'correct', 'incorrect')}
-      if not all(isinstance(v, str) and v for v in kept.values()):
-        raise ValueError(f'{where}: prompt, correct and incorrect must be '
-                         'non-empty strings.')
-      if kept['correct'] == kept['incorrect']:
-        raise ValueError(f'{where}: correct and incorrect are the same.')
-      if 'pair' in d:
-        if isinstance(d['pair'], bool) or not isinstance(d['pair'], (int, str)):
-          raise ValueError(f'{where}: pair must be an integer or a string.')
-        kept['pair'] = d['pair']
-      data.append(kept)
+  try:
+    with open(path, encoding='utf-8-sig') as f:
+      lines = f.readlines()
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path}: not UTF-8 ({e}).') from None
+  for lineno, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    where = f'{path}:{lineno}'
+    try:
+      d = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{where}: not JSON ({e}).') from None
+    if not isinstance(d, dict):
+      raise ValueError(
+          f'{where}: expected an object, got {type(d).__name__}.')
+    missing = [k for k in ('prompt', 'correct', 'incorrect') if k not in d]
+    if missing:
+      raise ValueError(f'{where}: missing key(s) {", ".join(missing)}.')
+    kept = {k: d[k] for k in ('prompt', 'correct', 'incorrect')}
+    if not all(isinstance(v, str) and v for v in kept.values()):
+      raise ValueError(f'{where}: prompt, correct and incorrect must be '
+                       'non-empty strings.')
+    if kept['correct'] == kept['incorrect']:
+      raise ValueError(f'{where}: correct and incorrect are the same.')
+    if 'pair' in d:
+      if isinstance(d['pair'], bool) or not isinstance(d['pair'], (int, str)):
+        raise ValueError(f'{where}: pair must be an integer or a string.')
+      kept['pair'] = d['pair']
+    data.append(kept)
   if not data:
     raise ValueError(f'{path}: no datapoints.')
   return data
@@ -849,6 +853,11 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
     logging.warning('%s: skipped %d of %d datapoints where a candidate merges '
                     'with the end of the prompt.', name, skipped,
                     len(datapoints))
+  cut = sum(len(e.ids) > seq_len for e in encoded)
+  if cut:
+    logging.warning('%s: %d of %d prompts are longer than %d tokens and keep '
+                    'their last %d.', name, cut, len(datapoints), seq_len,
+                    seq_len)
   tokens = np.zeros((len(rows), seq_len), np.int32)
   for r, (ids, *_) in enumerate(rows):
     tokens[r, :len(ids)] = ids
