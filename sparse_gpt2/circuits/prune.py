@@ -28,6 +28,7 @@ says nothing about whether the circuit still tells the answers apart.
 """
 
 import dataclasses
+import itertools
 import math
 import time
 
@@ -187,7 +188,7 @@ def split(encoded, settings):
   groups = np.unique(encoded['pair'])
   sizes = _split_sizes(len(groups), settings)
   if sizes[0] < 1 or min(sizes[1:]) < MIN_SPLIT_PAIRS:
-    needed = next(n for n in range(len(groups) + 1, 100_000)
+    needed = next(n for n in itertools.count(len(groups) + 1)
                   if _split_sizes(n, settings)[0] >= 1
                   and min(_split_sizes(n, settings)[1:]) >= MIN_SPLIT_PAIRS)
     raise ValueError(
