@@ -561,6 +561,15 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   rows = [l for l in result.stdout.splitlines() if l.startswith('| ')]
   assert len(rows) == 2 and rows[1].startswith('| quotes | ')
+  # ... and refuses one too small for a calibrated loss, in one line.
+  task_file.write_text('\n'.join(lines[:14]) + '\n')
+  result = subprocess.run(result.args, capture_output=True, text=True,
+                          timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: quotes: 7 prompt pairs (unpaired prompts count one each); a '
+      'calibrated task loss needs at least 8')
 
 
 def test_cli_dumps_prompts_in_the_user_task_format(tmp_path):

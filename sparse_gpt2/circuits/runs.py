@@ -133,12 +133,21 @@ def evaluate_tasks(workdir, names, *, step=None, num_prompts=256, seed=0):
   """How well the unpruned checkpoint does each task: [{task, loss,
   accuracy, calibrated_loss}]. Only tasks whose calibrated loss is under a
   target can be pruned to it, so this says which tasks a run can be asked
-  about."""
+  about. Its calibration fits a scale and shift on the prompts it scores,
+  so, as for the pruning's select split, a task needs MIN_SPLIT_PAIRS
+  pairs. Tasks are checked before the checkpoint is read."""
+  encoded_tasks = [encode_task(workdir, task, num_prompts, seed)[::2]
+                   for task in names]
+  for name, encoded in encoded_tasks:
+    pairs = len(np.unique(encoded['pair']))
+    if pairs < prune.MIN_SPLIT_PAIRS:
+      raise ValueError(
+          f'{name}: {pairs} prompt pairs (unpaired prompts count one each); '
+          f'a calibrated task loss needs at least {prune.MIN_SPLIT_PAIRS}')
   run = load(workdir, step)
   apply = _last_position_logits(workdir)
   rows = []
-  for task in names:
-    name, _, encoded = encode_task(workdir, task, num_prompts, seed)
+  for name, encoded in encoded_tasks:
     encoded = prune.trim(encoded)
     logits = apply(run['params'], encoded['tokens'], encoded['lengths'] - 1)
     loss, accuracy = tasks.task_loss(logits, encoded['correct'],
