@@ -166,10 +166,12 @@ def trim(encoded):
 
 
 def _split_sizes(num_groups, settings):
-  """(train, select, test) pair counts of `split`."""
+  """(train, select, test) pair counts of `split`, and whether they are
+  enough: 1 to train on, MIN_SPLIT_PAIRS to select and to test."""
   n_select = round(num_groups * settings.select_fraction)
   n_test = round(num_groups * settings.test_fraction)
-  return num_groups - n_select - n_test, n_select, n_test
+  sizes = num_groups - n_select - n_test, n_select, n_test
+  return sizes, sizes[0] >= 1 and min(n_select, n_test) >= MIN_SPLIT_PAIRS
 
 
 def split(encoded, settings):
@@ -186,11 +188,10 @@ def split(encoded, settings):
   balanced as a whole but not necessarily in its splits.
   """
   groups = np.unique(encoded['pair'])
-  sizes = _split_sizes(len(groups), settings)
-  if sizes[0] < 1 or min(sizes[1:]) < MIN_SPLIT_PAIRS:
+  sizes, enough = _split_sizes(len(groups), settings)
+  if not enough:
     needed = next(n for n in itertools.count(len(groups) + 1)
-                  if _split_sizes(n, settings)[0] >= 1
-                  and min(_split_sizes(n, settings)[1:]) >= MIN_SPLIT_PAIRS)
+                  if _split_sizes(n, settings)[1])
     raise ValueError(
         f'{len(groups)} prompt pairs (unpaired prompts count one each) split '
         f'{sizes[0]}/{sizes[1]}/{sizes[2]} into train/select/test, which '

@@ -136,9 +136,9 @@ def evaluate_tasks(workdir, names, *, step=None, num_prompts=256, seed=0):
   about. Its calibration fits a scale and shift on the prompts it scores,
   so, as for the pruning's select split, a task needs MIN_SPLIT_PAIRS
   pairs. Tasks are checked before the checkpoint is read."""
-  encoded_tasks = [encode_task(workdir, task, num_prompts, seed)[::2]
+  encoded_tasks = [encode_task(workdir, task, num_prompts, seed)
                    for task in names]
-  for name, encoded in encoded_tasks:
+  for name, _, encoded in encoded_tasks:
     pairs = len(np.unique(encoded['pair']))
     if pairs < prune.MIN_SPLIT_PAIRS:
       raise ValueError(
@@ -147,7 +147,7 @@ def evaluate_tasks(workdir, names, *, step=None, num_prompts=256, seed=0):
   run = load(workdir, step)
   apply = _last_position_logits(workdir)
   rows = []
-  for name, encoded in encoded_tasks:
+  for name, _, encoded in encoded_tasks:
     encoded = prune.trim(encoded)
     logits = apply(run['params'], encoded['tokens'], encoded['lengths'] - 1)
     loss, accuracy = tasks.task_loss(logits, encoded['correct'],
