@@ -240,6 +240,64 @@ def test_split_is_disjoint_by_pair():
   assert all((a['index'] == b['index']).all() for a, b in zip(parts, again))
 
 
+def test_uneven_groups_weigh_each_prompt_once():
+  """Groups of other sizes than two (a group of eight, prompts whose
+  partner was skipped) fill only their own bucket's width, and the rows
+  repeated to fill it weigh nothing: a batch of all of a bucket's groups
+  scores what its prompts score, each once; pruning such a task finds the
+  planted circuit."""
+  task = _task(64, 0)
+  task['pair'][:8] = 0                # Pairs 0-3 as one group of eight.
+  task['pair'][8:10] = [100, 101]     # Pair 4 as two unpaired prompts.
+  buckets = prune.length_buckets(task, 4, by_pair=True)
+  rows = np.concatenate([b['index'] for b in buckets])
+  assert sorted(rows.tolist()) == list(range(64))
+  widths = [b['pairs'].shape[1] for b in buckets]
+  assert sorted(widths) == [2, 2, 2, 8]
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(64, VOCAB)),
+                       jnp.float32)
+  for b in buckets:
+    assert b['real'].sum() == len(b['index'])
+    first = b['pairs'][b['real']]       # Each row of the bucket once.
+    assert sorted(first.tolist()) == list(range(len(b['index'])))
+    gathered = b['pairs'].reshape(-1)
+    batch_logits = logits[b['index'][gathered]]
+    loss = tasks.task_loss(batch_logits, b['correct'][gathered],
+                           b['incorrect'][gathered],
+                           b['real'].reshape(-1).astype(np.float32))
+    plain = tasks.task_loss(logits[b['index']], b['correct'], b['incorrect'])
+    np.testing.assert_allclose(loss, plain, rtol=1e-6)
+  model = _tiny_model()
+  params = _planted_params(model)
+  task = _task(256, 0)
+  task['pair'][:8], task['pair'][8:10] = 0, [100, 101]
+  circuit = prune.prune(model, params, _means(model, params), task, SETTINGS)
+  assert {(n['location'], n['index']) for n in circuit['nodes']} == PLANTED
+
+
+def test_scoring_passes_keep_within_the_token_budget(monkeypatch):
+  """A split is scored in forward passes of at most MAX_PASS_TOKENS padded
+  tokens, however many prompts it has, and scores the same as in fewer."""
+  model = _tiny_model()
+  params = _planted_params(model)
+  means = _means(model, params)
+  splits = prune.split(_task(256, 0), SETTINGS)
+  mask = np.ones(64, bool)
+  mask[3] = False  # An ablated node, so the ablation path is scored too.
+  whole = prune._Pruner(model, params, means, splits, SETTINGS)
+  assert len(whole.eval_buckets['test']) == prune.NUM_BUCKETS
+  monkeypatch.setattr(prune, 'MAX_PASS_TOKENS', 100)
+  cut = prune._Pruner(model, params, means, splits, SETTINGS)
+  buckets = cut.eval_buckets['test']
+  assert all(b['tokens'].size <= 100 for b in buckets)
+  assert sorted(np.concatenate([b['index'] for b in buckets]).tolist()) == (
+      sorted(splits[2]['index'].tolist()))
+  assert len(buckets) > prune.NUM_BUCKETS
+  in_passes = cut.evaluate(mask, 'test')
+  for key, value in whole.evaluate(mask, 'test').items():
+    assert in_passes[key] == pytest.approx(value, abs=1e-5)
+
+
 def test_split_refuses_too_few_pairs_and_splits_that_lean_one_way():
   """Select and test need 8 pairs each. A task balanced as a whole whose
   groups each answer one way is refused whenever the seed's select or

@@ -45,6 +45,7 @@ from sparse_gpt2.circuits import tasks
 
 CALIBRATION_STEPS = 16
 NUM_BUCKETS = 4            # Prompt-length buckets of each split.
+MAX_PASS_TOKENS = 2 ** 16  # Padded tokens in one forward pass that scores.
 ESTIMATE_PROMPTS = 256     # Train prompts of the tie-breaking gradient.
 DUAL_GAIN = 200.0          # Proportional gain / dual_lr on the smoothed
 DUAL_DECAY = 0.9           # excess loss, its EMA's decay, and the clip of
@@ -206,34 +207,54 @@ def split(encoded, settings):
   return splits
 
 
-def _buckets(rows, num_buckets, by_pair):
-  """Rows cut into up to `num_buckets` groups of similar prompt length, each
-  trimmed to its own longest prompt: most prompts are far shorter than the
-  longest, and a forward pass costs what its padded length costs.
+def length_buckets(rows, num_buckets, by_pair):
+  """Rows cut into groups of similar prompt length, each trimmed to its own
+  longest prompt: most prompts are far shorter than the longest, and a
+  forward pass costs what its padded length costs.
 
-  by_pair: whole pairs per bucket, each as `pairs` [G, M], the row indices
-  (within the bucket) of its G pairs, smaller groups filled up by repeating
-  their rows, so a batch of pairs is a gather. Otherwise rows in length
-  order.
+  by_pair: `num_buckets` (at most) of whole pairs, each as `pairs` [G, M],
+  the row indices (within the bucket) of its G pairs, so a batch of pairs
+  is a gather. M is the bucket's largest group; a smaller group (an
+  unpaired prompt among pairs, a group of three) repeats its rows to fill
+  it, and `real` [G, M] marks the entries that are not repeats, which alone
+  weigh in the loss. Otherwise rows in length order, in as many more than
+  `num_buckets` as keep each within MAX_PASS_TOKENS: each is scored in one
+  forward pass, and a task file may be of any size.
   """
   if by_pair:
     groups = [np.flatnonzero(rows['pair'] == g)
               for g in np.unique(rows['pair'])]
-    width = max(len(g) for g in groups)
-    groups = np.stack([np.resize(g, width) for g in groups])  # [G, M]
-    order = np.argsort(rows['lengths'][groups].max(1), kind='stable')
-    parts = np.array_split(groups[order], min(num_buckets, len(groups)))
+    order = np.argsort([rows['lengths'][g].max() for g in groups],
+                       kind='stable')
+    parts = [[groups[i] for i in part]
+             for part in np.array_split(order, min(num_buckets, len(groups)))]
   else:
     order = np.argsort(rows['lengths'], kind='stable')
-    parts = np.array_split(order, min(num_buckets, len(order)))
+    per_pass = max(1, MAX_PASS_TOKENS // trim(rows)['tokens'].shape[1])
+    parts = np.array_split(order, max(min(num_buckets, len(order)),
+                                      math.ceil(len(order) / per_pass)))
   buckets = []
   for part in parts:
+    if by_pair:
+      width = max(len(g) for g in part)
+      real = np.stack([np.arange(width) < len(g) for g in part])  # [G, M]
+      part = np.stack([np.resize(g, width) for g in part])
     index, inverse = np.unique(part, return_inverse=True)
     bucket = trim({k: v[index] for k, v in rows.items() if k != 'pair'})
     if by_pair:
       bucket['pairs'] = inverse.reshape(part.shape)
+      bucket['real'] = real
     buckets.append(bucket)
   return buckets
+
+
+def scored(buckets, last_logits):
+  """(logits [N, V], correct [N], incorrect [N]) of the rows of `buckets`
+  (`length_buckets`, not by pair), one forward pass `last_logits(bucket)`
+  each."""
+  return (jnp.concatenate([last_logits(b) for b in buckets]),
+          *(np.concatenate([b[k] for b in buckets])
+            for k in ('correct', 'incorrect')))
 
 
 def _last_logits(model, params, means, mask, batch):
@@ -268,10 +289,11 @@ class _Pruner:
     flat, self.unravel = ravel_pytree(means)
     self.num_nodes = flat.size
     self.train, self.select, self.test = splits
-    self.train_buckets = _buckets(self.train, NUM_BUCKETS, by_pair=True)
-    self.eval_buckets = {name: _buckets(rows, NUM_BUCKETS, by_pair=False)
-                         for name, rows in (('select', self.select),
-                                            ('test', self.test))}
+    self.train_buckets = length_buckets(self.train, NUM_BUCKETS,
+                                        by_pair=True)
+    self.eval_buckets = {
+        name: length_buckets(rows, NUM_BUCKETS, by_pair=False)
+        for name, rows in (('select', self.select), ('test', self.test))}
     s = settings
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, s.lr, s.warmup_steps),
@@ -288,7 +310,8 @@ class _Pruner:
 
   def _task_loss(self, weights, mask, batch):
     logits = _last_logits(self.model, *weights, self.unravel(mask), batch)
-    return tasks.task_loss(logits, batch['correct'], batch['incorrect'])[0]
+    return tasks.task_loss(logits, batch['correct'], batch['incorrect'],
+                           batch.get('weight'))[0]
 
   def init_scores(self, key):
     """(tau [num_nodes], optimizer state, multiplier state)."""
@@ -346,8 +369,10 @@ class _Pruner:
       picked = jax.random.randint(key, (s.batch_pairs,), 0,
                                   bucket['pairs'].shape[0])
       rows = bucket['pairs'][picked].reshape(-1)
-      batch = jax.lax.with_sharding_constraint(
-          {k: v[rows] for k, v in bucket.items() if k != 'pairs'}, self.rows)
+      batch = {k: v[rows] for k, v in bucket.items()
+               if k not in ('pairs', 'real')}
+      batch['weight'] = bucket['real'][picked].reshape(-1).astype(jnp.float32)
+      batch = jax.lax.with_sharding_constraint(batch, self.rows)
       return jax.grad(loss_fn, has_aux=True)(tau, lam, batch)
 
     def step(carry, i):
@@ -397,12 +422,9 @@ class _Pruner:
     """{loss, accuracy, raw_loss, raw_accuracy, scale, shift} of the model
     with the nodes outside `mask` [num_nodes] bool ablated, on a split."""
     mask = jnp.asarray(mask, jnp.float32)
-    buckets = self.eval_buckets[split_name]
-    logits = jnp.concatenate([self._logits(self.weights, mask, b)
-                              for b in buckets])
-    values = jax.device_get(self._evaluate(
-        logits, *(np.concatenate([b[k] for b in buckets])
-                  for k in ('correct', 'incorrect'))))
+    values = jax.device_get(self._evaluate(*scored(
+        self.eval_buckets[split_name],
+        lambda bucket: self._logits(self.weights, mask, bucket))))
     return dict(zip(('raw_loss', 'raw_accuracy', 'loss', 'accuracy', 'scale',
                      'shift'), map(float, values)))
 

@@ -135,7 +135,8 @@ def evaluate_tasks(workdir, names, *, step=None, num_prompts=256, seed=0):
   target can be pruned to it, so this says which tasks a run can be asked
   about. Its calibration fits a scale and shift on the prompts it scores,
   so, as for the pruning's select split, a task needs MIN_SPLIT_PAIRS
-  pairs. Tasks are checked before the checkpoint is read."""
+  pairs. Tasks are checked before the checkpoint is read, and scored in
+  forward passes of bounded size (`prune.length_buckets`)."""
   encoded_tasks = [encode_task(workdir, task, num_prompts, seed)
                    for task in names]
   for name, _, encoded in encoded_tasks:
@@ -148,12 +149,11 @@ def evaluate_tasks(workdir, names, *, step=None, num_prompts=256, seed=0):
   apply = _last_position_logits(workdir)
   rows = []
   for name, _, encoded in encoded_tasks:
-    encoded = prune.trim(encoded)
-    logits = apply(run['params'], encoded['tokens'], encoded['lengths'] - 1)
-    loss, accuracy = tasks.task_loss(logits, encoded['correct'],
-                                     encoded['incorrect'])
-    calibrated = prune.calibrated_loss(logits, encoded['correct'],
-                                       encoded['incorrect'])[0]
+    scored = prune.scored(
+        prune.length_buckets(encoded, 1, by_pair=False),
+        lambda b: apply(run['params'], b['tokens'], b['lengths'] - 1))
+    loss, accuracy = tasks.task_loss(*scored)
+    calibrated = prune.calibrated_loss(*scored)[0]
     rows.append({'task': name, 'loss': float(loss),
                  'accuracy': float(accuracy),
                  'calibrated_loss': float(calibrated)})
