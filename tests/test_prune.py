@@ -628,6 +628,17 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       'error: quotes: 7 prompt pairs (unpaired prompts count one each); a '
       'calibrated task loss needs at least 8')
+  # A built-in task is scored on --num_prompts prompts where it is given.
+  result = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.circuits',
+       f'--workdir={tiny_twins["sparse"]}', '--task=for_while',
+       '--num_prompts=14', '--evaluate'],
+      capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: for_while: 7 prompt pairs (unpaired prompts count one each); a '
+      'calibrated task loss needs at least 8')
 
 
 def test_cli_dumps_prompts_in_the_user_task_format(tmp_path):

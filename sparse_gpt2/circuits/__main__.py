@@ -46,7 +46,8 @@ _DUMP_PROMPTS = flags.DEFINE_string(
 _EVALUATE = flags.DEFINE_bool(
     'evaluate', False, 'Print the unpruned model\'s loss and accuracy on '
     '--task or --task_file (default: every built-in task) and exit: which '
-    'tasks it solves.')
+    'tasks it solves. A built-in task gives it --num_prompts prompts if the '
+    'flag is given, else %d.' % runs.EVALUATE_PROMPTS)
 _EVALUATE_EVERY = flags.DEFINE_integer(
     'evaluate_every', 0, 'With --evaluate: at every kept checkpoint whose '
     'step is a multiple of this, as a table of calibrated task loss against '
@@ -96,11 +97,13 @@ def _task():
 def _evaluate(workdir, names):
   """Markdown: the unpruned model on each task, at one step or all."""
   seed = flags.FLAGS.seed
+  num_prompts = (flags.FLAGS.num_prompts if flags.FLAGS['num_prompts'].present
+                 else runs.EVALUATE_PROMPTS)
   if not _EVALUATE_EVERY.value:
     lines = ['| task | loss | accuracy | calibrated loss |',
              '|---|---:|---:|---:|']
     for r in runs.evaluate_tasks(workdir, names, step=_STEP.value,
-                                 seed=seed):
+                                 num_prompts=num_prompts, seed=seed):
       lines.append(f"| {r['task']} | {r['loss']:.3f} | {r['accuracy']:.2f} "
                    f"| {r['calibrated_loss']:.3f} |")
     return '\n'.join(lines)
@@ -111,7 +114,8 @@ def _evaluate(workdir, names):
            + ' | '.join(map(runs.task_name, names)) + ' |',
            '|---:|---:|---:|' + '---:|' * len(names)]
   for step, val in steps.items():
-    rows = runs.evaluate_tasks(workdir, names, step=step, seed=seed)
+    rows = runs.evaluate_tasks(workdir, names, step=step,
+                               num_prompts=num_prompts, seed=seed)
     lines.append(
         f'| {step} | {step * config.batch_size * config.seq_len:,} | '
         f"{'n/a' if val is None else format(val, '.3f')} | " +
