@@ -277,7 +277,8 @@ def test_uneven_groups_weigh_each_prompt_once():
 
 def test_scoring_passes_keep_within_the_token_budget(monkeypatch):
   """A split is scored in forward passes of at most MAX_PASS_TOKENS padded
-  tokens, however many prompts it has, and scores the same as in fewer."""
+  tokens, however many prompts it has, and scores the same as in fewer;
+  the tie-breaking gradient takes as many train prompts as fit."""
   model = _tiny_model()
   params = _planted_params(model)
   means = _means(model, params)
@@ -293,6 +294,12 @@ def test_scoring_passes_keep_within_the_token_budget(monkeypatch):
   assert sorted(np.concatenate([b['index'] for b in buckets]).tolist()) == (
       sorted(splits[2]['index'].tolist()))
   assert len(buckets) > prune.NUM_BUCKETS
+  shapes = []
+  gradient = cut._importance
+  cut._importance = lambda *args: (shapes.append(args[2]['tokens'].shape),
+                                   gradient(*args))[1]
+  assert cut.importance(mask).shape == (64,)
+  assert shapes == [(100 // 16, 16)]   # Of 128 train prompts.
   in_passes = cut.evaluate(mask, 'test')
   for key, value in whole.evaluate(mask, 'test').items():
     assert in_passes[key] == pytest.approx(value, abs=1e-5)

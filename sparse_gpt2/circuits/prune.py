@@ -45,8 +45,9 @@ from sparse_gpt2.circuits import tasks
 
 CALIBRATION_STEPS = 16
 NUM_BUCKETS = 4            # Prompt-length buckets of each split.
-MAX_PASS_TOKENS = 2 ** 16  # Padded tokens in one forward pass that scores.
 ESTIMATE_PROMPTS = 256     # Train prompts of the tie-breaking gradient.
+MAX_PASS_TOKENS = 2 ** 16  # Padded tokens in a pass that scores a split or
+                           # takes that gradient.
 DUAL_GAIN = 200.0          # Proportional gain / dual_lr on the smoothed
 DUAL_DECAY = 0.9           # excess loss, its EMA's decay, and the clip of
 DUAL_CLIP = 0.2            # each step's excess in it.
@@ -434,6 +435,8 @@ class _Pruner:
     estimate of restoring a pruned node, or of ablating a kept one)."""
     batch = trim({k: v[:ESTIMATE_PROMPTS] for k, v in self.train.items()
                   if k != 'pair'})
+    rows = max(1, MAX_PASS_TOKENS // batch['tokens'].shape[1])
+    batch = {k: v[:rows] for k, v in batch.items()}  # Long prompts: fewer.
     return -np.asarray(self._importance(
         self.weights, jnp.asarray(kept, jnp.float32), batch))
 
