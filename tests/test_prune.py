@@ -271,7 +271,11 @@ def test_uneven_groups_weigh_each_prompt_once():
   params = _planted_params(model)
   task = _task(256, 0)
   task['pair'][:8], task['pair'][8:10] = 0, [100, 101]
-  circuit = prune.prune(model, params, _means(model, params), task, SETTINGS)
+  # A seed whose train split has groups of 1, 2 and 8 in its batches.
+  settings = next(s for s in (dataclasses.replace(SETTINGS, seed=seed)
+                              for seed in range(50))
+                  if {0, 100} <= set(prune.split(task, s)[0]['pair']))
+  circuit = prune.prune(model, params, _means(model, params), task, settings)
   assert {(n['location'], n['index']) for n in circuit['nodes']} == PLANTED
 
 
@@ -291,6 +295,9 @@ def test_scoring_passes_keep_within_the_token_budget(monkeypatch):
   cut = prune._Pruner(model, params, means, splits, SETTINGS)
   buckets = cut.eval_buckets['test']
   assert all(b['tokens'].size <= 100 for b in buckets)
+  # Short prompts fill their passes: 12 of 8 tokens, not 6 as of the 16 of
+  # the longest.
+  assert max(b['tokens'].shape[0] for b in buckets) == 100 // 8
   assert sorted(np.concatenate([b['index'] for b in buckets]).tolist()) == (
       sorted(splits[2]['index'].tolist()))
   assert len(buckets) > prune.NUM_BUCKETS
@@ -299,7 +306,8 @@ def test_scoring_passes_keep_within_the_token_budget(monkeypatch):
   cut._importance = lambda *args: (shapes.append(args[2]['tokens'].shape),
                                    gradient(*args))[1]
   assert cut.importance(mask).shape == (64,)
-  assert shapes == [(100 // 16, 16)]   # Of 128 train prompts.
+  (rows, length), = shapes
+  assert rows == 100 // 16 and rows * length <= 100  # Of 128 train prompts.
   in_passes = cut.evaluate(mask, 'test')
   for key, value in whole.evaluate(mask, 'test').items():
     assert in_passes[key] == pytest.approx(value, abs=1e-5)
@@ -646,6 +654,23 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       'error: for_while: 7 prompt pairs (unpaired prompts count one each); a '
       'calibrated task loss needs at least 8')
+
+
+def test_evaluate_scores_256_prompts_unless_num_prompts_is_given():
+  """--num_prompts's default (1024) is the pruning's; --evaluate's is 256
+  (the README's competence tables), and the flag, given, sets it."""
+  spy = ('from absl import flags\n'
+         'from sparse_gpt2.circuits import __main__ as cli, runs\n'
+         'runs.evaluate_tasks = lambda *a, num_prompts, **k: print(num_prompts)'
+         ' or []\n'
+         "for extra in ([], ['--num_prompts=64'], ['--num_prompts=1024']):\n"
+         "  flags.FLAGS(['circuits', '--evaluate', *extra])\n"
+         "  cli._evaluate('run', ['for_while'])\n"
+         '  flags.FLAGS.unparse_flags()\n')
+  out = subprocess.run([sys.executable, '-c', spy], capture_output=True,
+                       text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.stdout.split() == ['256', '64', '1024']
 
 
 def test_cli_dumps_prompts_in_the_user_task_format(tmp_path):

@@ -97,8 +97,9 @@ def _task():
 def _evaluate(workdir, names):
   """Markdown: the unpruned model on each task, at one step or all."""
   seed = flags.FLAGS.seed
-  num_prompts = (flags.FLAGS.num_prompts if flags.FLAGS['num_prompts'].present
-                 else runs.EVALUATE_PROMPTS)
+  num_prompts = (runs.EVALUATE_PROMPTS
+                 if flags.FLAGS['num_prompts'].using_default_value
+                 else flags.FLAGS.num_prompts)
   if not _EVALUATE_EVERY.value:
     lines = ['| task | loss | accuracy | calibrated loss |',
              '|---|---:|---:|---:|']

@@ -45,7 +45,8 @@ from sparse_gpt2.circuits import tasks
 
 CALIBRATION_STEPS = 16
 NUM_BUCKETS = 4            # Prompt-length buckets of each split.
-ESTIMATE_PROMPTS = 256     # Train prompts of the tie-breaking gradient.
+ESTIMATE_PROMPTS = 256     # Train prompts of the tie-breaking gradient
+                           # (fewer where they exceed MAX_PASS_TOKENS).
 MAX_PASS_TOKENS = 2 ** 16  # Padded tokens in a pass that scores a split or
                            # takes that gradient.
 DUAL_GAIN = 200.0          # Proportional gain / dual_lr on the smoothed
@@ -58,11 +59,13 @@ MIN_SPLIT_PAIRS = 8        # Pairs in each of the select and test splits.
 # Of the algorithm, saved in circuit.json: bumped by a change that gives
 # other circuits for the same settings, or other fields in circuit.json, so
 # `compare` re-prunes saved ones rather than read what they lack.
-VERSION = 6                # 2: the smallest late mask (`circuit_of_run`);
+VERSION = 7                # 2: the smallest late mask (`circuit_of_run`);
                            # 3: the multiplier's proportional term;
                            # 4: its integral falls as fast as it rises;
                            # 5: a run still shrinking goes on (`run_length`);
-                           # 6: `settled` (the same circuits as 5).
+                           # 6: `settled` (the same circuits as 5);
+                           # 7: a group's prompts weigh one each (pairs:
+                           #    the same circuits as 6).
 
 
 def hard_mask(tau, temperature):
@@ -155,14 +158,19 @@ def update_multiplier(dual, excess, dual_lr):
                     * jnp.clip(excess, -DUAL_CLIP, DUAL_CLIP)}
 
 
+def _padded_length(lengths, seq_len):
+  """Tokens of a pass of prompts of `lengths`: the longest, rounded up to
+  8, at most seq_len."""
+  return min(seq_len, 8 * math.ceil(int(np.max(lengths)) / 8))
+
+
 def trim(encoded):
   """Task arrays with tokens cut to the longest prompt, rounded up to 8.
 
   Prompts are right-padded and attention is causal, so the padding after
   the last prompt position never changes its logits; it only costs time.
   """
-  length = min(encoded['tokens'].shape[1],
-               8 * math.ceil(int(encoded['lengths'].max()) / 8))
+  length = _padded_length(encoded['lengths'], encoded['tokens'].shape[1])
   return {'tokens': np.asarray(encoded['tokens'])[:, :length],
           **{k: np.asarray(v) for k, v in encoded.items() if k != 'tokens'}}
 
@@ -218,9 +226,10 @@ def length_buckets(rows, num_buckets, by_pair):
   is a gather. M is the bucket's largest group; a smaller group (an
   unpaired prompt among pairs, a group of three) repeats its rows to fill
   it, and `real` [G, M] marks the entries that are not repeats, which alone
-  weigh in the loss. Otherwise rows in length order, in as many more than
-  `num_buckets` as keep each within MAX_PASS_TOKENS: each is scored in one
-  forward pass, and a task file may be of any size.
+  weigh in the loss. Otherwise rows cut by length into `num_buckets`, or,
+  where one of those would exceed MAX_PASS_TOKENS padded tokens, into as
+  many as fill it: each is scored in one forward pass, and a task file may
+  be of any size.
   """
   if by_pair:
     groups = [np.flatnonzero(rows['pair'] == g)
@@ -231,9 +240,11 @@ def length_buckets(rows, num_buckets, by_pair):
              for part in np.array_split(order, min(num_buckets, len(groups)))]
   else:
     order = np.argsort(rows['lengths'], kind='stable')
-    per_pass = max(1, MAX_PASS_TOKENS // trim(rows)['tokens'].shape[1])
-    parts = np.array_split(order, max(min(num_buckets, len(order)),
-                                      math.ceil(len(order) / per_pass)))
+    parts = np.array_split(order, min(num_buckets, len(order)))
+    seq_len = rows['tokens'].shape[1]
+    if any(len(p) * _padded_length(rows['lengths'][p], seq_len)
+           > MAX_PASS_TOKENS for p in parts):
+      parts = _filled_passes(order, rows['lengths'], seq_len)
   buckets = []
   for part in parts:
     if by_pair:
@@ -247,6 +258,18 @@ def length_buckets(rows, num_buckets, by_pair):
       bucket['real'] = real
     buckets.append(bucket)
   return buckets
+
+
+def _filled_passes(order, lengths, seq_len):
+  """`order` (rows by increasing length) cut into runs, each as long as fits
+  in MAX_PASS_TOKENS padded tokens (a prompt longer than that alone)."""
+  parts, start = [], 0
+  for end in range(1, len(order)):
+    if (end + 1 - start) * _padded_length(lengths[order[end]],
+                                          seq_len) > MAX_PASS_TOKENS:
+      parts.append(order[start:end])
+      start = end
+  return parts + [order[start:]]
 
 
 def scored(buckets, last_logits):
@@ -328,8 +351,8 @@ class _Pruner:
   def _train_segment(self, weights, tau, opt_state, dual, first_step, key,
                      buckets, *, length):
     """`length` steps of the scores from step `first_step`. Each step draws
-    a length bucket (in proportion to its pairs) and batch_pairs pairs from
-    it; `lax.switch` runs only that bucket's shapes.
+    a length bucket (in proportion to its prompts) and batch_pairs pairs
+    from it; `lax.switch` runs only that bucket's shapes.
 
     The loss is lam * task + k_coef * nodes kept: a Lagrange multiplier lam
     (from 1, the paper's objective) that holds the train loss at the
@@ -359,7 +382,7 @@ class _Pruner:
     would let it go to zero on any separable batch.
     """
     s = self.settings
-    sizes = jnp.array([b['pairs'].shape[0] for b in buckets])
+    sizes = jnp.stack([b['real'].sum() for b in buckets])  # Prompts.
 
     def loss_fn(tau, lam, batch):
       mask = hard_mask(tau, s.temperature)
@@ -433,10 +456,10 @@ class _Pruner:
     """Estimated loss decrease from keeping each node, [num_nodes]: minus
     the gradient of the train loss in the mask at `kept` (a first-order
     estimate of restoring a pruned node, or of ablating a kept one)."""
-    batch = trim({k: v[:ESTIMATE_PROMPTS] for k, v in self.train.items()
-                  if k != 'pair'})
-    rows = max(1, MAX_PASS_TOKENS // batch['tokens'].shape[1])
-    batch = {k: v[:rows] for k, v in batch.items()}  # Long prompts: fewer.
+    longest = _padded_length(self.train['lengths'][:ESTIMATE_PROMPTS],
+                             self.train['tokens'].shape[1])
+    fit = min(ESTIMATE_PROMPTS, max(1, MAX_PASS_TOKENS // longest))
+    batch = trim({k: v[:fit] for k, v in self.train.items() if k != 'pair'})
     return -np.asarray(self._importance(
         self.weights, jnp.asarray(kept, jnp.float32), batch))
 
