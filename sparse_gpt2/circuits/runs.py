@@ -154,11 +154,11 @@ def evaluate_tasks(workdir, names, *, step=None, num_prompts=EVALUATE_PROMPTS,
   apply = _last_position_logits(workdir)
   rows = []
   for name, _, encoded in encoded_tasks:
-    scored = prune.scored(
+    logits_and_answers = prune.scored(
         prune.length_buckets(encoded, 1, by_pair=False),
         lambda b: apply(run['params'], b['tokens'], b['lengths'] - 1))
-    loss, accuracy = tasks.task_loss(*scored)
-    calibrated = prune.calibrated_loss(*scored)[0]
+    loss, accuracy = tasks.task_loss(*logits_and_answers)
+    calibrated = prune.calibrated_loss(*logits_and_answers)[0]
     rows.append({'task': name, 'loss': float(loss),
                  'accuracy': float(accuracy),
                  'calibrated_loss': float(calibrated)})
