@@ -264,6 +264,20 @@ def test_encode_numbers_pairs(tokenizer):
   assert enc['pair'].tolist() == [0, 1, 2, 0, 1, 3, 4, 5]
 
 
+def test_encode_joins_groups_that_share_a_prompt(tokenizer):
+  """A prompt in two groups would be trained on in one split and tested in
+  another: its groups become one, and so do two unpaired copies."""
+  rows = [('a', 0), ('a', 1), ('b', 2), ('b', 0), (None, 4), (None, 4),
+          ('c', 6), ('c', 7)]
+  data = []
+  for g, i in rows:
+    data.append({'prompt': f'x = {i}', 'correct': ',', 'incorrect': ')'})
+    if g is not None:
+      data[-1]['pair'] = g
+  enc = tasks.encode(data, tokenizer, SEQ_LEN)
+  assert enc['pair'].tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
+
+
 @pytest.mark.parametrize('text, match', [
     ('', 'no datapoints'),
     ('\n  \n', 'no datapoints'),

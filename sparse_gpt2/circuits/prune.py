@@ -64,8 +64,10 @@ VERSION = 7                # 2: the smallest late mask (`circuit_of_run`);
                            # 4: its integral falls as fast as it rises;
                            # 5: a run still shrinking goes on (`run_length`);
                            # 6: `settled` (the same circuits as 5);
-                           # 7: a group's prompts weigh one each (pairs:
-                           #    the same circuits as 6).
+                           # 7: a group's prompts weigh one each, groups
+                           #    sharing a prompt are one (built-in tasks:
+                           #    the same circuits as 6, but for
+                           #    while_return_true's 509 groups, not 512).
 
 
 def hard_mask(tau, temperature):

@@ -816,7 +816,9 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
   `correct` and `incorrect` token ids [N], `index` [N], each row's position
   in `datapoints`, and `pair` [N], a group id numbering the rows' `"pair"`
   values from 0 in order of appearance; a datapoint without one is a group
-  of its own, and so is a pair's member whose partner was skipped.
+  of its own, and so is a pair's member whose partner was skipped. Groups
+  that share a prompt (its tokens as kept) are one group: the pruning's
+  splits keep a group whole, so no prompt it tests on is one it trained on.
   """
   if not datapoints:
     raise ValueError(f'{name}: no datapoints.')
@@ -834,7 +836,7 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
       [p + d['correct'] for p, d in zip(prompts, datapoints)])
   with_incorrect = tokenizer.encode_batch(
       [p + d['incorrect'] for p, d in zip(prompts, datapoints)])
-  rows, groups = [], {}
+  rows = []
   for index, (d, e, ec, ei) in enumerate(
       zip(datapoints, encoded, with_correct, with_incorrect)):
     if not e.ids or 0 in e.ids:
@@ -843,7 +845,6 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
     c, i = ids_of[d['correct']], ids_of[d['incorrect']]
     if ec.ids == e.ids + c and ei.ids == e.ids + i:
       group = ('pair', d['pair']) if 'pair' in d else ('row', index)
-      group = groups.setdefault(group, len(groups))
       rows.append((e.ids[-seq_len:], c[0], i[0], index, group))
   skipped = len(datapoints) - len(rows)
   if not rows:
@@ -861,7 +862,9 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
   tokens = np.zeros((len(rows), seq_len), np.int32)
   for r, (ids, *_) in enumerate(rows):
     tokens[r, :len(ids)] = ids
-  _, correct, incorrect, index, pair = zip(*rows)
+  _, correct, incorrect, index, _ = zip(*rows)
+  pair = _groups([(group, ('prompt', tuple(ids)))
+                  for ids, *_, group in rows])
   return {
       'tokens': tokens,
       'lengths': np.array([len(ids) for ids, *_ in rows], np.int32),
@@ -870,6 +873,25 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
       'index': np.array(index, np.int32),
       'pair': np.array(pair, np.int32),
   }
+
+
+def _groups(keys):
+  """Group ids [N] of rows with `keys` [N][K], numbered from 0 in order of
+  appearance: rows that share any key are in one group (union-find)."""
+  parent = list(range(len(keys)))
+
+  def root(r):
+    while parent[r] != r:
+      parent[r] = parent[parent[r]]
+      r = parent[r]
+    return r
+
+  first = {}
+  for r, row_keys in enumerate(keys):
+    for key in row_keys:
+      parent[root(r)] = root(first.setdefault(key, r))
+  number = {}
+  return [number.setdefault(root(r), len(number)) for r in range(len(keys))]
 
 
 # The most datapoints of a task that one fixed preference between its
