@@ -572,7 +572,8 @@ def test_compare_refuses_a_task_the_tokenizer_cannot_score_before_pruning(
       cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      'error: long_answer: 1 prompt pairs (unpaired prompts count one each) '
+      'error: long_answer: 1 prompt pairs (a group of any size, or an '
+      'unpaired prompt, counts one) '
       'split 1/0/0 into train/select/test, which needs at least 1/8/8: give '
       'the task at least 30 pairs')
   bad.write_text(''.join(
@@ -641,7 +642,8 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
                           cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      'error: quotes: 7 prompt pairs (unpaired prompts count one each); a '
+      'error: quotes: 7 prompt pairs (a group of any size, or an unpaired '
+      'prompt, counts one); a '
       'calibrated task loss needs at least 8')
   # A built-in task is scored on --num_prompts prompts where it is given.
   result = subprocess.run(
@@ -652,7 +654,8 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
       cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      'error: for_while: 7 prompt pairs (unpaired prompts count one each); a '
+      'error: for_while: 7 prompt pairs (a group of any size, or an '
+      'unpaired prompt, counts one); a '
       'calibrated task loss needs at least 8')
 
 

@@ -205,10 +205,10 @@ def split(encoded, settings):
     needed = next(n for n in itertools.count(len(groups) + 1)
                   if _split_sizes(n, settings)[1])
     raise ValueError(
-        f'{len(groups)} prompt pairs (unpaired prompts count one each) split '
-        f'{sizes[0]}/{sizes[1]}/{sizes[2]} into train/select/test, which '
-        f'needs at least 1/{MIN_SPLIT_PAIRS}/{MIN_SPLIT_PAIRS}: give the task '
-        f'at least {needed} pairs')
+        f'{len(groups)} prompt pairs (a group of any size, or an unpaired '
+        f'prompt, counts one) split {sizes[0]}/{sizes[1]}/{sizes[2]} into '
+        f'train/select/test, which needs at least 1/{MIN_SPLIT_PAIRS}/'
+        f'{MIN_SPLIT_PAIRS}: give the task at least {needed} pairs')
   groups = np.random.default_rng(settings.seed).permutation(groups)
   parts = np.split(groups, np.cumsum(sizes[:2]))
   splits = tuple({k: v[np.isin(encoded['pair'], part)]

@@ -148,8 +148,9 @@ def evaluate_tasks(workdir, names, *, step=None, num_prompts=EVALUATE_PROMPTS,
     pairs = len(np.unique(encoded['pair']))
     if pairs < prune.MIN_SPLIT_PAIRS:
       raise ValueError(
-          f'{name}: {pairs} prompt pairs (unpaired prompts count one each); '
-          f'a calibrated task loss needs at least {prune.MIN_SPLIT_PAIRS}')
+          f'{name}: {pairs} prompt pairs (a group of any size, or an unpaired '
+          'prompt, counts one); a calibrated task loss needs at least '
+          f'{prune.MIN_SPLIT_PAIRS}')
   run = load(workdir, step)
   apply = _last_position_logits(workdir)
   rows = []
