@@ -240,7 +240,7 @@ def test_split_is_disjoint_by_pair():
   assert all((a['index'] == b['index']).all() for a, b in zip(parts, again))
 
 
-def test_uneven_groups_weigh_each_prompt_once():
+def test_uneven_groups_weigh_each_prompt_once(monkeypatch):
   """Groups of other sizes than two (a group of eight, prompts whose
   partner was skipped) fill only their own bucket's width, and the rows
   repeated to fill it weigh nothing: a batch of all of a bucket's groups
@@ -270,13 +270,23 @@ def test_uneven_groups_weigh_each_prompt_once():
   model = _tiny_model()
   params = _planted_params(model)
   task = _task(256, 0)
-  task['pair'][:8], task['pair'][8:10] = 0, [100, 101]
+  task['pair'][:8], task['pair'][8:10] = 0, [1000, 1001]
   # A seed whose train split has groups of 1, 2 and 8 in its batches.
   settings = next(s for s in (dataclasses.replace(SETTINGS, seed=seed)
                               for seed in range(50))
-                  if {0, 100} <= set(prune.split(task, s)[0]['pair']))
+                  if {0, 1000} <= set(prune.split(task, s)[0]['pair']))
   circuit = prune.prune(model, params, _means(model, params), task, settings)
   assert {(n['location'], n['index']) for n in circuit['nodes']} == PLANTED
+  # Every bucket's batch is 2 * batch_pairs rows: 16 pairs, 4 groups of 8.
+  batch_rows = []
+  loss = tasks.task_loss
+  monkeypatch.setattr(tasks, 'task_loss', lambda *args: (
+      batch_rows.append(args[0].shape[0]) if len(args) == 4 else None,
+      loss(*args))[1])
+  pruner = prune._Pruner(model, params, _means(model, params),
+                         prune.split(task, settings), settings)
+  pruner.train_scores(jax.random.key(0), 1, until=lambda taus: taus)
+  assert sorted(batch_rows) == [32, 32, 32, 32]
 
 
 def test_scoring_passes_keep_within_the_token_budget(monkeypatch):

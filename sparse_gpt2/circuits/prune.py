@@ -354,7 +354,8 @@ class _Pruner:
                      buckets, *, length):
     """`length` steps of the scores from step `first_step`. Each step draws
     a length bucket (in proportion to its prompts) and batch_pairs pairs
-    from it; `lax.switch` runs only that bucket's shapes.
+    from it (of groups of another size, as many as make as many rows);
+    `lax.switch` runs only that bucket's shapes.
 
     The loss is lam * task + k_coef * nodes kept: a Lagrange multiplier lam
     (from 1, the paper's objective) that holds the train loss at the
@@ -392,8 +393,11 @@ class _Pruner:
       return lam * task + s.k_coef * mask.sum(), task
 
     def bucket_grad(bucket, tau, lam, key):
-      picked = jax.random.randint(key, (s.batch_pairs,), 0,
-                                  bucket['pairs'].shape[0])
+      # As many groups as make 2 * batch_pairs rows: batch_pairs pairs, a
+      # third as many groups of six, a group of 100 alone.
+      groups, width = bucket['pairs'].shape
+      picked = jax.random.randint(
+          key, (max(1, round(2 * s.batch_pairs / width)),), 0, groups)
       rows = bucket['pairs'][picked].reshape(-1)
       batch = {k: v[rows] for k, v in bucket.items()
                if k not in ('pairs', 'real')}
