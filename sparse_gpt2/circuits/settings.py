@@ -47,7 +47,8 @@ class Settings:
               '(0: the paper\'s fixed objective).'})
   batch_pairs: int = dataclasses.field(default=16, metadata={
       'help': 'Contrastive pairs per step (two prompts each; of a task '
-              'file\'s larger groups, as many as make as many prompts).'})
+              'file\'s groups of another size, as many as make as many '
+              'prompts).'})
   init_bias: float = dataclasses.field(default=0.1, metadata={
       'help': 'Initial score of every node (kept: > 0).'})
   init_noise: float = dataclasses.field(default=0.01, metadata={
