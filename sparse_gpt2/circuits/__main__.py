@@ -27,6 +27,10 @@ from sparse_gpt2.circuits import runs
 from sparse_gpt2.circuits import settings as settings_lib
 from sparse_gpt2.circuits import tasks
 
+# Prompts of a built-in task that --evaluate scores unless --num_prompts is
+# given (the pruning's default, 1024, is four times as many).
+_EVALUATE_PROMPTS = 256
+
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the '
                              'newest).')
@@ -47,7 +51,7 @@ _EVALUATE = flags.DEFINE_bool(
     'evaluate', False, 'Print the unpruned model\'s loss and accuracy on '
     '--task or --task_file (default: every built-in task) and exit: which '
     'tasks it solves. A built-in task gives it --num_prompts prompts if the '
-    'flag is given, else %d.' % runs.EVALUATE_PROMPTS)
+    'flag is given, else %d.' % _EVALUATE_PROMPTS)
 _EVALUATE_EVERY = flags.DEFINE_integer(
     'evaluate_every', 0, 'With --evaluate: at every kept checkpoint whose '
     'step is a multiple of this, as a table of calibrated task loss against '
@@ -97,7 +101,7 @@ def _task():
 def _evaluate(workdir, names):
   """Markdown: the unpruned model on each task, at one step or all."""
   seed = flags.FLAGS.seed
-  num_prompts = (runs.EVALUATE_PROMPTS
+  num_prompts = (_EVALUATE_PROMPTS
                  if flags.FLAGS['num_prompts'].using_default_value
                  else flags.FLAGS.num_prompts)
   if not _EVALUATE_EVERY.value:

@@ -129,12 +129,7 @@ def _last_position_logits(workdir):
       {'params': params}, tokens, positions=positions))
 
 
-# Prompts of a built-in task that `evaluate_tasks` scores by default.
-EVALUATE_PROMPTS = 256
-
-
-def evaluate_tasks(workdir, names, *, step=None, num_prompts=EVALUATE_PROMPTS,
-                   seed=0):
+def evaluate_tasks(workdir, names, *, num_prompts, step=None, seed=0):
   """How well the unpruned checkpoint does each task: [{task, loss,
   accuracy, calibrated_loss}]. Only tasks whose calibrated loss is under a
   target can be pruned to it, so this says which tasks a run can be asked
