@@ -122,15 +122,14 @@ def _query_blocks(t):
   return [(i * t // n, (i + 1) * t // n) for i in range(n)]
 
 
-def _attention_block(q, k, v, sink, start):
-  """One query block: q [B, t, H, Dh] at positions start..start+t-1, k and
-  v [B, s, H, Dh] at 0..s-1 -> (out [B, t, H, Dh], probabilities
-  [B, H, t, s], sink probability [B, H, t]). The sink enters the softmax's
-  normaliser as one more term, so no key or query is padded for it."""
-  t, s_len = q.shape[1], k.shape[1]
+def _attention_block(q, k, v, sink, visible):
+  """One query block: q [B, t, H, Dh], k and v [B, s, H, Dh], `visible`
+  (bool, broadcast to [B, H, t, s]) the keys each query sees -> (out
+  [B, t, H, Dh], probabilities [B, H, t, s], sink probability [B, H, t]).
+  The sink enters the softmax's normaliser as one more term, so no key or
+  query is padded for it."""
   s = jnp.einsum('bthd,bshd->bhts', q, k * q.shape[-1] ** -0.5)
-  causal = jnp.arange(s_len)[None, :] <= start + jnp.arange(t)[:, None]
-  s = jnp.where(causal, s, -jnp.inf)
+  s = jnp.where(visible, s, -jnp.inf)
   sink = sink.astype(s.dtype)[:, None]                       # [H, 1]
   m = jax.lax.stop_gradient(jnp.maximum(s.max(-1), sink))    # [B, H, t]
   e = jnp.exp(s - m[..., None])
@@ -143,10 +142,23 @@ def _attention_block(q, k, v, sink, start):
 def _attention_forward(q, k, v, sink):
   """(out [B, T, H, Dh], [probabilities of each query block], sink
   probability [B, H, T])."""
-  out, p, p_sink = zip(*[_attention_block(q[:, a:b], k[:, :b], v[:, :b],
-                                          sink, a)
-                         for a, b in _query_blocks(q.shape[1])])
+  out, p, p_sink = zip(*[
+      _attention_block(q[:, a:b], k[:, :b], v[:, :b], sink,
+                       jnp.arange(b)[None, :] <= jnp.arange(a, b)[:, None])
+      for a, b in _query_blocks(q.shape[1])])
   return jnp.concatenate(out, 1), p, jnp.concatenate(p_sink, 2)
+
+
+def attend_at(q, k, v, sink, positions):
+  """Attention of one query per row: q [B, 1, H, Dh] at `positions` [B]
+  (int), k and v [B, T, H, Dh] -> [B, 1, H, Dh]; `sink` as in `attend`
+  (None: no sink). What `attend` computes for that query, without the
+  [T, T] scores of every other one (a model's last block when only one
+  position is scored)."""
+  if sink is None:
+    sink = jnp.full((q.shape[2],), -jnp.inf, jnp.float32)
+  visible = jnp.arange(k.shape[1]) <= positions[:, None, None, None]
+  return _attention_block(q, k, v, sink, visible)[0]
 
 
 @jax.custom_vjp
@@ -318,7 +330,10 @@ class Block(nn.Module):
                   self.xla_cpu_grads)
 
   @nn.compact
-  def __call__(self, x, deterministic=True):  # x: [B, T, D]
+  def __call__(self, x, deterministic=True, positions=None):  # x: [B, T, D]
+    """[B, T, D]; with `positions` [B] (int), only those rows [B, 1, D]:
+    keys and values are needed at every position, but the attention of a
+    query, its output and the MLP only where the output is read."""
     b, t, d = x.shape
     h, dh = self.num_heads, self.d_head
     drop = nn.Dropout(self.dropout, deterministic=deterministic)
@@ -348,7 +363,13 @@ class Block(nn.Module):
       sink = self.param('sink', nn.with_logical_partitioning(
           nn.initializers.zeros_init(), ('heads_only',)), (h,), jnp.float32)
     with jax.named_scope('attention'):
-      y = attend(q, k, v, sink, self.attention).reshape(b, t, h * dh)
+      if positions is None:
+        y = attend(q, k, v, sink, self.attention)
+      else:
+        rows = jnp.arange(b)
+        q, x = q[rows, positions][:, None], x[rows, positions][:, None]
+        y = attend_at(q, k, v, sink, positions)
+      y = y.reshape(*x.shape[:2], h * dh)
     y = self._dense(d, ('heads', 'embed'), 'attn_proj', self.proj_std)(y)
     x = x + drop(self._node('attn_out', y))
 
@@ -394,6 +415,8 @@ class GPT2(nn.Module):
     if not 0 <= self.act_topk_fraction <= 1:
       raise ValueError('model.act_topk_fraction must be in [0, 1], got '
                        f'{self.act_topk_fraction}')
+    if self.num_layers < 1:
+      raise ValueError(f'model.num_layers must be >= 1, got {self.num_layers}')
     if self.attention not in ATTENTION:
       raise ValueError(f'model.attention must be one of {ATTENTION}, got '
                        f'{self.attention!r}')
@@ -405,7 +428,8 @@ class GPT2(nn.Module):
   def __call__(self, tokens, deterministic=True, positions=None):
     """Logits [B, T, vocab]; with `positions` [B] (int), only those [B, vocab]
     at one position per row: circuit tasks score one position, and the
-    unembedding of all the others would be most of their cost."""
+    unembedding of all the others would be most of their cost (and the last
+    block's queries, attention output and MLP: `Block`)."""
     self._check()
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     std = 0.02
@@ -432,7 +456,9 @@ class GPT2(nn.Module):
       # `deterministic` (argument 2, counting self) decides control flow.
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat],
                        static_argnums=(2,))
+    # Given `positions`, the last block computes only those rows.
     for i in range(self.num_layers):
+      last = positions if i == self.num_layers - 1 else None
       x = block(
           num_heads=self.num_heads, d_head=d_head, d_mlp=d_mlp,
           norm=self.norm, attention_sink=self.attention_sink,
@@ -442,12 +468,12 @@ class GPT2(nn.Module):
           dropout=self.dropout, use_bias=self.use_bias, init_std=std,
           proj_std=std / math.sqrt(2 * self.num_layers), dtype=dtype,
           param_dtype=param_dtype, xla_cpu_grads=self.xla_cpu_grads,
-          name=f'block_{i}')(x, deterministic)
+          name=f'block_{i}')(x, deterministic, last)
       x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
 
     if positions is not None:
       rows = jnp.arange(tokens.shape[0])
-      x, tokens = x[rows, positions], tokens[rows, positions]  # [B, D], [B]
+      x, tokens = x[:, 0], tokens[rows, positions]  # [B, D], [B]
     x = _norm(self.norm, dtype, param_dtype, 'norm_f')(x)
     with jax.named_scope('unembed'):
       if self.tie_embeddings and self.xla_cpu_grads:

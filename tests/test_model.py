@@ -77,9 +77,12 @@ def test_bigram_table_adds_the_row_of_the_current_token():
   np.testing.assert_allclose(np.delete(diff, 7, axis=-1), 0.0, atol=1e-5)
 
 
-@pytest.mark.parametrize('kw', [{}, dict(bigram_table=True,
-                                          tie_embeddings=False)])
+@pytest.mark.parametrize('kw', [
+    {}, dict(bigram_table=True, tie_embeddings=False),
+    dict(attention_sink=True, remat='full', xla_cpu_grads=True)])
 def test_positions_give_the_logits_of_one_position_per_row(kw):
+  # The last block computes only those rows (its own attention), so a
+  # position before the row's end must see no key after it.
   m, params, _ = _init(**kw)
   positions = jnp.array([3, 11])
   np.testing.assert_allclose(
@@ -260,11 +263,13 @@ def test_remat_gives_identical_loss_and_gradients(remat, xla_cpu_grads):
   jax.tree.map(np.testing.assert_array_equal, stats, stats_ref)
 
 
-def test_bad_attention_or_remat_fails_clearly():
+def test_bad_attention_remat_or_depth_fails_clearly():
   with pytest.raises(ValueError, match='model.remat'):
     _init(remat='sometimes')
   with pytest.raises(ValueError, match='model.attention'):
     _init(attention='flash')
+  with pytest.raises(ValueError, match='model.num_layers'):
+    _init(num_layers=0)
 
 
 def test_xla_cpu_grads_are_the_gradients_of_jax_own_rules():
