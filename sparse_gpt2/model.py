@@ -429,7 +429,7 @@ class GPT2(nn.Module):
     """Logits [B, T, vocab]; with `positions` [B] (int), only those [B, vocab]
     at one position per row: circuit tasks score one position, and the
     unembedding of all the others would be most of their cost (and the last
-    block's queries, attention output and MLP: `Block`)."""
+    block's attention, its output and MLP: `Block`)."""
     self._check()
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     std = 0.02
