@@ -582,7 +582,7 @@ def test_compare_refuses_a_task_the_tokenizer_cannot_score_before_pruning(
       cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      'error: long_answer: 1 prompt pairs (a group of any size, or an '
+      'error: long_answer: 1 prompt pair (a group of any size, or an '
       'unpaired prompt, counts one) '
       'split 1/0/0 into train/select/test, which needs at least 1/8/8: give '
       'the task at least 30 pairs')
@@ -645,6 +645,22 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   rows = [l for l in result.stdout.splitlines() if l.startswith('| ')]
   assert len(rows) == 2 and rows[1].startswith('| quotes | ')
+  # With --evaluate_every, a row per kept multiple of it: step, tokens (10
+  # steps x 8 x 32), validation loss, and the calibrated loss that step
+  # alone gave.
+  result = subprocess.run(
+      [*result.args[:-2], '--evaluate', '--evaluate_every=10'],
+      capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 0, result.stderr[-2000:]
+  table = [l.split(' | ') for l in result.stdout.splitlines()
+           if l.startswith('| ')]
+  assert table[0] == ['| step', 'tokens', 'val loss', 'quotes |']
+  assert [row[:2] for row in table[1:]] == [['| 10', '2,560'],
+                                             ['| 20', '5,120']]
+  assert table[1][2] == format(runs.val_losses(tiny_twins['sparse'])[10],
+                               '.3f')
+  assert table[1][3] == rows[1].split(' | ')[3]
   # ... and refuses one too small for a calibrated loss, in one line.
   task_file.write_text('\n'.join(lines[:14]) + '\n')
   result = subprocess.run(result.args, capture_output=True, text=True,
@@ -669,13 +685,37 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
       'calibrated task loss needs at least 8')
 
 
+def test_evaluate_tasks_encodes_once_for_every_step(tiny_twins, tmp_path,
+                                                    monkeypatch):
+  """Steps evaluated together score as each alone, from one encoding of
+  each task (and one warning about its long prompts, not one a step)."""
+  from sparse_gpt2.circuits import runs  # pylint: disable=g-import-not-at-top
+  task_file = tmp_path / 'quotes.jsonl'
+  task_file.write_text(''.join(
+      json.dumps({'prompt': f'x = {q}n{i}', 'correct': q,
+                  'incorrect': other, 'pair': i}) + '\n'
+      for i in range(8) for q, other in (("'", '"'), ('"', "'"))))
+  names = ['for_while', str(task_file)]
+  alone = [runs.evaluate_tasks(tiny_twins['sparse'], names, steps=[s],
+                               num_prompts=32)[0] for s in (10, 20)]
+  encoded = []
+  encode_task = runs.encode_task
+  monkeypatch.setattr(runs, 'encode_task',
+                      lambda *a: encoded.append(a[1]) or encode_task(*a))
+  together = runs.evaluate_tasks(tiny_twins['sparse'], names, steps=[10, 20],
+                                 num_prompts=32)
+  assert together == alone and encoded == names
+  assert [r['task'] for r in together[0]] == ['for_while', 'quotes']
+  assert together[0] != together[1]
+
+
 def test_evaluate_scores_256_prompts_unless_num_prompts_is_given():
   """--num_prompts's default (1024) is the pruning's; --evaluate's is 256
   (the README's competence tables), and the flag, given, sets it."""
   spy = ('from absl import flags\n'
          'from sparse_gpt2.circuits import __main__ as cli, runs\n'
          'runs.evaluate_tasks = lambda *a, num_prompts, **k: print(num_prompts)'
-         ' or []\n'
+         ' or [[]]\n'
          "for extra in ([], ['--num_prompts=64'], ['--num_prompts=1024']):\n"
          "  flags.FLAGS(['circuits', '--evaluate', *extra])\n"
          "  cli._evaluate('run', ['for_while'])\n"

@@ -107,8 +107,9 @@ def _evaluate(workdir, names):
   if not _EVALUATE_EVERY.value:
     lines = ['| task | loss | accuracy | calibrated loss |',
              '|---|---:|---:|---:|']
-    for r in runs.evaluate_tasks(workdir, names, step=_STEP.value,
-                                 num_prompts=num_prompts, seed=seed):
+    [rows] = runs.evaluate_tasks(workdir, names, steps=[_STEP.value],
+                                 num_prompts=num_prompts, seed=seed)
+    for r in rows:
       lines.append(f"| {r['task']} | {r['loss']:.3f} | {r['accuracy']:.2f} "
                    f"| {r['calibrated_loss']:.3f} |")
     return '\n'.join(lines)
@@ -118,9 +119,9 @@ def _evaluate(workdir, names):
   lines = ['| step | tokens | val loss | '
            + ' | '.join(map(runs.task_name, names)) + ' |',
            '|---:|---:|---:|' + '---:|' * len(names)]
-  for step, val in steps.items():
-    rows = runs.evaluate_tasks(workdir, names, step=step,
-                               num_prompts=num_prompts, seed=seed)
+  every_step = runs.evaluate_tasks(workdir, names, steps=list(steps),
+                                  num_prompts=num_prompts, seed=seed)
+  for (step, val), rows in zip(steps.items(), every_step):
     lines.append(
         f'| {step} | {step * config.batch_size * config.seq_len:,} | '
         f"{'n/a' if val is None else format(val, '.3f')} | " +

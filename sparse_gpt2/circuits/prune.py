@@ -186,6 +186,13 @@ def _split_sizes(num_groups, settings):
   return sizes, sizes[0] >= 1 and min(n_select, n_test) >= MIN_SPLIT_PAIRS
 
 
+def count_pairs(num_groups):
+  """A task's prompts as its errors count them: by the groups `split` keeps
+  whole, which most tasks make pairs."""
+  return (f'{num_groups} prompt pair{"" if num_groups == 1 else "s"} (a '
+          'group of any size, or an unpaired prompt, counts one)')
+
+
 def split(encoded, settings):
   """(train, select, test): disjoint rows, whole pairs in one split each,
   in a seeded random order of the pairs.
@@ -205,9 +212,8 @@ def split(encoded, settings):
     needed = next(n for n in itertools.count(len(groups) + 1)
                   if _split_sizes(n, settings)[1])
     raise ValueError(
-        f'{len(groups)} prompt pairs (a group of any size, or an unpaired '
-        f'prompt, counts one) split {sizes[0]}/{sizes[1]}/{sizes[2]} into '
-        f'train/select/test, which needs at least 1/{MIN_SPLIT_PAIRS}/'
+        f'{count_pairs(len(groups))} split {sizes[0]}/{sizes[1]}/{sizes[2]} '
+        f'into train/select/test, which needs at least 1/{MIN_SPLIT_PAIRS}/'
         f'{MIN_SPLIT_PAIRS}: give the task at least {needed} pairs')
   groups = np.random.default_rng(settings.seed).permutation(groups)
   parts = np.split(groups, np.cumsum(sizes[:2]))

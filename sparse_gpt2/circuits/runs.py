@@ -129,36 +129,40 @@ def _last_position_logits(workdir):
       {'params': params}, tokens, positions=positions))
 
 
-def evaluate_tasks(workdir, names, *, num_prompts, step=None, seed=0):
-  """How well the unpruned checkpoint does each task: [{task, loss,
-  accuracy, calibrated_loss}]. Only tasks whose calibrated loss is under a
-  target can be pruned to it, so this says which tasks a run can be asked
-  about. Its calibration fits a scale and shift on the prompts it scores,
-  so, as for the pruning's select split, a task needs MIN_SPLIT_PAIRS
-  pairs. Tasks are checked before the checkpoint is read, and scored in
-  forward passes of bounded size (`prune.length_buckets`)."""
+def evaluate_tasks(workdir, names, *, num_prompts, steps, seed=0):
+  """How well the unpruned checkpoints at `steps` (None: the newest) do each
+  task: per step, [{task, loss, accuracy, calibrated_loss}]. Only tasks
+  whose calibrated loss is under a target can be pruned to it, so this says
+  which tasks a run can be asked about, and over steps, when it learns them.
+  Its calibration fits a scale and shift on the prompts it scores, so, as
+  for the pruning's select split, a task needs MIN_SPLIT_PAIRS pairs. Tasks
+  are encoded and checked once, before any checkpoint is read, and scored
+  in forward passes of bounded size (`prune.length_buckets`)."""
   encoded_tasks = [encode_task(workdir, task, num_prompts, seed)
                    for task in names]
   for name, _, encoded in encoded_tasks:
     pairs = len(np.unique(encoded['pair']))
     if pairs < prune.MIN_SPLIT_PAIRS:
       raise ValueError(
-          f'{name}: {pairs} prompt pairs (a group of any size, or an unpaired '
-          'prompt, counts one); a calibrated task loss needs at least '
-          f'{prune.MIN_SPLIT_PAIRS}')
-  run = load(workdir, step)
+          f'{name}: {prune.count_pairs(pairs)}; a calibrated task loss '
+          f'needs at least {prune.MIN_SPLIT_PAIRS}')
+  buckets = [(name, prune.length_buckets(encoded, 1, by_pair=False))
+             for name, _, encoded in encoded_tasks]
   apply = _last_position_logits(workdir)
-  rows = []
-  for name, _, encoded in encoded_tasks:
-    logits_and_answers = prune.scored(
-        prune.length_buckets(encoded, 1, by_pair=False),
-        lambda b: apply(run['params'], b['tokens'], b['lengths'] - 1))
-    loss, accuracy = tasks.task_loss(*logits_and_answers)
-    calibrated = prune.calibrated_loss(*logits_and_answers)[0]
-    rows.append({'task': name, 'loss': float(loss),
-                 'accuracy': float(accuracy),
-                 'calibrated_loss': float(calibrated)})
-  return rows
+  results = []
+  for step in steps:
+    params = load(workdir, step)['params']
+    rows = []
+    for name, bucket in buckets:
+      logits_and_answers = prune.scored(
+          bucket, lambda b: apply(params, b['tokens'], b['lengths'] - 1))
+      loss, accuracy = tasks.task_loss(*logits_and_answers)
+      calibrated = prune.calibrated_loss(*logits_and_answers)[0]
+      rows.append({'task': name, 'loss': float(loss),
+                   'accuracy': float(accuracy),
+                   'calibrated_loss': float(calibrated)})
+    results.append(rows)
+  return results
 
 
 def task_name(task):
