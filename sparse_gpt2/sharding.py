@@ -22,15 +22,23 @@ import optax
 AXES = ('data', 'fsdp', 'model')
 
 
+def mesh_axes(entry):
+  """A PartitionSpec's or a rule's entry (None, a mesh axis, or a tuple of
+  them; a config read back from JSON holds lists) as a tuple of axes."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (list, tuple)) else (entry,)
+
+
 def rules(mesh_config):
   """config.mesh.rules as flax wants them: a tuple of (logical, mesh axes)
-  pairs (a config read back from JSON holds lists)."""
+  pairs."""
   out = []
   for logical, axes in mesh_config.rules:
-    if isinstance(axes, (list, tuple)):
+    if isinstance(axes, list):
       axes = tuple(axes)
-    for axis in axes if isinstance(axes, tuple) else (axes,):
-      if axis is not None and axis not in AXES:
+    for axis in mesh_axes(axes):
+      if axis not in AXES:
         raise ValueError(f'mesh.rules: {logical!r} maps to unknown mesh axis '
                          f'{axis!r}; the axes are {AXES}')
     out.append((logical, axes))
@@ -86,9 +94,8 @@ def _fitted(sharding, x):
   spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
   fitted = []
   for size, axes in zip(x.shape, spec):
-    names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
     fitted.append(axes if size % math.prod(
-        sharding.mesh.shape[a] for a in names) == 0 else None)
+        sharding.mesh.shape[a] for a in mesh_axes(axes)) == 0 else None)
   return NamedSharding(sharding.mesh, P(*fitted))
 
 
@@ -101,8 +108,4 @@ def data_parallel(mesh, mesh_config):
   """How many ways a batch is split: the size of the 'batch' axes."""
   with nn.logical_axis_rules(rules(mesh_config)):
     spec = batch_sharding(mesh).spec[0]
-  axes = spec if isinstance(spec, tuple) else (spec,)
-  size = 1
-  for axis in axes:
-    size *= mesh.shape[axis] if axis else 1
-  return size
+  return math.prod(mesh.shape[axis] for axis in mesh_axes(spec))

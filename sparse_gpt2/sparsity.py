@@ -41,6 +41,8 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
+from sparse_gpt2 import sharding
+
 MODES = ('none', 'static', 'topk')
 _GUARANTEED = np.int32(0x7FFFFFFF)  # Above the bits of any finite |w| or inf.
 _DIGITS = ((20, 11), (9, 11), (0, 9))  # (shift, width): bits 30-20, 19-9, 8-0.
@@ -234,10 +236,8 @@ def _spec(spec, ndim, mesh=None):
   """A PartitionSpec as one tuple of mesh axes per dimension, without the
   mesh's axes of size 1 (XLA would still run a collective over them)."""
   spec = tuple(spec) + (None,) * (ndim - len(spec))
-  axes = [() if d is None else tuple(d) if isinstance(d, (tuple, list))
-          else (d,) for d in spec]
-  out = tuple(tuple(a for a in d if mesh is None or mesh.shape[a] > 1)
-              for d in axes)
+  out = tuple(tuple(a for a in sharding.mesh_axes(d)
+                    if mesh is None or mesh.shape[a] > 1) for d in spec)
   if any(out[1:-1]):
     raise ValueError(f'top-k of a tensor split on a middle axis: {spec}')
   return out
