@@ -117,9 +117,8 @@ class Writer:
     self._active = jax.process_index() == 0
     if self._active:
       self._file = workdir_lib.path(workdir) / workdir_lib.METRICS
-      old = (self._file.read_text().splitlines() if self._file.exists()
-             else [])
-      self._lines = [l for l in old if json.loads(l)['step'] <= start_step]
+      self._lines = [json.dumps(r) for r in workdir_lib.read_metrics(workdir)
+                     if r['step'] <= start_step]
       # TF-free event files. Imported here: tensorboardX imports torch
       # wherever torch is installed (1.5-2 s), which only a process that
       # writes a run's logs should pay, not every CLI that reads one.

@@ -48,6 +48,38 @@ REMAT_POLICIES = {
 }
 
 
+NORMS = ('layernorm', 'rmsnorm')
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def validate(m):
+  """One-line errors for a GPT2 (or its config, `config.model`) that cannot
+  be built: `train.validate` runs it before a run writes anything."""
+  for field in ('vocab_size', 'num_layers', 'd_model', 'num_heads',
+                'max_len'):
+    if getattr(m, field) < 1:
+      raise ValueError(f'model.{field} must be >= 1, got {getattr(m, field)}')
+  for field in ('d_head', 'd_mlp'):
+    if getattr(m, field) is not None and getattr(m, field) < 1:
+      raise ValueError(f'model.{field} must be >= 1 (or None: derived), '
+                       f'got {getattr(m, field)}')
+  for field, known in (('norm', NORMS), ('attention', ATTENTION),
+                       ('remat', tuple(REMAT_POLICIES)), ('dtype', DTYPES),
+                       ('param_dtype', DTYPES)):
+    if getattr(m, field) not in known:
+      raise ValueError(f'model.{field} must be one of {known}, got '
+                       f'{getattr(m, field)!r}')
+  unknown = set(m.act_topk_locations) - set(NODE_LOCATIONS)
+  if unknown:
+    raise ValueError(f'model.act_topk_locations: unknown {sorted(unknown)}; '
+                     f'known: {NODE_LOCATIONS}')
+  if not 0 <= m.act_topk_fraction <= 1:
+    raise ValueError('model.act_topk_fraction must be in [0, 1], got '
+                     f'{m.act_topk_fraction}')
+  if not 0 <= m.dropout < 1:
+    raise ValueError(f'model.dropout must be in [0, 1), got {m.dropout}')
+
+
 def derived_sizes(model_config):
   """(d_head, d_mlp) of a GPT2 or its config: None means GPT-2's
   d_model // num_heads and 4 * d_model. The one place they are derived."""
@@ -407,30 +439,13 @@ class GPT2(nn.Module):
   sparse_params: str = ''     # Regex over parameter paths; '' = no masks.
   xla_cpu_grads: bool = False  # Gradients laid out for XLA:CPU (`matmul`).
 
-  def _check(self):
-    unknown = set(self.act_topk_locations) - set(NODE_LOCATIONS)
-    if unknown:
-      raise ValueError(f'model.act_topk_locations: unknown {sorted(unknown)}; '
-                       f'known: {NODE_LOCATIONS}')
-    if not 0 <= self.act_topk_fraction <= 1:
-      raise ValueError('model.act_topk_fraction must be in [0, 1], got '
-                       f'{self.act_topk_fraction}')
-    if self.num_layers < 1:
-      raise ValueError(f'model.num_layers must be >= 1, got {self.num_layers}')
-    if self.attention not in ATTENTION:
-      raise ValueError(f'model.attention must be one of {ATTENTION}, got '
-                       f'{self.attention!r}')
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f'model.remat must be one of {tuple(REMAT_POLICIES)}, '
-                       f'got {self.remat!r}')
-
   @nn.compact
   def __call__(self, tokens, deterministic=True, positions=None):
     """Logits [B, T, vocab]; with `positions` [B] (int), only those [B, vocab]
     at one position per row: circuit tasks score one position, and the
     unembedding of all the others would be most of their cost (and the last
     block's attention, its output and MLP: `Block`)."""
-    self._check()
+    validate(self)
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     std = 0.02
     embed = nn.Embed(self.vocab_size, self.d_model, dtype=dtype,

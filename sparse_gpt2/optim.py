@@ -60,10 +60,28 @@ def decay_mask(params):
                           for p, x in sparsity.flat(params).items()})
 
 
+def validate(o):
+  """One-line errors for an optim config (`config.optim`) that cannot train."""
+  if o.lr < 0:
+    raise ValueError(f'optim.lr must be >= 0, got {o.lr}')
+  if not 0 <= o.warmup_fraction <= 1:
+    raise ValueError(f'optim.warmup_fraction must be in [0, 1], got '
+                     f'{o.warmup_fraction}')
+  for field in ('b1', 'b2'):
+    if not 0 <= o[field] < 1:
+      raise ValueError(f'optim.{field} must be in [0, 1), got {o[field]}')
+  for field in ('eps', 'weight_decay'):
+    if o[field] < 0:
+      raise ValueError(f'optim.{field} must be >= 0, got {o[field]}')
+  if o.grad_rms <= 0:
+    raise ValueError(f'optim.grad_rms must be > 0, got {o.grad_rms}')
+
+
 def make(config, total_steps):
   """The optimizer for `config`; call `update(grads, state, params,
   masks=masks)`."""
   sparsity.validate(config.sparsity)
+  validate(config.optim)
   o = config.optim
   chain = []
   if config.sparsity.mode == 'static':

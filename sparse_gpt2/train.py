@@ -57,16 +57,19 @@ def make_model(config, platform=None):
 
 def validate(config):
   """One-line errors for configs that cannot run, before any work."""
+  model_lib.validate(config.model)
   sparsity.validate(config.sparsity)
+  optim.validate(config.optim)
   for field in ('train_steps', 'schedule_steps'):
     if config[field] < 0:
       raise ValueError(f'{field} must be >= 0, got {config[field]}')
   for field in ('batch_size', 'seq_len', 'log_every', 'eval_every',
-                'checkpoint_every', 'keep_checkpoints'):
+                'eval_batches', 'checkpoint_every', 'keep_checkpoints'):
     if config[field] < 1:
       raise ValueError(f'{field} must be >= 1, got {config[field]}')
-  if config.keep_every < 0:
-    raise ValueError(f'keep_every must be >= 0, got {config.keep_every}')
+  for field in ('keep_every', 'peak_flops', 'num_cpu_devices'):
+    if config[field] < 0:
+      raise ValueError(f'{field} must be >= 0, got {config[field]}')
   if config.microbatches < 1 or config.batch_size % config.microbatches:
     raise ValueError(f'microbatches must be >= 1 and divide batch_size '
                      f'{config.batch_size}, got {config.microbatches}')

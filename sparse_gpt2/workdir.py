@@ -19,6 +19,7 @@ from etils import epath
 import jax
 import ml_collections
 
+from sparse_gpt2 import defaults
 from sparse_gpt2 import multihost
 
 CONFIG = 'config.json'
@@ -51,15 +52,38 @@ def write_atomic(file, text):
   tmp.replace(file)
 
 
+def parse_json(text, where):
+  """json.loads, failing in one line that names `where` (a file, a line)."""
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{where} is not valid JSON ({e})') from None
+
+
 def load_config(workdir):
   """The saved config of the run in `workdir`."""
   file = path(workdir) / CONFIG
   if not file.exists():
     raise ValueError(f'{workdir} is not a run directory (no {CONFIG})')
-  saved = json.loads(file.read_text())
+  saved = parse_json(file.read_text(), file)
+  if not isinstance(saved, dict):
+    raise ValueError(f'{file} is not a run config (not a JSON object)')
   # Runs from before the field planned their schedules over train_steps.
+  missing = set(defaults.base()) - set(saved) - {'schedule_steps'}
+  if missing:
+    raise ValueError(f'{file} is not a run config (no {sorted(missing)})')
   saved.setdefault('schedule_steps', saved['train_steps'])
   return ml_collections.ConfigDict(saved)
+
+
+def read_metrics(workdir):
+  """The records of workdir/metrics.jsonl, oldest first ([] before the
+  first log)."""
+  file = path(workdir) / METRICS
+  if not file.exists():
+    return []
+  return [parse_json(line, f'{file} line {i}')
+          for i, line in enumerate(file.read_text().splitlines(), 1)]
 
 
 def schedule_steps(config, saved=None):
@@ -88,8 +112,9 @@ def check(config, workdir):
   whose saved config differs in anything but RESUMABLE_FIELDS.
   """
   root = path(workdir)
-  if root.exists() and not root.is_dir():
-    raise ValueError(f'workdir {workdir} exists and is not a directory')
+  for directory in (root, root / CHECKPOINTS, root / CORRUPT):
+    if directory.exists() and not directory.is_dir():
+      raise ValueError(f'{directory} exists and is not a directory')
   saved = None
   if root.is_dir() and any(root.iterdir()):
     if not (root / CONFIG).exists():

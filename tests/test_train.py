@@ -22,6 +22,7 @@ from sparse_gpt2 import metrics
 from sparse_gpt2 import optim
 from sparse_gpt2 import sparsity
 from sparse_gpt2 import train
+from sparse_gpt2 import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -299,6 +300,12 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
     ({'mesh.rules': (('batch', ['data', 'tensor']),)},
      "'batch' maps to unknown mesh axis 'tensor'"),
     ({'batch_size': 0}, 'batch_size must be >= 1'),
+    ({'model.norm': 'batchnorm'}, 'model.norm must be one of'),
+    ({'model.num_heads': 0}, 'model.num_heads must be >= 1'),
+    ({'model.dtype': 'float99'}, 'model.dtype must be one of'),
+    ({'model.act_topk_locations': ('nowhere',)}, 'unknown'),
+    ({'optim.lr': -1.0}, 'optim.lr must be >= 0'),
+    ({'eval_batches': 0}, 'eval_batches must be >= 1'),
     ({'data.source': '/no/such/dir'}, 'does not exist'),
     ({'model.vocab_size': 256}, r'tokenizer has \d+ tokens'),
     ({'train_steps': 30, 'schedule_steps': 20}, 'past the end'),
@@ -345,6 +352,32 @@ def test_workdirs_that_are_not_runs_are_refused(tiny_config, tmp_path):
   with pytest.raises(ValueError, match='not a run directory'):
     train.train_and_evaluate(tiny_config(), str(other))
   assert os.listdir(other) == ['todo.txt']
+  # Orbax's background save into a file would never return.
+  (other / 'config.json').write_text(tiny_config().to_json())
+  (other / 'checkpoints').write_text('x')
+  with pytest.raises(ValueError, match='checkpoints exists and is not a dir'):
+    train.train_and_evaluate(tiny_config(), str(other))
+
+
+@pytest.mark.parametrize('text,message', [
+    ('{"seed": 0,', r'config.json is not valid JSON \(Expecting'),
+    ('[1, 2]', r'config.json is not a run config \(not a JSON object\)'),
+    ('{"seed": 0}', r"config.json is not a run config \(no \['batch_size'"),
+])
+def test_a_damaged_saved_config_is_named(tiny_config, tmp_path, text,
+                                         message):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(text)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(tiny_config(), str(workdir))
+  assert (workdir / 'config.json').read_text() == text
+
+
+def test_a_damaged_metrics_line_is_named(tmp_path):
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1}\n{"step": 2, "lo')
+  with pytest.raises(ValueError, match=r'metrics.jsonl line 2 is not valid'):
+    workdir_lib.read_metrics(str(tmp_path))
 
 
 def _errors(result):

@@ -24,15 +24,9 @@ MEAN_BATCHES = 16  # Batches of the run's training data for the node means.
 def val_losses(workdir):
   """{step: validation loss} of every evaluation in workdir/metrics.jsonl
   (a resumed run's later record of a step wins)."""
-  path = os.path.join(workdir, workdir_lib.METRICS)
-  losses = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        record = json.loads(line)
-        if 'val_loss' in record:
-          losses[record['step']] = record['val_loss']
-  return losses
+  return {record['step']: record['val_loss']
+          for record in workdir_lib.read_metrics(workdir)
+          if 'val_loss' in record}
 
 
 def checkpoints(workdir):
