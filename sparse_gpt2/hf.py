@@ -170,6 +170,18 @@ def load(hf_dir):
   return model_kwargs, sparsity.unflat(flat)
 
 
+def check_config(model_config, hf_kwargs, hf_dir):
+  """Refuses, in one line, a run config (`config.model`) whose model is not
+  the Hugging Face GPT-2 it starts from (`init_from_hf`: `hf_kwargs`, as
+  `load` read them from `hf_dir`)."""
+  wrong = _unexpressible(model.GPT2(**model_config), {}) + [
+      f'{k}={model_config[k]!r} (there {v!r})'
+      for k, v in hf_kwargs.items() if model_config[k] != v]
+  if wrong:
+    raise ValueError(f'model config does not match the Hugging Face GPT-2 '
+                     f'in {hf_dir}: ' + ', '.join(wrong))
+
+
 def _unexpressible(gpt2, flat):
   """What of `gpt2` a transformers GPT2LMHeadModel has no field for."""
   checks = [
@@ -198,7 +210,8 @@ def save(params, model_kwargs, out_dir, overwrite=False):
   `params` is the 'params' collection, boxed or not. Weights are written in
   float32. The directory appears complete or not at all (written beside it,
   then renamed), and an existing non-empty `out_dir` is replaced only with
-  `overwrite=True`. Raises a one-line ValueError for a model transformers'
+  `overwrite=True`, and only if it holds nothing but an earlier export (never
+  a run directory). Raises a one-line ValueError for a model transformers'
   GPT-2 cannot express (see `_unexpressible`) or params that do not fit it.
   """
   gpt2 = model.GPT2(**model_kwargs)
@@ -212,8 +225,13 @@ def save(params, model_kwargs, out_dir, overwrite=False):
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise ValueError(f'{out_dir} exists and is not a directory')
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise ValueError(f'{out_dir} is not empty; pass overwrite=True to '
+  present = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
+  if present and not overwrite:
+    raise ValueError(f'{out_dir} is not empty; replace it with '
+                     'overwrite=True (convert: --overwrite)')
+  if present - {CONFIG, WEIGHTS}:  # A run directory also has a config.json.
+    raise ValueError(f'{out_dir} holds more than a Hugging Face export '
+                     f'({sorted(present - {CONFIG, WEIGHTS})}); refusing to '
                      'replace it')
 
   tensors = {}
@@ -240,6 +258,7 @@ def save(params, model_kwargs, out_dir, overwrite=False):
       json.dump(config, f, indent=2)
     safetensors_np.save_file(tensors, os.path.join(tmp, WEIGHTS),
                              metadata={'format': 'pt'})
+    os.chmod(os.path.join(tmp, WEIGHTS), 0o644)  # Not safetensors' 0o600.
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

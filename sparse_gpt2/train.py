@@ -285,7 +285,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   if corpus.tokenizer.get_vocab_size() > config.model.vocab_size:
     raise ValueError(f'tokenizer has {corpus.tokenizer.get_vocab_size()} '
                      f'tokens but model.vocab_size={config.model.vocab_size}')
-  init_params = hf.load(config.init_from_hf)[1] if config.init_from_hf else None
+  init_params = None
+  if config.init_from_hf:
+    hf_kwargs, init_params = hf.load(config.init_from_hf)
+    hf.check_config(config.model, hf_kwargs, config.init_from_hf)
   workdir_lib.create(config, workdir)
 
   model = make_model(config)

@@ -204,11 +204,22 @@ def test_save_overwrite(tmp_path):
   out = tmp_path / 'out'
   out.mkdir()  # An empty directory is simply filled.
   hf.save(params, model_kwargs, out)
-  with pytest.raises(ValueError, match='not empty; pass overwrite=True'):
+  with pytest.raises(ValueError, match='not empty; replace it with '
+                     r'overwrite=True \(convert: --overwrite\)'):
     hf.save(params, model_kwargs, out)
   params = jax.tree.map(lambda x: x + 1, params)
   hf.save(params, model_kwargs, out, overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ['out']
   assert sorted(os.listdir(out)) == [hf.CONFIG, hf.WEIGHTS]
+  assert os.stat(out / hf.WEIGHTS).st_mode & 0o777 == 0o644
   _, loaded = hf.load(out)
   jax.tree.map(np.testing.assert_array_equal, loaded, nn.unbox(params))
+  # A run directory (its own config.json beside checkpoints) is never
+  # replaced, even with overwrite: `convert --to_hf=RUN --overwrite`.
+  run = tmp_path / 'run'
+  (run / 'checkpoints' / '10').mkdir(parents=True)
+  (run / hf.CONFIG).write_text('{}')
+  with pytest.raises(ValueError, match=r"more than a Hugging Face export "
+                                       r"\(\['checkpoints'\]\)"):
+    hf.save(params, model_kwargs, run, overwrite=True)
+  assert sorted(os.listdir(run)) == ['checkpoints', hf.CONFIG]

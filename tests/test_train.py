@@ -647,3 +647,9 @@ def test_convert_makes_a_run_from_a_hugging_face_gpt2(tiny_config, tmp_path):
   assert restored_config.init_from_hf == hf_dir
   assert int(state.step) == 0
   _assert_same_state(state.params, params)
+  # The paper's architecture cannot hold GPT-2's weights: refused up front.
+  paper = tmp_path / 'paper_run'
+  with pytest.raises(ValueError, match=r'does not match the Hugging Face '
+                     r'GPT-2 in .*hf: bigram_table=True, attention sinks'):
+    convert.hf_to_run(hf_dir, str(paper), tiny_config('none'))
+  assert not paper.exists()
