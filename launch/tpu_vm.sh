@@ -10,10 +10,11 @@
 # create: a queued resource of TYPE (e.g. v5litepod-16; --spot for spot
 #   capacity), waiting until it is ACTIVE; an existing VM NAME is reused.
 # start: copies the code as git sees it (tracked and untracked files, not
-#   ignored ones such as runs/) into a fresh ~/sparse_gpt2 on every worker,
-#   replacing the old copy, installs requirements with TPU jaxlib, and starts
-#   the run detached on all workers, each logging to ~/sparse_gpt2.log.
-#   --workdir defaults to runs/CONFIG_NAME on each host; give a gs:// path
+#   ignored ones such as runs/) into ~/sparse_gpt2 on every worker, replacing
+#   everything there but runs/, installs requirements with TPU jaxlib, and
+#   starts the run detached on all workers, each logging to ~/sparse_gpt2.log.
+#   --workdir defaults to runs/CONFIG_NAME on each host (a relative one must
+#   be under runs/, which a restart keeps); give a gs:// path
 #   so checkpoints outlive the VM and all hosts share one run directory
 #   (gcsfs and google-cloud-storage, installed here, let etils.epath and
 #   tensorboardX write there; orbax uses tensorstore).
@@ -22,7 +23,7 @@
 # --dry_run prints every command instead of running it. RUNTIME overrides the
 # TPU software version chosen from TYPE; PROJECT sets gcloud's --project.
 set -euo pipefail
-usage() { sed -n '2,23p' "$0"; exit 2; }
+usage() { sed -n '2,24p' "$0"; exit 2; }
 
 dry_run=0
 if [[ "${1:-}" == "--dry_run" ]]; then dry_run=1; shift; fi
@@ -85,7 +86,13 @@ case $action in
     [[ ${#positional[@]} -eq 1 ]] || usage
     config=${positional[0]}
     repo=$(cd "$(dirname "$0")/.." && pwd)
+    [[ -f "$repo/${config%%:*}" ]] || {
+      echo "error: no config file ${config%%:*} in $repo" >&2; exit 2; }
     workdir=${workdir:-runs/$(basename "${config%%:*}" .py)}
+    if [[ $workdir != /* && $workdir != *://* && $workdir != runs/* ]]; then
+      echo "error: --workdir=$workdir is inside the code copy that each start" \
+        "replaces; use runs/..., an absolute path or gs://..." >&2; exit 2
+    fi
     tarball=${TMPDIR:-/tmp}/sparse_gpt2-$name.tar.gz
     # What git sees, so runs/, caches and build outputs never travel.
     if (( dry_run )); then
@@ -96,8 +103,9 @@ case $action in
     fi
     run "${gcloud_tpu[@]}" tpu-vm scp "$tarball" "$name":sparse_gpt2.tar.gz \
       --zone="$zone" --worker=all
-    # A fresh directory each time: the new code, never a stale nested copy.
-    ssh_all "rm -rf ~/sparse_gpt2 && mkdir ~/sparse_gpt2 && tar -xzf ~/sparse_gpt2.tar.gz -C ~/sparse_gpt2 && pip install -q -r ~/sparse_gpt2/requirements.txt 'jax[tpu]==0.10.2' gcsfs google-cloud-storage"
+    # The new code each time, never a stale nested copy; runs/ (the default
+    # workdirs and their checkpoints) stays, so a restart resumes.
+    ssh_all "mkdir -p ~/sparse_gpt2 && find ~/sparse_gpt2 -mindepth 1 -maxdepth 1 ! -name runs -exec rm -rf {} + && tar -xzf ~/sparse_gpt2.tar.gz -C ~/sparse_gpt2 && pip install -q -r ~/sparse_gpt2/requirements.txt 'jax[tpu]==0.10.2' gcsfs google-cloud-storage"
     args=(--config="$config" --workdir="$workdir" "${overrides[@]}")
     ssh_all "cd ~/sparse_gpt2 && SPARSE_GPT2_DISTRIBUTED=1 nohup python -m sparse_gpt2.main $(printf '%q ' "${args[@]}")> ~/sparse_gpt2.log 2>&1 < /dev/null & echo \$! > ~/sparse_gpt2.pid"
     ;;

@@ -45,9 +45,12 @@ def test_tpu_start_ships_fresh_code_and_starts_detached_on_all_workers():
   # What git sees: ignored paths such as runs/ never travel.
   assert 'ls-files -z --cached --others --exclude-standard' in pack
   assert 'tpu-vm scp' in copy and '--worker=all' in copy
-  # A fresh directory, so a relaunch runs the new code and nothing nested.
+  # The old code goes, so a relaunch runs the new code and nothing nested;
+  # runs/ stays, so the default workdir resumes.
   remote = shlex.split(_remote(install))
-  assert remote[:3] == ['rm', '-rf', '~/sparse_gpt2']
+  assert remote[:13] == [
+      'mkdir', '-p', '~/sparse_gpt2', '&&', 'find', '~/sparse_gpt2',
+      '-mindepth', '1', '-maxdepth', '1', '!', '-name', 'runs']
   assert remote.index('tar') < remote.index('pip')
   assert "jax[tpu]==0.10.2" in remote and 'gcsfs' in remote
   assert '--worker=all' in start
@@ -58,6 +61,33 @@ def test_tpu_start_ships_fresh_code_and_starts_detached_on_all_workers():
       '--config=configs/sparse_gpt2_124m.py', '--workdir=gs://b/run',
       PATTERN, '--config.seed=1']
   assert remote[remote.index('>') + 1] == '~/sparse_gpt2.log'
+
+
+def test_tpu_start_keeps_runs_and_refuses_what_it_would_lose(tmp_path):
+  start = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
+                   'configs/sparse_small.py')[-1]
+  assert '--workdir=runs/sparse_small' in shlex.split(_remote(start))
+  # A run's files and the code copy are one sandbox: the VM's home.
+  home = tmp_path / 'home'
+  (home / 'sparse_gpt2' / 'runs' / 'r' / 'checkpoints').mkdir(parents=True)
+  (home / 'sparse_gpt2' / 'old_module.py').write_text('')
+  install = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
+                     'configs/sparse_small.py')[2]
+  clean = _remote(install).split(' && tar')[0]
+  subprocess.run(['bash', '-c', clean], env={**os.environ, 'HOME': str(home)},
+                 check=True)
+  assert os.listdir(home / 'sparse_gpt2') == ['runs']
+  assert os.listdir(home / 'sparse_gpt2' / 'runs' / 'r') == ['checkpoints']
+  for args, message in (
+      (['configs/nope.py'], 'no config file configs/nope.py'),
+      (['configs/sparse_small.py', '--workdir=out/r'],
+       '--workdir=out/r is inside the code copy')):
+    refused = subprocess.run(
+        ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), '--dry_run',
+         'start', 'tpu1', 'z', *args], capture_output=True, text=True,
+        timeout=60)
+    assert refused.returncode == 2 and refused.stdout == ''
+    assert refused.stderr.startswith(f'error: {message}')
 
 
 def test_tpu_logs_stop_and_delete():
