@@ -15,7 +15,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 
 from sparse_gpt2 import metrics
@@ -140,7 +139,7 @@ def _parse_flags(argv):
     fail(str(e).splitlines()[-1].strip(), 2)
 
 
-def run(main, errors=(ValueError, FloatingPointError)):
+def run(main, errors=(ValueError, FloatingPointError, FileNotFoundError)):
   """Parses flags and calls main(); an exception in `errors` ends the
   process with its one-line message."""
 
@@ -151,7 +150,6 @@ def run(main, errors=(ValueError, FloatingPointError)):
     try:
       main()
     except errors as e:
-      logging.error('%s', e)
       fail(str(e), 1)
 
   app.run(wrapped, flags_parser=_parse_flags)

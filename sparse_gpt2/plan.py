@@ -21,13 +21,11 @@ which is reported as not fitting.
 
 import os
 import re
-import sys
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
@@ -35,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
+from sparse_gpt2 import cli
 from sparse_gpt2 import metrics
 from sparse_gpt2 import optim
 from sparse_gpt2 import sharding
@@ -189,17 +188,12 @@ def report(config, topology, params, mesh, compiled):
   return lines
 
 
-def main(argv):
-  del argv
-  try:
-    target = devices(_TOPOLOGY.value)
-    params, mesh, compiled = compile_programs(_CONFIG.value, target)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+def main():
+  target = devices(_TOPOLOGY.value)
+  params, mesh, compiled = compile_programs(_CONFIG.value, target)
   print('\n'.join(report(_CONFIG.value, _TOPOLOGY.value, params, mesh,
                          compiled)))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

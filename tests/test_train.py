@@ -384,6 +384,33 @@ def _errors(result):
   return [l for l in result.stderr.splitlines() if l.startswith('error:')]
 
 
+@pytest.mark.parametrize('module,args,message', [
+    ('sparse_gpt2.circuits', ['--bogus'], "Unknown command line flag 'bogus'"),
+    ('sparse_gpt2.circuits.compare', ['--curve_every=0'],
+     'flag --curve_every=0: 0 is not a positive integer'),
+    ('sparse_gpt2.circuits.compare', ['--convergence_steps=100,abc'],
+     '--convergence_steps must be step counts, e.g. 100,200'),
+    ('sparse_gpt2.circuits.view', ['--snippets_per_node=-1'],
+     'flag --snippets_per_node=-1: -1 is not a non-negative integer'),
+    ('sparse_gpt2.plan', ['--config.no_such_field=1'],
+     "no such config field: 'no_such_field'"),
+])
+def test_every_cli_refuses_a_bad_command_line_in_one_line(module, args,
+                                                          message, tmp_path):
+  required = {'sparse_gpt2.circuits.compare': ['--sparse=a', '--dense=b',
+                                               f'--out={tmp_path}/c'],
+              'sparse_gpt2.circuits.view': [f'--out={tmp_path}/p.html'],
+              'sparse_gpt2.plan': ['--config=configs/tiny.py']}
+  result = subprocess.run(
+      [sys.executable, '-m', module, *required.get(module, []), *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+  assert message in lines[0]
+  assert os.listdir(tmp_path) == []
+
+
 def test_command_line_errors_are_one_line_and_non_zero(tiny_config, tmp_path):
   config = tiny_config()
   unknown = _main(str(tmp_path / 'a'), config, '--config.no_such_field=1')

@@ -15,6 +15,7 @@ from absl import flags
 import numpy as np
 import pytest
 
+from sparse_gpt2 import defaults
 from sparse_gpt2.circuits import compare
 from sparse_gpt2.circuits import prune
 from sparse_gpt2.circuits import runs as runs_lib
@@ -300,9 +301,10 @@ def _fake_run(path, val_losses, mode):
   annealed over the first half in topk mode), one checkpoint folder per step
   (a file of stand-in weights), and metrics.jsonl."""
   (path / 'checkpoints').mkdir(parents=True)
-  (path / 'config.json').write_text(json.dumps({
-      'train_steps': 200, 'sparsity': {'mode': mode,
-                                       'anneal_fraction': 0.5}}))
+  config = defaults.base()
+  config.train_steps = 200
+  config.sparsity.mode, config.sparsity.anneal_fraction = mode, 0.5
+  (path / 'config.json').write_text(config.to_json())
   lines = []
   for step, loss in val_losses.items():
     (path / 'checkpoints' / str(step) / 'state').mkdir(parents=True)
@@ -363,7 +365,7 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
             f'--dense={runs["dense"]}', f'--out={out}', *args]
     try:
       flags.FLAGS(argv)
-      compare.main(argv[:1])
+      compare.main()
     finally:
       flags.FLAGS.unparse_flags()
 
@@ -415,9 +417,8 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
       ('dense', 150)]
   assert (out / 'curve.png').exists()
 
-  with pytest.raises(SystemExit):
+  with pytest.raises(ValueError, match='no dense checkpoint within 0.02'):
     run('--tasks=if_equals', '--step=100')  # 3.6: no dense within 0.02.
-  assert 'no dense checkpoint within 0.02' in capsys.readouterr().err
 
   # Three pairings asked for, two within the gap (3.21 and 3.0 of 3.2).
   # if_equals at 9 steps was pruned at both dense steps above (the curve).
@@ -433,9 +434,8 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
       100, 150]
   assert pairs['common_tasks'] == ['if_equals']
   assert '(3 asked for)' in (out / 'pairs.md').read_text()
-  with pytest.raises(SystemExit):
+  with pytest.raises(ValueError, match=r'^--pairs must be >= 1, got 0$'):
     run('--tasks=if_equals', '--pairs=0')
-  assert capsys.readouterr().err.strip() == 'error: --pairs must be >= 1, got 0'
 
   # A user's task file beside a built-in task: named by the file, pruned
   # again once edited, refused when missing or named like another task.
@@ -459,13 +459,19 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
   other = tmp_path / 'other' / 'mine.jsonl'
   for tasks, error in (
       (f'{tmp_path / "missing.jsonl"}',
-       f'error: task file {tmp_path / "missing.jsonl"} does not exist'),
-      (f'{mine},{other}', 'error: two tasks named mine in --tasks'),
-      ('no_such_task', "error: unknown task 'no_such_task': neither a "
+       f'task file {tmp_path / "missing.jsonl"} does not exist'),
+      (f'{mine},{other}', 'two tasks named mine in --tasks'),
+      ('no_such_task', "unknown task 'no_such_task': neither a "
        'built-in task (')):
     other.parent.mkdir(exist_ok=True)
     other.write_text(mine.read_text())
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError) as refused:
       run(f'--tasks={tasks}')
-    assert capsys.readouterr().err.startswith(error)
+    assert str(refused.value).startswith(error)
   assert len(calls) == 17
+  # A damaged or foreign saved circuit is pruned anew, not a traceback.
+  (out / 'circuits' / 'sparse-200' / 'mine.json').write_text('{"step": 2')
+  (out / 'circuits' / 'dense-100' / 'mine.json').write_text('{"solved": 1}')
+  run(f'--tasks={mine}', '--steps=9')
+  assert calls[17:] == [('sparse', 200, str(mine), 9, ()),
+                        ('dense', 100, str(mine), 9, ())]

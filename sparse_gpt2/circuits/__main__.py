@@ -17,12 +17,10 @@ name (`settings.Settings`). Bad input is one `error:` line on stderr, exit 1.
 
 import json
 import os
-import sys
 
-from absl import app
 from absl import flags
 
-from sparse_gpt2 import metrics
+from sparse_gpt2 import cli
 from sparse_gpt2.circuits import runs
 from sparse_gpt2.circuits import settings as settings_lib
 from sparse_gpt2.circuits import tasks
@@ -129,33 +127,29 @@ def _evaluate(workdir, names):
   return '\n'.join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+def main():
   if _LIST_TASKS.value:
     print('\n'.join(tasks.TASKS))
     return
   settings_lib.start_jax()
-  metrics.quiet_library_logs()
-  try:
-    settings = settings_lib.from_flags()
-    settings.validate()
-    if _DUMP_PROMPTS.value:
-      _dump_prompts(_DUMP_PROMPTS.value)
-      return
-    if not _WORKDIR.value:
-      raise ValueError('--workdir is required')
-    task = _task()
-    if _EVALUATE.value:
-      print(_evaluate(_WORKDIR.value, [task] if task else list(tasks.TASKS)))
-      return
-    if not task:
-      raise ValueError('give --task or --task_file')
-    circuit = runs.find_circuit(_WORKDIR.value, settings, task=task,
-                                step=_STEP.value)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  settings = settings_lib.from_flags()
+  settings.validate()
+  if _DUMP_PROMPTS.value:
+    _dump_prompts(_DUMP_PROMPTS.value)
+    return
+  if not _WORKDIR.value:
+    raise ValueError('--workdir is required')
+  task = _task()
+  if _EVALUATE.value:
+    print(_evaluate(_WORKDIR.value, [task] if task else list(tasks.TASKS)))
+    return
+  if not task:
+    raise ValueError('give --task or --task_file')
+  if _OUT.value and os.path.exists(_OUT.value) and not os.path.isdir(
+      _OUT.value):  # Found now, not after the pruning.
+    raise ValueError(f'--out {_OUT.value} exists and is not a directory')
+  circuit = runs.find_circuit(_WORKDIR.value, settings, task=task,
+                              step=_STEP.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, 'circuits',
                                    circuit['task'])
   os.makedirs(out, exist_ok=True)
@@ -169,4 +163,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

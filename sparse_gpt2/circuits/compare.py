@@ -34,13 +34,11 @@ import dataclasses
 import json
 import math
 import os
-import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
-from sparse_gpt2 import metrics
+from sparse_gpt2 import cli
 from sparse_gpt2.circuits import prune
 from sparse_gpt2.circuits import runs
 from sparse_gpt2.circuits import settings as settings_lib
@@ -76,9 +74,13 @@ _CONVERGENCE_TASKS = flags.DEFINE_integer(
 _CURVE = flags.DEFINE_bool(
     'curve', False, 'Also prune every task at the kept checkpoints of both '
     'runs whose step is a multiple of --curve_every.')
-_CURVE_EVERY = flags.DEFINE_integer('curve_every', 500, 'See --curve.')
+_CURVE_EVERY = flags.DEFINE_integer('curve_every', 500, 'See --curve.',
+                                    lower_bound=1)
 settings_lib.define_flags()
 flags.mark_flags_as_required(['sparse', 'dense', 'out'])
+flags.register_validator(
+    'convergence_steps', lambda steps: all(s.isdigit() for s in steps),
+    '--convergence_steps must be step counts, e.g. 100,200')
 
 MODELS = ('sparse', 'dense')
 
@@ -347,11 +349,15 @@ def _circuit(run, step, task, settings, out, model, record_at=()):
   path = os.path.join(out, 'circuits', f'{model}-{step}', name + '.json')
   if os.path.exists(path) and not _RECOMPUTE.value:
     with open(path) as f:
-      circuit = json.load(f)
-    recorded = {c['steps'] for c in circuit['convergence']}
-    if (reusable(circuit, run, step, runs.prompts_digest(datapoints),
-                 settings)
-        and (not circuit['solved'] or set(record_at) <= recorded)):
+      try:  # A damaged file is pruned anew, like an outdated one.
+        circuit = json.load(f)
+      except json.JSONDecodeError:
+        circuit = {}
+    if (isinstance(circuit, dict)
+        and reusable(circuit, run, step, runs.prompts_digest(datapoints),
+                     settings)
+        and (not circuit['solved'] or set(record_at) <= {
+            c['steps'] for c in circuit['convergence']})):
       logging.info('Reusing %s', path)
       return circuit
   logging.info('Pruning %s step %d for %s', run, step, task)
@@ -443,79 +449,72 @@ def _write(out, name, markdown, data):
     f.write(markdown)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+def main():
   settings_lib.start_jax()
-  metrics.quiet_library_logs()
   runs.checkpoint_digest.cache_clear()  # Read anew by each call of main.
   runs_ = {'sparse': _SPARSE.value, 'dense': _DENSE.value}
   task_names = list(tasks_lib.TASKS) if _TASKS.value is None else _TASKS.value
   out = _OUT.value
-  try:
-    settings = settings_lib.from_flags()
-    settings.validate()
-    _check_args(runs_, task_names, _PAIRS.value, settings)
-    record_at = tuple(int(s) for s in _CONVERGENCE_STEPS.value)
-    sparse_ckpts = runs.checkpoints(runs_['sparse'])
-    step = runs.newest(runs_['sparse']) if _STEP.value is None else _STEP.value
-    if step not in sparse_ckpts:
-      raise ValueError(f'{runs_["sparse"]} has no checkpoint at step {step}')
-    pairs = match(step, sparse_ckpts[step], runs.checkpoints(runs_['dense']),
-                  _MAX_LOSS_GAP.value, _PAIRS.value)
-    dense_step, dense_loss = pairs[0]
-    checkpoints = {
-        'sparse': {'run': runs_['sparse'], 'step': step,
-                   'val_loss': sparse_ckpts[step]},
-        'dense': {'run': runs_['dense'], 'step': dense_step,
-                  'val_loss': dense_loss}}
-    print(f"Pairing sparse step {step} (val loss {sparse_ckpts[step]:.4f}) "
-          f"with dense step {dense_step} (val loss {dense_loss:.4f})"
-          + (f", then {', '.join(str(s) for s, _ in pairs[1:])}"
-             if pairs[1:] else '') + '.')
-    named = {runs.task_name(t): t for t in task_names}
-    results = {}
-    for i, (name, task) in enumerate(named.items()):
-      record = record_at if i < _CONVERGENCE_TASKS.value else ()
-      results[name] = tuple(
-          _circuit(runs_[m], checkpoints[m]['step'], task, settings, out, m,
-                   record) for m in MODELS)
-      viz.draw_comparison(*results[name], os.path.join(out, name, 'figure'))
-    summary = summarize(results, checkpoints)
-    markdown = to_markdown(summary)
-    _write(out, 'comparison', markdown, summary)
-    if summary['figure_task']:
-      viz.draw_comparison(*results[summary['figure_task']],
-                          os.path.join(out, 'figure'))
-    print(markdown)
-    if _PAIRS.value > 1:
-      summaries = [summary]
-      for other_step, other_loss in pairs[1:]:
-        other = dict(checkpoints, dense={**checkpoints['dense'],
-                                         'step': other_step,
-                                         'val_loss': other_loss})
-        summaries.append(summarize(
-            {name: (results[name][0], _circuit(runs_['dense'], other_step,
-                                               task, settings, out, 'dense'))
-             for name, task in named.items()}, other))
-      table, data = pairs_table(summaries, _PAIRS.value, _MAX_LOSS_GAP.value)
-      _write(out, 'pairs', table, data)
-      print(table)
-    if record_at:
-      table, records = convergence_table(
-          results, list(named)[:_CONVERGENCE_TASKS.value],
-          sorted(set(record_at) | {settings.steps}))
-      _write(out, 'convergence', table, records)
-      print(table)
-    if _CURVE.value:
-      table, points = curve(runs_, task_names, settings, out)
-      _write(out, 'curve', table, points)
-      viz.draw_curve(points, checkpoints, os.path.join(out, 'curve'))
-      print(table)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  settings = settings_lib.from_flags()
+  settings.validate()
+  _check_args(runs_, task_names, _PAIRS.value, settings)
+  record_at = tuple(int(s) for s in _CONVERGENCE_STEPS.value)
+  sparse_ckpts = runs.checkpoints(runs_['sparse'])
+  step = runs.newest(runs_['sparse']) if _STEP.value is None else _STEP.value
+  if step not in sparse_ckpts:
+    raise ValueError(f'{runs_["sparse"]} has no checkpoint at step {step}')
+  pairs = match(step, sparse_ckpts[step], runs.checkpoints(runs_['dense']),
+                _MAX_LOSS_GAP.value, _PAIRS.value)
+  dense_step, dense_loss = pairs[0]
+  checkpoints = {
+      'sparse': {'run': runs_['sparse'], 'step': step,
+                 'val_loss': sparse_ckpts[step]},
+      'dense': {'run': runs_['dense'], 'step': dense_step,
+                'val_loss': dense_loss}}
+  print(f"Pairing sparse step {step} (val loss {sparse_ckpts[step]:.4f}) "
+        f"with dense step {dense_step} (val loss {dense_loss:.4f})"
+        + (f", then {', '.join(str(s) for s, _ in pairs[1:])}"
+           if pairs[1:] else '') + '.')
+  named = {runs.task_name(t): t for t in task_names}
+  results = {}
+  for i, (name, task) in enumerate(named.items()):
+    record = record_at if i < _CONVERGENCE_TASKS.value else ()
+    results[name] = tuple(
+        _circuit(runs_[m], checkpoints[m]['step'], task, settings, out, m,
+                 record) for m in MODELS)
+    viz.draw_comparison(*results[name], os.path.join(out, name, 'figure'))
+  summary = summarize(results, checkpoints)
+  markdown = to_markdown(summary)
+  _write(out, 'comparison', markdown, summary)
+  if summary['figure_task']:
+    viz.draw_comparison(*results[summary['figure_task']],
+                        os.path.join(out, 'figure'))
+  print(markdown)
+  if _PAIRS.value > 1:
+    summaries = [summary]
+    for other_step, other_loss in pairs[1:]:
+      other = dict(checkpoints, dense={**checkpoints['dense'],
+                                       'step': other_step,
+                                       'val_loss': other_loss})
+      summaries.append(summarize(
+          {name: (results[name][0], _circuit(runs_['dense'], other_step,
+                                             task, settings, out, 'dense'))
+           for name, task in named.items()}, other))
+    table, data = pairs_table(summaries, _PAIRS.value, _MAX_LOSS_GAP.value)
+    _write(out, 'pairs', table, data)
+    print(table)
+  if record_at:
+    table, records = convergence_table(
+        results, list(named)[:_CONVERGENCE_TASKS.value],
+        sorted(set(record_at) | {settings.steps}))
+    _write(out, 'convergence', table, records)
+    print(table)
+  if _CURVE.value:
+    table, points = curve(runs_, task_names, settings, out)
+    _write(out, 'curve', table, points)
+    viz.draw_curve(points, checkpoints, os.path.join(out, 'curve'))
+    print(table)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

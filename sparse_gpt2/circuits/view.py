@@ -24,16 +24,14 @@ and circuit only. Bad input is one `error:` line on stderr, exit 1.
 import glob
 import json
 import os
-import sys
 
-from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_gpt2 import metrics
+from sparse_gpt2 import cli
 from sparse_gpt2 import model as model_lib
 from sparse_gpt2 import workdir as workdir_lib
 from sparse_gpt2.circuits import runs
@@ -345,6 +343,8 @@ def write_page(out, *, compare_dir=None, circuits_dir=None, **options):
   directory = compare_dir or circuits_dir
   if not os.path.isdir(directory):
     raise ValueError(f'{directory} is not a directory')
+  if os.path.isdir(out):
+    raise ValueError(f'--out {out} is a directory, not an HTML file')
   load = from_compare if compare_dir else from_circuits
   data = page_data(*load(directory), **options)
   if os.path.dirname(out):
@@ -364,28 +364,21 @@ def _define_flags():
   flags.DEFINE_bool('load_runs', True, 'Load each circuit\'s run for '
                     'snippets and prompt probabilities.')
   flags.DEFINE_integer('snippet_tokens', 4096, 'Validation tokens searched '
-                       'for each node\'s top activations.')
+                       'for each node\'s top activations.', lower_bound=1)
   flags.DEFINE_integer('snippets_per_node', 5, 'Top-activating tokens kept '
-                       'per node.')
+                       'per node.', lower_bound=0)
   flags.mark_flag_as_required('out')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  metrics.quiet_library_logs()
+def main():
   f = flags.FLAGS
-  try:
-    data = write_page(f.out, compare_dir=f.compare, circuits_dir=f.circuits,
-                      load_runs=f.load_runs, snippet_tokens=f.snippet_tokens,
-                      snippets_per_node=f.snippets_per_node)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  data = write_page(f.out, compare_dir=f.compare, circuits_dir=f.circuits,
+                    load_runs=f.load_runs, snippet_tokens=f.snippet_tokens,
+                    snippets_per_node=f.snippets_per_node)
   print(f"{len(data['tasks'])} task(s), {len(data['panels'])} panel(s) -> "
         f'{f.out}')
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)
