@@ -124,4 +124,7 @@ def restore_latest(mngr, abstract_state, workdir):
 
 
 def _first_line(error):
-  return str(error).splitlines()[0][:200] if str(error) else ''
+  """The error's first line, without the TensorStore spec (~60 lines) that
+  a failed read appends."""
+  line = str(error).splitlines()[0] if str(error) else ''
+  return line.split(' See full TensorStore details')[0][:200]

@@ -134,7 +134,12 @@ def _parse_flags(argv):
     lines = str(e).strip().splitlines()
     fail(lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}', 2)
   except (AttributeError, KeyError) as e:
-    fail(f'no such config field: {str(e).strip(chr(34))}', 2)
+    while e.args and isinstance(e.args[0], Exception):  # A wrapped KeyError.
+      e = e.args[0]
+    # "'densty'\nDid you mean "density" instead of "densty"?" for a nested one.
+    name, *hint = str(e.args[0] if e.args else e).splitlines()
+    fail(f"no such config field: '{name.strip(chr(34) + chr(39))}'"
+         + (f' ({hint[0]})' if hint else ''), 2)
   except OSError as e:
     fail(str(e).splitlines()[-1].strip(), 2)
 

@@ -172,3 +172,9 @@ def quiet_library_logs():
                      or '/tensorflow_datasets/' in r.pathname
                      and r.levelno < std_logging.ERROR))
   std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
+  # orbax reads a checkpoint's arrays in concurrent tasks: when a corrupt
+  # one fails (`checkpoint.restore_latest` says so, in one line), each other
+  # task's copy of the error was logged as never retrieved, with the
+  # TensorStore spec: 1,500 lines for one corrupt chunk.
+  std_logging.getLogger('asyncio').addFilter(
+      lambda r: 'exception was never retrieved' not in r.getMessage())

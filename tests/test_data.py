@@ -245,6 +245,14 @@ def test_tfds_source_holds_out_part_of_train(tmp_path):
       corpus.val_tokens.tolist(), skip_special_tokens=False) == held_out
 
 
+def test_an_unknown_tfds_dataset_is_one_line(tmp_path):
+  with pytest.raises(ValueError) as refused:
+    data.load(_config('tfds:no_such_dataset_xyz', tmp_path), SEQ_LEN)
+  assert str(refused.value) == (
+      'Dataset no_such_dataset_xyz not found. (tfds.list_builders() names the '
+      'known ones)')
+
+
 def test_unigram_entropy():
   rng = np.random.default_rng(0)
   uniform = rng.integers(0, 16, size=100_000).astype(np.uint16)

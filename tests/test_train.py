@@ -3,6 +3,7 @@ failed restores, schedules on resume, preemption, and the clear refusals of
 bad configs and workdirs (which leave no files)."""
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -138,20 +139,47 @@ def test_resume_after_sigkill_is_bitwise_identical(reference_run, tmp_path):
   assert steps == sorted(set(steps)) and steps[-1] == 60  # No step twice.
 
 
+@pytest.mark.parametrize('damaged', [
+    '',     # Every file truncated: orbax's metadata fails first.
+    '/d/',  # Only the arrays' data chunks: a TensorStore read fails.
+])
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(
-    reference_run, tmp_path):
+    reference_run, tmp_path, caplog, damaged):
   config, ref_dir, reference = reference_run
   workdir = str(tmp_path / 'corrupt')
   shutil.copytree(ref_dir, workdir)
   newest = os.path.join(workdir, 'checkpoints', '60')
   for root, _, files in os.walk(newest):
     for name in files:
-      with open(os.path.join(root, name), 'r+b') as f:
-        f.truncate(os.path.getsize(os.path.join(root, name)) // 2)
+      if damaged in os.path.join(root, name):
+        with open(os.path.join(root, name), 'r+b') as f:
+          f.truncate(os.path.getsize(os.path.join(root, name)) // 2)
   state = train.train_and_evaluate(config, workdir)
   _assert_same_state(state, reference)  # Redid 51..60 from step 50.
   aside = os.listdir(os.path.join(workdir, 'corrupt_checkpoints'))
   assert len(aside) == 1 and aside[0].startswith('60-')
+  # One line says why, without the TensorStore spec a failed read appends.
+  [warning] = [r.getMessage() for r in caplog.records
+               if 'is corrupt' in r.getMessage()]
+  assert 'TensorStore details' not in warning and '\n' not in warning, warning
+  metrics.quiet_library_logs()  # The failed read's echoes, not its report.
+  echo = logging.LogRecord('asyncio', logging.ERROR, 'base_events.py', 1,
+                           'Task exception was never retrieved', (), None)
+  assert not logging.getLogger('asyncio').filter(echo)
+  echo.msg = 'Task was destroyed but it is pending!'
+  assert logging.getLogger('asyncio').filter(echo)
+
+
+def test_a_failed_read_is_reported_without_its_tensorstore_spec():
+  # The text of a chunk that TensorStore could not decode (audited run).
+  error = Exception(
+      'Encountered error while reading array index: (slice(0, 512, 1), '
+      'slice(0, 512, 1)). See full TensorStore details: <bound method '
+      "pybind11_detail_function_record.spec of TensorStore({\n  'base': {\n"
+      "    'driver': 'zarr',\n  },\n})>.")
+  assert checkpoint._first_line(error) == (
+      'Encountered error while reading array index: (slice(0, 512, 1), '
+      'slice(0, 512, 1)).')
 
 
 def test_a_checkpoint_with_bool_masks_restores_them_packed(reference_run,
@@ -392,8 +420,9 @@ def _errors(result):
      '--convergence_steps must be step counts, e.g. 100,200'),
     ('sparse_gpt2.circuits.view', ['--snippets_per_node=-1'],
      'flag --snippets_per_node=-1: -1 is not a non-negative integer'),
-    ('sparse_gpt2.plan', ['--config.no_such_field=1'],
-     "no such config field: 'no_such_field'"),
+    ('sparse_gpt2.plan', ['--config.sparsity.densty=0.5'],
+     """no such config field: 'densty' (Did you mean "density" instead of """
+     '"densty"?)'),
 ])
 def test_every_cli_refuses_a_bad_command_line_in_one_line(module, args,
                                                           message, tmp_path):

@@ -81,7 +81,11 @@ def _open_tfds(name, data_config):
   Otherwise the last val_fraction of 'train' is held out. The caches depend
   on the text feature and the held-out count, so both name their directory.
   """
-  builder = tfds.builder(name, data_dir=data_config.data_dir or None)
+  try:
+    builder = tfds.builder(name, data_dir=data_config.data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError as e:  # Lists ~500 names.
+    raise ValueError(f'{str(e).splitlines()[0]} (tfds.list_builders() names '
+                     'the known ones)') from None
   builder.download_and_prepare(file_format='array_record')
   splits = builder.info.splits
   if 'train' not in splits:
