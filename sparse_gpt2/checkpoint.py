@@ -99,7 +99,7 @@ def restore_latest(mngr, abstract_state, workdir):
       error = e
     corrupt = error is not None and is_corrupt(error)
     if multihost.any_process(error is not None and not corrupt):
-      reason = (f'{type(error).__name__}: {_first_line(error)}'
+      reason = (f'{type(error).__name__}: {first_line(error)}'
                 if error is not None and not corrupt else
                 'it failed on another process; see its log')
       raise ValueError(
@@ -116,14 +116,14 @@ def restore_latest(mngr, abstract_state, workdir):
       (mngr.directory / str(step)).rename(aside)
     logging.warning('Checkpoint at step %d is corrupt (%s); moved it to %s '
                     'and falling back to the previous one.', step,
-                    _first_line(error) if error else 'on another process',
+                    first_line(error) if error else 'on another process',
                     aside)
     multihost.barrier(f'checkpoint.aside.{step}')
     mngr.reload()
   return None
 
 
-def _first_line(error):
+def first_line(error):
   """The error's first line, without the TensorStore spec (~60 lines) that
   a failed read appends."""
   line = str(error).splitlines()[0] if str(error) else ''

@@ -27,10 +27,12 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 from safetensors import numpy as safetensors_np
 
 from sparse_gpt2 import model
 from sparse_gpt2 import sparsity
+from sparse_gpt2 import workdir
 
 CONFIG = 'config.json'
 WEIGHTS = 'model.safetensors'
@@ -109,7 +111,10 @@ def _read_config(hf_dir):
       raise ValueError(f'{hf_dir}: no {name}; expected a Hugging Face GPT-2 '
                        f'directory with {CONFIG} and {WEIGHTS}')
   with open(os.path.join(hf_dir, CONFIG)) as f:
-    config = {**_HF_DEFAULTS, **json.load(f)}
+    saved = workdir.parse_json(f.read(), os.path.join(hf_dir, CONFIG))
+  if not isinstance(saved, dict):
+    raise ValueError(f'{hf_dir}/{CONFIG}: not a JSON object')
+  config = {**_HF_DEFAULTS, **saved}
   # reorder_and_upcast_attn is accepted: it only moves the 1/sqrt(d_head) and
   # upcasts to float32, which is what `model.Block` computes anyway.
   checks = [
@@ -148,9 +153,12 @@ def load(hf_dir):
       d_mlp=config['n_inner'] or 4 * config['n_embd'],
       max_len=config['n_positions'], norm='layernorm',
       tie_embeddings=config['tie_word_embeddings'], pos_embedding=True)
-  tensors = {name.removeprefix('transformer.'): array for name, array
-             in safetensors_np.load_file(
-                 os.path.join(hf_dir, WEIGHTS)).items()}
+  try:
+    saved = safetensors_np.load_file(os.path.join(hf_dir, WEIGHTS))
+  except safetensors.SafetensorError as e:
+    raise ValueError(f'{hf_dir}/{WEIGHTS} does not read: {e}') from None
+  tensors = {name.removeprefix('transformer.'): array
+             for name, array in saved.items()}
 
   shapes = _param_shapes(model.GPT2(**model_kwargs))
   layout = _layout(config['n_layer'], config['tie_word_embeddings'])

@@ -173,8 +173,8 @@ def evaluate(eval_step, state, val_tokens, config, batch_sharding):
 def load_run(workdir, step=None):
   """(config, model, state) of a checkpoint in `workdir`, on one device: for
   analysis (circuits, export), not for training. `step` None is the newest
-  readable checkpoint; a step that was not kept is an error naming those
-  that were."""
+  readable checkpoint; a step that was not kept, or whose files are
+  damaged, is an error naming those that were kept."""
   config = workdir_lib.load_config(workdir)
   model = make_model(config)
   tx = optim.make(config, config.schedule_steps)
@@ -191,7 +191,15 @@ def load_run(workdir, step=None):
     if step is None:
       state = checkpoint.restore_latest(mngr, abstract, workdir)
     elif step in mngr.all_steps():
-      state = checkpoint.restore(mngr, step, abstract)
+      try:
+        state = checkpoint.restore(mngr, step, abstract)
+      except Exception as e:  # pylint: disable=broad-except  Re-raised.
+        if not checkpoint.is_corrupt(e):
+          raise
+        raise ValueError(
+            f'the checkpoint at step {step} in {workdir} is damaged '
+            f'({checkpoint.first_line(e)}); pick another of '
+            f'{sorted(mngr.all_steps())} (circuits: --step)') from None
     else:
       raise ValueError(f'{workdir} has no checkpoint at step {step}; it '
                        f'has {sorted(mngr.all_steps())}')

@@ -146,6 +146,16 @@ def test_load_errors(tied, tmp_path):
   for i, (config, message) in enumerate(cases):
     with pytest.raises(ValueError, match=message):
       hf.load(_edited_copy(tied, tmp_path / str(i), **config))
+  damaged = _edited_copy(tied, tmp_path / 'damaged')
+  weights = (damaged / hf.WEIGHTS).read_bytes()
+  (damaged / hf.WEIGHTS).write_bytes(weights[:4])
+  with pytest.raises(ValueError, match=r'damaged/model.safetensors does not '
+                                       'read: Error while deserializing'):
+    hf.load(damaged)
+  (damaged / hf.CONFIG).write_text('{"n_layer": 2,\n')
+  with pytest.raises(ValueError, match=r'damaged/config.json is not valid '
+                                       r'JSON \(Expecting'):
+    hf.load(damaged)
 
 
 def _tiny(**overrides):

@@ -684,7 +684,16 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       'error: for_while: 7 prompt pairs (a group of any size, or an '
       'unpaired prompt, counts one); a '
-      'calibrated task loss needs at least 8')
+      'calibrated task loss needs at least 8 (built in: raise --num_prompts)')
+  # --evaluate_every that no kept checkpoint is a multiple of says so.
+  result = subprocess.run(
+      [*result.args[:5], '--evaluate', '--evaluate_every=7'],
+      capture_output=True,
+      text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: no kept checkpoint of {tiny_twins["sparse"]} is at a multiple '
+      'of --evaluate_every=7: [10, 20]')
 
 
 def test_evaluate_tasks_encodes_once_for_every_step(tiny_twins, tmp_path,

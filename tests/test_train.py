@@ -102,7 +102,7 @@ def test_training_lowers_the_loss_and_records_the_run(reference_run):
                 key=int) == ['20', '40', '50', '60']
 
 
-def test_load_run_at_a_kept_step(reference_run):
+def test_load_run_at_a_kept_step(reference_run, tmp_path):
   _, workdir, reference = reference_run
   _, _, newest = train.load_run(workdir)
   _assert_same_state(newest, reference)
@@ -113,6 +113,16 @@ def test_load_run_at_a_kept_step(reference_run):
   with pytest.raises(ValueError, match=r'no checkpoint at step 30; it has '
                      r'\[20, 40, 50, 60\]'):
     train.load_run(workdir, step=30)
+  damaged = str(tmp_path / 'damaged')
+  shutil.copytree(workdir, damaged)
+  metadata = os.path.join(damaged, 'checkpoints', '60', 'state', '_METADATA')
+  with open(metadata, 'r+b') as f:
+    f.truncate(10)
+  with pytest.raises(ValueError, match=r'checkpoint at step 60 in .*damaged '
+                     r'is damaged \(.*\); pick another of \[20, 40, 50, 60\] '
+                     r'\(circuits: --step\)$'):
+    train.load_run(damaged, step=60)
+  assert os.path.exists(metadata)  # Analysis reports it, moves nothing.
 
 
 def test_resume_after_sigkill_is_bitwise_identical(reference_run, tmp_path):
@@ -177,7 +187,7 @@ def test_a_failed_read_is_reported_without_its_tensorstore_spec():
       'slice(0, 512, 1)). See full TensorStore details: <bound method '
       "pybind11_detail_function_record.spec of TensorStore({\n  'base': {\n"
       "    'driver': 'zarr',\n  },\n})>.")
-  assert checkpoint._first_line(error) == (
+  assert checkpoint.first_line(error) == (
       'Encountered error while reading array index: (slice(0, 512, 1), '
       'slice(0, 512, 1)).')
 

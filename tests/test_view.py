@@ -472,6 +472,20 @@ def test_bad_directories_are_refused_before_any_work(tmp_path):
        'tasks': [{'task': 'gone'}]}))
   with pytest.raises(ValueError, match='gone.json is missing'):
     view.write_page(out, compare_dir=str(tmp_path))
+  (tmp_path / 'page_dir').mkdir()
+  with pytest.raises(ValueError, match='page_dir is a directory, not an'):
+    view.write_page(str(tmp_path / 'page_dir'), circuits_dir=str(tmp_path))
+  assert os.listdir(tmp_path / 'page_dir') == []
+  # Damaged files are named: half a circuit, and JSON that does not parse.
+  circuits = tmp_path / 'circuits'
+  circuits.mkdir()
+  (circuits / 'a.json').write_text(json.dumps({'task': 'a', 'nodes': []}))
+  with pytest.raises(ValueError, match=r"a.json is not a whole circuit file "
+                     r"\(no \['run', 'step', 'edges', 'losses'\]\)"):
+    view.write_page(out, circuits_dir=str(circuits))
+  (circuits / 'a.json').write_text('{"task": "a",')
+  with pytest.raises(ValueError, match=r'a.json is not valid JSON'):
+    view.write_page(out, circuits_dir=str(circuits))
   assert not os.path.exists(out)
 
 

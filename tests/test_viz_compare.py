@@ -460,10 +460,13 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
   for tasks, error in (
       (f'{tmp_path / "missing.jsonl"}',
        f'task file {tmp_path / "missing.jsonl"} does not exist'),
+      (f'{tmp_path / "dir.jsonl"}',
+       f'task file {tmp_path / "dir.jsonl"} is a directory'),
       (f'{mine},{other}', 'two tasks named mine in --tasks'),
       ('no_such_task', "unknown task 'no_such_task': neither a "
        'built-in task (')):
     other.parent.mkdir(exist_ok=True)
+    (tmp_path / 'dir.jsonl').mkdir(exist_ok=True)
     other.write_text(mine.read_text())
     with pytest.raises(ValueError) as refused:
       run(f'--tasks={tasks}')

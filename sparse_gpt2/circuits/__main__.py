@@ -111,8 +111,11 @@ def _evaluate(workdir, names):
       lines.append(f"| {r['task']} | {r['loss']:.3f} | {r['accuracy']:.2f} "
                    f"| {r['calibrated_loss']:.3f} |")
     return '\n'.join(lines)
-  steps = {s: v for s, v in runs.checkpoints(workdir).items()
-           if s % _EVALUATE_EVERY.value == 0}
+  kept = runs.checkpoints(workdir)
+  steps = {s: v for s, v in kept.items() if s % _EVALUATE_EVERY.value == 0}
+  if not steps:
+    raise ValueError(f'no kept checkpoint of {workdir} is at a multiple of '
+                     f'--evaluate_every={_EVALUATE_EVERY.value}: {list(kept)}')
   config = runs.load(workdir)['config']
   lines = ['| step | tokens | val loss | '
            + ' | '.join(map(runs.task_name, names)) + ' |',

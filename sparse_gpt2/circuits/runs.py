@@ -139,7 +139,7 @@ def evaluate_tasks(workdir, names, *, num_prompts, steps, seed=0):
     if pairs < prune.MIN_SPLIT_PAIRS:
       raise ValueError(
           f'{name}: {prune.count_pairs(pairs)}; a calibrated task loss '
-          f'needs at least {prune.MIN_SPLIT_PAIRS}')
+          f'needs at least {prune.MIN_SPLIT_PAIRS}{_more_prompts(name)}')
   buckets = [(name, prune.length_buckets(encoded, 1, by_pair=False))
              for name, _, encoded in encoded_tasks]
   apply = _last_position_logits(workdir)
@@ -178,7 +178,9 @@ def task_datapoints(task, num_prompts, seed):
                        f'({", ".join(tasks.TASKS)}) nor a .jsonl task file')
     return task, tasks.generate(task, num_prompts, seed)
   if not os.path.isfile(task):
-    raise ValueError(f'task file {task} does not exist')
+    raise ValueError(f'task file {task} '
+                     + ('is a directory' if os.path.isdir(task)
+                        else 'does not exist'))
   return task_name(task), tasks.load_jsonl(task)
 
 
@@ -210,7 +212,12 @@ def check_split(name, encoded, settings):
   try:
     prune.split(encoded, settings)
   except ValueError as e:
-    raise ValueError(f'{name}: {e}') from None
+    raise ValueError(f'{name}: {e}{_more_prompts(name)}') from None
+
+
+def _more_prompts(name):
+  """How a task with too few pairs gets more, where the command decides."""
+  return ' (built in: raise --num_prompts)' if name in tasks.TASKS else ''
 
 
 def find_circuit(workdir, settings, *, task, step=None, record_at=(),

@@ -40,6 +40,8 @@ from sparse_gpt2.circuits import viz
 
 LOCATIONS = model_lib.NODE_LOCATIONS
 PANEL_LABELS = {'sparse': 'Sparse GPT-2', 'dense': 'GPT-2 (baseline)'}
+# What the page reads of every circuit file (`compact`, the panels).
+CIRCUIT_FIELDS = ('task', 'run', 'step', 'nodes', 'edges', 'losses')
 TEMPLATE = os.path.join(os.path.dirname(__file__), 'view.html')
 _DATA_MARK = '/*DATA*/null'  # Where the template takes the page's JSON.
 
@@ -240,7 +242,15 @@ def run_data(panel, circuits, examples, snippet_tokens, per_node):
 
 def _read(path):
   with open(path) as f:
-    return json.load(f)
+    return workdir_lib.parse_json(f.read(), path)
+
+
+def _whole(circuit, path):
+  """`circuit` (read from `path`) if it has every CIRCUIT_FIELDS."""
+  missing = [k for k in CIRCUIT_FIELDS if k not in circuit]
+  if missing:
+    raise ValueError(f'{path} is not a whole circuit file (no {missing})')
+  return circuit
 
 
 def from_compare(directory):
@@ -263,7 +273,8 @@ def from_compare(directory):
                                   row['task'] + '.json')
       if not os.path.isfile(circuit_path):
         raise ValueError(f'{circuit_path} is missing')
-      by_task.setdefault(row['task'], []).append(_read(circuit_path))
+      by_task.setdefault(row['task'], []).append(
+          _whole(_read(circuit_path), circuit_path))
   if not by_task:
     raise ValueError(f'{path} lists no task')
   return panels, by_task, summary
@@ -275,7 +286,7 @@ def from_circuits(directory):
   paths = sorted({*glob.glob(os.path.join(directory, 'circuit.json')),
                   *glob.glob(os.path.join(directory, '*.json')),
                   *glob.glob(os.path.join(directory, '*', 'circuit.json'))})
-  found = [c for c in map(_read, paths)
+  found = [_whole(c, path) for path, c in zip(paths, map(_read, paths))
            if isinstance(c, dict) and 'nodes' in c and 'task' in c]
   if not found:
     raise ValueError(f'no circuit files in {directory} (looked for '
