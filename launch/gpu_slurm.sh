@@ -31,6 +31,13 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 repo=$(cd "$(dirname "$0")/.." && pwd)
+[[ $nodes =~ ^[1-9][0-9]*$ ]] || {
+  echo "error: NODES must be a positive integer, got '$nodes'" >&2; exit 2; }
+[[ $gpus =~ ^[1-9][0-9]*$ ]] || {
+  echo "error: --gpus_per_node must be a positive integer, got '$gpus'" >&2
+  exit 2; }
+[[ -f "$repo/${config%%:*}" ]] || {
+  echo "error: no config file ${config%%:*} in $repo" >&2; exit 2; }
 name=$(basename "${config%%:*}" .py)
 workdir=${workdir:-runs/$name}
 args=(--config="$config" --workdir="$workdir" "${overrides[@]}")

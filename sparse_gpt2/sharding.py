@@ -51,6 +51,13 @@ def make_mesh(config, devices=None):
   devices = jax.devices() if devices is None else devices
   n = len(devices)
   sizes = [config.data, config.fsdp, config.model]
+  for axis, size in zip(AXES, sizes):
+    if size < 1 and size != -1:
+      raise ValueError(f'mesh.{axis} must be >= 1, or -1 for the devices the '
+                       f'other axes leave; got {size}')
+  if sizes.count(-1) > 1:
+    raise ValueError(f'mesh: at most one axis may be -1; got data='
+                     f'{config.data}, fsdp={config.fsdp}, model={config.model}')
   if sizes.count(-1) == 1:
     rest = -math.prod(sizes)
     sizes[sizes.index(-1)] = n // rest if rest > 0 and n % rest == 0 else 0

@@ -16,6 +16,17 @@ def _dry_run(script, *args):
   return result.stdout.splitlines()
 
 
+def _refused(script, *args):
+  """The one stderr line of a --dry_run that refuses `args`, printing no
+  command."""
+  result = subprocess.run(['bash', os.path.join(ROOT, 'launch', script),
+                           '--dry_run', *args], capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 2 and result.stdout == '', result
+  [line] = result.stderr.splitlines()
+  return line
+
+
 def _remote(line):
   """The command a `gcloud ... ssh --command=...` line runs on the hosts."""
   argv = shlex.split(line)
@@ -78,16 +89,11 @@ def test_tpu_start_keeps_runs_and_refuses_what_it_would_lose(tmp_path):
                  check=True)
   assert os.listdir(home / 'sparse_gpt2') == ['runs']
   assert os.listdir(home / 'sparse_gpt2' / 'runs' / 'r') == ['checkpoints']
-  for args, message in (
-      (['configs/nope.py'], 'no config file configs/nope.py'),
-      (['configs/sparse_small.py', '--workdir=out/r'],
-       '--workdir=out/r is inside the code copy')):
-    refused = subprocess.run(
-        ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), '--dry_run',
-         'start', 'tpu1', 'z', *args], capture_output=True, text=True,
-        timeout=60)
-    assert refused.returncode == 2 and refused.stdout == ''
-    assert refused.stderr.startswith(f'error: {message}')
+  assert _refused('tpu_vm.sh', 'start', 'tpu1', 'z', 'configs/nope.py') == (
+      f'error: no config file configs/nope.py in {ROOT}')
+  assert _refused('tpu_vm.sh', 'start', 'tpu1', 'z', 'configs/sparse_small.py',
+                  '--workdir=out/r').startswith(
+                      'error: --workdir=out/r is inside the code copy')
 
 
 def test_tpu_logs_stop_and_delete():
@@ -120,3 +126,11 @@ def test_slurm_script_installs_once_and_runs_a_process_per_node():
       '--config=configs/dense_gpt2_124m.py', '--workdir=runs/dense_gpt2_124m',
       PATTERN]
   assert lines[-1].startswith('sbatch ')
+  for args, error in (
+      (['0', 'configs/dense_gpt2_124m.py'],
+       "NODES must be a positive integer, got '0'"),
+      (['2', 'configs/dense_gpt2_124m.py', '--gpus_per_node=x'],
+       "--gpus_per_node must be a positive integer, got 'x'"),
+      (['2', 'configs/nope.py'], f'no config file configs/nope.py in {ROOT}')):
+    assert _refused('gpu_slurm.sh', *args) == f'error: {error}'
+
