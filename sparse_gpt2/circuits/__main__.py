@@ -12,7 +12,7 @@ RUN/circuits/TASK, TASK being a task file's name without extension) and
 prints one summary line. `--evaluate` prints the unpruned model's loss on
 every task (at --step, or with --evaluate_every at kept checkpoints: task
 competence as training goes). Every pruning setting is a flag of the same
-name (`settings.Settings`). Bad input is one `error:` line on stderr, exit 1.
+name (`settings.Settings`). Bad input is one `error:` line on stderr (`cli.run`).
 """
 
 import json

@@ -18,7 +18,7 @@ and checkpoint (skipped with a note on the page when the run directory is
 not there, or with --load_runs=false): the top-activating tokens of every
 circuit node in a few thousand validation tokens, and each model's
 probability of the two candidates on the task's example prompts, full model
-and circuit only. Bad input is one `error:` line on stderr, exit 1.
+and circuit only. Bad input is one `error:` line on stderr (`cli.run`).
 """
 
 import glob
