@@ -16,7 +16,7 @@ from sparse_gpt2 import defaults
 
 
 def get_config(arg=None):
-  del arg
+  defaults.no_arg(arg, 'dense_gpt2_124m')
   # GPT-2 small: 12 x 768, 12 heads, 3072 MLP, tied, LayerNorm, positions.
   config = defaults.gpt2_124m_run(defaults.base())
   config.optim.lr = 6e-4

@@ -7,7 +7,7 @@ from sparse_gpt2 import defaults
 
 
 def get_config(arg=None):
-  del arg
+  defaults.no_arg(arg, 'dense_medium')
   config = defaults.medium_run(defaults.base())
   config.optim.lr = 3e-3
   return config

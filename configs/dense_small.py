@@ -10,7 +10,7 @@ from sparse_gpt2 import defaults
 
 
 def get_config(arg=None):
-  del arg
+  defaults.no_arg(arg, 'dense_small')
   config = defaults.small_run(defaults.base())
   config.optim.lr = 3e-3
   return config

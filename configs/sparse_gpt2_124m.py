@@ -19,7 +19,7 @@ from sparse_gpt2 import defaults
 
 
 def get_config(arg=None):
-  del arg
+  defaults.no_arg(arg, 'sparse_gpt2_124m')
   config = defaults.gpt2_124m_run(defaults.base())
   config.sparsity.mode = 'topk'
   config.sparsity.density = 1 / 64

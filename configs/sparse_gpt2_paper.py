@@ -17,7 +17,7 @@ from sparse_gpt2 import defaults
 
 
 def get_config(arg=None):
-  del arg
+  defaults.no_arg(arg, 'sparse_gpt2_paper')
   config = defaults.paper_architecture(defaults.gpt2_124m_run(defaults.base()))
   m = config.model
   m.num_layers, m.d_model, m.num_heads, m.d_mlp = 8, 2048, 128, 8192

@@ -16,8 +16,7 @@ from sparse_gpt2 import defaults
 
 
 def get_config(arg=None):
-  """`arg` is unused; kept for the `file.py:arg` convention."""
-  del arg
+  defaults.no_arg(arg, 'sparse_small')
   config = defaults.small_run(defaults.base())
   config.sparsity.mode = 'topk'
   config.sparsity.density = 0.1

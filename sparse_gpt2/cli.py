@@ -134,14 +134,24 @@ def _parse_flags(argv):
     lines = str(e).strip().splitlines()
     fail(lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}', 2)
   except (AttributeError, KeyError) as e:
-    while e.args and isinstance(e.args[0], Exception):  # A wrapped KeyError.
-      e = e.args[0]
+    field = e
+    while field.args and isinstance(field.args[0], Exception):
+      field = field.args[0]  # A KeyError that AttributeError wraps.
+    if not isinstance(field, KeyError):  # Not an override: the file itself.
+      _config_does_not_load(e)
     # "'densty'\nDid you mean "density" instead of "densty"?" for a nested one.
-    name, *hint = str(e.args[0] if e.args else e).splitlines()
+    name, *hint = str(field.args[0] if field.args else field).splitlines()
     fail(f"no such config field: '{name.strip(chr(34) + chr(39))}'"
          + (f' ({hint[0]})' if hint else ''), 2)
   except OSError as e:
     fail(str(e).splitlines()[-1].strip(), 2)
+  except Exception as e:  # pylint: disable=broad-except  Its get_config raised.
+    _config_does_not_load(e)
+
+
+def _config_does_not_load(error):
+  lines = str(error).strip().splitlines() or ['']
+  fail(f'the config does not load: {type(error).__name__}: {lines[-1]}', 2)
 
 
 def run(main, errors=(ValueError, FloatingPointError, FileNotFoundError)):

@@ -106,6 +106,13 @@ def base():
   return config
 
 
+def no_arg(arg, name):
+  """For configs that take no `file.py:ARG`: one given is a typo to refuse,
+  not something to run the default config in its place."""
+  if arg:
+    raise ValueError(f'{name} takes no argument, got {arg!r}')
+
+
 def paper_architecture(config):
   """The paper's model changes (sparse and dense twins share them)."""
   m = config.model

@@ -23,6 +23,8 @@ flags.mark_flags_as_required(['config'])
 
 
 def main():
+  if _WORKDIR.value == '':
+    raise ValueError('--workdir is empty; leave it out for runs/CONFIG_NAME')
   cli.start_jax(_CONFIG.value.num_cpu_devices, _CONFIG.value.train_steps)
   if os.environ.get('SPARSE_GPT2_DISTRIBUTED') == '1':  # Set by launch/.
     jax.distributed.initialize()  # Finds the TPU slice / Slurm job itself.

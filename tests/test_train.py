@@ -452,6 +452,22 @@ def test_every_cli_refuses_a_bad_command_line_in_one_line(module, args,
   assert os.listdir(tmp_path) == []
 
 
+def test_a_config_that_does_not_load_is_one_line(tmp_path):
+  raising = tmp_path / 'raising.py'
+  raising.write_text('def get_config():\n  raise RuntimeError("boom")\n')
+  for config, message in (
+      (raising, 'error: the config does not load: RuntimeError: boom'),
+      # A config that takes no argument refuses one: not the default run.
+      ('configs/sparse_small.py:bogus',
+       "sparse_small takes no argument, got 'bogus'")):
+    result = subprocess.run(
+        [sys.executable, '-m', 'sparse_gpt2.plan', f'--config={config}'],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith('error: ') and message in line, line
+
+
 def test_command_line_errors_are_one_line_and_non_zero(tiny_config, tmp_path):
   config = tiny_config()
   unknown = _main(str(tmp_path / 'a'), config, '--config.no_such_field=1')
