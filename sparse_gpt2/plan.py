@@ -183,8 +183,12 @@ def report(config, topology, params, mesh, compiled):
                  + ', '.join(f'{name} {total / GIB:.2f}'
                              for name, total in totals.items())
                  + f' of {hbm} GiB HBM per device)')
-  else:
-    lines.append('fits: yes (compiled; CPU memory is the host\'s)')
+  else:  # The CPU devices share this host's memory.
+    host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    needed = max(totals.values()) * n
+    lines.append(f'fits: {"yes" if needed <= host else "NO"} ({n} CPU '
+                 f'device(s) x the largest program: {needed / GIB:.2f} of '
+                 f'this host\'s {host / GIB:.1f} GiB)')
   return lines
 
 

@@ -27,7 +27,8 @@ def test_plan_compiles_the_step_for_8_cpu_devices_with_fsdp():
     assert re.search(program + r' per device: arguments [\d.]+ [MG]iB, '
                      'outputs', out), out
   assert re.search(r'compiled FLOPs per step per device: [\d.]+e\+\d+', out)
-  assert 'fits: yes' in out
+  assert re.search(r"fits: yes \(8 CPU device\(s\) x the largest program: "
+                   r"[\d.]+ of this host's [\d.]+ GiB\)", out), out
 
 
 # Plans configs/tiny.py on one CPU device, runs the planned initialization
@@ -79,3 +80,10 @@ def test_plan_refuses_train_steps_past_the_schedules_as_a_run_does():
       'error: train_steps 30 is past the end of the lr and annealing '
       'schedules (schedule_steps 20); a run cannot be extended past them, '
       'start a new one')
+
+
+def test_plan_says_a_step_larger_than_the_host_does_not_fit():
+  result = _plan('--topology=cpu:1', '--config.batch_size=16777216')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert re.search(r"fits: NO \(1 CPU device\(s\) x the largest program: "
+                   r"\d{4,}\.\d\d of this host's", result.stdout), result.stdout
