@@ -209,6 +209,7 @@ def test_corpus_too_small_raises(corpus_dir, data_dir, tmp_path):
   (tmp_path / 'one' / 'a.py').write_text('x = 1\n')
   with pytest.raises(ValueError, match='too small'):
     data.load(_config(tmp_path / 'one', tmp_path / 'tfds'), SEQ_LEN)
+  assert not os.path.exists(tmp_path / 'tfds' / 'python_code')  # No leftovers.
 
 
 class SparseGpt2TestDocs(tfds.core.GeneratorBasedBuilder):

@@ -66,7 +66,16 @@ def _open_python_code(source_dir, data_config):
       source_dir=source_dir,
       val_fraction=data_config.val_fraction,
       data_dir=data_config.data_dir or None)
-  builder.download_and_prepare()
+  try:
+    builder.download_and_prepare()
+  except ValueError:  # An empty or too small corpus: no folders left for it.
+    folder = builder.data_dir
+    while folder != builder.data_dir_root and not (
+        os.path.isdir(folder) and os.listdir(folder)):
+      if os.path.isdir(folder):
+        os.rmdir(folder)
+      folder = os.path.dirname(folder)
+    raise
   return _Source(
       builder=builder,
       split_specs={split: split for split in SPLITS},
