@@ -198,6 +198,14 @@ def test_missing_and_empty_directories_raise(tmp_path):
     data.load(_config(tmp_path / 'missing', tmp_path / 'tfds'), SEQ_LEN)
   (tmp_path / 'empty').mkdir()
   (tmp_path / 'empty' / 'readme.txt').write_text('no code here\n')
+  with pytest.raises(ValueError, match='readme.txt. is not a directory'):
+    data.load(_config(tmp_path / 'empty' / 'readme.txt', tmp_path / 'tfds'),
+              SEQ_LEN)
+  # Refused before a tokenizer is trained for it.
+  with pytest.raises(ValueError, match=r'data.vocab_size must be in \[257, '
+                     r"65536\] \(the 256 bytes and <\|endoftext\|> first"):
+    data.load(_config(tmp_path / 'empty', tmp_path / 'tfds', vocab_size=5),
+              SEQ_LEN)
   with pytest.raises(ValueError, match='empty corpus'):
     data.load(_config(tmp_path / 'empty', tmp_path / 'tfds'), SEQ_LEN)
 

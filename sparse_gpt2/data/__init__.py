@@ -194,9 +194,10 @@ def load(data_config, seq_len):
     ValueError: for a missing or empty source directory, or a split too small
       for one window.
   """
-  if not 0 < data_config.vocab_size <= 2**16:
-    raise ValueError(f'vocab_size must be in [1, 65536] for uint16 tokens, got '
-                     f'{data_config.vocab_size}')
+  if not tokenizer_lib.MIN_VOCAB <= data_config.vocab_size <= 2**16:
+    raise ValueError(f'data.vocab_size must be in [{tokenizer_lib.MIN_VOCAB}, '
+                     f'65536] (the 256 bytes and {tokenizer_lib.EOT} first; '
+                     f'uint16 tokens), got {data_config.vocab_size}')
   source = _open_source(data_config)
   data_dir = os.path.join(source.cache_dir, f'bpe{data_config.vocab_size}')
   os.makedirs(data_dir, exist_ok=True)

@@ -72,7 +72,9 @@ class PythonCodeConfig(tfds.core.BuilderConfig):
 def make_config(source_dir, val_fraction):
   """A config whose name identifies (resolved source_dir, val_fraction)."""
   if not os.path.isdir(source_dir):
-    raise ValueError(f'Source directory does not exist: {source_dir!r}')
+    raise ValueError(f'Source directory does not exist: {source_dir!r}'
+                     if not os.path.exists(source_dir) else
+                     f'Source {source_dir!r} is not a directory')
   if not 0 < val_fraction < 1:
     raise ValueError(f'val_fraction must be in (0, 1), got {val_fraction}')
   source_dir = os.path.realpath(source_dir)

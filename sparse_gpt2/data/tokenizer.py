@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from tokenizers import trainers
 
 EOT = '<|endoftext|>'
+MIN_VOCAB = 256 + 1  # Every byte, then EOT: the smallest vocabulary trained.
 
 
 def _with_literal_specials(tokenizer):
