@@ -68,10 +68,10 @@ def load_config(workdir):
   saved = parse_json(file.read_text(), file)
   if not isinstance(saved, dict):
     raise ValueError(f'{file} is not a run config (not a JSON object)')
-  # Runs from before the field planned their schedules over train_steps.
   missing = set(defaults.base()) - set(saved) - {'schedule_steps'}
   if missing:
     raise ValueError(f'{file} is not a run config (no {sorted(missing)})')
+  # Runs from before the field planned their schedules over train_steps.
   saved.setdefault('schedule_steps', saved['train_steps'])
   return ml_collections.ConfigDict(saved)
 
