@@ -17,7 +17,10 @@ Sections (each a table in run.md, all of them in run.json):
             (d_head 16, RMSNorm, bigram table, attention sinks, untied).
   twins     sparse_small's and dense_small's step at the checkout against
             the same configs at --baseline (an older commit, unpacked with
-            `git archive` and run in its own process): old/new.
+            `git archive` and run in its own process): old/new, and
+            each step's MFU (the same model's FLOPs, so the MFUs' ratio is
+            about old/new; how near the matmul peak the new step runs
+            bounds how much faster it could still get).
 
 This project's steps run as `main` runs the small configs: the CPU split
 into --num_cpu_devices (2), each taking half of every batch (one device left
@@ -299,17 +302,26 @@ def twins_section(baseline, rounds, steps):
         w.wait_ready()
     out = {}
     for name, workers in all_workers.items():
+      # Both versions train the same model: one count of its FLOPs.
+      flops = _flops_per_step(
+          twin_worker.load_config(os.path.join(ROOT, name)))
       for w in workers.values():  # Idle since it compiled: warm it again.
         w.steps(steps)
       times = {k: [] for k in workers}
+      mfus = {k: [] for k in workers}
       for _ in range(rounds):
         for k, w in workers.items():
-          times[k] += w.steps(steps)
+          peak = metrics.measure_peak_flops(n=1024, repeats=10)
+          timed = w.steps(steps)
+          times[k] += timed
+          mfus[k] += [flops / t / peak for t in timed]
       for w in workers.values():
         w.close()
       median = {k: float(np.median(t)) for k, t in times.items()}
+      mfu = {k: float(np.median(m)) for k, m in mfus.items()}
       out[name] = {'old_step_s': median['old'], 'new_step_s': median['new'],
-                   'speedup': median['old'] / median['new']}
+                   'speedup': median['old'] / median['new'],
+                   'old_mfu': mfu['old'], 'new_mfu': mfu['new']}
     return {'baseline': baseline, 'results': out}
 
 
@@ -361,11 +373,12 @@ def to_markdown(result):
   t = result['twins']
   if 'results' in t:
     lines += ['', f"**Twins** against commit `{t['baseline']}`", '',
-              '| config | old step (ms) | new step (ms) | old / new |',
-              '|---|---:|---:|---:|']
+              '| config | old step (ms) | new step (ms) | old / new '
+              '| old MFU | new MFU |', '|---|---:|---:|---:|---:|---:|']
     for name, r in t['results'].items():
       lines.append(f"| {name} | {1e3 * r['old_step_s']:.0f} | "
-                   f"{1e3 * r['new_step_s']:.0f} | {r['speedup']:.2f}x |")
+                   f"{1e3 * r['new_step_s']:.0f} | {r['speedup']:.2f}x | "
+                   f"{100 * r['old_mfu']:.1f}% | {100 * r['new_mfu']:.1f}% |")
   else:
     lines += ['', t['note']]
   spent = result['seconds']

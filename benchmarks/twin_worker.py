@@ -57,14 +57,19 @@ def make_data_parallel_step(config, train, optim, sharding):
   return step, state, tokens
 
 
+def load_config(config_file):
+  """get_config() of a config file (`configs/NAME.py`), by its path."""
+  spec = importlib.util.spec_from_file_location('config', config_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def main(code_dir, config_file):
   sys.path.insert(0, code_dir)
   from sparse_gpt2 import optim  # pylint: disable=g-import-not-at-top
   from sparse_gpt2 import train  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('config', config_file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config(config_file)
   if importlib.util.find_spec('sparse_gpt2.cli'):  # Newer versions set up
     cli = importlib.import_module('sparse_gpt2.cli')  # the process as `main`.
     if hasattr(cli, 'keep_freed_memory') and config.train_steps >= getattr(

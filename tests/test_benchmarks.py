@@ -44,6 +44,8 @@ def test_quick_suite_writes_every_section_and_skips_a_missing_peer(tmp_path):
   assert all(s > 0 for s in result['seconds'].values())
   twins = result['twins']['results']['configs/tiny.py']
   assert twins['old_step_s'] > 0 and twins['new_step_s'] > 0
+  # One model's FLOPs over each step's time and the peak timed before it.
+  assert 0 < twins['old_mfu'] < 1.5 and 0 < twins['new_mfu'] < 1.5
   markdown = (tmp_path / 'run.md').read_text()
   for heading in ('**Peers**', '**Sparsity modes**', '**Sizes**',
                   '**Twins**', 'PyTorch peer skipped', 'Wall time'):
