@@ -302,7 +302,8 @@ def twins_section(baseline, rounds, steps):
         w.wait_ready()
     out = {}
     for name, workers in all_workers.items():
-      # Both versions train the same model: one count of its FLOPs.
+      # One count of FLOPs for both: the twins' configs have trained the
+      # same model and batch since the baseline (c25ae90).
       flops = _flops_per_step(
           twin_worker.load_config(os.path.join(ROOT, name)))
       for w in workers.values():  # Idle since it compiled: warm it again.
