@@ -128,27 +128,40 @@ def shared_step(shape, arch, mode):
   return project_step(project_config(shape, arch, mode))
 
 
-def interleaved(contenders, rounds, steps):
+def interleaved(contenders, rounds, steps, warmup=1):
   """{name: {'step_s': median, 'peak_flops': median, 'mfu': median}} of
-  contenders {name: (step, flops_per_step)} timed in turns."""
+  contenders {name: (run, flops_per_step)} timed in turns: `run(n)` takes n
+  steps and returns their times in seconds (`timed`, or a twin worker's
+  `steps`), `warmup` of them untimed first."""
   times = {name: [] for name in contenders}
   mfus = {name: [] for name in contenders}
   peaks = {name: [] for name in contenders}
-  for step, _ in contenders.values():
-    step()  # Compile, allocate, warm the caches.
+  for run, _ in contenders.values():
+    run(warmup)  # Compile, allocate, warm the caches.
   for _ in range(rounds):
-    for name, (step, flops) in contenders.items():
+    for name, (run, flops) in contenders.items():
       peak = metrics.measure_peak_flops(n=1024, repeats=10)
-      for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        elapsed = time.perf_counter() - start
+      for elapsed in run(steps):
         times[name].append(elapsed)
         mfus[name].append(flops / elapsed / peak)
       peaks[name].append(peak)
   return {name: {'step_s': float(np.median(times[name])),
                  'peak_flops': float(np.median(peaks[name])),
                  'mfu': float(np.median(mfus[name]))} for name in contenders}
+
+
+def timed(step):
+  """`interleaved`'s run(n) of a step() that this process runs."""
+
+  def run(n):
+    elapsed = []
+    for _ in range(n):
+      start = time.perf_counter()
+      step()
+      elapsed.append(time.perf_counter() - start)
+    return elapsed
+
+  return run
 
 
 def _flops_per_step(config):
@@ -163,12 +176,13 @@ def _tokens(shape):
 def peers_section(shape, rounds, steps):
   config = project_config(shape, 'gpt2', 'none')
   flops = _flops_per_step(config)
-  contenders = {'sparse_gpt2 (dense)': (shared_step(shape, 'gpt2', 'none')[0],
-                                        flops),
-                'plain Flax + optax': (peers.flax_step(shape), flops)}
+  contenders = {'sparse_gpt2 (dense)': (
+                    timed(shared_step(shape, 'gpt2', 'none')[0]), flops),
+                'plain Flax + optax': (timed(peers.flax_step(shape)), flops)}
   note = None
   try:
-    contenders['PyTorch + transformers'] = (peers.torch_step(shape), flops)
+    contenders['PyTorch + transformers'] = (timed(peers.torch_step(shape)),
+                                            flops)
   except ImportError as e:
     note = f'PyTorch peer skipped: {e} (pip install -r requirements-dev.txt)'
   result = interleaved(contenders, rounds, steps)
@@ -203,8 +217,8 @@ def modes_section(shape, arch, rounds, steps):
     params = sparsity.flat(holder[0].params)
     jax.block_until_ready(topk({p: params[p] for p in sparse}))
 
-  result = interleaved({**{m: (made[m][0], flops) for m in MODES},
-                        'top-k alone': (topk_alone, 0)}, rounds, steps)
+  result = interleaved({**{m: (timed(made[m][0]), flops) for m in MODES},
+                        'top-k alone': (timed(topk_alone), 0)}, rounds, steps)
   topk_s = result.pop('top-k alone')['step_s']
   for m, r in result.items():
     r['tokens_per_s'] = _tokens(shape) / r['step_s']
@@ -245,7 +259,7 @@ def sizes_section(base, widths, rounds, steps):
     contenders = {}
     for arch in ('gpt2', 'paper'):
       config = project_config(shape, arch, 'none')
-      contenders[arch] = (shared_step(shape, arch, 'none')[0],
+      contenders[arch] = (timed(shared_step(shape, arch, 'none')[0]),
                           _flops_per_step(config))
     for arch, r in interleaved(contenders, rounds, steps).items():
       rows.append({'d_model': width, 'arch': arch,
@@ -306,23 +320,16 @@ def twins_section(baseline, rounds, steps):
       # same model and batch since the baseline (c25ae90).
       flops = _flops_per_step(
           twin_worker.load_config(os.path.join(ROOT, name)))
-      for w in workers.values():  # Idle since it compiled: warm it again.
-        w.steps(steps)
-      times = {k: [] for k in workers}
-      mfus = {k: [] for k in workers}
-      for _ in range(rounds):
-        for k, w in workers.items():
-          peak = metrics.measure_peak_flops(n=1024, repeats=10)
-          timed = w.steps(steps)
-          times[k] += timed
-          mfus[k] += [flops / t / peak for t in timed]
+      # Idle since they compiled: a round untimed warms them again. Their
+      # steps are timed in the workers, which answer with the times.
+      r = interleaved({k: (w.steps, flops) for k, w in workers.items()},
+                      rounds, steps, warmup=steps)
       for w in workers.values():
         w.close()
-      median = {k: float(np.median(t)) for k, t in times.items()}
-      mfu = {k: float(np.median(m)) for k, m in mfus.items()}
-      out[name] = {'old_step_s': median['old'], 'new_step_s': median['new'],
-                   'speedup': median['old'] / median['new'],
-                   'old_mfu': mfu['old'], 'new_mfu': mfu['new']}
+      out[name] = {'old_step_s': r['old']['step_s'],
+                   'new_step_s': r['new']['step_s'],
+                   'speedup': r['old']['step_s'] / r['new']['step_s'],
+                   'old_mfu': r['old']['mfu'], 'new_mfu': r['new']['mfu']}
     return {'baseline': baseline, 'results': out}
 
 
