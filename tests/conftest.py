@@ -12,9 +12,11 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # LLVM's cheapest code generation and XLA:CPU's loop emitters in place of the
 # MLIR fusion emitters, which run a pass pipeline per fusion: a train step
 # compiles in half the time. The loop emitters round some fusions differently
-# from one program to the next, so a test that asserts equal numbers from two
-# differently built programs asks for the fusion emitters back
-# (`xla_cpu_use_fusion_emitters`; the last of a repeated flag wins).
+# from one program to the next, which broke two comparisons of differently
+# built programs (remat against none, bitwise; two processes against one, where
+# the rounding flipped top-k choices): those two tests ask for the fusion
+# emitters back (`xla_cpu_use_fusion_emitters`; of a repeated flag, the last
+# wins).
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
     ' --xla_cpu_use_fusion_emitters=false').strip()

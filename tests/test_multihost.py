@@ -86,8 +86,8 @@ def _overrides(config):
 
 def test_two_processes_train_and_resume_like_one(tiny_config, tmp_path):
   overrides = _overrides(tiny_config())
-  # Equal numbers from differently sharded programs need XLA:CPU's fusion
-  # emitters, which conftest turns off.
+  # XLA:CPU's fusion emitters, which conftest turns off: under its loop
+  # emitters the two programs round apart enough to flip top-k choices.
   env = {**os.environ, 'XLA_FLAGS': os.environ.get('XLA_FLAGS', '') +
          ' --xla_cpu_use_fusion_emitters=true'}
   runs = {}
