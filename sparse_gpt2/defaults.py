@@ -71,9 +71,7 @@ def base():
   # Parameters whose path matches are sparse: by default all weights, biases
   # and embeddings; norm gains, attention sinks and the bigram table stay dense.
   config.sparsity.pattern = r'^(?!.*(norm|bigram|sink))'
-  # j: nonzeros kept per neuron/channel. Above 16 the top-k can compile and
-  # run far slower (README, Design: Exact k, no sort).
-  config.sparsity.min_per_neuron = 4
+  config.sparsity.min_per_neuron = 4   # j: nonzeros kept per neuron/channel.
   config.sparsity.anneal_fraction = 0.5  # topk: dense -> target over this.
   config.sparsity.static_init = 'uniform'  # static: 'uniform' | 'erk'.
 

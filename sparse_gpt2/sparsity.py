@@ -118,17 +118,17 @@ def _guarantee_top_per_neuron(bits, js, row_axes):
   too) are raised; zeros never are.
   """
   cols = [b.reshape(b.shape[0], -1, b.shape[-1]) for b in bits]  # [n, in, out]
-  tops = _all_gather_each([jnp.stack(_column_tops(c, j))        # [J, n, 1, out]
-                           for c, j in zip(cols, js)], row_axes)
-  nth = [_merge_rows([jnp.moveaxis(t[:, i, :, 0], 0, 1)       # [n, R, out]
-                      for i in range(t.shape[1])])[j - 1] if a else t[j - 1]
-         for t, j, a in zip(tops, js, row_axes)]
+  # [J, n, 1, out] each; gathered over its row axes, [R, J, n, 1, out].
+  tops = _all_gather_each([_column_tops(c, j) for c, j in zip(cols, js)],
+                          row_axes)
+  nth = [_merge_rows(t[:, :, :, 0].transpose(1, 2, 0, 3))[j - 1] if a
+         else t[j - 1] for t, j, a in zip(tops, js, row_axes)]  # [n, 1, out]
   return [jnp.where((c >= t) & (c > 0), _GUARANTEED, c).reshape(b.shape)
           for b, c, t in zip(bits, cols, nth)]
 
 
 def _column_tops(cols, j):
-  """[n, rows, out] -> J arrays [n, 1, out], J the power of two >= j: each
+  """[n, rows, out] -> [J, n, 1, out], J the power of two >= j: each
   column's J largest values, descending (-1 where it has fewer)."""
   width = 1 << (j - 1).bit_length()
   pad = -cols.shape[1] % width
@@ -139,20 +139,25 @@ def _column_tops(cols, j):
   while len(lists) > 1:  # Sorted lists of 1, 2, ..., J values each.
     lists = [_bitonic_sort(a + b[::-1])
              for a, b in zip(lists[::2], lists[1::2])]
-  return _merge_rows(lists[0])
+  return _merge_rows(jnp.stack(lists[0]))
 
 
 def _merge_rows(tops):
-  """J arrays [n, m, out], each row r of them a descending list -> the J
-  largest of the m lists, descending, [n, 1, out] each. Two lists' top J
-  are max(a[i], b[J - 1 - i]), in bitonic order; m halves each round."""
-  while tops[0].shape[1] > 1:
-    if tops[0].shape[1] % 2:
-      tops = [jnp.pad(t, ((0, 0), (0, 1), (0, 0)), constant_values=-1)
-              for t in tops]
-    half = tops[0].shape[1] // 2
-    tops = _bitonic_sort([jnp.maximum(a[:, :half], b[:, half:])
-                          for a, b in zip(tops, tops[::-1])])
+  """[J, n, m, out], each [:, i, r, o] a descending list -> the J largest
+  of the m lists, descending, [J, n, 1, out]. Two lists' top J are
+  max(a[i], b[J - 1 - i]), in bitonic order; m halves each round.
+
+  One array a level, where the tournament has one per list entry: merging
+  a list of J arrays, XLA:CPU's fusion emitters fused the whole tournament
+  into each of the J outputs, and at J = 32 one 128 x 512 tensor's tops
+  took 612 ms and compiled in 30 s (this way 1.5 ms and 4 s)."""
+  while tops.shape[2] > 1:
+    if tops.shape[2] % 2:
+      tops = jnp.pad(tops, ((0, 0), (0, 0), (0, 1), (0, 0)),
+                     constant_values=-1)
+    half = tops.shape[2] // 2
+    tops = _bitonic_merge(jnp.maximum(tops[:, :, :half],
+                                      tops[::-1, :, half:]))
   return tops
 
 
@@ -167,6 +172,18 @@ def _bitonic_sort(seq):
                                  jnp.minimum(seq[i], seq[i + half]))
     half //= 2
   return seq
+
+
+def _bitonic_merge(x):
+  """`_bitonic_sort` of x [J, ...], bitonic along its first axis, as one
+  array: each level's compare-exchanges in one max and one min."""
+  size, half = x.shape[0], x.shape[0] // 2
+  while half:
+    pairs = x.reshape((size // (2 * half), 2, half) + x.shape[1:])
+    x = jnp.stack([jnp.maximum(pairs[:, 0], pairs[:, 1]),
+                   jnp.minimum(pairs[:, 0], pairs[:, 1])], 1).reshape(x.shape)
+    half //= 2
+  return x
 
 
 def abs_bits(x):

@@ -138,6 +138,29 @@ def test_min_per_neuron_equals_reference_with_and_without_short_columns():
                                   np.arange(64) < 4)
 
 
+@pytest.mark.parametrize('j', [1, 3, 8, 17, 32])
+def test_min_per_neuron_equals_reference_for_every_list_size(j):
+  # J = 1, 4, 8, 32 lists, over fan-ins that do not divide into them
+  # (padded) and a stacked pair, every column short of j under a plain
+  # top-k in 'short'.
+  rng = np.random.default_rng(j)
+  scores = {p: rng.normal(size=s).astype(np.float32)
+            for p, s in [('short', (100, 24)), ('a', (72, 40)),
+                         ('b', (72, 40))]}
+  scores['short'] *= np.logspace(0, -3, 24, dtype=np.float32)
+  ks = {p: v.size // 2 for p, v in scores.items()}
+  js = {p: sparsity.guaranteed_per_neuron(v.shape, ks[p], j)
+        for p, v in scores.items()}
+  assert set(js.values()) == {j}
+  got = jax.jit(functools.partial(sparsity.topk_masks, ks=ks,
+                                  min_per_neuron=js))(scores)
+  for p, v in scores.items():
+    np.testing.assert_array_equal(np.asarray(got[p]),
+                                  _reference_guaranteed(v, ks[p], j),
+                                  err_msg=p)
+  assert np.asarray(got['short']).sum(axis=0).min() >= j
+
+
 def test_density_schedule_anneals_linearly_then_holds():
   config = tiny.get_config('topk').sparsity
   config.density, config.anneal_fraction = 0.1, 0.5
