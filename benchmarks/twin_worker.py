@@ -22,14 +22,21 @@ import time
 import flax.linen as nn
 import jax
 
+# The state is built once and never timed, so its program is compiled for
+# compile time: at LLVM's level 0 with XLA:CPU's loop emitters, as the test
+# suite compiles (`tests/conftest.py`), the init of a topk or static state
+# (its masks' top-k) compiles in about half the time.
+_CHEAP_COMPILE = {'xla_backend_optimization_level': 0,
+                  'xla_cpu_use_fusion_emitters': False}
+
 
 def make_step(config, train, optim):
   """(jitted train step with the state donated, initial state, tokens) of a
   config, from a version's `train` and `optim` modules."""
   model = train.make_model(config)
   tx = optim.make(config, config.train_steps)
-  state = jax.jit(functools.partial(train.init_state, config, model, tx))(
-      jax.random.key(0), None)
+  state = jax.jit(functools.partial(train.init_state, config, model, tx),
+                  compiler_options=_CHEAP_COMPILE)(jax.random.key(0), None)
   step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
                                    config=config), donate_argnums=0)
   tokens = jax.random.randint(jax.random.key(1),
@@ -47,7 +54,8 @@ def make_data_parallel_step(config, train, optim, sharding):
     tx = optim.make(config, config.train_steps)
     _, state_sharding, batch_sharding = train.layout(config, model, tx, mesh)
     state = jax.jit(functools.partial(train.init_state, config, model, tx),
-                    out_shardings=state_sharding)(jax.random.key(0), None)
+                    out_shardings=state_sharding,
+                    compiler_options=_CHEAP_COMPILE)(jax.random.key(0), None)
     step = train.jit_train_step(config, model, tx, state_sharding,
                                 batch_sharding)
   tokens = jax.device_put(
