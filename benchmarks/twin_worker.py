@@ -24,8 +24,9 @@ import jax
 
 # The state is built once and never timed, so its program is compiled for
 # compile time: at LLVM's level 0 with XLA:CPU's loop emitters, as the test
-# suite compiles (`tests/conftest.py`), the init of a topk or static state
-# (its masks' top-k) compiles in about half the time.
+# suite compiles (`tests/conftest.py`). A topk or static state, whose masks
+# take a top-k, was built in 18-28 s and is now in 10-17 s (`run.py`'s
+# modes section on a slow 2-core machine); the values differ by rounding.
 _CHEAP_COMPILE = {'xla_backend_optimization_level': 0,
                   'xla_cpu_use_fusion_emitters': False}
 
