@@ -116,7 +116,7 @@ def main(argv):
   del argv
   quick = flags.FLAGS.quick
   if not quick:
-    cli.cheap_step_memory()
+    cli.keep_freed_memory()
   jax.config.update('jax_num_cpu_devices', flags.FLAGS.num_cpu_devices)
   shape = _TINY if quick else peers.Shape()
   operands = _operands(shape, np.random.default_rng(0))

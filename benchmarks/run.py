@@ -276,7 +276,7 @@ class _Worker:
     self.proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, 'benchmarks', 'twin_worker.py'),
          code_dir, config_file], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True, env=_worker_env())
+        stderr=subprocess.DEVNULL, text=True)
 
   def wait_ready(self):
     if self.proc.stdout.readline().strip() != 'ready':
@@ -290,20 +290,6 @@ class _Worker:
   def close(self):
     self.proc.stdin.close()
     self.proc.wait()
-
-
-def _worker_env():
-  """This process's environment without the huge pages that its own
-  `cli.cheap_step_memory` restarted it with: each twin worker sets its
-  process up as its commit's `main` would (the baseline's, c25ae90, runs
-  on glibc's defaults)."""
-  huge = cli.HUGE_PAGES_TUNABLE + '=1'
-  tunables = [t for t in os.environ.get('GLIBC_TUNABLES', '').split(':')
-              if t and t != huge]
-  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
-  if tunables:
-    env['GLIBC_TUNABLES'] = ':'.join(tunables)
-  return env
 
 
 def twins_section(baseline, rounds, steps):
@@ -422,7 +408,7 @@ def _shape(shape, width=True):
 def main(argv):
   del argv
   if not _QUICK.value:  # As `main` runs a long run; the peers get it alike.
-    cli.cheap_step_memory()
+    cli.keep_freed_memory()
   jax.config.update('jax_num_cpu_devices', _NUM_CPU_DEVICES.value)
   rounds, steps, shape, widths = _settings()
   small = peers.Shape(2048, 128, 4, 8, 128, 32)  # sparse_small's shape.

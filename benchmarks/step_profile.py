@@ -218,7 +218,7 @@ def profile_jax(config, steps):
 
 def main(argv):
   del argv
-  cli.cheap_step_memory()
+  cli.keep_freed_memory()
   jax.config.update('jax_num_cpu_devices', flags.FLAGS.num_cpu_devices)
   # The compile cache's key leaves out the ops' name stacks: a program it
   # holds would name its parts by the scopes of the code that compiled it.

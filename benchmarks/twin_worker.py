@@ -80,13 +80,10 @@ def main(code_dir, config_file):
   from sparse_gpt2 import train  # pylint: disable=g-import-not-at-top
   config = load_config(config_file)
   if importlib.util.find_spec('sparse_gpt2.cli'):  # Newer versions set up
-    cli = importlib.import_module('sparse_gpt2.cli')  # the process as `main`
-    # does: cheap step memory, so named since huge pages, one arena before.
-    for name, steps in (
-        ('cheap_step_memory', 'STEPS_TO_EARN_BACK_CHEAP_MEMORY'),
-        ('keep_freed_memory', 'STEPS_TO_EARN_BACK_FREED_MEMORY')):
-      if hasattr(cli, name) and config.train_steps >= getattr(cli, steps, 0):
-        getattr(cli, name)()
+    cli = importlib.import_module('sparse_gpt2.cli')  # the process as `main`.
+    if hasattr(cli, 'keep_freed_memory') and config.train_steps >= getattr(
+        cli, 'STEPS_TO_EARN_BACK_FREED_MEMORY', 0):
+      cli.keep_freed_memory()
   if config.get('num_cpu_devices', 0) > 1:
     from sparse_gpt2 import sharding  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_num_cpu_devices', config.num_cpu_devices)

@@ -20,68 +20,38 @@ import jax
 from sparse_gpt2 import metrics
 
 
-# Fewer optimizer steps than this do not earn back what `cheap_step_memory`
-# costs: a restart that imports everything again (~4 s) or, where it falls
-# back to one malloc arena, a slower compile (sparse_small: ~130 ms gained a
-# step; a smaller model gains less a step).
-STEPS_TO_EARN_BACK_CHEAP_MEMORY = 200
-
-# glibc's malloc tunable for transparent huge pages (glibc 2.35 and later),
-# read only when a process starts, and where the kernel says whether it
-# offers them (`[madvise]` or `[always]` is on).
-HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb'
-THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
+# Fewer optimizer steps than this do not earn back the slower compile that
+# `keep_freed_memory` brings (sparse_small: ~130 ms gained a step, ~12 s more
+# compile; a smaller model gains less a step).
+STEPS_TO_EARN_BACK_FREED_MEMORY = 200
 
 
-def cheap_step_memory():
-  """Makes the temporaries that XLA:CPU allocates anew every step cheap to
-  get from the OS; call it before jax starts its backend, in runs of at
-  least STEPS_TO_EARN_BACK_CHEAP_MEMORY steps. A no-op off glibc, and where
-  GLIBC_TUNABLES already sets `glibc.malloc.hugetlb`.
+def keep_freed_memory():
+  """Makes glibc keep freed memory for reuse instead of returning it to the
+  OS; call it before jax starts its backend, in runs of at least
+  STEPS_TO_EARN_BACK_FREED_MEMORY steps.
 
-  glibc serves blocks that large (a few hundred MB a step for the small
-  twins) with mmap and gives them back with munmap, so every step
-  page-faults and zeroes them again, a 4 KiB page at a time: ~114,000
-  faults per `sparse_small` step, more than a tenth of it. Where the kernel
-  offers transparent huge pages, the process starts itself again (`execv`,
-  the same command line, so call this before any output or side effect)
-  with `glibc.malloc.hugetlb=1`, and the blocks are faulted in 2 MiB at a
-  time (~860 faults a step). Elsewhere glibc keeps freed memory instead: one
-  arena, no mmap, no trim, so that the freed blocks stay in the heap for
-  the next step (a thread's own arena cannot hold blocks that large and
-  falls back to mmap). That one arena's lock is shared by XLA's compiler
-  threads: `sparse_small`'s train step compiled 1.2-1.3x slower, which the
-  huge pages do not cost (docs/speed.md). The short runs of the test suite
-  and `convert` do not call this, nor the circuits CLIs
-  (`settings.start_jax`).
+  XLA:CPU allocates a step's temporaries anew each step (a few hundred MB for
+  the small twins). glibc serves blocks that large with mmap and gives them
+  back with munmap, so every step page-faults and zeroes them again: ~130,000
+  page faults per `sparse_small` step, which cost more than a fifth of it.
+  With one arena and no mmap, the freed blocks stay in the heap and the next
+  step mostly reuses them without a fault (now and then a block does not fit
+  the freed pieces, and the heap grows by it). The arena matters: a thread's
+  own arena cannot hold blocks that large and falls back to mmap. The one
+  arena can cost compile time (XLA's compiler threads share its lock:
+  `sparse_small`'s step compiled in 43-52 s instead of 31-40 s on one
+  machine, 14-20 s against 15-17 on another), which a run earns back within
+  its first ~150 steps; short runs (the test suite's,
+  `convert`) do not call this, nor the circuits CLIs (`settings.start_jax`).
+  A no-op off glibc.
   """
-  tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if platform.libc_ver()[0] != 'glibc' or HUGE_PAGES_TUNABLE in tunables:
+  if platform.libc_ver()[0] != 'glibc':
     return
-  if huge_pages_offered():
-    os.environ['GLIBC_TUNABLES'] = ':'.join(
-        filter(None, (tunables, HUGE_PAGES_TUNABLE + '=1')))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
   libc = ctypes.CDLL(None)
   libc.mallopt(-8, 1)          # M_ARENA_MAX: every thread in the main arena.
   libc.mallopt(-4, 0)          # M_MMAP_MAX: no block is mmapped...
   libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: ...or trimmed back to the OS.
-
-
-def huge_pages_offered():
-  """Whether glibc (2.35 or later) can ask this kernel for transparent huge
-  pages."""
-  libc_name, version = platform.libc_ver()
-  if libc_name != 'glibc' or [int(v) for v in version.split('.')[:2]] < [
-      2, 35]:
-    return False
-  try:
-    mode = pathlib.Path(THP_MODE_FILE).read_text()
-  except OSError:
-    return False
-  return '[always]' in mode or '[madvise]' in mode
 
 
 # Where jax looks for accelerators before it tries their backends: TPUs are
@@ -92,7 +62,7 @@ GPU_DEVICE_FILES = ('/dev/nvidiactl', '/dev/nvidia0', '/dev/kfd')
 
 def runs_on_cpu():
   """Whether jax will run this process's steps on the host CPU, told before
-  its backend starts (as `cheap_step_memory` must be called): by the first of
+  its backend starts (as `keep_freed_memory` must be called): by the first of
   JAX_PLATFORMS where it is set, else by whether no accelerator that this
   jax can use is attached: a TPU with libtpu installed, or a GPU with a jax
   GPU plugin (a laptop's GPU beside CPU-only jax does not count)."""
@@ -129,14 +99,14 @@ def keep_compiled_programs():
 
 def start_jax(num_cpu_devices, train_steps=0):
   """Before jax starts its backend: for a training run on the CPU of
-  `train_steps` long enough to earn it back, cheap memory for the step's
-  temporaries (with an accelerator they are not in host memory, and the one
-  arena of the fallback only slowed the host: the 124M twins' steps
-  compiled for a v5e-8 in ~1.4x the time); the CPU split into
-  `num_cpu_devices` (0: jax's default, one); compiled programs kept on disk.
-  `main` and the circuits CLIs start alike."""
-  if train_steps >= STEPS_TO_EARN_BACK_CHEAP_MEMORY and runs_on_cpu():
-    cheap_step_memory()
+  `train_steps` long enough to earn it back, freed memory kept for reuse
+  (with an accelerator the step's temporaries are not in host memory, and
+  the one arena only slowed the host: the 124M twins' steps compiled for a
+  v5e-8 in ~1.4x the time); the CPU split into `num_cpu_devices` (0: jax's
+  default, one); compiled programs kept on disk. `main` and the circuits
+  CLIs start alike."""
+  if train_steps >= STEPS_TO_EARN_BACK_FREED_MEMORY and runs_on_cpu():
+    keep_freed_memory()
   if num_cpu_devices:
     jax.config.update('jax_num_cpu_devices', num_cpu_devices)
   keep_compiled_programs()

@@ -100,10 +100,10 @@ def define_flags():
 
 
 def start_jax():
-  """`cli.start_jax` on --num_cpu_devices, without the cheap step memory
-  of training (`cli.cheap_step_memory`): a pruning step's temporaries are
-  small, and in the one malloc arena of its fallback, a program compiled
-  in the same process ran its steps ~1.36x slower (a 400-step pruning of for_while on the medium
+  """`cli.start_jax` on --num_cpu_devices, without the freed memory that
+  training keeps: a pruning step's temporaries are small, and in the one
+  malloc arena it needs, a program compiled in the same process ran its
+  steps ~1.36x slower (a 400-step pruning of for_while on the medium
   sparse model from an empty compile cache: 94 against 69 ms a step; loaded
   from the cache, 78 against 73)."""
   cli.start_jax(flags.FLAGS.num_cpu_devices)
