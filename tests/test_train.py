@@ -102,6 +102,36 @@ def test_training_lowers_the_loss_and_records_the_run(reference_run):
                 key=int) == ['20', '40', '50', '60']
 
 
+def test_event_files_are_written_without_importing_torch(tmp_path):
+  """tensorboardX imports torch wherever it is installed (2.7 s of every
+  run's start here); metrics.Writer hides it from that import. In a fresh
+  process: the events hold the scalars, torch stays out, and imports after."""
+  code = f'''
+import importlib.util, struct, sys
+from sparse_gpt2 import metrics
+writer = metrics.Writer({str(tmp_path)!r}, start_step=0)
+writer.write(5, {{'loss': 2.5, 'l0_per_tensor': {{'w': 7}}}})
+writer.close()
+assert 'torch' not in sys.modules
+from tensorboardX.proto import event_pb2
+import glob
+data = open(glob.glob({str(tmp_path)!r} + '/events.out.tfevents*')[0],
+            'rb').read()
+scalars = {{}}
+while data:  # TFRecord framing: length, its CRC, the event, its CRC.
+  n, = struct.unpack('<Q', data[:8])
+  event = event_pb2.Event.FromString(data[12:12 + n])
+  data = data[16 + n:]
+  for v in event.summary.value:
+    scalars[v.tag] = (event.step, v.simple_value)
+assert scalars == {{'loss': (5, 2.5), 'l0_per_tensor/w': (5, 7.0)}}, scalars
+if importlib.util.find_spec('torch'):
+  import torch
+  torch.ones(1)
+'''
+  subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)
+
+
 def test_load_run_at_a_kept_step(reference_run, tmp_path):
   _, workdir, reference = reference_run
   _, _, newest = train.load_run(workdir)
