@@ -107,14 +107,13 @@ def test_event_files_are_written_without_importing_torch(tmp_path):
   run's start here); metrics.Writer hides it from that import. In a fresh
   process: the events hold the scalars, torch stays out, and imports after."""
   code = f'''
-import importlib.util, struct, sys
+import glob, importlib.util, struct, sys
 from sparse_gpt2 import metrics
 writer = metrics.Writer({str(tmp_path)!r}, start_step=0)
 writer.write(5, {{'loss': 2.5, 'l0_per_tensor': {{'w': 7}}}})
 writer.close()
 assert 'torch' not in sys.modules
 from tensorboardX.proto import event_pb2
-import glob
 data = open(glob.glob({str(tmp_path)!r} + '/events.out.tfevents*')[0],
             'rb').read()
 scalars = {{}}
