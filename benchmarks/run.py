@@ -407,13 +407,13 @@ def _shape(shape, width=True):
 
 def main(argv):
   del argv
-  if not _QUICK.value:  # As `main` runs a long run; the peers get it alike.
-    cli.keep_freed_memory()
-  jax.config.update('jax_num_cpu_devices', _NUM_CPU_DEVICES.value)
-  # As `main` keeps them: a rerun loads its ~20 programs instead of compiling
-  # them again (a loaded program is the compiled one; nothing here times a
-  # compile). The twins' workers inherit the directory.
-  cli.keep_compiled_programs()
+  # Set up as `main` sets up a long run (the peers get it alike; --quick as
+  # a short one), compiled programs kept on disk included: a rerun loads its
+  # ~20 programs instead of compiling them again (a loaded program is the
+  # compiled one; nothing here times a compile). The twins' workers inherit
+  # the directory.
+  cli.start_jax(_NUM_CPU_DEVICES.value, train_steps=0 if _QUICK.value else
+                cli.STEPS_TO_EARN_BACK_FREED_MEMORY)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
   rounds, steps, shape, widths = _settings()
   small = peers.Shape(2048, 128, 4, 8, 128, 32)  # sparse_small's shape.
