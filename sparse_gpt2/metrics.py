@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_gpt2 import model as model_lib
 from sparse_gpt2 import workdir as workdir_lib
 
 # Dense bf16 peak FLOP/s of one device, from the vendors' datasheets, by
@@ -28,8 +29,6 @@ DATASHEET_PEAKS = (
     ('B200', 2250e12),
     ('A100', 312e12),
 )
-
-from sparse_gpt2 import model as model_lib
 
 
 def flops_per_token(model_config, seq_len):
@@ -124,6 +123,9 @@ def _import_tensorboardx():
   return tensorboardX
 
 
+_EVENTS_FLUSH_SECS = 1
+
+
 class Writer:
   """Adds one JSON object per logged step to metrics.jsonl and mirrors
   scalars to TensorBoard; only process 0 writes.
@@ -132,6 +134,13 @@ class Writer:
   stores such as gs:// cannot append; a run logs hundreds of lines, not
   millions. A resumed run drops the lines past its checkpoint, which it is
   about to log again.
+
+  tensorboardX writes events from a thread of its own, which flushes them
+  to the file at most every `flush_secs`; its `flush()` does not wait for
+  that thread. At its default 120 s, TensorBoard showed a log's scalars up
+  to two minutes late, some of them a log later than others, and a killed
+  run lost them. Flushed every second, they are on disk within a second of
+  the log, for one wake-up a second of an idle thread.
   """
 
   def __init__(self, workdir, start_step):
@@ -141,7 +150,7 @@ class Writer:
       self._lines = [json.dumps(r) for r in workdir_lib.read_metrics(workdir)
                      if r['step'] <= start_step]
       self._tb = _import_tensorboardx().SummaryWriter(
-          str(workdir_lib.path(workdir)))
+          str(workdir_lib.path(workdir)), flush_secs=_EVENTS_FLUSH_SECS)
 
   def write(self, step, metrics):
     if not self._active:
@@ -155,7 +164,6 @@ class Writer:
           self._tb.add_scalar(f'{key}/{sub}', v, step)
       else:
         self._tb.add_scalar(key, value, step)
-    self._tb.flush()
 
   def close(self):
     if self._active:

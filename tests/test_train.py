@@ -102,33 +102,64 @@ def test_training_lowers_the_loss_and_records_the_run(reference_run):
                 key=int) == ['20', '40', '50', '60']
 
 
+def _event_scalars(workdir):
+  """{tag: (step, value)} of the TensorBoard event file in `workdir`, as far
+  as it is on disk (a record still being written is left out)."""
+  metrics._import_tensorboardx()  # The package, without torch.
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  [path] = [os.path.join(workdir, n) for n in os.listdir(workdir)
+            if n.startswith('events.out.tfevents')]
+  with open(path, 'rb') as f:
+    data = f.read()
+  scalars = {}
+  while len(data) >= 8:  # TFRecord: length, its CRC, the event, its CRC.
+    n = int.from_bytes(data[:8], 'little')
+    if len(data) < 16 + n:
+      break
+    event = event_pb2.Event.FromString(data[12:12 + n])
+    data = data[16 + n:]
+    for v in event.summary.value:
+      scalars[v.tag] = (event.step, v.simple_value)
+  return scalars
+
+
 def test_event_files_are_written_without_importing_torch(tmp_path):
   """tensorboardX imports torch wherever it is installed (2.7 s of every
   run's start here); metrics.Writer hides it from that import. In a fresh
   process: the events hold the scalars, torch stays out, and imports after."""
   code = f'''
-import glob, importlib.util, struct, sys
+import importlib.util, sys
 from sparse_gpt2 import metrics
 writer = metrics.Writer({str(tmp_path)!r}, start_step=0)
 writer.write(5, {{'loss': 2.5, 'l0_per_tensor': {{'w': 7}}}})
 writer.close()
 assert 'torch' not in sys.modules
-from tensorboardX.proto import event_pb2
-data = open(glob.glob({str(tmp_path)!r} + '/events.out.tfevents*')[0],
-            'rb').read()
-scalars = {{}}
-while data:  # TFRecord framing: length, its CRC, the event, its CRC.
-  n, = struct.unpack('<Q', data[:8])
-  event = event_pb2.Event.FromString(data[12:12 + n])
-  data = data[16 + n:]
-  for v in event.summary.value:
-    scalars[v.tag] = (event.step, v.simple_value)
-assert scalars == {{'loss': (5, 2.5), 'l0_per_tensor/w': (5, 7.0)}}, scalars
 if importlib.util.find_spec('torch'):
   import torch
   torch.ones(1)
 '''
   subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)
+  assert _event_scalars(tmp_path) == {'loss': (5, 2.5),
+                                      'l0_per_tensor/w': (5, 7.0)}
+
+
+def test_each_log_reaches_tensorboard_within_seconds(tmp_path):
+  """tensorboardX's thread flushes on its own clock (120 s by default, and
+  `flush()` does not wait for it): TensorBoard showed a log up to two
+  minutes late, and a killed run lost it. Each log must be on disk within
+  seconds, the run still open."""
+  writer = metrics.Writer(str(tmp_path), start_step=0)
+  try:
+    for step in (1, 2, 3):
+      writer.write(step, {'loss': 4.0 - step, 'l0_per_tensor': {'w': step}})
+      expected = {'loss': (step, 4.0 - step), 'l0_per_tensor/w': (step, step)}
+      deadline = time.monotonic() + 10
+      while (_event_scalars(tmp_path) != expected
+             and time.monotonic() < deadline):
+        time.sleep(0.05)
+      assert _event_scalars(tmp_path) == expected
+  finally:
+    writer.close()
 
 
 def test_load_run_at_a_kept_step(reference_run, tmp_path):
