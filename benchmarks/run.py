@@ -335,8 +335,39 @@ def twins_section(baseline, rounds, steps):
     return {'baseline': baseline, 'results': out}
 
 
+def _machine():
+  """The host as a reader of the tables needs it: the same 2-core run read
+  its matmul peak at 51-81 GFLOP/s on an AVX2 AMD EPYC and ~270 on an
+  AVX-512 Xeon, so every number belongs to its CPU model and vector width."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      info = f.read()
+  except OSError:
+    info = ''
+  for line in info.splitlines():
+    if line.startswith('model name'):
+      cpu = line.split(':', 1)[1].strip()
+      break
+  flag_words = set(info.split())
+  isa = next((name for flag, name in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'))
+              if flag in flag_words), '')
+  return (f"{cpu}{f' ({isa})' if isa else ''}, {platform.machine()}, "
+          f'{os.cpu_count()} cores, {jax.devices()[0].device_kind}')
+
+
+def _commit():
+  """The checkout measured, marked when it differs from its commit."""
+  head = subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short', 'HEAD'],
+                        capture_output=True, text=True).stdout.strip()
+  changed = subprocess.run(['git', '-C', ROOT, 'diff', '--quiet', 'HEAD'],
+                           capture_output=True).returncode
+  return f"{head or 'unknown'}{' (modified)' if changed else ''}"
+
+
 def to_markdown(result):
-  lines = [f"Measured {result['date']} on {result['machine']} "
+  lines = [f"Measured {result['date']} on {result['machine']} at commit "
+           f"`{result['commit']}` "
            f"(`python benchmarks/run.py`); this project's steps on "
            f"{result['num_cpu_devices']} CPU device(s), each batch split "
            'over them.', '']
@@ -421,8 +452,8 @@ def main(argv):
     small = shape
   result = {
       'date': time.strftime('%Y-%m-%d'),
-      'machine': f'{platform.machine()}, {os.cpu_count()} cores, '
-                 f'{jax.devices()[0].device_kind}',
+      'machine': _machine(),
+      'commit': _commit(),
       'num_cpu_devices': _NUM_CPU_DEVICES.value,
       'quick': _QUICK.value,
       'seconds': {},  # Each section's wall time, compiles included.

@@ -26,7 +26,7 @@ def test_quick_suite_writes_every_section_and_skips_a_missing_peer(tmp_path):
                  capture_output=True)
   result = json.loads((tmp_path / 'run.json').read_text())
   assert set(result) >= {'peers', 'modes', 'sizes', 'twins', 'date',
-                         'machine'}
+                         'machine', 'commit'}
   assert 'PyTorch peer skipped' in result['peers']['note']
   assert set(result['peers']['results']) == {'sparse_gpt2 (dense)',
                                              'plain Flax + optax'}
