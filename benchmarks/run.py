@@ -39,7 +39,6 @@ contender's steps, so a machine that slows down cannot inflate it.
 import functools
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # pylint: disable=g-import-not-at-top
+import provenance  # pylint: disable=g-import-not-at-top
 import twin_worker  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import cli  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import defaults  # pylint: disable=g-import-not-at-top
@@ -296,14 +296,10 @@ def twins_section(baseline, rounds, steps):
   """Old/new step time of the twins' configs, old and new in turns (each
   in its own process; one waits while the other runs)."""
   with tempfile.TemporaryDirectory() as old_dir:
-    archive = subprocess.run(
-        ['git', '-C', ROOT, 'archive', baseline, 'sparse_gpt2', 'configs'],
-        capture_output=True, check=False)
-    if archive.returncode:
-      return {'note': f'twins skipped: commit {baseline} not found '
-                      f'({archive.stderr.decode().strip()})'}
-    subprocess.run(['tar', '-x', '-C', old_dir], input=archive.stdout,
-                   check=True)
+    try:
+      provenance.unpack(baseline, old_dir)
+    except ValueError as e:
+      return {'note': f'twins skipped: {e}'}
     names = (('configs/tiny.py',) if _QUICK.value else
              ('configs/sparse_small.py', 'configs/dense_small.py'))
     # All compile at once (a compile leaves part of two cores idle: the
@@ -333,36 +329,6 @@ def twins_section(baseline, rounds, steps):
                    'speedup': r['old']['step_s'] / r['new']['step_s'],
                    'old_mfu': r['old']['mfu'], 'new_mfu': r['new']['mfu']}
     return {'baseline': baseline, 'results': out}
-
-
-def _machine():
-  """The host as a reader of the tables needs it: the same 2-core run read
-  its matmul peak at 51-81 GFLOP/s on an AVX2 AMD EPYC and ~270 on an
-  AVX-512 Xeon, so every number belongs to its CPU model and vector width."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      info = f.read()
-  except OSError:
-    info = ''
-  for line in info.splitlines():
-    if line.startswith('model name'):
-      cpu = line.split(':', 1)[1].strip()
-      break
-  flag_words = set(info.split())
-  isa = next((name for flag, name in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'))
-              if flag in flag_words), '')
-  return (f"{cpu}{f' ({isa})' if isa else ''}, {platform.machine()}, "
-          f'{os.cpu_count()} cores, {jax.devices()[0].device_kind}')
-
-
-def _commit():
-  """The checkout measured, marked when it differs from its commit."""
-  head = subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short', 'HEAD'],
-                        capture_output=True, text=True).stdout.strip()
-  changed = subprocess.run(['git', '-C', ROOT, 'diff', '--quiet', 'HEAD'],
-                           capture_output=True).returncode
-  return f"{head or 'unknown'}{' (modified)' if changed else ''}"
 
 
 def to_markdown(result):
@@ -452,8 +418,8 @@ def main(argv):
     small = shape
   result = {
       'date': time.strftime('%Y-%m-%d'),
-      'machine': _machine(),
-      'commit': _commit(),
+      'machine': provenance.machine(),
+      'commit': provenance.commit(),
       'num_cpu_devices': _NUM_CPU_DEVICES.value,
       'quick': _QUICK.value,
       'seconds': {},  # Each section's wall time, compiles included.

@@ -156,3 +156,31 @@ def test_gpu_check_trains_both_twins_and_writes_its_tables(tiny_config,
   table = (tmp_path / 'gpu.md').read_text()
   assert '| dense_gpt2_124m |' in table and 'sparse/dense step time' in table
   assert (tmp_path / 'sparse_gpt2_124m.log').exists()
+
+
+def test_whole_runs_trains_both_versions_and_writes_its_table(tiny_config,
+                                                              tmp_path):
+  """benchmarks/whole_runs.py end to end on configs/tiny.py, this checkout
+  against itself (HEAD): both runs train, from their own workdirs, to the
+  same losses; the JSON and the table hold both; a missing commit is one
+  line and a non-zero exit."""
+  config = tiny_config()
+  cmd = [sys.executable, 'benchmarks/whole_runs.py', '--configs=tiny',
+         '--baseline=HEAD', f'--out={tmp_path}', '--set=config.train_steps=10',
+         f'--set=config.data.source={config.data.source}',
+         f'--set=config.data.data_dir={config.data.data_dir}']
+  subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+  result = json.loads((tmp_path / 'whole_runs.json').read_text())
+  tiny = result['results']['tiny']
+  for version in ('old', 'new'):
+    assert 0 < tiny[version]['done_s'] < tiny[version]['wall_s']
+    assert list(tiny[version]['val_loss']) == ['10']
+  # The same code and config, so the same losses.
+  assert tiny['old']['val_loss'] == tiny['new']['val_loss']
+  assert tiny['speedup'] == pytest.approx(
+      tiny['old']['done_s'] / tiny['new']['done_s'])
+  assert '| tiny |' in (tmp_path / 'whole_runs.md').read_text()
+  missing = subprocess.run([*cmd[:3], '--baseline=no_such_commit'], cwd=ROOT,
+                           capture_output=True, text=True)
+  assert missing.returncode != 0
+  assert 'commit no_such_commit not found' in missing.stderr.splitlines()[-1]

@@ -1,0 +1,53 @@
+"""Where a benchmark's numbers come from: the machine, the commit measured,
+and the older commit measured against (`run.py`, `whole_runs.py`)."""
+
+import os
+import platform
+import subprocess
+
+import jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def machine():
+  """The host as a reader of the tables needs it: the same 2-core run read
+  its matmul peak at 51-81 GFLOP/s on an AVX2 AMD EPYC and ~270 on an
+  AVX-512 Xeon, so every number belongs to its CPU model and vector width."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      info = f.read()
+  except OSError:
+    info = ''
+  for line in info.splitlines():
+    if line.startswith('model name'):
+      cpu = line.split(':', 1)[1].strip()
+      break
+  flag_words = set(info.split())
+  isa = next((name for flag, name in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'))
+              if flag in flag_words), '')
+  return (f"{cpu}{f' ({isa})' if isa else ''}, {platform.machine()}, "
+          f'{os.cpu_count()} cores, {jax.devices()[0].device_kind}')
+
+
+def commit():
+  """The checkout measured, marked when it differs from its commit."""
+  head = subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short', 'HEAD'],
+                        capture_output=True, text=True).stdout.strip()
+  changed = subprocess.run(['git', '-C', ROOT, 'diff', '--quiet', 'HEAD'],
+                           capture_output=True).returncode
+  return f"{head or 'unknown'}{' (modified)' if changed else ''}"
+
+
+def unpack(baseline, dest):
+  """The code and configs (`sparse_gpt2/`, `configs/`) of commit `baseline`
+  into the directory `dest`; ValueError where git does not have it."""
+  archive = subprocess.run(
+      ['git', '-C', ROOT, 'archive', baseline, 'sparse_gpt2', 'configs'],
+      capture_output=True, check=False)
+  if archive.returncode:
+    raise ValueError(f'commit {baseline} not found '
+                     f'({archive.stderr.decode().strip()})')
+  os.makedirs(dest, exist_ok=True)
+  subprocess.run(['tar', '-x', '-C', dest], input=archive.stdout, check=True)

@@ -1,0 +1,115 @@
+r"""The small twins trained whole, this checkout against an older commit, on
+the same machine one after the other: issue 8's measure itself ("the same
+validation loss in at most half the wall time"), which `run.py`'s twins
+section only estimates from a few steps of each, timed in turns in worker
+processes (there the old `sparse_small` step read 611-832 ms in two runs
+minutes apart, against 540 ms alone and 553 ms a step of its whole run).
+
+  python benchmarks/whole_runs.py     # ~30 min on 2 cores: benchmarks/out/whole_runs.{json,md}
+  python benchmarks/whole_runs.py --configs=tiny --set=config.train_steps=10
+
+Each run is `python -m sparse_gpt2.main --config=configs/NAME.py` as a user
+runs it, in a fresh workdir, with an empty compile cache (both versions
+compile, as on a first run; the baseline keeps no programs anyway); the
+baseline's tree is unpacked from git as in `run.py`. Per config the old run
+goes first, then the new. Read: each run's "Done" time (the training loop,
+evaluations, checkpoints and its compile), its process's wall time, and the
+validation losses of its metrics.jsonl.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+import provenance
+
+ROOT = provenance.ROOT
+
+_CONFIGS = flags.DEFINE_list('configs', ['sparse_small', 'dense_small'],
+                             'Configs (configs/NAME.py) trained by both.')
+_BASELINE = flags.DEFINE_string('baseline', 'c25ae90',
+                                'The older commit: its code and configs.')
+_SET = flags.DEFINE_multi_string(
+    'set', [], 'A config override for both runs, as `main` takes it: '
+    '--set=config.train_steps=200 passes --config.train_steps=200.')
+_OUT = flags.DEFINE_string('out', os.path.join(ROOT, 'benchmarks', 'out'),
+                           'Where whole_runs.json and whole_runs.md go.')
+
+
+def train(code_dir, config, workdir):
+  """{'done_s', 'wall_s', 'val_loss': {step: loss}} of one whole run of
+  `config` by the code in `code_dir`."""
+  with tempfile.TemporaryDirectory() as cache:
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, '-m', 'sparse_gpt2.main',
+         f'--config=configs/{config}.py', f'--workdir={workdir}',
+         *(f'--{s}' for s in _SET.value)],
+        cwd=code_dir, env=env, capture_output=True, text=True)
+    wall_s = time.perf_counter() - start
+  done = re.search(r'Done: \d+ steps in ([0-9.]+) s', proc.stderr)
+  if proc.returncode or not done:
+    raise RuntimeError(f'{config} in {code_dir} failed:\n'
+                       + proc.stderr[-2000:])
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  return {'done_s': float(done.group(1)), 'wall_s': wall_s,
+          'val_loss': {r['step']: r['val_loss'] for r in records
+                       if 'val_loss' in r}}
+
+
+def to_markdown(result):
+  lines = [f"Measured {result['date']} on {result['machine']}: whole runs "
+           f"of this checkout (`{result['commit']}`) against commit "
+           f"`{result['baseline']}`, one after the other "
+           '(`python benchmarks/whole_runs.py`).', '',
+           '| config | old run (s) | new run (s) | old / new '
+           '| old final val loss | new final val loss |',
+           '|---|---:|---:|---:|---:|---:|']
+  for config, r in result['results'].items():
+    old_loss, new_loss = (r[v]['val_loss'][max(r[v]['val_loss'], key=int)]
+                          for v in ('old', 'new'))
+    lines.append(f"| {config} | {r['old']['done_s']:.1f} | "
+                 f"{r['new']['done_s']:.1f} | **{r['speedup']:.2f}x** | "
+                 f'{old_loss:.4f} | {new_loss:.4f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+  del argv
+  result = {'date': time.strftime('%Y-%m-%d'),
+            'machine': provenance.machine(), 'commit': provenance.commit(),
+            'baseline': _BASELINE.value,
+            'overrides': _SET.value, 'results': {}}
+  with tempfile.TemporaryDirectory() as scratch:
+    old_dir = os.path.join(scratch, 'old')
+    try:
+      provenance.unpack(_BASELINE.value, old_dir)
+    except ValueError as e:
+      sys.exit(f'whole_runs.py: {e}')
+    for config in _CONFIGS.value:
+      r = {version: train(code_dir, config,
+                          os.path.join(scratch, f'{version}_{config}'))
+           for version, code_dir in (('old', old_dir), ('new', ROOT))}
+      r['speedup'] = r['old']['done_s'] / r['new']['done_s']
+      result['results'][config] = r
+      print(f"{config}: old {r['old']['done_s']:.1f} s, new "
+            f"{r['new']['done_s']:.1f} s, {r['speedup']:.2f}x", flush=True)
+  os.makedirs(_OUT.value, exist_ok=True)
+  with open(os.path.join(_OUT.value, 'whole_runs.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.join(_OUT.value, 'whole_runs.md'), 'w') as f:
+    f.write(to_markdown(result))
+  print(to_markdown(result))
+
+
+if __name__ == '__main__':
+  app.run(main)
