@@ -33,6 +33,8 @@ from absl import flags
 import provenance
 
 ROOT = provenance.ROOT
+sys.path.insert(0, ROOT)
+from sparse_gpt2.circuits import runs  # pylint: disable=g-import-not-at-top
 
 _CONFIGS = flags.DEFINE_list('configs', ['sparse_small', 'dense_small'],
                              'Configs (configs/NAME.py) trained by both.')
@@ -61,11 +63,8 @@ def train(code_dir, config, workdir):
   if proc.returncode or not done:
     raise RuntimeError(f'{config} in {code_dir} failed:\n'
                        + proc.stderr[-2000:])
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    records = [json.loads(line) for line in f]
   return {'done_s': float(done.group(1)), 'wall_s': wall_s,
-          'val_loss': {r['step']: r['val_loss'] for r in records
-                       if 'val_loss' in r}}
+          'val_loss': runs.val_losses(workdir)}
 
 
 def to_markdown(result):
