@@ -104,12 +104,14 @@ def start_jax(num_cpu_devices, train_steps=0):
   the one arena only slowed the host: the 124M twins' steps compiled for a
   v5e-8 in ~1.4x the time); the CPU split into `num_cpu_devices` (0: jax's
   default, one); compiled programs kept on disk. `main` and the circuits
-  CLIs start alike."""
-  if train_steps >= STEPS_TO_EARN_BACK_FREED_MEMORY and runs_on_cpu():
+  CLIs start alike. Returns whether it kept freed memory."""
+  keep = train_steps >= STEPS_TO_EARN_BACK_FREED_MEMORY and runs_on_cpu()
+  if keep:
     keep_freed_memory()
   if num_cpu_devices:
     jax.config.update('jax_num_cpu_devices', num_cpu_devices)
   keep_compiled_programs()
+  return keep
 
 
 def fail(message, code):
