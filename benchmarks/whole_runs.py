@@ -10,9 +10,8 @@ minutes apart, against 540 ms alone and 553 ms a step of its whole run).
 
 Each run is `python -m sparse_gpt2.main --config=configs/NAME.py` as a user
 runs it, in a fresh workdir, with an empty compile cache (both versions
-compile, as on a first run; the baseline keeps no programs anyway, and a
-rerun of the new one, loading its step, trains ~15% faster: docs/speed.md,
-"Whole runs of the small twins"); the
+compile, as on a first run; the baseline keeps no programs anyway, and
+the new one compiles its steps in a child process and loads them); the
 baseline's tree is unpacked from git as in `run.py`. Per config the old run
 goes first, then the new. Read: each run's "Done" time (the training loop,
 evaluations, checkpoints and its compile), its process's wall time, and the

@@ -44,7 +44,9 @@ def keep_freed_memory():
   machine, 14-20 s against 15-17 on another), which a run earns back within
   its first ~150 steps; short runs (the test suite's,
   `convert`) do not call this, nor the circuits CLIs (`settings.start_jax`).
-  A no-op off glibc.
+  A compile in the one heap leaves its freed blocks among live ones, which
+  slows every malloc after it, so `main` then compiles the steps in a child
+  process (`train.start_compiling_apart`). A no-op off glibc.
   """
   if platform.libc_ver()[0] != 'glibc':
     return

@@ -312,8 +312,7 @@ def start_compiling_apart(config):
   compiler's freed blocks among live ones, and every later malloc walks past
   them. `sparse_small` compiled in-process trained at ~13,000 tokens/s
   instead of ~15,000, glibc's _int_malloc 7.0% of its samples instead of
-  1.1% (perf, docs/speed.md). The child also compiles faster, in glibc's
-  default arenas.
+  1.1% (perf, docs/speed.md).
   """
   child = multiprocessing.get_context('spawn').Process(
       target=compile_steps, daemon=True,
