@@ -342,7 +342,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tokenizer, init_from_hf) is checked before the workdir is written, so a
   refused start leaves nothing behind for the corrected command to trip on.
   `compile_apart`: compile the train and eval steps in a child process
-  (`start_compiling_apart`) while this one loads the data and the state.
+  (`start_compiling_apart`) while this one builds or restores the state;
+  the child hands them over through jax's persistent compilation cache,
+  which `main` keeps (`cli.keep_compiled_programs`).
   """
   validate(config)
   config = workdir_lib.check(config, workdir)
