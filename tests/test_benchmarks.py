@@ -178,7 +178,7 @@ def test_whole_runs_trains_both_versions_and_writes_its_table(tiny_config,
   # The same code and config, so the same losses.
   assert tiny['old']['val_loss'] == tiny['new']['val_loss']
   assert tiny['speedup'] == pytest.approx(
-      tiny['old']['done_s'] / tiny['new']['done_s'])
+      tiny['old']['wall_s'] / tiny['new']['wall_s'])
   assert '| tiny |' in (tmp_path / 'whole_runs.md').read_text()
   missing = subprocess.run([*cmd[:3], '--baseline=no_such_commit'], cwd=ROOT,
                            capture_output=True, text=True)
