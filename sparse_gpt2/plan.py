@@ -29,8 +29,6 @@ os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
 from absl import flags
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from sparse_gpt2 import cli
@@ -101,30 +99,22 @@ def compile_programs(config, target_devices):
   tx = optim.make(config, config.schedule_steps)
   rules = sharding.rules(config.mesh)
   with nn.logical_axis_rules(rules):
-    # Outside the mesh: eager ops (optax's placeholders, the key below)
-    # cannot run on abstract devices.
+    # Outside the mesh: eager ops (optax's placeholders) cannot run on
+    # abstract devices.
     state, state_sharding, batch_sharding = train.layout(config, model, tx,
                                                          mesh)
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
-                             sharding=NamedSharding(mesh, P()))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = train.jit_train_step(config, model, tx, state_sharding,
-                                batch_sharding)
-    tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1),
-                                  jnp.int32, sharding=batch_sharding)
+    lowerings = train.programs(config, model, tx, mesh, state,
+                               state_sharding, batch_sharding)
     params = sum(x.size for x in jax.tree.leaves(state.params))
-    return params, mesh, {
-        'initialization': _compile(
-            train.jit_init(config, model, tx, state_sharding), rng, None),
-        'train step': _compile(step, state, tokens),
-        'evaluation': _compile(train.jit_eval_step(config, model),
-                               state.params, tokens)}
+    return params, mesh, {name: _compile(lower)
+                          for name, lower in lowerings.items()}
 
 
-def _compile(jitted, *args):
+def _compile(lower):
   """The compiled program, or the compiler's out-of-memory error."""
   try:
-    return jitted.lower(*args).compile()
+    return lower().compile()
   except Exception as e:  # pylint: disable=broad-except
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise

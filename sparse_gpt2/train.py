@@ -18,6 +18,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
@@ -280,6 +281,32 @@ def jit_eval_step(config, model):
                                    microbatches=config.microbatches))
 
 
+def programs(config, model, tx, mesh, abstract_state, state_sharding,
+             batch_sharding):
+  """{name: a function that lowers it} for the three programs a run
+  compiles on its state, jitted as the run calls them, from shapes alone:
+  the initialization, the train step and the evaluation. `plan` compiles
+  them for a target's devices; a run and its child process
+  (`start_compiling_apart`) lower the two steps. Lower under the mesh and
+  its logical axis rules."""
+  tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1),
+                                jnp.int32, sharding=batch_sharding)
+  rng = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype,
+                             sharding=NamedSharding(mesh, P()))
+  return {
+      'initialization': functools.partial(
+          jit_init(config, model, tx, state_sharding).lower, rng, None),
+      'train step': functools.partial(
+          jit_train_step(config, model, tx, state_sharding,
+                         batch_sharding).lower, abstract_state, tokens),
+      'evaluation': functools.partial(jit_eval_step(config, model).lower,
+                                      abstract_state.params, tokens)}
+
+
+# The programs a run's loop calls on its state.
+STEPS = ('train step', 'evaluation')
+
+
 def compile_steps(config, cache_dir):
   """Compiles config's train and eval steps from their shapes alone into the
   persistent compilation cache in `cache_dir`: what the child process of
@@ -287,19 +314,16 @@ def compile_steps(config, cache_dir):
   malloc arenas."""
   cli.start_jax(config.num_cpu_devices)
   jax.config.update('jax_compilation_cache_dir', cache_dir)
+  # Kept however fast they compile (a tiny config's do in under a second).
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   mesh = make_mesh(config)
   model = make_model(config)
   tx = optim.make(config, config.schedule_steps)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
-    abstract_state, state_sharding, batch_sharding = layout(
-        config, model, tx, mesh)
-    batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1),
-                                 jnp.int32, sharding=batch_sharding)
-    # Kept however fast they compile (a tiny config's do in under a second).
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-    jit_train_step(config, model, tx, state_sharding, batch_sharding).lower(
-        abstract_state, batch).compile()
-    jit_eval_step(config, model).lower(abstract_state.params, batch).compile()
+    lowerings = programs(config, model, tx, mesh,
+                         *layout(config, model, tx, mesh))
+    for name in STEPS:
+      lowerings[name]().compile()
 
 
 def start_compiling_apart(config):
@@ -342,13 +366,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tokenizer, init_from_hf) is checked before the workdir is written, so a
   refused start leaves nothing behind for the corrected command to trip on.
   `compile_apart`: compile the train and eval steps in a child process
-  (`start_compiling_apart`) while this one builds or restores the state;
-  the child hands them over through jax's persistent compilation cache,
+  (`start_compiling_apart`) while this one loads the corpus, builds or
+  restores the state and traces the steps; the child hands them over through jax's persistent compilation cache,
   which `main` keeps (`cli.keep_compiled_programs`).
   """
   validate(config)
   config = workdir_lib.check(config, workdir)
   mesh = make_mesh(config)
+  # Started before the corpus loads, which it then overlaps too; should the
+  # run be refused, its exit ends the (daemon) child.
+  compiling = (start_compiling_apart(config)
+               if compile_apart and jax.process_count() == 1 else None)
   corpus = multihost.process_0_first(
       lambda: data.load(config.data, config.seq_len))
   if corpus.tokenizer.get_vocab_size() > config.model.vocab_size:
@@ -359,8 +387,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     hf_kwargs, init_params = hf.load(config.init_from_hf)
     hf.check_config(config.model, hf_kwargs, config.init_from_hf)
   workdir_lib.create(config, workdir)
-  compiling = (start_compiling_apart(config)
-               if compile_apart and jax.process_count() == 1 else None)
 
   model = make_model(config)
   tx = optim.make(config, config.schedule_steps)
@@ -377,22 +403,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state = jit_init(config, model, tx, state_sharding)(rng, init_params)
       else:
         logging.info('Resumed from step %d.', int(state.step))
+      # Traced and lowered here, while a child compiles them; then compiled,
+      # or loaded from the cache the child filled.
+      lowerings = programs(config, model, tx, mesh, abstract_state,
+                           state_sharding, batch_sharding)
+      lowered = [lowerings[name]() for name in STEPS]
       if compiling:
         finish_compiling_apart(compiling)
-      return _train_loop(config, workdir, model, tx, state, state_sharding,
+      step_fn, eval_step = (steps.compile() for steps in lowered)
+      return _train_loop(config, workdir, state, step_fn, eval_step,
                          batch_sharding, corpus, mngr)
     finally:
       mngr.close()  # Waits for the last async save; also after a refusal.
 
 
-def _train_loop(config, workdir, model, tx, state, state_sharding,
-                batch_sharding, corpus, mngr):
+def _train_loop(config, workdir, state, step_fn, eval_step, batch_sharding,
+                corpus, mngr):
   """Steps, logs, evaluates and saves until config.train_steps, or until
   a preemption notice, after saving (raises Preempted)."""
   run_start = time.perf_counter()
 
-  step_fn = jit_train_step(config, model, tx, state_sharding, batch_sharding)
-  eval_step = jit_eval_step(config, model)
   lr_fn = jax.jit(optim.learning_rate(config, config.schedule_steps))
   stats_fn = jax.jit(sparsity.stats)
 
