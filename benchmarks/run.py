@@ -49,11 +49,11 @@ from absl import flags
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import peers  # pylint: disable=g-import-not-at-top
 import provenance  # pylint: disable=g-import-not-at-top
+ROOT = provenance.ROOT
+sys.path.insert(0, ROOT)
+import peers  # pylint: disable=g-import-not-at-top
 import twin_worker  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import cli  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import defaults  # pylint: disable=g-import-not-at-top

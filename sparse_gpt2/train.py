@@ -366,17 +366,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tokenizer, init_from_hf) is checked before the workdir is written, so a
   refused start leaves nothing behind for the corrected command to trip on.
   `compile_apart`: compile the train and eval steps in a child process
-  (`start_compiling_apart`) while this one loads the corpus, builds or
-  restores the state and traces the steps; the child hands them over through jax's persistent compilation cache,
-  which `main` keeps (`cli.keep_compiled_programs`).
+  (`start_compiling_apart`) while this one builds or restores the state
+  and traces the steps; the child hands them over through jax's persistent
+  compilation cache, which `main` keeps (`cli.keep_compiled_programs`).
   """
   validate(config)
   config = workdir_lib.check(config, workdir)
   mesh = make_mesh(config)
-  # Started before the corpus loads, which it then overlaps too; should the
-  # run be refused, its exit ends the (daemon) child.
-  compiling = (start_compiling_apart(config)
-               if compile_apart and jax.process_count() == 1 else None)
   corpus = multihost.process_0_first(
       lambda: data.load(config.data, config.seq_len))
   if corpus.tokenizer.get_vocab_size() > config.model.vocab_size:
@@ -387,6 +383,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     hf_kwargs, init_params = hf.load(config.init_from_hf)
     hf.check_config(config.model, hf_kwargs, config.init_from_hf)
   workdir_lib.create(config, workdir)
+  # After every refusal: a refused run's exit would kill the child, perhaps
+  # in the middle of writing a cache entry, which jax would then never
+  # rewrite.
+  compiling = (start_compiling_apart(config)
+               if compile_apart and jax.process_count() == 1 else None)
 
   model = make_model(config)
   tx = optim.make(config, config.schedule_steps)
