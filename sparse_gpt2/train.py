@@ -383,39 +383,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     hf_kwargs, init_params = hf.load(config.init_from_hf)
     hf.check_config(config.model, hf_kwargs, config.init_from_hf)
   workdir_lib.create(config, workdir)
-  # After every refusal: a refused run's exit would kill the child, perhaps
-  # in the middle of writing a cache entry, which jax would then never
-  # rewrite.
-  compiling = (start_compiling_apart(config)
-               if compile_apart and jax.process_count() == 1 else None)
-
-  model = make_model(config)
-  tx = optim.make(config, config.schedule_steps)
-  rng = jax.random.key(config.seed)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
-    abstract_state, state_sharding, batch_sharding = layout(
-        config, model, tx, mesh, init_params)
-
-    mngr = checkpoint.manager(workdir, config.keep_checkpoints,
-                              config.keep_every)
-    try:
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints,
+                            config.keep_every)
+  try:
+    # After every refusal (a refused run's exit would kill the child, perhaps
+    # in the middle of writing a cache entry, which jax would then never
+    # rewrite), and not for a run already at its end.
+    compiling = (start_compiling_apart(config)
+                 if compile_apart and jax.process_count() == 1
+                 and (mngr.latest_step() or 0) < config.train_steps else None)
+    model = make_model(config)
+    tx = optim.make(config, config.schedule_steps)
+    rng = jax.random.key(config.seed)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(
+        sharding.rules(config.mesh)):
+      abstract_state, state_sharding, batch_sharding = layout(
+          config, model, tx, mesh, init_params)
       state = checkpoint.restore_latest(mngr, abstract_state, workdir)
       if state is None:
         state = jit_init(config, model, tx, state_sharding)(rng, init_params)
       else:
         logging.info('Resumed from step %d.', int(state.step))
-      # Traced and lowered here, while a child compiles them; then compiled,
-      # or loaded from the cache the child filled.
-      lowerings = programs(config, model, tx, mesh, abstract_state,
-                           state_sharding, batch_sharding)
-      lowered = [lowerings[name]() for name in STEPS]
-      if compiling:
-        finish_compiling_apart(compiling)
-      step_fn, eval_step = (steps.compile() for steps in lowered)
+      step_fn = eval_step = None  # None compiled where no step is left.
+      if int(state.step) < config.train_steps:
+        # Traced and lowered here, while a child compiles them; then
+        # compiled, or loaded from the cache the child filled.
+        lowerings = programs(config, model, tx, mesh, abstract_state,
+                             state_sharding, batch_sharding)
+        lowered = [lowerings[name]() for name in STEPS]
+        if compiling:
+          finish_compiling_apart(compiling)
+        step_fn, eval_step = (steps.compile() for steps in lowered)
       return _train_loop(config, workdir, state, step_fn, eval_step,
                          batch_sharding, corpus, mngr)
-    finally:
-      mngr.close()  # Waits for the last async save; also after a refusal.
+  finally:
+    mngr.close()  # Waits for the last async save; also after a refusal.
 
 
 def _train_loop(config, workdir, state, step_fn, eval_step, batch_sharding,

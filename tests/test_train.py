@@ -690,6 +690,13 @@ def test_a_long_cpu_run_loads_the_steps_a_child_process_compiled(tmp_path):
   for step in ('jit_train_step', 'jit_eval_loss'):
     assert f"Persistent compilation cache hit for '{step}'" in result.stderr
   assert [m['step'] for m in _metrics(str(tmp_path / 'run'))] == [steps]
+  # Rerun at its end, it neither starts the child nor compiles the steps.
+  again = subprocess.run(result.args, cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert f'Resumed from step {steps}' in again.stderr
+  assert 'child process' not in again.stderr
+  assert 'train_step' not in again.stderr
 
 
 def test_a_failed_compile_apart_leaves_the_compile_to_the_run(caplog):
