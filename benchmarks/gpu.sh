@@ -67,7 +67,7 @@ for name in sorted(os.listdir(runs)):
     lines = [json.loads(line) for line in f]
   with open(os.path.join(runs, name, 'config.json')) as f:
     config = json.load(f)
-  timed = lines[1:] or lines  # The first interval holds the compile.
+  timed = lines[1:] or lines  # The first interval holds the warm-up.
   rate = statistics.median(m['tokens_per_s'] for m in timed)
   mfu = statistics.median(m['mfu'] for m in timed)
   result['runs'][name] = {
