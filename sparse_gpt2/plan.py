@@ -33,7 +33,6 @@ from ml_collections import config_flags
 
 from sparse_gpt2 import cli
 from sparse_gpt2 import metrics
-from sparse_gpt2 import optim
 from sparse_gpt2 import sharding
 from sparse_gpt2 import train
 from sparse_gpt2 import workdir
@@ -94,18 +93,8 @@ def compile_programs(config, target_devices):
   # dense, and its initialization computes no top-k.
   config = config.copy_and_resolve_references()
   config.schedule_steps = workdir.schedule_steps(config)
-  mesh = train.make_mesh(config, target_devices)
-  model = train.make_model(config, target_devices[0].platform)
-  tx = optim.make(config, config.schedule_steps)
-  rules = sharding.rules(config.mesh)
-  with nn.logical_axis_rules(rules):
-    # Outside the mesh: eager ops (optax's placeholders) cannot run on
-    # abstract devices.
-    state, state_sharding, batch_sharding = train.layout(config, model, tx,
-                                                         mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    lowerings = train.programs(config, model, tx, mesh, state,
-                               state_sharding, batch_sharding)
+  mesh, state, lowerings = train.abstract_programs(config, target_devices)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
     params = sum(x.size for x in jax.tree.leaves(state.params))
     return params, mesh, {name: _compile(lower)
                           for name, lower in lowerings.items()}

@@ -285,10 +285,9 @@ def programs(config, model, tx, mesh, abstract_state, state_sharding,
              batch_sharding):
   """{name: a function that lowers it} for the three programs a run
   compiles on its state, jitted as the run calls them, from shapes alone:
-  the initialization, the train step and the evaluation. `plan` compiles
-  them for a target's devices; a run and its child process
-  (`start_compiling_apart`) lower the two steps. Lower under the mesh and
-  its logical axis rules."""
+  the initialization, the train step and the evaluation. A run lowers the
+  two steps of its own state's layout; `abstract_programs` makes them from
+  a config alone. Lower under the mesh and its logical axis rules."""
   tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1),
                                 jnp.int32, sharding=batch_sharding)
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype,
@@ -301,6 +300,23 @@ def programs(config, model, tx, mesh, abstract_state, state_sharding,
                          batch_sharding).lower, abstract_state, tokens),
       'evaluation': functools.partial(jit_eval_step(config, model).lower,
                                       abstract_state.params, tokens)}
+
+
+def abstract_programs(config, devices=None):
+  """(mesh, abstract state, `programs`) of config on `devices` (default:
+  all), each model, optimizer and layout made from the config alone: what
+  `plan` compiles for a target, and a run's child process
+  (`start_compiling_apart`) ahead of the run. Lower under the mesh and
+  config.mesh's logical axis rules."""
+  mesh = make_mesh(config, devices)
+  model = make_model(config, mesh.devices.flat[0].platform)
+  tx = optim.make(config, config.schedule_steps)
+  with nn.logical_axis_rules(sharding.rules(config.mesh)):
+    # Outside the mesh: eager ops (optax's placeholders) cannot run on
+    # abstract devices.
+    state, state_sharding, batch_sharding = layout(config, model, tx, mesh)
+  return mesh, state, programs(config, model, tx, mesh, state,
+                               state_sharding, batch_sharding)
 
 
 # The programs a run's loop calls on its state.
@@ -316,12 +332,8 @@ def compile_steps(config, cache_dir):
   jax.config.update('jax_compilation_cache_dir', cache_dir)
   # Kept however fast they compile (a tiny config's do in under a second).
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  mesh = make_mesh(config)
-  model = make_model(config)
-  tx = optim.make(config, config.schedule_steps)
+  mesh, _, lowerings = abstract_programs(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
-    lowerings = programs(config, model, tx, mesh,
-                         *layout(config, model, tx, mesh))
     for name in STEPS:
       lowerings[name]().compile()
 
