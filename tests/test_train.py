@@ -376,6 +376,39 @@ def test_non_finite_gradients_stop_before_anything_is_saved(
   assert not os.listdir(tmp_path / 'nan' / 'checkpoints')
 
 
+def test_a_log_that_neither_evaluates_nor_saves_is_written_as_the_next_step_runs(
+    tiny_config, tmp_path, monkeypatch):
+  config = tiny_config(train_steps=20, log_every=5, eval_every=10,
+                       checkpoint_every=10)
+  events = []
+  batch, write = train.global_batch, metrics.Writer.write
+  def logged_batch(tokens, step, seed, *args):
+    if seed == config.seed:  # A train step's, not an evaluation's.
+      events.append(('batch', step))
+    return batch(tokens, step, seed, *args)
+  def logged_write(self, step, values):
+    events.append(('write', step))
+    return write(self, step, values)
+  monkeypatch.setattr(train, 'global_batch', logged_batch)
+  monkeypatch.setattr(metrics.Writer, 'write', logged_write)
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  # Batch i is step i + 1's: logs 5 and 15 are written after step 6's and
+  # step 16's batches were made, logs 10 and 20 before the next.
+  writes = [events.index(('write', s)) for s in (5, 10, 15, 20)]
+  assert events[writes[0] - 1] == ('batch', 5)
+  assert events[writes[1] + 1] == ('batch', 10)
+  assert events[writes[2] - 1] == ('batch', 15)
+  assert writes[3] == len(events) - 1
+  # Each record is its own step's, not the next one's.
+  lr = optim.learning_rate(config, workdir_lib.load_config(
+      workdir).schedule_steps)
+  logged = _metrics(workdir)
+  assert [m['step'] for m in logged] == [5, 10, 15, 20]
+  assert [m['lr'] for m in logged] == pytest.approx(
+      [float(lr(s - 1)) for s in (5, 10, 15, 20)], rel=1e-6)
+
+
 def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
                                               monkeypatch):
   manager = checkpoint.manager
@@ -561,7 +594,10 @@ def test_command_line_errors_are_one_line_and_non_zero(tiny_config, tmp_path):
 def test_sharded_training_on_8_devices_matches_one_device(tiny_config,
                                                          tmp_path):
   """data 4 x model 2 on CPU devices that `num_cpu_devices` makes (a mesh
-  that did not get them would not fit): same losses as one device."""
+  that did not get them would not fit): same losses as one device. Its
+  saves slice no array over the 4 replicas (orbax's replica-parallel
+  saving, which compiles a slicing program per shape), as one process
+  writes each array from one replica."""
   config = tiny_config('none', train_steps=10, log_every=1)
   flags = ('--config=configs/tiny.py:none', '--config.train_steps=10',
            '--config.log_every=1', f'--config.data.source={config.data.source}',
@@ -573,8 +609,11 @@ def test_sharded_training_on_8_devices_matches_one_device(tiny_config,
         [sys.executable, '-m', 'sparse_gpt2.main', f'--workdir={workdir}',
          *flags, f'--config.mesh.model={model}',
          f'--config.num_cpu_devices={devices}'], cwd=ROOT,
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_LOG_COMPILES='1'))
     assert result.returncode == 0, result.stderr[-2000:]
+    assert 'Compiling jit(train_step)' in result.stderr
+    assert 'Compiling jit(slice)' not in result.stderr
     runs[name] = [m['loss'] for m in _metrics(workdir)]
   np.testing.assert_allclose(runs['mesh'], runs['one'], rtol=1e-4)
 
