@@ -276,8 +276,8 @@ def test_bad_attention_remat_or_depth_fails_clearly():
 
 
 def test_xla_cpu_grads_are_the_gradients_of_jax_own_rules():
-  # `matmul`'s own backward pass (laid out for XLA:CPU) must give the
-  # gradients of JAX's rules, alone and in the whole model.
+  # `matmul`'s and `rms_norm`'s own backward passes (written for XLA:CPU)
+  # must give the gradients of JAX's rules, alone and in the whole model.
   keys = jax.random.split(jax.random.key(2), 3)
   x = jax.random.normal(keys[0], (3, 5, 7))
   kernel = jax.random.normal(keys[1], (7, 4))
@@ -287,8 +287,19 @@ def test_xla_cpu_grads_are_the_gradients_of_jax_own_rules():
       for f in (model_lib.matmul, jnp.matmul))
   for got, want in zip(ours, reference):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  for tied in (False, True):
-    kw = dict(bigram_table=True, tie_embeddings=tied)
+  scale = 1 + jax.random.normal(keys[1], (7,))
+  flax_norm = lambda x, scale: nn.RMSNorm(epsilon=1e-5).apply(
+      {'params': {'scale': scale}}, x)
+  np.testing.assert_array_equal(model_lib.rms_norm(x, scale),
+                                flax_norm(x, scale))  # The same forward.
+  ours, reference = (
+      jax.grad(lambda x, s, f=f: jnp.sum(f(x, s) * x[..., ::-1]), (0, 1))(
+          x, scale) for f in (model_lib.rms_norm, flax_norm))
+  for got, want in zip(ours, reference):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for tied, norm in ((False, 'layernorm'), (True, 'layernorm'),
+                     (False, 'rmsnorm')):
+    kw = dict(bigram_table=True, tie_embeddings=tied, norm=norm)
     m, params, _ = _init(**kw)
     m_cpu = model_lib.GPT2(**SMALL, **kw, xla_cpu_grads=True)
     g, g_cpu = (jax.grad(lambda p, m=m: jnp.mean(

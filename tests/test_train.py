@@ -376,7 +376,7 @@ def test_non_finite_gradients_stop_before_anything_is_saved(
   assert not os.listdir(tmp_path / 'nan' / 'checkpoints')
 
 
-def test_a_log_that_neither_evaluates_nor_saves_is_written_as_the_next_step_runs(
+def test_a_plain_log_is_written_while_the_next_step_runs(
     tiny_config, tmp_path, monkeypatch):
   config = tiny_config(train_steps=20, log_every=5, eval_every=10,
                        checkpoint_every=10)
