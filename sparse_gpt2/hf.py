@@ -122,7 +122,7 @@ def _read_config(hf_dir):
        f'model_type={config.get("model_type")!r}'),
       (config['activation_function'] not in _ACTIVATIONS,
        f'activation_function={config["activation_function"]!r}'),
-      (config['layer_norm_epsilon'] != 1e-5,
+      (config['layer_norm_epsilon'] != model.NORM_EPSILON,
        f'layer_norm_epsilon={config["layer_norm_epsilon"]}'),
       (not config['scale_attn_weights'], 'scale_attn_weights=False'),
       (config['scale_attn_by_inverse_layer_idx'],
@@ -254,7 +254,8 @@ def save(params, model_kwargs, out_dir, overwrite=False):
       n_embd=gpt2.d_model, n_layer=gpt2.num_layers, n_head=gpt2.num_heads,
       n_inner=model.derived_sizes(gpt2)[1],
       activation_function='gelu_new',
-      layer_norm_epsilon=1e-5, tie_word_embeddings=gpt2.tie_embeddings,
+      layer_norm_epsilon=model.NORM_EPSILON,
+      tie_word_embeddings=gpt2.tie_embeddings,
       dtype='float32')
 
   parent, base = os.path.split(out_dir)

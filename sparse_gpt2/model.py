@@ -311,10 +311,13 @@ class _DenseWeights(nn.Module):
     return kernel, bias
 
 
+NORM_EPSILON = 1e-5  # Every norm's: flax's LayerNorm, RMSNorm, `rms_norm`.
+
+
 @jax.custom_vjp
 def rms_norm(x, scale):
   """x [..., D] / RMS(x) * scale [D] in float32, as nn.RMSNorm computes it
-  (epsilon 1e-5), with its gradient written out: JAX's own rule gave
+  (epsilon NORM_EPSILON), with its gradient written out: JAX's own rule gave
   XLA:CPU ~10 ops a norm (~90 in a `sparse_small` step, 4.3% of its
   threads' time), several of them materialised broadcasts; this one takes
   ~2/3 of the time (nine norms fwd+bwd of `sparse_small`'s [16, 128, 128],
@@ -324,7 +327,8 @@ def rms_norm(x, scale):
 
 def _rms_norm_fwd(x, scale):
   x32 = x.astype(jnp.float32)
-  rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + 1e-5)
+  rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True)
+                      + NORM_EPSILON)
   return x32 * (rms * scale), (x, rms, scale)
 
 
@@ -347,11 +351,11 @@ class _RMSNorm(nn.Module):
   plans and their memory stay those of flax's own."""
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  scale_init: nn.initializers.Initializer
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param('scale', nn.with_logical_partitioning(
-        nn.initializers.ones_init(), ('embed',)), (x.shape[-1],),
+    scale = self.param('scale', self.scale_init, (x.shape[-1],),
                        self.param_dtype)
     return rms_norm(x, scale).astype(self.dtype)
 
@@ -360,13 +364,15 @@ def _norm(kind, dtype, param_dtype, xla_cpu_grads, name):
   scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(),
                                             ('embed',))
   if kind == 'rmsnorm' and xla_cpu_grads:
-    return _RMSNorm(dtype=dtype, param_dtype=param_dtype, name=name)
+    return _RMSNorm(dtype=dtype, param_dtype=param_dtype,
+                    scale_init=scale_init, name=name)
   if kind == 'rmsnorm':
-    return nn.RMSNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
-                      scale_init=scale_init, name=name)
+    return nn.RMSNorm(epsilon=NORM_EPSILON, dtype=dtype,
+                      param_dtype=param_dtype, scale_init=scale_init,
+                      name=name)
   if kind == 'layernorm':
     return nn.LayerNorm(
-        epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+        epsilon=NORM_EPSILON, dtype=dtype, param_dtype=param_dtype,
         scale_init=scale_init,
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                ('embed',)),

@@ -456,13 +456,7 @@ def _train_loop(config, workdir, state, step_fn, eval_step, batch_sharding,
   pending = []  # (step, device metrics) since the last log.
   last_good = start_step if mngr.latest_step() is not None else None
   t0, t0_step = time.perf_counter(), start_step
-  unwritten = None  # A log's `logged`, written after the next step is queued.
-
-  def logged(done):
-    """What a log at step `done` reads of the devices, queued behind its
-    step and before the next, which the state is donated to."""
-    return (done, pending, stats_fn(state.params, state.masks),
-            lr_fn(done - 1))
+  unwritten = None  # A log's `record` arguments, once the next step is queued.
 
   def record(done, since_log, stats, lr):
     """(the log's record, when its step had run), its steps checked."""
@@ -509,7 +503,11 @@ def _train_loop(config, workdir, state, step_fn, eval_step, batch_sharding,
     do_save = done % config.checkpoint_every == 0 or is_last or preempted
     if done % config.log_every and not (do_eval or do_save):
       continue
-    log, pending = logged(done), []
+    # What the log reads of the devices, queued behind its step and before
+    # the next, which the state is donated to.
+    log = (done, pending, stats_fn(state.params, state.masks),
+           lr_fn(done - 1))
+    pending = []
     if not (do_eval or do_save):
       unwritten = log
       continue
