@@ -206,6 +206,12 @@ def quiet_library_logs():
   # TensorStore spec: 1,500 lines for one corrupt chunk.
   std_logging.getLogger('asyncio').addFilter(
       lambda r: 'exception was never retrieved' not in r.getMessage())
+  drop_failed_read_echoes()
+
+
+def drop_failed_read_echoes():
+  """Makes `sys.unraisablehook` drop `is_failed_read_echo`'s exceptions and
+  pass every other one to the hook it replaces."""
   previous = sys.unraisablehook
   sys.unraisablehook = lambda u: None if is_failed_read_echo(u) else previous(u)
 
