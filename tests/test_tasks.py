@@ -278,6 +278,20 @@ def test_encode_joins_groups_that_share_a_prompt(tokenizer):
   assert enc['pair'].tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
 
 
+def test_load_jsonl_names_the_keys_it_ignores(tmp_path, caplog):
+  """A misspelt "pair" is dropped with a warning, never silently."""
+  path = tmp_path / 'task.jsonl'
+  path.write_text(
+      '{"prompt": "a", "correct": "b", "incorrect": "c", "Pair": 1}\n'
+      '{"prompt": "d", "correct": "c", "incorrect": "b", "pair": 1, "id": 7}\n')
+  data = tasks.load_jsonl(path)
+  assert [sorted(d) for d in data] == [
+      ['correct', 'incorrect', 'prompt'],
+      ['correct', 'incorrect', 'pair', 'prompt']]
+  assert (f"{path}: ignored key(s) 'Pair', 'id'; a task file reads only "
+          'correct, incorrect, pair, prompt.') in caplog.text
+
+
 @pytest.mark.parametrize('text, match', [
     ('', 'no datapoints'),
     ('\n  \n', 'no datapoints'),

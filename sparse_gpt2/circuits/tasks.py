@@ -757,14 +757,21 @@ def generate(name, n, seed=0):
   return data
 
 
+# The keys of a user task's datapoint (`load_jsonl`).
+_TASK_KEYS = frozenset({'prompt', 'correct', 'incorrect', 'pair'})
+
+
 def load_jsonl(path):
   """A user task: one `{"prompt", "correct", "incorrect"}` object per line.
 
   An optional `"pair"` (an integer or a string) groups datapoints into
-  contrastive pairs or larger groups, which `encode` numbers; other keys are
-  dropped. A UTF-8 byte order mark, as some editors write, is skipped.
+  contrastive pairs or larger groups, which `encode` numbers. Other keys are
+  dropped with one warning that names them: a misspelt "pair" would
+  otherwise leave every datapoint its own group, and a pair's two prompts
+  free to land in different splits. A UTF-8 byte order mark, as some
+  editors write, is skipped.
   """
-  data = []
+  data, unused = [], set()
   try:
     with open(path, encoding='utf-8-sig') as f:
       lines = f.readlines()
@@ -795,8 +802,13 @@ def load_jsonl(path):
         raise ValueError(f'{where}: pair must be an integer or a string.')
       kept['pair'] = d['pair']
     data.append(kept)
+    unused.update(d.keys() - _TASK_KEYS)
   if not data:
     raise ValueError(f'{path}: no datapoints.')
+  if unused:
+    logging.warning('%s: ignored key(s) %s; a task file reads only %s.', path,
+                    ', '.join(map(repr, sorted(unused))),
+                    ', '.join(sorted(_TASK_KEYS)))
   return data
 
 
