@@ -9,7 +9,9 @@ The data position needs no saving: the batch at step s is a pure function of
 import functools
 import json
 import logging as std_logging
+import sys
 import time
+import traceback
 
 from absl import logging
 import jax
@@ -22,6 +24,13 @@ from sparse_gpt2 import workdir as workdir_lib
 # Tensorstore status codes that mean a checkpoint's own files are damaged: a
 # chunk shorter than its index says, undecodable, or missing.
 _CORRUPT_STATUS = ('DATA_LOSS:', 'OUT_OF_RANGE:', 'NOT_FOUND:')
+# What TensorStore says, under other codes (FAILED_PRECONDITION, or none),
+# of bytes that do not decode: a zeroed, flipped or missing stretch of a
+# compressed chunk or b-tree node, or of a JSON file it reads. Every one was
+# met by damaging one file of a saved checkpoint at a time.
+_CORRUPT_SIGNS = ('Data corruption detected', 'ZSTD_decompressStream() failed',
+                  'Truncated Zstd-compressed stream', 'Error decoding',
+                  'Invalid JSON')
 
 
 def manager(workdir, keep, keep_every=0):
@@ -94,13 +103,17 @@ def _saved_bool_masks(mngr, step):
 
 def is_corrupt(error):
   """Whether a restore failed because the checkpoint's files are damaged
-  (truncated JSON metadata, a short or missing chunk), rather than because
-  of what reads them: a changed model or optimizer (tree or shape mismatch),
-  memory, permissions or the network. Only the first is the checkpoint's
-  fault; the rest would fail the same way on every checkpoint."""
+  (truncated or garbled metadata, a short, missing or undecodable chunk),
+  rather than because of what reads them: a changed model or optimizer (tree
+  or shape mismatch), memory, permissions or the network. Only the first is
+  the checkpoint's fault; the rest would fail the same way on every
+  checkpoint."""
   while error is not None:
-    if (isinstance(error, (json.JSONDecodeError, FileNotFoundError))
-        or str(error).startswith(_CORRUPT_STATUS)):
+    message = str(error)
+    if (isinstance(error, (json.JSONDecodeError, UnicodeDecodeError,
+                           FileNotFoundError))
+        or message.startswith(_CORRUPT_STATUS)
+        or any(sign in message for sign in _CORRUPT_SIGNS)):
       return True
     error = error.__cause__ or error.__context__
   return False
@@ -133,6 +146,7 @@ def restore_latest(mngr, abstract_state, workdir):
           'error does this. Fix the cause and rerun.') from error
     if not multihost.any_process(corrupt):
       return state
+    drop_failed_read_echoes()
     aside = (workdir_lib.path(workdir) / workdir_lib.CORRUPT /
              f'{step}-{int(time.time())}')
     if jax.process_index() == 0:
@@ -145,6 +159,56 @@ def restore_latest(mngr, abstract_state, workdir):
     multihost.barrier(f'checkpoint.aside.{step}')
     mngr.reload()
   return None
+
+
+def drop_failed_read_echoes():
+  """Keeps a failed read of a corrupt checkpoint to `restore_latest`'s one
+  warning line, in any process that restores (`main`, a notebook).
+
+  When one of orbax's concurrent array reads fails, the others are left
+  unfinished: asyncio logs each one's copy of the error as never retrieved,
+  with its TensorStore spec (1,500 lines for one corrupt chunk); as they are
+  collected they raise again through `sys.unraisablehook`, as do
+  TensorStore reads that complete after orbax closed their event loop
+  (~7,200 lines in all around the warning, for one truncated checkpoint of
+  the tiny config). They surface after the restore has returned, so the
+  filters stay for the rest of the process; they drop exactly those echoes
+  (`is_failed_read_echo`) and pass everything else on. Installed once,
+  whatever else has wrapped the hook since.
+  """
+  if not getattr(sys.unraisablehook, 'drops_failed_read_echoes', False):
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      if not is_failed_read_echo(unraisable):
+        previous(unraisable)
+
+    hook.drops_failed_read_echoes = True
+    sys.unraisablehook = hook
+  asyncio_logger = std_logging.getLogger('asyncio')
+  if _keeps_all_but_read_echoes not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_keeps_all_but_read_echoes)
+
+
+def _keeps_all_but_read_echoes(record):
+  """asyncio's log filter: False for an orbax task's never-retrieved error."""
+  message = record.getMessage()
+  return not ('exception was never retrieved' in message
+              and '/orbax/' in message)
+
+
+def is_failed_read_echo(unraisable):
+  """Whether an unraisable exception (`sys.unraisablehook`'s argument) is
+  an echo of a checkpoint read that failed: orbax's other read coroutines,
+  never finished, raising the error again as they are collected, and
+  TensorStore's reads that complete after orbax closed their event loop."""
+  code = getattr(unraisable.object, 'cr_code', None)
+  if code is not None:
+    return '/orbax/' in code.co_filename
+  return (unraisable.exc_type is RuntimeError
+          and str(unraisable.exc_value) == 'Event loop is closed'
+          and any(frame.name == 'call_soon_threadsafe' for frame in
+                  traceback.extract_tb(unraisable.exc_traceback)))
 
 
 def first_line(error):

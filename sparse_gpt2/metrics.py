@@ -6,7 +6,6 @@ import logging as std_logging
 import math
 import sys
 import time
-import traceback
 
 from absl import logging
 import jax
@@ -193,40 +192,9 @@ def console_line(step, total, metrics, eta_s):
 
 def quiet_library_logs():
   """Keeps the console to this project's lines: orbax and TFDS log every
-  save and read at INFO, and a corrupt checkpoint's failed read echoes
-  (`is_failed_read_echo`)."""
+  save and read at INFO."""
   std_logging.getLogger('absl').addFilter(
       lambda r: not ('/orbax/' in r.pathname and r.levelno < std_logging.WARNING
                      or '/tensorflow_datasets/' in r.pathname
                      and r.levelno < std_logging.ERROR))
   std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
-  # orbax reads a checkpoint's arrays in concurrent tasks: when a corrupt
-  # one fails (`checkpoint.restore_latest` says so, in one line), each other
-  # task's copy of the error was logged as never retrieved, with the
-  # TensorStore spec: 1,500 lines for one corrupt chunk.
-  std_logging.getLogger('asyncio').addFilter(
-      lambda r: 'exception was never retrieved' not in r.getMessage())
-  drop_failed_read_echoes()
-
-
-def drop_failed_read_echoes():
-  """Makes `sys.unraisablehook` drop `is_failed_read_echo`'s exceptions and
-  pass every other one to the hook it replaces."""
-  previous = sys.unraisablehook
-  sys.unraisablehook = lambda u: None if is_failed_read_echo(u) else previous(u)
-
-
-def is_failed_read_echo(unraisable):
-  """Whether an unraisable exception (`sys.unraisablehook`'s argument) is
-  an echo of a checkpoint read that failed: orbax's other read coroutines,
-  never finished, raising the error again as they are collected, and
-  TensorStore's reads that complete after orbax closed their event loop.
-  Printed, a run that fell back from one truncated checkpoint of the tiny
-  config wrote ~7,200 lines of them around its one-line warning."""
-  code = getattr(unraisable.object, 'cr_code', None)
-  if code is not None:
-    return '/orbax/' in code.co_filename
-  return (unraisable.exc_type is RuntimeError
-          and str(unraisable.exc_value) == 'Event loop is closed'
-          and any(frame.name == 'call_soon_threadsafe' for frame in
-                  traceback.extract_tb(unraisable.exc_traceback)))

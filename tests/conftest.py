@@ -26,17 +26,18 @@ import sysconfig  # pylint: disable=g-import-not-at-top
 
 import pytest  # pylint: disable=g-import-not-at-top
 
-from sparse_gpt2 import metrics  # pylint: disable=g-import-not-at-top
+from sparse_gpt2 import checkpoint  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture(autouse=True, scope='session')
 def failed_read_echoes_dropped():
   """The corrupt-checkpoint tests' failed reads echo as unraisable
   exceptions, which pytest reports as warnings of whichever test is running
-  when they surface (or of none, at the session's last collection); `main`
-  drops the same (`metrics.quiet_library_logs`). The hook wrapped here is
-  pytest's, which puts back the one before it when the session ends."""
-  metrics.drop_failed_read_echoes()
+  when they surface (or of none, at the session's last collection);
+  `checkpoint.restore_latest` drops them too, but only from the hook of the
+  moment it meets a corrupt checkpoint. The hook wrapped here is pytest's,
+  which puts back the one before it when the session ends."""
+  checkpoint.drop_failed_read_echoes()
 
 
 @pytest.fixture(scope='session')
