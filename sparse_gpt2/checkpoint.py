@@ -173,8 +173,8 @@ def drop_failed_read_echoes():
   (~7,200 lines in all around the warning, for one truncated checkpoint of
   the tiny config). They surface after the restore has returned, so the
   filters stay for the rest of the process; they drop exactly those echoes
-  (`is_failed_read_echo`) and pass everything else on. Installed once,
-  whatever else has wrapped the hook since.
+  (`is_failed_read_echo`) and pass everything else on. Called again, it
+  leaves a hook that is already its own as it is.
   """
   if not getattr(sys.unraisablehook, 'drops_failed_read_echoes', False):
     previous = sys.unraisablehook
