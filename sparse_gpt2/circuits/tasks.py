@@ -757,8 +757,10 @@ def generate(name, n, seed=0):
   return data
 
 
-# The keys of a user task's datapoint (`load_jsonl`).
-_TASK_KEYS = frozenset({'prompt', 'correct', 'incorrect', 'pair'})
+# The keys of a user task's datapoint (`load_jsonl`): those it must have,
+# and all it reads.
+_REQUIRED_KEYS = ('prompt', 'correct', 'incorrect')
+_TASK_KEYS = frozenset(_REQUIRED_KEYS + ('pair',))
 
 
 def load_jsonl(path):
@@ -788,10 +790,10 @@ def load_jsonl(path):
     if not isinstance(d, dict):
       raise ValueError(
           f'{where}: expected an object, got {type(d).__name__}.')
-    missing = [k for k in ('prompt', 'correct', 'incorrect') if k not in d]
+    missing = [k for k in _REQUIRED_KEYS if k not in d]
     if missing:
       raise ValueError(f'{where}: missing key(s) {", ".join(missing)}.')
-    kept = {k: d[k] for k in ('prompt', 'correct', 'incorrect')}
+    kept = {k: d[k] for k in _REQUIRED_KEYS}
     if not all(isinstance(v, str) and v for v in kept.values()):
       raise ValueError(f'{where}: prompt, correct and incorrect must be '
                        'non-empty strings.')
