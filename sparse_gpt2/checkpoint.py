@@ -74,6 +74,7 @@ def restore(mngr, step, abstract_state):
   """The state saved at `step`. Masks saved bool, as every checkpoint was
   before masks were bit-packed (2026-12-02), are read as bool and packed:
   older runs resume, and the circuits CLIs read them."""
+  drop_failed_read_echoes()  # Before any read: a failed one echoes at once.
   if not _saved_bool_masks(mngr, step):
     return _restore(mngr, step, abstract_state)
   params = sparsity.flat(abstract_state.params)
@@ -146,7 +147,6 @@ def restore_latest(mngr, abstract_state, workdir):
           'error does this. Fix the cause and rerun.') from error
     if not multihost.any_process(corrupt):
       return state
-    drop_failed_read_echoes()
     aside = (workdir_lib.path(workdir) / workdir_lib.CORRUPT /
              f'{step}-{int(time.time())}')
     if jax.process_index() == 0:
@@ -171,8 +171,9 @@ def drop_failed_read_echoes():
   collected they raise again through `sys.unraisablehook`, as do
   TensorStore reads that complete after orbax closed their event loop
   (~7,200 lines in all around the warning, for one truncated checkpoint of
-  the tiny config). They surface after the restore has returned, so the
-  filters stay for the rest of the process; they drop exactly those echoes
+  the tiny config). Some surface while the read fails, others after the
+  restore has returned, so every read installs the filters first and they
+  stay for the rest of the process; they drop exactly those echoes
   (`is_failed_read_echo`) and pass everything else on. Called again, it
   leaves a hook that is already its own as it is.
   """
