@@ -1,6 +1,7 @@
-"""Orbax glue: periodic async saves of the whole TrainState, and a restore
-that moves a corrupt newest checkpoint aside but stops on any other failure,
-and reads the bool masks of checkpoints older than bit-packed masks.
+"""Orbax glue: periodic async saves of the whole TrainState with a digest of
+each array, and a restore that checks them, moves a corrupt newest checkpoint
+aside but stops on any other failure, and reads the bool masks of checkpoints
+older than bit-packed masks.
 
 The data position needs no saving: the batch at step s is a pure function of
 (seed, s), so the restored `step` is the data position.
@@ -15,6 +16,8 @@ import traceback
 
 from absl import logging
 import jax
+from jax import lax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from sparse_gpt2 import multihost
@@ -31,6 +34,13 @@ _CORRUPT_STATUS = ('DATA_LOSS:', 'OUT_OF_RANGE:', 'NOT_FOUND:')
 _CORRUPT_SIGNS = ('Data corruption detected', 'ZSTD_decompressStream() failed',
                   'Truncated Zstd-compressed stream', 'Error decoding',
                   'Invalid JSON')
+# The item beside `state` that holds its `digests`. Checkpoints saved before
+# it (2026-12-06) have none and are read unchecked.
+_DIGESTS = 'digests'
+
+
+class DigestMismatch(ValueError):
+  """A checkpoint read back without an error, but not as it was saved."""
 
 
 def manager(workdir, keep, keep_every=0):
@@ -67,7 +77,38 @@ def _save_each_array_from_one_replica():
 
 def save(mngr, step, state):
   mngr.save(int(step), args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state)))
+      state=ocp.args.StandardSave(state),
+      **{_DIGESTS: ocp.args.JsonSave(host_digests(state))}))
+
+
+@jax.jit
+def digests(tree):
+  """{leaf path: uint32[2]}: the sum of each array's bits as uint32 words,
+  and the sum of their squares, wrapping at 2^32.
+
+  Why: orbax keeps no checksum of an array's chunks, and TensorStore decodes
+  some damaged ones without an error (a zeroed or flipped byte in a
+  compressed chunk read back as other values of the token embedding or its
+  Adam moment). Any change to one word changes the first sum. Both are
+  integer sums, so they do not depend on how the array is sharded or in
+  which order its shards are added: a checkpoint saved on one mesh checks on
+  another, and every process reads the same digest. One pass over the
+  state, on its devices, at each save and restore.
+  """
+  def digest(x):  # [...] -> uint32[2]
+    words = lax.bitcast_convert_type(
+        x, jnp.dtype(f'uint{8 * x.dtype.itemsize}')).astype(jnp.uint32)
+    return jnp.stack([words.sum(dtype=jnp.uint32),
+                      (words * words).sum(dtype=jnp.uint32)])
+
+  return {jax.tree_util.keystr(path): digest(x)
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def host_digests(tree):
+  """`digests` as JSON: {leaf path: [int, int]}."""
+  return {path: [int(word) for word in digest]
+          for path, digest in jax.device_get(digests(tree)).items()}
 
 
 def restore(mngr, step, abstract_state):
@@ -91,8 +132,22 @@ def restore(mngr, step, abstract_state):
 
 
 def _restore(mngr, step, abstract_state):
-  return mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state))).state
+  """The state at `step`, checked against its digests where it has them."""
+  items = {'state': ocp.args.StandardRestore(abstract_state)}
+  checked = (mngr.directory / str(step) / _DIGESTS).exists()
+  if checked:
+    items[_DIGESTS] = ocp.args.JsonRestore()
+  restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  if checked:
+    saved, read = restored[_DIGESTS], host_digests(restored.state)
+    differ = sorted(path for path in saved.keys() | read.keys()
+                    if saved.get(path) != read.get(path))
+    if differ:
+      more = f' and {len(differ) - 1} more' if len(differ) > 1 else ''
+      raise DigestMismatch(
+          f'{differ[0]}{more} read back other values than were saved at step '
+          f'{step} (digests differ)')
+  return restored.state
 
 
 def _saved_bool_masks(mngr, step):
@@ -104,15 +159,16 @@ def _saved_bool_masks(mngr, step):
 
 def is_corrupt(error):
   """Whether a restore failed because the checkpoint's files are damaged
-  (truncated or garbled metadata, a short, missing or undecodable chunk),
-  rather than because of what reads them: a changed model or optimizer (tree
-  or shape mismatch), memory, permissions or the network. Only the first is
+  (truncated or garbled metadata, a short, missing or undecodable chunk, an
+  array that does not match its digest), rather than because of what reads
+  them: a changed model or optimizer (tree or shape mismatch), memory,
+  permissions or the network. Only the first is
   the checkpoint's fault; the rest would fail the same way on every
   checkpoint."""
   while error is not None:
     message = str(error)
     if (isinstance(error, (json.JSONDecodeError, UnicodeDecodeError,
-                           FileNotFoundError))
+                           FileNotFoundError, DigestMismatch))
         or message.startswith(_CORRUPT_STATUS)
         or any(sign in message for sign in _CORRUPT_SIGNS)):
       return True

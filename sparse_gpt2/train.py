@@ -324,18 +324,22 @@ STEPS = ('train step', 'evaluation')
 
 
 def compile_steps(config, cache_dir):
-  """Compiles config's train and eval steps from their shapes alone into the
-  persistent compilation cache in `cache_dir`: what the child process of
+  """Compiles config's train and eval steps, and the checkpoint digests of
+  its state, from their shapes alone into the persistent compilation cache
+  in `cache_dir`: what the child process of
   `start_compiling_apart` runs, in jax started afresh with glibc's default
   malloc arenas."""
   cli.start_jax(config.num_cpu_devices)
   jax.config.update('jax_compilation_cache_dir', cache_dir)
   # Kept however fast they compile (a tiny config's do in under a second).
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  mesh, _, lowerings = abstract_programs(config)
+  mesh, state, lowerings = abstract_programs(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
     for name in STEPS:
       lowerings[name]().compile()
+    # The first save's, which would compile in the loop (~1 s for
+    # `sparse_small`), and which `checkpoint.save` calls as jitted there.
+    checkpoint.digests.lower(state).compile()
 
 
 def start_compiling_apart(config):

@@ -1,7 +1,8 @@
 """Sharded state on 8 fake CPU devices (data 2 x fsdp 2 x model 2): the
 top-k works shard by shard and gives the masks of one device, sharded
-training matches one device in the topk and static modes, and the compiled
-step gathers no sparse tensor. Each check runs in a subprocess, which is given 8
+training matches one device in the topk and static modes, the compiled
+step gathers no sparse tensor, and checkpoint digests read the same on any
+mesh. Each check runs in a subprocess, which is given 8
 devices before jax starts: `PYTHONPATH=. python tests/test_sharding.py
 CHECK`."""
 
@@ -18,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from configs import tiny
+from sparse_gpt2 import checkpoint
 from sparse_gpt2 import optim
 from sparse_gpt2 import sharding
 from sparse_gpt2 import sparsity
@@ -44,6 +46,10 @@ def test_sharded_training_matches_one_device_in_topk_and_static_modes():
 
 def test_packed_masks_shard_like_their_weights_where_the_mesh_divides():
   _in_subprocess('check_packed_masks')
+
+
+def test_checkpoint_digests_read_the_same_on_any_mesh_and_see_any_word():
+  _in_subprocess('check_digests')
 
 
 def _mesh(data, fsdp, model):
@@ -89,6 +95,43 @@ def check_topk():
     for p in scores:
       assert int(got[p].sum()) == ks[p], (p, density)
       np.testing.assert_array_equal(got[p], want[p], err_msg=f'{p} {density}')
+
+
+def check_digests():
+  """A checkpoint saved on one mesh is checked on another (`load_run` reads
+  on one device): every layout of the state's dtypes gives the digests of
+  the arrays on one device, and one bit flipped in any word changes them."""
+  mesh = _mesh(2, 2, 2)
+  rng = np.random.default_rng(0)
+  arrays = {
+      'f32': rng.normal(size=(16, 8)).astype(np.float32),
+      'u8': rng.integers(0, 256, size=(8, 6), dtype=np.uint8),
+      'i32': np.array(7, np.int32),
+      'bias': rng.normal(size=(16,)).astype(np.float32)}
+  specs = {'f32': P('fsdp', 'model'), 'u8': P(('data', 'fsdp')),
+           'i32': P(), 'bias': P('model')}
+  want = checkpoint.host_digests(arrays)
+  for name in ('f32', 'u8', 'bias'):  # Split over other axes too.
+    for spec in (P('model', None), P(None, 'data'), P(('data', 'fsdp',
+                                                        'model'))):
+      if len(spec) <= arrays[name].ndim:
+        specs_again = {**specs, name: spec}
+        placed = {k: jax.device_put(v, NamedSharding(mesh, specs_again[k]))
+                  for k, v in arrays.items()}
+        assert checkpoint.host_digests(placed) == want, (name, spec)
+  for name, array in arrays.items():
+    words = array.view(np.dtype(f'uint{8 * array.itemsize}')).reshape(-1)
+    for index in rng.choice(words.size, size=min(words.size, 5),
+                            replace=False):
+      for bit in (0, 8 * array.itemsize - 1):
+        flipped = words.copy()
+        flipped[index] ^= flipped.dtype.type(1 << bit)
+        changed = {**arrays, name: flipped.view(array.dtype).reshape(
+            array.shape)}
+        got = checkpoint.host_digests(changed)
+        assert got[f"['{name}']"] != want[f"['{name}']"], (name, index, bit)
+        assert {k: v for k, v in got.items() if k != f"['{name}']"} == {
+            k: v for k, v in want.items() if k != f"['{name}']"}
 
 
 def check_packed_masks():

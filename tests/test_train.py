@@ -16,6 +16,7 @@ import types
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from sparse_gpt2 import checkpoint
@@ -265,6 +266,37 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(
   assert logging.getLogger('asyncio').filter(echo)
 
 
+def test_a_checkpoint_that_reads_back_altered_fails_its_digests(
+    reference_run, tmp_path, caplog, monkeypatch):
+  config, ref_dir, reference = reference_run
+  workdir = str(tmp_path / 'altered')
+  shutil.copytree(ref_dir, workdir)
+  newest = os.path.join(workdir, 'checkpoints', '60')
+  chunks = [os.path.join(root, name) for root, _, names in os.walk(newest)
+            if os.sep + 'd' in root for name in names]
+  largest = max(chunks, key=os.path.getsize)  # The embedding and its moments.
+  with open(largest, 'r+b') as f:  # One byte flipped inside a stored block.
+    f.seek(os.path.getsize(largest) // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte ^ 0xFF]))
+  # What orbax alone makes of it: no error, other values.
+  with monkeypatch.context() as unchecked:
+    unchecked.setattr(checkpoint, '_DIGESTS', 'not saved')
+    _, _, altered = train.load_run(workdir, 60)
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(altered), jax.tree.leaves(reference)))
+  with pytest.raises(ValueError, match='is damaged .*digests differ'):
+    train.load_run(workdir, 60)
+  state = train.train_and_evaluate(config, workdir)
+  _assert_same_state(state, reference)  # Redid 51..60 from step 50.
+  [aside] = os.listdir(os.path.join(workdir, 'corrupt_checkpoints'))
+  assert aside.startswith('60-')
+  [warning] = [r.getMessage() for r in caplog.records
+               if 'is corrupt' in r.getMessage()]
+  assert 'digests differ' in warning, warning
+
+
 def test_a_failed_read_is_reported_without_its_tensorstore_spec():
   # The text of a chunk that TensorStore could not decode (audited run).
   error = Exception(
@@ -290,7 +322,9 @@ def test_a_checkpoint_with_bool_masks_restores_them_packed(reference_run,
   bool_masks = {p: sparsity.unpack(m, params[p].shape)
                 for p, m in sparsity.flat(state.masks).items()}
   mngr = checkpoint.manager(workdir, keep=2)
-  checkpoint.save(mngr, 60, state.replace(masks=sparsity.unflat(bool_masks)))
+  # As they were saved: without digests, which came later.
+  mngr.save(60, args=ocp.args.Composite(state=ocp.args.StandardSave(
+      state.replace(masks=sparsity.unflat(bool_masks)))))
   mngr.wait_until_finished()
   _, _, loaded = train.load_run(workdir)
   resumed = train.train_and_evaluate(config, workdir)  # At its last step.
