@@ -162,9 +162,8 @@ def is_corrupt(error):
   (truncated or garbled metadata, a short, missing or undecodable chunk, an
   array that does not match its digest), rather than because of what reads
   them: a changed model or optimizer (tree or shape mismatch), memory,
-  permissions or the network. Only the first is
-  the checkpoint's fault; the rest would fail the same way on every
-  checkpoint."""
+  permissions or the network. Only the first is the checkpoint's fault; the
+  rest would fail the same way on every checkpoint."""
   while error is not None:
     message = str(error)
     if (isinstance(error, (json.JSONDecodeError, UnicodeDecodeError,
