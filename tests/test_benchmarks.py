@@ -184,3 +184,26 @@ def test_whole_runs_trains_both_versions_and_writes_its_table(tiny_config,
                            capture_output=True, text=True)
   assert missing.returncode != 0
   assert 'commit no_such_commit not found' in missing.stderr.splitlines()[-1]
+
+
+def test_checkpoint_damage_resumes_on_each_damaged_file(tiny_config,
+                                                        tmp_path):
+  """benchmarks/checkpoint_damage.py on two damages of one file (the
+  orbax metadata of the arrays): both fall back to the previous checkpoint,
+  and the JSON and the table say so; an unknown damage is one line and a
+  non-zero exit."""
+  config = tiny_config()
+  cmd = [sys.executable, 'benchmarks/checkpoint_damage.py',
+         '--ways=flip_byte,delete', '--path_contains=state/_METADATA',
+         f'--out={tmp_path}', f'--config.data.source={config.data.source}',
+         f'--config.data.data_dir={config.data.data_dir}']
+  subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+  result = json.loads((tmp_path / 'checkpoint_damage.json').read_text())
+  assert [(c['way'], c['file'], c['outcome']) for c in result['cases']] == [
+      ('flip_byte', 'state/_METADATA', 'fell back'),
+      ('delete', 'state/_METADATA', 'fell back')]
+  assert '| flip_byte | 1 |' in (tmp_path / 'checkpoint_damage.md').read_text()
+  unknown = subprocess.run([*cmd[:2], '--ways=melted'], cwd=ROOT,
+                           capture_output=True, text=True)
+  assert unknown.returncode != 0
+  assert 'unknown --ways' in unknown.stderr.splitlines()[-1]
