@@ -17,7 +17,6 @@ the damage.
 """
 
 import collections
-import json
 import os
 import shutil
 import sys
@@ -141,12 +140,7 @@ def main(argv):
           ended = f'refused: {type(e).__name__}'
         result['cases'].append({'way': way, 'file': name, 'outcome': ended})
         print(f'{way:12s} {name:60s} {ended}', flush=True)
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, 'checkpoint_damage.json'), 'w') as f:
-    json.dump(result, f, indent=1)
-  with open(os.path.join(_OUT.value, 'checkpoint_damage.md'), 'w') as f:
-    f.write(to_markdown(result))
-  print(to_markdown(result))
+  provenance.write(_OUT.value, 'checkpoint_damage', result, to_markdown(result))
 
 
 if __name__ == '__main__':

@@ -1,6 +1,8 @@
 """Where a benchmark's numbers come from: the machine, the commit measured,
-and the older commit measured against (`run.py`, `whole_runs.py`)."""
+the older commit measured against (`run.py`, `whole_runs.py`), and the
+files they are written to."""
 
+import json
 import os
 import platform
 import subprocess
@@ -51,3 +53,14 @@ def unpack(baseline, dest):
                      f'({archive.stderr.decode().strip()})')
   os.makedirs(dest, exist_ok=True)
   subprocess.run(['tar', '-x', '-C', dest], input=archive.stdout, check=True)
+
+
+def write(out_dir, name, result, markdown):
+  """`result` to out_dir/NAME.json and its table `markdown` to NAME.md,
+  printed too: what each benchmark leaves for the README."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
+    f.write(markdown)
+  print(markdown)

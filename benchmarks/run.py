@@ -437,13 +437,7 @@ def main(argv):
     start = time.perf_counter()
     result[name] = section()
     result['seconds'][name] = time.perf_counter() - start
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, 'run.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  text = to_markdown(result)
-  with open(os.path.join(_OUT.value, 'run.md'), 'w') as f:
-    f.write(text)
-  print(text)
+  provenance.write(_OUT.value, 'run', result, to_markdown(result))
 
 
 if __name__ == '__main__':

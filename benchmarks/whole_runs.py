@@ -20,7 +20,6 @@ compile too, where the new one compiles before the loop) and the validation
 losses of its metrics.jsonl.
 """
 
-import json
 import os
 import re
 import subprocess
@@ -107,12 +106,7 @@ def main(argv):
       result['results'][config] = r
       print(f"{config}: old {r['old']['wall_s']:.1f} s, new "
             f"{r['new']['wall_s']:.1f} s, {r['speedup']:.2f}x", flush=True)
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, 'whole_runs.json'), 'w') as f:
-    json.dump(result, f, indent=1)
-  with open(os.path.join(_OUT.value, 'whole_runs.md'), 'w') as f:
-    f.write(to_markdown(result))
-  print(to_markdown(result))
+  provenance.write(_OUT.value, 'whole_runs', result, to_markdown(result))
 
 
 if __name__ == '__main__':
