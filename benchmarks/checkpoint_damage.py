@@ -5,15 +5,14 @@ every value as saved (damage to a file the restore does not read); a
 restore with other values, or a refusal ("not corrupt", which no rerun
 fixes), is a defect.
 
-  python benchmarks/checkpoint_damage.py    # ~10 min on 2 cores: benchmarks/out/checkpoint_damage.{json,md}
+  python benchmarks/checkpoint_damage.py    # ~8 min on 2 cores: benchmarks/out/checkpoint_damage.{json,md}
   python benchmarks/checkpoint_damage.py --ways=flip_byte --path_contains=/d/
 
 The run is configs/tiny.py (`--config.*` overrides it, as in `main`; by
 default on the standard library corpus), 20 steps with a checkpoint every
-10; each case copies it, damages one file of checkpoint 20
-and calls `train.train_and_evaluate` on the copy, as a rerun of `main`
-would, then compares the state it returns with checkpoint 20 read before
-the damage.
+10; each case copies it, damages one file of checkpoint 20, calls
+`train.train_and_evaluate` on the copy, as a rerun of `main` would, and
+compares the state it returns with checkpoint 20 read before the damage.
 """
 
 import collections
