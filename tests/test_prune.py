@@ -404,6 +404,28 @@ def test_circuit_is_smallest_late_mask_reaching_target():
   assert step == 100 and mask.sum() == 4
 
 
+def test_where_no_late_mask_reaches_an_earlier_one_may():
+  """The late masks (300, 400) miss: the planted circuit less its neuron,
+  plus two more nodes. Extended by score they reach with the neuron (5
+  nodes); the first half's planted circuit at 100 (3 nodes) reaches too
+  and is smaller, so it is the circuit. Where the first half's only mask
+  that reaches is every node, the extension is."""
+  pruner, tau_of = _planted_pruner()
+  planted = tau_of(PLANTED)
+  missing = tau_of(PLANTED - {('mlp_neuron', NEURON)}
+                   | {('attn_in', 0), ('attn_in', 1)})
+  taus = {100: planted, 200: missing, 300: missing, 400: missing}
+  step, mask = pruner.circuit_of_run(taus, 400, 0.15)
+  assert step == 100
+  np.testing.assert_array_equal(mask, planted > 0)
+  taus[100] = np.ones(64)
+  step, mask = pruner.circuit_of_run(taus, 400, 0.15)
+  assert step == 400 and mask.sum() == 5
+  kept = jax.tree.map(np.asarray, pruner.unravel(mask))
+  assert PLANTED <= {(loc, i) for loc, m in kept['block_0'].items()
+                     for i in np.flatnonzero(m)}
+
+
 def test_edge_list_is_capped_largest_first(monkeypatch):
   model = _tiny_model()
   params = _planted_params(model)

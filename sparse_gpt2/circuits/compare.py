@@ -197,8 +197,9 @@ def to_markdown(summary):
       f"{prune.SNAPSHOT_EVERY} steps in the second half of {s['steps']} "
       "pruning steps (a multiplier holds their train loss at "
       f"{_num(summary['target_loss'], 'g')}), that reaches that loss on "
-      "the selection split (calibrated; where none does, the last one "
-      "extended by the next nodes by score); losses are on the untouched "
+      "the selection split (calibrated; where none does, the smaller of the "
+      "first half's smallest that does and the last one extended by the "
+      "next nodes by score); losses are on the untouched "
       "test split: circuit = everything outside the circuit ablated, "
       "ablated = the circuit ablated. " + _extended(summary), '',
       '| task | edges sparse | edges dense | dense/sparse | nodes sparse | '

@@ -20,7 +20,8 @@ measured on still gets a settled circuit.
 
 A task's pairs are split three ways, disjointly: `train` fits the scores,
 `select` chooses the circuit among the masks of the run's second half
-(and, where none reaches the target, how far to extend one), `test` is
+(and, where none reaches the target, among its first half's or how far to
+extend the last one), `test` is
 untouched until the losses that are reported. Each select and test loss is
 taken after fitting a scale and a shift of the two candidates' logit
 difference (16 L-BFGS steps): ablation shrinks and offsets the logits, which
@@ -59,7 +60,7 @@ MIN_SPLIT_PAIRS = 8        # Pairs in each of the select and test splits.
 # Of the algorithm, saved in circuit.json: bumped by a change that gives
 # other circuits for the same settings, or other fields in circuit.json, so
 # `compare` re-prunes saved ones rather than read what they lack.
-VERSION = 7                # 2: the smallest late mask (`circuit_of_run`);
+VERSION = 8                # 2: the smallest late mask (`circuit_of_run`);
                            # 3: the multiplier's proportional term;
                            # 4: its integral falls as fast as it rises;
                            # 5: a run still shrinking goes on (`run_length`);
@@ -67,7 +68,9 @@ VERSION = 7                # 2: the smallest late mask (`circuit_of_run`);
                            # 7: a group's prompts weigh one each, groups
                            #    sharing a prompt are one (built-in tasks:
                            #    the same circuits as 6, but for
-                           #    while_return_true's 509 groups, not 512).
+                           #    while_return_true's 509 groups, not 512);
+                           # 8: where no late mask reaches, an earlier one
+                           #    that does, if smaller than the extension.
 
 
 def hard_mask(tau, temperature):
@@ -502,10 +505,15 @@ class _Pruner:
     depends on `steps` alone, so the circuit after N steps of a longer run
     is that of an N-step run.
 
-    If none reaches, the mask at `steps` and the fewest next-ranked nodes
-    that reach it (found in doubling strides, then bisected): ranked by
-    tau, ties (many scores sit at a clip) broken by `importance`, never by
-    storage order.
+    If none reaches, the smaller of two: the smallest of the first half's
+    masks that reaches, and the mask at `steps` with the fewest next-ranked
+    nodes that reach it (found in doubling strides, then bisected): ranked
+    by tau, ties (many scores sit at a clip) broken by `importance`, never
+    by storage order. Held at the target on train, a mask can go on
+    shrinking by fitting the train split's pairs: sparse if_equals's masks
+    of 78-88 nodes at steps 300-500 read 0.46-0.48 on select, its late ones
+    of 58-61 nodes 0.53-0.55, and the ranking past them, where the loss is
+    not monotone, reached only at 1,334 nodes.
 
     Not a bisection inside the mask: trimming it by score removes nodes
     without the rest re-fitting, and how much it removed depended on the
@@ -516,14 +524,27 @@ class _Pruner:
     sitting at their means, and restoring them can undo it), and one sent a
     dense circuit from a 196-node mask to 4,598 nodes.
     """
-    candidates = [t for t in taus if steps / 2 < t <= steps
-                  and (t == steps or t % SNAPSHOT_EVERY == 0)]
+    snapshots = [t for t in taus if t <= steps
+                 and (t == steps or t % SNAPSHOT_EVERY == 0)]
+    late = self._smallest_reaching(
+        taus, [t for t in snapshots if t > steps / 2], target_loss)
+    if late is not None:
+      return late, taus[late] > 0
+    extended = self.extend_mask(taus[steps], target_loss)
+    early = self._smallest_reaching(
+        taus, [t for t in snapshots if t <= steps / 2], target_loss)
+    if early is not None and (taus[early] > 0).sum() <= extended.sum():
+      return early, taus[early] > 0
+    return steps, extended
+
+  def _smallest_reaching(self, taus, candidates, target_loss):
+    """The step of the smallest mask among `candidates` (steps) that
+    reaches target_loss on select, the latest of equal ones; None if none
+    does."""
     reaching = [t for t in candidates
                 if self.reaches(taus[t] > 0, target_loss)]
-    if reaching:
-      step = min(reaching, key=lambda t: ((taus[t] > 0).sum(), -t))
-      return step, taus[step] > 0
-    return steps, self.extend_mask(taus[steps], target_loss)
+    return min(reaching, key=lambda t: ((taus[t] > 0).sum(), -t),
+               default=None)
 
   def extend_mask(self, tau, target_loss):
     """The mask (tau > 0) and the fewest next-ranked nodes that reach
