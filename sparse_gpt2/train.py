@@ -326,9 +326,8 @@ STEPS = ('train step', 'evaluation')
 def compile_steps(config, cache_dir):
   """Compiles config's train and eval steps, and the checkpoint digests of
   its state, from their shapes alone into the persistent compilation cache
-  in `cache_dir`: what the child process of
-  `start_compiling_apart` runs, in jax started afresh with glibc's default
-  malloc arenas."""
+  in `cache_dir`: what the child process of `start_compiling_apart` runs,
+  in jax started afresh with glibc's default malloc arenas."""
   cli.start_jax(config.num_cpu_devices)
   jax.config.update('jax_compilation_cache_dir', cache_dir)
   # Kept however fast they compile (a tiny config's do in under a second).

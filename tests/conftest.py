@@ -33,10 +33,10 @@ from sparse_gpt2 import checkpoint  # pylint: disable=g-import-not-at-top
 def failed_read_echoes_dropped():
   """The corrupt-checkpoint tests' failed reads echo as unraisable
   exceptions, which pytest reports as warnings of whichever test is running
-  when they surface (or of none, at the session's last collection);
-  every checkpoint read drops them too, but only from the hook of the
-  moment it reads. The hook wrapped here is pytest's,
-  which puts back the one before it when the session ends."""
+  when they surface (or of none, at the session's last collection); every
+  checkpoint read drops them too, but only from the hook of the moment it
+  reads. The hook wrapped here is pytest's, which puts back the one before
+  it when the session ends."""
   checkpoint.drop_failed_read_echoes()
 
 

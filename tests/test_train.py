@@ -211,6 +211,14 @@ def test_resume_after_sigkill_is_bitwise_identical(reference_run, tmp_path):
   assert steps == sorted(set(steps)) and steps[-1] == 60  # No step twice.
 
 
+def _flip_middle_byte(path):
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte ^ 0xFF]))
+
+
 @pytest.mark.parametrize('damaged, damage', [
     ('', 'truncated'),      # Every file: orbax's metadata fails first.
     ('/d/', 'truncated'),   # Only the arrays' data chunks: TensorStore's
@@ -234,11 +242,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(
           f.truncate(size // 2)
         elif damage == 'zeroed':  # Blocks a crash left allocated, unwritten.
           f.write(bytes(min(64, size)))
-        else:  # One byte flipped, as storage that rots flips them.
-          f.seek(size // 2)
-          byte = f.read(1)[0]
-          f.seek(size // 2)
-          f.write(bytes([byte ^ 0xFF]))
+      if damage == 'flipped':  # One byte, as storage that rots flips them.
+        _flip_middle_byte(path)
   printed = []  # What would reach stderr as "Exception ignored in: ...".
   monkeypatch.setattr(sys, 'unraisablehook', printed.append)
   # As a library user calls it, without `cli.run`: the restore itself keeps
@@ -274,12 +279,8 @@ def test_a_checkpoint_that_reads_back_altered_fails_its_digests(
   newest = os.path.join(workdir, 'checkpoints', '60')
   chunks = [os.path.join(root, name) for root, _, names in os.walk(newest)
             if os.sep + 'd' in root for name in names]
-  largest = max(chunks, key=os.path.getsize)  # The embedding and its moments.
-  with open(largest, 'r+b') as f:  # One byte flipped inside a stored block.
-    f.seek(os.path.getsize(largest) // 2)
-    byte = f.read(1)[0]
-    f.seek(-1, os.SEEK_CUR)
-    f.write(bytes([byte ^ 0xFF]))
+  # The embedding and its moments; one byte flipped inside a stored block.
+  _flip_middle_byte(max(chunks, key=os.path.getsize))
   # What orbax alone makes of it: no error, other values.
   with monkeypatch.context() as unchecked:
     unchecked.setattr(checkpoint, '_DIGESTS', 'not saved')

@@ -21,8 +21,8 @@ measured on still gets a settled circuit.
 A task's pairs are split three ways, disjointly: `train` fits the scores,
 `select` chooses the circuit among the masks of the run's second half
 (and, where none reaches the target, among its first half's or how far to
-extend the last one), `test` is
-untouched until the losses that are reported. Each select and test loss is
+extend the last one), `test` is untouched until the losses that are
+reported. Each select and test loss is
 taken after fitting a scale and a shift of the two candidates' logit
 difference (16 L-BFGS steps): ablation shrinks and offsets the logits, which
 says nothing about whether the circuit still tells the answers apart.
