@@ -626,8 +626,11 @@ def support(params, masks, config):
   return unflat({p: pack(flat_params[p] != 0) for p in flat(masks)})
 
 
+@jax.jit
 def stats(params, masks):
-  """L0 (nonzeros) of each sparse tensor and of the whole model."""
+  """L0 (nonzeros) of each sparse tensor and of the whole model. Jitted
+  here, so that a run's child process compiles the very program its loop
+  calls at the first log (`train.compile_steps`)."""
   flat_params, flat_masks = flat(params), flat(masks)
   per_tensor = {p: jnp.count_nonzero(flat_params[p]) for p in flat_masks}
   total = sum(jnp.count_nonzero(v) for v in flat_params.values())

@@ -63,14 +63,17 @@ def check_topk():
   all, with ties (zeros, equal rows): the masks of one device, exactly.
   The replicas of a tensor share its work over the axes that divide its
   rows ('c' and 'd' over 'data' only); 'f' and 'zero_bias' are counted on
-  one replica. 'a' and 'a2' are stacked, and only 'a' has ties."""
+  one replica. 'a' and 'a2' are stacked, and only 'a' has ties;
+  'tied_bias', all ties, is split over its only axis and shared by the
+  replicas over both others."""
   mesh = _mesh(2, 2, 2)
   specs = {'a': P('fsdp', 'model'), 'b': P('model'), 'c': P(None, 'model'),
            'd': P('fsdp'), 'e': P(('data', 'fsdp'), None), 'f': P(),
            'zeros': P('fsdp', 'model'), 'zero_bias': P('model'),
-           'a2': P('fsdp', 'model')}
+           'a2': P('fsdp', 'model'), 'tied_bias': P('model')}
   shapes = {'a': (16, 8), 'b': (8,), 'c': (6, 4), 'd': (12,), 'e': (8, 5),
-            'f': (3, 5), 'zeros': (8, 4), 'zero_bias': (6,), 'a2': (16, 8)}
+            'f': (3, 5), 'zeros': (8, 4), 'zero_bias': (6,), 'a2': (16, 8),
+            'tied_bias': (16,)}
   rng = np.random.default_rng(0)
   scores = {p: rng.normal(size=s).astype(np.float32)
             for p, s in shapes.items()}
@@ -81,6 +84,7 @@ def check_topk():
   scores['zeros'] = np.zeros((8, 4), np.float32)
   scores['zeros'][3, 1] = 1.0
   scores['zero_bias'] = np.zeros(6, np.float32)
+  scores['tied_bias'] = np.full(16, 0.25, np.float32)
   shardings = {p: NamedSharding(mesh, specs[p]) for p in specs}
   placed = {p: jax.device_put(v, shardings[p]) for p, v in scores.items()}
   for density in (1.0, 0.5, 0.3, 0.1):

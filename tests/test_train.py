@@ -786,8 +786,9 @@ def test_a_long_cpu_run_loads_the_steps_a_child_process_compiled(tmp_path):
       capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'Steps compiled in a child process' in result.stderr
-  for step in ('jit_train_step', 'jit_eval_loss'):
-    assert f"Persistent compilation cache hit for '{step}'" in result.stderr
+  for program in ('jit_train_step', 'jit_eval_loss', 'jit_digests',
+                  'jit_stats'):
+    assert f"Persistent compilation cache hit for '{program}'" in result.stderr
   assert [m['step'] for m in _metrics(str(tmp_path / 'run'))] == [steps]
   # Rerun at its end, it neither starts the child nor compiles the steps.
   again = subprocess.run(result.args, cwd=ROOT, env=env, capture_output=True,
