@@ -524,8 +524,7 @@ class _Pruner:
     sitting at their means, and restoring them can undo it), and one sent a
     dense circuit from a 196-node mask to 4,598 nodes.
     """
-    snapshots = [t for t in taus if t <= steps
-                 and (t == steps or t % SNAPSHOT_EVERY == 0)]
+    snapshots = _snapshots(taus, steps)
     late = self._smallest_reaching(
         taus, [t for t in snapshots if t > steps / 2], target_loss)
     if late is not None:
@@ -569,6 +568,14 @@ class _Pruner:
     return top(hi)
 
 
+def _snapshots(taus, steps):
+  """The steps, in order, of the masks a run of `steps` steps chooses its
+  circuit from: every SNAPSHOT_EVERY-th recorded one up to `steps`, and
+  the one at `steps`."""
+  return sorted(t for t in taus if t <= steps
+                and (t == steps or t % SNAPSHOT_EVERY == 0))
+
+
 def still_shrinking(taus, steps):
   """Whether the nodes kept after `steps` steps of a run, whose scores
   after each recorded step are `taus` {step: tau}, are still falling: the
@@ -583,8 +590,7 @@ def still_shrinking(taus, steps):
   in another 1000 steps; it held 283-291 from 1900 to 3000). Fewer than
   three masks in the half: no trend, settled.
   """
-  late = sorted(t for t in taus if steps / 2 < t <= steps
-                and (t == steps or t % SNAPSHOT_EVERY == 0))
+  late = [t for t in _snapshots(taus, steps) if t > steps / 2]
   if len(late) < 3:
     return False
   kept = [int((taus[t] > 0).sum()) for t in late]
