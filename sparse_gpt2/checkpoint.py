@@ -37,6 +37,9 @@ _CORRUPT_SIGNS = ('Data corruption detected', 'ZSTD_decompressStream() failed',
 # The item beside `state` that holds its `digests`. Checkpoints saved before
 # it (2026-12-06) have none and are read unchecked.
 _DIGESTS = 'digests'
+# What names orbax's and TensorStore's code and errors in a never-retrieved
+# error's log: their paths, and the words TensorStore appends to its errors.
+_CHECKPOINT_IO = ('/orbax/', '/tensorstore/', 'TensorStore')
 
 
 class DigestMismatch(ValueError):
@@ -247,10 +250,20 @@ def drop_failed_read_echoes():
 
 
 def _keeps_all_but_read_echoes(record):
-  """asyncio's log filter: False for a never-retrieved error, which is how
-  orbax's other reads (Tasks of its coroutines, Futures of TensorStore's)
-  report the failed one again."""
-  return 'exception was never retrieved' not in record.getMessage()
+  """asyncio's log filter: False for a never-retrieved error of orbax or
+  TensorStore, which is how orbax's other reads (Tasks of its coroutines,
+  Futures of TensorStore's) report the failed one again. A never-retrieved
+  error of other code (a notebook's own tasks) is kept: asyncio names the
+  Task's coroutine and the error in the message, and the error's traceback
+  says where it was raised."""
+  message = record.getMessage()
+  if 'exception was never retrieved' not in message:
+    return True
+  error = record.exc_info[1] if record.exc_info else None
+  where = [frame.filename for frame in traceback.extract_tb(
+      error.__traceback__)] if error is not None else []
+  return not any(name in text for name in _CHECKPOINT_IO
+                 for text in [message, *where])
 
 
 def is_failed_read_echo(unraisable):
