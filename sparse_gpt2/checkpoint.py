@@ -224,9 +224,10 @@ def drop_failed_read_echoes():
   warning line, in any process that restores (`main`, a notebook).
 
   When one of orbax's concurrent array reads fails, the others are left
-  unfinished: asyncio logs each one's copy of the error as never retrieved,
-  with its TensorStore spec (1,500 lines for one corrupt chunk); as they are
-  collected they raise again through `sys.unraisablehook`, as do
+  unfinished: asyncio can log each one's copy of the error as never
+  retrieved, with its TensorStore spec (1,500 lines for one corrupt chunk;
+  none with orbax-checkpoint 0.12.8 in the tests' damaged checkpoints); as
+  they are collected they raise again through `sys.unraisablehook`, as do
   TensorStore reads that complete after orbax closed their event loop
   (~7,200 lines in all around the warning, for one truncated checkpoint of
   the tiny config). Some surface while the read fails, others after the
