@@ -147,9 +147,8 @@ def _query_blocks(t):
   and its keys [0, end), so the blocks score 5/8 of the [T, T] square (with
   4 blocks) and skip most of the masked-out half. More blocks, or blocks of
   fewer than _MIN_BLOCK_QUERIES, save less than their smaller, more numerous ops
-  cost on a CPU: the circuit pruning's prompts (6-24 tokens) run fastest
-  as one block, training's 128 tokens as four
-  (benchmarks/attention_blocks.py)."""
+  cost on a CPU (benchmarks/attention_blocks.py): a sequence of under 48
+  tokens runs as one block, training's 128 tokens as four."""
   n = min(_QUERY_BLOCKS, max(1, t // _MIN_BLOCK_QUERIES))
   return [(i * t // n, (i + 1) * t // n) for i in range(n)]
 
