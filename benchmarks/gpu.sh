@@ -55,24 +55,22 @@ while IFS= read -r run; do
 done <<<"${RUNS:-$default_runs}"
 python3 - "$runs" "$out" "$steps" <<'PY'
 import json, os, statistics, sys
+from sparse_gpt2 import workdir
 runs, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with open(os.path.join(out, 'peak.json')) as f:
   result = json.load(f)
 result.update(steps=steps, runs={})
 for name in sorted(os.listdir(runs)):
-  path = os.path.join(runs, name, 'metrics.jsonl')
-  if not os.path.exists(path):
+  lines = workdir.read_metrics(os.path.join(runs, name))
+  if not lines:
     continue  # The run failed before its first log: see its log.
-  with open(path) as f:
-    lines = [json.loads(line) for line in f]
-  with open(os.path.join(runs, name, 'config.json')) as f:
-    config = json.load(f)
+  config = workdir.load_config(os.path.join(runs, name))
   timed = lines[1:] or lines  # The first interval holds the warm-up.
   rate = statistics.median(m['tokens_per_s'] for m in timed)
   mfu = statistics.median(m['mfu'] for m in timed)
   result['runs'][name] = {
       'steps': lines[-1]['step'], 'tokens_per_s': rate,
-      'step_s': config['batch_size'] * config['seq_len'] / rate,
+      'step_s': config.batch_size * config.seq_len / rate,
       'mfu_datasheet': mfu,
       'mfu_timed': mfu * result['logged_peak_flops']
                    / result['timed_bf16_flops'],
