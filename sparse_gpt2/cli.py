@@ -158,9 +158,11 @@ def _config_does_not_load(error):
   fail(f'the config does not load: {type(error).__name__}: {lines[-1]}', 2)
 
 
-def run(main, errors=(ValueError, FloatingPointError, FileNotFoundError)):
+def run(main, errors=(ValueError, FloatingPointError, FileNotFoundError,
+                      IsADirectoryError, NotADirectoryError)):
   """Parses flags and calls main(); an exception in `errors` ends the
-  process with its one-line message."""
+  process with its one-line message (the OSErrors: a path the user gave
+  that is missing, or a file where a directory belongs, or the reverse)."""
 
   def wrapped(argv):
     if len(argv) > 1:

@@ -61,8 +61,10 @@ def decay_mask(params):
 
 
 def validate(o):
-  """One-line errors for an optim config (`config.optim`) that cannot train."""
-  if o.lr < 0:
+  """One-line errors for an optim config (`config.optim`) that cannot train;
+  each check a `not` of its valid range, so that NaN is refused too (it
+  passes every comparison's negation, and fails only at the first step)."""
+  if not o.lr >= 0:
     raise ValueError(f'optim.lr must be >= 0, got {o.lr}')
   if not 0 <= o.warmup_fraction <= 1:
     raise ValueError(f'optim.warmup_fraction must be in [0, 1], got '
@@ -71,9 +73,9 @@ def validate(o):
     if not 0 <= o[field] < 1:
       raise ValueError(f'optim.{field} must be in [0, 1), got {o[field]}')
   for field in ('eps', 'weight_decay'):
-    if o[field] < 0:
+    if not o[field] >= 0:
       raise ValueError(f'optim.{field} must be >= 0, got {o[field]}')
-  if o.grad_rms <= 0:
+  if not o.grad_rms > 0:
     raise ValueError(f'optim.grad_rms must be > 0, got {o.grad_rms}')
 
 

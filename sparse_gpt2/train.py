@@ -71,7 +71,7 @@ def validate(config):
     if config[field] < 1:
       raise ValueError(f'{field} must be >= 1, got {config[field]}')
   for field in ('keep_every', 'peak_flops', 'num_cpu_devices'):
-    if config[field] < 0:
+    if not config[field] >= 0:  # Refuses a NaN peak_flops too.
       raise ValueError(f'{field} must be >= 0, got {config[field]}')
   if config.microbatches < 1 or config.batch_size % config.microbatches:
     raise ValueError(f'microbatches must be >= 1 and divide batch_size '
@@ -471,8 +471,10 @@ def _train_loop(config, workdir, state, step_fn, eval_step, batch_sharding,
         if not math.isfinite(m[key]):
           mngr.wait_until_finished()
           raise FloatingPointError(
-              f'non-finite {key} {m[key]} at step {s}; stopped, the last '
-              f'good checkpoint is step {last_good} in {workdir}')
+              f'non-finite {key} {m[key]} at step {s}; stopped, ' + (
+                  f'the last good checkpoint is step {last_good} in '
+                  f'{workdir}' if last_good is not None else
+                  f'before any checkpoint of {workdir}'))
     rate = (done - t0_step) * tokens_per_step / (ran - t0)
     return {
         'loss': since_log[-1][1]['loss'],

@@ -108,8 +108,9 @@ def check(config, workdir):
 
   `schedule_steps` 0 becomes the saved run's (or, for a new run,
   `train_steps`). Refuses a path that is a file, a non-empty directory that
-  is not a run, `train_steps` past the end of the schedules, and a run
-  whose saved config differs in anything but RESUMABLE_FIELDS.
+  is not a run, `train_steps` past the end of the schedules or before the
+  run's newest checkpoint, and a run whose saved config differs in
+  anything but RESUMABLE_FIELDS.
   """
   root = path(workdir)
   for directory in (root, root / CHECKPOINTS, root / CORRUPT):
@@ -130,6 +131,12 @@ def check(config, workdir):
     if diff:
       raise ValueError(f'workdir {workdir} holds a run with a different '
                        f'config (fields {diff}); use another --workdir')
+    saved_steps = [int(p.name) for p in (root / CHECKPOINTS).iterdir()
+                   if p.name.isdigit()] if (root / CHECKPOINTS).exists() else []
+    if config.train_steps < max(saved_steps, default=0):
+      raise ValueError(f'train_steps {config.train_steps} is before the '
+                       f'newest checkpoint of {workdir} (step '
+                       f'{max(saved_steps)}); a run cannot stop in its past')
   return config
 
 

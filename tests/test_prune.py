@@ -535,6 +535,7 @@ def test_mean_ablation_all_or_nothing():
     ['--task=var_if', '--max_extensions=-1'],
     ['--task=var_if', '--out=README.md'],  # A file: refused before pruning.
     ['--task=var_if', '--dump_prompts=no/such/dir/x.jsonl'],
+    ['--task=var_if', '--dump_prompts=tests'],  # A directory.
 ])
 def test_cli_bad_input_is_one_line_exit_1(args, tmp_path):
   result = subprocess.run(

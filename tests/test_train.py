@@ -423,6 +423,12 @@ def test_train_steps_moves_the_stop_not_the_schedules(tiny_config, tmp_path):
           == [m['lr'] for m in _metrics(whole)])
   with pytest.raises(ValueError, match='past the end of the lr and annealing'):
     train.train_and_evaluate(tiny_config(train_steps=30), parts)
+  saved = sorted(os.listdir(os.path.join(parts, 'checkpoints')))
+  with pytest.raises(ValueError, match=r'^train_steps 15 is before the newest '
+                     r'checkpoint of .* \(step 20\)'):
+    train.train_and_evaluate(tiny_config(train_steps=15), parts)
+  assert sorted(os.listdir(os.path.join(parts, 'checkpoints'))) == saved
+  assert workdir_lib.load_config(parts).train_steps == 20  # Not rewritten.
   with pytest.raises(ValueError, match=r"fields \['schedule_steps'\]"):
     train.train_and_evaluate(tiny_config(train_steps=20, schedule_steps=30),
                              parts)
@@ -430,8 +436,9 @@ def test_train_steps_moves_the_stop_not_the_schedules(tiny_config, tmp_path):
 
 def test_non_finite_loss_stops_with_a_clear_error(tiny_config, tmp_path):
   config = tiny_config(train_steps=20)
-  config.optim.lr = float('nan')
-  with pytest.raises(FloatingPointError, match='non-finite loss'):
+  config.optim.lr = 1e30  # Weights ~1e30 after one step: the logits overflow.
+  with pytest.raises(FloatingPointError, match='non-finite loss .* at step 2; '
+                     'stopped, before any checkpoint of '):
     train.train_and_evaluate(config, str(tmp_path / 'nan'))
   assert not os.listdir(tmp_path / 'nan' / 'checkpoints')
 
@@ -513,6 +520,8 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
     ({'model.dtype': 'float99'}, 'model.dtype must be one of'),
     ({'model.act_topk_locations': ('nowhere',)}, 'unknown'),
     ({'optim.lr': -1.0}, 'optim.lr must be >= 0'),
+    ({'optim.lr': float('nan')}, 'optim.lr must be >= 0, got nan'),
+    ({'optim.eps': float('nan')}, 'optim.eps must be >= 0, got nan'),
     ({'eval_batches': 0}, 'eval_batches must be >= 1'),
     ({'data.source': '/no/such/dir'}, 'does not exist'),
     ({'model.vocab_size': 256}, r'data.vocab_size must be in \[257,'),
@@ -597,7 +606,9 @@ def _errors(result):
     ('sparse_gpt2.circuits.compare', ['--curve_every=0'],
      'flag --curve_every=0: 0 is not a positive integer'),
     ('sparse_gpt2.circuits.compare', ['--convergence_steps=100,abc'],
-     '--convergence_steps must be step counts, e.g. 100,200'),
+     '--convergence_steps must be step counts >= 1, e.g. 100,200'),
+    ('sparse_gpt2.circuits', ['--evaluate', '--evaluate_every=-5'],
+     'flag --evaluate_every=-5: -5 is not a non-negative integer'),
     ('sparse_gpt2.circuits.view', ['--snippets_per_node=-1'],
      'flag --snippets_per_node=-1: -1 is not a non-negative integer'),
     ('sparse_gpt2.plan', ['--config.sparsity.densty=0.5'],

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from sparse_gpt2 import defaults
+from sparse_gpt2 import sparsity
+from sparse_gpt2 import workdir as workdir_lib
 from sparse_gpt2.circuits import compare
 from sparse_gpt2.circuits import prune
 from sparse_gpt2.circuits import runs as runs_lib
@@ -123,7 +125,7 @@ def test_residual_links_join_writes_to_later_reads_of_a_channel():
 
 def test_draw_curve(tmp_path):
   points = [{'model': m, 'step': s, 'val_loss': v, 'solved': k, 'tasks': 2,
-             'edges': e} for m, s, v, k, e in (
+             'averaged': k, 'edges': e} for m, s, v, k, e in (
                  ('sparse', 100, 3.1, 2, 50), ('sparse', 50, 3.5, 1, 80),
                  ('dense', 40, 3.11, 2, 900), ('dense', 20, 3.6, 0, None))]
   viz.draw_curve(points, CHECKPOINTS, str(tmp_path / 'curve'))
@@ -248,6 +250,10 @@ def test_match_picks_closest_dense_checkpoint_and_refuses_a_gap():
       (150, 3.47), (200, 3.30)]
   with pytest.raises(ValueError, match='no validation loss'):
     compare.match(300, None, dense, 0.02)
+  with pytest.raises(ValueError, match='^the dense run holds no checkpoint$'):
+    compare.match(300, 3.50, {}, 0.02)
+  with pytest.raises(ValueError, match='^no dense checkpoint has a validation'):
+    compare.match(300, 3.50, {250: None}, 0.02)
 
 
 def test_reusable_refuses_other_weights_prompts_settings_version_or_step(
@@ -280,29 +286,44 @@ def test_reusable_refuses_other_weights_prompts_settings_version_or_step(
                               100, prompts, SETTINGS)
 
 
-@pytest.mark.parametrize('bad', ['run', 'task'])
-def test_cli_rejects_bad_input_before_pruning(tmp_path, bad):
-  run = str(tmp_path if bad == 'task' else tmp_path / 'missing')
-  task = 'no_such_task' if bad == 'task' else 'var_swap'
+@pytest.mark.parametrize('bad, message', [
+    ('run', 'missing is not a directory'),
+    ('task', 'no_such_task'),
+    ('same run', '--sparse and --dense are the same run'),
+    ('out', 'exists and is not a directory'),
+])
+def test_cli_rejects_bad_input_before_pruning(tmp_path, bad, message):
+  sparse, dense = tmp_path / 'sparse', tmp_path / 'dense'
+  sparse.mkdir()
+  dense.mkdir()
+  out = tmp_path / 'out'
+  if bad == 'out':
+    out.write_text('a file')
+  args = {'run': (tmp_path / 'missing', dense, 'var_swap'),
+          'task': (sparse, dense, 'no_such_task'),
+          'same run': (sparse, sparse, 'var_swap'),
+          'out': (sparse, dense, 'var_swap')}[bad]
   proc = subprocess.run(
-      [sys.executable, '-m', 'sparse_gpt2.circuits.compare', f'--sparse={run}',
-       f'--dense={tmp_path}', f'--tasks={task}', f'--out={tmp_path / "out"}'],
+      [sys.executable, '-m', 'sparse_gpt2.circuits.compare',
+       f'--sparse={args[0]}', f'--dense={args[1]}', f'--tasks={args[2]}',
+       f'--out={out}'],
       capture_output=True, text=True, timeout=60,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 1
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error:'), proc.stderr
-  assert ('no_such_task' if bad == 'task' else 'missing') in lines[0]
-  assert not os.path.exists(tmp_path / 'out')
+  assert message in lines[0]
+  assert out.is_file() if bad == 'out' else not out.exists()
 
 
-def _fake_run(path, val_losses, mode):
-  """A run directory as `runs.checkpoints` reads it: config.json (200 steps,
-  annealed over the first half in topk mode), one checkpoint folder per step
-  (a file of stand-in weights), and metrics.jsonl."""
+def _fake_run(path, val_losses, mode, schedule_steps=200):
+  """A run directory as `runs.checkpoints` reads it: config.json (200 steps
+  of a `schedule_steps` schedule, annealed over its first half in topk
+  mode), one checkpoint folder per step (a file of stand-in weights), and
+  metrics.jsonl."""
   (path / 'checkpoints').mkdir(parents=True)
   config = defaults.base()
-  config.train_steps = 200
+  config.train_steps, config.schedule_steps = 200, schedule_steps
   config.sparsity.mode, config.sparsity.anneal_fraction = mode, 0.5
   (path / 'config.json').write_text(config.to_json())
   lines = []
@@ -312,6 +333,48 @@ def _fake_run(path, val_losses, mode):
         f'{mode} {step}'.encode())
     lines.append(json.dumps({'step': step, 'val_loss': loss}))
   (path / 'metrics.jsonl').write_text('\n'.join(lines) + '\n')
+
+
+def test_annealing_ends_where_the_schedule_says_not_at_train_steps(tmp_path):
+  """A run that stops at step 200 of a 400-step schedule is still annealing
+  at step 100: the curve leaves out its checkpoints before step 200."""
+  _fake_run(tmp_path / 'early', {200: 3.0}, 'topk', schedule_steps=400)
+  config = workdir_lib.load_config(str(tmp_path / 'early'))
+  step = runs_lib.annealed_step(str(tmp_path / 'early'))
+  assert step == 200
+  config.sparsity.density = 0.25  # The stand-in run's is 1.
+  density = lambda s: float(sparsity.density_at(s, config.sparsity, 400))
+  assert density(step - 1) > config.sparsity.density == density(step)
+
+
+def test_convergence_table_shows_the_steps_asked_for(tmp_path):
+  """A circuit reused from disk that recorded more steps than this run asks
+  for: its row has exactly the asked-for columns, each its own step's."""
+  conv = [{'steps': s, 'num_edges': e, 'num_nodes': e // 2}
+          for s, e in ((100, 500), (300, 200), (1000, 120), (2000, 110),
+                       (3000, 100))]
+  circuit = {'solved': True, 'convergence': conv}
+  table, records = compare.convergence_table(
+      {'t': (circuit, circuit)}, ['t'], [1000, 3000])
+  assert table.splitlines()[0] == '| task | model | 1000 steps | 3000 steps |'
+  assert table.splitlines()[2] == (
+      '| t | sparse | 120 edges / 60 nodes (+20%) | '
+      '100 edges / 50 nodes (+0%) |')
+  assert [c['steps'] for c in records[0]['convergence']] == [1000, 3000]
+
+
+@pytest.mark.parametrize('field, value', [
+    ('temperature', 0.0), ('temperature', -0.1), ('lr', 0.0),
+    ('grad_rms', 0.0), ('b1', 1.0), ('b2', -0.1), ('eps', -1e-8),
+    ('weight_decay', -1e-3), ('k_coef', -1e-3), ('dual_lr', -0.05),
+    ('init_noise', -0.01), ('warmup_steps', -1), ('lr', math.nan),
+    ('k_coef', math.nan), ('init_bias', math.inf)])
+def test_pruning_settings_that_cannot_work_are_refused(field, value):
+  """E.g. temperature 0 divides by zero in the mask's surrogate gradient:
+  NaN scores and a meaningless circuit, minutes later, without a word."""
+  with pytest.raises(ValueError, match=f'^{field} must be'):
+    settings_lib.Settings(**{field: value}).validate()
+  settings_lib.Settings().validate()  # The defaults pass.
 
 
 def _retrain(path, step):
@@ -436,6 +499,8 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
   assert '(3 asked for)' in (out / 'pairs.md').read_text()
   with pytest.raises(ValueError, match=r'^--pairs must be >= 1, got 0$'):
     run('--tasks=if_equals', '--pairs=0')
+  with pytest.raises(flags.IllegalFlagValueError, match='counts >= 1'):
+    run('--tasks=if_equals', '--convergence_steps=100,0')
 
   # A user's task file beside a built-in task: named by the file, pruned
   # again once edited, refused when missing or named like another task.

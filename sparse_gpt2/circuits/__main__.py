@@ -53,7 +53,7 @@ _EVALUATE = flags.DEFINE_bool(
 _EVALUATE_EVERY = flags.DEFINE_integer(
     'evaluate_every', 0, 'With --evaluate: at every kept checkpoint whose '
     'step is a multiple of this, as a table of calibrated task loss against '
-    'step and tokens (0: only --step).')
+    'step and tokens (0: only --step).', lower_bound=0)
 settings_lib.define_flags()
 
 

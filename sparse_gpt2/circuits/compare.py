@@ -79,8 +79,9 @@ _CURVE_EVERY = flags.DEFINE_integer('curve_every', 500, 'See --curve.',
 settings_lib.define_flags()
 flags.mark_flags_as_required(['sparse', 'dense', 'out'])
 flags.register_validator(
-    'convergence_steps', lambda steps: all(s.isdigit() for s in steps),
-    '--convergence_steps must be step counts, e.g. 100,200')
+    'convergence_steps',
+    lambda steps: all(s.isdigit() and int(s) >= 1 for s in steps),
+    '--convergence_steps must be step counts >= 1, e.g. 100,200')
 
 MODELS = ('sparse', 'dense')
 
@@ -92,6 +93,8 @@ def match(sparse_step, sparse_loss, dense_checkpoints, max_gap, count=1):
   if sparse_loss is None:
     raise ValueError(f'the sparse checkpoint at step {sparse_step} has no '
                      'validation loss in metrics.jsonl')
+  if not dense_checkpoints:
+    raise ValueError('the dense run holds no checkpoint')
   scored = {s: v for s, v in dense_checkpoints.items() if v is not None}
   if not scored:
     raise ValueError('no dense checkpoint has a validation loss')
@@ -373,7 +376,9 @@ def _circuit(run, step, task, settings, out, model, record_at=()):
 
 def convergence_table(results, names, steps):
   """Markdown and data: each circuit's edges and nodes after each of
-  `steps` pruning steps, and how far its edges are from the last's."""
+  `steps` pruning steps, and how far its edges are from the last's. A
+  circuit reused from disk may have recorded more steps than asked for:
+  only `steps` are shown."""
   records = []
   lines = ['| task | model | ' + ' | '.join(f'{s} steps' for s in steps)
            + ' |', '|---|---|' + '---:|' * len(steps)]
@@ -381,7 +386,8 @@ def convergence_table(results, names, steps):
     for model, circuit in zip(MODELS, results[task]):
       if not circuit['solved']:
         continue
-      conv = circuit['convergence']
+      recorded = {c['steps']: c for c in circuit['convergence']}
+      conv = [recorded[s] for s in steps]
       records.append({'task': task, 'model': model, 'convergence': conv})
       final = conv[-1]['num_edges'] or 1
       lines.append(f'| {task} | {model} | ' + ' | '.join(
@@ -394,7 +400,9 @@ def curve(runs_, task_names, settings, out):
   """Geometric-mean circuit edges against validation loss, one line per
   model, over the kept checkpoints at multiples of --curve_every: the
   paper's Fig. 3 shape. A point's mean is over the tasks that checkpoint
-  solves; only points that solve every task share one set of tasks. A
+  solves and whose circuit has edges (`averaged`; a circuit of no edges,
+  the direct path alone, has no logarithm); only points that average every
+  task share one set of tasks. A
   top-k run's checkpoints before its annealing ends are left out: they are
   denser than the model the curve is about."""
   points = []
@@ -405,12 +413,13 @@ def curve(runs_, task_names, settings, out):
         continue
       circuits = [_circuit(runs_[model], step, t, settings, out, model)
                   for t in task_names]
-      solved = [c for c in circuits if c['solved'] and c['num_edges']]
+      solved = [c for c in circuits if c['solved']]
+      edges = [c['num_edges'] for c in solved if c['num_edges']]
       points.append({
           'model': model, 'step': step, 'val_loss': val,
           'solved': len(solved), 'tasks': len(task_names),
-          'edges': geometric_mean([c['num_edges'] for c in solved])
-                   if solved else None})
+          'averaged': len(edges),
+          'edges': geometric_mean(edges) if edges else None})
   lines = ['| model | step | val loss | tasks solved | geomean edges |',
            '|---|---:|---:|---:|---:|']
   lines += [f"| {p['model']} | {p['step']} | {p['val_loss']:.3f} | "
@@ -419,17 +428,22 @@ def curve(runs_, task_names, settings, out):
   return '\n'.join(lines) + '\n', points
 
 
-def _check_args(runs_, task_names, pairs, settings):
+def _check_args(runs_, out, task_names, pairs, settings):
   """Raises ValueError, one line, where the arguments cannot work; checked
-  before any pruning, which takes minutes: no two tasks share a name, and
-  every task is read (a task file's format too), encoded for both runs
-  (its candidates single tokens of each tokenizer) and split (enough
-  pairs)."""
+  before any pruning, which takes minutes: two runs, --out a directory or
+  nothing yet, no two tasks share a name, and every task is read (a task
+  file's format too), encoded for both runs (its candidates single tokens
+  of each tokenizer) and split (enough pairs)."""
   if pairs < 1:
     raise ValueError(f'--pairs must be >= 1, got {pairs}')
   for model, run in runs_.items():
     if not os.path.isdir(run):
       raise ValueError(f'--{model}={run} is not a directory')
+  if os.path.samefile(runs_['sparse'], runs_['dense']):
+    raise ValueError(f'--sparse and --dense are the same run: '
+                     f'{runs_["sparse"]}')
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f'--out {out} exists and is not a directory')
   if not task_names:
     raise ValueError('--tasks is empty')
   names = [runs.task_name(t) for t in task_names]
@@ -458,7 +472,7 @@ def main():
   out = _OUT.value
   settings = settings_lib.from_flags()
   settings.validate()
-  _check_args(runs_, task_names, _PAIRS.value, settings)
+  _check_args(runs_, out, task_names, _PAIRS.value, settings)
   record_at = tuple(int(s) for s in _CONVERGENCE_STEPS.value)
   sparse_ckpts = runs.checkpoints(runs_['sparse'])
   step = runs.newest(runs_['sparse']) if _STEP.value is None else _STEP.value

@@ -70,11 +70,13 @@ def _corpus(workdir):
 
 def annealed_step(workdir):
   """The step at which a top-k run reaches its target density (0 for a run
-  that does not anneal): earlier checkpoints are denser models."""
+  that does not anneal): earlier checkpoints are denser models. Annealing
+  runs over the run's schedule (`schedule_steps`, as `sparsity.density_at`
+  is called), which a run that stops early (`train_steps`) keeps."""
   config = _config(workdir)
   if config.sparsity.mode != 'topk':
     return 0
-  return math.ceil(config.sparsity.anneal_fraction * config.train_steps)
+  return math.ceil(config.sparsity.anneal_fraction * config.schedule_steps)
 
 
 def newest(workdir):

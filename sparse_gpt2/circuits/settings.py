@@ -7,6 +7,7 @@ circuit found another way.
 """
 
 import dataclasses
+import math
 
 from absl import flags
 
@@ -73,6 +74,20 @@ class Settings:
     for name in ('steps', 'batch_pairs', 'num_prompts'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+    # Each a `not` of its valid range, so that NaN is refused too.
+    for name in ('lr', 'grad_rms', 'temperature'):  # temperature divides.
+      if not getattr(self, name) > 0:
+        raise ValueError(f'{name} must be > 0, got {getattr(self, name)}')
+    for name in ('warmup_steps', 'eps', 'weight_decay', 'k_coef', 'dual_lr',
+                 'init_noise'):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+    if not math.isfinite(self.init_bias):
+      raise ValueError(f'init_bias must be finite, got {self.init_bias}')
+    for name in ('b1', 'b2'):
+      if not 0 <= getattr(self, name) < 1:
+        raise ValueError(f'{name} must be in [0, 1), got '
+                         f'{getattr(self, name)}')
     if self.max_extensions < 0:
       raise ValueError(
           f'max_extensions must be >= 0, got {self.max_extensions}')

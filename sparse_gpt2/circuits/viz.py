@@ -240,8 +240,8 @@ def _save(fig, path):
 def draw_curve(points, checkpoints, path):
   """Writes `path`.png and `path`.svg: geometric-mean circuit edges against
   pretraining validation loss, one line per model (Gao et al.'s Fig. 3
-  shape). Points that solve only some of the tasks are hollow: their mean
-  is over fewer tasks. The paired checkpoints of the comparison are
+  shape). Points whose mean is over only some of the tasks (the others not
+  solved, or solved by no edge) are hollow. The paired checkpoints of the comparison are
   ringed."""
   fig = mfigure.Figure(figsize=(6, 4.2))
   ax = fig.add_subplot(1, 1, 1)
@@ -252,7 +252,7 @@ def draw_curve(points, checkpoints, path):
       continue
     ax.plot([p['val_loss'] for p in mine], [p['edges'] for p in mine],
             color=color, lw=1, label=model)
-    full = [p['solved'] == p['tasks'] for p in mine]
+    full = [p['averaged'] == p['tasks'] for p in mine]
     ax.scatter([p['val_loss'] for p in mine], [p['edges'] for p in mine],
                s=30, zorder=3, edgecolors=color,
                facecolors=[color if f else 'white' for f in full])
