@@ -62,8 +62,9 @@ def decay_mask(params):
 
 def validate(o):
   """One-line errors for an optim config (`config.optim`) that cannot train;
-  each check a `not` of its valid range, so that NaN is refused too (it
-  passes every comparison's negation, and fails only at the first step)."""
+  each check a `not` of its valid range, so that NaN is refused too (NaN
+  fails every comparison: `lr < 0` let it through to a NaN loss at the
+  first step, after the run directory was written)."""
   if not o.lr >= 0:
     raise ValueError(f'optim.lr must be >= 0, got {o.lr}')
   if not 0 <= o.warmup_fraction <= 1:

@@ -131,8 +131,9 @@ def check(config, workdir):
     if diff:
       raise ValueError(f'workdir {workdir} holds a run with a different '
                        f'config (fields {diff}); use another --workdir')
-    saved_steps = [int(p.name) for p in (root / CHECKPOINTS).iterdir()
-                   if p.name.isdigit()] if (root / CHECKPOINTS).exists() else []
+    checkpoints = root / CHECKPOINTS
+    saved_steps = [int(p.name) for p in checkpoints.iterdir()
+                   if p.name.isdigit()] if checkpoints.exists() else []
     if config.train_steps < max(saved_steps, default=0):
       raise ValueError(f'train_steps {config.train_steps} is before the '
                        f'newest checkpoint of {workdir} (step '

@@ -241,8 +241,8 @@ def draw_curve(points, checkpoints, path):
   """Writes `path`.png and `path`.svg: geometric-mean circuit edges against
   pretraining validation loss, one line per model (Gao et al.'s Fig. 3
   shape). Points whose mean is over only some of the tasks (the others not
-  solved, or solved by no edge) are hollow. The paired checkpoints of the comparison are
-  ringed."""
+  solved, or solved by no edge) are hollow. The paired checkpoints of the
+  comparison are ringed."""
   fig = mfigure.Figure(figsize=(6, 4.2))
   ax = fig.add_subplot(1, 1, 1)
   for model, color in (('sparse', '#c44e52'), ('dense', '#4c72b0')):
