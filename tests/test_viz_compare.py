@@ -347,7 +347,7 @@ def test_annealing_ends_where_the_schedule_says_not_at_train_steps(tmp_path):
   assert density(step - 1) > config.sparsity.density == density(step)
 
 
-def test_convergence_table_shows_the_steps_asked_for(tmp_path):
+def test_convergence_table_shows_the_steps_asked_for():
   """A circuit reused from disk that recorded more steps than this run asks
   for: its row has exactly the asked-for columns, each its own step's."""
   conv = [{'steps': s, 'num_edges': e, 'num_nodes': e // 2}
