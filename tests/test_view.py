@@ -72,6 +72,8 @@ def random_circuit(run, task, num_nodes, seed, solved=True):
                                      if len(nodes) % 2 else None})
   edges, count, truncated = edges_lib.between(params, kept, num_layers)
   block = means['block_0']
+  select_loss = {'full_model': 0.12 if solved else 0.65,
+                 'circuit_only': 0.31 if solved else None}
   losses = {'full_model': 0.1 if solved else 0.6,
             'circuit_only': 0.3 if solved else None,
             'circuit_ablated': 0.69 if solved else None, 'all_ablated': None}
@@ -91,6 +93,7 @@ def random_circuit(run, task, num_nodes, seed, solved=True):
       'total_edges': edges_lib.total(params, num_layers),
       'kept_by_mask': len(nodes), 'past_mask': False, 'nodes': nodes,
       'edges': edges, 'edges_truncated': truncated, 'losses': losses,
+      'select_loss': select_loss,
       'accuracy': dict(losses), 'logit_scale': 1.5 if solved else None,
       'logit_shift': -0.2 if solved else None, 'convergence': [],
       'seconds': 1.0}
@@ -369,12 +372,17 @@ def test_page_in_a_browser(page, compare_dir, browser, tmp_path):
   assert f"layer {strongest['src'][0]} {strongest['src'][1]} " \
          f"{strongest['src'][2]}" in details
 
-  # The task picker: the dense model did not solve 'closing'.
+  # The task picker: the dense model did not solve 'closing' (its select
+  # split's loss decided). The details of 'quotes' go: their links would
+  # name nodes of 'closing'.
   browser.js("const s = document.querySelector('#task'); s.value = 1;"
              "s.dispatchEvent(new Event('change'))")
   assert _node_counts(browser) == [7, 0]
-  assert 'not solved' in browser.js(
-      "document.querySelector('.panel[data-panel=\"1\"]').textContent")
+  assert "task loss 0.650 (select split) is above the target 0.5" in \
+      browser.js("document.querySelector('.panel[data-panel=\"1\"]')"
+                 '.textContent')
+  assert 'Hover over a node' in browser.js(
+      "document.querySelector('#details').innerText")
   browser.screenshot(str(tmp_path / 'page.png'))
   with open(tmp_path / 'page.png', 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
@@ -443,6 +451,34 @@ def test_cli_big_circuit_draws_the_strongest_edges(tmp_path, browser):
       20_000
   assert time.time() - start < 10
   assert browser.errors() == []
+
+
+def test_page_of_circuits_from_two_runs_says_where_one_has_none(
+    tmp_path, browser):
+  """Circuit files of two runs, each for another task: the task table says
+  `no circuit` where a run has none (not `not solved`), and a prompt that
+  writes HTML (`<!--` then `<script>`) stays data: the page still runs."""
+  circuits = tmp_path / 'circuits'
+  circuits.mkdir()
+  for task, run in (('one', '/nowhere/a'), ('two', '/nowhere/b')):
+    circuit = {**_big_circuit(20, 20), 'task': task, 'run': run,
+               'examples': [{'prompt': 'print("<!--" + "<script>" + "</scr'
+                                       'ipt>")', 'correct': 'x',
+                             'incorrect': 'y'}]}
+    (circuits / f'{task}.json').write_text(json.dumps(circuit))
+  out = tmp_path / 'page.html'
+  view.write_page(str(out), circuits_dir=str(circuits), load_runs=False)
+  block = out.read_text().split('<script id="data" type="application/json">'
+                                )[1].split('</script>')[0]
+  assert '<' not in block  # JSON's escape of every `<` in a string.
+  browser.open(f'file://{out}')
+  assert browser.errors() == []
+  rows = browser.js("[...document.querySelectorAll('#task-table tr.task-row')]"
+                    ".map(r => r.innerText)")
+  assert len(rows) == 2 and all('no circuit' in r for r in rows), rows
+  assert not any('not solved' in r for r in rows), rows
+  assert '<script>' in browser.js(
+      "document.querySelector('#prompts').innerText")
 
 
 def test_cli_bad_input_is_one_line_exit_1(tmp_path):

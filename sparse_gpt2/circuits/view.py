@@ -77,8 +77,8 @@ def compact(circuit):
   ids = {id(v): i for i, v in enumerate(nodes)}
   keep = ('step', 'val_loss', 'solved', 'target_loss', 'num_nodes',
           'num_edges', 'total_nodes', 'total_edges', 'edges_truncated',
-          'past_mask', 'steps_run', 'settled', 'losses', 'num_layers',
-          'layer_sizes')
+          'past_mask', 'steps_run', 'settled', 'losses', 'select_loss',
+          'num_layers', 'layer_sizes')
   return {
       **{k: circuit.get(k) for k in keep},
       'd_head': circuit.get('model_shape', {}).get('d_head'),
@@ -337,13 +337,16 @@ def page_data(panels, by_task, summary=None, *, load_runs=True,
 def render(data):
   """The page: the template with `data` as JSON in place of its marker.
 
-  `</` is escaped so that no string in the data (a prompt, a token) can
-  close the script element it sits in.
+  Every `<` is written as its JSON escape, so that no string in the data
+  (a prompt, a token: task prompts are code, and may write HTML) can close
+  the script element it sits in, nor open a comment (`<!--` and a later
+  `<script` keep the parser in the element past its end tag, and the page's
+  own script with it). JSON has `<` only inside strings.
   """
   with open(TEMPLATE, encoding='utf-8') as f:
     template = f.read()
   payload = json.dumps(data, separators=(',', ':'), allow_nan=False)
-  return template.replace(_DATA_MARK, payload.replace('</', '<\\/'), 1)
+  return template.replace(_DATA_MARK, payload.replace('<', '\\u003c'), 1)
 
 
 def write_page(out, *, compare_dir=None, circuits_dir=None, **options):
