@@ -158,11 +158,16 @@ def _config_does_not_load(error):
   fail(f'the config does not load: {type(error).__name__}: {lines[-1]}', 2)
 
 
-def run(main, errors=(ValueError, FloatingPointError, FileNotFoundError,
-                      IsADirectoryError, NotADirectoryError)):
+# What bad input raises, said in one line by `run`: the OSErrors are a path
+# the user gave that is missing, or a file where a directory belongs, or the
+# reverse.
+USER_ERRORS = (ValueError, FloatingPointError, FileNotFoundError,
+               IsADirectoryError, NotADirectoryError)
+
+
+def run(main, errors=USER_ERRORS):
   """Parses flags and calls main(); an exception in `errors` ends the
-  process with its one-line message (the OSErrors: a path the user gave
-  that is missing, or a file where a directory belongs, or the reverse)."""
+  process with its one-line message."""
 
   def wrapped(argv):
     if len(argv) > 1:

@@ -39,4 +39,4 @@ def main():
 
 
 if __name__ == '__main__':
-  cli.run(main, errors=(ValueError, FloatingPointError, train.Preempted))
+  cli.run(main, errors=cli.USER_ERRORS + (train.Preempted,))

@@ -133,7 +133,9 @@ class Writer:
   metrics.jsonl is rewritten whole (atomically) at each log, since object
   stores such as gs:// cannot append; a run logs hundreds of lines, not
   millions. A resumed run drops the lines past its checkpoint, which it is
-  about to log again.
+  about to log again, and its event file starts with TensorBoard's purge
+  marker at the step after the checkpoint, which hides the earlier files'
+  events from there on (else TensorBoard would show those steps twice).
 
   tensorboardX writes events from a thread of its own, which flushes them
   to the file at most every `flush_secs`; its `flush()` does not wait for
@@ -150,7 +152,8 @@ class Writer:
       self._lines = [json.dumps(r) for r in workdir_lib.read_metrics(workdir)
                      if r['step'] <= start_step]
       self._tb = _import_tensorboardx().SummaryWriter(
-          str(workdir_lib.path(workdir)), flush_secs=_EVENTS_FLUSH_SECS)
+          str(workdir_lib.path(workdir)), purge_step=start_step + 1,
+          flush_secs=_EVENTS_FLUSH_SECS)
 
   def write(self, step, metrics):
     if not self._active:

@@ -40,6 +40,8 @@ from sparse_gpt2 import sparsity
 NODE_LOCATIONS = ('attn_in', 'q', 'k', 'v', 'attn_out',
                   'mlp_in', 'mlp_neuron', 'mlp_out')
 ATTENTION = ('auto', 'xla', 'cudnn')
+_CUDNN_NO_SINKS = ("model.attention='cudnn' does not support attention sinks; "
+                   "use 'xla' or 'auto'")
 # What a block keeps for the backward pass; everything else is recomputed.
 REMAT_POLICIES = {
     'none': None,                   # No remat: keep every activation.
@@ -78,6 +80,8 @@ def validate(m):
                      f'{m.act_topk_fraction}')
   if not 0 <= m.dropout < 1:
     raise ValueError(f'model.dropout must be in [0, 1), got {m.dropout}')
+  if m.attention == 'cudnn' and m.attention_sink:
+    raise ValueError(_CUDNN_NO_SINKS)
 
 
 def derived_sizes(model_config):
@@ -131,9 +135,8 @@ def attend(q, k, v, sink=None, implementation='auto'):
     if sink is None:
       sink = jnp.full((q.shape[2],), -jnp.inf, jnp.float32)
     return softmax_attention(q, k, v, sink)
-  if sink is not None:
-    raise ValueError("model.attention='cudnn' does not support attention "
-                     "sinks; use 'xla' or 'auto'")
+  if sink is not None:  # A GPT2 built without `validate`.
+    raise ValueError(_CUDNN_NO_SINKS)
   return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                       implementation='cudnn')
 

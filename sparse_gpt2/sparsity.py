@@ -79,16 +79,21 @@ def model_pattern(config):
 
 
 def density_at(step, config, total_steps):
-  """Fraction of entries kept at `step`: linear from 1 to the target."""
+  """Fraction of entries kept at `step`: linear from 1 to the target, and
+  from the end of annealing the target itself (float32, as in static mode:
+  1 - (1 - 0.1) in float32 is 0.100000024, which keeps 3 of 25 where 0.1
+  keeps 2)."""
   if config.mode != 'topk':
     return jnp.float32(1.0 if config.mode == 'none' else config.density)
   anneal = config.anneal_fraction * total_steps
   progress = 1.0 if anneal <= 0 else jnp.clip(step / anneal, 0.0, 1.0)
-  return 1.0 - (1.0 - config.density) * progress
+  return jnp.where(progress >= 1, jnp.float32(config.density),
+                   1.0 - (1.0 - config.density) * progress)
 
 
 def num_kept(size, density):
-  """k = round(density * size), at least 1; works on traced densities."""
+  """k = round(density * size), at least 1, in float32 (and halves to
+  even); works on traced densities."""
   return jnp.maximum(1, jnp.round(density * size)).astype(jnp.int32)
 
 
@@ -487,10 +492,12 @@ def unflat(tree):
 
 
 def _kept_per_tensor(weights, config):
-  """{path: (k_target, j)} for the final density, per {path: weight}."""
+  """{path: (k_target, j)} for the final density, per {path: weight}: the
+  k that `num_kept` gives the steps at that density, computed as it does
+  (float32, halves to even) but in numpy, since j must be static."""
   out = {}
   for path, w in weights.items():
-    k = int(max(1, round(config.density * w.size)))
+    k = int(max(1, np.round(np.float32(config.density) * np.float32(w.size))))
     out[path] = (k, guaranteed_per_neuron(w.shape, k, config.min_per_neuron))
   return out
 

@@ -70,6 +70,9 @@ def validate(config):
                 'eval_batches', 'checkpoint_every', 'keep_checkpoints'):
     if config[field] < 1:
       raise ValueError(f'{field} must be >= 1, got {config[field]}')
+  if config.model.attention == 'cudnn' and jax.default_backend() != 'gpu':
+    raise ValueError("model.attention='cudnn' needs a GPU; this backend is "
+                     f"{jax.default_backend()} (use 'auto' or 'xla')")
   for field in ('keep_every', 'peak_flops', 'num_cpu_devices'):
     if not config[field] >= 0:  # Refuses a NaN peak_flops too.
       raise ValueError(f'{field} must be >= 0, got {config[field]}')
@@ -399,6 +402,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.init_from_hf:
     hf_kwargs, init_params = hf.load(config.init_from_hf)
     hf.check_config(config.model, hf_kwargs, config.init_from_hf)
+  model = make_model(config)
+  tx = optim.make(config, config.schedule_steps)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
+    # Traced before the workdir is written: a sparsity pattern that matches
+    # no weight, or a mesh axis that does not divide a weight, refuses here.
+    abstract_state, state_sharding, batch_sharding = layout(
+        config, model, tx, mesh, init_params)
   workdir_lib.create(config, workdir)
   mngr = checkpoint.manager(workdir, config.keep_checkpoints,
                             config.keep_every)
@@ -409,13 +419,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     compiling = (start_compiling_apart(config)
                  if compile_apart and jax.process_count() == 1
                  and (mngr.latest_step() or 0) < config.train_steps else None)
-    model = make_model(config)
-    tx = optim.make(config, config.schedule_steps)
     rng = jax.random.key(config.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(
         sharding.rules(config.mesh)):
-      abstract_state, state_sharding, batch_sharding = layout(
-          config, model, tx, mesh, init_params)
       state = checkpoint.restore_latest(mngr, abstract_state, workdir)
       if state is None:
         state = jit_init(config, model, tx, state_sharding)(rng, init_params)

@@ -30,9 +30,10 @@ CORRUPT = 'corrupt_checkpoints'
 # Fields that may differ between a workdir's saved config and a resumed run:
 # where it stops, bookkeeping, and how a step is laid out on devices (so a
 # preempted run can resume on another slice), nothing that changes what a
-# step computes beyond float rounding. `schedule_steps` is not among them: it
-# fixes the lr and annealing of every step, so `train_steps` can move
-# without changing steps already planned.
+# step computes beyond float rounding (and, with model.dropout above 0, which
+# dropout masks `microbatches` slices draw). `schedule_steps` is not among
+# them: it fixes the lr and annealing of every step, so `train_steps` can
+# move without changing steps already planned.
 RESUMABLE_FIELDS = ('train_steps', 'log_every', 'eval_every', 'eval_batches',
                     'checkpoint_every', 'keep_checkpoints', 'keep_every',
                     'peak_flops', 'mesh', 'microbatches', 'num_cpu_devices')

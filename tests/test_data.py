@@ -254,6 +254,16 @@ def test_tfds_source_holds_out_part_of_train(tmp_path):
       corpus.val_tokens.tolist(), skip_special_tokens=False) == held_out
 
 
+def test_a_tfds_feature_the_dataset_lacks_is_one_line(tmp_path):
+  config = _config('tfds:sparse_gpt2_test_docs', tmp_path, text_feature='text')
+  with pytest.raises(ValueError) as refused:
+    data.load(config, SEQ_LEN)
+  assert str(refused.value) == (
+      "tfds:sparse_gpt2_test_docs has no feature data.text_feature='text': "
+      "['body']")
+  assert not (tmp_path / 'sparse_gpt2').exists()  # No cache made for it.
+
+
 def test_an_unknown_tfds_dataset_is_one_line(tmp_path):
   with pytest.raises(ValueError) as refused:
     data.load(_config('tfds:no_such_dataset_xyz', tmp_path), SEQ_LEN)

@@ -125,6 +125,36 @@ def _event_scalars(workdir):
   return scalars
 
 
+def test_a_resumed_run_purges_its_old_events_past_the_checkpoint(tmp_path):
+  """A run that logged steps 1-4 and resumes from step 2: its new event file
+  opens with TensorBoard's purge marker (a SessionLog START) at step 3, so
+  the old file's steps 3 and 4 are not shown beside the new ones."""
+  metrics._import_tensorboardx()  # The package, without torch.
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  first = metrics.Writer(str(tmp_path), start_step=0)
+  for step in (1, 2, 3, 4):
+    first.write(step, {'loss': float(step)})
+  first.close()
+  old = set(os.listdir(tmp_path))
+  time.sleep(1.1)  # Event files are named by the second they open in.
+  resumed = metrics.Writer(str(tmp_path), start_step=2)
+  resumed.write(3, {'loss': 3.5})
+  resumed.close()
+  [new] = set(os.listdir(tmp_path)) - old
+  with open(tmp_path / new, 'rb') as f:
+    data = f.read()
+  events = []
+  while data:  # TFRecord: length, its CRC, the event, its CRC.
+    n = int.from_bytes(data[:8], 'little')
+    events.append(event_pb2.Event.FromString(data[12:12 + n]))
+    data = data[16 + n:]
+  starts = [e.step for e in events if e.HasField('session_log')]
+  assert starts == [3]
+  assert [(e.step, e.summary.value[0].simple_value) for e in events
+          if e.summary.value] == [(3, 3.5)]
+  assert [m['step'] for m in _metrics(str(tmp_path))] == [1, 2, 3]
+
+
 def test_event_files_are_written_without_importing_torch(tmp_path):
   """tensorboardX imports torch wherever it is installed (2.7 s of every
   run's start here); metrics.Writer hides it from that import. In a fresh
@@ -527,6 +557,12 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
     ({'model.vocab_size': 256}, r'data.vocab_size must be in \[257,'),
     ({'train_steps': 30, 'schedule_steps': 20}, 'past the end'),
     ({'init_from_hf': '/no/such/hf_dir'}, 'expected a Hugging Face GPT-2'),
+    # Found as the state is traced (`layout`), before the workdir is written.
+    ({'sparsity.pattern': 'no_such_weight'}, 'matches no parameter'),
+    ({'model.attention': 'cudnn', 'model.attention_sink': False},
+     "model.attention='cudnn' needs a GPU"),
+    ({'model.attention': 'cudnn', 'model.attention_sink': True},
+     'does not support attention sinks'),
 ])
 def test_refused_starts_leave_no_files(tiny_config, tmp_path, overrides,
                                        message):
@@ -574,6 +610,11 @@ def test_workdirs_that_are_not_runs_are_refused(tiny_config, tmp_path):
   (other / 'checkpoints').write_text('x')
   with pytest.raises(ValueError, match='checkpoints exists and is not a dir'):
     train.train_and_evaluate(tiny_config(), str(other))
+  # Below a file: the OSError, which every CLI says in one line.
+  result = _main(a_file / 'run', tiny_config())
+  assert result.returncode == 1 and _errors(result) == [
+      f"error: [Errno 20] Not a directory: '{a_file / 'run'}'"], result.stderr
+  assert a_file.read_text() == 'x'
 
 
 @pytest.mark.parametrize('text,message', [

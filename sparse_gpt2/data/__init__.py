@@ -99,6 +99,10 @@ def _open_tfds(name, data_config):
   splits = builder.info.splits
   if 'train' not in splits:
     raise ValueError(f'tfds:{name} has no train split: {list(splits)}')
+  features = list(builder.info.features.keys())
+  if data_config.text_feature not in features:
+    raise ValueError(f'tfds:{name} has no feature data.text_feature='
+                     f'{data_config.text_feature!r}: {features}')
   cache_dir = os.path.join(builder.data_dir_root, 'sparse_gpt2',
                            builder.info.full_name, data_config.text_feature)
   held_out = next((s for s in ('validation', 'test') if s in splits), None)
