@@ -201,8 +201,13 @@ def test_circuit_of_every_node_has_the_full_models_probabilities(twins):
   rows = view.example_probabilities(run, means, everything, EXAMPLES)
   for row in rows:
     np.testing.assert_allclose(row['circuit'], row['full'], rtol=1e-3)
-  nothing = dict(everything, nodes=everything['nodes'][:1])
-  assert view.example_probabilities(run, means, nothing, EXAMPLES) != rows
+  one = dict(everything, nodes=everything['nodes'][:1])
+  assert view.example_probabilities(run, means, one, EXAMPLES) != rows
+  # A circuit of no nodes (the task done with everything mean-ablated) has
+  # its probabilities too: the panel reports its loss.
+  nothing = dict(everything, nodes=[])
+  assert all(row['circuit'] is not None and 'calibrated' in row for row in
+             view.example_probabilities(run, means, nothing, EXAMPLES))
 
 
 class Browser:

@@ -188,7 +188,7 @@ def example_probabilities(run, means, circuit, examples):
   variables = {'params': run['params']}
   logits = {'full': run['model'].apply(variables, tokens,
                                        positions=positions)}
-  if circuit['solved'] and circuit['nodes']:
+  if circuit['solved']:  # No node kept is every node mean-ablated.
     logits['circuit'] = run['model'].apply(
         {**variables, 'node_mask': _circuit_mask(circuit, means),
          'node_mean': means}, tokens, positions=positions)
