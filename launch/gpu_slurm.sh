@@ -40,7 +40,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
   echo "error: no config file ${config%%:*} in $repo" >&2; exit 2; }
 name=$(basename "${config%%:*}" .py)
 workdir=${workdir:-runs/$name}
-args=(--config="$config" --workdir="$workdir" "${overrides[@]}")
+args=(--config="$config" --workdir="$workdir" ${overrides[@]+"${overrides[@]}"})
 
 script="#!/usr/bin/env bash
 #SBATCH --job-name=sparse_gpt2-$name

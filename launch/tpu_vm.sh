@@ -68,7 +68,7 @@ case $action in
     (( spot )) && capacity=(--spot)
     run "${gcloud_tpu[@]}" queued-resources create "$name" --node-id="$name" \
       --zone="$zone" --accelerator-type="$type" \
-      --runtime-version="${RUNTIME:-$default_runtime}" "${capacity[@]}"
+      --runtime-version="${RUNTIME:-$default_runtime}" ${capacity[@]+"${capacity[@]}"}
     # The request waits in a queue until capacity frees up.
     if (( dry_run )); then
       run "${gcloud_tpu[@]}" queued-resources describe "$name" --zone="$zone" \
@@ -96,18 +96,23 @@ case $action in
     tarball=${TMPDIR:-/tmp}/sparse_gpt2-$name.tar.gz
     # What git sees, so runs/, caches and build outputs never travel.
     if (( dry_run )); then
-      echo "git -C $(printf '%q' "$repo") ls-files -z --cached --others --exclude-standard | tar -czf $(printf '%q' "$tarball") -C $(printf '%q' "$repo") --null -T -"
+      echo "git -C $(printf '%q' "$repo") ls-files -z --cached --others --exclude-standard | tar -czf $(printf '%q' "$tarball") -C $(printf '%q' "$repo") --ignore-failed-read --null -T -"
     else
+      # A tracked file deleted in the work tree is left out, not an error.
       git -C "$repo" ls-files -z --cached --others --exclude-standard \
-        | tar -czf "$tarball" -C "$repo" --null -T -
+        | tar -czf "$tarball" -C "$repo" --ignore-failed-read --null -T -
     fi
     run "${gcloud_tpu[@]}" tpu-vm scp "$tarball" "$name":sparse_gpt2.tar.gz \
       --zone="$zone" --worker=all
     # The new code each time, never a stale nested copy; runs/ (the default
     # workdirs and their checkpoints) stays, so a restart resumes.
     ssh_all "mkdir -p ~/sparse_gpt2 && find ~/sparse_gpt2 -mindepth 1 -maxdepth 1 ! -name runs -exec rm -rf {} + && tar -xzf ~/sparse_gpt2.tar.gz -C ~/sparse_gpt2 && pip install -q -r ~/sparse_gpt2/requirements.txt 'jax[tpu]==0.10.2' gcsfs google-cloud-storage"
-    args=(--config="$config" --workdir="$workdir" "${overrides[@]}")
-    ssh_all "cd ~/sparse_gpt2 && SPARSE_GPT2_DISTRIBUTED=1 nohup python -m sparse_gpt2.main $(printf '%q ' "${args[@]}")> ~/sparse_gpt2.log 2>&1 < /dev/null & echo \$! > ~/sparse_gpt2.pid"
+    # (An empty array under `set -u` is an error in bash before 4.4, macOS's.)
+    args=(--config="$config" --workdir="$workdir" ${overrides[@]+"${overrides[@]}"})
+    # Only python goes to the background, so the pid `stop` signals is its
+    # (backgrounding the whole `cd && ...` list recorded a subshell's, and
+    # SIGTERM killed the shell, never the run).
+    ssh_all "cd ~/sparse_gpt2 && { SPARSE_GPT2_DISTRIBUTED=1 nohup python -m sparse_gpt2.main $(printf '%q ' "${args[@]}")> ~/sparse_gpt2.log 2>&1 < /dev/null & echo \$! > ~/sparse_gpt2.pid; }"
     ;;
   logs)
     run "${gcloud_tpu[@]}" tpu-vm ssh "$name" --zone="$zone" --worker="$worker" \

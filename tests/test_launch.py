@@ -4,6 +4,7 @@ overrides that survive both the local and the remote shell."""
 import os
 import shlex
 import subprocess
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATTERN = '--config.sparsity.pattern=^(?!.*(norm|bigram|sink))'
@@ -105,6 +106,50 @@ def test_tpu_logs_stop_and_delete():
   assert shlex.split(delete) == [
       'gcloud', 'compute', 'tpus', 'queued-resources', 'delete', 'tpu1',
       '--zone=z', '--force', '--quiet']
+
+
+def test_tpu_stop_signals_the_run_that_start_started(tmp_path):
+  """start's and stop's remote commands, run here in a home of their own
+  with a stand-in `python`: the pid start records is the run's own, so
+  stop's SIGTERM reaches it (a pid of the shell around it left the run
+  training, orphaned)."""
+  *_, start = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
+                       'configs/sparse_small.py')
+  stop, = _dry_run('tpu_vm.sh', 'stop', 'tpu1', 'z')
+  home, stand_in = tmp_path / 'home', tmp_path / 'bin'
+  (home / 'sparse_gpt2').mkdir(parents=True)
+  stand_in.mkdir()
+  (stand_in / 'python').write_text('#!/bin/sh\nexec sleep 60\n')
+  (stand_in / 'python').chmod(0o755)
+  env = {**os.environ, 'HOME': str(home),
+         'PATH': f"{stand_in}{os.pathsep}{os.environ['PATH']}"}
+  subprocess.run(['bash', '-c', _remote(start)], env=env, check=True,
+                 timeout=30)
+  pid = int((home / 'sparse_gpt2.pid').read_text())
+  deadline = time.time() + 10
+  while not _cmdline(pid).startswith(b'sleep') and time.time() < deadline:
+    time.sleep(0.05)  # nohup, then the stand-in, exec in turn.
+  assert _cmdline(pid).startswith(b'sleep'), _cmdline(pid)
+  subprocess.run(['bash', '-c', _remote(stop)], env=env, check=True,
+                 timeout=30)
+  while _running(pid) and time.time() < deadline:
+    time.sleep(0.05)
+  assert not _running(pid)
+  assert not (home / 'sparse_gpt2.pid').exists()
+
+
+def _cmdline(pid):
+  with open(f'/proc/{pid}/cmdline', 'rb') as f:
+    return f.read()
+
+
+def _running(pid):
+  """Whether `pid` is alive: not gone and not a zombie left to reap."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except FileNotFoundError:
+    return False
 
 
 def test_slurm_script_installs_once_and_runs_a_process_per_node():
