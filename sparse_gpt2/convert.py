@@ -10,8 +10,13 @@ Only runs whose model transformers' GPT-2 can express convert to Hugging
 Face (LayerNorm, learned positions, no bigram table or sinks, d_head =
 d_model / heads); the paper-architecture configs do not, and say so. A sparse
 run converts like a dense one: its zeros are ordinary weights there.
-The run made from Hugging Face trains on with
-`python -m sparse_gpt2.main --workdir=RUN` and the same --config flags.
+The run made from Hugging Face saves, in RUN/config.json, the model fields
+it took from the Hugging Face config and `init_from_hf`; it trains on with
+`python -m sparse_gpt2.main --workdir=RUN`, the same --config flags,
+`--config.init_from_hf=HF_DIR`, and each model field that differs from the
+config file's (`main` names the fields that differ; for
+configs/dense_gpt2_124m.py and a released GPT-2 small,
+`--config.model.vocab_size=50257`).
 """
 
 from absl import flags
@@ -29,7 +34,9 @@ _TO_RUN = flags.DEFINE_string('to_run', None, 'Run directory to create.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace --to_hf.')
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/dense_gpt2_124m.py', 'Config of the run made by '
-    '--to_run; its model fields are set from the Hugging Face config.',
+    '--to_run; its sizes, norm, embeddings and positions are set from the '
+    'Hugging Face config (other model fields, e.g. bigram_table, must '
+    'already match GPT-2).',
     lock_config=True)
 
 

@@ -115,6 +115,12 @@ def _read_config(hf_dir):
   if not isinstance(saved, dict):
     raise ValueError(f'{hf_dir}/{CONFIG}: not a JSON object')
   config = {**_HF_DEFAULTS, **saved}
+  sizes = ('vocab_size', 'n_layer', 'n_embd', 'n_head', 'n_positions')
+  bad_sizes = [f'{k}={config.get(k)!r}' for k in sizes
+               if type(config.get(k)) is not int or config[k] < 1]
+  if bad_sizes:
+    raise ValueError(f'{hf_dir}/{CONFIG}: sizes must be integers >= 1: '
+                     + ', '.join(bad_sizes))
   # reorder_and_upcast_attn is accepted: it only moves the 1/sqrt(d_head) and
   # upcasts to float32, which is what `model.Block` computes anyway.
   checks = [

@@ -12,8 +12,8 @@ dataset to rebuild it.
 
 Files are assigned to train/validation by a stable hash of their relative
 path, so the split of a file does not depend on which other files exist, and
-stored in sorted path order (`disable_shuffling`) so readers see a stable,
-human-checkable order. `manifest.json` beside the records lists every file
+stored in `list_files`' order (`disable_shuffling`) so readers see a
+stable, human-checkable order. `manifest.json` beside the records lists every file
 with its size, sha256 and split, which is what a result should cite as "the
 data".
 """
@@ -50,7 +50,11 @@ def split_of(relpath, val_fraction):
 
 
 def list_files(source_dir):
-  """Relative POSIX paths of the .py files under `source_dir`, sorted."""
+  """Relative POSIX paths of the .py files under `source_dir`, in a fixed
+  order: a directory's own files by name, then its subdirectories' by name
+  (os.walk's, each level sorted; not one sort of the whole paths, which
+  would put `A/x.py` before `a.py` and change the corpus every run trains
+  on)."""
   paths = []
   for dirpath, dirnames, filenames in os.walk(source_dir):
     # Pruning and sorting in place makes os.walk skip excluded trees and visit
