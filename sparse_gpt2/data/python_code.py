@@ -13,9 +13,9 @@ dataset to rebuild it.
 Files are assigned to train/validation by a stable hash of their relative
 path, so the split of a file does not depend on which other files exist, and
 stored in `list_files`' order (`disable_shuffling`) so readers see a
-stable, human-checkable order. `manifest.json` beside the records lists every file
-with its size, sha256 and split, which is what a result should cite as "the
-data".
+stable, human-checkable order. `manifest.json` beside the records lists
+every file with its size, sha256 and split, which is what a result should
+cite as "the data".
 """
 
 import dataclasses
