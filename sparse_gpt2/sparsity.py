@@ -79,21 +79,18 @@ def model_pattern(config):
 
 
 def density_at(step, config, total_steps):
-  """Fraction of entries kept at `step`: linear from 1 to the target, and
-  from the end of annealing the target itself (float32, as in static mode:
-  1 - (1 - 0.1) in float32 is 0.100000024, which keeps 3 of 25 where 0.1
-  keeps 2)."""
+  """Fraction of entries kept at `step`: linear from 1 to the target (in
+  float32 once traced: 1 - (1 - 0.1) is then 0.100000024)."""
   if config.mode != 'topk':
     return jnp.float32(1.0 if config.mode == 'none' else config.density)
   anneal = config.anneal_fraction * total_steps
   progress = 1.0 if anneal <= 0 else jnp.clip(step / anneal, 0.0, 1.0)
-  return jnp.where(progress >= 1, jnp.float32(config.density),
-                   1.0 - (1.0 - config.density) * progress)
+  return 1.0 - (1.0 - config.density) * progress
 
 
 def num_kept(size, density):
-  """k = round(density * size), at least 1, in float32 (and halves to
-  even); works on traced densities."""
+  """k = round(density * size), at least 1, in float32 (halves to even);
+  works on traced densities."""
   return jnp.maximum(1, jnp.round(density * size)).astype(jnp.int32)
 
 
@@ -491,13 +488,16 @@ def unflat(tree):
   return traverse_util.unflatten_dict(tree, sep='/')
 
 
-def _kept_per_tensor(weights, config):
+def _kept_per_tensor(weights, config, total_steps):
   """{path: (k_target, j)} for the final density, per {path: weight}: the
-  k that `num_kept` gives the steps at that density, computed as it does
-  (float32, halves to even) but in numpy, since j must be static."""
+  k the steps keep there (`num_kept` of `density_at` at the schedule's end,
+  evaluated now, since j must be static, by the same float32 ops)."""
+  with jax.ensure_compile_time_eval():
+    final = density_at(total_steps, config, total_steps)
   out = {}
   for path, w in weights.items():
-    k = int(max(1, np.round(np.float32(config.density) * np.float32(w.size))))
+    with jax.ensure_compile_time_eval():
+      k = int(num_kept(w.size, final))
     out[path] = (k, guaranteed_per_neuron(w.shape, k, config.min_per_neuron))
   return out
 
@@ -537,7 +537,7 @@ def init_masks(params, masks, config, rng, total_steps):
     return params, masks
   flat_params = flat(params)
   weights = {p: flat_params[p] for p in flat_masks}
-  kept = _kept_per_tensor(weights, config)
+  kept = _kept_per_tensor(weights, config, total_steps)
   if config.mode == 'static' and config.static_init == 'erk':
     densities = erk_densities({p: w.shape for p, w in weights.items()},
                               config.density)
@@ -606,7 +606,7 @@ def reproject(config, total_steps):
     weights = {p: flat_params[p] for p in flat_masks}
     if config.mode == 'topk':
       density = density_at(state.count + 1, config, total_steps)
-      kept = _kept_per_tensor(weights, config)
+      kept = _kept_per_tensor(weights, config, total_steps)
       keep = topk_masks(
           {p: w + flat_updates[p] for p, w in weights.items()},
           {p: num_kept(w.size, density) for p, w in weights.items()},
