@@ -492,13 +492,13 @@ def _kept_per_tensor(weights, config, total_steps):
   """{path: (k_target, j)} for the final density, per {path: weight}: the
   k the steps keep there (`num_kept` of `density_at` at the schedule's end,
   evaluated now, since j must be static, by the same float32 ops)."""
+  out = {}
   with jax.ensure_compile_time_eval():
     final = density_at(total_steps, config, total_steps)
-  out = {}
-  for path, w in weights.items():
-    with jax.ensure_compile_time_eval():
+    for path, w in weights.items():
       k = int(num_kept(w.size, final))
-    out[path] = (k, guaranteed_per_neuron(w.shape, k, config.min_per_neuron))
+      out[path] = (k, guaranteed_per_neuron(w.shape, k,
+                                            config.min_per_neuron))
   return out
 
 

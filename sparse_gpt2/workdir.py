@@ -77,6 +77,15 @@ def load_config(workdir):
   return ml_collections.ConfigDict(saved)
 
 
+def checkpoint_steps(workdir):
+  """The steps of the checkpoints in `workdir`, sorted: orbax names each
+  directory by its step (a save in progress has a suffix)."""
+  root = path(workdir) / CHECKPOINTS
+  if not root.is_dir():
+    return []
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+
+
 def read_metrics(workdir):
   """The records of workdir/metrics.jsonl, oldest first ([] before the
   first log)."""
@@ -132,13 +141,11 @@ def check(config, workdir):
     if diff:
       raise ValueError(f'workdir {workdir} holds a run with a different '
                        f'config (fields {diff}); use another --workdir')
-    checkpoints = root / CHECKPOINTS
-    saved_steps = [int(p.name) for p in checkpoints.iterdir()
-                   if p.name.isdigit()] if checkpoints.exists() else []
-    if config.train_steps < max(saved_steps, default=0):
+    newest = max(checkpoint_steps(workdir), default=0)
+    if config.train_steps < newest:
       raise ValueError(f'train_steps {config.train_steps} is before the '
-                       f'newest checkpoint of {workdir} (step '
-                       f'{max(saved_steps)}); a run cannot stop in its past')
+                       f'newest checkpoint of {workdir} (step {newest}); a '
+                       'run cannot stop in its past')
   return config
 
 

@@ -33,11 +33,9 @@ def checkpoints(workdir):
   """{step: validation loss or None} of the checkpoints kept in `workdir`."""
   if not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG)):
     raise ValueError(f'{workdir} is not a run directory (no config.json)')
-  root = os.path.join(workdir, workdir_lib.CHECKPOINTS)
-  steps = sorted(int(name) for name in os.listdir(root)
-                 if name.isdigit()) if os.path.isdir(root) else []
   losses = val_losses(workdir)
-  return {step: losses.get(step) for step in steps}
+  return {step: losses.get(step)
+          for step in workdir_lib.checkpoint_steps(workdir)}
 
 
 @functools.lru_cache(maxsize=64)
