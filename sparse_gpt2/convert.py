@@ -23,6 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from sparse_gpt2 import cli
+from sparse_gpt2 import data
 from sparse_gpt2 import hf
 from sparse_gpt2 import train
 from sparse_gpt2 import workdir
@@ -41,9 +42,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 
 def run_to_hf(run, out_dir, overwrite=False):
+  """Exports the run's newest checkpoint with the tokenizer it trained on."""
   config, _, state = train.load_run(run)
-  kwargs = dict(config.model)
-  hf.save(state.params, kwargs, out_dir, overwrite=overwrite)
+  corpus = data.load(config.data, config.seq_len)
+  hf.save(state.params, dict(config.model), out_dir, overwrite=overwrite,
+          tokenizer=corpus.tokenizer)
 
 
 def hf_to_run(hf_dir, run, config):

@@ -33,9 +33,13 @@ from safetensors import numpy as safetensors_np
 from sparse_gpt2 import model
 from sparse_gpt2 import sparsity
 from sparse_gpt2 import workdir
+from sparse_gpt2.data import tokenizer as tokenizer_lib
 
 CONFIG = 'config.json'
 WEIGHTS = 'model.safetensors'
+TOKENIZER = 'tokenizer.json'
+TOKENIZER_CONFIG = 'tokenizer_config.json'
+EXPORT_FILES = {CONFIG, WEIGHTS, TOKENIZER, TOKENIZER_CONFIG}
 
 # The GPT2Config defaults: transformers writes only the fields that differ
 # from them, so a missing field means this value.
@@ -217,16 +221,22 @@ def _unexpressible(gpt2, flat):
   return [what for failed, what in checks if failed]
 
 
-def save(params, model_kwargs, out_dir, overwrite=False):
+def save(params, model_kwargs, out_dir, overwrite=False, tokenizer=None):
   """Writes `params` of `model.GPT2(**model_kwargs)` as a Hugging Face GPT-2
   directory that `transformers.GPT2LMHeadModel.from_pretrained` loads.
 
   `params` is the 'params' collection, boxed or not. Weights are written in
-  float32. The directory appears complete or not at all (written beside it,
-  then renamed), and an existing non-empty `out_dir` is replaced only with
-  `overwrite=True`, and only if it holds nothing but an earlier export (never
-  a run directory). Raises a one-line ValueError for a model transformers'
-  GPT-2 cannot express (see `_unexpressible`) or params that do not fit it.
+  float32. With the run's `tokenizer` (a `tokenizers.Tokenizer`), the
+  directory also holds it, for `transformers.AutoTokenizer.from_pretrained`,
+  and the config names its end-of-text id as bos and eos: without them,
+  transformers assumes GPT-2's 50256, beyond a small vocabulary (`generate`
+  stops at and pads with it). The directory appears
+  complete or not at all (written beside it, then renamed), and an existing
+  non-empty `out_dir` is replaced only with `overwrite=True`, and only if it
+  holds nothing but an earlier export (never a run directory); a link to a
+  directory is followed, and what it points to is replaced. Raises a
+  one-line ValueError for a model transformers' GPT-2 cannot express (see
+  `_unexpressible`) or params that do not fit it.
   """
   gpt2 = model.GPT2(**model_kwargs)
   flat = sparsity.flat(params)
@@ -236,16 +246,16 @@ def save(params, model_kwargs, out_dir, overwrite=False):
                      + ', '.join(unexpressible))
   _check_names_and_shapes('params', {p: x.shape for p, x in flat.items()},
                           _param_shapes(gpt2))
-  out_dir = os.path.abspath(out_dir)
+  out_dir = os.path.realpath(out_dir)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise ValueError(f'{out_dir} exists and is not a directory')
   present = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
   if present and not overwrite:
     raise ValueError(f'{out_dir} is not empty; replace it with '
                      'overwrite=True (convert: --overwrite)')
-  if present - {CONFIG, WEIGHTS}:  # A run directory also has a config.json.
+  if present - EXPORT_FILES:  # A run directory also has a config.json.
     raise ValueError(f'{out_dir} holds more than a Hugging Face export '
-                     f'({sorted(present - {CONFIG, WEIGHTS})}); refusing to '
+                     f'({sorted(present - EXPORT_FILES)}); refusing to '
                      'replace it')
 
   tensors = {}
@@ -263,6 +273,9 @@ def save(params, model_kwargs, out_dir, overwrite=False):
       layer_norm_epsilon=model.NORM_EPSILON,
       tie_word_embeddings=gpt2.tie_embeddings,
       dtype='float32')
+  if tokenizer is not None:
+    eot_id = tokenizer_lib.eot_id(tokenizer)
+    config.update(bos_token_id=eot_id, eos_token_id=eot_id)
 
   parent, base = os.path.split(out_dir)
   os.makedirs(parent, exist_ok=True)
@@ -274,6 +287,13 @@ def save(params, model_kwargs, out_dir, overwrite=False):
     safetensors_np.save_file(tensors, os.path.join(tmp, WEIGHTS),
                              metadata={'format': 'pt'})
     os.chmod(os.path.join(tmp, WEIGHTS), 0o644)  # Not safetensors' 0o600.
+    if tokenizer is not None:
+      tokenizer.save(os.path.join(tmp, TOKENIZER))
+      with open(os.path.join(tmp, TOKENIZER_CONFIG), 'w') as f:
+        eot = tokenizer_lib.EOT
+        json.dump(dict(tokenizer_class='PreTrainedTokenizerFast',
+                       bos_token=eot, eos_token=eot, unk_token=eot,
+                       model_max_length=gpt2.max_len), f, indent=2)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -236,3 +236,12 @@ def test_save_overwrite(tmp_path):
                                        r"\(\['checkpoints'\]\)"):
     hf.save(params, model_kwargs, run, overwrite=True)
   assert sorted(os.listdir(run)) == ['checkpoints', hf.CONFIG]
+  # A link to an earlier export: what it points to is replaced, the link kept.
+  link = tmp_path / 'latest'
+  link.symlink_to(out)
+  params = jax.tree.map(lambda x: x + 1, params)
+  hf.save(params, model_kwargs, link, overwrite=True)
+  assert link.is_symlink() and sorted(os.listdir(tmp_path)) == [
+      'latest', 'out', 'run']
+  _, loaded = hf.load(out)
+  jax.tree.map(np.testing.assert_array_equal, loaded, nn.unbox(params))
