@@ -32,8 +32,11 @@ DATASHEET_PEAKS = (
 
 
 def flops_per_token(model_config, seq_len):
-  """Training FLOPs per token of the dense computation (6 per weight of every
-  matmul, plus attention scores and mixing), as in the PaLM appendix.
+  """Training FLOPs per token of the dense computation, as MaxText counts
+  them (`calculate_tflops_training_per_device`): 6 per weight of every
+  matmul, plus attention's scores and mixing over the causal half of the
+  T x T square, 6 x T x d_attn per layer (PaLM's appendix counts the whole
+  square, twice that; the model computes about 5/8 of it, in query blocks).
 
   A sparse model is charged the same: unstructured sparsity does not make
   dense kernels cheaper, so its MFU says how well the hardware is used.
@@ -43,8 +46,8 @@ def flops_per_token(model_config, seq_len):
   d_attn = m.num_heads * d_head
   per_layer = 4 * m.d_model * d_attn + 2 * m.d_model * d_mlp
   matmul = m.num_layers * per_layer + m.d_model * m.vocab_size
-  attention = m.num_layers * 2 * seq_len * d_attn
-  return 6 * matmul + 6 * attention
+  causal_attention = m.num_layers * seq_len * d_attn
+  return 6 * matmul + 6 * causal_attention
 
 
 def peak_flops(dtype='float32', fastest_yet=0.0, repeats=5):

@@ -123,7 +123,7 @@ def report(config, topology, params, mesh, compiled):
       f'target: {topology}, {n} devices, mesh ' + ' x '.join(
           f'{axis} {size}' for axis, size in mesh.shape.items()),
       f'model FLOPs per step: {model_flops:.3e} (6 per weight per token, plus '
-      'attention)']
+      'causal attention)']
   totals = {}
   for name, program in compiled.items():
     if isinstance(program, Exception):

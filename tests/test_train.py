@@ -921,6 +921,24 @@ def test_main_keeps_compiled_programs_where_the_environment_says(cache,
       tmp_path / (cache or '.cache/sparse_gpt2/jax'))
 
 
+def test_flops_per_token_counts_causal_attention_as_maxtext_does():
+  """GPT-2 small at 1024 tokens, counted by hand: 6 x its 123,532,032
+  matmul weights (12 layers of 12 x 768^2, the 768 x 50257 unembedding),
+  plus 6 x 1024 x 768 a layer for the causal half of attention."""
+  gpt2_small = types.SimpleNamespace(
+      d_model=768, num_heads=12, num_layers=12, vocab_size=50257,
+      d_head=None, d_mlp=None)
+  assert 12 * 12 * 768**2 + 768 * 50257 == 123_532_032
+  assert metrics.flops_per_token(gpt2_small, 1024) == (
+      6 * 123_532_032 + 12 * 6 * 1024 * 768)
+  # The paper's 16-wide heads: d_attn is heads x d_head, not d_model.
+  paper = types.SimpleNamespace(
+      d_model=128, num_heads=16, num_layers=4, vocab_size=2048, d_head=16,
+      d_mlp=512)
+  assert metrics.flops_per_token(paper, 128) == 6 * (
+      4 * (4 * 128 * 256 + 2 * 128 * 512) + 128 * 2048) + 6 * 4 * 128 * 256
+
+
 def test_mfu_divides_by_the_fastest_matmul_timed_so_far(reference_run):
   """A start timed in a busy moment stops counting at the first evaluation
   that reads faster; a slower reading later changes nothing."""
