@@ -537,20 +537,26 @@ def init_masks(params, masks, config, rng, total_steps):
     return params, masks
   flat_params = flat(params)
   weights = {p: flat_params[p] for p in flat_masks}
-  kept = _kept_per_tensor(weights, config, total_steps)
   if config.mode == 'static' and config.static_init == 'erk':
+    # Each tensor's own k, and j sized for it: the uniform k's j can ask
+    # more of a neuron than an ERK-thinned tensor keeps.
     densities = erk_densities({p: w.shape for p, w in weights.items()},
                               config.density)
-  else:
-    densities = {p: density_at(0, config, total_steps) for p in weights}
+    with jax.ensure_compile_time_eval():
+      kept = {p: int(num_kept(w.size, densities[p]))
+              for p, w in weights.items()}
+    kept = {p: (k, guaranteed_per_neuron(weights[p].shape, k,
+                                         config.min_per_neuron))
+            for p, k in kept.items()}
+  else:  # The target density from the first step (annealing returned).
+    kept = _kept_per_tensor(weights, config, total_steps)
   if config.mode == 'static':
     scores = {p: jax.random.uniform(jax.random.fold_in(rng, i), w.shape)
               for i, (p, w) in enumerate(sorted(weights.items()))}
   else:
     scores = weights
-  new = topk_masks(
-      scores, {p: num_kept(w.size, densities[p]) for p, w in weights.items()},
-      {p: kept[p][1] for p in weights})
+  new = topk_masks(scores, {p: k for p, (k, _) in kept.items()},
+                   {p: j for p, (_, j) in kept.items()})
   params = _replace_leaves(params, {
       p: jnp.where(new[p], v, 0) if p in new else v
       for p, v in flat_params.items()})

@@ -212,6 +212,33 @@ def test_erk_densities_match_the_budget():
   assert dens['a'] > dens['b']
 
 
+def test_erk_masks_keep_each_tensors_k_and_a_j_it_can_hold():
+  """Static ERK masks: each tensor keeps its own k, and every neuron the j
+  that k allows, where the uniform density's j would ask for more."""
+  config = tiny.get_config('static')
+  config.sparsity.static_init = 'erk'
+  config.sparsity.min_per_neuron = 64
+  state = next(_run_steps(config, steps=1))
+  params = sparsity.flat(state.params)
+  erk = sparsity.erk_densities({p: params[p].shape for p in
+                                sparsity.flat(state.masks)},
+                               config.sparsity.density)
+  thinned = 0
+  for path, bits in sparsity.flat(state.masks).items():
+    mask = np.asarray(sparsity.unpack(bits, params[path].shape))
+    k = max(1, round(erk[path] * mask.size))
+    assert int(mask.sum()) == k, path
+    if mask.ndim >= 2:
+      columns = mask.reshape(-1, mask.shape[-1])
+      fan_in, neurons = columns.shape
+      j = min(64, k // neurons, fan_in)
+      uniform_j = min(64, round(config.sparsity.density * mask.size)
+                      // neurons, fan_in)
+      thinned += uniform_j > j
+      assert columns.sum(0).min() >= j, path
+  assert thinned, 'no tensor that ERK thins below the uniform j'
+
+
 @pytest.mark.parametrize('bad', [0.0, -0.5, 1.5])
 def test_impossible_density_fails_clearly(bad):
   config = tiny.get_config('topk').sparsity
@@ -267,6 +294,12 @@ def test_every_sparse_tensor_holds_exactly_k_after_every_step(mode):
     for path, mask in masks.items():
       k = max(1, round(density * mask.size))
       assert int(mask.sum()) == k, (step, path)
+      if mask.ndim >= 2:  # Every neuron keeps its j, sized for the final k.
+        columns = mask.reshape(-1, mask.shape[-1])
+        final_k = max(1, round(config.sparsity.density * mask.size))
+        j = min(config.sparsity.min_per_neuron,
+                final_k // columns.shape[1], columns.shape[0])
+        assert j > 0 and columns.sum(0).min() >= j, (step, path)
       assert not np.any(np.asarray(params[path])[~np.asarray(mask)]), path
       if step > 0 and path.endswith('kernel'):
         assert int(jnp.count_nonzero(params[path])) == k, (step, path)
