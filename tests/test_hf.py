@@ -73,11 +73,12 @@ def checkpoint(request):
   return request.getfixturevalue(request.param)
 
 
-def test_load_matches_transformers(checkpoint):
+def test_load_matches_transformers(checkpoint, request):
   path, expected = checkpoint
   model_kwargs, params = hf.load(path)
-  tied = 'lm_head' not in params
+  tied = request.node.callspec.params['checkpoint'] == 'tied'
   assert model_kwargs['tie_embeddings'] == tied
+  assert ('lm_head' in params) == (not tied)
   assert model_kwargs['d_mlp'] == (256 if tied else 96)
   logits = _jax_logits(model_kwargs, params)
   diff = np.abs(logits - expected).max()

@@ -525,19 +525,26 @@ def test_mean_ablation_all_or_nothing():
                          _apply(model, params, tokens)[:, -1])
 
 
-@pytest.mark.parametrize('args', [
-    ['--task=no_such_task'],
-    ['--task=bracket_counting', '--task_file=tasks.jsonl'],
-    ['--task_file=tasks.txt'],
-    [],
-    ['--task=var_if', '--num_prompts=7', '--dump_prompts=x.jsonl'],
-    ['--task=var_if', '--target_loss=0.9'],
-    ['--task=var_if', '--max_extensions=-1'],
-    ['--task=var_if', '--out=README.md'],  # A file: refused before pruning.
-    ['--task=var_if', '--dump_prompts=no/such/dir/x.jsonl'],
-    ['--task=var_if', '--dump_prompts=tests'],  # A directory.
+@pytest.mark.parametrize('args, message', [
+    (['--task=no_such_task'], "unknown task 'no_such_task': neither"),
+    (['--task=bracket_counting', '--task_file=tasks.jsonl'],
+     'give --task or --task_file, not both'),
+    (['--task_file=tasks.txt'], '--task_file must be a .jsonl file'),
+    ([], 'give --task or --task_file'),
+    (['--task=var_if', '--num_prompts=7', '--dump_prompts=x.jsonl'],
+     'num_prompts must be even'),
+    (['--task=var_if', '--target_loss=0.9'], 'target_loss must be in'),
+    (['--task=var_if', '--max_extensions=-1'], 'max_extensions must be >= 0'),
+    # A file: refused before pruning, not after.
+    (['--task=var_if', '--out=README.md'],
+     '--out README.md exists and is not a directory'),
+    (['--task=var_if', '--dump_prompts=no/such/dir/x.jsonl'],
+     'No such file or directory'),
+    (['--task=var_if', '--dump_prompts=tests'], 'Is a directory'),
 ])
-def test_cli_bad_input_is_one_line_exit_1(args, tmp_path):
+def test_cli_bad_input_is_one_line_exit_1(args, message, tmp_path):
+  """Each refusal is its own: the run directory does not exist either, and
+  would be refused in one line too."""
   result = subprocess.run(
       [sys.executable, '-m', 'sparse_gpt2.circuits',
        f'--workdir={tmp_path / "no_run"}', '--draw=false', *args],
@@ -546,6 +553,7 @@ def test_cli_bad_input_is_one_line_exit_1(args, tmp_path):
   assert result.returncode == 1, result.stderr
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+  assert message in lines[0], lines[0]
 
 
 @pytest.fixture(scope='module')

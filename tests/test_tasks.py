@@ -205,7 +205,8 @@ def test_encode_task(name, tokenizer):
 
 
 def test_generate_unknown_task():
-  with pytest.raises(ValueError, match='bracket_counting'):
+  with pytest.raises(ValueError, match="^Unknown task 'no_such_task'; known "
+                     'tasks: single_double_quote, bracket_counting'):
     tasks.generate('no_such_task', 4)
 
 
