@@ -15,12 +15,12 @@ import statistics
 import sys
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sparse_gpt2 import cli  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import model  # pylint: disable=g-import-not-at-top
 
 _BATCH = flags.DEFINE_integer('batch', 32, 'Sequences.')
@@ -46,8 +46,7 @@ def _compiled(n, q, k, v, d_out, sink):
   return f
 
 
-def main(argv):
-  del argv
+def main():
   print('| T | ' + ' | '.join(f'{n} block{"s" * (n > 1)} (ms)'
                                for n in _BLOCKS) + ' | chosen |')
   print('|---:|' + '---:|' * (len(_BLOCKS) + 1))
@@ -70,4 +69,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

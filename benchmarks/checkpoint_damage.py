@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -34,7 +33,7 @@ sys.path.insert(0, ROOT)
 import jax
 import numpy as np
 
-from sparse_gpt2 import metrics
+from sparse_gpt2 import cli
 from sparse_gpt2 import train
 from sparse_gpt2 import workdir as workdir_lib
 # pylint: enable=g-import-not-at-top
@@ -105,13 +104,12 @@ def to_markdown(result):
   return '\n'.join(lines) + '\n'
 
 
-def main(argv):
-  del argv
+def main():
+  provenance.prepare_out(_OUT.value)
   unknown = set(_WAYS.value) - set(DAMAGES)
   if unknown:
     sys.exit(f'checkpoint_damage.py: unknown --ways {sorted(unknown)}; '
              f'known: {sorted(DAMAGES)}')
-  metrics.quiet_library_logs()
   config = _CONFIG.value
   config.train_steps = config.schedule_steps = 20
   config.checkpoint_every = 10
@@ -143,4 +141,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -22,7 +22,6 @@ import statistics
 import sys
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -112,8 +111,7 @@ def time_in_turns(contenders, rounds):
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main(argv):
-  del argv
+def main():
   quick = flags.FLAGS.quick
   if not quick:
     cli.keep_freed_memory()
@@ -154,4 +152,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, cli.USER_ERRORS + (ImportError,))  # No torch: one line.

@@ -26,9 +26,13 @@ class Shape:
 def torch_step(shape, lr=1e-3):
   """One AdamW step of `transformers.GPT2LMHeadModel` (dropout off, SDPA
   attention, torch's default intra-op threads). Raises ImportError without
-  torch/transformers."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  torch/transformers, saying how to install them."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'{e} (the PyTorch peer: pip install -r '
+                      'requirements-dev.txt)') from None
   torch.manual_seed(0)
   config = transformers.GPT2Config(
       vocab_size=shape.vocab_size, n_positions=shape.seq_len,

@@ -55,6 +55,14 @@ def unpack(baseline, dest):
   subprocess.run(['tar', '-x', '-C', dest], input=archive.stdout, check=True)
 
 
+def prepare_out(out_dir):
+  """Makes `out_dir` before anything is measured, so that an --out that
+  cannot hold the results is refused in one line now, not after the run."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f'--out {out_dir} exists and is not a directory')
+  os.makedirs(out_dir, exist_ok=True)
+
+
 def write(out_dir, name, result, markdown):
   """`result` to out_dir/NAME.json and its table `markdown` to NAME.md,
   printed too: what each benchmark leaves for the README."""

@@ -39,12 +39,12 @@ contender's steps, so a machine that slows down cannot inflate it.
 import functools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -184,7 +184,7 @@ def peers_section(shape, rounds, steps):
     contenders['PyTorch + transformers'] = (timed(peers.torch_step(shape)),
                                             flops)
   except ImportError as e:
-    note = f'PyTorch peer skipped: {e} (pip install -r requirements-dev.txt)'
+    note = f'PyTorch peer skipped: {e}'
   result = interleaved(contenders, rounds, steps)
   torch_result = result.get('PyTorch + transformers')
   for r in result.values():
@@ -273,23 +273,34 @@ class _Worker:
 
   def __init__(self, code_dir, config_file):
     self.code_dir = code_dir
+    self.stderr = tempfile.TemporaryFile('w+')  # Its log, read on failure.
     self.proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, 'benchmarks', 'twin_worker.py'),
          code_dir, config_file], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True)
+        stderr=self.stderr, text=True)
+
+  def _failed(self, what):
+    self.proc.wait()
+    self.stderr.seek(0)
+    raise RuntimeError(f'twin worker on {self.code_dir} {what}:\n'
+                       + self.stderr.read()[-2000:])
 
   def wait_ready(self):
     if self.proc.stdout.readline().strip() != 'ready':
-      raise RuntimeError(f'twin worker on {self.code_dir} failed to start')
+      self._failed('failed to start')
 
   def steps(self, n):
     self.proc.stdin.write(f'{n}\n')
     self.proc.stdin.flush()
-    return json.loads(self.proc.stdout.readline())
+    line = self.proc.stdout.readline()
+    if not line:
+      self._failed('exited')
+    return json.loads(line)
 
   def close(self):
     self.proc.stdin.close()
     self.proc.wait()
+    self.stderr.close()
 
 
 def twins_section(baseline, rounds, steps):
@@ -333,10 +344,9 @@ def twins_section(baseline, rounds, steps):
 
 def to_markdown(result):
   lines = [f"Measured {result['date']} on {result['machine']} at commit "
-           f"`{result['commit']}` "
-           f"(`python benchmarks/run.py`); this project's steps on "
-           f"{result['num_cpu_devices']} CPU device(s), each batch split "
-           'over them.', '']
+           f"`{result['commit']}` (`{result['command']}`); this project's "
+           f"steps on {result['num_cpu_devices']} CPU device(s), each batch "
+           "split over them (the twins' on their configs' devices).", '']
   p = result['peers']
   lines += [f"**Peers** (plain GPT-2: {_shape(p['shape'])}, fp32, AdamW)", '',
             '| trainer | step (ms) | tokens/s | vs PyTorch | MFU |',
@@ -402,8 +412,8 @@ def _shape(shape, width=True):
   return ', '.join(parts)
 
 
-def main(argv):
-  del argv
+def main():
+  provenance.prepare_out(_OUT.value)
   # Set up as `main` sets up a long run (the peers get it alike; --quick as
   # a short one), compiled programs kept on disk included: a rerun loads its
   # ~20 programs instead of compiling them again (a loaded program is the
@@ -420,6 +430,7 @@ def main(argv):
       'date': time.strftime('%Y-%m-%d'),
       'machine': provenance.machine(),
       'commit': provenance.commit(),
+      'command': shlex.join(['python', 'benchmarks/run.py', *sys.argv[1:]]),
       'num_cpu_devices': _NUM_CPU_DEVICES.value,
       'quick': _QUICK.value,
       'seconds': {},  # Each section's wall time, compiles included.
@@ -441,4 +452,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

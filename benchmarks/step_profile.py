@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 import jax
 
@@ -62,8 +61,8 @@ def _wall_ms(step, steps):
 
 
 def profile_torch(steps):
+  step = peers.torch_step(peers.Shape())  # Without torch: ImportError.
   from torch import profiler  # pylint: disable=g-import-not-at-top
-  step = peers.torch_step(peers.Shape())
   for _ in range(3):
     step()
   print(f'step: {_wall_ms(step, steps):.0f} ms wall')
@@ -216,8 +215,7 @@ def profile_jax(config, steps):
         f'end): {idle_ms:.1f} of {traced_ms:.0f} ms per step')
 
 
-def main(argv):
-  del argv
+def main():
   cli.keep_freed_memory()
   jax.config.update('jax_num_cpu_devices', flags.FLAGS.num_cpu_devices)
   # The compile cache's key leaves out the ops' name stacks: a program it
@@ -235,4 +233,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, cli.USER_ERRORS + (ImportError,))  # No torch: one line.

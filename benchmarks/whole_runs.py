@@ -12,8 +12,9 @@ Each run is `python -m sparse_gpt2.main --config=configs/NAME.py` as a user
 runs it, in a fresh workdir, with an empty compile cache (both versions
 compile, as on a first run; the baseline keeps no programs anyway, and
 the new one compiles its steps in a child process and loads them); the
-baseline's tree is unpacked from git as in `run.py`. Per config the old run
-goes first, then the new. Read: each run's process's wall time, which the
+baseline's tree is unpacked from git as in `run.py`. Per config a run of no
+steps first builds the corpus both read, untimed, then the old run goes,
+then the new. Read: each run's process's wall time, which the
 ratio compares (the issue's measure: everything a user waits for), its log's
 "Done" time (the training loop, evaluations and checkpoints; the old run's
 compile too, where the new one compiles before the loop) and the validation
@@ -27,13 +28,13 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 
 import provenance
 
 ROOT = provenance.ROOT
 sys.path.insert(0, ROOT)
+from sparse_gpt2 import cli  # pylint: disable=g-import-not-at-top
 from sparse_gpt2.circuits import runs  # pylint: disable=g-import-not-at-top
 
 _CONFIGS = flags.DEFINE_list('configs', ['sparse_small', 'dense_small'],
@@ -47,22 +48,40 @@ _OUT = flags.DEFINE_string('out', os.path.join(ROOT, 'benchmarks', 'out'),
                            'Where whole_runs.json and whole_runs.md go.')
 
 
-def train(code_dir, config, workdir):
-  """{'done_s', 'wall_s', 'val_loss': {step: loss}} of one whole run of
-  `config` by the code in `code_dir`."""
+def _main(code_dir, config, workdir, *flags_):
+  """(wall seconds, stderr) of `python -m sparse_gpt2.main` on `config` by
+  the code in `code_dir`, with an empty compile cache and --set's
+  overrides, then `flags_`."""
   with tempfile.TemporaryDirectory() as cache:
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, '-m', 'sparse_gpt2.main',
          f'--config=configs/{config}.py', f'--workdir={workdir}',
-         *(f'--{s}' for s in _SET.value)],
+         *(f'--{s}' for s in _SET.value), *flags_],
         cwd=code_dir, env=env, capture_output=True, text=True)
     wall_s = time.perf_counter() - start
-  done = re.search(r'Done: \d+ steps in ([0-9.]+) s', proc.stderr)
-  if proc.returncode or not done:
+  if proc.returncode:
     raise RuntimeError(f'{config} in {code_dir} failed:\n'
                        + proc.stderr[-2000:])
+  return wall_s, proc.stderr
+
+
+def prepare_corpus(config, workdir):
+  """Builds the corpus and tokenizer of `config` untimed, by a run of no
+  steps: both versions read them from one cache, which the first timed
+  run, the old one, would otherwise fill on a fresh machine (~40 s)."""
+  _main(ROOT, config, workdir, '--config.train_steps=0')
+
+
+def train(code_dir, config, workdir):
+  """{'done_s', 'wall_s', 'val_loss': {step: loss}} of one whole run of
+  `config` by the code in `code_dir`."""
+  wall_s, stderr = _main(code_dir, config, workdir)
+  done = re.search(r'Done: \d+ steps in ([0-9.]+) s', stderr)
+  if not done:
+    raise RuntimeError(f'{config} in {code_dir} logged no "Done":\n'
+                       + stderr[-2000:])
   return {'done_s': float(done.group(1)), 'wall_s': wall_s,
           'val_loss': runs.val_losses(workdir)}
 
@@ -86,8 +105,8 @@ def to_markdown(result):
   return '\n'.join(lines) + '\n'
 
 
-def main(argv):
-  del argv
+def main():
+  provenance.prepare_out(_OUT.value)
   result = {'date': time.strftime('%Y-%m-%d'),
             'machine': provenance.machine(), 'commit': provenance.commit(),
             'baseline': _BASELINE.value,
@@ -99,6 +118,7 @@ def main(argv):
     except ValueError as e:
       sys.exit(f'whole_runs.py: {e}')
     for config in _CONFIGS.value:
+      prepare_corpus(config, os.path.join(scratch, f'corpus_{config}'))
       r = {version: train(code_dir, config,
                           os.path.join(scratch, f'{version}_{config}'))
            for version, code_dir in (('old', old_dir), ('new', ROOT))}
@@ -110,4 +130,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

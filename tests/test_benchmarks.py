@@ -16,6 +16,26 @@ TINY = peers.Shape(vocab_size=64, d_model=32, num_layers=1, num_heads=2,
                    seq_len=16, batch_size=4)
 
 
+@pytest.mark.parametrize('script, args, code, message', [
+    # Found before anything is measured, not after a 10-30 minute run.
+    ('run.py', ['--quick', '--out=README.md'], 1,
+     '--out README.md exists and is not a directory'),
+    ('whole_runs.py', ['--out=README.md'], 1,
+     '--out README.md exists and is not a directory'),
+    ('checkpoint_damage.py', ['--out=README.md'], 1,
+     '--out README.md exists and is not a directory'),
+    # Not the whole suite run for a flag without its dashes.
+    ('run.py', ['quick'], 2, "unexpected arguments: ['quick']"),
+])
+def test_bad_input_is_one_line_before_any_measure(script, args, code,
+                                                  message):
+  result = subprocess.run(
+      [sys.executable, os.path.join('benchmarks', script), *args], cwd=ROOT,
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == code, result.stderr
+  assert result.stderr.strip() == f'error: {message}', result.stderr
+
+
 def test_quick_suite_writes_every_section_and_skips_a_missing_peer(tmp_path):
   # torch hidden: the suite must say the peer was skipped, not fail.
   code = ("import runpy, sys; sys.modules['torch'] = None; "
@@ -28,6 +48,9 @@ def test_quick_suite_writes_every_section_and_skips_a_missing_peer(tmp_path):
   assert set(result) >= {'peers', 'modes', 'sizes', 'twins', 'date',
                          'machine', 'commit'}
   assert 'PyTorch peer skipped' in result['peers']['note']
+  assert 'pip install -r requirements-dev.txt' in result['peers']['note']
+  assert result['command'] == ('python benchmarks/run.py --quick '
+                               f'--out={tmp_path} --baseline=HEAD')
   assert set(result['peers']['results']) == {'sparse_gpt2 (dense)',
                                              'plain Flax + optax'}
   modes = result['modes'][0]
