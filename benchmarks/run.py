@@ -426,6 +426,10 @@ def main():
   small = peers.Shape(2048, 128, 4, 8, 128, 32)  # sparse_small's shape.
   if _QUICK.value:
     small = shape
+  for batch in {shape.batch_size, small.batch_size}:
+    if batch % _NUM_CPU_DEVICES.value:  # As `main` refuses it.
+      raise ValueError(f'--num_cpu_devices={_NUM_CPU_DEVICES.value} must '
+                       f'divide the batch of {batch}')
   result = {
       'date': time.strftime('%Y-%m-%d'),
       'machine': provenance.machine(),

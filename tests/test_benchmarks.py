@@ -24,6 +24,8 @@ TINY = peers.Shape(vocab_size=64, d_model=32, num_layers=1, num_heads=2,
      '--out README.md exists and is not a directory'),
     ('checkpoint_damage.py', ['--out=README.md'], 1,
      '--out README.md exists and is not a directory'),
+    ('run.py', ['--quick', '--num_cpu_devices=3'], 1,
+     '--num_cpu_devices=3 must divide the batch of 4'),
     # Not the whole suite run for a flag without its dashes.
     ('run.py', ['quick'], 2, "unexpected arguments: ['quick']"),
 ])
