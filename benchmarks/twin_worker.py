@@ -48,11 +48,14 @@ def make_step(config, train, optim):
 
 def make_data_parallel_step(config, train, optim, sharding):
   """`make_step` laid out on all devices as `main` lays a run out (batch
-  rows split, the state as the mesh rules place it)."""
+  rows split, the state as the mesh rules place it), its schedules over
+  `schedule_steps` as a new run resolves them (0: `train_steps`), so that
+  a `sparse_small` state starts dense and anneals, as `main`'s does."""
+  config.schedule_steps = config.get('schedule_steps') or config.train_steps
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
     model = train.make_model(config)
-    tx = optim.make(config, config.train_steps)
+    tx = optim.make(config, config.schedule_steps)
     _, state_sharding, batch_sharding = train.layout(config, model, tx, mesh)
     state = jax.jit(functools.partial(train.init_state, config, model, tx),
                     out_shardings=state_sharding,
