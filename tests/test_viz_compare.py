@@ -89,14 +89,38 @@ def _check_files(path):
   assert root.tag.endswith('svg')
 
 
+def _line_paths(svg_path):
+  """[paths of each LineCollection] in a matplotlib SVG: the edges first,
+  then the residual links."""
+  ns = '{http://www.w3.org/2000/svg}'
+  return [len(list(g.iter(ns + 'path')))
+          for g in ET.parse(svg_path).getroot().iter(ns + 'g')
+          if g.get('id', '').startswith('LineCollection')]
+
+
 def test_draw_circuit_sparse_dense_and_unsolved(tmp_path):
   dense = make_circuit(edges_per_kind=500)  # 3 layers x 6 kinds: 9,000 edges.
   assert dense['num_edges'] == 9000
-  for name, circuit in (('sparse', make_circuit()), ('dense', dense),
+  sparse = make_circuit()
+  for name, circuit in (('sparse', sparse), ('dense', dense),
                         ('unsolved', make_circuit(solved=False))):
     path = str(tmp_path / name / 'circuit')  # The folder is created.
     viz.draw_circuit(circuit, path)
     _check_files(path)
+  # Every edge a vector line, and the residual links beside them.
+  assert _line_paths(str(tmp_path / 'sparse' / 'circuit.svg')) == [
+      sparse['num_edges'], len(viz.residual_links(sparse['nodes']))]
+  with open(tmp_path / 'sparse' / 'circuit.svg') as f:
+    assert f"{sparse['num_edges']:,} edges" in f.read()
+  # 9,000 edges as one embedded bitmap, not 9,000 paths.
+  with open(tmp_path / 'dense' / 'circuit.svg') as f:
+    svg = f.read()
+  assert '9,000 edges' in svg and '<image' in svg
+  assert _line_paths(str(tmp_path / 'dense' / 'circuit.svg')) == [
+      len(viz.residual_links(dense['nodes']))]  # Only the links as paths.
+  with open(tmp_path / 'unsolved' / 'circuit.svg') as f:
+    svg = f.read()
+  assert 'not solved' in svg and 'circuit n/a' in svg
 
 
 def test_draw_comparison(tmp_path):
