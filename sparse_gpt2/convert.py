@@ -1,6 +1,7 @@
 """Converts between a Hugging Face GPT-2 directory and a run of this project.
 
-  # A trained run -> a directory transformers opens with from_pretrained:
+  # A trained run -> a directory transformers opens with from_pretrained
+  # (GPT2LMHeadModel and AutoTokenizer: the weights and the run's BPE):
   python -m sparse_gpt2.convert --from_run=runs/dense_gpt2_124m --to_hf=out/
   # A released GPT-2 -> a run directory at step 0 (config + checkpoint):
   python -m sparse_gpt2.convert --from_hf=gpt2/ --to_run=runs/from_gpt2 \
