@@ -488,15 +488,19 @@ def unflat(tree):
   return traverse_util.unflatten_dict(tree, sep='/')
 
 
-def _kept_per_tensor(weights, config, total_steps):
-  """{path: (k_target, j)} for the final density, per {path: weight}: the
-  k the steps keep there (`num_kept` of `density_at` at the schedule's end,
-  evaluated now, since j must be static, by the same float32 ops)."""
+def _kept_per_tensor(weights, config, total_steps, densities=None):
+  """{path: (k_target, j)} per {path: weight}: the k the steps keep at the
+  final density (`num_kept` of `density_at` at the schedule's end,
+  evaluated now, since j must be static, by the same float32 ops), or at
+  the tensor's own density in `densities` (ERK's), and the j that k
+  allows: the uniform k's j can ask more of a neuron than a tensor that
+  ERK thins keeps."""
   out = {}
   with jax.ensure_compile_time_eval():
     final = density_at(total_steps, config, total_steps)
     for path, w in weights.items():
-      k = int(num_kept(w.size, final))
+      k = int(num_kept(w.size, final if densities is None
+                       else densities[path]))
       out[path] = (k, guaranteed_per_neuron(w.shape, k,
                                             config.min_per_neuron))
   return out
@@ -537,19 +541,12 @@ def init_masks(params, masks, config, rng, total_steps):
     return params, masks
   flat_params = flat(params)
   weights = {p: flat_params[p] for p in flat_masks}
-  if config.mode == 'static' and config.static_init == 'erk':
-    # Each tensor's own k, and j sized for it: the uniform k's j can ask
-    # more of a neuron than an ERK-thinned tensor keeps.
-    densities = erk_densities({p: w.shape for p, w in weights.items()},
-                              config.density)
-    with jax.ensure_compile_time_eval():
-      kept = {p: int(num_kept(w.size, densities[p]))
-              for p, w in weights.items()}
-    kept = {p: (k, guaranteed_per_neuron(weights[p].shape, k,
-                                         config.min_per_neuron))
-            for p, k in kept.items()}
-  else:  # The target density from the first step (annealing returned).
-    kept = _kept_per_tensor(weights, config, total_steps)
+  # The target density from the first step (annealing returned above).
+  densities = (erk_densities({p: w.shape for p, w in weights.items()},
+                             config.density)
+               if config.mode == 'static' and config.static_init == 'erk'
+               else None)
+  kept = _kept_per_tensor(weights, config, total_steps, densities)
   if config.mode == 'static':
     scores = {p: jax.random.uniform(jax.random.fold_in(rng, i), w.shape)
               for i, (p, w) in enumerate(sorted(weights.items()))}
