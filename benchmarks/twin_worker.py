@@ -51,6 +51,8 @@ def make_data_parallel_step(config, train, optim, sharding):
   rows split, the state as the mesh rules place it), its schedules over
   `schedule_steps` as a new run resolves them (0: `train_steps`), so that
   a `sparse_small` state starts dense and anneals, as `main`'s does."""
+  # Resolved here, not by `workdir.schedule_steps`: a baseline commit that
+  # splits the CPU may predate it (and `schedule_steps` itself).
   config.schedule_steps = config.get('schedule_steps') or config.train_steps
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
