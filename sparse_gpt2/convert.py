@@ -45,9 +45,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 def run_to_hf(run, out_dir, overwrite=False):
   """Exports the run's newest checkpoint with the tokenizer it trained on."""
   config, _, state = train.load_run(run)
-  corpus = data.load(config.data, config.seq_len)
   hf.save(state.params, dict(config.model), out_dir, overwrite=overwrite,
-          tokenizer=corpus.tokenizer)
+          tokenizer=data.load_tokenizer(config.data))
 
 
 def hf_to_run(hf_dir, run, config):

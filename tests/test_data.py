@@ -152,6 +152,31 @@ def test_second_load_uses_the_cache(corpus, corpus_dir, data_dir):
   assert [os.stat(path).st_mtime_ns for path in cached] == mtimes
   np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
   np.testing.assert_array_equal(again.val_tokens, corpus.val_tokens)
+  # Mapped from the caches, not read into memory, and never written.
+  assert again.train_tokens.filename == cached[1]
+  assert again.val_tokens.filename == cached[2]
+  with pytest.raises(ValueError, match='read-only'):
+    again.train_tokens[0] = 0
+
+
+def test_the_tokenizer_alone_reads_and_writes_no_tokens(corpus, corpus_dir,
+                                                        tmp_path):
+  config = _config(corpus_dir[0], tmp_path)
+  tokenizer = data.load_tokenizer(config)  # Trained here: a fresh cache.
+  (data_dir,) = {p.parent for p in tmp_path.rglob('tokenizer.json')}
+  assert sorted(os.listdir(data_dir)) == ['tokenizer.json']
+  assert tokenizer.get_vocab() == corpus.tokenizer.get_vocab()
+  again = data.load(config, SEQ_LEN)  # Tokenizes with the cached BPE.
+  np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
+  assert data.load_tokenizer(config).get_vocab() == corpus.tokenizer.get_vocab()
+
+  # Tokens whose BPE was removed are made again with the new one.
+  os.remove(data_dir / 'tokenizer.json')
+  np.save(data_dir / 'train.npy', np.zeros(100, np.uint16))
+  data.load_tokenizer(config)
+  assert sorted(os.listdir(data_dir)) == ['tokenizer.json']
+  np.testing.assert_array_equal(
+      data.load(config, SEQ_LEN).train_tokens, corpus.train_tokens)
 
 
 def test_get_batch_is_a_function_of_seed_and_step():

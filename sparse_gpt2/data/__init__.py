@@ -15,10 +15,13 @@ Sources (`data_config.source`):
                DATA_DIR/sparse_gpt2/FULL_NAME/TEXT_FEATURE.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import shutil
+import tempfile
 import time
 
 from absl import logging
@@ -39,8 +42,9 @@ class Corpus:
   Attributes:
     tokenizer: the byte-level BPE the tokens were made with.
     eot_id: id of '<|endoftext|>', the separator between documents.
-    train_tokens: 1-D uint16 token stream of the train split.
-    val_tokens: 1-D uint16 token stream of the validation split.
+    train_tokens: 1-D uint16 token stream of the train split (read-only,
+      memory-mapped).
+    val_tokens: 1-D uint16 token stream of the validation split (likewise).
     manifest_path: JSON describing exactly which data went into the splits.
     data_dir: directory holding tokenizer.json and the token caches.
   """
@@ -162,32 +166,83 @@ def _text_chunks(data_source, feature, chunk_size):
     yield [t.decode('utf-8') if isinstance(t, bytes) else str(t) for t in texts]
 
 
-def _tokenize(tokenizer, data_source, feature, eot_id, name):
-  """Tokenizes every document, joined by eot_id, logging progress."""
+def _write_tokens(f, tokenizer, data_source, feature, eot_id, name):
+  """Writes every document's tokens, joined by eot_id, to the file `f` as
+  one uint16 .npy stream, a chunk of documents at a time: the stream goes
+  through a temporary file beside `f` (its length, which the .npy header
+  holds, is known only at the end), never through memory whole."""
   n = len(data_source)
   chunk_size = max(256, -(-n // 20))  # About 20 progress lines.
   sep = np.array([eot_id], np.uint16)
-  pieces, docs, chars, tokens = [], 0, 0, 0
+  docs, chars, tokens = 0, 0, 0
   start = time.time()
-  for texts in _text_chunks(data_source, feature, chunk_size):
-    for encoding in tokenizer.encode_batch_fast(texts):
-      if encoding.ids:  # Empty files (many __init__.py) would only add EOTs.
-        pieces += [sep, np.asarray(encoding.ids, np.uint16)]
-        tokens += 1 + len(encoding.ids)
-    docs += len(texts)
-    chars += sum(len(t) for t in texts)
-    logging.info('%s: tokenized %d/%d documents (%.0f%%), %d tokens, %.0fs.',
-                 name, docs, n, 100 * docs / max(n, 1), tokens,
-                 time.time() - start)
-  # EOT went before every document; dropping the first leaves it between.
-  stream = np.concatenate(pieces[1:]) if pieces else np.zeros(0, np.uint16)
+  with tempfile.TemporaryFile(dir=os.path.dirname(f.name)) as stream:
+    for texts in _text_chunks(data_source, feature, chunk_size):
+      pieces = []
+      for encoding in tokenizer.encode_batch_fast(texts):
+        if encoding.ids:  # Empty files (many __init__.py) would add EOTs.
+          if tokens or pieces:  # EOT between documents, not before the first.
+            pieces.append(sep)
+          pieces.append(np.asarray(encoding.ids, np.uint16))
+      if pieces:
+        chunk = np.concatenate(pieces)
+        stream.write(chunk.tobytes())
+        tokens += chunk.size
+      docs += len(texts)
+      chars += sum(len(t) for t in texts)
+      logging.info('%s: tokenized %d/%d documents (%.0f%%), %d tokens, %.0fs.',
+                   name, docs, n, 100 * docs / max(n, 1), tokens,
+                   time.time() - start)
+    np.lib.format.write_array_header_1_0(f, {
+        'descr': np.lib.format.dtype_to_descr(sep.dtype),
+        'fortran_order': False, 'shape': (tokens,)})
+    stream.seek(0)
+    shutil.copyfileobj(stream, f)
   logging.info('%s: %d tokens from %d chars (%.2f chars/token).',
-               name, stream.size, chars, chars / max(stream.size, 1))
-  return stream
+               name, tokens, chars, chars / max(tokens, 1))
+
+
+def _check_vocab_size(data_config):
+  if not tokenizer_lib.MIN_VOCAB <= data_config.vocab_size <= 2**16:
+    raise ValueError(f'data.vocab_size must be in [{tokenizer_lib.MIN_VOCAB}, '
+                     f'65536] (the 256 bytes and {tokenizer_lib.EOT} first; '
+                     f'uint16 tokens), got {data_config.vocab_size}')
+
+
+def _tokenizer(source, vocab_size):
+  """(data_dir, tokenizer): the cached BPE, or one trained on the train
+  split and cached. The token caches of an earlier BPE (its file removed)
+  go first, so they are made again from the new one."""
+  data_dir = os.path.join(source.cache_dir, f'bpe{vocab_size}')
+  os.makedirs(data_dir, exist_ok=True)
+  path = os.path.join(data_dir, 'tokenizer.json')
+  if os.path.exists(path):
+    return data_dir, tokenizer_lib.load(path)
+  for split in SPLITS:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(data_dir, f'{split}.npy'))
+  train_source = source.builder.as_data_source(
+      split=source.split_specs['train'])
+  texts = (text for chunk in _text_chunks(train_source, source.text_feature,
+                                          256) for text in chunk)
+  tokenizer = tokenizer_lib.train(texts, vocab_size)
+  tokenizer_lib.save(tokenizer, path)
+  return data_dir, tokenizer
+
+
+def load_tokenizer(data_config):
+  """The corpus's BPE alone, for what encodes or exports text (a run's
+  Hugging Face export, its circuits' prompts) without its token streams;
+  trained and cached first where `load` has not yet been called."""
+  _check_vocab_size(data_config)
+  return _tokenizer(_open_source(data_config), data_config.vocab_size)[1]
 
 
 def load(data_config, seq_len):
   """Returns the tokenized corpus, preparing and caching it on first use.
+
+  The token streams are memory-mapped from their caches, read-only: a
+  batch reads its windows, so a corpus larger than memory trains too.
 
   Args:
     data_config: `config.data` (source, text_feature, data_dir, vocab_size,
@@ -198,37 +253,21 @@ def load(data_config, seq_len):
     ValueError: for a missing or empty source directory, or a split too small
       for one window.
   """
-  if not tokenizer_lib.MIN_VOCAB <= data_config.vocab_size <= 2**16:
-    raise ValueError(f'data.vocab_size must be in [{tokenizer_lib.MIN_VOCAB}, '
-                     f'65536] (the 256 bytes and {tokenizer_lib.EOT} first; '
-                     f'uint16 tokens), got {data_config.vocab_size}')
+  _check_vocab_size(data_config)
   source = _open_source(data_config)
-  data_dir = os.path.join(source.cache_dir, f'bpe{data_config.vocab_size}')
-  os.makedirs(data_dir, exist_ok=True)
-  data_sources = {
-      split: source.builder.as_data_source(split=spec)
-      for split, spec in source.split_specs.items()
-  }
-
-  tokenizer_path = os.path.join(data_dir, 'tokenizer.json')
-  fresh = not os.path.exists(tokenizer_path)
-  if fresh:
-    texts = (text for chunk in _text_chunks(
-        data_sources['train'], source.text_feature, 256) for text in chunk)
-    tokenizer = tokenizer_lib.train(texts, data_config.vocab_size)
-    tokenizer_lib.save(tokenizer, tokenizer_path)
-  else:
-    tokenizer = tokenizer_lib.load(tokenizer_path)
+  data_dir, tokenizer = _tokenizer(source, data_config.vocab_size)
   eot_id = tokenizer_lib.eot_id(tokenizer)
 
   tokens = {}
   for split in SPLITS:
     path = os.path.join(data_dir, f'{split}.npy')
-    if fresh or not os.path.exists(path):  # A new tokenizer voids old tokens.
-      stream = _tokenize(tokenizer, data_sources[split], source.text_feature,
-                         eot_id, split)
-      _write_atomic(path, lambda f: np.save(f, stream))
-    tokens[split] = np.load(path)
+    if not os.path.exists(path):
+      data_source = source.builder.as_data_source(
+          split=source.split_specs[split])
+      _write_atomic(path, functools.partial(
+          _write_tokens, tokenizer=tokenizer, data_source=data_source,
+          feature=source.text_feature, eot_id=eot_id, name=split))
+    tokens[split] = np.load(path, mmap_mode='r')
     if num_windows(tokens[split], seq_len) < 1:
       raise ValueError(
           f'Corpus too small: the {split} split of {data_config.source!r} has '
