@@ -121,6 +121,21 @@ def test_matmuls_quick_times_every_kind_beside_both_steps():
   assert "A step 1.3x PyTorch's:" in out
 
 
+def test_matmuls_without_torch_is_one_line_before_any_compile():
+  # torch hidden, and the project's step made uncallable: a traceback if
+  # matmuls.py built it (seconds of compiling) before finding torch missing.
+  code = ("import runpy, sys; sys.path.insert(0, 'benchmarks'); "
+          "sys.modules['torch'] = None; import run; run.project_step = None; "
+          "sys.argv = ['matmuls.py', '--quick']; "
+          "runpy.run_path('benchmarks/matmuls.py', run_name='__main__')")
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr
+  assert result.stderr.strip() == (
+      'error: import of torch halted; None in sys.modules (the PyTorch peer: '
+      'pip install -r requirements-dev.txt)')
+
+
 def test_step_profile_names_the_part_of_every_op_of_a_sparse_step():
   # The paper architecture (bigram table, sinks, untied unembedding) in topk
   # mode on two devices has ops of every part; 'other' holds only what XLA
