@@ -1,4 +1,4 @@
-r"""GPT-2 small (124M) exactly, dense: the baseline at real scale, for GPUs/TPUs.
+r"""GPT-2 small's shape, dense: the baseline at real scale, for GPUs/TPUs.
 
 Plain GPT-2 architecture (so `sparse_gpt2.convert` exports it to Hugging Face)
 on the project's 2048-token Python BPE, 1024-token context, global batch 512.
@@ -7,7 +7,7 @@ on the project's 2048-token Python BPE, 1024-token context, global batch 512.
       --config.data.source=/path/to/python/code
 
 Measured on one H200 (benchmarks/gpu.sh, README): 0.83 s a step (634k
-tokens/s, 40.5% MFU, 25.0 GiB), so its 5.2B tokens (0.63 GFLOP each) take
+tokens/s, 36.9% MFU, 25.0 GiB), so its 5.2B tokens (0.58 GFLOP each) take
 about 2.3 h there. On a laptop CPU it runs, at a few hundred tokens/s: use
 sparse_small there.
 """

@@ -9,7 +9,7 @@ parameters, masks and Adam moments are split over an 'fsdp' mesh axis.
 
 `mesh.fsdp` is -1 here: all devices (data 1), the ZeRO-3 layout; set it and
 `mesh.data` for a larger slice. On one H200 (benchmarks/gpu.sh, README): 6.7 s
-a step (78k tokens/s, 20.9% MFU: XLA's attention, which its sinks need, and
+a step (78k tokens/s, 20.1% MFU: XLA's attention, which its sinks need, and
 full remat), 35.6 GiB; the plan's TPU numbers are in the README too.
 """
 
