@@ -206,8 +206,11 @@ def split(encoded, settings):
   (the scale grows until any ordering of two prompts reads as separated),
   and a split whose answers lean one way is scored by the shift alone. So
   each needs MIN_SPLIT_PAIRS pairs and the task's answer balance
-  (`tasks.check_balanced`): a task file whose pairs each lean one way is
-  balanced as a whole but not necessarily in its splits.
+  (`tasks.check_balanced`). A task file whose groups each lean one way
+  (unpaired prompts) is balanced as a whole but not necessarily in the
+  seeded order's splits; where those lean past the bound, the groups are
+  dealt in proportion within each lean instead (`_dealt_by_lean`), so every
+  split that the seeded order balances stays as it was.
   """
   groups = np.unique(encoded['pair'])
   sizes, enough = _split_sizes(len(groups), settings)
@@ -219,12 +222,43 @@ def split(encoded, settings):
         f'into train/select/test, which needs at least 1/{MIN_SPLIT_PAIRS}/'
         f'{MIN_SPLIT_PAIRS}: give the task at least {needed} pairs')
   groups = np.random.default_rng(settings.seed).permutation(groups)
-  parts = np.split(groups, np.cumsum(sizes[:2]))
-  splits = tuple({k: v[np.isin(encoded['pair'], part)]
-                  for k, v in encoded.items()} for part in parts)
+  splits = _rows_of(encoded, np.split(groups, np.cumsum(sizes[:2])))
+  if not all(map(_balanced, splits[1:])):
+    dealt = _rows_of(encoded, _dealt_by_lean(encoded, groups, sizes))
+    if all(map(_balanced, dealt[1:])) and min(
+        np.unique(rows['pair']).size for rows in dealt[1:]) >= MIN_SPLIT_PAIRS:
+      splits = dealt
   for name, rows in zip(('select', 'test'), splits[1:]):
     tasks.check_balanced(rows, f'its {name} split')
   return splits
+
+
+def _rows_of(encoded, parts):
+  return tuple({k: v[np.isin(encoded['pair'], part)]
+                for k, v in encoded.items()} for part in parts)
+
+
+def _balanced(rows):
+  return tasks.fixed_preference(rows) <= tasks.MAX_FIXED_PREFERENCE
+
+
+def _dealt_by_lean(encoded, groups, sizes):
+  """`groups` (in their seeded order) cut into train/select/test in the
+  proportions of `sizes` within each lean (whether more of a group's prompts
+  answer with the lower-id candidate, fewer, or as many): the split where
+  the seeded order alone leaves select or test leaning one way, as a task
+  file's unpaired prompts, or groups of one answer, can. Sizes may differ
+  from `sizes` by the rounding, one group per lean."""
+  votes = np.where(encoded['correct'] < encoded['incorrect'], 1, -1)
+  lean = {g: np.sign(votes[encoded['pair'] == g].sum()) for g in groups}
+  cuts = np.cumsum(sizes[:2]) / sum(sizes)
+  parts = [[], [], []]
+  for sign in (-1, 0, 1):
+    members = [g for g in groups if lean[g] == sign]
+    pieces = np.split(members, np.round(cuts * len(members)).astype(int))
+    for part, piece in zip(parts, pieces):
+      part.extend(piece)
+  return [np.array(part, groups.dtype) for part in parts]
 
 
 def length_buckets(rows, num_buckets, by_pair):

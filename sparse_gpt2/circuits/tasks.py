@@ -913,6 +913,14 @@ def _groups(keys):
 MAX_FIXED_PREFERENCE = 0.6
 
 
+def fixed_preference(encoded):
+  """The share of the datapoints (at least half) that one fixed preference
+  between the candidates answers: always the lower token id, or always the
+  higher."""
+  share = float(np.mean(encoded['correct'] < encoded['incorrect']))
+  return max(share, 1 - share)
+
+
 def check_balanced(encoded, name):
   """Refuses a task whose answers a fixed preference predicts.
 
@@ -926,8 +934,7 @@ def check_balanced(encoded, name):
   the share is exactly one half; a task file must keep it within
   MAX_FIXED_PREFERENCE either way. `encoded` as `encode` returns it.
   """
-  share = float(np.mean(encoded['correct'] < encoded['incorrect']))
-  share = max(share, 1 - share)
+  share = fixed_preference(encoded)
   if share > MAX_FIXED_PREFERENCE:
     raise ValueError(
         f'{name}: one fixed preference between the candidates (the one of '
