@@ -253,6 +253,28 @@ def test_encode_says_how_many_prompts_it_cuts(tokenizer, caplog):
           'last 128.') in caplog.text
 
 
+def test_encode_refuses_prompts_that_read_the_same_with_answers_swapped(
+    tokenizer):
+  """A pair that differs only before the last SEQ_LEN tokens is cut into
+  one prompt with both answers; so is a plain contradiction."""
+  tail = 'x = 1\n' * 60 + 'y = (1'
+  pair = [{'prompt': f'# {head}\n' + tail, 'correct': c, 'incorrect': i}
+          for head, c, i in (('round', ')', ']'), ('square', ']', ')'))]
+  fine = {'prompt': 'z = [1', 'correct': ']', 'incorrect': ')'}
+  with pytest.raises(ValueError) as refused:
+    tasks.encode([fine, *pair], tokenizer, SEQ_LEN, 'cut')
+  assert str(refused.value) == (
+      'cut: 1 datapoint(s) read the same prompt as one with the answers '
+      'swapped (first: datapoints 2 and 3, counting from 1), prompts keeping '
+      'their last 128 tokens: no model answers both.')
+  swapped = dict(fine, correct=')', incorrect=']')
+  with pytest.raises(ValueError, match=r'^short: 1 datapoint\(s\) .* '
+                     r'datapoints 1 and 3, counting from 1\): no model'):
+    tasks.encode([fine, pair[0], swapped], tokenizer, SEQ_LEN, 'short')
+  # Uncut, the pair is two prompts; a repeated datapoint is no clash.
+  assert tasks.encode([*pair, fine, fine], tokenizer, 256)['pair'].size == 4
+
+
 def test_encode_numbers_pairs(tokenizer):
   groups = ['a', 7, None, 'a', 7, None, 'b', '7']
   data = [{'prompt': f'x = {i}', 'correct': ',', 'incorrect': ')'}

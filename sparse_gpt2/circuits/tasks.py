@@ -873,6 +873,7 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
     logging.warning('%s: %d of %d prompts are longer than %d tokens and keep '
                     'their last %d.', name, cut, len(datapoints), seq_len,
                     seq_len)
+  _check_consistent(rows, seq_len, name)
   tokens = np.zeros((len(rows), seq_len), np.int32)
   for r, (ids, *_) in enumerate(rows):
     tokens[r, :len(ids)] = ids
@@ -887,6 +888,28 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
       'index': np.array(index, np.int32),
       'pair': np.array(pair, np.int32),
   }
+
+
+def _check_consistent(rows, seq_len, name):
+  """Refuses datapoints whose prompt, as the model reads it, is another's
+  with the answers swapped: no model answers both, and pairs that differ
+  only before their last seq_len tokens become such when cut."""
+  seen = {}  # Prompt ids -> {(correct, incorrect): datapoint index}.
+  clashes = []
+  for ids, correct, incorrect, index, _ in rows:
+    answers = seen.setdefault(tuple(ids), {})
+    if (incorrect, correct) in answers:
+      clashes.append((answers[(incorrect, correct)], index, len(ids)))
+    answers.setdefault((correct, incorrect), index)
+  if clashes:
+    first, second, length = clashes[0]
+    raise ValueError(
+        f'{name}: {len(clashes)} datapoint(s) read the same prompt as one '
+        f'with the answers swapped (first: datapoints {first + 1} and '
+        f'{second + 1}, counting from 1)'
+        + (f', prompts keeping their last {seq_len} tokens'
+           if length == seq_len else '')
+        + ': no model answers both.')
 
 
 def _groups(keys):
