@@ -486,6 +486,56 @@ def test_page_of_circuits_from_two_runs_says_where_one_has_none(
       "document.querySelector('#prompts').innerText")
 
 
+def test_one_run_written_two_ways_is_one_panel_and_twin_circuits_refused(
+    tmp_path):
+  circuits = tmp_path / 'circuits'
+  (circuits / 'two').mkdir(parents=True)
+  for path, task, run in (('one.json', 'one', '/nowhere/a'),
+                          ('two/circuit.json', 'two', '/nowhere/a/')):
+    (circuits / path).write_text(json.dumps(
+        {**_big_circuit(20, 20), 'task': task, 'run': run}))
+  data = view.write_page(str(tmp_path / 'page.html'),
+                         circuits_dir=str(circuits), load_runs=False)
+  assert [p['run'] for p in data['panels']] == ['/nowhere/a']
+  assert data['panels'][0]['notes'] == [
+      'runs not loaded (--load_runs=false): no snippets or prompt '
+      'probabilities']
+  assert [[c is not None for c in t['circuits']] for t in data['tasks']] == [
+      [True], [True]]
+  # A second circuit of one task at one checkpoint: which one is meant?
+  (circuits / 'again.json').write_text(json.dumps(
+      {**_big_circuit(20, 20), 'task': 'one', 'run': '/nowhere/b/../a'}))
+  with pytest.raises(ValueError) as refused:
+    view.write_page(str(tmp_path / 'page.html'), circuits_dir=str(circuits),
+                    load_runs=False)
+  assert str(refused.value) == (
+      f'{circuits / "again.json"} and {circuits / "one.json"} are both '
+      'circuits of one at /nowhere/a step 7: give --circuits a directory '
+      'that holds one of them')
+
+
+def test_a_step_no_longer_kept_is_a_note_not_a_failure(twins, tmp_path):
+  kept = random_circuit(twins['sparse'], 'quotes', 5, 0)
+  (tmp_path / 'kept.json').write_text(json.dumps(kept))
+  (tmp_path / 'gone.json').write_text(json.dumps(dict(kept, step=5)))
+  data = view.write_page(str(tmp_path / 'page.html'),
+                         circuits_dir=str(tmp_path), snippets_per_node=1)
+  gone, kept = sorted(data['panels'], key=lambda p: p['step'])
+  assert gone['snippets'] is None and gone['notes'] == [
+      f'{twins["sparse"]} has no checkpoint at step 5; it has [10]: no '
+      'snippets or prompt probabilities']
+  assert kept['snippets'] and kept['notes'] == []
+
+
+def test_a_bad_out_is_refused_before_any_work(tmp_path):
+  (tmp_path / 'file').write_text('')
+  # The empty directory would be refused too, but only once read.
+  with pytest.raises(ValueError, match=r'^--out .*file/page.html: cannot '
+                     r'make its folder \(File exists\)$'):
+    view.write_page(str(tmp_path / 'file' / 'page.html'),
+                    circuits_dir=str(tmp_path))
+
+
 def test_cli_bad_input_is_one_line_exit_1(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'sparse_gpt2.circuits.view',

@@ -224,13 +224,17 @@ def run_data(panel, circuits, examples, snippet_tokens, per_node):
   """(snippets, {task: example probabilities}) of one panel's run at its
   step, for its `circuits` ({task: circuit}) and the tasks' `examples`;
   (None, {}) with a note on the panel when that run is not on this
-  machine."""
+  machine, or no longer keeps (or cannot read) that step's checkpoint."""
   run_dir, step = panel['run'], panel['step']
   if not os.path.isfile(os.path.join(run_dir, workdir_lib.CONFIG)):
     panel['notes'].append(f'run {run_dir} is not on this machine: no '
                           'snippets or prompt probabilities')
     return None, {}
-  run = runs.load(run_dir, step)
+  try:
+    run = runs.load(run_dir, step)
+  except ValueError as e:  # A step rotated out, or a damaged checkpoint.
+    panel['notes'].append(f'{e}: no snippets or prompt probabilities')
+    return None, {}
   means = jax.device_get(runs.node_means(run_dir, run['step']))
   keys = sorted({node_key(v['layer'], v['location'], v['index'])
                  for c in circuits.values() for v in c['nodes']})
@@ -282,26 +286,39 @@ def from_compare(directory):
 
 def from_circuits(directory):
   """(panels, {task: [circuit or None per panel]}, None) of the circuit
-  files in `directory`: one panel per run and step, in the order found."""
+  files in `directory`: one panel per run (however its path was written)
+  and step, in the order found; two circuits of one task there are
+  refused, naming both."""
   paths = sorted({*glob.glob(os.path.join(directory, 'circuit.json')),
                   *glob.glob(os.path.join(directory, '*.json')),
                   *glob.glob(os.path.join(directory, '*', 'circuit.json'))})
-  found = [_whole(c, path) for path, c in zip(paths, map(_read, paths))
-           if isinstance(c, dict) and 'nodes' in c and 'task' in c]
+  found = {path: _whole(c, path) for path, c in zip(paths, map(_read, paths))
+           if isinstance(c, dict) and 'nodes' in c and 'task' in c}
   if not found:
     raise ValueError(f'no circuit files in {directory} (looked for '
                      'circuit.json, *.json and */circuit.json)')
-  groups = list(dict.fromkeys((c['run'], c['step']) for c in found))
-  panels = [{'label': f'{os.path.basename(os.path.normpath(run))} step {step}',
-             'run': run, 'step': step,
-             'val_loss': next(c.get('val_loss') for c in found
-                              if (c['run'], c['step']) == (run, step)),
-             'notes': []} for run, step in groups]
-  by_task = {}
-  for c in found:
-    by_task.setdefault(c['task'], [None] * len(groups))[
-        groups.index((c['run'], c['step']))] = c
-  return panels, by_task, None
+
+  def panel_of(c):
+    return os.path.realpath(c['run']), c['step']
+
+  groups = {}  # (real run path, step) -> its panel.
+  for c in found.values():
+    groups.setdefault(panel_of(c), {
+        'label': f'{os.path.basename(os.path.normpath(c["run"]))} step '
+                 f'{c["step"]}', 'run': c['run'], 'step': c['step'],
+        'val_loss': c.get('val_loss'), 'notes': []})
+  order = list(groups)
+  by_task, path_of = {}, {}
+  for path, c in found.items():
+    key = (c['task'], panel_of(c))
+    if key in path_of:
+      raise ValueError(f'{path_of[key]} and {path} are both circuits of '
+                       f'{c["task"]} at {c["run"]} step {c["step"]}: give '
+                       '--circuits a directory that holds one of them')
+    path_of[key] = path
+    by_task.setdefault(c['task'], [None] * len(order))[
+        order.index(panel_of(c))] = c
+  return list(groups.values()), by_task, None
 
 
 def page_data(panels, by_task, summary=None, *, load_runs=True,
@@ -319,6 +336,9 @@ def page_data(panels, by_task, summary=None, *, load_runs=True,
       panel['snippets'], probs[p] = run_data(
           panel, {name: c[p] for name, c in by_task.items() if c[p]},
           examples, snippet_tokens, snippets_per_node)
+    else:
+      panel['notes'].append('runs not loaded (--load_runs=false): no '
+                            'snippets or prompt probabilities')
   task_rows = []
   for name, circuits in by_task.items():
     unknown = [None] * len(examples[name])  # A panel without probabilities.
@@ -359,12 +379,17 @@ def write_page(out, *, compare_dir=None, circuits_dir=None, **options):
     raise ValueError(f'{directory} is not a directory')
   if os.path.isdir(out):
     raise ValueError(f'--out {out} is a directory, not an HTML file')
+  if os.path.dirname(out):  # Before any work, so a bad --out fails fast.
+    try:
+      os.makedirs(os.path.dirname(out), exist_ok=True)
+    except OSError as e:
+      raise ValueError(f'--out {out}: cannot make its folder '
+                       f'({e.strerror})') from None
   load = from_compare if compare_dir else from_circuits
   data = page_data(*load(directory), **options)
-  if os.path.dirname(out):
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+  page = render(data)
   with open(out + '.tmp', 'w', encoding='utf-8') as f:
-    f.write(render(data))
+    f.write(page)
   os.replace(out + '.tmp', out)
   return data
 
