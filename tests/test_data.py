@@ -179,6 +179,15 @@ def test_the_tokenizer_alone_reads_and_writes_no_tokens(corpus, corpus_dir,
       data.load(config, SEQ_LEN).train_tokens, corpus.train_tokens)
 
 
+def test_a_failed_cache_write_leaves_nothing(tmp_path):
+  def write_then_fail(f):
+    f.write(b'half a cache')
+    raise KeyboardInterrupt  # As a Ctrl-C mid-way would.
+  with pytest.raises(KeyboardInterrupt):
+    data._write_atomic(str(tmp_path / 'train.npy'), write_then_fail)
+  assert os.listdir(tmp_path) == []
+
+
 def test_get_batch_is_a_function_of_seed_and_step():
   seq_len, n = 7, 10
   tokens = np.arange(n * (seq_len + 1) + 5, dtype=np.uint16)  # 5 left over.
@@ -240,9 +249,11 @@ def test_corpus_too_small_raises(corpus_dir, data_dir, tmp_path):
     data.load(_config(corpus_dir[0], data_dir), seq_len=10**6)
   (tmp_path / 'one').mkdir()
   (tmp_path / 'one' / 'a.py').write_text('x = 1\n')
+  (tmp_path / 'mine' / 'tfds').mkdir(parents=True)  # The user's, empty.
   with pytest.raises(ValueError, match='too small'):
-    data.load(_config(tmp_path / 'one', tmp_path / 'tfds'), SEQ_LEN)
-  assert not os.path.exists(tmp_path / 'tfds' / 'python_code')  # No leftovers.
+    data.load(_config(tmp_path / 'one', tmp_path / 'mine' / 'tfds'), SEQ_LEN)
+  # No leftovers below the data folder, and the data folder kept.
+  assert os.listdir(tmp_path / 'mine' / 'tfds') == ['downloads']  # TFDS's.
 
 
 class SparseGpt2TestDocs(tfds.core.GeneratorBasedBuilder):

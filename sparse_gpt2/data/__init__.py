@@ -20,8 +20,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
-import tempfile
 import time
 
 from absl import logging
@@ -72,9 +70,10 @@ def _open_python_code(source_dir, data_config):
       data_dir=data_config.data_dir or None)
   try:
     builder.download_and_prepare()
-  except ValueError:  # An empty or too small corpus: no folders left for it.
-    folder = builder.data_dir
-    while folder != builder.data_dir_root and not (
+  except ValueError:  # An empty or too small corpus: no folders left for it
+    # below the data folder, which may be the user's.
+    folder, root = builder.data_dir, os.fspath(builder.data_dir_root)
+    while os.path.normpath(folder) != os.path.normpath(root) and not (
         os.path.isdir(folder) and os.listdir(folder)):
       if os.path.isdir(folder):
         os.rmdir(folder)
@@ -148,12 +147,21 @@ def _open_source(data_config):
 def _write_atomic(path, write):
   """Calls write(file) on a temporary file renamed to `path` when done.
 
-  So an interrupted run never leaves a partial cache that later runs trust.
+  So an interrupted run never leaves a partial cache that later runs trust
+  (synced before the rename, so not after a power loss either), and a
+  failed write leaves no temporary file behind.
   """
   tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    write(f)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'wb') as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
 
 
 def _text_chunks(data_source, feature, chunk_size):
@@ -166,43 +174,56 @@ def _text_chunks(data_source, feature, chunk_size):
     yield [t.decode('utf-8') if isinstance(t, bytes) else str(t) for t in texts]
 
 
+def _npy_header(f, length):
+  """The .npy header of a 1-D uint16 array of `length`: 128 bytes whatever
+  the length (padded to 64), so it can be written first and again last."""
+  np.lib.format.write_array_header_1_0(f, {
+      'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint16)),
+      'fortran_order': False, 'shape': (length,)})
+
+
 def _write_tokens(f, tokenizer, data_source, feature, eot_id, name):
   """Writes every document's tokens, joined by eot_id, to the file `f` as
-  one uint16 .npy stream, a chunk of documents at a time: the stream goes
-  through a temporary file beside `f` (its length, which the .npy header
-  holds, is known only at the end), never through memory whole."""
+  one uint16 .npy stream, a chunk of documents at a time, never holding the
+  stream whole: the header, which holds its length, is written again at
+  the end."""
   n = len(data_source)
   chunk_size = max(256, -(-n // 20))  # About 20 progress lines.
   sep = np.array([eot_id], np.uint16)
   docs, chars, tokens = 0, 0, 0
   start = time.time()
-  with tempfile.TemporaryFile(dir=os.path.dirname(f.name)) as stream:
-    for texts in _text_chunks(data_source, feature, chunk_size):
-      pieces = []
-      for encoding in tokenizer.encode_batch_fast(texts):
-        if encoding.ids:  # Empty files (many __init__.py) would add EOTs.
-          if tokens or pieces:  # EOT between documents, not before the first.
-            pieces.append(sep)
-          pieces.append(np.asarray(encoding.ids, np.uint16))
-      if pieces:
-        chunk = np.concatenate(pieces)
-        stream.write(chunk.tobytes())
-        tokens += chunk.size
-      docs += len(texts)
-      chars += sum(len(t) for t in texts)
-      logging.info('%s: tokenized %d/%d documents (%.0f%%), %d tokens, %.0fs.',
-                   name, docs, n, 100 * docs / max(n, 1), tokens,
-                   time.time() - start)
-    np.lib.format.write_array_header_1_0(f, {
-        'descr': np.lib.format.dtype_to_descr(sep.dtype),
-        'fortran_order': False, 'shape': (tokens,)})
-    stream.seek(0)
-    shutil.copyfileobj(stream, f)
+  _npy_header(f, 0)
+  for texts in _text_chunks(data_source, feature, chunk_size):
+    pieces = []
+    for encoding in tokenizer.encode_batch_fast(texts):
+      if encoding.ids:  # Empty files (many __init__.py) would add EOTs.
+        if tokens or pieces:  # EOT between documents, not before the first.
+          pieces.append(sep)
+        pieces.append(np.asarray(encoding.ids, np.uint16))
+    if pieces:
+      chunk = np.concatenate(pieces)
+      f.write(chunk.tobytes())
+      tokens += chunk.size
+    docs += len(texts)
+    chars += sum(len(t) for t in texts)
+    logging.info('%s: tokenized %d/%d documents (%.0f%%), %d tokens, %.0fs.',
+                 name, docs, n, 100 * docs / max(n, 1), tokens,
+                 time.time() - start)
+  data_bytes = f.tell()
+  f.seek(0)
+  _npy_header(f, tokens)
+  assert f.tell() + 2 * tokens == data_bytes, 'the header changed length'
   logging.info('%s: %d tokens from %d chars (%.2f chars/token).',
                name, tokens, chars, chars / max(tokens, 1))
 
 
-def _check_vocab_size(data_config):
+def _validate(data_config):
+  """One-line errors for a data config that cannot make a corpus, before
+  a source is opened (a TFDS dataset may download and prepare first)."""
+  if not 0 < data_config.val_fraction < 1:  # Held out of 'train' where the
+    # dataset has no held-out split; NaN is refused too.
+    raise ValueError('data.val_fraction must be in (0, 1), got '
+                     f'{data_config.val_fraction}')
   if not tokenizer_lib.MIN_VOCAB <= data_config.vocab_size <= 2**16:
     raise ValueError(f'data.vocab_size must be in [{tokenizer_lib.MIN_VOCAB}, '
                      f'65536] (the 256 bytes and {tokenizer_lib.EOT} first; '
@@ -234,7 +255,7 @@ def load_tokenizer(data_config):
   """The corpus's BPE alone, for what encodes or exports text (a run's
   Hugging Face export, its circuits' prompts) without its token streams;
   trained and cached first where `load` has not yet been called."""
-  _check_vocab_size(data_config)
+  _validate(data_config)
   return _tokenizer(_open_source(data_config), data_config.vocab_size)[1]
 
 
@@ -253,7 +274,7 @@ def load(data_config, seq_len):
     ValueError: for a missing or empty source directory, or a split too small
       for one window.
   """
-  _check_vocab_size(data_config)
+  _validate(data_config)
   source = _open_source(data_config)
   data_dir, tokenizer = _tokenizer(source, data_config.vocab_size)
   eot_id = tokenizer_lib.eot_id(tokenizer)
