@@ -4,6 +4,8 @@ One `optax.chain`; the sparse pieces take the model's masks as the extra
 argument `masks=` (optax passes extra keyword arguments through a chain).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -65,8 +67,8 @@ def validate(o):
   each check a `not` of its valid range, so that NaN is refused too (NaN
   fails every comparison: `lr < 0` let it through to a NaN loss at the
   first step, after the run directory was written)."""
-  if not o.lr >= 0:
-    raise ValueError(f'optim.lr must be >= 0, got {o.lr}')
+  if not 0 <= o.lr < math.inf:
+    raise ValueError(f'optim.lr must be >= 0 and finite, got {o.lr}')
   if not 0 <= o.warmup_fraction <= 1:
     raise ValueError(f'optim.warmup_fraction must be in [0, 1], got '
                      f'{o.warmup_fraction}')
@@ -74,10 +76,12 @@ def validate(o):
     if not 0 <= o[field] < 1:
       raise ValueError(f'optim.{field} must be in [0, 1), got {o[field]}')
   for field in ('eps', 'weight_decay'):
-    if not o[field] >= 0:
-      raise ValueError(f'optim.{field} must be >= 0, got {o[field]}')
-  if not o.grad_rms > 0:
-    raise ValueError(f'optim.grad_rms must be > 0, got {o.grad_rms}')
+    if not 0 <= o[field] < math.inf:
+      raise ValueError(f'optim.{field} must be >= 0 and finite, got '
+                       f'{o[field]}')
+  if not 0 < o.grad_rms < math.inf:
+    raise ValueError(f'optim.grad_rms must be > 0 and finite, got '
+                     f'{o.grad_rms}')
 
 
 def make(config, total_steps):

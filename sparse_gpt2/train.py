@@ -63,6 +63,8 @@ def validate(config):
   model_lib.validate(config.model)
   sparsity.validate(config.sparsity)
   optim.validate(config.optim)
+  if not 0 <= config.seed < 2**31:  # jax and numpy take it, and seed + 1.
+    raise ValueError(f'seed must be in [0, 2**31), got {config.seed}')
   for field in ('train_steps', 'schedule_steps'):
     if config[field] < 0:
       raise ValueError(f'{field} must be >= 0, got {config[field]}')
@@ -378,6 +380,13 @@ def finish_compiling_apart(child):
                  time.perf_counter() - start)
 
 
+def _hf_params(config):
+  """The weights of `config.init_from_hf`, checked against the model."""
+  hf_kwargs, params = hf.load(config.init_from_hf)
+  hf.check_config(config.model, hf_kwargs, config.init_from_hf)
+  return params
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        compile_apart: bool = False):
   """Trains (or resumes) the run in `workdir`; returns the final state.
@@ -398,10 +407,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if corpus.tokenizer.get_vocab_size() > config.model.vocab_size:
     raise ValueError(f'tokenizer has {corpus.tokenizer.get_vocab_size()} '
                      f'tokens but model.vocab_size={config.model.vocab_size}')
+  # Read only for a run's first start: a resumed one needs its checkpoints,
+  # not the Hugging Face folder it began from (moved, or on another machine).
   init_params = None
-  if config.init_from_hf:
-    hf_kwargs, init_params = hf.load(config.init_from_hf)
-    hf.check_config(config.model, hf_kwargs, config.init_from_hf)
+  if config.init_from_hf and not workdir_lib.checkpoint_steps(workdir):
+    init_params = _hf_params(config)
   model = make_model(config)
   tx = optim.make(config, config.schedule_steps)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
@@ -424,6 +434,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         sharding.rules(config.mesh)):
       state = checkpoint.restore_latest(mngr, abstract_state, workdir)
       if state is None:
+        if config.init_from_hf and init_params is None:  # All were corrupt.
+          init_params = _hf_params(config)
         state = jit_init(config, model, tx, state_sharding)(rng, init_params)
       else:
         logging.info('Resumed from step %d.', int(state.step))

@@ -141,12 +141,30 @@ def check(config, workdir):
     if diff:
       raise ValueError(f'workdir {workdir} holds a run with a different '
                        f'config (fields {diff}); use another --workdir')
-    newest = max(checkpoint_steps(workdir), default=0)
+    steps = checkpoint_steps(workdir)
+    newest = max(steps, default=0)
     if config.train_steps < newest:
       raise ValueError(f'train_steps {config.train_steps} is before the '
                        f'newest checkpoint of {workdir} (step {newest}); a '
                        'run cannot stop in its past')
+    _check_kept_forever(saved, config, steps)
   return config
+
+
+def _check_kept_forever(saved, config, steps):
+  """Refuses a `keep_every` that would drop checkpoints the run's own kept
+  forever: orbax applies a manager's rule to every checkpoint on disk at
+  its next save, so `sparse_medium`'s steps 50, 150, ... (the circuits'
+  matched-loss checkpoints) would go with keep_every 100."""
+  old, new = saved.get('keep_every', 0), config.keep_every
+  newest = set(steps[-config.keep_checkpoints:])
+  lost = [s for s in steps if old and s % old == 0 and s not in newest
+          and not (new and s % new == 0)]
+  if lost:
+    raise ValueError(
+        f'keep_every {new} would delete checkpoint(s) {lost}, which '
+        f'keep_every {old} keeps forever: give a divisor of {old}, or move '
+        'those out of checkpoints/ first')
 
 
 def create(config, workdir):

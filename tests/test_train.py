@@ -575,7 +575,10 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
      r'optim.warmup_fraction must be in \[0, 1\], got 1.5'),
     ({'optim.b2': 1.0}, r'optim.b2 must be in \[0, 1\), got 1.0'),
     ({'optim.weight_decay': -0.1}, 'optim.weight_decay must be >= 0'),
-    ({'optim.grad_rms': 0.0}, 'optim.grad_rms must be > 0, got 0.0'),
+    ({'optim.grad_rms': 0.0},
+     'optim.grad_rms must be > 0 and finite, got 0.0'),
+    ({'optim.grad_rms': float('inf')},
+     'optim.grad_rms must be > 0 and finite, got inf'),
     ({'sparsity.anneal_fraction': 1.5},
      r'sparsity.anneal_fraction must be in \[0, 1\], got 1.5'),
     ({'sparsity.static_init': 'random'},
@@ -589,8 +592,14 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
     ({'microbatches': 3}, 'microbatches must be >= 1 and divide batch_size'),
     ({'seq_len': 64, 'model.pos_embedding': True},
      'seq_len 64 > model.max_len 32'),
-    ({'optim.lr': float('nan')}, 'optim.lr must be >= 0, got nan'),
-    ({'optim.eps': float('nan')}, 'optim.eps must be >= 0, got nan'),
+    ({'optim.lr': float('nan')}, 'optim.lr must be >= 0 and finite, got nan'),
+    ({'optim.lr': float('inf')}, 'optim.lr must be >= 0 and finite, got inf'),
+    ({'optim.eps': float('nan')}, 'optim.eps must be >= 0 and finite, got nan'),
+    ({'optim.weight_decay': float('inf')},
+     'optim.weight_decay must be >= 0 and finite, got inf'),
+    ({'seed': -1}, r'seed must be in \[0, 2\*\*31\), got -1'),
+    ({'data.val_fraction': float('nan')},
+     r'data.val_fraction must be in \(0, 1\), got nan'),
     ({'eval_batches': 0}, 'eval_batches must be >= 1'),
     ({'data.source': '/no/such/dir'}, 'does not exist'),
     ({'model.vocab_size': 256}, r'data.vocab_size must be in \[257,'),
@@ -610,6 +619,35 @@ def test_refused_starts_leave_no_files(tiny_config, tmp_path, overrides,
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(tiny_config(**overrides), str(workdir))
   assert not workdir.exists()
+
+
+def test_a_resume_may_not_drop_checkpoints_kept_forever(tiny_config,
+                                                       tmp_path):
+  """orbax applies a manager's keep rule to every checkpoint on disk at its
+  next save: a resume whose keep_every no longer keeps a step that the
+  run's own kept forever is refused; one that keeps them all may go on."""
+  workdir = str(tmp_path / 'run')
+  first = workdir_lib.check(
+      tiny_config(keep_every=5, keep_checkpoints=1, train_steps=20,
+                  schedule_steps=40), workdir)
+  workdir_lib.create(first, workdir)
+  for step in (5, 10, 15, 20):
+    os.makedirs(os.path.join(workdir, workdir_lib.CHECKPOINTS, str(step)))
+  for keep_every, lost in ((10, [5, 15]), (0, [5, 10, 15]), (3, [5, 10])):
+    with pytest.raises(ValueError) as refused:
+      workdir_lib.check(tiny_config(keep_every=keep_every, keep_checkpoints=1,
+                                    train_steps=30), workdir)
+    assert str(refused.value) == (
+        f'keep_every {keep_every} would delete checkpoint(s) {lost}, which '
+        'keep_every 5 keeps forever: give a divisor of 5, or move those out '
+        'of checkpoints/ first')
+  # Kept as the newest but one, 15 is safe; 5 is still lost.
+  with pytest.raises(ValueError, match=r'checkpoint\(s\) \[5\], which'):
+    workdir_lib.check(tiny_config(keep_every=10, keep_checkpoints=2,
+                                  train_steps=30), workdir)
+  for keep_every in (5, 1):  # Divisors of 5 keep every one of them.
+    workdir_lib.check(tiny_config(keep_every=keep_every, keep_checkpoints=1,
+                                  train_steps=30), workdir)
 
 
 def test_empty_corpus_fails_clearly(tiny_config, tmp_path):
@@ -1073,3 +1111,8 @@ def test_convert_makes_a_run_from_a_hugging_face_gpt2(tiny_config, tmp_path):
                      r'GPT-2 in .*hf: bigram_table=True, attention sinks'):
     convert.hf_to_run(hf_dir, str(paper), tiny_config('none'))
   assert not paper.exists()
+  # The run resumes from its checkpoint without the folder it began from.
+  shutil.rmtree(hf_dir)
+  with restored_config.unlocked():
+    restored_config.train_steps = 2
+  assert int(train.train_and_evaluate(restored_config, run).step) == 2
