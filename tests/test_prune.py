@@ -618,8 +618,9 @@ def test_compare_refuses_a_task_the_tokenizer_cannot_score_before_pruning(
   assert lines[-1].startswith("error: long_answer: candidate "
                               "'supercalifragilistic' is tokens ["), lines
   bad.write_text(''.join(
-      json.dumps({'prompt': 'x = 1', 'correct': q, 'incorrect': other,
-                  'pair': 0}) + '\n' for q, other in (('"', "'"), ("'", '"'))))
+      json.dumps({'prompt': f'x = {i}', 'correct': q, 'incorrect': other,
+                  'pair': 0}) + '\n'
+      for i, (q, other) in enumerate((('"', "'"), ("'", '"')))))
   result = subprocess.run(
       result.args, capture_output=True, text=True, timeout=300,
       cwd=os.path.dirname(os.path.dirname(__file__)))

@@ -488,7 +488,7 @@ def test_page_of_circuits_from_two_runs_says_where_one_has_none(
 
 def test_one_run_written_two_ways_is_one_panel_and_twin_circuits_refused(
     tmp_path):
-  circuits = tmp_path / 'circuits'
+  circuits = tmp_path / 'circuits[1]'  # A name that globs otherwise.
   (circuits / 'two').mkdir(parents=True)
   for path, task, run in (('one.json', 'one', '/nowhere/a'),
                           ('two/circuit.json', 'two', '/nowhere/a/')):

@@ -289,9 +289,10 @@ def from_circuits(directory):
   files in `directory`: one panel per run (however its path was written)
   and step, in the order found; two circuits of one task there are
   refused, naming both."""
-  paths = sorted({*glob.glob(os.path.join(directory, 'circuit.json')),
-                  *glob.glob(os.path.join(directory, '*.json')),
-                  *glob.glob(os.path.join(directory, '*', 'circuit.json'))})
+  folder = glob.escape(directory)  # Its name may hold [ ] * ?.
+  paths = sorted({*glob.glob(os.path.join(folder, 'circuit.json')),
+                  *glob.glob(os.path.join(folder, '*.json')),
+                  *glob.glob(os.path.join(folder, '*', 'circuit.json'))})
   found = {path: _whole(c, path) for path, c in zip(paths, map(_read, paths))
            if isinstance(c, dict) and 'nodes' in c and 'task' in c}
   if not found:
