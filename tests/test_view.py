@@ -577,6 +577,23 @@ def test_bad_directories_are_refused_before_any_work(tmp_path):
   (circuits / 'a.json').write_text('{"task": "a",')
   with pytest.raises(ValueError, match=r'a.json is not valid JSON'):
     view.write_page(out, circuits_dir=str(circuits))
+  # Whole, but not as prune writes it: an edge to a node it does not list,
+  # a location of no model, a loss that diverged.
+  whole = {**_big_circuit(2, 2), 'task': 'a'}
+  for damage, message in (
+      ({'edges': [{**whole['edges'][0], 'dst': [9, 'q', 0]}]},
+       r"a.json is not a circuit file the page can read \(KeyError: \(9, "
+       r"'q', 0\)\)$"),
+      ({'nodes': [{**whole['nodes'][0], 'location': 'nowhere'}],
+        'edges': []},
+       r"a.json is not a circuit file the page can read \(ValueError: node "
+       r"location 'nowhere' is none of \['attn_in', "),
+      ({'losses': {'full_model': float('nan')}},
+       r"a.json: Out of range float values are not JSON compliant.*leave it "
+       r'out$')):
+    (circuits / 'a.json').write_text(json.dumps({**whole, **damage}))
+    with pytest.raises(ValueError, match=message):
+      view.write_page(out, circuits_dir=str(circuits))
   assert not os.path.exists(out)
 
 

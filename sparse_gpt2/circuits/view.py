@@ -57,6 +57,12 @@ def node_key(layer, location, index):
   return f'{layer}/{location}/{index}'
 
 
+def _location(name):
+  if name not in LOCATIONS:
+    raise ValueError(f'node location {name!r} is none of {list(LOCATIONS)}')
+  return LOCATIONS.index(name)
+
+
 def compact(circuit):
   """What the page needs of a circuit, as columns and index pairs.
 
@@ -84,7 +90,7 @@ def compact(circuit):
       'd_head': circuit.get('model_shape', {}).get('d_head'),
       'nodes': {
           'layer': [v['layer'] for v in nodes],
-          'location': [LOCATIONS.index(v['location']) for v in nodes],
+          'location': [_location(v['location']) for v in nodes],
           'index': [v['index'] for v in nodes],
           'score': [_rounded(v.get('score')) for v in nodes],
           'importance': [_rounded(v.get('importance')) for v in nodes],
@@ -250,10 +256,21 @@ def _read(path):
 
 
 def _whole(circuit, path):
-  """`circuit` (read from `path`) if it has every CIRCUIT_FIELDS."""
+  """`circuit` (read from `path`) if it has every CIRCUIT_FIELDS and the
+  page can read it, else a one-line error that names the file."""
   missing = [k for k in CIRCUIT_FIELDS if k not in circuit]
   if missing:
     raise ValueError(f'{path} is not a whole circuit file (no {missing})')
+  try:
+    page = compact(circuit)
+  except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+    raise ValueError(f'{path} is not a circuit file the page can read '
+                     f'({type(e).__name__}: {e})') from None
+  try:
+    json.dumps(page, allow_nan=False)
+  except ValueError as e:  # NaN or infinity, which JSON cannot hold.
+    raise ValueError(f'{path}: {e} (a diverged checkpoint\'s?); leave it '
+                     'out') from None
   return circuit
 
 
