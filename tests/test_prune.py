@@ -226,6 +226,34 @@ def test_scores_compile_once_and_split_batches_over_devices():
     assert losses[key] == pytest.approx(value, abs=1e-5)
 
 
+def test_a_target_the_full_model_reaches_only_calibrated_is_warned(
+    monkeypatch, caplog):
+  """The planted model's answers read one tenth as loud: their order is
+  intact, so the calibrated loss still passes the target, but the
+  uncalibrated train loss the multiplier holds is above it."""
+  class Stop(Exception):
+    pass
+
+  def stop(*args, **kwargs):
+    raise Stop
+  monkeypatch.setattr(prune._Pruner, 'train_scores', stop)
+  model = _tiny_model()
+  loud = _planted_params(model)
+  head = np.array(loud['lm_head']['kernel'])
+  head[:, [YES, NO]] /= 10
+  for params, warns in ((loud, False),
+                        ({**loud, 'lm_head': {'kernel': jnp.asarray(head)}},
+                         True)):
+    caplog.clear()
+    with pytest.raises(Stop):  # Solved: the scores would train next.
+      prune.prune(model, params, _means(model, params), _task(256, 0),
+                  SETTINGS)
+    warned = [r.getMessage() for r in caplog.records
+              if 'uncalibrated select loss' in r.getMessage()]
+    assert len(warned) == warns, caplog.text
+  assert float(warned[0].split()[5]) > SETTINGS.target_loss
+
+
 def test_split_is_disjoint_by_pair():
   task = _task(200, 0)
   parts = prune.split(task, SETTINGS)

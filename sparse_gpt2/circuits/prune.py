@@ -744,6 +744,13 @@ def prune(model, params, means, encoded, settings, record_at=()):
                     full['select']['loss'], settings.target_loss)
     circuit['seconds'] = time.perf_counter() - start
     return circuit
+  if full['select']['raw_loss'] > settings.target_loss:
+    logging.warning(
+        'Full model uncalibrated select loss %.4f > target %.4f, at which '
+        'the pruning holds the uncalibrated train loss: the multiplier may '
+        'grow all run and the mask keep nodes the calibrated target does '
+        'not need (a looser --target_loss, or a better-trained checkpoint).',
+        full['select']['raw_loss'], settings.target_loss)
 
   steps = sorted(set(record_at) | {settings.steps})
   # Every snapshot, every recorded step and every extension's end is a
