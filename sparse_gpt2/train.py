@@ -407,6 +407,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if corpus.tokenizer.get_vocab_size() > config.model.vocab_size:
     raise ValueError(f'tokenizer has {corpus.tokenizer.get_vocab_size()} '
                      f'tokens but model.vocab_size={config.model.vocab_size}')
+  corpus_fingerprint = data.fingerprint(corpus)
+  workdir_lib.check_corpus(workdir, corpus_fingerprint)
   # Read only for a run's first start: a resumed one needs its checkpoints,
   # not the Hugging Face folder it began from (moved, or on another machine).
   init_params = None
@@ -419,7 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # no weight, or a mesh axis that does not divide a weight, refuses here.
     abstract_state, state_sharding, batch_sharding = layout(
         config, model, tx, mesh, init_params)
-  workdir_lib.create(config, workdir)
+  workdir_lib.create(config, workdir, corpus_fingerprint)
   mngr = checkpoint.manager(workdir, config.keep_checkpoints,
                             config.keep_every)
   try:

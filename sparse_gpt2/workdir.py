@@ -23,6 +23,7 @@ from sparse_gpt2 import defaults
 from sparse_gpt2 import multihost
 
 CONFIG = 'config.json'
+CORPUS = 'corpus.json'  # `data.fingerprint` of the corpus it trains on.
 METRICS = 'metrics.jsonl'
 CHECKPOINTS = 'checkpoints'
 CORRUPT = 'corrupt_checkpoints'
@@ -167,11 +168,33 @@ def _check_kept_forever(saved, config, steps):
         'those out of checkpoints/ first')
 
 
-def create(config, workdir):
-  """Writes `config` as the run's config.json (process 0), then waits for
-  every process, so none opens a run directory that is not there yet."""
+def check_corpus(workdir, corpus_fingerprint):
+  """Refuses to resume a run on a corpus other than the one it trained on
+  (`data.fingerprint`): the stdlib of another Python, a source folder
+  edited and built again on another machine. Reads only; a run saved
+  before the record was kept (2026-12-07) gets one at this start."""
+  file = path(workdir) / CORPUS
+  if not file.exists():
+    return
+  saved = parse_json(file.read_text(), file)
+  differ = sorted(k for k in corpus_fingerprint
+                  if saved.get(k) != corpus_fingerprint[k])
+  if differ:
+    raise ValueError(
+        f'the corpus here differs from the one {workdir} trained on '
+        f'({", ".join(differ)}): resuming would train on other data; build '
+        'the same corpus (the same source files, or Python for stdlib) or '
+        'start a new run')
+
+
+def create(config, workdir, corpus_fingerprint):
+  """Writes `config` as the run's config.json and, where there is none,
+  its corpus record (process 0), then waits for every process, so none
+  opens a run directory that is not there yet."""
   root = path(workdir)
   if jax.process_index() == 0:
     root.mkdir(parents=True, exist_ok=True)
     write_atomic(root / CONFIG, config.to_json(indent=2))
+    if not (root / CORPUS).exists():
+      write_atomic(root / CORPUS, json.dumps(corpus_fingerprint, indent=1))
   multihost.barrier('workdir.create')

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from sparse_gpt2 import checkpoint
+from sparse_gpt2 import data
 from sparse_gpt2 import cli
 from sparse_gpt2 import metrics
 from sparse_gpt2 import optim
@@ -630,7 +631,7 @@ def test_a_resume_may_not_drop_checkpoints_kept_forever(tiny_config,
   first = workdir_lib.check(
       tiny_config(keep_every=5, keep_checkpoints=1, train_steps=20,
                   schedule_steps=40), workdir)
-  workdir_lib.create(first, workdir)
+  workdir_lib.create(first, workdir, {})
   for step in (5, 10, 15, 20):
     os.makedirs(os.path.join(workdir, workdir_lib.CHECKPOINTS, str(step)))
   for keep_every, lost in ((10, [5, 15]), (0, [5, 10, 15]), (3, [5, 10])):
@@ -648,6 +649,28 @@ def test_a_resume_may_not_drop_checkpoints_kept_forever(tiny_config,
   for keep_every in (5, 1):  # Divisors of 5 keep every one of them.
     workdir_lib.check(tiny_config(keep_every=keep_every, keep_checkpoints=1,
                                   train_steps=30), workdir)
+
+
+def test_a_resume_on_another_corpus_is_refused(reference_run, tmp_path):
+  """The run records what names its corpus; a start that finds another
+  (here: the record altered, as another machine's stdlib would differ)
+  is refused before it writes anything."""
+  config, reference, _ = reference_run
+  record = json.loads(open(os.path.join(reference, 'corpus.json')).read())
+  assert record == data.fingerprint(data.load(config.data, config.seq_len))
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  (workdir / 'corpus.json').write_text(json.dumps(
+      dict(record, train_tokens=record['train_tokens'] + 1)))
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob('*')}
+  with pytest.raises(ValueError) as refused:
+    train.train_and_evaluate(config, str(workdir))
+  assert str(refused.value) == (
+      f'the corpus here differs from the one {workdir} trained on '
+      '(train_tokens): resuming would train on other data; build the same '
+      'corpus (the same source files, or Python for stdlib) or start a new '
+      'run')
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob('*')} == before
 
 
 def test_empty_corpus_fails_clearly(tiny_config, tmp_path):
@@ -1052,7 +1075,6 @@ def test_convert_exports_a_gpt2_run_and_refuses_the_paper_architecture(
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from sparse_gpt2 import convert  # pylint: disable=g-import-not-at-top
-  from sparse_gpt2 import data  # pylint: disable=g-import-not-at-top
   _, paper_run, _ = reference_run
   with pytest.raises(ValueError, match='rmsnorm'):
     convert.run_to_hf(paper_run, str(tmp_path / 'paper_hf'))

@@ -18,6 +18,7 @@ Sources (`data_config.source`):
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import time
@@ -304,6 +305,20 @@ def load(data_config, seq_len):
       val_tokens=tokens['validation'],
       manifest_path=source.manifest_path,
       data_dir=data_dir)
+
+
+def fingerprint(corpus):
+  """What names a corpus's content wherever it was built: its vocabulary,
+  the token count of each split and the validation stream's digest (a
+  different source, or the same one tokenized otherwise, changes them).
+  Not its files' paths, nor tokenizer.json's formatting, which another
+  machine or `tokenizers` version may write otherwise."""
+  vocab = json.dumps(sorted(corpus.tokenizer.get_vocab().items()))
+  return {'vocab_sha256': hashlib.sha256(vocab.encode()).hexdigest(),
+          'train_tokens': int(corpus.train_tokens.size),
+          'validation_tokens': int(corpus.val_tokens.size),
+          'validation_sha256': hashlib.sha256(
+              np.ascontiguousarray(corpus.val_tokens)).hexdigest()}
 
 
 def num_windows(tokens, seq_len):
