@@ -478,12 +478,16 @@ def _train_loop(config, workdir, state, step_fn, eval_step, batch_sharding,
   start_step = int(state.step)
   writer = metrics.Writer(workdir, start_step)
   pending = []  # (step, device metrics) since the last log.
-  last_good = start_step if mngr.latest_step() is not None else None
+  # A checkpoint is good once a later step read its weights to a finite
+  # loss: step s's loss is of the weights saved at s - 1.
+  last_good = None
+  unchecked = start_step if mngr.latest_step() is not None else None
   t0, t0_step = time.perf_counter(), start_step
   unwritten = None  # A log's `record` arguments, once the next step is queued.
 
   def record(done, since_log, stats, lr):
     """(the log's record, when its step had run), its steps checked."""
+    nonlocal last_good, unchecked
     since_log, stats, lr = jax.device_get((since_log, stats, lr))
     ran = time.perf_counter()
     for s, m in since_log:
@@ -494,7 +498,11 @@ def _train_loop(config, workdir, state, step_fn, eval_step, batch_sharding,
               f'non-finite {key} {m[key]} at step {s}; stopped, ' + (
                   f'the last good checkpoint is step {last_good} in '
                   f'{workdir}' if last_good is not None else
-                  f'before any checkpoint of {workdir}'))
+                  f'before any good checkpoint of {workdir}') + (
+                      f' (step {unchecked}\'s holds the weights that gave '
+                      'it)' if unchecked is not None else ''))
+      if unchecked is not None and s > unchecked:
+        last_good, unchecked = unchecked, None
     rate = (done - t0_step) * tokens_per_step / (ran - t0)
     return {
         'loss': since_log[-1][1]['loss'],
@@ -547,7 +555,7 @@ def _train_loop(config, workdir, state, step_fn, eval_step, batch_sharding,
     write(done, values)
     if do_save:
       checkpoint.save(mngr, done, state)
-      last_good = done
+      unchecked = done
     # The next interval starts here, so that tokens/s and MFU time training
     # alone, not this log's evaluation, save or first-call compiles (an
     # H200 run's interval after its first log read 28% below the others).

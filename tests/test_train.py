@@ -488,9 +488,15 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_config, tmp_path):
   config = tiny_config(train_steps=20)
   config.optim.lr = 1e30  # Weights ~1e30 after one step: the logits overflow.
   with pytest.raises(FloatingPointError, match='non-finite loss .* at step 2; '
-                     'stopped, before any checkpoint of '):
+                     'stopped, before any good checkpoint of '):
     train.train_and_evaluate(config, str(tmp_path / 'nan'))
   assert not os.listdir(tmp_path / 'nan' / 'checkpoints')
+  # Saved at step 1, those weights are not called good: step 2 read them.
+  config.checkpoint_every = 1
+  with pytest.raises(FloatingPointError, match=r'non-finite loss .* at step '
+                     r"2; stopped, before any good checkpoint of .*nan1 "
+                     r"\(step 1's holds the weights that gave it\)$"):
+    train.train_and_evaluate(config, str(tmp_path / 'nan1'))
 
 
 def test_non_finite_gradients_stop_before_anything_is_saved(
