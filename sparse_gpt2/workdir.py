@@ -14,6 +14,7 @@ so a start that is refused leaves nothing behind; only process 0 writes.
 
 import json
 import os
+import re
 
 from etils import epath
 import jax
@@ -44,6 +45,9 @@ def path(workdir):
   """`workdir` as an absolute epath (orbax needs one); URLs stay as given."""
   p = epath.Path(workdir)
   return p if '://' in str(workdir) else p.resolve()
+
+
+_TEMPORARY = re.compile(r'.+\.tmp\d+')  # What `write_atomic` renames.
 
 
 def write_atomic(file, text):
@@ -128,7 +132,8 @@ def check(config, workdir):
     if directory.exists() and not directory.is_dir():
       raise ValueError(f'{directory} exists and is not a directory')
   saved = None
-  if root.is_dir() and any(root.iterdir()):
+  if root.is_dir() and any(not _TEMPORARY.fullmatch(p.name)
+                           for p in root.iterdir()):
     if not (root / CONFIG).exists():
       raise ValueError(f'workdir {workdir} is not empty and holds no '
                        f'{CONFIG}: not a run directory, refusing to use it')

@@ -711,6 +711,12 @@ def test_workdirs_that_are_not_runs_are_refused(tiny_config, tmp_path):
   with pytest.raises(ValueError, match='not a run directory'):
     train.train_and_evaluate(tiny_config(), str(other))
   assert os.listdir(other) == ['todo.txt']
+  # A first start killed while it wrote config.json left only that: no
+  # run yet, and nothing of the user's, so the same command starts it.
+  killed = tmp_path / 'killed'
+  killed.mkdir()
+  (killed / 'config.json.tmp4242').write_text('{"half": ')
+  assert workdir_lib.check(tiny_config(), str(killed)).train_steps == 20
   # Orbax's background save into a file would never return.
   (other / 'config.json').write_text(tiny_config().to_json())
   (other / 'checkpoints').write_text('x')
