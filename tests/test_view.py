@@ -208,6 +208,11 @@ def test_circuit_of_every_node_has_the_full_models_probabilities(twins):
   nothing = dict(everything, nodes=[])
   assert all(row['circuit'] is not None and 'calibrated' in row for row in
              view.example_probabilities(run, means, nothing, EXAMPLES))
+  # Another run's examples, whose candidate this tokenizer splits: no
+  # probabilities, and no failure of the page.
+  foreign = [dict(e, correct='supercalifragilistic') for e in EXAMPLES]
+  assert view.example_probabilities(run, means, nothing, foreign) == [
+      None] * len(EXAMPLES)
 
 
 class Browser:

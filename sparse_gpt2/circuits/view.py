@@ -184,11 +184,15 @@ def example_probabilities(run, means, circuit, examples):
   circuit only (the rest mean-ablated), and the circuit's calibrated
   two-way probability of the correct one (the logit scale and shift its
   reported losses use). None for a prompt the run's tokenizer cannot score
-  (`tasks.encode` skips it)."""
+  (`tasks.encode` skips it; all None where it refuses them all, as another
+  run's tokenizer may: the examples are the first circuit's)."""
   if not examples:
     return []
-  encoded = tasks.encode(examples, run['corpus'].tokenizer,
-                         run['config'].seq_len, circuit['task'])
+  try:
+    encoded = tasks.encode(examples, run['corpus'].tokenizer,
+                           run['config'].seq_len, circuit['task'])
+  except ValueError:
+    return [None] * len(examples)
   tokens = jnp.asarray(encoded['tokens'])
   positions = jnp.asarray(encoded['lengths'] - 1)
   variables = {'params': run['params']}
