@@ -16,7 +16,8 @@
 #   OUT_DIR=/tmp/o EXTRA='--config.model.num_layers=2' benchmarks/gpu.sh
 #   STEPS=10 RUNS='sparse_gpt2_paper|sparse_gpt2_paper|' benchmarks/gpu.sh
 #
-# Writes gpu.json and gpu.md (and each run's log) to OUT_DIR.
+# Writes gpu.json and gpu.md (and each run's log) to OUT_DIR; a run that
+# fails does not stop the others, but the script then exits 1, naming it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 steps=${STEPS:-25} out=${OUT_DIR:-benchmarks/out} extra=${EXTRA:-}
@@ -36,6 +37,8 @@ with open(sys.argv[1], 'w') as f:
              'jax': jax.__version__, 'timed_bf16_flops': timed * len(devices),
              'logged_peak_flops': metrics.peak_flops('bfloat16')}, f)
 PY
+(( PIPESTATUS[0] == 0 )) || { echo 'error: the matmul peak failed (above)' >&2; exit 1; }
+failed=()
 # name|config|flags. The dense twin first: it builds the corpus and the
 # tokenizer, which the other runs reuse.
 default_runs="dense_gpt2_124m|dense_gpt2_124m|
@@ -50,8 +53,10 @@ while IFS= read -r run; do
     --config.train_steps="$steps" --config.log_every=5 \
     --config.eval_every="$steps" --config.eval_batches=1 \
     --config.checkpoint_every="$steps" $flags $extra 2>&1 | tee "$out/$name.log"
-  echo "$name: exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s in all" \
+  status=${PIPESTATUS[0]}
+  echo "$name: exit $status, $(( $(date +%s) - start )) s in all" \
     | tee -a "$out/$name.log"
+  (( status == 0 )) || failed+=("$name")
 done <<<"${RUNS:-$default_runs}"
 python3 - "$runs" "$out" "$steps" <<'PY'
 import json, os, statistics, sys
@@ -105,3 +110,7 @@ with open(os.path.join(out, 'gpu.md'), 'w') as f:
 print('\n'.join(lines))
 PY
 rm -rf "$runs"
+if (( ${#failed[@]} )); then
+  echo "error: failed: ${failed[*]} (their logs are in $out)" >&2
+  exit 1
+fi

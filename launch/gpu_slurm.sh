@@ -60,8 +60,12 @@ cd $(printf '%q' "$repo")
 # the coordinator is the first node of the job.
 export JAX_COORDINATOR_ADDRESS=\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n 1):12345
 export SPARSE_GPT2_DISTRIBUTED=1
-# Compiled programs kept on each node's own disk, not the shared home.
-export JAX_COMPILATION_CACHE_DIR=\${JAX_COMPILATION_CACHE_DIR:-/tmp/sparse_gpt2_jax_cache}
+# Every GPU of the node to its one process: under Slurm jax would otherwise
+# give each task only the GPU of its local task id (0).
+export JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((gpus - 1)))
+# Compiled programs kept in the shared checkout: jax writes entries from
+# process 0 alone, and every node reads them.
+export JAX_COMPILATION_CACHE_DIR=\${JAX_COMPILATION_CACHE_DIR:-$(printf '%q' "$repo")/.jax_cache}
 srun --ntasks-per-node=1 .venv/bin/python -m sparse_gpt2.main $(printf '%q ' "${args[@]}")
 "
 

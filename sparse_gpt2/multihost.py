@@ -26,17 +26,18 @@ def any_process(flag):
 def process_0_first(fn):
   """fn() on process 0, then on the others: for work that fills a cache all
   of them read (the corpus), so it is built once and never written by two
-  processes at the same time. An error on process 0 stops every process,
-  so none waits for a cache that will not come."""
-  result, error = None, None
-  if jax.process_index() == 0:
-    try:
-      result = fn()
-    except Exception as e:  # pylint: disable=broad-except  Re-raised below.
-      error = e
-  if any_process(error is not None):
-    raise error or ValueError('process 0 failed to prepare the data; its '
-                              'log says why')
-  if jax.process_index() != 0:
-    result = fn()
+  processes at the same time. An error on any process stops every process,
+  so none waits for a cache that will not come, nor at a barrier for a
+  process that failed on its own disk."""
+  result = None
+  for turn in ('process 0', 'another process'):
+    error = None
+    if (jax.process_index() == 0) == (turn == 'process 0'):
+      try:
+        result = fn()
+      except Exception as e:  # pylint: disable=broad-except  Re-raised below.
+        error = e
+    if any_process(error is not None):
+      raise error or ValueError(f'{turn} failed to prepare the data; its '
+                                'log says why')
   return result

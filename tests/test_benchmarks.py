@@ -179,11 +179,17 @@ def test_gpu_check_trains_both_twins_and_writes_its_tables(tiny_config,
             '--config.model.max_len=32 --config.model.num_layers=1 '
             '--config.model.d_model=32 --config.model.num_heads=2 '
             '--config.model.d_head=16 --config.model.d_mlp=64')
-  runs = 'dense_gpt2_124m|dense_gpt2_124m|\nsparse_gpt2_124m|sparse_gpt2_124m|'
-  subprocess.run(['bash', 'benchmarks/gpu.sh'], cwd=ROOT, check=True,
-                 capture_output=True, env={
-                     **os.environ, 'OUT_DIR': str(tmp_path), 'STEPS': '10',
-                     'RUNS': runs, 'EXTRA': shrink})
+  runs = ('dense_gpt2_124m|dense_gpt2_124m|\nsparse_gpt2_124m|sparse_gpt2_124m|'
+          '\nbroken|dense_gpt2_124m|--config.no_such_field=1')
+  check = subprocess.run(['bash', 'benchmarks/gpu.sh'], cwd=ROOT,
+                         capture_output=True, text=True, env={
+                             **os.environ, 'OUT_DIR': str(tmp_path),
+                             'STEPS': '10', 'RUNS': runs, 'EXTRA': shrink})
+  # The broken run fails alone; the others are measured, then the exit
+  # status says so.
+  assert check.returncode == 1, check.stderr
+  assert check.stderr.strip().splitlines()[-1] == (
+      f'error: failed: broken (their logs are in {tmp_path})')
   result = json.loads((tmp_path / 'gpu.json').read_text())
   assert set(result['runs']) == {'dense_gpt2_124m', 'sparse_gpt2_124m'}
   for run in result['runs'].values():

@@ -165,8 +165,11 @@ def test_slurm_script_installs_once_and_runs_a_process_per_node():
   assert pip < srun and 'jax[cuda12]' in lines[pip]  # Once, not per node.
   assert any(l.startswith('export JAX_COORDINATOR_ADDRESS=') for l in lines)
   assert 'export SPARSE_GPT2_DISTRIBUTED=1' in lines
+  # Each node's process drives all 8 of its GPUs, not only GPU 0.
+  assert 'export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7' in lines
+  # Shared: jax writes entries from process 0 only, every node reads them.
   assert ('export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-'
-          '/tmp/sparse_gpt2_jax_cache}') in lines  # Node-local, not ~.
+          f'{ROOT}/.jax_cache}}') in lines
   assert shlex.split(lines[srun])[-3:] == [
       '--config=configs/dense_gpt2_124m.py', '--workdir=runs/dense_gpt2_124m',
       PATTERN]

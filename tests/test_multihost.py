@@ -18,7 +18,9 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
+from sparse_gpt2 import multihost
 from sparse_gpt2 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,3 +121,34 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_config, tmp_path):
   saved = os.listdir(workdir / 'checkpoints')
   assert len(saved) == 1 and 0 < int(saved[0]) < 1000
   assert f'preempted at step {saved[0]}' in out
+
+
+@pytest.mark.parametrize('index, failed_at, message', [
+    (0, None, None),                      # Both built it.
+    (0, 'another process', 'another process failed to prepare the data'),
+    (1, 'process 0', 'process 0 failed to prepare the data'),
+    (1, 'here', 'a broken cache'),        # Its own error, and the others told.
+])
+def test_process_0_first_stops_every_process_on_any_failure(
+    monkeypatch, index, failed_at, message):
+  """One process of two, the other's part played by `any_process`: a
+  failure on any process raises on all, so none waits at a barrier."""
+  monkeypatch.setattr(jax, 'process_index', lambda: index)
+  turns = iter(('process 0', 'another process'))
+  told = []
+
+  def any_process(flag):  # This process's flag, or the other's failure.
+    told.append(flag)
+    return flag or next(turns) == failed_at
+  monkeypatch.setattr(multihost, 'any_process', any_process)
+
+  def fn():
+    if failed_at == 'here':
+      raise ValueError('a broken cache')
+    return 'corpus'
+  if message is None:
+    assert multihost.process_0_first(fn) == 'corpus'
+  else:
+    with pytest.raises(ValueError, match=message):
+      multihost.process_0_first(fn)
+  assert told[-1] == (failed_at == 'here')  # Told the others, then raised.
