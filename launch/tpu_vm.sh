@@ -11,7 +11,8 @@
 #   capacity), waiting until it is ACTIVE; an existing VM NAME is reused.
 # start: copies the code as git sees it (tracked and untracked files, not
 #   ignored ones such as runs/) into ~/sparse_gpt2 on every worker, replacing
-#   everything there but runs/, installs requirements with TPU jaxlib, and
+#   everything there but runs/, installs requirements with TPU jaxlib into
+#   ~/sparse_gpt2_venv (Python 3.11, made by uv: the images ship 3.10), and
 #   starts the run detached on all workers, each logging to ~/sparse_gpt2.log.
 #   --workdir defaults to runs/CONFIG_NAME on each host (a relative one must
 #   be under runs/, which a restart keeps); give a gs:// path
@@ -106,13 +107,15 @@ case $action in
       --zone="$zone" --worker=all
     # The new code each time, never a stale nested copy; runs/ (the default
     # workdirs and their checkpoints) stays, so a restart resumes.
-    ssh_all "mkdir -p ~/sparse_gpt2 && find ~/sparse_gpt2 -mindepth 1 -maxdepth 1 ! -name runs -exec rm -rf {} + && tar -xzf ~/sparse_gpt2.tar.gz -C ~/sparse_gpt2 && pip install -q -r ~/sparse_gpt2/requirements.txt 'jax[tpu]==0.10.2' gcsfs google-cloud-storage"
+    # The pins need Python >= 3.11 and the TPU images ship 3.10: uv makes a
+    # virtual environment on a Python of its own (once; a restart reuses it).
+    ssh_all "mkdir -p ~/sparse_gpt2 && find ~/sparse_gpt2 -mindepth 1 -maxdepth 1 ! -name runs -exec rm -rf {} + && tar -xzf ~/sparse_gpt2.tar.gz -C ~/sparse_gpt2 && python3 -m pip install -q --user uv && ~/.local/bin/uv venv -q --allow-existing --python 3.11 ~/sparse_gpt2_venv && ~/.local/bin/uv pip install -q --python ~/sparse_gpt2_venv/bin/python -r ~/sparse_gpt2/requirements.txt 'jax[tpu]==0.10.2' gcsfs google-cloud-storage"
     # (An empty array under `set -u` is an error in bash before 4.4, macOS's.)
     args=(--config="$config" --workdir="$workdir" ${overrides[@]+"${overrides[@]}"})
     # Only python goes to the background, so the pid `stop` signals is its
     # (backgrounding the whole `cd && ...` list recorded a subshell's, and
     # SIGTERM killed the shell, never the run).
-    ssh_all "cd ~/sparse_gpt2 && { SPARSE_GPT2_DISTRIBUTED=1 nohup python -m sparse_gpt2.main $(printf '%q ' "${args[@]}")> ~/sparse_gpt2.log 2>&1 < /dev/null & echo \$! > ~/sparse_gpt2.pid; }"
+    ssh_all "cd ~/sparse_gpt2 && { SPARSE_GPT2_DISTRIBUTED=1 nohup ~/sparse_gpt2_venv/bin/python -m sparse_gpt2.main $(printf '%q ' "${args[@]}")> ~/sparse_gpt2.log 2>&1 < /dev/null & echo \$! > ~/sparse_gpt2.pid; }"
     ;;
   logs)
     run "${gcloud_tpu[@]}" tpu-vm ssh "$name" --zone="$zone" --worker="$worker" \

@@ -65,10 +65,16 @@ def test_tpu_start_ships_fresh_code_and_starts_detached_on_all_workers():
       '-mindepth', '1', '-maxdepth', '1', '!', '-name', 'runs']
   assert remote.index('tar') < remote.index('pip')
   assert "jax[tpu]==0.10.2" in remote and 'gcsfs' in remote
+  # Into a Python 3.11 of uv's: the pins need it, the TPU images ship 3.10.
+  venv = remote.index('venv')
+  assert remote[venv + 1:venv + 6] == [
+      '-q', '--allow-existing', '--python', '3.11', '~/sparse_gpt2_venv']
+  assert '~/sparse_gpt2_venv/bin/python' in remote[remote.index('pip', venv):]
   assert '--worker=all' in start
   remote = shlex.split(_remote(start))
   assert 'SPARSE_GPT2_DISTRIBUTED=1' in remote and 'nohup' in remote
   main = remote.index('sparse_gpt2.main')
+  assert remote[main - 2] == '~/sparse_gpt2_venv/bin/python' 
   assert remote[main + 1:main + 5] == [
       '--config=configs/sparse_gpt2_124m.py', '--workdir=gs://b/run',
       PATTERN, '--config.seed=1']
@@ -116,13 +122,13 @@ def test_tpu_stop_signals_the_run_that_start_started(tmp_path):
   *_, start = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
                        'configs/sparse_small.py')
   stop, = _dry_run('tpu_vm.sh', 'stop', 'tpu1', 'z')
-  home, stand_in = tmp_path / 'home', tmp_path / 'bin'
+  home = tmp_path / 'home'
   (home / 'sparse_gpt2').mkdir(parents=True)
-  stand_in.mkdir()
+  stand_in = home / 'sparse_gpt2_venv' / 'bin'
+  stand_in.mkdir(parents=True)
   (stand_in / 'python').write_text('#!/bin/sh\nexec sleep 60\n')
   (stand_in / 'python').chmod(0o755)
-  env = {**os.environ, 'HOME': str(home),
-         'PATH': f"{stand_in}{os.pathsep}{os.environ['PATH']}"}
+  env = {**os.environ, 'HOME': str(home)}
   subprocess.run(['bash', '-c', _remote(start)], env=env, check=True,
                  timeout=30)
   pid = int((home / 'sparse_gpt2.pid').read_text())
