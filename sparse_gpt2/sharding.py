@@ -13,6 +13,8 @@ sharding. The functions below read the rules in effect
 
 import math
 
+from absl import logging
+
 import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils
@@ -65,7 +67,14 @@ def make_mesh(config, devices=None):
     raise ValueError(f'mesh data={config.data} x fsdp={config.fsdp} x '
                      f'model={config.model} does not fit the {n} available '
                      'device(s)')
-  grid = mesh_utils.create_device_mesh(sizes, devices)
+  try:
+    grid = mesh_utils.create_device_mesh(sizes, devices)
+  except NotImplementedError as e:  # E.g. data 2 x fsdp 8 on a 4 x 4 v5e.
+    logging.warning('mesh %s does not follow the devices\' physical axes '
+                    '(%s); splitting them, which may slow its collectives',
+                    sizes, str(e).splitlines()[0])
+    grid = mesh_utils.create_device_mesh(sizes, devices,
+                                         allow_split_physical_axes=True)
   # Auto axes: linen's logical partitioning assumes them (jax's default
   # Explicit axes break the embedding lookup).
   return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))

@@ -36,6 +36,27 @@ def _in_subprocess(check, *args):
   assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_a_mesh_across_the_physical_axes_is_made_with_a_warning(
+    monkeypatch, caplog):
+  """As jax refuses data 2 x fsdp 8 on a 4 x 4 TPU slice unless it may
+  split the physical axes: a traceback before, a warning line now."""
+  made = []
+
+  def create_device_mesh(sizes, devices, allow_split_physical_axes=False):
+    made.append(allow_split_physical_axes)
+    if not allow_split_physical_axes:
+      raise NotImplementedError('Failed to find assignment for mesh_shape')
+    return np.array(devices).reshape(sizes)
+  monkeypatch.setattr(sharding.mesh_utils, 'create_device_mesh',
+                      create_device_mesh)
+  config = tiny.get_config('topk').mesh
+  config.data, config.fsdp, config.model = 1, 1, 1
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  assert made == [False, True] and mesh.devices.shape == (1, 1, 1)
+  assert ('does not follow the devices\' physical axes (Failed to find '
+          'assignment for mesh_shape); splitting them') in caplog.text
+
+
 def test_sharded_topk_gives_the_masks_of_one_device():
   _in_subprocess('check_topk')
 
