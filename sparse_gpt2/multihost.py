@@ -5,6 +5,8 @@ With one process every function here is a plain call, so single-host runs
 pay nothing.
 """
 
+import hashlib
+
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -21,6 +23,16 @@ def any_process(flag):
   if jax.process_count() == 1:
     return bool(flag)
   return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def same_on_all(text):
+  """True on every process if `text` is the same on all of them (compared
+  by a 64-bit digest)."""
+  if jax.process_count() == 1:
+    return True
+  digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.uint32)
+  gathered = multihost_utils.process_allgather(digest)  # [processes, 2]
+  return bool(np.all(gathered == gathered[0]))
 
 
 def process_0_first(fn):

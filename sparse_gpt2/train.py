@@ -8,6 +8,7 @@ state donated.
 """
 
 import functools
+import json
 import math
 import multiprocessing
 import time
@@ -408,6 +409,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f'tokenizer has {corpus.tokenizer.get_vocab_size()} '
                      f'tokens but model.vocab_size={config.model.vocab_size}')
   corpus_fingerprint = data.fingerprint(corpus)
+  if not multihost.same_on_all(json.dumps(corpus_fingerprint,
+                                          sort_keys=True)):
+    raise ValueError('the processes read different corpora (each host '
+                     'builds its own in data.data_dir where they share '
+                     'none): give every host the same source, or a shared '
+                     'data_dir')
   workdir_lib.check_corpus(workdir, corpus_fingerprint)
   # Read only for a run's first start: a resumed one needs its checkpoints,
   # not the Hugging Face folder it began from (moved, or on another machine).

@@ -8,6 +8,7 @@ needs every row of every batch, which only a batch built from the batch
 sharding (not from process_index) gets right.
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -152,3 +153,15 @@ def test_process_0_first_stops_every_process_on_any_failure(
     with pytest.raises(ValueError, match=message):
       multihost.process_0_first(fn)
   assert told[-1] == (failed_at == 'here')  # Told the others, then raised.
+
+
+def test_same_on_all_compares_every_process(monkeypatch):
+  """Two processes' digests, the other's played by `process_allgather`:
+  hosts that built different corpora on disks of their own are told."""
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  for other, same in (('corpus a', True), ('corpus b', False)):
+    theirs = np.frombuffer(hashlib.sha256(other.encode()).digest()[:8],
+                           np.uint32)
+    monkeypatch.setattr(multihost.multihost_utils, 'process_allgather',
+                        lambda ours, theirs=theirs: np.stack([ours, theirs]))
+    assert multihost.same_on_all('corpus a') == same
