@@ -14,7 +14,6 @@ sharding. The functions below read the rules in effect
 import math
 
 from absl import logging
-
 import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils
