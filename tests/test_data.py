@@ -179,6 +179,20 @@ def test_the_tokenizer_alone_reads_and_writes_no_tokens(corpus, corpus_dir,
       data.load(config, SEQ_LEN).train_tokens, corpus.train_tokens)
 
 
+def test_a_damaged_token_cache_is_made_again(corpus, corpus_dir, tmp_path):
+  config = _config(corpus_dir[0], tmp_path)
+  path = os.path.join(data.load(config, SEQ_LEN).data_dir, 'train.npy')
+  whole = open(path, 'rb').read()
+  for damaged in (whole[:len(whole) // 2], b'', np.zeros(3, np.int64)):
+    if isinstance(damaged, bytes):
+      open(path, 'wb').write(damaged)
+    else:
+      np.save(path, damaged)
+    again = data.load(config, SEQ_LEN)
+    np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
+    assert open(path, 'rb').read() == whole
+
+
 def test_a_failed_cache_write_leaves_nothing(tmp_path):
   def write_then_fail(f):
     f.write(b'half a cache')

@@ -260,6 +260,24 @@ def load_tokenizer(data_config):
   return _tokenizer(_open_source(data_config), data_config.vocab_size)[1]
 
 
+def _read_tokens(path):
+  """The token cache at `path`, memory-mapped; None where it is missing or
+  damaged (cut short, emptied, not a 1-D uint16 array: its header holds
+  the length), so that it is made again rather than failing every start."""
+  if not os.path.exists(path):
+    return None
+  try:
+    tokens = np.load(path, mmap_mode='r')
+  except (ValueError, EOFError) as e:
+    logging.warning('%s is damaged (%s); making it again.', path, e)
+    return None
+  if tokens.dtype != np.uint16 or tokens.ndim != 1:
+    logging.warning('%s holds %s %s, not a uint16 token stream; making it '
+                    'again.', path, tokens.dtype, tokens.shape)
+    return None
+  return tokens
+
+
 def load(data_config, seq_len):
   """Returns the tokenized corpus, preparing and caching it on first use.
 
@@ -283,13 +301,14 @@ def load(data_config, seq_len):
   tokens = {}
   for split in SPLITS:
     path = os.path.join(data_dir, f'{split}.npy')
-    if not os.path.exists(path):
+    tokens[split] = _read_tokens(path)
+    if tokens[split] is None:
       data_source = source.builder.as_data_source(
           split=source.split_specs[split])
       _write_atomic(path, functools.partial(
           _write_tokens, tokenizer=tokenizer, data_source=data_source,
           feature=source.text_feature, eot_id=eot_id, name=split))
-    tokens[split] = np.load(path, mmap_mode='r')
+      tokens[split] = np.load(path, mmap_mode='r')
     if num_windows(tokens[split], seq_len) < 1:
       raise ValueError(
           f'Corpus too small: the {split} split of {data_config.source!r} has '
