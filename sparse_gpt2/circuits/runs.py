@@ -66,12 +66,6 @@ def _corpus(workdir):
   return data.load(config.data, config.seq_len)
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(workdir):
-  """The run's BPE, without its token streams (`data.load_tokenizer`)."""
-  return data.load_tokenizer(_config(workdir).data)
-
-
 def annealed_step(workdir):
   """The step at which a top-k run reaches its target density (0 for a run
   that does not anneal): earlier checkpoints are denser models. Annealing
@@ -205,7 +199,7 @@ def encode_task(workdir, task, num_prompts, seed):
   Reads no checkpoint, so a task that cannot be scored fails before any is
   loaded."""
   name, datapoints = task_datapoints(task, num_prompts, seed)
-  encoded = tasks.encode(datapoints, _tokenizer(workdir),
+  encoded = tasks.encode(datapoints, _corpus(workdir).tokenizer,
                          _config(workdir).seq_len, name)
   tasks.check_balanced(encoded, name)
   return name, datapoints, encoded

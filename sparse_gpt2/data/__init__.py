@@ -253,9 +253,10 @@ def _tokenizer(source, vocab_size):
 
 
 def load_tokenizer(data_config):
-  """The corpus's BPE alone, for what encodes or exports text (a run's
-  Hugging Face export, its circuits' prompts) without its token streams;
-  trained and cached first where `load` has not yet been called."""
+  """The corpus's BPE alone, for a run's Hugging Face export: where its
+  token caches are missing (another machine), `load` would tokenize the
+  whole corpus first. Trained and cached first where `load` has not yet
+  been called."""
   _validate(data_config)
   return _tokenizer(_open_source(data_config), data_config.vocab_size)[1]
 
