@@ -315,18 +315,31 @@ def test_reusable_refuses_other_weights_prompts_settings_version_or_step(
     ('task', 'no_such_task'),
     ('same run', '--sparse and --dense are the same run'),
     ('out', 'exists and is not a directory'),
+    ('not a run', 'is not a run directory (no config.json)'),
+    ('swapped', "--sparse takes a run with sparse weights and --dense one "
+                "without (sparsity.mode 'none'); got 'none' and 'topk' "
+                '(swapped?)'),
+    ('two sparse', "got 'topk' and 'static'"),
 ])
 def test_cli_rejects_bad_input_before_pruning(tmp_path, bad, message):
   sparse, dense = tmp_path / 'sparse', tmp_path / 'dense'
-  sparse.mkdir()
-  dense.mkdir()
+  _fake_run(sparse, {100: 3.0}, 'topk')
+  _fake_run(dense, {100: 3.0}, 'none')
+  other = tmp_path / 'other'
+  if bad == 'not a run':
+    other.mkdir()
+  elif bad == 'two sparse':
+    _fake_run(other, {100: 3.0}, 'static')
   out = tmp_path / 'out'
   if bad == 'out':
     out.write_text('a file')
   args = {'run': (tmp_path / 'missing', dense, 'var_swap'),
           'task': (sparse, dense, 'no_such_task'),
           'same run': (sparse, sparse, 'var_swap'),
-          'out': (sparse, dense, 'var_swap')}[bad]
+          'out': (sparse, dense, 'var_swap'),
+          'not a run': (sparse, other, 'var_swap'),
+          'swapped': (dense, sparse, 'var_swap'),
+          'two sparse': (sparse, other, 'var_swap')}[bad]
   proc = subprocess.run(
       [sys.executable, '-m', 'sparse_gpt2.circuits.compare',
        f'--sparse={args[0]}', f'--dense={args[1]}', f'--tasks={args[2]}',

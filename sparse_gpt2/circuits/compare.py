@@ -430,9 +430,10 @@ def curve(runs_, task_names, settings, out):
 
 def _check_args(runs_, out, task_names, pairs, settings):
   """Raises ValueError, one line, where the arguments cannot work; checked
-  before any pruning, which takes minutes: two runs, --out a directory or
-  nothing yet, no two tasks share a name, and every task is read (a task
-  file's format too), encoded for both runs (its candidates single tokens
+  before any pruning, which takes minutes: two runs, a sparse one as
+  --sparse and a dense one as --dense, --out a directory or nothing yet,
+  no two tasks share a name, and every task is read (a task file's format
+  too), encoded for both runs (its candidates single tokens
   of each tokenizer) and split (enough pairs)."""
   if pairs < 1:
     raise ValueError(f'--pairs must be >= 1, got {pairs}')
@@ -444,6 +445,13 @@ def _check_args(runs_, out, task_names, pairs, settings):
                      f'{runs_["sparse"]}')
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f'--out {out} exists and is not a directory')
+  modes = {model: runs.sparsity_mode(run) for model, run in runs_.items()}
+  if modes['sparse'] == 'none' or modes['dense'] != 'none':
+    swapped = modes['sparse'] == 'none' and modes['dense'] != 'none'
+    raise ValueError(
+        "--sparse takes a run with sparse weights and --dense one without "
+        f"(sparsity.mode 'none'); got {modes['sparse']!r} and "
+        f"{modes['dense']!r}" + (' (swapped?)' if swapped else ''))
   if not task_names:
     raise ValueError('--tasks is empty')
   names = [runs.task_name(t) for t in task_names]

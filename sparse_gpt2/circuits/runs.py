@@ -66,6 +66,11 @@ def _corpus(workdir):
   return data.load(config.data, config.seq_len)
 
 
+def sparsity_mode(workdir):
+  """The run's `sparsity.mode`: 'none' for a dense model."""
+  return _config(workdir).sparsity.mode
+
+
 def annealed_step(workdir):
   """The step at which a top-k run reaches its target density (0 for a run
   that does not anneal): earlier checkpoints are denser models. Annealing
