@@ -195,7 +195,11 @@ def check_corpus(workdir, corpus_fingerprint):
 def create(config, workdir, corpus_fingerprint):
   """Writes `config` as the run's config.json and, where there is none,
   its corpus record (process 0), then waits for every process, so none
-  opens a run directory that is not there yet."""
+  opens a run directory that is not there yet, and refuses the run unless
+  every process reads the config.json process 0 wrote: hosts that each
+  have a folder of their own there (a local path on a slice of several
+  hosts) would each save only their own shards of every checkpoint, and
+  no host could restore one."""
   root = path(workdir)
   if jax.process_index() == 0:
     root.mkdir(parents=True, exist_ok=True)
@@ -203,3 +207,11 @@ def create(config, workdir, corpus_fingerprint):
     if not (root / CORPUS).exists():
       write_atomic(root / CORPUS, json.dumps(corpus_fingerprint, indent=1))
   multihost.barrier('workdir.create')
+  written = root / CONFIG
+  if not multihost.same_on_all(written.read_text() if written.exists()
+                               else ''):
+    raise ValueError(
+        f'the processes do not share the run directory {workdir} (each '
+        "host has a folder of its own there?): every host writes its shards "
+        'of each checkpoint into it, so on several hosts give a path they '
+        'all share, e.g. --workdir=gs://BUCKET/RUN')

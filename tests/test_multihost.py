@@ -23,6 +23,7 @@ import pytest
 
 from sparse_gpt2 import multihost
 from sparse_gpt2 import train
+from sparse_gpt2 import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +39,7 @@ jax.distributed.initialize(f'127.0.0.1:{port}', int(num_processes),
                            int(process_id))
 from configs import tiny
 from sparse_gpt2 import train
+from sparse_gpt2 import workdir as workdir_lib
 for steps in json.loads(stops):
   config = tiny.get_config('topk')
   for key, value in json.loads(overrides).items():
@@ -165,3 +167,24 @@ def test_same_on_all_compares_every_process(monkeypatch):
     monkeypatch.setattr(multihost.multihost_utils, 'process_allgather',
                         lambda ours, theirs=theirs: np.stack([ours, theirs]))
     assert multihost.same_on_all('corpus a') == same
+
+
+def test_a_run_directory_of_each_host_its_own_is_refused(monkeypatch,
+                                                         tmp_path,
+                                                         tiny_config):
+  """Process 1 of two, process 0's part played by `same_on_all`: where the
+  config.json process 0 wrote is not in process 1's folder (a local path
+  on a slice of several hosts), the run is refused before any step."""
+  config = tiny_config()
+  written = config.to_json(indent=2)
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  monkeypatch.setattr(multihost, 'barrier', lambda name: None)
+  monkeypatch.setattr(multihost, 'same_on_all', lambda text: text == written)
+  shared = tmp_path / 'shared'
+  shared.mkdir()
+  (shared / 'config.json').write_text(written)
+  workdir_lib.create(config, str(shared), {})
+  with pytest.raises(ValueError, match=r'^the processes do not share the '
+                     r'run directory .*own.* e\.g\. --workdir=gs://'):
+    workdir_lib.create(config, str(tmp_path / 'own'), {})
+  assert not (tmp_path / 'own').exists()  # Only process 0 writes there.
