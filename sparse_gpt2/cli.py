@@ -160,9 +160,9 @@ def _config_does_not_load(error):
 
 # What bad input raises, said in one line by `run`: the OSErrors are a path
 # the user gave that is missing, or a file where a directory belongs, or the
-# reverse.
+# reverse, or one the user may not write (or read).
 USER_ERRORS = (ValueError, FloatingPointError, FileNotFoundError,
-               IsADirectoryError, NotADirectoryError)
+               IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def run(main, errors=USER_ERRORS):

@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -727,6 +728,12 @@ def test_workdirs_that_are_not_runs_are_refused(tiny_config, tmp_path):
   assert result.returncode == 1 and _errors(result) == [
       f"error: [Errno 20] Not a directory: '{a_file / 'run'}'"], result.stderr
   assert a_file.read_text() == 'x'
+  # Where no one may write (Linux's sysfs refuses root too).
+  result = _main('/sys/sparse_gpt2_run', tiny_config())
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert re.fullmatch(r"error: \[Errno (1|13)\] (Operation not permitted|"
+                      r"Permission denied): '/sys/sparse_gpt2_run'",
+                      *_errors(result)), result.stderr
 
 
 @pytest.mark.parametrize('text,message', [
