@@ -393,6 +393,18 @@ def test_page_in_a_browser(page, compare_dir, browser, tmp_path):
                  '.textContent')
   assert 'Hover over a node' in browser.js(
       "document.querySelector('#details').innerText")
+  # A link pasted into this tab: only the hash changes, and the page goes
+  # to its task, node and edge cap.
+  browser.js(f"location.hash = 'task=quotes&cap=500&node=0:"
+             f"{node['layer']}/{node['location']}/{node['index']}'")
+  deadline = time.time() + 10
+  while browser.js("document.querySelector('#task').value") != '0':
+    assert time.time() < deadline, 'the page did not follow the link'
+    time.sleep(0.05)
+  assert f"layer {node['layer']} {node['location']} {node['index']}" in \
+      browser.js("document.querySelector('#details').innerText")
+  assert browser.js("document.querySelector('#cap').value") == '500'
+  assert 'cap=500' in browser.js('location.hash')
   browser.screenshot(str(tmp_path / 'page.png'))
   with open(tmp_path / 'page.png', 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
