@@ -145,6 +145,14 @@ def report(config, topology, params, mesh, compiled):
         f'temporaries {_size(temps)}, code '
         f'{_size(memory.generated_code_size_in_bytes)}; total '
         f'{_size(totals[name])}')
+  if None not in (totals['train step'], totals['evaluation']):
+    # A run evaluates beside its whole state: the train step's arguments are
+    # the state and a batch, the evaluation's the params and a batch.
+    totals['evaluation'] += (
+        compiled['train step'].memory_analysis().argument_size_in_bytes
+        - compiled['evaluation'].memory_analysis().argument_size_in_bytes)
+    lines.append('evaluation per device beside the rest of the train state '
+                 f'(moments, masks): {_size(totals["evaluation"])}')
   if totals['train step'] is not None:
     cost = compiled['train step'].cost_analysis()
     flops = (cost[0] if isinstance(cost, (list, tuple)) else cost).get(

@@ -26,6 +26,18 @@ def test_plan_compiles_the_step_for_8_cpu_devices_with_fsdp():
   for program in ('initialization', 'train step', 'evaluation'):
     assert re.search(program + r' per device: arguments [\d.]+ [MG]iB, '
                      'outputs', out), out
+  # The evaluation runs beside the whole train state, not its params alone.
+  arguments = {program: float(re.search(
+      program + r' per device: arguments ([\d.]+) MiB', out).group(1))
+               for program in ('train step', 'evaluation')}
+  alone = float(re.search(r'evaluation per device: .* total ([\d.]+) MiB',
+                          out).group(1))
+  beside = float(re.search(r'evaluation per device beside the rest of the '
+                           r'train state \(moments, masks\): ([\d.]+) MiB',
+                           out).group(1))
+  assert beside > alone
+  assert abs(beside - (alone + arguments['train step']
+                       - arguments['evaluation'])) <= 0.15, out
   assert re.search(r'compiled FLOPs per step per device: [\d.]+e\+\d+', out)
   assert re.search(r"fits: yes \(8 CPU device\(s\) x the largest program: "
                    r"[\d.]+ of this host's [\d.]+ GiB\)", out), out
