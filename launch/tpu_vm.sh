@@ -8,8 +8,10 @@
 #   launch/tpu_vm.sh [--dry_run] delete NAME ZONE
 #
 # create: a queued resource of TYPE (e.g. v5litepod-16; --spot for spot
-#   capacity), waiting until it is ACTIVE; an existing VM NAME is reused.
-# start: copies the code as git sees it (tracked and untracked files, not
+#   capacity), waiting until it is ACTIVE; an existing VM NAME is reused if
+#   it is READY (a PREEMPTED spot VM is refused: delete it first).
+# start: refuses while a run it started is live on any worker; copies the
+#   code as git sees it (tracked and untracked files, not
 #   ignored ones such as runs/) into ~/sparse_gpt2 on every worker, replacing
 #   everything there but runs/, installs requirements with TPU jaxlib into
 #   ~/sparse_gpt2_venv (Python 3.11, made by uv: the images ship 3.10), and
@@ -20,11 +22,12 @@
 #   (gcsfs and google-cloud-storage, installed here, let etils.epath and
 #   tensorboardX write there; orbax uses tensorstore).
 # logs: follows one worker's log (default 0). stop: sends SIGTERM, on which
-#   the run saves a checkpoint and exits. delete: removes the VM.
+#   the run saves a checkpoint and exits, and waits for it to exit (up to
+#   10 minutes). delete: removes the VM.
 # --dry_run prints every command instead of running it. RUNTIME overrides the
 # TPU software version chosen from TYPE; PROJECT sets gcloud's --project.
 set -euo pipefail
-usage() { sed -n '2,24p' "$0"; exit 2; }
+usage() { sed -n '2,27p' "$0"; exit 2; }
 
 dry_run=0
 if [[ "${1:-}" == "--dry_run" ]]; then dry_run=1; shift; fi
@@ -48,6 +51,10 @@ run() { if (( dry_run )); then printf '%q ' "$@"; echo; else "$@"; fi; }
 gcloud_tpu=(gcloud compute tpus)
 [[ -n "${PROJECT:-}" ]] && gcloud_tpu+=(--project="$PROJECT")
 ssh_all() { run "${gcloud_tpu[@]}" tpu-vm ssh "$name" --zone="$zone" --worker=all --command="$1"; }
+# On a worker: whether the pid that `start` recorded is still a run of this
+# project (not a zombie, whose command line is empty, nor another program
+# that a VM's restart gave the pid to).
+live='pid=$(cat ~/sparse_gpt2.pid 2>/dev/null) && tr "\0" " " < /proc/$pid/cmdline 2>/dev/null | grep -q sparse_gpt2'
 
 case $action in
   create)
@@ -61,9 +68,13 @@ case $action in
       *) echo "error: unknown TPU type $type; set RUNTIME" >&2
          [[ -z "${RUNTIME:-}" ]] && exit 2 ;;
     esac
-    if (( ! dry_run )) && "${gcloud_tpu[@]}" tpu-vm describe "$name" \
-        --zone="$zone" >/dev/null 2>&1; then
-      echo "reusing TPU VM $name"; exit 0
+    if (( ! dry_run )) && vm_state=$("${gcloud_tpu[@]}" tpu-vm describe \
+        "$name" --zone="$zone" --format='value(state)' 2>/dev/null); then
+      if [[ $vm_state == READY ]]; then echo "reusing TPU VM $name"; exit 0; fi
+      echo "error: TPU VM $name exists but is $vm_state, not READY (a" \
+        "PREEMPTED spot VM stays so): delete it ($0 delete $name $zone)" \
+        "and create it again" >&2
+      exit 1
     fi
     capacity=()
     (( spot )) && capacity=(--spot)
@@ -94,6 +105,9 @@ case $action in
       echo "error: --workdir=$workdir is inside the code copy that each start" \
         "replaces; use runs/..., an absolute path or gs://..." >&2; exit 2
     fi
+    # Before anything changes on a worker: the code under a live run is not
+    # replaced, nor a second run started into its run directory.
+    ssh_all "if $live; then echo \"error: \$(hostname) is still running the run of pid \$pid: $0 stop $name $zone first\" >&2; exit 1; fi"
     tarball=${TMPDIR:-/tmp}/sparse_gpt2-$name.tar.gz
     # What git sees, so runs/, caches and build outputs never travel.
     if (( dry_run )); then
@@ -122,7 +136,9 @@ case $action in
       --command="tail -n 100 -F ~/sparse_gpt2.log"
     ;;
   stop)
-    ssh_all 'if [[ -f ~/sparse_gpt2.pid ]]; then kill -TERM "$(cat ~/sparse_gpt2.pid)" 2>/dev/null || true; rm -f ~/sparse_gpt2.pid; fi'
+    # The run saves a checkpoint on SIGTERM: a `start` right after this one
+    # must find it gone, not saving into the run directory it reuses.
+    ssh_all "if $live; then kill -TERM \$pid; for i in \$(seq 300); do $live || break; sleep 2; done; if $live; then echo \"error: \$(hostname): the run of pid \$pid is still saving after 10 minutes\" >&2; exit 1; fi; fi; rm -f ~/sparse_gpt2.pid"
     ;;
   delete)
     run "${gcloud_tpu[@]}" queued-resources delete "$name" --zone="$zone" \

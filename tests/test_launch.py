@@ -49,11 +49,51 @@ def test_tpu_create_queues_spot_or_on_demand_capacity():
   assert '--runtime-version=tpu-ubuntu2204-base' in on_demand[0]
 
 
+_FAKE_GCLOUD = """#!/bin/bash
+echo "$*" >> "$(dirname "$0")/calls"
+case "$*" in
+  *"tpu-vm describe"*) [[ -n $VM_STATE ]] && echo "$VM_STATE" || exit 1 ;;
+  *"queued-resources describe"*) echo ACTIVE ;;
+esac
+"""
+
+
+def test_tpu_create_reuses_a_ready_vm_and_refuses_a_preempted_one(tmp_path):
+  """create against a stand-in `gcloud`: an existing VM is reused only if
+  READY; a PREEMPTED spot VM (which `describe` still finds) is refused
+  with what to do, and no capacity is queued under its name."""
+  (tmp_path / 'gcloud').write_text(_FAKE_GCLOUD)
+  (tmp_path / 'gcloud').chmod(0o755)
+
+  def create(state):
+    (tmp_path / 'calls').unlink(missing_ok=True)
+    result = subprocess.run(
+        ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), 'create', 'tpu1',
+         'z', 'v5litepod-16', '--spot'], capture_output=True, text=True,
+        timeout=60, env={**os.environ, 'VM_STATE': state,
+                         'PATH': f"{tmp_path}:{os.environ['PATH']}"})
+    return result, (tmp_path / 'calls').read_text()
+
+  result, calls = create('READY')
+  assert result.returncode == 0 and result.stdout == 'reusing TPU VM tpu1\n'
+  assert 'queued-resources create' not in calls
+  result, calls = create('PREEMPTED')
+  assert result.returncode == 1 and 'queued-resources create' not in calls
+  assert result.stderr == (
+      'error: TPU VM tpu1 exists but is PREEMPTED, not READY (a PREEMPTED '
+      f'spot VM stays so): delete it ({ROOT}/launch/tpu_vm.sh delete tpu1 z) '
+      'and create it again\n')
+  result, calls = create('')  # No such VM: queued, then waited for.
+  assert result.returncode == 0, result.stderr
+  assert 'queued-resources create tpu1' in calls and '--spot' in calls
+
+
 def test_tpu_start_ships_fresh_code_and_starts_detached_on_all_workers():
   lines = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'us-east5-a',
                    'configs/sparse_gpt2_124m.py', '--workdir=gs://b/run',
                    '--', PATTERN, '--config.seed=1')
-  pack, copy, install, start = lines
+  check, pack, copy, install, start = lines
+  assert '--worker=all' in check and 'sparse_gpt2.pid' in _remote(check)
   # What git sees: ignored paths such as runs/ never travel.
   assert 'ls-files -z --cached --others --exclude-standard' in pack
   assert 'tpu-vm scp' in copy and '--worker=all' in copy
@@ -90,7 +130,7 @@ def test_tpu_start_keeps_runs_and_refuses_what_it_would_lose(tmp_path):
   (home / 'sparse_gpt2' / 'runs' / 'r' / 'checkpoints').mkdir(parents=True)
   (home / 'sparse_gpt2' / 'old_module.py').write_text('')
   install = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
-                     'configs/sparse_small.py')[2]
+                     'configs/sparse_small.py')[3]
   clean = _remote(install).split(' && tar')[0]
   subprocess.run(['bash', '-c', clean], env={**os.environ, 'HOME': str(home)},
                  check=True)
@@ -118,30 +158,50 @@ def test_tpu_stop_signals_the_run_that_start_started(tmp_path):
   """start's and stop's remote commands, run here in a home of their own
   with a stand-in `python`: the pid start records is the run's own, so
   stop's SIGTERM reaches it (a pid of the shell around it left the run
-  training, orphaned)."""
-  *_, start = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
-                       'configs/sparse_small.py')
+  training, orphaned), and stop returns once it is gone. While it lives,
+  start refuses before it changes anything; a pid that the recorded one
+  became after a restart is neither waited for nor signalled."""
+  check, *_, start = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
+                              'configs/sparse_small.py')
   stop, = _dry_run('tpu_vm.sh', 'stop', 'tpu1', 'z')
   home = tmp_path / 'home'
   (home / 'sparse_gpt2').mkdir(parents=True)
   stand_in = home / 'sparse_gpt2_venv' / 'bin'
   stand_in.mkdir(parents=True)
-  (stand_in / 'python').write_text('#!/bin/sh\nexec sleep 60\n')
+  (stand_in / 'python').write_text('#!/bin/bash\nexec -a "$0" sleep 60\n')
   (stand_in / 'python').chmod(0o755)
   env = {**os.environ, 'HOME': str(home)}
   subprocess.run(['bash', '-c', _remote(start)], env=env, check=True,
                  timeout=30)
   pid = int((home / 'sparse_gpt2.pid').read_text())
   deadline = time.time() + 10
-  while not _cmdline(pid).startswith(b'sleep') and time.time() < deadline:
+  while not _cmdline(pid).endswith(b'/bin/python\x0060\x00') and (
+      time.time() < deadline):
     time.sleep(0.05)  # nohup, then the stand-in, exec in turn.
-  assert _cmdline(pid).startswith(b'sleep'), _cmdline(pid)
+  assert _cmdline(pid).endswith(b'/bin/python\x0060\x00'), _cmdline(pid)
+  refused = subprocess.run(['bash', '-c', _remote(check)], env=env,
+                           capture_output=True, text=True, timeout=30)
+  assert refused.returncode == 1
+  assert refused.stderr == (f'error: {os.uname().nodename} is still running '
+                            f'the run of pid {pid}: {ROOT}/launch/tpu_vm.sh '
+                            'stop tpu1 z first\n')
   subprocess.run(['bash', '-c', _remote(stop)], env=env, check=True,
                  timeout=30)
-  while _running(pid) and time.time() < deadline:
-    time.sleep(0.05)
-  assert not _running(pid)
+  assert not _running(pid)  # stop returned after the run had gone.
   assert not (home / 'sparse_gpt2.pid').exists()
+  subprocess.run(['bash', '-c', _remote(check)], env=env, check=True,
+                 timeout=30)
+  other = subprocess.Popen(['sleep', '60'])
+  try:
+    (home / 'sparse_gpt2.pid').write_text(str(other.pid))
+    subprocess.run(['bash', '-c', _remote(check)], env=env, check=True,
+                   timeout=30)
+    subprocess.run(['bash', '-c', _remote(stop)], env=env, check=True,
+                   timeout=30)
+    assert other.poll() is None
+  finally:
+    other.kill()
+    other.wait()
 
 
 def _cmdline(pid):
