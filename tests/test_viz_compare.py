@@ -405,7 +405,9 @@ def test_convergence_table_shows_the_steps_asked_for():
     ('grad_rms', 0.0), ('b1', 1.0), ('b2', -0.1), ('eps', -1e-8),
     ('weight_decay', -1e-3), ('k_coef', -1e-3), ('dual_lr', -0.05),
     ('init_noise', -0.01), ('warmup_steps', -1), ('lr', math.nan),
-    ('k_coef', math.nan), ('init_bias', math.inf)])
+    ('k_coef', math.nan), ('init_bias', math.inf), ('lr', math.inf),
+    ('temperature', math.inf), ('weight_decay', math.inf),
+    ('init_noise', math.inf)])
 def test_pruning_settings_that_cannot_work_are_refused(field, value):
   """E.g. temperature 0 divides by zero in the mask's surrogate gradient:
   NaN scores and a meaningless circuit, minutes later, without a word."""

@@ -74,14 +74,17 @@ class Settings:
     for name in ('steps', 'batch_pairs', 'num_prompts'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
-    # Each a `not` of its valid range, so that NaN is refused too.
+    # Each a `not` of its valid range, so that NaN is refused too, and inf
+    # (a NaN mask after the first step), as training's optimizer refuses it.
     for name in ('lr', 'grad_rms', 'temperature'):  # temperature divides.
-      if not getattr(self, name) > 0:
-        raise ValueError(f'{name} must be > 0, got {getattr(self, name)}')
+      if not 0 < getattr(self, name) < math.inf:
+        raise ValueError(f'{name} must be > 0 and finite, got '
+                         f'{getattr(self, name)}')
     for name in ('warmup_steps', 'eps', 'weight_decay', 'k_coef', 'dual_lr',
                  'init_noise'):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+      if not 0 <= getattr(self, name) < math.inf:
+        raise ValueError(f'{name} must be >= 0 and finite, got '
+                         f'{getattr(self, name)}')
     if not math.isfinite(self.init_bias):
       raise ValueError(f'init_bias must be finite, got {self.init_bias}')
     for name in ('b1', 'b2'):
