@@ -122,6 +122,9 @@ def _read_config(hf_dir):
   sizes = ('vocab_size', 'n_layer', 'n_embd', 'n_head', 'n_positions')
   bad_sizes = [f'{k}={config.get(k)!r}' for k in sizes
                if type(config.get(k)) is not int or config[k] < 1]
+  if config['n_inner'] is not None and (type(config['n_inner']) is not int
+                                        or config['n_inner'] < 1):
+    bad_sizes.append(f'n_inner={config["n_inner"]!r}')  # None: 4 x n_embd.
   if bad_sizes:
     raise ValueError(f'{hf_dir}/{CONFIG}: sizes must be integers >= 1: '
                      + ', '.join(bad_sizes))
@@ -160,6 +163,7 @@ def load(hf_dir):
   model_kwargs = dict(
       vocab_size=config['vocab_size'], num_layers=config['n_layer'],
       d_model=config['n_embd'], num_heads=config['n_head'],
+      d_head=config['n_embd'] // config['n_head'],
       d_mlp=config['n_inner'] or 4 * config['n_embd'],
       max_len=config['n_positions'], norm='layernorm',
       tie_embeddings=config['tie_word_embeddings'], pos_embedding=True)
@@ -192,9 +196,11 @@ def check_config(model_config, hf_kwargs, hf_dir):
   """Refuses, in one line, a run config (`config.model`) whose model is not
   the Hugging Face GPT-2 it starts from (`init_from_hf`: `hf_kwargs`, as
   `load` read them from `hf_dir`)."""
+  d_head, d_mlp = model.derived_sizes(model_config)
+  sizes = {**model_config, 'd_head': d_head, 'd_mlp': d_mlp}  # None derived.
   wrong = _unexpressible(model.GPT2(**model_config), {}) + [
       f'{k}={model_config[k]!r} (there {v!r})'
-      for k, v in hf_kwargs.items() if model_config[k] != v]
+      for k, v in hf_kwargs.items() if sizes[k] != v]
   if wrong:
     raise ValueError(f'model config does not match the Hugging Face GPT-2 '
                      f'in {hf_dir}: ' + ', '.join(wrong))

@@ -146,7 +146,10 @@ def test_load_errors(tied, tmp_path):
            (dict(n_layer=3), r"missing \['h.2."),
            (dict(n_head=0), r'sizes must be integers >= 1: n_head=0$'),
            (dict(n_embd='64', n_layer=1.5),
-            r"sizes must be integers >= 1: n_layer=1.5, n_embd='64'$")]
+            r"sizes must be integers >= 1: n_layer=1.5, n_embd='64'$"),
+           (dict(n_inner='x'), r"sizes must be integers >= 1: n_inner='x'$"),
+           (dict(n_inner=128.0), r'sizes must be integers >= 1: '
+                                 r'n_inner=128.0$')]
   for i, (config, message) in enumerate(cases):
     with pytest.raises(ValueError, match=message):
       hf.load(_edited_copy(tied, tmp_path / str(i), **config))
