@@ -141,12 +141,17 @@ def check(config, workdir):
   config = config.copy_and_resolve_references()
   config.schedule_steps = schedule_steps(config, saved)
   if saved is not None:
-    new, old = json.loads(config.to_json()), saved.to_dict()
+    new, old = _dotted(json.loads(config.to_json())), _dotted(saved.to_dict())
     diff = sorted(k for k in set(old) | set(new)
-                  if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
+                  if k.split('.')[0] not in RESUMABLE_FIELDS
+                  and old.get(k, _ABSENT) != new.get(k, _ABSENT))
     if diff:
+      shown = '; '.join(f'{k} {old.get(k, _ABSENT)!r} there, '
+                        f'{new.get(k, _ABSENT)!r} here' for k in diff[:4])
+      more = f'; and {len(diff) - 4} more' if len(diff) > 4 else ''
       raise ValueError(f'workdir {workdir} holds a run with a different '
-                       f'config (fields {diff}); use another --workdir')
+                       f'config ({shown}{more}): use another --workdir, or '
+                       'the same values')
     steps = checkpoint_steps(workdir)
     newest = max(steps, default=0)
     if config.train_steps < newest:
@@ -155,6 +160,28 @@ def check(config, workdir):
                        'run cannot stop in its past')
     _check_kept_forever(saved, config, steps)
   return config
+
+
+class _Absent:
+  """A field one of two configs lacks (a run saved before it existed)."""
+
+  def __repr__(self):
+    return 'absent'
+
+
+_ABSENT = _Absent()
+
+
+def _dotted(tree, prefix=''):
+  """A config's JSON as {'model.d_head': 64, ...}: each differing field is
+  named, not only its section."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_dotted(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = value
+  return out
 
 
 def _check_kept_forever(saved, config, steps):

@@ -696,7 +696,10 @@ def test_a_different_config_never_touches_an_existing_run(reference_run):
   changed = json.loads(config.to_json())
   other = type(config)(changed)
   other.optim.lr = 0.5
-  with pytest.raises(ValueError, match=r"different config \(fields \['optim'\]"):
+  other.model.d_head = None
+  with pytest.raises(ValueError, match=(
+      r"different config \(model\.d_head 16 there, None here; optim\.lr "
+      r"0\.01 there, 0\.5 here\): use another --workdir, or the same values$")):
     train.train_and_evaluate(other, workdir)
   assert _listing(workdir) == before
 
@@ -1141,8 +1144,13 @@ def test_convert_makes_a_run_from_a_hugging_face_gpt2(tiny_config, tmp_path):
   hf_dir = str(tmp_path / 'hf')
   hf.save(params, dict(config.model), hf_dir)
   run = str(tmp_path / 'run')
-  convert.hf_to_run(hf_dir, run, config)
+  # The head size too comes from the Hugging Face config (n_embd / n_head),
+  # as from a config file of GPT-2 small's 64 (`convert`'s default).
+  other = config.copy_and_resolve_references()
+  other.model.d_head = 64
+  convert.hf_to_run(hf_dir, run, other)
   restored_config, _, state = train.load_run(run)
+  assert restored_config.model.d_head == 16
   assert restored_config.init_from_hf == hf_dir
   assert int(state.step) == 0
   _assert_same_state(state.params, params)
