@@ -162,7 +162,18 @@ def _config_does_not_load(error):
 # the user gave that is missing, or a file where a directory belongs, or the
 # reverse, or one the user may not write (or read).
 USER_ERRORS = (ValueError, FloatingPointError, FileNotFoundError,
-               IsADirectoryError, NotADirectoryError, PermissionError)
+               FileExistsError, IsADirectoryError, NotADirectoryError,
+               PermissionError)
+
+
+def check_output_dir(path, flag):
+  """Refuses, before any work, an output folder that cannot be made: one
+  that is a file, or below one."""
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f'{flag} {path}: {existing} is a file, not a directory')
 
 
 def run(main, errors=USER_ERRORS):

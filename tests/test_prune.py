@@ -21,6 +21,8 @@ from sparse_gpt2.circuits import prune
 from sparse_gpt2.circuits import settings as settings_lib
 from sparse_gpt2.circuits import tasks
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 A, B = 1, 2          # The last prompt token decides the answer...
 YES, NO = 3, 4       # ...between these candidates: A -> YES, B -> NO.
 VOCAB = 16           # 5..15 are filler tokens; 0 is padding.
@@ -575,7 +577,9 @@ def test_mean_ablation_all_or_nothing():
     (['--task=var_if', '--max_extensions=-1'], 'max_extensions must be >= 0'),
     # A file: refused before pruning, not after.
     (['--task=var_if', '--out=README.md'],
-     '--out README.md exists and is not a directory'),
+     f'--out README.md: {ROOT}/README.md is a file, not a directory'),
+    (['--task=var_if', '--out=README.md/var_if'],
+     f'{ROOT}/README.md is a file, not a directory'),
     (['--task=var_if', '--dump_prompts=no/such/dir/x.jsonl'],
      'No such file or directory'),
     (['--task=var_if', '--dump_prompts=tests'], 'Is a directory'),
@@ -684,15 +688,22 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   task_file = tmp_path / 'quotes.jsonl'
   task_file.write_text('\n'.join(lines) + '\n')
   out = tmp_path / 'out'
+  out.mkdir()
+  for ext in ('png', 'svg'):  # An earlier circuit's, which would mislead.
+    (out / f'circuit.{ext}').write_text('old')
   result = subprocess.run(
       [sys.executable, '-m', 'sparse_gpt2.circuits',
-       f'--workdir={tiny_twins["sparse"]}', f'--task_file={task_file}',
-       '--step=10', '--steps=5', '--draw=false', f'--out={out}'],
+       f'--workdir={os.path.relpath(tiny_twins["sparse"], ROOT)}',
+       f'--task_file={task_file}', '--step=10', '--steps=5', '--draw=false',
+       f'--out={out}'],
       capture_output=True, text=True, timeout=300,
       cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 0, result.stderr[-2000:]
+  assert sorted(os.listdir(out)) == ['circuit.json']
   circuit = json.loads((out / 'circuit.json').read_text())
   assert circuit['task'] == 'quotes' and circuit['step'] == 10
+  # The run by its absolute path, which the explorer finds from anywhere.
+  assert circuit['run'] == tiny_twins['sparse']
   assert circuit['prompts_sha256'] == runs.prompts_digest(
       tasks.load_jsonl(task_file))
   assert circuit['val_loss'] == runs.val_losses(tiny_twins['sparse'])[10]

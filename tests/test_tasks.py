@@ -329,6 +329,10 @@ def test_load_jsonl_names_the_keys_it_ignores(tmp_path, caplog):
      ':1: pair must be'),
     ('{"prompt": "a", "correct": "b", "incorrect": "c", "pair": true}',
      ':1: pair must be'),
+    ('{"prompt": "x = \\ud800", "correct": "b", "incorrect": "c"}',
+     r':1: prompt is not valid Unicode \(a lone surrogate escape\)'),
+    ('{"prompt": "a", "correct": "\\udc80", "incorrect": "c"}',
+     ':1: correct is not valid Unicode'),
 ])
 def test_load_jsonl_errors(tmp_path, text, match):
   path = tmp_path / 'task.jsonl'

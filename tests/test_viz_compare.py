@@ -314,7 +314,8 @@ def test_reusable_refuses_other_weights_prompts_settings_version_or_step(
     ('run', 'missing is not a directory'),
     ('task', 'no_such_task'),
     ('same run', '--sparse and --dense are the same run'),
-    ('out', 'exists and is not a directory'),
+    ('out', 'is a file, not a directory'),
+    ('out below a file', 'is a file, not a directory'),
     ('not a run', 'is not a run directory (no config.json)'),
     ('swapped', "--sparse takes a run with sparse weights and --dense one "
                 "without (sparsity.mode 'none'); got 'none' and 'topk' "
@@ -331,26 +332,27 @@ def test_cli_rejects_bad_input_before_pruning(tmp_path, bad, message):
   elif bad == 'two sparse':
     _fake_run(other, {100: 3.0}, 'static')
   out = tmp_path / 'out'
-  if bad == 'out':
+  if bad.startswith('out'):
     out.write_text('a file')
   args = {'run': (tmp_path / 'missing', dense, 'var_swap'),
           'task': (sparse, dense, 'no_such_task'),
           'same run': (sparse, sparse, 'var_swap'),
           'out': (sparse, dense, 'var_swap'),
+          'out below a file': (sparse, dense, 'var_swap'),
           'not a run': (sparse, other, 'var_swap'),
           'swapped': (dense, sparse, 'var_swap'),
           'two sparse': (sparse, other, 'var_swap')}[bad]
   proc = subprocess.run(
       [sys.executable, '-m', 'sparse_gpt2.circuits.compare',
        f'--sparse={args[0]}', f'--dense={args[1]}', f'--tasks={args[2]}',
-       f'--out={out}'],
+       f"--out={out / 'sub' if bad == 'out below a file' else out}"],
       capture_output=True, text=True, timeout=60,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 1
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error:'), proc.stderr
   assert message in lines[0]
-  assert out.is_file() if bad == 'out' else not out.exists()
+  assert out.is_file() if bad.startswith('out') else not out.exists()
 
 
 def _fake_run(path, val_losses, mode, schedule_steps=200):
@@ -407,7 +409,8 @@ def test_convergence_table_shows_the_steps_asked_for():
     ('init_noise', -0.01), ('warmup_steps', -1), ('lr', math.nan),
     ('k_coef', math.nan), ('init_bias', math.inf), ('lr', math.inf),
     ('temperature', math.inf), ('weight_decay', math.inf),
-    ('init_noise', math.inf)])
+    ('init_noise', math.inf), ('warmup_steps', 2**31), ('steps', 2**31),
+    ('seed', -1)])
 def test_pruning_settings_that_cannot_work_are_refused(field, value):
   """E.g. temperature 0 divides by zero in the mask's surrogate gradient:
   NaN scores and a meaningless circuit, minutes later, without a word."""

@@ -148,20 +148,25 @@ def main():
     return
   if not task:
     raise ValueError('give --task or --task_file')
-  if _OUT.value and os.path.exists(_OUT.value) and not os.path.isdir(
-      _OUT.value):  # Found now, not after the pruning.
-    raise ValueError(f'--out {_OUT.value} exists and is not a directory')
+  out = _OUT.value or os.path.join(_WORKDIR.value, 'circuits',
+                                   runs.task_name(task))
+  cli.check_output_dir(out, '--out')  # Found now, not after the pruning.
   circuit = runs.find_circuit(_WORKDIR.value, settings, task=task,
                               step=_STEP.value)
-  out = _OUT.value or os.path.join(_WORKDIR.value, 'circuits',
-                                   circuit['task'])
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'circuit.json'), 'w') as f:
+  path = os.path.join(out, 'circuit.json')
+  with open(path + '.tmp', 'w') as f:  # A killed run leaves no half file.
     json.dump(circuit, f, indent=1)
+  os.replace(path + '.tmp', path)
+  figure = os.path.join(out, 'circuit')
   if _DRAW.value:
     # Imported here: matplotlib costs seconds that --draw=false need not pay.
     from sparse_gpt2.circuits import viz  # pylint: disable=g-import-not-at-top
-    viz.draw_circuit(circuit, os.path.join(out, 'circuit'))
+    viz.draw_circuit(circuit, figure)
+  else:  # An earlier circuit's figure would contradict this circuit.json.
+    for ext in ('.png', '.svg'):
+      if os.path.exists(figure + ext):
+        os.remove(figure + ext)
   print(_summary(circuit, out))
 
 

@@ -443,8 +443,7 @@ def _check_args(runs_, out, task_names, pairs, settings):
   if os.path.samefile(runs_['sparse'], runs_['dense']):
     raise ValueError(f'--sparse and --dense are the same run: '
                      f'{runs_["sparse"]}')
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ValueError(f'--out {out} exists and is not a directory')
+  cli.check_output_dir(out, '--out')
   modes = {model: runs.sparsity_mode(run) for model, run in runs_.items()}
   if modes['sparse'] == 'none' or modes['dense'] != 'none':
     swapped = modes['sparse'] == 'none' and modes['dense'] != 'none'

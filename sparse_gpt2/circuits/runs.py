@@ -233,7 +233,8 @@ def find_circuit(workdir, settings, *, task, step=None, record_at=(),
   `num_examples` prompts with their candidates as the tokenizer decodes
   them. Raises ValueError for bad input: an unknown task, a bad file, a
   task too small or too unbalanced to split (`check_split`), a directory
-  that is not a run, a step that was not kept."""
+  that is not a run, a step that was not kept. The run is recorded by its
+  absolute path, so that the explorer finds it from any folder."""
   name, datapoints, encoded = encode_task(workdir, task, settings.num_prompts,
                                          settings.seed)
   check_split(name, encoded, settings)
@@ -248,6 +249,6 @@ def find_circuit(workdir, settings, *, task, step=None, record_at=(),
               for i, c, w in zip(encoded['index'][:num_examples],
                                  encoded['correct'], encoded['incorrect'])]
   return {'task': name, 'prompts_sha256': prompts_digest(datapoints),
-          'run': workdir, 'step': run['step'],
+          'run': os.path.abspath(workdir), 'step': run['step'],
           'checkpoint_sha256': checkpoint_digest(workdir, run['step']),
           'val_loss': run['val_loss'], 'examples': examples, **circuit}

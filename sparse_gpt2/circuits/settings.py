@@ -94,6 +94,15 @@ class Settings:
     if self.max_extensions < 0:
       raise ValueError(
           f'max_extensions must be >= 0, got {self.max_extensions}')
+    # Steps are int32 in the compiled loop; the seed seeds jax and numpy.
+    longest = self.steps + self.max_extensions * max(self.steps // 2, 1)
+    for name, value, what in (
+        ('warmup_steps', self.warmup_steps, ''),
+        ('steps', longest, ' with every extension (steps + max_extensions x '
+                           'steps / 2)'),
+        ('seed', self.seed, '')):
+      if not 0 <= value < 2**31:
+        raise ValueError(f'{name} must be in [0, 2**31){what}, got {value}')
     if self.num_prompts % 2:
       raise ValueError('num_prompts must be even (prompts come in contrastive '
                        f'pairs), got {self.num_prompts}')

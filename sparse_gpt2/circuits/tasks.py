@@ -797,6 +797,12 @@ def load_jsonl(path):
     if not all(isinstance(v, str) and v for v in kept.values()):
       raise ValueError(f'{where}: prompt, correct and incorrect must be '
                        'non-empty strings.')
+    for key, text in kept.items():
+      try:  # JSON's \ud800 escapes decode to strings no tokenizer takes.
+        text.encode('utf-8')
+      except UnicodeEncodeError:
+        raise ValueError(f'{where}: {key} is not valid Unicode (a lone '
+                         'surrogate escape).') from None
     if kept['correct'] == kept['incorrect']:
       raise ValueError(f'{where}: correct and incorrect are the same.')
     if 'pair' in d:
