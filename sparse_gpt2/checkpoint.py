@@ -48,14 +48,15 @@ class DigestMismatch(ValueError):
   """A checkpoint read back without an error, but not as it was saved."""
 
 
-def manager(workdir, keep, keep_every=0):
+def manager(workdir, keep, keep_every=0, read_only=False):
   """Keeps the newest `keep` checkpoints and, if `keep_every`, every one
-  whose step is a multiple of it (orbax's `keep_period`)."""
+  whose step is a multiple of it (orbax's `keep_period`). `read_only`, for
+  analysis: creates, saves and deletes nothing."""
   if jax.process_count() == 1:
     _save_each_array_from_one_replica()
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, keep_period=keep_every or None, create=True,
-      enable_async_checkpointing=True)
+      max_to_keep=keep, keep_period=keep_every or None, create=not read_only,
+      read_only=read_only, enable_async_checkpointing=True)
   return ocp.CheckpointManager(
       workdir_lib.path(workdir) / workdir_lib.CHECKPOINTS, options=options)
 

@@ -20,6 +20,8 @@ configs/dense_gpt2_124m.py and a released GPT-2 small,
 `--config.model.vocab_size=50257`).
 """
 
+import os
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -34,8 +36,11 @@ _TO_HF = flags.DEFINE_string('to_hf', None, 'Hugging Face directory to write.')
 _FROM_HF = flags.DEFINE_string('from_hf', None, 'Hugging Face GPT-2 dir.')
 _TO_RUN = flags.DEFINE_string('to_run', None, 'Run directory to create.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace --to_hf.')
+# The checkout's, wherever the command runs from.
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'configs', 'dense_gpt2_124m.py')
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/dense_gpt2_124m.py', 'Config of the run made by '
+    'config', _DEFAULT_CONFIG, 'Config of the run made by '
     '--to_run; its sizes, norm, embeddings and positions are set from the '
     'Hugging Face config (other model fields, e.g. bigram_table, must '
     'already match GPT-2).',
@@ -43,10 +48,17 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 
 def run_to_hf(run, out_dir, overwrite=False):
-  """Exports the run's newest checkpoint with the tokenizer it trained on."""
+  """Exports the run's newest readable checkpoint with the tokenizer it
+  trained on: the corpus's BPE, read from its cache or (on another
+  machine) trained again, and refused unless its vocabulary is the one the
+  run recorded (`corpus.json`)."""
   config, _, state = train.load_run(run)
+  tokenizer = data.load_tokenizer(config.data)
+  workdir.check_corpus(run, {'vocab_sha256': data.vocab_digest(tokenizer)},
+                       'the export would hold another tokenizer')
   hf.save(state.params, dict(config.model), out_dir, overwrite=overwrite,
-          tokenizer=data.load_tokenizer(config.data))
+          tokenizer=tokenizer)
+  print(f'{run} step {int(state.step)} -> {out_dir}')
 
 
 def hf_to_run(hf_dir, run, config):
@@ -65,7 +77,12 @@ def main():
     run_to_hf(_FROM_RUN.value, _TO_HF.value, _OVERWRITE.value)
   elif _FROM_HF.value and _TO_RUN.value and not (_FROM_RUN.value
                                                  or _TO_HF.value):
-    hf_to_run(_FROM_HF.value, _TO_RUN.value, _CONFIG.value)
+    try:  # The default, unread until here, may be missing (an install).
+      config = _CONFIG.value
+    except OSError as e:
+      raise ValueError(f'--config: {str(e).splitlines()[-1].strip()}'
+                       ) from None
+    hf_to_run(_FROM_HF.value, _TO_RUN.value, config)
   else:
     raise ValueError('give either --from_run and --to_hf, or --from_hf and '
                      '--to_run')

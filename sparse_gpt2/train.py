@@ -181,9 +181,11 @@ def evaluate(eval_step, state, val_tokens, config, batch_sharding):
 
 def load_run(workdir, step=None):
   """(config, model, state) of a checkpoint in `workdir`, on one device: for
-  analysis (circuits, export), not for training. `step` None is the newest
-  readable checkpoint; a step that was not kept, or whose files are
-  damaged, is an error naming those that were kept."""
+  analysis (circuits, export), not for training, so it changes nothing in
+  the run. `step` None is the newest readable checkpoint (a damaged newer
+  one is named in a warning and left where it is, for training to set
+  aside); a step that was not kept, or whose files are damaged, is an
+  error naming those that were kept."""
   config = workdir_lib.load_config(workdir)
   model = make_model(config)
   tx = optim.make(config, config.schedule_steps)
@@ -194,11 +196,25 @@ def load_run(workdir, step=None):
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
       abstract)
+  if not (workdir_lib.path(workdir) / workdir_lib.CHECKPOINTS).is_dir():
+    raise ValueError(f'{workdir} holds no checkpoint')
   mngr = checkpoint.manager(workdir, config.keep_checkpoints,
-                            config.get('keep_every', 0))
+                            config.get('keep_every', 0), read_only=True)
   try:  # Closed either way, as orbax asks of every manager.
+    state = None
     if step is None:
-      state = checkpoint.restore_latest(mngr, abstract, workdir)
+      for kept in sorted(mngr.all_steps(), reverse=True):
+        try:
+          state = checkpoint.restore(mngr, kept, abstract)
+          break
+        except Exception as e:  # pylint: disable=broad-except  Re-raised.
+          if not checkpoint.is_corrupt(e):
+            raise ValueError(
+                f'cannot restore the checkpoint at step {kept} in {workdir} '
+                f'({type(e).__name__}: {checkpoint.first_line(e)})') from e
+          logging.warning('The checkpoint at step %d in %s is damaged (%s); '
+                          'reading the one before it.', kept, workdir,
+                          checkpoint.first_line(e))
     elif step in mngr.all_steps():
       try:
         state = checkpoint.restore(mngr, step, abstract)

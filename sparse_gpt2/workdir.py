@@ -200,11 +200,13 @@ def _check_kept_forever(saved, config, steps):
         'those out of checkpoints/ first')
 
 
-def check_corpus(workdir, corpus_fingerprint):
+def check_corpus(workdir, corpus_fingerprint,
+                 doing='resuming would train on other data'):
   """Refuses to resume a run on a corpus other than the one it trained on
-  (`data.fingerprint`): the stdlib of another Python, a source folder
-  edited and built again on another machine. Reads only; a run saved
-  before the record was kept (2026-12-07) gets one at this start."""
+  (`data.fingerprint`, or those of its fields given): the stdlib of
+  another Python, a source folder edited and built again on another
+  machine. Reads only; a run saved before the record was kept (2026-12-07)
+  gets one at this start."""
   file = path(workdir) / CORPUS
   if not file.exists():
     return
@@ -214,7 +216,7 @@ def check_corpus(workdir, corpus_fingerprint):
   if differ:
     raise ValueError(
         f'the corpus here differs from the one {workdir} trained on '
-        f'({", ".join(differ)}): resuming would train on other data; build '
+        f'({", ".join(differ)}): {doing}; build '
         'the same corpus (the same source files, or Python for stdlib) or '
         'start a new run')
 

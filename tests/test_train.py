@@ -431,8 +431,8 @@ def _count_closed_managers(monkeypatch):
   counts = {'opened': 0, 'closed': 0}
   make_manager = checkpoint.manager
 
-  def manager(*args):
-    mngr = make_manager(*args)
+  def manager(*args, **kwargs):
+    mngr = make_manager(*args, **kwargs)
     close = mngr.close
     counts['opened'] += 1
 
@@ -1093,20 +1093,21 @@ def test_peak_memory_is_the_largest_device_peak_and_absent_on_cpu(
 
 
 def test_convert_exports_a_gpt2_run_and_refuses_the_paper_architecture(
-    reference_run, tiny_config, tmp_path):
+    reference_run, tiny_config, tmp_path, capsys):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from sparse_gpt2 import convert  # pylint: disable=g-import-not-at-top
   _, paper_run, _ = reference_run
   with pytest.raises(ValueError, match='rmsnorm'):
     convert.run_to_hf(paper_run, str(tmp_path / 'paper_hf'))
-  config = tiny_config(train_steps=5)
+  config = tiny_config(train_steps=6, checkpoint_every=3)
   m = config.model
   m.norm, m.tie_embeddings, m.pos_embedding = 'layernorm', True, True
   m.bigram_table = m.attention_sink = False
   run = str(tmp_path / 'gpt2_run')
   state = train.train_and_evaluate(config, run)
   convert.run_to_hf(run, str(tmp_path / 'hf'))
+  assert f'{run} step 6 -> ' in capsys.readouterr().out
   hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / 'hf'))
   tokens = np.random.default_rng(0).integers(0, m.vocab_size, (2, 16))
   with torch.no_grad():
@@ -1127,6 +1128,37 @@ def test_convert_exports_a_gpt2_run_and_refuses_the_paper_architecture(
   generated = hf_model.generate(torch.tensor([ids[:4]]), max_new_tokens=3,
                                 do_sample=False)
   assert generated.shape[1] <= 7 and int(generated.max()) < m.vocab_size
+  # A damaged newest checkpoint: the one before it goes out, and the run is
+  # left as it was (training, not an export, sets a damaged one aside).
+  damaged = str(tmp_path / 'damaged')
+  shutil.copytree(run, damaged)
+  with open(os.path.join(damaged, 'checkpoints', '6', 'state', '_METADATA'),
+            'r+b') as f:
+    f.truncate(10)
+  before = _listing(damaged)
+  convert.run_to_hf(damaged, str(tmp_path / 'hf_3'))
+  assert f'{damaged} step 3 -> ' in capsys.readouterr().out
+  assert _listing(damaged) == before
+  # A BPE that is not the run's (its corpus changed, then trained again on
+  # another machine) is refused, not shipped with the weights.
+  other = tmp_path / 'other_bpe'
+  shutil.copytree(run, other)
+  record = json.loads((other / 'corpus.json').read_text())
+  (other / 'corpus.json').write_text(json.dumps({**record,
+                                                 'vocab_sha256': '0' * 64}))
+  with pytest.raises(ValueError, match=r'differs from the one .*other_bpe '
+                     r'trained on \(vocab_sha256\): the export would hold '
+                     'another tokenizer'):
+    convert.run_to_hf(str(other), str(tmp_path / 'hf_other'))
+  assert not (tmp_path / 'hf_other').exists()
+  # Run from another folder, the default config is still the checkout's.
+  result = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.convert', '--from_hf=nowhere',
+       '--to_run=r'], cwd=tmp_path, capture_output=True, text=True,
+      timeout=120, env={**os.environ, 'PYTHONPATH': ROOT})
+  assert result.returncode == 1 and _errors(result) == [
+      'error: nowhere: no config.json; expected a Hugging Face GPT-2 '
+      'directory with config.json and model.safetensors'], result.stderr
 
 
 def test_convert_makes_a_run_from_a_hugging_face_gpt2(tiny_config, tmp_path):

@@ -333,12 +333,17 @@ def fingerprint(corpus):
   different source, or the same one tokenized otherwise, changes them).
   Not its files' paths, nor tokenizer.json's formatting, which another
   machine or `tokenizers` version may write otherwise."""
-  vocab = json.dumps(sorted(corpus.tokenizer.get_vocab().items()))
-  return {'vocab_sha256': hashlib.sha256(vocab.encode()).hexdigest(),
+  return {'vocab_sha256': vocab_digest(corpus.tokenizer),
           'train_tokens': int(corpus.train_tokens.size),
           'validation_tokens': int(corpus.val_tokens.size),
           'validation_sha256': hashlib.sha256(
               np.ascontiguousarray(corpus.val_tokens)).hexdigest()}
+
+
+def vocab_digest(tokenizer):
+  """SHA-256 of a BPE's vocabulary, token by token (`fingerprint`'s)."""
+  vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+  return hashlib.sha256(vocab.encode()).hexdigest()
 
 
 def num_windows(tokens, seq_len):
