@@ -79,6 +79,7 @@ def random_circuit(run, task, num_nodes, seed, solved=True):
             'circuit_ablated': 0.69 if solved else None, 'all_ablated': None}
   return {
       'task': task, 'run': run, 'step': loaded['step'],
+      'checkpoint_sha256': runs.checkpoint_digest(run, loaded['step']),
       'val_loss': loaded['val_loss'], 'examples': EXAMPLES,
       'target_loss': 0.5, 'solved': solved,
       'model_shape': {'num_layers': num_layers,
@@ -544,6 +545,45 @@ def test_a_step_no_longer_kept_is_a_note_not_a_failure(twins, tmp_path):
   assert kept['snippets'] and kept['notes'] == []
 
 
+def test_a_circuit_of_other_weights_is_a_note_not_their_data(twins,
+                                                             tmp_path):
+  """Runs trained again since their circuits were found (same step, other
+  weights, here one more MLP neuron than the model has) and a circuit that
+  records no digest: notes, and no data of the weights there now; the
+  sparse panel's one verified circuit keeps its probabilities."""
+  sparse, dense = twins['sparse'], twins['dense']
+  stale = random_circuit(sparse, 'quotes', 5, 0)
+  stale['checkpoint_sha256'] = '0' * 64
+  stale['nodes'].append({'layer': 0, 'location': 'mlp_neuron',
+                         'index': stale['layer_sizes']['mlp_neuron']})
+  (tmp_path / 'quotes.json').write_text(json.dumps(stale))
+  (tmp_path / 'closing.json').write_text(json.dumps(
+      random_circuit(sparse, 'closing', 5, 1)))
+  old = random_circuit(sparse, 'indent', 5, 2)
+  del old['checkpoint_sha256']
+  (tmp_path / 'indent.json').write_text(json.dumps(old))
+  (tmp_path / 'dense.json').write_text(json.dumps(dict(
+      random_circuit(dense, 'quotes', 5, 3), checkpoint_sha256='0' * 64)))
+  data = view.write_page(str(tmp_path / 'page.html'),
+                         circuits_dir=str(tmp_path), snippets_per_node=1)
+  panels = {p['run']: p for p in data['panels']}
+  assert panels[sparse]['snippets'] is None and panels[sparse]['notes'] == [
+      f'run {sparse} step 10 holds other weights than the circuit of quotes '
+      'was found in',
+      'the circuit of indent records no checkpoint digest, so whether run '
+      f'{sparse} step 10 holds its weights is unknown: no snippets, and no '
+      'prompt probabilities for indent, quotes']
+  assert panels[dense]['snippets'] is None and panels[dense]['notes'] == [
+      f'run {dense} step 10 holds other weights than the circuit was found '
+      'in: no snippets or prompt probabilities']
+  probs = {t['name']: [e['probs'] for e in t['examples']]
+           for t in data['tasks']}
+  sparse_panel = data['panels'].index(panels[sparse])
+  assert all(p[sparse_panel]['full'] for p in probs['closing'])
+  assert all(p == [None, None] for p in probs['quotes'])
+  assert all(p[sparse_panel] is None for p in probs['indent'])
+
+
 def test_a_bad_out_is_refused_before_any_work(tmp_path):
   (tmp_path / 'file').write_text('')
   # The empty directory would be refused too, but only once read.
@@ -551,6 +591,88 @@ def test_a_bad_out_is_refused_before_any_work(tmp_path):
                      r'make its folder \(File exists\)$'):
     view.write_page(str(tmp_path / 'file' / 'page.html'),
                     circuits_dir=str(tmp_path))
+
+
+def test_an_out_that_names_no_file_is_refused_before_any_work(
+    tmp_path, monkeypatch):
+  """`--out=pages/` or `--out=`: refused before the circuits are read (the
+  directory has none, which would be the error otherwise), nothing made."""
+  monkeypatch.chdir(tmp_path)
+  for out in ('pages/', ''):
+    with pytest.raises(ValueError, match=f'^--out {out!r} names no file: '
+                       "give an HTML file's path$"):
+      view.write_page(out, circuits_dir=str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+  circuits = tmp_path / 'circuits'
+  circuits.mkdir()
+  (circuits / 'one.json').write_text(json.dumps(_big_circuit(20, 20)))
+
+  def refuse(src, dst):
+    raise OSError(f'cannot rename {src} to {dst}')
+
+  monkeypatch.setattr(os, 'replace', refuse)
+  with pytest.raises(OSError, match='cannot rename'):
+    view.write_page(str(tmp_path / 'page.html'), circuits_dir=str(circuits),
+                    load_runs=False)
+  assert sorted(os.listdir(tmp_path)) == ['circuits']
+
+
+def test_other_json_is_refused_in_one_line_before_any_work(tmp_path,
+                                                           monkeypatch):
+  """Valid JSON that is not a compare summary, or a circuit file whose run
+  or step is not one: an error naming the file and what is amiss, before
+  any page data is made."""
+  monkeypatch.setattr(view, 'page_data', None)  # Any work fails otherwise.
+  out = str(tmp_path / 'page.html')
+  summary = tmp_path / 'comparison.json'
+  checkpoint = {'run': '/nowhere', 'step': 10, 'val_loss': 3.0}
+  for written, missing in (
+      ({}, 'no checkpoints.sparse'), ([], 'not a JSON object'),
+      ({'checkpoints': {'sparse': checkpoint, 'dense': checkpoint}},
+       'no list of tasks'),
+      ({'checkpoints': {'sparse': checkpoint}, 'tasks': []},
+       'no checkpoints.dense'),
+      ({'checkpoints': {'sparse': checkpoint, 'dense': dict(checkpoint,
+                                                            run=None)},
+        'tasks': []}, 'checkpoints.dense.run None is not a string'),
+      ({'checkpoints': {'sparse': dict(checkpoint, step='10'),
+                        'dense': checkpoint}, 'tasks': []},
+       "checkpoints.sparse.step '10' is not an integer"),
+      ({'checkpoints': {'sparse': checkpoint, 'dense': checkpoint},
+        'tasks': ['quotes']}, "a task row with no task name: 'quotes'")):
+    summary.write_text(json.dumps(written))
+    with pytest.raises(ValueError) as refused:
+      view.write_page(out, compare_dir=str(tmp_path))
+    assert str(refused.value) == (f'{summary} is not a compare summary '
+                                  f'({missing})')
+  circuits = tmp_path / 'circuits'
+  circuits.mkdir()
+  for damage, wrong in (({'run': None}, 'run None is not a string'),
+                        ({'step': None}, 'step None is not an integer'),
+                        ({'step': True}, 'step True is not an integer'),
+                        ({'task': ['a']}, "task ['a'] is not a string")):
+    (circuits / 'a.json').write_text(json.dumps({**_big_circuit(2, 2),
+                                                 **damage}))
+    with pytest.raises(ValueError) as refused:
+      view.write_page(out, circuits_dir=str(circuits))
+    assert str(refused.value) == (f'{circuits / "a.json"} is not a circuit '
+                                  f'file the page can read ({wrong})')
+  assert not os.path.exists(out)
+
+
+def test_cli_not_a_compare_summary_is_one_line_exit_1(tmp_path):
+  (tmp_path / 'comparison.json').write_text('{}')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.circuits.view',
+       f'--compare={tmp_path}', f'--out={tmp_path / "page.html"}'],
+      capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+      f'error: {tmp_path / "comparison.json"} is not a compare summary (no '
+      'checkpoints.sparse)'], proc.stderr
 
 
 def test_cli_bad_input_is_one_line_exit_1(tmp_path):

@@ -15,12 +15,14 @@ with no server, no network and nothing to install, and can be mailed.
 
 What the circuit files do not hold is computed here, from each circuit's run
 and checkpoint (skipped with a note on the page when the run directory is
-not there, or with --load_runs=false): the top-activating tokens of every
+not there, when its checkpoint is not the weights the circuit records by
+digest, or with --load_runs=false): the top-activating tokens of every
 circuit node in a few thousand validation tokens, and each model's
 probability of the two candidates on the task's example prompts, full model
 and circuit only. Bad input is one `error:` line on stderr (`cli.run`).
 """
 
+import contextlib
 import glob
 import json
 import os
@@ -230,11 +232,44 @@ def calibrated_probability(logits, correct, incorrect, scale, shift):
   return 1 / (1 + np.exp(-margin))
 
 
+def _unverified(panel, circuits, digest):
+  """The tasks of `circuits` not found in the weights whose digest is
+  `digest` (the panel's checkpoint as it is now), each kind said in a note
+  on the panel: a circuit that records other weights (its run trained again
+  since, its node indices perhaps past the new model's), and one that
+  records none (a file from before circuits did), whose weights cannot be
+  told: neither is shown beside data that may be other weights'."""
+  where = f"run {panel['run']} step {panel['step']}"
+
+  def who(names):
+    of = '' if len(names) == len(circuits) else ' of ' + ', '.join(names)
+    return ('the circuit' if len(names) == 1 else 'the circuits') + of
+
+  other = [t for t, c in circuits.items()
+           if c.get('checkpoint_sha256') not in (None, digest)]
+  unknown = [t for t, c in circuits.items()
+             if c.get('checkpoint_sha256') is None]
+  notes = []
+  if other:
+    notes.append(f'{where} holds other weights than {who(other)} '
+                 f"{'was' if len(other) == 1 else 'were'} found in")
+  if unknown:
+    notes.append(f"{who(unknown)} record{'s' if len(unknown) == 1 else ''} "
+                 f'no checkpoint digest, so whether {where} holds '
+                 f"{'its' if len(unknown) == 1 else 'their'} weights is "
+                 'unknown')
+  panel['notes'].extend(notes)
+  return sorted(other + unknown)
+
+
 def run_data(panel, circuits, examples, snippet_tokens, per_node):
   """(snippets, {task: example probabilities}) of one panel's run at its
   step, for its `circuits` ({task: circuit}) and the tasks' `examples`;
   (None, {}) with a note on the panel when that run is not on this
-  machine, or no longer keeps (or cannot read) that step's checkpoint."""
+  machine, or no longer keeps (or cannot read) that step's checkpoint, or
+  holds other weights there than its circuits were found in (`_unverified`:
+  their probabilities are left out, and the snippets, which the page shows
+  for every circuit of the panel)."""
   run_dir, step = panel['run'], panel['step']
   if not os.path.isfile(os.path.join(run_dir, workdir_lib.CONFIG)):
     panel['notes'].append(f'run {run_dir} is not on this machine: no '
@@ -245,13 +280,23 @@ def run_data(panel, circuits, examples, snippet_tokens, per_node):
   except ValueError as e:  # A step rotated out, or a damaged checkpoint.
     panel['notes'].append(f'{e}: no snippets or prompt probabilities')
     return None, {}
+  unverified = _unverified(panel, circuits,
+                           runs.checkpoint_digest(run_dir, run['step']))
+  if unverified and len(unverified) == len(circuits):
+    panel['notes'][-1] += ': no snippets or prompt probabilities'
+    return None, {}
   means = jax.device_get(runs.node_means(run_dir, run['step']))
-  keys = sorted({node_key(v['layer'], v['location'], v['index'])
-                 for c in circuits.values() for v in c['nodes']})
-  snippets = top_snippets(run, means, keys, snippet_tokens, per_node)
+  snippets = None
+  if unverified:
+    panel['notes'][-1] += (': no snippets, and no prompt probabilities for '
+                           + ', '.join(unverified))
+  else:
+    keys = sorted({node_key(v['layer'], v['location'], v['index'])
+                   for c in circuits.values() for v in c['nodes']})
+    snippets = top_snippets(run, means, keys, snippet_tokens, per_node)
   return snippets, {task: example_probabilities(run, means, c,
                                                 examples[task])
-                    for task, c in circuits.items()}
+                    for task, c in circuits.items() if task not in unverified}
 
 
 def _read(path):
@@ -259,12 +304,33 @@ def _read(path):
     return workdir_lib.parse_json(f.read(), path)
 
 
+_KINDS = {'task': (str, 'a string'), 'run': (str, 'a string'),
+          'step': (int, 'an integer')}
+
+
+def _mistyped(record, keys):
+  """'KEY VALUE is not KIND' for the first of `keys` (all in `record`) that
+  is not what the page takes it for, else None: a null run would be a
+  TypeError once panels are made, a null step the run's newest checkpoint."""
+  for key in keys:
+    kind, name = _KINDS[key]
+    if not isinstance(record[key], kind) or isinstance(record[key], bool):
+      return f'{key} {record[key]!r} is not {name}'
+  return None
+
+
 def _whole(circuit, path):
   """`circuit` (read from `path`) if it has every CIRCUIT_FIELDS and the
   page can read it, else a one-line error that names the file."""
+  if not isinstance(circuit, dict):
+    raise ValueError(f'{path} is not a circuit file (not a JSON object)')
   missing = [k for k in CIRCUIT_FIELDS if k not in circuit]
   if missing:
     raise ValueError(f'{path} is not a whole circuit file (no {missing})')
+  wrong = _mistyped(circuit, ('task', 'run', 'step'))
+  if wrong:
+    raise ValueError(f'{path} is not a circuit file the page can read '
+                     f'({wrong})')
   try:
     page = compact(circuit)
   except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
@@ -278,6 +344,35 @@ def _whole(circuit, path):
   return circuit
 
 
+def _summary(summary, path):
+  """`summary` (read from `path`) if it has what `from_compare` reads of a
+  compare summary, else a one-line error that names the file and what is
+  missing: other JSON there is not a traceback."""
+  def lacks():
+    if not isinstance(summary, dict):
+      return 'not a JSON object'
+    checkpoints = summary.get('checkpoints')
+    for model in PANEL_LABELS:
+      c = checkpoints.get(model) if isinstance(checkpoints, dict) else None
+      if not isinstance(c, dict):
+        return f'no checkpoints.{model}'
+      for key in ('run', 'step', 'val_loss'):
+        if key not in c:
+          return f'no checkpoints.{model}.{key}'
+      if _mistyped(c, ('run', 'step')):
+        return f"checkpoints.{model}.{_mistyped(c, ('run', 'step'))}"
+    if not isinstance(summary.get('tasks'), list):
+      return 'no list of tasks'
+    for row in summary['tasks']:
+      if not isinstance(row, dict) or not isinstance(row.get('task'), str):
+        return f'a task row with no task name: {row!r}'
+    return None
+  missing = lacks()
+  if missing:
+    raise ValueError(f'{path} is not a compare summary ({missing})')
+  return summary
+
+
 def from_compare(directory):
   """(panels, {task: [circuit per panel]}, summary) of a `compare` output
   directory, in its table's task order."""
@@ -285,7 +380,7 @@ def from_compare(directory):
   if not os.path.isfile(path):
     raise ValueError(f'{directory} is not a compare output directory (no '
                      'comparison.json)')
-  summary = _read(path)
+  summary = _summary(_read(path), path)
   panels, by_task = [], {}
   for model in ('sparse', 'dense'):
     checkpoint = summary['checkpoints'][model]
@@ -401,6 +496,9 @@ def write_page(out, *, compare_dir=None, circuits_dir=None, **options):
     raise ValueError(f'{directory} is not a directory')
   if os.path.isdir(out):
     raise ValueError(f'--out {out} is a directory, not an HTML file')
+  if os.path.basename(out) in ('', '.', '..'):  # pages/ or empty: no name.
+    raise ValueError(f'--out {out!r} names no file: give an HTML file\'s '
+                     'path')
   if os.path.dirname(out):  # Before any work, so a bad --out fails fast.
     try:
       os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -410,9 +508,14 @@ def write_page(out, *, compare_dir=None, circuits_dir=None, **options):
   load = from_compare if compare_dir else from_circuits
   data = page_data(*load(directory), **options)
   page = render(data)
-  with open(out + '.tmp', 'w', encoding='utf-8') as f:
-    f.write(page)
-  os.replace(out + '.tmp', out)
+  try:
+    with open(out + '.tmp', 'w', encoding='utf-8') as f:
+      f.write(page)
+    os.replace(out + '.tmp', out)
+  except BaseException:  # Nothing half-written left beside `out`.
+    with contextlib.suppress(OSError):
+      os.remove(out + '.tmp')
+    raise
   return data
 
 
