@@ -184,7 +184,8 @@ def test_save_accepts_boxed_params(tmp_path):
       boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))
   hf.save(boxed, model_kwargs, tmp_path / 'out')
   kwargs_again, params = hf.load(tmp_path / 'out')
-  assert model.GPT2(**kwargs_again) == model.GPT2(**model_kwargs, d_mlp=128)
+  assert model.GPT2(**kwargs_again) == model.GPT2(**model_kwargs, d_head=16,
+                                                  d_mlp=128)
   jax.tree.map(np.testing.assert_array_equal, params, nn.unbox(boxed))
 
 

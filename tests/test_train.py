@@ -480,7 +480,7 @@ def test_train_steps_moves_the_stop_not_the_schedules(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config(train_steps=15), parts)
   assert sorted(os.listdir(os.path.join(parts, 'checkpoints'))) == saved
   assert workdir_lib.load_config(parts).train_steps == 20  # Not rewritten.
-  with pytest.raises(ValueError, match=r"fields \['schedule_steps'\]"):
+  with pytest.raises(ValueError, match=r'\(schedule_steps 20 there, 30 here\)'):
     train.train_and_evaluate(tiny_config(train_steps=20, schedule_steps=30),
                              parts)
 
