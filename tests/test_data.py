@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
 
 import ml_collections
@@ -191,6 +192,38 @@ def test_a_damaged_token_cache_is_made_again(corpus, corpus_dir, tmp_path):
     again = data.load(config, SEQ_LEN)
     np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
     assert open(path, 'rb').read() == whole
+  # So is a damaged BPE, and the tokens made from it.
+  bpe = os.path.join(os.path.dirname(path), 'tokenizer.json')
+  for damaged in (b'', b'{"version": '):
+    open(bpe, 'wb').write(damaged)
+    again = data.load(config, SEQ_LEN)
+    assert again.tokenizer.get_vocab() == corpus.tokenizer.get_vocab()
+    np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
+
+
+def test_an_edited_source_is_built_again(corpus_dir, tmp_path):
+  """A file added, edited or removed since the corpus was built: the
+  corpus, its BPE and its tokens are made again from the files as they are
+  (the prepared dataset is found by the source's path alone)."""
+  source = tmp_path / 'src'
+  shutil.copytree(corpus_dir[0], source)
+  config = _config(source, tmp_path / 'tfds')
+  before = data.load(config, SEQ_LEN)
+  text = 'def added():\n    return "a file added since"\n'
+  (source / 'pkg0' / 'added.py').write_text(text)
+  added = data.load(config, SEQ_LEN)
+  assert added.data_dir == before.data_dir
+  assert added.train_tokens.size + added.val_tokens.size > (
+      before.train_tokens.size + before.val_tokens.size)
+  with open(added.manifest_path) as f:
+    assert 'pkg0/added.py' in [file['path'] for file in json.load(f)['files']]
+  again = data.load(config, SEQ_LEN)  # Unchanged: read from the caches.
+  assert again.train_tokens.filename == added.train_tokens.filename
+  np.testing.assert_array_equal(again.train_tokens, added.train_tokens)
+  os.remove(source / 'pkg0' / 'added.py')
+  removed = data.load(config, SEQ_LEN)
+  np.testing.assert_array_equal(removed.train_tokens, before.train_tokens)
+  np.testing.assert_array_equal(removed.val_tokens, before.val_tokens)
 
 
 def test_a_failed_cache_write_leaves_nothing(tmp_path):
@@ -278,7 +311,9 @@ class SparseGpt2TestDocs(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     return tfds.core.DatasetInfo(
         builder=self,
-        features=tfds.features.FeaturesDict({'body': tfds.features.Text()}),
+        features=tfds.features.FeaturesDict({'body': tfds.features.Text(),
+                                             'n': tfds.features.Scalar(
+                                                 np.int64)}),
         disable_shuffling=True)  # So the held-out tail is known.
 
   def _split_generators(self, dl_manager):
@@ -287,7 +322,7 @@ class SparseGpt2TestDocs(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self):
     for i in range(12):
-      yield i, {'body': _source_text(i)}
+      yield i, {'body': _source_text(i), 'n': i}
 
 
 def test_tfds_source_holds_out_part_of_train(tmp_path):
@@ -310,8 +345,34 @@ def test_a_tfds_feature_the_dataset_lacks_is_one_line(tmp_path):
     data.load(config, SEQ_LEN)
   assert str(refused.value) == (
       "tfds:sparse_gpt2_test_docs has no feature data.text_feature='text': "
-      "['body']")
-  assert not (tmp_path / 'sparse_gpt2').exists()  # No cache made for it.
+      "['body', 'n']")
+  # A feature that is not text would train on str() of its values.
+  config = _config('tfds:sparse_gpt2_test_docs', tmp_path, text_feature='n')
+  with pytest.raises(ValueError, match=r"^tfds:sparse_gpt2_test_docs feature "
+                     r"data.text_feature='n' is not text: Scalar\("):
+    data.load(config, SEQ_LEN)
+  # Both before anything is downloaded or prepared, or cached.
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('name', ['', 'x/y:z'])
+def test_a_tfds_name_that_does_not_parse_is_one_line(tmp_path, name):
+  with pytest.raises(ValueError) as refused:
+    data.load(_config(f'tfds:{name}', tmp_path), SEQ_LEN)
+  assert str(refused.value) == (
+      f'tfds:{name}: Parsing builder name string {name} failed.')
+
+
+def test_a_failed_download_is_one_line(tmp_path, monkeypatch):
+  def offline(self, **kwargs):
+    raise ConnectionError('Max retries exceeded with url: /mnist\nmore')
+  monkeypatch.setattr(SparseGpt2TestDocs, 'download_and_prepare', offline)
+  with pytest.raises(ValueError) as refused:
+    data.load(_config('tfds:sparse_gpt2_test_docs', tmp_path,
+                      text_feature='body'), SEQ_LEN)
+  assert str(refused.value) == (
+      'tfds:sparse_gpt2_test_docs could not be downloaded and prepared '
+      '(ConnectionError: Max retries exceeded with url: /mnist)')
 
 
 def test_an_unknown_tfds_dataset_is_one_line(tmp_path):

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 
 from absl import logging
@@ -69,6 +70,22 @@ def _open_python_code(source_dir, data_config):
       source_dir=source_dir,
       val_fraction=data_config.val_fraction,
       data_dir=data_config.data_dir or None)
+  manifest = os.path.join(builder.data_dir, python_code.MANIFEST)
+  if os.path.exists(manifest):
+    try:
+      with open(manifest) as f:
+        built_from = json.load(f).get('listing_digest')
+    except (ValueError, AttributeError):  # Damaged: built again.
+      built_from = ''
+    # None: built before the digest was recorded, left as it is.
+    if built_from not in (None, python_code.listing_digest(
+        builder.builder_config.source_dir)):
+      logging.warning('%s changed since its corpus was built; building it '
+                      'again (and its BPE and token caches).', source_dir)
+      shutil.rmtree(builder.data_dir)
+      builder = python_code.PythonCode(
+          source_dir=source_dir, val_fraction=data_config.val_fraction,
+          data_dir=data_config.data_dir or None)
   try:
     builder.download_and_prepare()
   except ValueError:  # An empty or too small corpus: no folders left for it
@@ -99,14 +116,26 @@ def _open_tfds(name, data_config):
   except tfds.core.registered.DatasetNotFoundError as e:  # Lists ~500 names.
     raise ValueError(f'{str(e).splitlines()[0]} (tfds.list_builders() names '
                      'the known ones)') from None
-  builder.download_and_prepare(file_format='array_record')
+  except ValueError as e:  # A name TFDS cannot parse; then its format help.
+    raise ValueError(f'tfds:{name}: {str(e).splitlines()[0]}') from None
+  # Known before any download: a dataset without the text is refused first.
+  features = builder.info.features
+  if data_config.text_feature not in features:
+    raise ValueError(f'tfds:{name} has no feature data.text_feature='
+                     f'{data_config.text_feature!r}: {list(features)}')
+  if not isinstance(features[data_config.text_feature], tfds.features.Text):
+    raise ValueError(
+        f'tfds:{name} feature data.text_feature={data_config.text_feature!r} '
+        f'is not text: {features[data_config.text_feature]!r}')
+  try:
+    builder.download_and_prepare(file_format='array_record')
+  except Exception as e:  # pylint: disable=broad-except  A network, a server.
+    raise ValueError(f'tfds:{name} could not be downloaded and prepared '
+                     f'({type(e).__name__}: {str(e).splitlines()[0]})'
+                     ) from e
   splits = builder.info.splits
   if 'train' not in splits:
     raise ValueError(f'tfds:{name} has no train split: {list(splits)}')
-  features = list(builder.info.features.keys())
-  if data_config.text_feature not in features:
-    raise ValueError(f'tfds:{name} has no feature data.text_feature='
-                     f'{data_config.text_feature!r}: {features}')
   cache_dir = os.path.join(builder.data_dir_root, 'sparse_gpt2',
                            builder.info.full_name, data_config.text_feature)
   held_out = next((s for s in ('validation', 'test') if s in splits), None)
@@ -239,7 +268,11 @@ def _tokenizer(source, vocab_size):
   os.makedirs(data_dir, exist_ok=True)
   path = os.path.join(data_dir, 'tokenizer.json')
   if os.path.exists(path):
-    return data_dir, tokenizer_lib.load(path)
+    try:
+      return data_dir, tokenizer_lib.load(path)
+    except Exception as e:  # pylint: disable=broad-except  `tokenizers`' own.
+      logging.warning('%s is damaged (%s); training it again.', path,
+                      str(e).splitlines()[0] if str(e) else type(e).__name__)
   for split in SPLITS:
     with contextlib.suppress(FileNotFoundError):
       os.remove(os.path.join(data_dir, f'{split}.npy'))
