@@ -121,6 +121,17 @@ def fail(message, code):
   sys.exit(code)
 
 
+def _home(value):
+  """A path flag's `~/...` (or a list flag's), which the shell leaves as
+  it is after `--flag=`, as the shell would expand it: else `--workdir=~/x`
+  made a folder named `~` in the current one."""
+  if isinstance(value, list):
+    return [_home(v) for v in value]
+  if isinstance(value, str) and (value == '~' or value.startswith('~/')):
+    return os.path.expanduser(value)
+  return value
+
+
 def _parse_flags(argv):
   # config_flags loads the file and applies its overrides while flags are
   # parsed: an unknown field raises AttributeError or KeyError there, and a
@@ -131,6 +142,8 @@ def _parse_flags(argv):
       flag = flags.FLAGS[name]
       if hasattr(flag, 'config_filename') and flag.present:
         flag.value.keys()
+      elif flag.present:
+        flag.value = _home(flag.value)
     return argv
   except flags.Error as e:  # A missing, unknown or malformed flag.
     # A config file that raises comes with its traceback: keep the first

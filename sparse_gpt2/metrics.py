@@ -192,7 +192,9 @@ def console_line(step, total, metrics, eta_s):
             f"MFU {100 * metrics['mfu']:.1f}%"]
   if 'peak_memory_gib' in metrics:
     parts.append(f"peak mem {metrics['peak_memory_gib']:.1f} GiB")
-  parts += [f'ETA {time.strftime("%H:%M:%S", time.gmtime(eta_s))}']
+  days, rest = divmod(int(eta_s), 86400)  # %H alone wraps at a day.
+  parts += [f'ETA {f"{days}d " if days else ""}'
+            f'{time.strftime("%H:%M:%S", time.gmtime(rest))}']
   logging.info(' | '.join(parts))
 
 

@@ -66,9 +66,9 @@ def validate(config):
   optim.validate(config.optim)
   if not 0 <= config.seed < 2**31:  # jax and numpy take it, and seed + 1.
     raise ValueError(f'seed must be in [0, 2**31), got {config.seed}')
-  for field in ('train_steps', 'schedule_steps'):
-    if config[field] < 0:
-      raise ValueError(f'{field} must be >= 0, got {config[field]}')
+  for field in ('train_steps', 'schedule_steps'):  # The step is an int32.
+    if not 0 <= config[field] < 2**31:
+      raise ValueError(f'{field} must be in [0, 2**31), got {config[field]}')
   for field in ('batch_size', 'seq_len', 'log_every', 'eval_every',
                 'eval_batches', 'checkpoint_every', 'keep_checkpoints'):
     if config[field] < 1:

@@ -97,8 +97,14 @@ def read_metrics(workdir):
   file = path(workdir) / METRICS
   if not file.exists():
     return []
-  return [parse_json(line, f'{file} line {i}')
-          for i, line in enumerate(file.read_text().splitlines(), 1)]
+  records = []
+  for i, line in enumerate(file.read_text().splitlines(), 1):
+    record = parse_json(line, f'{file} line {i}')
+    if not (isinstance(record, dict) and isinstance(record.get('step'), int)):
+      raise ValueError(f'{file} line {i} is not a record of a step (a JSON '
+                       'object with an integer "step")')
+    records.append(record)
+  return records
 
 
 def schedule_steps(config, saved=None):
@@ -211,6 +217,8 @@ def check_corpus(workdir, corpus_fingerprint,
   if not file.exists():
     return
   saved = parse_json(file.read_text(), file)
+  if not isinstance(saved, dict):
+    raise ValueError(f'{file} is not a corpus record (not a JSON object)')
   differ = sorted(k for k in corpus_fingerprint
                   if saved.get(k) != corpus_fingerprint[k])
   if differ:

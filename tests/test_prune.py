@@ -827,3 +827,13 @@ def test_cli_dumps_prompts_in_the_user_task_format(tmp_path):
       cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 0, result.stderr
   assert tasks.load_jsonl(path) == tasks.generate('var_if', 6, seed=3)
+  # `~/` after `--flag=`, which the shell leaves alone, is the home folder
+  # (every CLI's path flags), not a folder named `~` here.
+  home = tmp_path / 'home'
+  home.mkdir()
+  result = subprocess.run(
+      [*result.args[:-1], '--dump_prompts=~/var_if.jsonl'],
+      capture_output=True, text=True, timeout=120, cwd=tmp_path,
+      env={**os.environ, 'HOME': str(home), 'PYTHONPATH': ROOT})
+  assert result.returncode == 0, result.stderr
+  assert os.listdir(home) == ['var_if.jsonl'] and not (tmp_path / '~').exists()

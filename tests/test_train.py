@@ -594,7 +594,13 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
     ({'sparsity.min_per_neuron': -1}, 'sparsity.min_per_neuron must be >= 0'),
     ({'sparsity.pattern': '(unclosed'}, "sparsity.pattern '\\(unclosed' is "
                                          'not a regex'),
-    ({'train_steps': -1}, 'train_steps must be >= 0, got -1'),
+    ({'train_steps': -1}, r'train_steps must be in \[0, 2\*\*31\), got -1'),
+    # The step is an int32: a traceback at the first step, and a saved
+    # config that a corrected command then inherited.
+    ({'train_steps': 2**31, 'schedule_steps': 2**31},
+     r'train_steps must be in \[0, 2\*\*31\), got 2147483648'),
+    ({'schedule_steps': 3_000_000_000},
+     r'schedule_steps must be in \[0, 2\*\*31\), got 3000000000'),
     ({'keep_every': -5}, 'keep_every must be >= 0, got -5'),
     ({'peak_flops': float('nan')}, 'peak_flops must be >= 0, got nan'),
     ({'microbatches': 3}, 'microbatches must be >= 1 and divide batch_size'),
@@ -758,6 +764,29 @@ def test_a_damaged_metrics_line_is_named(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1}\n{"step": 2, "lo')
   with pytest.raises(ValueError, match=r'metrics.jsonl line 2 is not valid'):
     workdir_lib.read_metrics(str(tmp_path))
+  for line in ('{"loss": 1.0}', '[1, 2]', '{"step": "3"}'):
+    (tmp_path / 'metrics.jsonl').write_text('{"step": 1}\n' + line)
+    with pytest.raises(ValueError, match=r'metrics.jsonl line 2 is not a '
+                       r'record of a step \(a JSON object with an integer '
+                       r'"step"\)$'):
+      workdir_lib.read_metrics(str(tmp_path))
+
+
+def test_a_damaged_corpus_record_is_named(tmp_path):
+  (tmp_path / 'corpus.json').write_text('[]')
+  with pytest.raises(ValueError, match=r'corpus.json is not a corpus record '
+                     r'\(not a JSON object\)$'):
+    workdir_lib.check_corpus(str(tmp_path), {'vocab_sha256': 'x'})
+
+
+def test_an_eta_of_days_says_so(caplog):
+  logged = {'loss': 2.0, 'lr': 1e-3, 'l0': 10, 'tokens_per_s': 1.0,
+            'mfu': 0.1}
+  with caplog.at_level('INFO'):
+    metrics.console_line(5, 10, logged, 3 * 86400 + 3661.7)
+    metrics.console_line(5, 10, logged, 59.0)
+  assert [r.getMessage().rsplit(' | ', 1)[1] for r in caplog.records] == [
+      'ETA 3d 01:01:01', 'ETA 00:00:59']
 
 
 def _errors(result):
