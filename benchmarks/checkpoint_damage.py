@@ -13,10 +13,14 @@ default on the standard library corpus), 20 steps with a checkpoint every
 10; each case copies it, damages one file of checkpoint 20, calls
 `train.train_and_evaluate` on the copy, as a rerun of `main` would, and
 compares the state it returns with checkpoint 20 read before the damage.
+An unknown or empty --ways is refused before the run trains, a
+--path_contains that matches none of the checkpoint's files right after,
+without a report.
 """
 
 import collections
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -93,7 +97,7 @@ def to_markdown(result):
                                for c in result['cases'])
   outcomes = sorted({o for _, o in counts})
   lines = [f"Measured {result['date']} on {result['machine']}, commit "
-           f"`{result['commit']}` (`python benchmarks/checkpoint_damage.py`):"
+           f"`{result['commit']}` (`{result['command']}`):"
            f" {len(result['cases'])} cases, each file of a checkpoint "
            'damaged alone.', '',
            '| damage | ' + ' | '.join(outcomes) + ' |',
@@ -108,14 +112,19 @@ def main():
   provenance.prepare_out(_OUT.value)
   unknown = set(_WAYS.value) - set(DAMAGES)
   if unknown:
-    sys.exit(f'checkpoint_damage.py: unknown --ways {sorted(unknown)}; '
-             f'known: {sorted(DAMAGES)}')
+    raise ValueError(f'unknown --ways {sorted(unknown)}; known: '
+                     f'{sorted(DAMAGES)}')
+  if not _WAYS.value:  # Else a run trained for a report of no cases.
+    raise ValueError(f'--ways is empty; known: {sorted(DAMAGES)}')
   config = _CONFIG.value
   config.train_steps = config.schedule_steps = 20
   config.checkpoint_every = 10
   result = {'date': time.strftime('%Y-%m-%d'),
             'machine': provenance.machine(), 'commit': provenance.commit(),
-            'ways': _WAYS.value, 'cases': []}
+            'command': shlex.join(['python', 'benchmarks/checkpoint_damage.py',
+                                   *sys.argv[1:]]),
+            'ways': _WAYS.value, 'path_contains': _PATH_CONTAINS.value,
+            'cases': []}
   with tempfile.TemporaryDirectory() as scratch:
     run = os.path.join(scratch, 'run')
     train.train_and_evaluate(config, run)
@@ -123,7 +132,13 @@ def main():
     newest = os.path.join(run, workdir_lib.CHECKPOINTS, '20')
     files = sorted(os.path.relpath(os.path.join(root, name), newest)
                    for root, _, names in os.walk(newest) for name in names)
-    files = [f for f in files if _PATH_CONTAINS.value in f]
+    chosen = [f for f in files if _PATH_CONTAINS.value in f]
+    if not chosen:  # The files are known once the run has saved them.
+      folders = sorted({os.path.dirname(f) or '.' for f in files})
+      raise ValueError(f'--path_contains={_PATH_CONTAINS.value} matches none '
+                       f'of the {len(files)} files of checkpoint 20 (in '
+                       f"{', '.join(folders)})")
+    files = chosen
     for way in _WAYS.value:
       for name in files:
         copy = os.path.join(scratch, 'copy')

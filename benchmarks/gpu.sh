@@ -16,13 +16,21 @@
 #   OUT_DIR=/tmp/o EXTRA='--config.model.num_layers=2' benchmarks/gpu.sh
 #   STEPS=10 RUNS='sparse_gpt2_paper|sparse_gpt2_paper|' benchmarks/gpu.sh
 #
-# Writes gpu.json and gpu.md (and each run's log) to OUT_DIR; a run that
-# fails does not stop the others, but the script then exits 1, naming it.
+# Writes gpu.json and gpu.md (and each run's log) to OUT_DIR (a relative one
+# from the caller's folder); a run that fails does not stop the others, but
+# the script then exits 1, naming it.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-steps=${STEPS:-25} out=${OUT_DIR:-benchmarks/out} extra=${EXTRA:-}
-runs=$(mktemp -d)
-mkdir -p "$out"
+root=$(realpath "$(dirname "$0")/..")
+# Resolved before the cd: OUT_DIR=o names ./o, not the repository's o.
+out=$(realpath -m "${OUT_DIR:-$root/benchmarks/out}")
+cd "$root" || exit 1
+steps=${STEPS:-25} extra=${EXTRA:-}
+if ! made=$(mkdir -p -- "$out" 2>&1); then
+  echo "error: OUT_DIR $out: ${made#mkdir: }" >&2
+  exit 1
+fi
+runs=$(mktemp -d) || exit 1
+trap 'rm -rf "$runs"' EXIT  # Also when a step below exits early.
 python3 - "$out/peak.json" <<'PY'
 import json, sys
 import jax
@@ -109,7 +117,6 @@ with open(os.path.join(out, 'gpu.md'), 'w') as f:
   f.write('\n'.join(lines) + '\n')
 print('\n'.join(lines))
 PY
-rm -rf "$runs"
 if (( ${#failed[@]} )); then
   echo "error: failed: ${failed[*]} (their logs are in $out)" >&2
   exit 1

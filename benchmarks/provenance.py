@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 
 import jax
 
@@ -48,19 +49,32 @@ def unpack(baseline, dest):
   archive = subprocess.run(
       ['git', '-C', ROOT, 'archive', baseline, 'sparse_gpt2', 'configs'],
       capture_output=True, check=False)
-  if archive.returncode:
-    raise ValueError(f'commit {baseline} not found '
-                     f'({archive.stderr.decode().strip()})')
+  if archive.returncode:  # One line: git's last, e.g. "fatal: not a ...".
+    why = archive.stderr.decode().strip().splitlines() or ['']
+    raise ValueError(f'commit {baseline} not found ({why[-1]})')
   os.makedirs(dest, exist_ok=True)
   subprocess.run(['tar', '-x', '-C', dest], input=archive.stdout, check=True)
 
 
+def last_line(stderr):
+  """A failed process's error in one line, as `cli.run` prints one: the last
+  line of its stderr (a CLI's `error: ` left off, the caller's comes first)."""
+  lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+  return lines[-1].removeprefix('error: ') if lines else 'no error message'
+
+
 def prepare_out(out_dir):
-  """Makes `out_dir` before anything is measured, so that an --out that
-  cannot hold the results is refused in one line now, not after the run."""
+  """Makes `out_dir` and writes a file there before anything is measured, so
+  that an --out that cannot hold the results is refused in one line now, not
+  after the run."""
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise ValueError(f'--out {out_dir} exists and is not a directory')
   os.makedirs(out_dir, exist_ok=True)
+  try:  # A folder may exist yet refuse files (permissions, read-only).
+    with tempfile.NamedTemporaryFile(dir=out_dir):
+      pass
+  except OSError as e:
+    raise ValueError(f'--out {out_dir} is not writable: {e}') from None
 
 
 def write(out_dir, name, result, markdown):

@@ -17,7 +17,10 @@ Sections (each a table in run.md, all of them in run.json):
             (d_head 16, RMSNorm, bigram table, attention sinks, untied).
   twins     sparse_small's and dense_small's step at the checkout against
             the same configs at --baseline (an older commit, unpacked with
-            `git archive` and run in its own process): old/new, and
+            `git archive` and run in its own process; unpacked and checked
+            before the first section, so that a commit missing, or one whose
+            code lacks what `twin_worker.py` calls, is refused in one line
+            before anything is measured): old/new, and
             each step's MFU (the same model's FLOPs, so the MFUs' ratio is
             about old/new; how near the matmul peak the new step runs
             bounds how much faster it could still get).
@@ -64,7 +67,8 @@ from sparse_gpt2 import sparsity  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import train  # pylint: disable=g-import-not-at-top
 
 _QUICK = flags.DEFINE_bool('quick', False, 'Tiny shapes, one round of two '
-                           'steps: a smoke run of the whole suite (seconds).')
+                           'steps: a smoke run of the whole suite (~2 min on '
+                           '2 cores).')
 _OUT = flags.DEFINE_string('out', os.path.join(ROOT, 'benchmarks', 'out'),
                            'Where run.json and run.md go.')
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
@@ -267,23 +271,49 @@ def sizes_section(base, widths, rounds, steps):
   return {'shape': vars(base), 'results': rows}
 
 
+TWIN_WORKER = os.path.join(ROOT, 'benchmarks', 'twin_worker.py')
+
+
+def twin_configs():
+  """The configs (paths inside a code tree) the twins section times."""
+  return (('configs/tiny.py',) if _QUICK.value else
+          ('configs/sparse_small.py', 'configs/dense_small.py'))
+
+
+def prepare_baseline(baseline, old_dir):
+  """Unpacks `baseline` into `old_dir` and checks, in seconds, that its code
+  has what the twin workers call and its configs load: before the first
+  section, not after minutes of measuring."""
+  provenance.unpack(baseline, old_dir)  # ValueError: not a commit.
+  check = subprocess.run(
+      [sys.executable, TWIN_WORKER, '--check', old_dir,
+       *(os.path.join(old_dir, name) for name in twin_configs())],
+      capture_output=True, text=True)
+  if check.returncode:
+    raise ValueError(f'--baseline={baseline} cannot run the twins '
+                     '(--baseline= skips them): '
+                     + provenance.last_line(check.stderr))
+
+
 class _Worker:
   """A `twin_worker.py` process on one code tree and config; it compiles
   while the caller goes on, until `wait_ready`."""
 
-  def __init__(self, code_dir, config_file):
-    self.code_dir = code_dir
+  def __init__(self, code_dir, config_file, label=None):
+    self.label = label or code_dir  # Who it is, in an error.
     self.stderr = tempfile.TemporaryFile('w+')  # Its log, read on failure.
     self.proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, 'benchmarks', 'twin_worker.py'),
-         code_dir, config_file], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=self.stderr, text=True)
+        [sys.executable, TWIN_WORKER, code_dir, config_file],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+        text=True)
 
   def _failed(self, what):
-    self.proc.wait()
+    """A ValueError in one line (`cli.run` prints it): the finished sections
+    are lost either way, but not under a traceback."""
+    code = self.proc.wait()
     self.stderr.seek(0)
-    raise RuntimeError(f'twin worker on {self.code_dir} {what}:\n'
-                       + self.stderr.read()[-2000:])
+    raise ValueError(f'the twin worker of {self.label} {what} (exit {code}): '
+                     f'{provenance.last_line(self.stderr.read())}')
 
   def wait_ready(self):
     if self.proc.stdout.readline().strip() != 'ready':
@@ -303,43 +333,51 @@ class _Worker:
     self.stderr.close()
 
 
-def twins_section(baseline, rounds, steps):
+def twins_section(baseline, old_dir, rounds, steps):
   """Old/new step time of the twins' configs, old and new in turns (each
-  in its own process; one waits while the other runs)."""
-  with tempfile.TemporaryDirectory() as old_dir:
-    try:
-      provenance.unpack(baseline, old_dir)
-    except ValueError as e:
-      return {'note': f'twins skipped: {e}'}
-    names = (('configs/tiny.py',) if _QUICK.value else
-             ('configs/sparse_small.py', 'configs/dense_small.py'))
-    # All compile at once (a compile leaves part of two cores idle: the
-    # twins' two steps compiled in 21.5 s at once, 24.2 s one after the
-    # other), and all are ready before any is timed; each then waits, idle,
-    # for its turn.
-    all_workers = {name: {'old': _Worker(old_dir, os.path.join(old_dir, name)),
-                          'new': _Worker(ROOT, os.path.join(ROOT, name))}
-                   for name in names}
+  in its own process; one waits while the other runs); `old_dir` holds
+  `baseline`'s tree, as `prepare_baseline` left it."""
+  # All compile at once (a compile leaves part of two cores idle: the
+  # twins' two steps compiled in 21.5 s at once, 24.2 s one after the
+  # other), and all are ready before any is timed; each then waits, idle,
+  # for its turn.
+  all_workers = {
+      name: {'old': _Worker(old_dir, os.path.join(old_dir, name),
+                            f'{name} at commit {baseline}'),
+             'new': _Worker(ROOT, os.path.join(ROOT, name),
+                            f'{name} at the checkout')}
+      for name in twin_configs()}
+  try:
+    return _time_twins(baseline, all_workers, rounds, steps)
+  finally:  # After a failure, none left compiling or waiting.
     for workers in all_workers.values():
       for w in workers.values():
-        w.wait_ready()
-    out = {}
-    for name, workers in all_workers.items():
-      # One count of FLOPs for both: the twins' configs have trained the
-      # same model and batch since the baseline (c25ae90).
-      flops = _flops_per_step(
-          twin_worker.load_config(os.path.join(ROOT, name)))
-      # Idle since they compiled: a round untimed warms them again. Their
-      # steps are timed in the workers, which answer with the times.
-      r = interleaved({k: (w.steps, flops) for k, w in workers.items()},
-                      rounds, steps, warmup=steps)
-      for w in workers.values():
-        w.close()
-      out[name] = {'old_step_s': r['old']['step_s'],
-                   'new_step_s': r['new']['step_s'],
-                   'speedup': r['old']['step_s'] / r['new']['step_s'],
-                   'old_mfu': r['old']['mfu'], 'new_mfu': r['new']['mfu']}
-    return {'baseline': baseline, 'results': out}
+        if w.proc.poll() is None:
+          w.proc.kill()
+
+
+def _time_twins(baseline, all_workers, rounds, steps):
+  """`twins_section`'s result, of its started workers."""
+  for workers in all_workers.values():
+    for w in workers.values():
+      w.wait_ready()
+  out = {}
+  for name, workers in all_workers.items():
+    # One count of FLOPs for both: the twins' configs have trained the
+    # same model and batch since the baseline (c25ae90).
+    flops = _flops_per_step(
+        twin_worker.load_config(os.path.join(ROOT, name)))
+    # Idle since they compiled: a round untimed warms them again. Their
+    # steps are timed in the workers, which answer with the times.
+    r = interleaved({k: (w.steps, flops) for k, w in workers.items()},
+                    rounds, steps, warmup=steps)
+    for w in workers.values():
+      w.close()
+    out[name] = {'old_step_s': r['old']['step_s'],
+                 'new_step_s': r['new']['step_s'],
+                 'speedup': r['old']['step_s'] / r['new']['step_s'],
+                 'old_mfu': r['old']['mfu'], 'new_mfu': r['new']['mfu']}
+  return {'baseline': baseline, 'results': out}
 
 
 def to_markdown(result):
@@ -430,6 +468,16 @@ def main():
     if batch % _NUM_CPU_DEVICES.value:  # As `main` refuses it.
       raise ValueError(f'--num_cpu_devices={_NUM_CPU_DEVICES.value} must '
                        f'divide the batch of {batch}')
+  with tempfile.TemporaryDirectory() as old_dir:
+    if _BASELINE.value:
+      prepare_baseline(_BASELINE.value, old_dir)
+    result = measure(shape, small, widths, rounds, steps, old_dir)
+  provenance.write(_OUT.value, 'run', result, to_markdown(result))
+
+
+def measure(shape, small, widths, rounds, steps, old_dir):
+  """Every section's result and the run's provenance: `main`'s measuring,
+  once all its input is checked."""
   result = {
       'date': time.strftime('%Y-%m-%d'),
       'machine': provenance.machine(),
@@ -445,14 +493,14 @@ def main():
           [] if _QUICK.value else [modes_section(shape, 'gpt2', rounds,
                                                  steps)]),
       'sizes': lambda: sizes_section(shape, widths, rounds, steps),
-      'twins': lambda: twins_section(_BASELINE.value, rounds, steps)
+      'twins': lambda: twins_section(_BASELINE.value, old_dir, rounds, steps)
                if _BASELINE.value else {'note': 'twins skipped (--baseline=)'},
   }
   for name, section in sections.items():
     start = time.perf_counter()
     result[name] = section()
     result['seconds'][name] = time.perf_counter() - start
-  provenance.write(_OUT.value, 'run', result, to_markdown(result))
+  return result
 
 
 if __name__ == '__main__':

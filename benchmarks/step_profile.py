@@ -50,7 +50,8 @@ _STEP = flags.DEFINE_enum('step', 'sparse_small',
                           ['sparse_small', 'dense_small', 'gpt2', 'paper',
                            'torch'],
                           'Which train step to profile.')
-_STEPS = flags.DEFINE_integer('steps', 3, 'Steps traced (after 3 warm-up).')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Steps traced (after 3 warm-up).',
+                              lower_bound=1)
 
 
 def _wall_ms(step, steps):

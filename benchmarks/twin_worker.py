@@ -3,9 +3,13 @@ two versions of this project (the checkout and a baseline commit unpacked
 elsewhere) can be timed in turns on the same machine in one run.
 
   python benchmarks/twin_worker.py CODE_DIR CONFIG_FILE
+  python benchmarks/twin_worker.py --check CODE_DIR CONFIG_FILE...
 
 imports `sparse_gpt2` from CODE_DIR, compiles the step, prints `ready`, then
 answers every stdin line `N` with a JSON list of N step times in seconds.
+`--check` only imports what the workers of those configs would call, and
+exits non-zero (the error last on stderr) where one is missing: `run.py`
+checks a baseline so before it measures anything.
 Uses only what every version of the project has: `train.make_model`,
 `optim.make`, `train.init_state`, `train.train_step`; a config that asks for
 several CPU devices (`num_cpu_devices`, newer versions) gets them and its
@@ -79,6 +83,24 @@ def load_config(config_file):
   return module.get_config()
 
 
+def check(code_dir, config_files):
+  """Raises where the code in `code_dir` lacks what `main` calls for one of
+  `config_files` (read from there too): in seconds, not after a compile."""
+  sys.path.insert(0, code_dir)
+  from sparse_gpt2 import optim  # pylint: disable=g-import-not-at-top
+  from sparse_gpt2 import train  # pylint: disable=g-import-not-at-top
+  needs = [(train, 'make_model'), (optim, 'make'), (train, 'init_state'),
+           (train, 'train_step')]
+  if any(load_config(f).get('num_cpu_devices', 0) > 1 for f in config_files):
+    from sparse_gpt2 import sharding  # pylint: disable=g-import-not-at-top
+    needs += [(sharding, 'make_mesh'), (sharding, 'rules'), (train, 'layout'),
+              (train, 'jit_train_step')]
+  missing = [f'{module.__name__}.{name}' for module, name in needs
+             if not hasattr(module, name)]
+  if missing:
+    raise AttributeError(f"no {', '.join(missing)}")
+
+
 def main(code_dir, config_file):
   sys.path.insert(0, code_dir)
   from sparse_gpt2 import optim  # pylint: disable=g-import-not-at-top
@@ -110,4 +132,7 @@ def main(code_dir, config_file):
 
 
 if __name__ == '__main__':
-  main(*sys.argv[1:])
+  if sys.argv[1] == '--check':
+    check(sys.argv[2], sys.argv[3:])
+  else:
+    main(*sys.argv[1:])

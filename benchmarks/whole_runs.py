@@ -18,11 +18,14 @@ then the new. Read: each run's process's wall time, which the
 ratio compares (the issue's measure: everything a user waits for), its log's
 "Done" time (the training loop, evaluations and checkpoints; the old run's
 compile too, where the new one compiles before the loop) and the validation
-losses of its metrics.jsonl.
+losses of its metrics.jsonl. Every config is checked to exist in both
+trees before the first run, and the results are written after each config,
+so that a run that fails (one line: its last) keeps the configs before it.
 """
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -48,6 +51,11 @@ _OUT = flags.DEFINE_string('out', os.path.join(ROOT, 'benchmarks', 'out'),
                            'Where whole_runs.json and whole_runs.md go.')
 
 
+def _where(code_dir):
+  """A code tree as an error names it."""
+  return 'the checkout' if code_dir == ROOT else f'commit {_BASELINE.value}'
+
+
 def _main(code_dir, config, workdir, *flags_):
   """(wall seconds, stderr) of `python -m sparse_gpt2.main` on `config` by
   the code in `code_dir`, with an empty compile cache and --set's
@@ -61,9 +69,9 @@ def _main(code_dir, config, workdir, *flags_):
          *(f'--{s}' for s in _SET.value), *flags_],
         cwd=code_dir, env=env, capture_output=True, text=True)
     wall_s = time.perf_counter() - start
-  if proc.returncode:
-    raise RuntimeError(f'{config} in {code_dir} failed:\n'
-                       + proc.stderr[-2000:])
+  if proc.returncode:  # A user error: a --set this version rejects, say.
+    raise ValueError(f'{config} at {_where(code_dir)} failed (exit '
+                     f'{proc.returncode}): {provenance.last_line(proc.stderr)}')
   return wall_s, proc.stderr
 
 
@@ -80,8 +88,8 @@ def train(code_dir, config, workdir):
   wall_s, stderr = _main(code_dir, config, workdir)
   done = re.search(r'Done: \d+ steps in ([0-9.]+) s', stderr)
   if not done:
-    raise RuntimeError(f'{config} in {code_dir} logged no "Done":\n'
-                       + stderr[-2000:])
+    raise ValueError(f'{config} at {_where(code_dir)} logged no "Done": '
+                     f'{provenance.last_line(stderr)}')
   return {'done_s': float(done.group(1)), 'wall_s': wall_s,
           'val_loss': runs.val_losses(workdir)}
 
@@ -90,7 +98,7 @@ def to_markdown(result):
   lines = [f"Measured {result['date']} on {result['machine']}: whole runs "
            f"of this checkout (`{result['commit']}`) against commit "
            f"`{result['baseline']}`, one after the other "
-           '(`python benchmarks/whole_runs.py`).', '',
+           f"(`{result['command']}`).", '',
            '| config | old run (s) | new run (s) | old / new '
            '| "Done", old / new (s) | old final val loss '
            '| new final val loss |',
@@ -105,18 +113,31 @@ def to_markdown(result):
   return '\n'.join(lines) + '\n'
 
 
+def check_configs(configs, code_dirs):
+  """Refuses, before the first run, a config missing from one of the trees:
+  found by `main` only after the configs before it had trained."""
+  if not configs:
+    raise ValueError('--configs is empty')
+  for code_dir in code_dirs:
+    missing = [c for c in configs if not os.path.isfile(
+        os.path.join(code_dir, 'configs', f'{c}.py'))]
+    if missing:
+      raise ValueError('--configs: ' + ', '.join(
+          f'configs/{c}.py' for c in missing) + f' not at {_where(code_dir)}')
+
+
 def main():
   provenance.prepare_out(_OUT.value)
   result = {'date': time.strftime('%Y-%m-%d'),
             'machine': provenance.machine(), 'commit': provenance.commit(),
+            'command': shlex.join(['python', 'benchmarks/whole_runs.py',
+                                   *sys.argv[1:]]),
             'baseline': _BASELINE.value,
             'overrides': _SET.value, 'results': {}}
   with tempfile.TemporaryDirectory() as scratch:
     old_dir = os.path.join(scratch, 'old')
-    try:
-      provenance.unpack(_BASELINE.value, old_dir)
-    except ValueError as e:
-      sys.exit(f'whole_runs.py: {e}')
+    provenance.unpack(_BASELINE.value, old_dir)  # ValueError: no commit.
+    check_configs(_CONFIGS.value, (ROOT, old_dir))
     for config in _CONFIGS.value:
       prepare_corpus(config, os.path.join(scratch, f'corpus_{config}'))
       r = {version: train(code_dir, config,
@@ -126,7 +147,8 @@ def main():
       result['results'][config] = r
       print(f"{config}: old {r['old']['wall_s']:.1f} s, new "
             f"{r['new']['wall_s']:.1f} s, {r['speedup']:.2f}x", flush=True)
-  provenance.write(_OUT.value, 'whole_runs', result, to_markdown(result))
+      # Each config written as it ends: a later one that fails keeps it.
+      provenance.write(_OUT.value, 'whole_runs', result, to_markdown(result))
 
 
 if __name__ == '__main__':

@@ -14,6 +14,8 @@ import peers  # pylint: disable=g-import-not-at-top
 
 TINY = peers.Shape(vocab_size=64, d_model=32, num_layers=1, num_heads=2,
                    seq_len=16, batch_size=4)
+DAMAGES = ("['delete', 'empty', 'flip_byte', 'garbage', 'half', "
+           "'zeros_middle', 'zeros_start']")
 
 
 @pytest.mark.parametrize('script, args, code, message', [
@@ -26,6 +28,20 @@ TINY = peers.Shape(vocab_size=64, d_model=32, num_layers=1, num_heads=2,
      '--out README.md exists and is not a directory'),
     ('run.py', ['--quick', '--num_cpu_devices=3'], 1,
      '--num_cpu_devices=3 must divide the batch of 4'),
+    # An `error:` line as every refusal, not a bare `sys.exit` message.
+    ('whole_runs.py', ['--baseline=deadbeef'], 1,
+     'commit deadbeef not found (fatal: not a valid object name: deadbeef)'),
+    ('checkpoint_damage.py', ['--ways=bogus'], 1,
+     f"unknown --ways ['bogus']; known: {DAMAGES}"),
+    # Missing at the checkout, or at the baseline (the paper's config came
+    # after c25ae90): refused before the first config's run, which the
+    # rejected override here would end in a traceback.
+    ('whole_runs.py', ['--configs=tiny,no_such_config', '--baseline=HEAD',
+                       '--set=config.no_such_field=1'], 1,
+     '--configs: configs/no_such_config.py not at the checkout'),
+    ('whole_runs.py', ['--configs=sparse_gpt2_paper', '--baseline=c25ae90',
+                       '--set=config.no_such_field=1'], 1,
+     '--configs: configs/sparse_gpt2_paper.py not at commit c25ae90'),
     # Not the whole suite run for a flag without its dashes.
     ('run.py', ['quick'], 2, "unexpected arguments: ['quick']"),
 ])
@@ -36,6 +52,79 @@ def test_bad_input_is_one_line_before_any_measure(script, args, code,
       capture_output=True, text=True, timeout=120)
   assert result.returncode == code, result.stderr
   assert result.stderr.strip() == f'error: {message}', result.stderr
+
+
+def test_prepare_out_refuses_a_folder_it_cannot_write(tmp_path):
+  # A folder that exists, but not for this user's files: found before the
+  # run, not at its final write.
+  import provenance  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'read_only'
+  out.mkdir()
+  out.chmod(0o555)
+  if os.access(out, os.W_OK):  # root writes there anyway; not in /proc.
+    out = '/proc'
+  with pytest.raises(ValueError, match=f'^--out {out} is not writable: '):
+    provenance.prepare_out(str(out))
+
+
+# `main` of a benchmark with its measuring replaced: a check that comes
+# after the first section (or the first run) is a failed test, in seconds.
+_STUBBED_RUN = """
+import os, shutil, sys
+sys.path.insert(0, 'benchmarks')
+import provenance, run
+from sparse_gpt2 import cli
+def measured(*args):
+  sys.exit('measured before the baseline was checked')
+run.peers_section = run.modes_section = run.sizes_section = measured
+def unpack_without_train(baseline, dest):  # An old tree: no train.py yet.
+  for part in ('sparse_gpt2', 'configs'):
+    shutil.copytree(part, os.path.join(dest, part))
+  os.remove(os.path.join(dest, 'sparse_gpt2', 'train.py'))
+if sys.argv[1] == '--baseline=too_old':
+  provenance.unpack = unpack_without_train
+sys.argv = ['run.py', '--quick', *sys.argv[1:]]
+cli.run(run.main)
+"""
+
+
+@pytest.mark.parametrize('baseline, message', [
+    ('no_such_commit', 'commit no_such_commit not found (fatal: not a valid '
+     'object name: no_such_commit)'),
+    ('too_old', "--baseline=too_old cannot run the twins (--baseline= skips "
+     "them): ImportError: cannot import name 'train' from 'sparse_gpt2'"),
+])
+def test_run_checks_the_baseline_before_any_section(baseline, message,
+                                                    tmp_path):
+  # Not a note in run.md, nor a worker's traceback after every other
+  # section was measured (and lost).
+  result = subprocess.run(
+      [sys.executable, '-c', _STUBBED_RUN, f'--baseline={baseline}',
+       f'--out={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
+      timeout=120)
+  assert result.returncode == 1, result.stderr
+  assert result.stderr.startswith(f'error: {message}'), result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_twin_worker_that_fails_is_one_line(tmp_path):
+  # A worker on a tree without the package: a ValueError of one line, which
+  # `cli.run` prints, not a RuntimeError holding its traceback.
+  code = """
+import sys
+sys.path.insert(0, 'benchmarks')
+import run
+worker = run._Worker(sys.argv[1], 'configs/tiny.py')
+try:
+  worker.wait_ready()
+except ValueError as e:
+  print(e)
+"""
+  out = subprocess.run([sys.executable, '-c', code, str(tmp_path)], cwd=ROOT,
+                       check=True, capture_output=True, text=True,
+                       timeout=120).stdout
+  assert out == (f'the twin worker of {tmp_path} failed to start (exit 1): '
+                 "ModuleNotFoundError: No module named 'sparse_gpt2'\n")
 
 
 def test_quick_suite_writes_every_section_and_skips_a_missing_peer(tmp_path):
@@ -136,6 +225,19 @@ def test_matmuls_without_torch_is_one_line_before_any_compile():
       'pip install -r requirements-dev.txt)')
 
 
+def test_step_profile_refuses_zero_steps_before_any_step():
+  # Not a ZeroDivisionError after the warm-up steps. torch hidden: a
+  # profile that started would end on that instead, in seconds.
+  code = ("import runpy, sys; sys.modules['torch'] = None; "
+          "sys.argv = ['step_profile.py', '--step=torch', '--steps=0']; "
+          "runpy.run_path('benchmarks/step_profile.py', run_name='__main__')")
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip() == (
+      'error: flag --steps=0: 0 is not a positive integer')
+
+
 def test_step_profile_names_the_part_of_every_op_of_a_sparse_step():
   # The paper architecture (bigram table, sinks, untied unembedding) in topk
   # mode on two devices has ops of every part; 'other' holds only what XLA
@@ -202,6 +304,145 @@ def test_gpu_check_trains_both_twins_and_writes_its_tables(tiny_config,
   table = (tmp_path / 'gpu.md').read_text()
   assert '| dense_gpt2_124m |' in table and 'sparse/dense step time' in table
   assert (tmp_path / 'sparse_gpt2_124m.log').exists()
+
+
+def test_gpu_check_resolves_a_relative_out_dir_where_it_was_called(tmp_path):
+  # OUT_DIR=rel/out is the caller's ./rel/out, not the repository's: a run
+  # that fails at once (no such config) still leaves its log and the JSON
+  # there.
+  check = subprocess.run(
+      ['bash', os.path.join(ROOT, 'benchmarks', 'gpu.sh')], cwd=tmp_path,
+      capture_output=True, text=True, env={
+          **os.environ, 'OUT_DIR': 'rel/out', 'STEPS': '1',
+          'RUNS': 'broken|no_such_config|'})
+  assert check.returncode == 1, check.stderr
+  assert check.stderr.strip().splitlines()[-1] == (
+      f'error: failed: broken (their logs are in {tmp_path}/rel/out)')
+  assert (tmp_path / 'rel' / 'out' / 'broken.log').exists()
+  assert json.loads((tmp_path / 'rel' / 'out' / 'gpu.json').read_text())[
+      'runs'] == {}
+
+
+def test_gpu_check_refuses_an_out_dir_it_cannot_make(tmp_path):
+  (tmp_path / 'a_file').write_text('')
+  check = subprocess.run(
+      ['bash', 'benchmarks/gpu.sh'], cwd=ROOT, capture_output=True, text=True,
+      env={**os.environ, 'OUT_DIR': str(tmp_path / 'a_file' / 'out')})
+  assert check.returncode == 1, check.stderr
+  lines = check.stderr.strip().splitlines()
+  assert len(lines) == 1, check.stderr
+  assert lines[0].startswith(f"error: OUT_DIR {tmp_path}/a_file/out: cannot "
+                             'create directory'), check.stderr
+
+
+def test_gpu_check_removes_its_temporary_folder_when_it_stops_early(
+    tmp_path):
+  # The matmul peak fails (no such platform): the script exits there, and
+  # its `mktemp -d` folder goes with it.
+  (tmp_path / 'tmp').mkdir()
+  check = subprocess.run(
+      ['bash', 'benchmarks/gpu.sh'], cwd=ROOT, capture_output=True, text=True,
+      env={**os.environ, 'OUT_DIR': str(tmp_path / 'out'),
+           'TMPDIR': str(tmp_path / 'tmp'), 'JAX_PLATFORMS': 'no_such'})
+  assert check.returncode == 1, check.stderr
+  assert check.stderr.strip().splitlines()[-1] == (
+      'error: the matmul peak failed (above)')
+  assert not os.listdir(tmp_path / 'tmp')
+
+
+def test_whole_runs_keeps_the_configs_before_a_failed_run(tmp_path):
+  # tiny's runs faked (seconds each, not minutes), dense_small's real: the
+  # baseline's main rejects the override, as an older commit's can. One
+  # line, and tiny's result already written, with the command as typed.
+  code = """
+import sys
+sys.path.insert(0, 'benchmarks')
+import whole_runs
+from sparse_gpt2 import cli
+real_main = whole_runs._main
+def fake_main(code_dir, config, *args):
+  if config == 'tiny':
+    return 2.0, 'Done: 10 steps in 1.5 s'
+  return real_main(code_dir, config, *args)
+whole_runs._main = fake_main
+whole_runs.runs.val_losses = lambda workdir: {'10': 5.0}
+sys.argv = ['whole_runs.py', *sys.argv[1:]]
+cli.run(whole_runs.main)
+"""
+  args = ['--configs=tiny,dense_small', '--baseline=HEAD', f'--out={tmp_path}',
+          '--set=config.no_such_field=1']
+  result = subprocess.run([sys.executable, '-c', code, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr
+  assert result.stderr.strip() == (
+      'error: dense_small at the checkout failed (exit 2): no such config '
+      "field: 'no_such_field'")
+  written = json.loads((tmp_path / 'whole_runs.json').read_text())
+  assert list(written['results']) == ['tiny']
+  command = 'python benchmarks/whole_runs.py ' + ' '.join(args)
+  assert written['command'] == command
+  markdown = (tmp_path / 'whole_runs.md').read_text()
+  assert f'(`{command}`)' in markdown and '| tiny |' in markdown
+
+
+# checkpoint_damage.py with its training faked: a checkpoint 20 of two files,
+# every resume restoring the state as saved; with FAIL_IF_TRAINED set, a
+# training ends the process.
+_STUBBED_DAMAGE = """
+import os, sys, types
+sys.path.insert(0, 'benchmarks')
+import checkpoint_damage
+from sparse_gpt2 import cli
+def train_and_evaluate(config, run):
+  if os.environ.get('FAIL_IF_TRAINED'):
+    sys.exit('trained')
+  state = os.path.join(run, checkpoint_damage.workdir_lib.CHECKPOINTS, '20',
+                       'state')
+  os.makedirs(os.path.join(state, 'd'), exist_ok=True)
+  for name in ('_METADATA', 'd/chunk'):
+    with open(os.path.join(state, name), 'w') as f:
+      f.write('saved')
+  return {}
+checkpoint_damage.train = types.SimpleNamespace(
+    train_and_evaluate=train_and_evaluate,
+    load_run=lambda run, step: (None, None, {}))
+sys.argv = ['checkpoint_damage.py', *sys.argv[1:]]
+cli.run(checkpoint_damage.main)
+"""
+
+
+def test_checkpoint_damage_records_its_command_and_choice(tmp_path):
+  args = ['--ways=flip_byte,delete', '--path_contains=state/d',
+          f'--out={tmp_path}']
+  subprocess.run([sys.executable, '-c', _STUBBED_DAMAGE, *args], cwd=ROOT,
+                 check=True, capture_output=True, timeout=120)
+  result = json.loads((tmp_path / 'checkpoint_damage.json').read_text())
+  command = 'python benchmarks/checkpoint_damage.py ' + ' '.join(args)
+  assert result['command'] == command
+  assert result['ways'] == ['flip_byte', 'delete']
+  assert result['path_contains'] == 'state/d'
+  assert [c['file'] for c in result['cases']] == ['state/d/chunk'] * 2
+  assert f'(`{command}`)' in (tmp_path / 'checkpoint_damage.md').read_text()
+
+
+@pytest.mark.parametrize('args, fail_if_trained, message', [
+    # Known before the run trains.
+    (['--ways='], True, f'--ways is empty; known: {DAMAGES}'),
+    # Known once it has saved its checkpoint.
+    (['--path_contains=no_such_file'], False,
+     '--path_contains=no_such_file matches none of the 2 files of checkpoint '
+     '20 (in state, state/d)'),
+])
+def test_checkpoint_damage_refuses_a_choice_of_no_case(args, fail_if_trained,
+                                                       message, tmp_path):
+  # Not a report of no cases, and its malformed table.
+  env = {**os.environ, 'FAIL_IF_TRAINED': '1' if fail_if_trained else ''}
+  result = subprocess.run(
+      [sys.executable, '-c', _STUBBED_DAMAGE, *args, f'--out={tmp_path}'],
+      cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+  assert result.returncode == 1, result.stderr
+  assert result.stderr.strip() == f'error: {message}'
+  assert not os.listdir(tmp_path)
 
 
 def test_whole_runs_trains_both_versions_and_writes_its_table(tiny_config,
