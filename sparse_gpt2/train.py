@@ -79,6 +79,9 @@ def validate(config):
   for field in ('keep_every', 'peak_flops', 'num_cpu_devices'):
     if not config[field] >= 0:  # Refuses a NaN peak_flops too.
       raise ValueError(f'{field} must be >= 0, got {config[field]}')
+  if config.keep_every % config.checkpoint_every:  # Only saved steps stay.
+    raise ValueError(f'keep_every {config.keep_every} must be a multiple of '
+                     f'checkpoint_every {config.checkpoint_every} (or 0)')
   if config.microbatches < 1 or config.batch_size % config.microbatches:
     raise ValueError(f'microbatches must be >= 1 and divide batch_size '
                      f'{config.batch_size}, got {config.microbatches}')
@@ -444,10 +447,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # no weight, or a mesh axis that does not divide a weight, refuses here.
     abstract_state, state_sharding, batch_sharding = layout(
         config, model, tx, mesh, init_params)
-  workdir_lib.create(config, workdir, corpus_fingerprint)
-  mngr = checkpoint.manager(workdir, config.keep_checkpoints,
-                            config.keep_every)
+  unlock = workdir_lib.create(config, workdir, corpus_fingerprint)
+  mngr = None
   try:
+    mngr = checkpoint.manager(workdir, config.keep_checkpoints,
+                              config.keep_every)
     # After every refusal (a refused run's exit would kill the child, perhaps
     # in the middle of writing a cache entry, which jax would then never
     # rewrite), and not for a run already at its end.
@@ -477,7 +481,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return _train_loop(config, workdir, state, step_fn, eval_step,
                          batch_sharding, corpus, mngr)
   finally:
-    mngr.close()  # Waits for the last async save; also after a refusal.
+    if mngr is not None:
+      mngr.close()  # Waits for the last async save; also after a refusal.
+    unlock()  # After the last save: another start may take the run now.
 
 
 def _train_loop(config, workdir, state, step_fn, eval_step, batch_sharding,

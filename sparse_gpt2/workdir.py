@@ -12,9 +12,11 @@ knows) works like a local one. `check` only reads and `create` only writes,
 so a start that is refused leaves nothing behind; only process 0 writes.
 """
 
+import fcntl
 import json
 import os
 import re
+import socket
 
 from etils import epath
 import jax
@@ -28,6 +30,7 @@ CORPUS = 'corpus.json'  # `data.fingerprint` of the corpus it trains on.
 METRICS = 'metrics.jsonl'
 CHECKPOINTS = 'checkpoints'
 CORRUPT = 'corrupt_checkpoints'
+LOCK = '.lock'  # Held by the start that runs in the directory (`_lock`).
 
 # Fields that may differ between a workdir's saved config and a resumed run:
 # where it stops, bookkeeping, and how a step is laid out on devices (so a
@@ -80,6 +83,14 @@ def load_config(workdir):
   # Runs from before the field planned their schedules over train_steps.
   saved.setdefault('schedule_steps', saved['train_steps'])
   return ml_collections.ConfigDict(saved)
+
+
+def has_checkpoints(workdir):
+  """Whether a run saved any checkpoint (one set aside as corrupt counts):
+  a run directory without one holds no training, and a start may take it
+  as new, whatever config the start before it (that failed, or was
+  stopped during its first compile) wrote there."""
+  return bool(checkpoint_steps(workdir)) or (path(workdir) / CORRUPT).exists()
 
 
 def checkpoint_steps(workdir):
@@ -139,11 +150,13 @@ def check(config, workdir):
       raise ValueError(f'{directory} exists and is not a directory')
   saved = None
   if root.is_dir() and any(not _TEMPORARY.fullmatch(p.name)
-                           for p in root.iterdir()):
+                           and p.name != LOCK for p in root.iterdir()):
     if not (root / CONFIG).exists():
       raise ValueError(f'workdir {workdir} is not empty and holds no '
                        f'{CONFIG}: not a run directory, refusing to use it')
     saved = load_config(workdir)
+    if not has_checkpoints(workdir):
+      saved = None  # No training to resume: this start's config goes.
   config = config.copy_and_resolve_references()
   config.schedule_steps = schedule_steps(config, saved)
   if saved is not None:
@@ -194,9 +207,12 @@ def _check_kept_forever(saved, config, steps):
   """Refuses a `keep_every` that would drop checkpoints the run's own kept
   forever: orbax applies a manager's rule to every checkpoint on disk at
   its next save, so `sparse_medium`'s steps 50, 150, ... (the circuits'
-  matched-loss checkpoints) would go with keep_every 100."""
+  matched-loss checkpoints) would go with keep_every 100. The newest
+  `keep_checkpoints` are safe only where no save comes (the run is at its
+  end): each later save pushes the oldest of them out."""
   old, new = saved.get('keep_every', 0), config.keep_every
-  newest = set(steps[-config.keep_checkpoints:])
+  saves_ahead = config.train_steps > max(steps, default=0)
+  newest = set() if saves_ahead else set(steps[-config.keep_checkpoints:])
   lost = [s for s in steps if old and s % old == 0 and s not in newest
           and not (new and s % new == 0)]
   if lost:
@@ -214,7 +230,7 @@ def check_corpus(workdir, corpus_fingerprint,
   machine. Reads only; a run saved before the record was kept (2026-12-07)
   gets one at this start."""
   file = path(workdir) / CORPUS
-  if not file.exists():
+  if not file.exists() or not has_checkpoints(workdir):
     return
   saved = parse_json(file.read_text(), file)
   if not isinstance(saved, dict):
@@ -230,25 +246,71 @@ def check_corpus(workdir, corpus_fingerprint,
 
 
 def create(config, workdir, corpus_fingerprint):
-  """Writes `config` as the run's config.json and, where there is none,
+  """Takes the run directory for this start (`_lock`), writes `config` as
+  the run's config.json and, where there is none (or no checkpoint yet),
   its corpus record (process 0), then waits for every process, so none
-  opens a run directory that is not there yet, and refuses the run unless
-  every process reads the config.json process 0 wrote: hosts that each
-  have a folder of their own there (a local path on a slice of several
-  hosts) would each save only their own shards of every checkpoint, and
-  no host could restore one."""
+  opens a run directory that is not there yet. Returns the function that
+  gives the directory back.
+
+  Refuses the run unless every process reads the config.json process 0
+  wrote: hosts that each have a folder of their own there (a local path on
+  a slice of several hosts) would each save only their own shards of every
+  checkpoint, and no host could restore one."""
   root = path(workdir)
+  unlock, refused = (lambda: None), None
   if jax.process_index() == 0:
     root.mkdir(parents=True, exist_ok=True)
-    write_atomic(root / CONFIG, config.to_json(indent=2))
-    if not (root / CORPUS).exists():
-      write_atomic(root / CORPUS, json.dumps(corpus_fingerprint, indent=1))
-  multihost.barrier('workdir.create')
-  written = root / CONFIG
-  if not multihost.same_on_all(written.read_text() if written.exists()
-                               else ''):
-    raise ValueError(
-        f'the processes do not share the run directory {workdir} (each '
-        "host has a folder of its own there?): every host writes its shards "
-        'of each checkpoint into it, so on several hosts give a path they '
-        'all share, e.g. --workdir=gs://BUCKET/RUN')
+    unlock, refused = _lock(root)
+  if multihost.any_process(refused is not None):
+    raise ValueError(refused or f'another run is writing into {workdir}')
+  try:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        check(config, workdir)  # Again, now that no other start can write.
+      except ValueError as e:
+        error = e
+      else:
+        write_atomic(root / CONFIG, config.to_json(indent=2))
+        if not (root / CORPUS).exists() or not has_checkpoints(workdir):
+          write_atomic(root / CORPUS,
+                       json.dumps(corpus_fingerprint, indent=1))
+    if multihost.any_process(error is not None):
+      raise error or ValueError(f'process 0 refused {workdir}; its log says '
+                                'why')
+    multihost.barrier('workdir.create')
+    written = root / CONFIG
+    if not multihost.same_on_all(written.read_text() if written.exists()
+                                 else ''):
+      raise ValueError(
+          f'the processes do not share the run directory {workdir} (each '
+          "host has a folder of its own there?): every host writes its "
+          'shards of each checkpoint into it, so on several hosts give a '
+          'path they all share, e.g. --workdir=gs://BUCKET/RUN')
+  except BaseException:
+    unlock()
+    raise
+  return unlock
+
+
+def _lock(root):
+  """(unlock, None), or (None, why not) where another start holds the run
+  directory: two runs writing into one would mix their checkpoints, logs
+  and config. An advisory lock on `LOCK`, which the system drops when its
+  process ends, however it ends; none on a remote path (gs://)."""
+  if '://' in str(root):
+    return (lambda: None), None
+  f = open(root / LOCK, 'a+', encoding='utf-8')
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip() or 'another process'
+    f.close()
+    return None, (f'another run is writing into {root} ({holder}): wait '
+                  'for it to end, or stop it')
+  f.seek(0)
+  f.truncate()
+  f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+  f.flush()
+  return f.close, None

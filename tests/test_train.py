@@ -10,6 +10,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -602,6 +603,9 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
     ({'schedule_steps': 3_000_000_000},
      r'schedule_steps must be in \[0, 2\*\*31\), got 3000000000'),
     ({'keep_every': -5}, 'keep_every must be >= 0, got -5'),
+    # Kept forever are saved steps only: 15 of every 10 kept 30, 60, ...
+    ({'keep_every': 15}, 'keep_every 15 must be a multiple of '
+                         r'checkpoint_every 10 \(or 0\)'),
     ({'peak_flops': float('nan')}, 'peak_flops must be >= 0, got nan'),
     ({'microbatches': 3}, 'microbatches must be >= 1 and divide batch_size'),
     ({'seq_len': 64, 'model.pos_embedding': True},
@@ -644,10 +648,11 @@ def test_a_resume_may_not_drop_checkpoints_kept_forever(tiny_config,
   first = workdir_lib.check(
       tiny_config(keep_every=5, keep_checkpoints=1, train_steps=20,
                   schedule_steps=40), workdir)
-  workdir_lib.create(first, workdir, {})
+  workdir_lib.create(first, workdir, {})()  # Given back at once.
   for step in (5, 10, 15, 20):
     os.makedirs(os.path.join(workdir, workdir_lib.CHECKPOINTS, str(step)))
-  for keep_every, lost in ((10, [5, 15]), (0, [5, 10, 15]), (3, [5, 10])):
+  for keep_every, lost in ((10, [5, 15]), (0, [5, 10, 15, 20]),
+                           (3, [5, 10, 20])):
     with pytest.raises(ValueError) as refused:
       workdir_lib.check(tiny_config(keep_every=keep_every, keep_checkpoints=1,
                                     train_steps=30), workdir)
@@ -655,13 +660,56 @@ def test_a_resume_may_not_drop_checkpoints_kept_forever(tiny_config,
         f'keep_every {keep_every} would delete checkpoint(s) {lost}, which '
         'keep_every 5 keeps forever: give a divisor of 5, or move those out '
         'of checkpoints/ first')
-  # Kept as the newest but one, 15 is safe; 5 is still lost.
-  with pytest.raises(ValueError, match=r'checkpoint\(s\) \[5\], which'):
+  # Among the newest two, 15 would still go at the next saves (25, 30)...
+  with pytest.raises(ValueError, match=r'checkpoint\(s\) \[5, 15\], which'):
     workdir_lib.check(tiny_config(keep_every=10, keep_checkpoints=2,
                                   train_steps=30), workdir)
+  # ... and is safe only where no save comes: the run is at its end.
+  with pytest.raises(ValueError, match=r'checkpoint\(s\) \[5\], which'):
+    workdir_lib.check(tiny_config(keep_every=10, keep_checkpoints=2,
+                                  train_steps=20), workdir)
   for keep_every in (5, 1):  # Divisors of 5 keep every one of them.
     workdir_lib.check(tiny_config(keep_every=keep_every, keep_checkpoints=1,
                                   train_steps=30), workdir)
+
+
+def test_a_start_into_a_run_being_written_is_refused(tiny_config, tmp_path):
+  """Another start holds the run directory (here: this process, between
+  `create` and the end of its run): a second start, in another process, is
+  refused in one line, naming the holder, and changes nothing; once the
+  first gives it back, the same command runs."""
+  config = tiny_config(train_steps=2)
+  workdir = str(tmp_path / 'run')
+  held = workdir_lib.check(config, workdir)
+  unlock = workdir_lib.create(held, workdir, {})
+  try:
+    before = _listing(workdir)
+    second = _main(workdir, config, '--config.train_steps=2')
+    assert second.returncode == 1 and _errors(second) == [
+        f'error: another run is writing into {workdir} (pid {os.getpid()} '
+        f'on {socket.gethostname()}): wait for it to end, or stop it'], (
+            second.stderr[-2000:])
+    assert _listing(workdir) == before
+  finally:
+    unlock()
+  again = _main(workdir, config, '--config.train_steps=2')
+  assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_a_start_that_saved_nothing_leaves_the_next_start_free(tiny_config,
+                                                               tmp_path):
+  """A first start stopped before its first checkpoint (here: a NaN loss)
+  holds no training: the corrected command starts the run anew instead of
+  being refused for the config the failed start wrote."""
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(FloatingPointError, match='before any good checkpoint'):
+    train.train_and_evaluate(tiny_config(**{'optim.lr': 1e30}), workdir)
+  assert workdir_lib.checkpoint_steps(workdir) == []
+  state = train.train_and_evaluate(tiny_config(train_steps=20), workdir)
+  assert int(state.step) == 20
+  assert workdir_lib.load_config(workdir).optim.lr == 1e-2
+  assert [r['step'] for r in workdir_lib.read_metrics(workdir)] == list(
+      range(5, 21, 5))
 
 
 def test_a_resume_on_another_corpus_is_refused(reference_run, tmp_path):
@@ -773,6 +821,7 @@ def test_a_damaged_metrics_line_is_named(tmp_path):
 
 
 def test_a_damaged_corpus_record_is_named(tmp_path):
+  (tmp_path / 'checkpoints' / '10').mkdir(parents=True)
   (tmp_path / 'corpus.json').write_text('[]')
   with pytest.raises(ValueError, match=r'corpus.json is not a corpus record '
                      r'\(not a JSON object\)$'):
