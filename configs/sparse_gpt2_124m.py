@@ -1,9 +1,10 @@
 r"""GPT-2 small (124M) shape with the paper's top-k weight sparsity, for
 GPUs/TPUs: the sparse twin of dense_gpt2_124m (same architecture, tokens).
 
-1 in 64 weights nonzero at the end (about 1.9M of 124M), annealed over the
-first 50% of training; the paper's optimizer (eps 0.1, lr grows as
-sqrt(L0_target / L0_now)).
+1 in 64 weights nonzero at the end (about 1.37M of its 87.4M parameters
+with the project's 2048-token vocabulary, the 38k norm gains dense besides;
+1.9M of 124M with GPT-2's 50257), annealed over the first 50% of training;
+the paper's optimizer (eps 0.1, lr grows as sqrt(L0_target / L0_now)).
 
   python -m sparse_gpt2.main --config=configs/sparse_gpt2_124m.py \
       --config.data.source=/path/to/python/code

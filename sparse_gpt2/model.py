@@ -78,6 +78,16 @@ def validate(m):
   if not 0 <= m.act_topk_fraction <= 1:
     raise ValueError('model.act_topk_fraction must be in [0, 1], got '
                      f'{m.act_topk_fraction}')
+  # AbsTopK is on only with both fields set (`Block._node`): half of it
+  # would train the plain model under an AbsTopK run's name.
+  if m.act_topk_fraction > 0 and not m.act_topk_locations:
+    raise ValueError(f'model.act_topk_fraction {m.act_topk_fraction} applies '
+                     'at no location: give model.act_topk_locations (e.g. '
+                     'mlp_neuron)')
+  if m.act_topk_locations and not m.act_topk_fraction > 0:
+    raise ValueError(f'model.act_topk_locations {tuple(m.act_topk_locations)} '
+                     'do nothing at model.act_topk_fraction 0: give it (the '
+                     'paper keeps 0.25) or no locations')
   if not 0 <= m.dropout < 1:
     raise ValueError(f'model.dropout must be in [0, 1), got {m.dropout}')
   if m.attention == 'cudnn' and m.attention_sink:

@@ -46,15 +46,26 @@ from sparse_gpt2 import sharding
 MODES = ('none', 'static', 'topk')
 _GUARANTEED = np.int32(0x7FFFFFFF)  # Above the bits of any finite |w| or inf.
 _DIGITS = ((20, 11), (9, 11), (0, 9))  # (shift, width): bits 30-20, 19-9, 8-0.
+# The largest sparsity.min_per_neuron: `_column_tops` unrolls a tournament of
+# width J (the power of two >= j), whose compile time and memory grow faster
+# than J. `python -m sparse_gpt2.plan --config=configs/tiny.py
+# --topology=cpu:1` took 12, 14 and 20 s (0.8, 0.9 and 1.1 GB) at j = 4, 16
+# and 32, but 42 s and 3.2 GB at 64 and over 60 s and 8.6 GB at 128, where
+# one tensor (its embedding) reached j; the default is 4.
+MAX_MIN_PER_NEURON = 32
 
 
 def validate(config):
-  """Fails early, in one line, on a sparsity config that cannot work."""
+  """Fails early, in one line, on a sparsity config that cannot work.
+
+  Every field whatever the mode: a dense run records them in its config,
+  and that config with another `sparsity.mode` would use them. Mode 'none'
+  keeps every weight, so any density in range passes (a sparse config run
+  with `--config.sparsity.mode=none` keeps its own).
+  """
   if config.mode not in MODES:
     raise ValueError(f'sparsity.mode must be one of {MODES}, got '
                      f'{config.mode!r}')
-  if config.mode == 'none':
-    return
   if not 0 < config.density <= 1:
     raise ValueError(f'sparsity.density must be in (0, 1], got '
                      f'{config.density}')
@@ -64,8 +75,10 @@ def validate(config):
   if config.static_init not in ('uniform', 'erk'):
     raise ValueError("sparsity.static_init must be 'uniform' or 'erk', got "
                      f'{config.static_init!r}')
-  if config.min_per_neuron < 0:
-    raise ValueError('sparsity.min_per_neuron must be >= 0')
+  if not 0 <= config.min_per_neuron <= MAX_MIN_PER_NEURON:
+    raise ValueError(f'sparsity.min_per_neuron must be >= 0 and <= '
+                     f'{MAX_MIN_PER_NEURON} (its tournament compiles in '
+                     f'minutes above it), got {config.min_per_neuron}')
   try:
     re.compile(config.pattern)
   except re.error as e:

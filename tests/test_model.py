@@ -2,6 +2,8 @@
 (Parity with transformers' GPT-2 is in test_hf.py.)"""
 
 import functools
+import importlib
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -11,6 +13,7 @@ import pytest
 
 from configs import tiny
 from sparse_gpt2 import model as model_lib
+from sparse_gpt2 import sparsity
 from sparse_gpt2 import train
 
 SMALL = dict(vocab_size=50, num_layers=2, d_model=16, num_heads=2,
@@ -141,6 +144,40 @@ def test_act_topk_sparsifies_the_chosen_nodes():
   assert int(jnp.min(jnp.sum(nodes[0] != 0, axis=-1))) == 16  # attn_in dense.
   with pytest.raises(ValueError, match='act_topk_locations'):
     _init(act_topk_fraction=0.25, act_topk_locations=('nowhere',))
+
+
+@pytest.mark.parametrize('kw, message', [
+    (dict(act_topk_fraction=0.25),
+     r'model.act_topk_fraction 0.25 applies at no location: give '
+     r'model.act_topk_locations'),
+    (dict(act_topk_locations=('mlp_neuron',)),
+     r"model.act_topk_locations \('mlp_neuron',\) do nothing at "
+     r'model.act_topk_fraction 0'),
+])
+def test_half_configured_abstopk_is_refused(kw, message):
+  # Either half alone trained the plain model (`Block._node` needs both)
+  # under a config that said AbsTopK.
+  with pytest.raises(ValueError, match=message):
+    model_lib.validate(model_lib.GPT2(**SMALL, **kw))
+  config = tiny.get_config()
+  config.model.update(kw)
+  with pytest.raises(ValueError, match=message):
+    model_lib.validate(config.model)
+
+
+def test_every_config_file_validates():
+  """Each config's model and sparsity pass their checks (dense ones with
+  their inherited sparsity fields; `sparse_medium:abstopk` both AbsTopK
+  fields)."""
+  names = sorted(p.stem for p in pathlib.Path(tiny.__file__).parent.glob(
+      '*.py') if p.stem != '__init__')
+  assert 'sparse_medium' in names and 'dense_small' in names
+  runs = [(n, None) for n in names] + [('sparse_medium', 'abstopk'),
+                                       ('tiny', 'static'), ('tiny', 'none')]
+  for name, arg in runs:
+    config = importlib.import_module(f'configs.{name}').get_config(arg)
+    model_lib.validate(config.model)
+    sparsity.validate(config.sparsity)
 
 
 def test_dropout_only_in_training():

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import sparse_gpt2_124m
 from configs import tiny
 from sparse_gpt2 import optim
 from sparse_gpt2 import sparsity
@@ -219,7 +220,7 @@ def test_erk_masks_keep_each_tensors_k_and_a_j_it_can_hold():
   that k allows, where the uniform density's j would ask for more."""
   config = tiny.get_config('static')
   config.sparsity.static_init = 'erk'
-  config.sparsity.min_per_neuron = 64
+  config.sparsity.min_per_neuron = sparsity.MAX_MIN_PER_NEURON
   state = next(_run_steps(config, steps=1))
   params = sparsity.flat(state.params)
   erk = sparsity.erk_densities({p: params[p].shape for p in
@@ -233,9 +234,10 @@ def test_erk_masks_keep_each_tensors_k_and_a_j_it_can_hold():
     if mask.ndim >= 2:
       columns = mask.reshape(-1, mask.shape[-1])
       fan_in, neurons = columns.shape
-      j = min(64, k // neurons, fan_in)
-      uniform_j = min(64, round(config.sparsity.density * mask.size)
-                      // neurons, fan_in)
+      j = min(config.sparsity.min_per_neuron, k // neurons, fan_in)
+      uniform_j = min(config.sparsity.min_per_neuron,
+                      round(config.sparsity.density * mask.size) // neurons,
+                      fan_in)
       thinned += uniform_j > j
       assert columns.sum(0).min() >= j, path
   assert thinned, 'no tensor that ERK thins below the uniform j'
@@ -247,6 +249,58 @@ def test_impossible_density_fails_clearly(bad):
   config.density = bad
   with pytest.raises(ValueError, match='sparsity.density must be in'):
     sparsity.validate(config)
+
+
+@pytest.mark.parametrize('j', [33, 64, 128])
+def test_min_per_neuron_above_its_limit_is_refused(j):
+  # Its unrolled tournament (`_column_tops`) took 42 s and 3.2 GB to compile
+  # at j = 64 on the tiny config, and over a minute and 8.6 GB at 128.
+  config = tiny.get_config('topk').sparsity
+  config.min_per_neuron = 32
+  sparsity.validate(config)
+  config.min_per_neuron = j
+  with pytest.raises(ValueError, match=r'sparsity.min_per_neuron must be >= '
+                     rf'0 and <= 32 \(.*\), got {j}$'):
+    sparsity.validate(config)
+
+
+@pytest.mark.parametrize('field, bad, message', [
+    ('static_init', 'bogus',
+     "sparsity.static_init must be 'uniform' or 'erk', got 'bogus'"),
+    ('anneal_fraction', 5.0,
+     r'sparsity.anneal_fraction must be in \[0, 1\], got 5.0'),
+    ('anneal_fraction', float('nan'),
+     r'sparsity.anneal_fraction must be in \[0, 1\], got nan'),
+    ('pattern', '(unclosed', r"sparsity.pattern '\(unclosed' is not a regex"),
+    ('density', 0.0, r'sparsity.density must be in \(0, 1\], got 0.0'),
+    ('min_per_neuron', 64, 'sparsity.min_per_neuron must be >= 0 and <= 32'),
+])
+def test_a_dense_config_validates_every_sparsity_field(field, bad, message):
+  # Mode 'none' once returned before any check, so a dense run accepted and
+  # recorded fields that the same config in another mode would use.
+  config = tiny.get_config('none').sparsity
+  config.density = 0.1  # Any density in range: mode none keeps every weight.
+  sparsity.validate(config)
+  setattr(config, field, bad)
+  with pytest.raises(ValueError, match=message):
+    sparsity.validate(config)
+
+
+def test_sparse_gpt2_124m_states_the_weights_it_keeps():
+  """Its docstring's nonzero count is that of the project's 2048-token
+  vocabulary (it said 1.9M of 124M, true only of GPT-2's 50257)."""
+  config = sparse_gpt2_124m.get_config()
+  shapes = jax.eval_shape(train.make_model(config).init, jax.random.key(0),
+                          jnp.zeros((1, 8), jnp.int32))
+  params = sparsity.flat(shapes['params'])
+  weights = {p: params[p] for p in sparsity.flat(shapes['sparsity'])}
+  kept = sparsity._kept_per_tensor(  # pylint: disable=protected-access
+      weights, config.sparsity, config.train_steps)
+  total = sum(x.size for x in params.values())
+  kept = sum(k for k, _ in kept.values())
+  assert (total, kept) == (87_415_296, 1_365_264)  # About 1 in 64.
+  doc = ' '.join(sparse_gpt2_124m.__doc__.split())
+  assert 'about 1.37M of its 87.4M parameters' in doc, doc
 
 
 def test_pattern_matching_nothing_fails_clearly():
