@@ -422,6 +422,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   validate(config)
   config = workdir_lib.check(config, workdir)
   mesh = make_mesh(config)
+  # Read only for a run's first start: a resumed one needs its checkpoints,
+  # not the Hugging Face folder it began from (moved, or on another machine).
+  init_params = None
+  if config.init_from_hf and not workdir_lib.checkpoint_steps(workdir):
+    init_params = _hf_params(config)
+  model = make_model(config)
+  tx = optim.make(config, config.schedule_steps)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
+    # Traced before the corpus is built (a first start's ~40 s, a TFDS
+    # download) and the workdir written: a sparsity pattern that matches no
+    # weight, or a mesh axis that does not divide a weight, refuses here.
+    abstract_state, state_sharding, batch_sharding = layout(
+        config, model, tx, mesh, init_params)
   corpus = multihost.process_0_first(
       lambda: data.load(config.data, config.seq_len))
   if corpus.tokenizer.get_vocab_size() > config.model.vocab_size:
@@ -435,18 +448,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      'none): give every host the same source, or a shared '
                      'data_dir')
   workdir_lib.check_corpus(workdir, corpus_fingerprint)
-  # Read only for a run's first start: a resumed one needs its checkpoints,
-  # not the Hugging Face folder it began from (moved, or on another machine).
-  init_params = None
-  if config.init_from_hf and not workdir_lib.checkpoint_steps(workdir):
-    init_params = _hf_params(config)
-  model = make_model(config)
-  tx = optim.make(config, config.schedule_steps)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
-    # Traced before the workdir is written: a sparsity pattern that matches
-    # no weight, or a mesh axis that does not divide a weight, refuses here.
-    abstract_state, state_sharding, batch_sharding = layout(
-        config, model, tx, mesh, init_params)
   unlock = workdir_lib.create(config, workdir, corpus_fingerprint)
   mngr = None
   try:

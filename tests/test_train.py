@@ -673,6 +673,17 @@ def test_a_resume_may_not_drop_checkpoints_kept_forever(tiny_config,
                                   train_steps=30), workdir)
 
 
+def test_a_model_the_mesh_refuses_is_refused_before_the_corpus_is_built(
+    tiny_config, tmp_path):
+  """A first start's corpus takes ~40 s to build (a TFDS source, a
+  download): a pattern or mesh the model cannot take is refused first."""
+  config = tiny_config(**{'data.data_dir': str(tmp_path / 'tfds'),
+                          'sparsity.pattern': 'no_such_weight'})
+  with pytest.raises(ValueError, match='matches no parameter'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'tfds').exists() and not (tmp_path / 'run').exists()
+
+
 def test_a_start_into_a_run_being_written_is_refused(tiny_config, tmp_path):
   """Another start holds the run directory (here: this process, between
   `create` and the end of its run): a second start, in another process, is
