@@ -145,6 +145,12 @@ def check(config, workdir):
   anything but RESUMABLE_FIELDS.
   """
   root = path(workdir)
+  try:  # A remote path's first access imports its file system.
+    root.exists()
+  except ImportError as e:
+    raise ValueError(f'workdir {workdir}: {e} (pip install gcsfs '
+                     'google-cloud-storage, as launch/tpu_vm.sh does)'
+                     ) from None
   for directory in (root, root / CHECKPOINTS, root / CORRUPT):
     if directory.exists() and not directory.is_dir():
       raise ValueError(f'{directory} exists and is not a directory')

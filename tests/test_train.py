@@ -4,6 +4,7 @@ bad configs and workdirs (which leave no files)."""
 
 import asyncio
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -682,6 +683,15 @@ def test_a_model_the_mesh_refuses_is_refused_before_the_corpus_is_built(
   with pytest.raises(ValueError, match='matches no parameter'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'tfds').exists() and not (tmp_path / 'run').exists()
+
+
+def test_a_remote_workdir_without_its_file_system_is_one_line(tiny_config):
+  if importlib.util.find_spec('gcsfs'):
+    pytest.skip('gcsfs is installed: the bucket would be looked up')
+  with pytest.raises(ValueError, match=r'^workdir gs://no-bucket/run: Please '
+                     r'install gcsfs .*\(pip install gcsfs '
+                     r'google-cloud-storage, as launch/tpu_vm.sh does\)$'):
+    workdir_lib.check(tiny_config(), 'gs://no-bucket/run')
 
 
 def test_a_start_into_a_run_being_written_is_refused(tiny_config, tmp_path):
