@@ -467,6 +467,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if config.init_from_hf and init_params is None:  # All were corrupt.
           init_params = _hf_params(config)
         state = jit_init(config, model, tx, state_sharding)(rng, init_params)
+      elif int(state.step) >= config.train_steps:  # A finished run, rerun:
+        # no event file, no timed peak, nothing compiled or saved.
+        logging.info('Already at step %d of %d: nothing to train.',
+                     int(state.step), config.train_steps)
+        return state
       else:
         logging.info('Resumed from step %d.', int(state.step))
       step_fn = eval_step = None  # None compiled where no step is left.

@@ -1078,13 +1078,18 @@ def test_a_long_cpu_run_loads_the_steps_a_child_process_compiled(tmp_path):
                   'jit_stats'):
     assert f"Persistent compilation cache hit for '{program}'" in result.stderr
   assert [m['step'] for m in _metrics(str(tmp_path / 'run'))] == [steps]
-  # Rerun at its end, it neither starts the child nor compiles the steps.
+  # Rerun at its end, it neither starts the child nor compiles the steps,
+  # nor times the matmul peak or adds an event file.
+  events = sorted(p.name for p in (tmp_path / 'run').glob('events.out.*'))
   again = subprocess.run(result.args, cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-2000:]
-  assert f'Resumed from step {steps}' in again.stderr
+  assert f'Already at step {steps} of {steps}: nothing to train' in (
+      again.stderr)
   assert 'child process' not in again.stderr
-  assert 'train_step' not in again.stderr
+  assert 'train_step' not in again.stderr and '_square' not in again.stderr
+  assert sorted(p.name for p in (tmp_path / 'run').glob(
+      'events.out.*')) == events
 
 
 def test_a_failed_compile_apart_leaves_the_compile_to_the_run(caplog):
