@@ -5,6 +5,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 
 import ml_collections
@@ -299,8 +301,10 @@ def test_corpus_too_small_raises(corpus_dir, data_dir, tmp_path):
   (tmp_path / 'mine' / 'tfds').mkdir(parents=True)  # The user's, empty.
   with pytest.raises(ValueError, match='too small'):
     data.load(_config(tmp_path / 'one', tmp_path / 'mine' / 'tfds'), SEQ_LEN)
-  # No leftovers below the data folder, and the data folder kept.
-  assert os.listdir(tmp_path / 'mine' / 'tfds') == ['downloads']  # TFDS's.
+  # No leftovers below the data folder, and the data folder kept (with
+  # TFDS's downloads/ and the lock that one load at a time takes there).
+  assert sorted(os.listdir(tmp_path / 'mine' / 'tfds')) == [
+      '.sparse_gpt2.lock', 'downloads']
 
 
 class SparseGpt2TestDocs(tfds.core.GeneratorBasedBuilder):
@@ -352,7 +356,28 @@ def test_a_tfds_feature_the_dataset_lacks_is_one_line(tmp_path):
                      r"data.text_feature='n' is not text: Scalar\("):
     data.load(config, SEQ_LEN)
   # Both before anything is downloaded or prepared, or cached.
-  assert os.listdir(tmp_path) == []
+  assert os.listdir(tmp_path) == ['.sparse_gpt2.lock']
+
+
+def test_two_first_loads_at_once_prepare_one_corpus(corpus_dir, tmp_path):
+  """The twins started together on a fresh machine: one prepares the
+  corpus while the other waits for it, then reads the same caches."""
+  load = ('import sys\n'
+          'from sparse_gpt2 import data\n'
+          'import ml_collections\n'
+          f'config = ml_collections.ConfigDict(dict(source={str(corpus_dir[0])!r}, '
+          f"text_feature='text', data_dir={str(tmp_path)!r}, vocab_size=300, "
+          f'val_fraction={VAL_FRACTION}))\n'
+          f'corpus = data.load(config, {SEQ_LEN})\n'
+          'print(corpus.train_tokens.size, corpus.val_tokens.size)\n')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = [subprocess.Popen([sys.executable, '-c', load], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+  # The same sizes (TFDS's own lines aside, which the preparing one prints).
+  assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1
 
 
 @pytest.mark.parametrize('name', ['', 'x/y:z'])

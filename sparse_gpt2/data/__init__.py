@@ -17,6 +17,7 @@ Sources (`data_config.source`):
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
@@ -27,6 +28,7 @@ import time
 from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import constants as tfds_constants
 import tokenizers
 
 from sparse_gpt2.data import python_code
@@ -291,7 +293,28 @@ def load_tokenizer(data_config):
   whole corpus first. Trained and cached first where `load` has not yet
   been called."""
   _validate(data_config)
-  return _tokenizer(_open_source(data_config), data_config.vocab_size)[1]
+  with _one_builder(data_config):
+    return _tokenizer(_open_source(data_config), data_config.vocab_size)[1]
+
+
+@contextlib.contextmanager
+def _one_builder(data_config):
+  """One process at a time prepares, or reads, the corpora of a data
+  folder: two first starts at once (the twins launched together) both
+  prepared the corpus, and the second's rename of it failed. The others
+  wait for the caches, then read them. A remote folder is not locked."""
+  root = os.path.expanduser(data_config.data_dir or tfds_constants.DATA_DIR)
+  if '://' in root:
+    yield
+    return
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, '.sparse_gpt2.lock'), 'a') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info('Waiting for another process preparing data in %s.', root)
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    yield  # Closing the file drops the lock.
 
 
 def _read_tokens(path):
@@ -328,6 +351,11 @@ def load(data_config, seq_len):
       for one window.
   """
   _validate(data_config)
+  with _one_builder(data_config):
+    return _load(data_config, seq_len)
+
+
+def _load(data_config, seq_len):
   source = _open_source(data_config)
   data_dir, tokenizer = _tokenizer(source, data_config.vocab_size)
   eot_id = tokenizer_lib.eot_id(tokenizer)
