@@ -18,6 +18,7 @@ import os
 import re
 import socket
 
+from absl import logging
 from etils import epath
 import jax
 import ml_collections
@@ -315,6 +316,11 @@ def _lock(root):
     f.close()
     return None, (f'another run is writing into {root} ({holder}): wait '
                   'for it to end, or stop it')
+  except OSError as e:  # A file system without locks (some NFS).
+    f.close()
+    logging.warning('No lock on %s (%s): nothing stops a second start from '
+                    'writing into it.', root, e)
+    return (lambda: None), None
   f.seek(0)
   f.truncate()
   f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')

@@ -314,6 +314,9 @@ def _one_builder(data_config):
     except BlockingIOError:
       logging.info('Waiting for another process preparing data in %s.', root)
       fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError as e:  # A file system without locks (some NFS).
+      logging.warning('No lock on %s (%s): two first starts at once may '
+                      'both prepare its corpora.', root, e)
     yield  # Closing the file drops the lock.
 
 
