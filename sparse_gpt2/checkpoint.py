@@ -7,6 +7,7 @@ The data position needs no saving: the batch at step s is a pure function of
 (seed, s), so the restored `step` is the data position.
 """
 
+import asyncio
 import functools
 import json
 import logging as std_logging
@@ -181,6 +182,15 @@ def is_corrupt(error):
   return False
 
 
+def _interrupted(error):
+  """Whether a Ctrl-C (or a cancelled read it caused) is in `error`'s chain."""
+  while error is not None:
+    if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
 def restore_latest(mngr, abstract_state, workdir):
   """The newest checkpoint that reads back, or None if there is none.
 
@@ -195,6 +205,8 @@ def restore_latest(mngr, abstract_state, workdir):
     try:
       state = restore(mngr, step, abstract_state)
     except Exception as e:  # pylint: disable=broad-except  Classified below.
+      if _interrupted(e):  # A Ctrl-C that orbax's reads wrapped: not the
+        raise KeyboardInterrupt from e  # checkpoint's fault, nor the model's.
       error = e
     corrupt = error is not None and is_corrupt(error)
     if multihost.any_process(error is not None and not corrupt):

@@ -685,6 +685,24 @@ def test_a_model_the_mesh_refuses_is_refused_before_the_corpus_is_built(
   assert not (tmp_path / 'tfds').exists() and not (tmp_path / 'run').exists()
 
 
+def test_a_ctrl_c_during_a_restore_is_a_ctrl_c(monkeypatch, tmp_path):
+  """orbax wraps a read that a Ctrl-C cancelled in its own exception: that
+  is neither a corrupt checkpoint (moved aside) nor a model that does not
+  fit it (a refusal), but the user stopping the run."""
+  def interrupted(mngr, step, abstract):
+    try:
+      raise KeyboardInterrupt
+    except KeyboardInterrupt:
+      raise Exception('Encountered error while reading array index')  # pylint: disable=broad-exception-raised
+
+  monkeypatch.setattr(checkpoint, 'restore', interrupted)
+  mngr = types.SimpleNamespace(all_steps=lambda: [10],
+                               directory=tmp_path / 'checkpoints')
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.restore_latest(mngr, None, str(tmp_path))
+  assert not (tmp_path / 'corrupt_checkpoints').exists()
+
+
 def test_a_remote_workdir_without_its_file_system_is_one_line(tiny_config):
   if importlib.util.find_spec('gcsfs'):
     pytest.skip('gcsfs is installed: the bucket would be looked up')
