@@ -69,9 +69,13 @@ export JAX_COMPILATION_CACHE_DIR=\${JAX_COMPILATION_CACHE_DIR:-$(printf '%q' "$r
 srun --ntasks-per-node=1 .venv/bin/python -m sparse_gpt2.main $(printf '%q ' "${args[@]}")
 "
 
-if (( dry_run )); then
+if (( dry_run )); then  # As commands that write the file, then submit it.
+  file=$(printf '%q' "$repo/logs/sparse_gpt2-$name.sbatch")
+  echo "mkdir -p $(printf '%q' "$repo/logs")"
+  echo "cat > $file <<'SBATCH'"
   printf '%s' "$script"
-  echo "sbatch $(printf '%q' "$repo/logs/sparse_gpt2-$name.sbatch")"
+  echo "SBATCH"
+  echo "sbatch $file"
 else
   mkdir -p "$repo/logs"
   printf '%s' "$script" > "$repo/logs/sparse_gpt2-$name.sbatch"

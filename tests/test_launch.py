@@ -218,6 +218,22 @@ def _running(pid):
     return False
 
 
+def test_slurm_dry_run_prints_commands_that_submit_the_job(tmp_path):
+  """Run as printed (with a stand-in `sbatch` that records its file), the
+  dry run's lines write the job file that they then submit."""
+  lines = _dry_run('gpu_slurm.sh', '1', 'configs/tiny.py')
+  (tmp_path / 'sbatch').write_text('#!/bin/sh\ncp "$1" "$(dirname "$0")/job"\n')
+  (tmp_path / 'sbatch').chmod(0o755)
+  home = tmp_path / 'repo'
+  printed = '\n'.join(lines).replace(ROOT, str(home)) + '\n'
+  subprocess.run(['bash', '-c', printed], check=True, timeout=30,
+                 env={**os.environ, 'PATH': f"{tmp_path}:{os.environ['PATH']}"})
+  job = (tmp_path / 'job').read_text()
+  assert job.startswith('#!/usr/bin/env bash\n#SBATCH --job-name=')
+  assert job == (home / 'logs' / 'sparse_gpt2-tiny.sbatch').read_text()
+  assert '.venv/bin/python -m sparse_gpt2.main' in job
+
+
 def test_slurm_script_installs_once_and_runs_a_process_per_node():
   lines = _dry_run('gpu_slurm.sh', '2', 'configs/dense_gpt2_124m.py',
                    '--time=01:30:00', '--', PATTERN)
