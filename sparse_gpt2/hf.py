@@ -278,6 +278,9 @@ def save(params, model_kwargs, out_dir, overwrite=False, tokenizer=None):
       activation_function='gelu_new',
       layer_norm_epsilon=model.NORM_EPSILON,
       tie_word_embeddings=gpt2.tie_embeddings,
+      # As trained: transformers' default is 0.1 of each.
+      resid_pdrop=gpt2.dropout, embd_pdrop=gpt2.dropout,
+      attn_pdrop=gpt2.dropout,
       dtype='float32')
   if tokenizer is not None:
     eot_id = tokenizer_lib.eot_id(tokenizer)
@@ -297,9 +300,12 @@ def save(params, model_kwargs, out_dir, overwrite=False, tokenizer=None):
       tokenizer.save(os.path.join(tmp, TOKENIZER))
       with open(os.path.join(tmp, TOKENIZER_CONFIG), 'w') as f:
         eot = tokenizer_lib.EOT
+        # A literal <|endoftext|> in a text stays bytes, as the run's own
+        # encoding (`encode_special_tokens`, which tokenizer.json omits).
         json.dump(dict(tokenizer_class='PreTrainedTokenizerFast',
                        bos_token=eot, eos_token=eot, unk_token=eot,
-                       model_max_length=gpt2.max_len), f, indent=2)
+                       model_max_length=gpt2.max_len,
+                       split_special_tokens=True), f, indent=2)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -18,14 +18,22 @@ from sparse_gpt2 import workdir as workdir_lib
 # Dense bf16 peak FLOP/s of one device, from the vendors' datasheets, by
 # `device_kind` (first match wins, so longer names come first). MFU is
 # conventionally quoted against this peak whatever dtype a run uses.
+# jax names one chip more than one way ('TPU v5 lite' and 'TPU v5e'), and a
+# variant's name holds its family's ('TPU v4 lite', 'H100 NVL', 'GB200').
 DATASHEET_PEAKS = (
     ('TPU v6 lite', 918e12),   # v6e
+    ('TPU v6e', 918e12),
     ('TPU v5 lite', 197e12),   # v5e
+    ('TPU v5e', 197e12),
     ('TPU v5', 459e12),        # v5p
+    ('TPU v4 lite', 138e12),   # v4i
     ('TPU v4', 275e12),
     ('H100 PCIe', 756e12),
+    ('H100 NVL', 835e12),
     ('H100', 989e12),          # SXM
+    ('H200 NVL', 835e12),
     ('H200', 989e12),          # Also GH200.
+    ('GB200', 2500e12),
     ('B200', 2250e12),
     ('A100', 312e12),
 )

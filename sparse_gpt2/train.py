@@ -277,10 +277,26 @@ def layout(config, model, tx, mesh, init_params=None):
   boxed = jax.eval_shape(model.init, rng,
                          jnp.zeros((1, config.seq_len), jnp.int32))
   state_sharding = sharding.state_shardings(boxed, abstract_state, tx, mesh)
+  jax.tree_util.tree_map_with_path(_check_divides, abstract_state,
+                                   state_sharding)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_sharding)
   return abstract_state, state_sharding, sharding.batch_sharding(mesh)
+
+
+def _check_divides(path, array, array_sharding):
+  """Refuses, in one line, a mesh axis that does not divide the dimension
+  of a weight it splits (an odd vocabulary over `mesh.model`): the abstract
+  state takes such a sharding, and only the init would fail, after the
+  corpus was built and the workdir written."""
+  try:
+    array_sharding.shard_shape(array.shape)
+  except ValueError:
+    raise ValueError(
+        f'the mesh {dict(array_sharding.mesh.shape)} does not divide '
+        f'{jax.tree_util.keystr(path)} {array.shape} as it splits it '
+        f'({array_sharding.spec}): change mesh.* or that size') from None
 
 
 def jit_init(config, model, tx, state_sharding):

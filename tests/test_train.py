@@ -683,6 +683,16 @@ def test_a_model_the_mesh_refuses_is_refused_before_the_corpus_is_built(
   with pytest.raises(ValueError, match='matches no parameter'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'tfds').exists() and not (tmp_path / 'run').exists()
+  # A mesh axis that does not divide a weight it splits: the abstract state
+  # took the sharding, and only the init failed, with the workdir written.
+  odd = _main(str(tmp_path / 'run'), config, '--config.num_cpu_devices=2',
+              '--config.mesh.data=1', '--config.mesh.model=2',
+              '--config.data.vocab_size=257')
+  assert odd.returncode == 1 and _errors(odd) == [
+      "error: the mesh {'data': 1, 'fsdp': 1, 'model': 2} does not divide "
+      ".params['bigram'] (257, 257) as it splits it (P(None, 'model')): "
+      'change mesh.* or that size'], odd.stderr[-2000:]
+  assert not (tmp_path / 'tfds').exists() and not (tmp_path / 'run').exists()
 
 
 def test_a_ctrl_c_during_a_restore_is_a_ctrl_c(monkeypatch, tmp_path):
@@ -1184,6 +1194,13 @@ def test_mfu_peak_is_the_datasheet_peak_times_the_devices(monkeypatch):
   assert metrics.peak_flops('bfloat16') == 8 * 989e12
   device.platform, device.device_kind = 'tpu', 'TPU v5 lite'
   assert metrics.peak_flops('bfloat16') == 8 * 197e12
+  # A variant whose name holds its family's, or a chip's other name: not
+  # the family's peak (a v5e read as a v5p put its MFU 2.3x too low).
+  for kind, peak in (('TPU v5e', 197e12), ('TPU v6e', 918e12),
+                     ('TPU v4 lite', 138e12), ('NVIDIA H100 NVL', 835e12),
+                     ('NVIDIA GB200', 2500e12), ('NVIDIA B200', 2250e12)):
+    device.device_kind = kind
+    assert metrics.peak_flops('bfloat16') == 8 * peak, kind
 
 
 def test_tokens_per_second_time_training_not_evaluation(tiny_config,
@@ -1243,6 +1260,12 @@ def test_convert_exports_a_gpt2_run_and_refuses_the_paper_architecture(
   text = 'def f(x):\n    return  x.y\n'
   ids = corpus.tokenizer.encode(text).ids
   assert theirs(text)['input_ids'] == ids
+  quoted = 'x = "<|endoftext|>"\n'  # Bytes in the run, not its end of text.
+  assert theirs(quoted)['input_ids'] == corpus.tokenizer.encode(quoted).ids
+  assert corpus.eot_id not in theirs(quoted)['input_ids']
+  # Dropout as trained, not transformers' default 0.1.
+  assert (hf_model.config.resid_pdrop, hf_model.config.embd_pdrop,
+          hf_model.config.attn_pdrop) == (m.dropout,) * 3
   assert theirs.decode(ids) == text
   assert theirs.eos_token_id == corpus.eot_id
   assert hf_model.config.eos_token_id == hf_model.config.bos_token_id == (
