@@ -191,14 +191,16 @@ def _interrupted(error):
   return False
 
 
-def restore_latest(mngr, abstract_state, workdir):
+def restore_latest(mngr, abstract_state, workdir, set_aside=True):
   """The newest checkpoint that reads back, or None if there is none.
 
   A corrupt one (`is_corrupt`, e.g. files truncated by a crash outside
   orbax's atomic rename) is moved to `workdir/corrupt_checkpoints/` with a
-  warning, never deleted, and the one before it is tried. Any other failure
-  stops with a ValueError and moves nothing. Every process takes the same
-  decision: one that fails for another reason stops them all.
+  warning, never deleted, and the one before it is tried; with
+  `set_aside=False` (analysis, which changes nothing in a run) it is only
+  named in the warning. Any other failure stops with a ValueError and
+  moves nothing. Every process takes the same decision: one that fails
+  for another reason stops them all.
   """
   for step in sorted(mngr.all_steps(), reverse=True):
     state, error = None, None
@@ -220,6 +222,11 @@ def restore_latest(mngr, abstract_state, workdir):
           'error does this. Fix the cause and rerun.') from error
     if not multihost.any_process(corrupt):
       return state
+    if not set_aside:
+      logging.warning('The checkpoint at step %d in %s is damaged (%s); '
+                      'reading the one before it.', step, workdir,
+                      first_line(error) if error else 'on another process')
+      continue
     aside = (workdir_lib.path(workdir) / workdir_lib.CORRUPT /
              f'{step}-{int(time.time())}')
     if jax.process_index() == 0:

@@ -204,20 +204,9 @@ def load_run(workdir, step=None):
   mngr = checkpoint.manager(workdir, config.keep_checkpoints,
                             config.get('keep_every', 0), read_only=True)
   try:  # Closed either way, as orbax asks of every manager.
-    state = None
     if step is None:
-      for kept in sorted(mngr.all_steps(), reverse=True):
-        try:
-          state = checkpoint.restore(mngr, kept, abstract)
-          break
-        except Exception as e:  # pylint: disable=broad-except  Re-raised.
-          if not checkpoint.is_corrupt(e):
-            raise ValueError(
-                f'cannot restore the checkpoint at step {kept} in {workdir} '
-                f'({type(e).__name__}: {checkpoint.first_line(e)})') from e
-          logging.warning('The checkpoint at step %d in %s is damaged (%s); '
-                          'reading the one before it.', kept, workdir,
-                          checkpoint.first_line(e))
+      state = checkpoint.restore_latest(mngr, abstract, workdir,
+                                        set_aside=False)
     elif step in mngr.all_steps():
       try:
         state = checkpoint.restore(mngr, step, abstract)
