@@ -12,18 +12,17 @@ knows) works like a local one. `check` only reads and `create` only writes,
 so a start that is refused leaves nothing behind; only process 0 writes.
 """
 
-import fcntl
 import json
 import os
 import re
 import socket
 
-from absl import logging
 from etils import epath
 import jax
 import ml_collections
 
 from sparse_gpt2 import defaults
+from sparse_gpt2 import locks
 from sparse_gpt2 import multihost
 
 CONFIG = 'config.json'
@@ -303,24 +302,14 @@ def create(config, workdir, corpus_fingerprint):
 def _lock(root):
   """(unlock, None), or (None, why not) where another start holds the run
   directory: two runs writing into one would mix their checkpoints, logs
-  and config. An advisory lock on `LOCK`, which the system drops when its
-  process ends, however it ends; none on a remote path (gs://)."""
+  and config. `locks.hold` on `LOCK`; none on a remote path (gs://)."""
   if '://' in str(root):
     return (lambda: None), None
-  f = open(root / LOCK, 'a+', encoding='utf-8')
-  try:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    f.seek(0)
-    holder = f.read().strip() or 'another process'
-    f.close()
+  f = locks.hold(root / LOCK, wait=False)
+  if f is None:
+    holder = (root / LOCK).read_text().strip() or 'another process'
     return None, (f'another run is writing into {root} ({holder}): wait '
                   'for it to end, or stop it')
-  except OSError as e:  # A file system without locks (some NFS).
-    f.close()
-    logging.warning('No lock on %s (%s): nothing stops a second start from '
-                    'writing into it.', root, e)
-    return (lambda: None), None
   f.seek(0)
   f.truncate()
   f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')

@@ -17,7 +17,6 @@ Sources (`data_config.source`):
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import hashlib
 import json
@@ -31,6 +30,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants as tfds_constants
 import tokenizers
 
+from sparse_gpt2 import locks
 from sparse_gpt2.data import python_code
 from sparse_gpt2.data import tokenizer as tokenizer_lib
 
@@ -308,15 +308,7 @@ def _one_builder(data_config):
     yield
     return
   os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, '.sparse_gpt2.lock'), 'a') as lock:
-    try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      logging.info('Waiting for another process preparing data in %s.', root)
-      fcntl.flock(lock, fcntl.LOCK_EX)
-    except OSError as e:  # A file system without locks (some NFS).
-      logging.warning('No lock on %s (%s): two first starts at once may '
-                      'both prepare its corpora.', root, e)
+  with locks.hold(os.path.join(root, '.sparse_gpt2.lock'), wait=True):
     yield  # Closing the file drops the lock.
 
 
