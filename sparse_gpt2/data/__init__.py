@@ -68,10 +68,10 @@ class _Source:
 
 
 def _open_python_code(source_dir, data_config):
-  builder = python_code.PythonCode(
-      source_dir=source_dir,
-      val_fraction=data_config.val_fraction,
-      data_dir=data_config.data_dir or None)
+  make = functools.partial(python_code.PythonCode, source_dir=source_dir,
+                           val_fraction=data_config.val_fraction,
+                           data_dir=data_config.data_dir or None)
+  builder = make()
   manifest = os.path.join(builder.data_dir, python_code.MANIFEST)
   if os.path.exists(manifest):
     try:
@@ -85,9 +85,7 @@ def _open_python_code(source_dir, data_config):
       logging.warning('%s changed since its corpus was built; building it '
                       'again (and its BPE and token caches).', source_dir)
       shutil.rmtree(builder.data_dir)
-      builder = python_code.PythonCode(
-          source_dir=source_dir, val_fraction=data_config.val_fraction,
-          data_dir=data_config.data_dir or None)
+      builder = make()  # Afresh: the old one read the removed dataset's info.
   try:
     builder.download_and_prepare()
   except ValueError:  # An empty or too small corpus: no folders left for it
