@@ -359,8 +359,9 @@ def _summary(summary, path):
       for key in ('run', 'step', 'val_loss'):
         if key not in c:
           return f'no checkpoints.{model}.{key}'
-      if _mistyped(c, ('run', 'step')):
-        return f"checkpoints.{model}.{_mistyped(c, ('run', 'step'))}"
+      wrong = _mistyped(c, ('run', 'step'))
+      if wrong:
+        return f'checkpoints.{model}.{wrong}'
     if not isinstance(summary.get('tasks'), list):
       return 'no list of tasks'
     for row in summary['tasks']:
