@@ -12,6 +12,7 @@ knows) works like a local one. `check` only reads and `create` only writes,
 so a start that is refused leaves nothing behind; only process 0 writes.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -54,11 +55,17 @@ _TEMPORARY = re.compile(r'.+\.tmp\d+')  # What `write_atomic` renames.
 
 
 def write_atomic(file, text):
-  """Writes `text` to a temporary file renamed onto `file`, so a killed run
-  leaves the old file or the new one, never half of one."""
+  """Writes `text` (UTF-8) to a temporary file renamed onto `file`, so a
+  killed run leaves the old file or the new one, never half of one, and a
+  failed write leaves no temporary file. `file` an epath (`path`)."""
   tmp = file.parent / f'{file.name}.tmp{os.getpid()}'
-  tmp.write_text(text)
-  tmp.replace(file)
+  try:
+    tmp.write_text(text, encoding='utf-8')
+    tmp.replace(file)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      tmp.unlink()
+    raise
 
 
 def parse_json(text, where):

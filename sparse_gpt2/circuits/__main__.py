@@ -21,6 +21,7 @@ import os
 from absl import flags
 
 from sparse_gpt2 import cli
+from sparse_gpt2 import workdir as workdir_lib
 from sparse_gpt2.circuits import runs
 from sparse_gpt2.circuits import settings as settings_lib
 from sparse_gpt2.circuits import tasks
@@ -154,10 +155,8 @@ def main():
   circuit = runs.find_circuit(_WORKDIR.value, settings, task=task,
                               step=_STEP.value)
   os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, 'circuit.json')
-  with open(path + '.tmp', 'w') as f:  # A killed run leaves no half file.
-    json.dump(circuit, f, indent=1)
-  os.replace(path + '.tmp', path)
+  workdir_lib.write_atomic(workdir_lib.path(os.path.join(out, 'circuit.json')),
+                           json.dumps(circuit, indent=1))
   figure = os.path.join(out, 'circuit')
   if _DRAW.value:
     # Imported here: matplotlib costs seconds that --draw=false need not pay.

@@ -39,6 +39,7 @@ from absl import flags
 from absl import logging
 
 from sparse_gpt2 import cli
+from sparse_gpt2 import workdir as workdir_lib
 from sparse_gpt2.circuits import prune
 from sparse_gpt2.circuits import runs
 from sparse_gpt2.circuits import settings as settings_lib
@@ -368,9 +369,7 @@ def _circuit(run, step, task, settings, out, model, record_at=()):
   circuit = runs.find_circuit(run, settings, step=step, task=task,
                               record_at=record_at)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.tmp', 'w') as f:  # A killed run leaves no half file.
-    json.dump(circuit, f)
-  os.replace(path + '.tmp', path)
+  workdir_lib.write_atomic(workdir_lib.path(path), json.dumps(circuit))
   return circuit
 
 

@@ -22,7 +22,6 @@ probability of the two candidates on the task's example prompts, full model
 and circuit only. Bad input is one `error:` line on stderr (`cli.run`).
 """
 
-import contextlib
 import glob
 import json
 import os
@@ -509,14 +508,7 @@ def write_page(out, *, compare_dir=None, circuits_dir=None, **options):
   load = from_compare if compare_dir else from_circuits
   data = page_data(*load(directory), **options)
   page = render(data)
-  try:
-    with open(out + '.tmp', 'w', encoding='utf-8') as f:
-      f.write(page)
-    os.replace(out + '.tmp', out)
-  except BaseException:  # Nothing half-written left beside `out`.
-    with contextlib.suppress(OSError):
-      os.remove(out + '.tmp')
-    raise
+  workdir_lib.write_atomic(workdir_lib.path(out), page)
   return data
 
 
