@@ -20,7 +20,6 @@ without a report.
 
 import collections
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -121,8 +120,7 @@ def main():
   config.checkpoint_every = 10
   result = {'date': time.strftime('%Y-%m-%d'),
             'machine': provenance.machine(), 'commit': provenance.commit(),
-            'command': shlex.join(['python', 'benchmarks/checkpoint_damage.py',
-                                   *sys.argv[1:]]),
+            'command': provenance.command(),
             'ways': _WAYS.value, 'path_contains': _PATH_CONTAINS.value,
             'cases': []}
   with tempfile.TemporaryDirectory() as scratch:

@@ -5,7 +5,9 @@ files they are written to."""
 import json
 import os
 import platform
+import shlex
 import subprocess
+import sys
 import tempfile
 
 import jax
@@ -32,6 +34,13 @@ def machine():
               if flag in flag_words), '')
   return (f"{cpu}{f' ({isa})' if isa else ''}, {platform.machine()}, "
           f'{os.cpu_count()} cores, {jax.devices()[0].device_kind}')
+
+
+def command():
+  """The command line that ran this benchmark (a script of benchmarks/),
+  as a user reruns it from the checkout."""
+  return shlex.join(['python', f'benchmarks/{os.path.basename(sys.argv[0])}',
+                     *sys.argv[1:]])
 
 
 def commit():

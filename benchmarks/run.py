@@ -42,7 +42,6 @@ contender's steps, so a machine that slows down cannot inflate it.
 import functools
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -482,7 +481,7 @@ def measure(shape, small, widths, rounds, steps, old_dir):
       'date': time.strftime('%Y-%m-%d'),
       'machine': provenance.machine(),
       'commit': provenance.commit(),
-      'command': shlex.join(['python', 'benchmarks/run.py', *sys.argv[1:]]),
+      'command': provenance.command(),
       'num_cpu_devices': _NUM_CPU_DEVICES.value,
       'quick': _QUICK.value,
       'seconds': {},  # Each section's wall time, compiles included.

@@ -25,7 +25,6 @@ so that a run that fails (one line: its last) keeps the configs before it.
 
 import os
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -130,8 +129,7 @@ def main():
   provenance.prepare_out(_OUT.value)
   result = {'date': time.strftime('%Y-%m-%d'),
             'machine': provenance.machine(), 'commit': provenance.commit(),
-            'command': shlex.join(['python', 'benchmarks/whole_runs.py',
-                                   *sys.argv[1:]]),
+            'command': provenance.command(),
             'baseline': _BASELINE.value,
             'overrides': _SET.value, 'results': {}}
   with tempfile.TemporaryDirectory() as scratch:
