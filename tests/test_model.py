@@ -192,8 +192,17 @@ def test_dropout_only_in_training():
 def test_bfloat16_compute_keeps_float32_logits_and_params():
   m, params, _ = _init(dtype='bfloat16')
   assert params['block_0']['query']['kernel'].dtype == jnp.float32
-  out = m.apply({'params': params}, TOKENS)
+  out, state = m.apply({'params': params}, TOKENS,
+                       capture_intermediates=True)
   assert out.dtype == jnp.float32
+  # The blocks compute in bf16: their outputs are bf16, and the logits are
+  # the float32 model's to bf16's precision, not to float32's.
+  assert state['intermediates']['block_0']['__call__'][0].dtype == (
+      jnp.bfloat16)
+  m32 = model_lib.GPT2(**{**SMALL, 'dtype': 'float32'})
+  out32 = _logits(m32, params)
+  assert not np.allclose(out, out32, atol=1e-5)
+  np.testing.assert_allclose(out, out32, atol=0.05)
   _, p16, _ = _init(param_dtype='bfloat16')
   assert p16['block_0']['query']['kernel'].dtype == jnp.bfloat16
 

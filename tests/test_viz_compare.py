@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,8 @@ def test_draw_circuit_sparse_dense_and_unsolved(tmp_path):
   with open(tmp_path / 'unsolved' / 'circuit.svg') as f:
     svg = f.read()
   assert 'not solved' in svg and 'circuit n/a' in svg
+  assert ("the full model's task loss is" in svg
+          and f"above the target {SETTINGS.target_loss:g}" in svg)
 
 
 def test_draw_comparison(tmp_path):
@@ -154,6 +157,12 @@ def test_draw_curve(tmp_path):
                  ('dense', 40, 3.11, 2, 900), ('dense', 20, 3.6, 0, None))]
   viz.draw_curve(points, CHECKPOINTS, str(tmp_path / 'curve'))
   _check_files(str(tmp_path / 'curve'))
+  with open(tmp_path / 'curve.svg') as f:
+    svg = f.read()
+  # A line per model in the legend, and per model its points and the ring
+  # of its paired checkpoint (the dense point without edges is not drawn).
+  assert '<!-- sparse -->' in svg and '<!-- dense -->' in svg
+  assert len(re.findall(r'id="PathCollection_\d+"', svg)) == 4
 
 
 def test_draw_comparison_unsolved_and_unequal_depths(tmp_path):
@@ -162,6 +171,11 @@ def test_draw_comparison_unsolved_and_unequal_depths(tmp_path):
                       make_circuit(solved=False, num_layers=4), path,
                       sparse_label='A', dense_label='B')
   _check_files(path)
+  with open(path + '.svg') as f:
+    svg = f.read()
+  # Both panels span the deeper circuit's four layers, titled by the labels.
+  assert '<!-- layer 3 -->' in svg and '<!-- layer 4 -->' not in svg
+  assert re.search(r'<!-- A\b', svg) and re.search(r'<!-- B\b', svg)
 
 
 def test_summarize_ratios_and_geometric_means():
