@@ -92,6 +92,14 @@ def validate(m):
     raise ValueError(f'model.dropout must be in [0, 1), got {m.dropout}')
   if m.attention == 'cudnn' and m.attention_sink:
     raise ValueError(_CUDNN_NO_SINKS)
+  if m.attention == 'cudnn' and m.dtype not in ('bfloat16', 'float16'):
+    raise ValueError(f"model.attention='cudnn' computes in bfloat16 or "
+                     f"float16 only, got model.dtype={m.dtype!r}: set one, "
+                     "or use 'xla' or 'auto'")
+  if derived_sizes(m)[0] < 1:
+    raise ValueError(f'model.d_model {m.d_model} over model.num_heads '
+                     f'{m.num_heads} heads leaves d_head 0: give '
+                     'model.d_head, or fewer heads')
 
 
 def derived_sizes(model_config):
@@ -111,7 +119,8 @@ def abs_topk(x, fraction):
   than `lax.top_k`, which sorts every row ([32, 128, 512] fp32, forward and
   backward: 37 against 325 ms).
   """
-  k = max(1, math.ceil(fraction * x.shape[-1]))
+  # Rounded first: in floats 0.07 * 100 is 7.000000000000001.
+  k = max(1, math.ceil(round(fraction * x.shape[-1], 6)))
   if k >= x.shape[-1]:
     return x
   bits = sparsity.abs_bits(x)

@@ -75,10 +75,13 @@ def validate(o):
   for field in ('b1', 'b2'):
     if not 0 <= o[field] < 1:
       raise ValueError(f'optim.{field} must be in [0, 1), got {o[field]}')
-  for field in ('eps', 'weight_decay'):
-    if not 0 <= o[field] < math.inf:
-      raise ValueError(f'optim.{field} must be >= 0 and finite, got '
-                       f'{o[field]}')
+  if not 0 <= o.weight_decay < math.inf:
+    raise ValueError(f'optim.weight_decay must be >= 0 and finite, got '
+                     f'{o.weight_decay}')
+  # At 0, a weight whose gradient is exactly zero (the bigram row of a token
+  # that no batch holds) takes Adam's 0 / 0 and the run is NaN at step 1.
+  if not 0 < o.eps < math.inf:
+    raise ValueError(f'optim.eps must be > 0 and finite, got {o.eps}')
   if not 0 < o.grad_rms < math.inf:
     raise ValueError(f'optim.grad_rms must be > 0 and finite, got '
                      f'{o.grad_rms}')

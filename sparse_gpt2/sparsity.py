@@ -529,6 +529,8 @@ def erk_densities(shapes, density):
   while True:
     budget = density * sum(sizes.values()) - sum(sizes[p] for p in dense)
     free = [p for p in shapes if p not in dense]
+    if not free:  # At density 1, rounding can push every tensor over 1.
+      return dict.fromkeys(shapes, 1.0)
     eps = budget / sum(raw[p] * sizes[p] for p in free)
     over = [p for p in free if eps * raw[p] > 1]
     if not over:

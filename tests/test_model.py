@@ -117,6 +117,11 @@ def test_abs_topk_keeps_the_largest_fraction():
   x = jnp.array([[3.0, -4.0, 1.0, 0.5, -0.1, 2.0, 0.0, -2.5]])
   np.testing.assert_array_equal(model_lib.abs_topk(x, 0.25),
                                 [[3.0, -4.0, 0, 0, 0, 0, 0, 0]])
+  # k is the fraction's ceiling even where the product rounds above an
+  # integer (0.07 * 100 is 7.000000000000001 in floats).
+  x = jnp.arange(1.0, 101.0)
+  assert int((model_lib.abs_topk(x, 0.07) != 0).sum()) == 7
+  assert int((model_lib.abs_topk(x, 0.071) != 0).sum()) == 8
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])

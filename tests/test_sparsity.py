@@ -213,6 +213,12 @@ def test_erk_densities_match_the_budget():
   assert kept == pytest.approx(0.1 * total)
   assert dens['d'] == 1.0 and dens['c'] == 1.0  # Small ones capped dense.
   assert dens['a'] > dens['b']
+  # At density 1 every tensor is dense, though rounding takes the scale
+  # past 1 for some of them (it divided by zero once all were).
+  for shape in ((48, 768), (192, 3072), (3072, 192)):
+    assert sparsity.erk_densities({'w': shape}, 1.0) == {'w': 1.0}
+  assert sparsity.erk_densities({'w': (48, 25), 'b': (25,)}, 1.0) == {
+      'w': 1.0, 'b': 1.0}
 
 
 def test_erk_masks_keep_each_tensors_k_and_a_j_it_can_hold():

@@ -613,7 +613,9 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
      'seq_len 64 > model.max_len 32'),
     ({'optim.lr': float('nan')}, 'optim.lr must be >= 0 and finite, got nan'),
     ({'optim.lr': float('inf')}, 'optim.lr must be >= 0 and finite, got inf'),
-    ({'optim.eps': float('nan')}, 'optim.eps must be >= 0 and finite, got nan'),
+    ({'optim.eps': float('nan')}, 'optim.eps must be > 0 and finite, got nan'),
+    # Adam's 0 / 0 at every weight whose gradient is exactly zero.
+    ({'optim.eps': 0.0}, 'optim.eps must be > 0 and finite, got 0.0'),
     ({'optim.weight_decay': float('inf')},
      'optim.weight_decay must be >= 0 and finite, got inf'),
     ({'seed': -1}, r'seed must be in \[0, 2\*\*31\), got -1'),
@@ -626,8 +628,15 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
     ({'init_from_hf': '/no/such/hf_dir'}, 'expected a Hugging Face GPT-2'),
     # Found as the state is traced (`layout`), before the workdir is written.
     ({'sparsity.pattern': 'no_such_weight'}, 'matches no parameter'),
+    ({'model.attention': 'cudnn', 'model.attention_sink': False,
+      'model.dtype': 'bfloat16'}, "model.attention='cudnn' needs a GPU"),
+    # cuDNN's flash attention raised NotImplementedError, a traceback.
     ({'model.attention': 'cudnn', 'model.attention_sink': False},
-     "model.attention='cudnn' needs a GPU"),
+     "model.attention='cudnn' computes in bfloat16 or float16 only, got "
+     "model.dtype='float32'"),
+    # Init divided by the derived head size, 32 // 64.
+    ({'model.d_head': None, 'model.num_heads': 64},
+     'model.d_model 32 over model.num_heads 64 heads leaves d_head 0'),
     ({'model.attention': 'cudnn', 'model.attention_sink': True},
      'does not support attention sinks'),
 ])
