@@ -906,6 +906,11 @@ def _errors(result):
      'flag --curve_every=0: 0 is not a positive integer'),
     ('sparse_gpt2.circuits.compare', ['--convergence_steps=100,abc'],
      '--convergence_steps must be step counts >= 1, e.g. 100,200'),
+    # A NaN gap matched no checkpoint, and pairs[0] was an IndexError.
+    ('sparse_gpt2.circuits.compare', ['--max_loss_gap=nan'],
+     '--max_loss_gap must be >= 0 and finite'),
+    ('sparse_gpt2.circuits.compare', ['--pairs=0'],
+     'flag --pairs=0: 0 is not a positive integer'),
     ('sparse_gpt2.circuits', ['--evaluate', '--evaluate_every=-5'],
      'flag --evaluate_every=-5: -5 is not a non-negative integer'),
     ('sparse_gpt2.circuits.view', ['--snippets_per_node=-1'],

@@ -63,7 +63,7 @@ _PAIRS = flags.DEFINE_integer(
     'pairs', 1, 'Compare against this many dense checkpoints, the closest '
     'in validation loss within --max_loss_gap, to show how far the ratio '
     'moves with the choice among equally matched ones (pairs.md); the '
-    'closest makes comparison.md.')
+    'closest makes comparison.md.', lower_bound=1)
 _RECOMPUTE = flags.DEFINE_bool('recompute', False, 'Prune again even where '
                                'a matching circuit is saved.')
 _CONVERGENCE_STEPS = flags.DEFINE_list(
@@ -79,6 +79,9 @@ _CURVE_EVERY = flags.DEFINE_integer('curve_every', 500, 'See --curve.',
                                     lower_bound=1)
 settings_lib.define_flags()
 flags.mark_flags_as_required(['sparse', 'dense', 'out'])
+flags.register_validator(  # NaN passes a lower_bound, and matched nothing.
+    'max_loss_gap', lambda gap: 0 <= gap < math.inf,
+    '--max_loss_gap must be >= 0 and finite')
 flags.register_validator(
     'convergence_steps',
     lambda steps: all(s.isdigit() and int(s) >= 1 for s in steps),
