@@ -353,30 +353,51 @@ def test_scoring_passes_keep_within_the_token_budget(monkeypatch):
     assert in_passes[key] == pytest.approx(value, abs=1e-5)
 
 
+def _unpaired(n, answered_yes):
+  """n unpaired prompts of `_task`, the first `answered_yes` of them
+  answered YES, the others NO."""
+  task = _task(n, 0)
+  task['correct'] = np.where(np.arange(n) < answered_yes, YES, NO)
+  task['incorrect'] = np.where(np.arange(n) < answered_yes, NO, YES)
+  task['pair'] = np.arange(n, dtype=np.int32)
+  return {k: v.astype(np.int32) for k, v in task.items()}
+
+
 def test_split_refuses_too_few_pairs_and_deals_groups_that_lean_one_way():
-  """Select and test need 8 pairs each. A task balanced as a whole whose
-  groups each answer one way (unpaired prompts; groups of one answer) is
-  split within the bound for every seed: as the seeded order cuts it
-  where that is balanced, else dealt in proportion within each lean."""
+  """Select and test need 8 pairs and 16 prompts each. A task balanced as
+  a whole whose groups each answer one way (unpaired prompts; groups of one
+  answer) is split within the bound for every seed: as the seeded order
+  cuts it where that is balanced, else dealt in turns."""
   with pytest.raises(ValueError, match=r'^29 prompt pairs .* split 15/7/7 '
                      r'.* needs at least 1/8/8: give the task at least 30 '
                      r'pairs$'):
     prune.split(_task(58, 0), SETTINGS)
   assert [len(np.unique(p['pair'])) for p in
           prune.split(_task(60, 0), SETTINGS)] == [14, 8, 8]
+  # 10 unpaired prompts in select: a chance model passed a calibrated 0.5
+  # on 8 of them in 7% of draws.
+  with pytest.raises(ValueError, match=r'^its select split holds 10 prompts '
+                     r'\(10 prompt pairs .*\), and a calibrated loss needs at '
+                     r'least 16: give the task more prompts'):
+    prune.split(_unpaired(40, 20), SETTINGS)
   grouped = _task(256, 0)  # 32 groups of 8 prompts, each of one answer.
   grouped['pair'][np.argsort(grouped['correct'], kind='stable')] = (
       np.arange(256) // 8)
-  unpaired = _task(40, 0)  # 40 prompts, 20 of each answer, no pairs.
-  unpaired['pair'] = np.arange(40, dtype=np.int32)
+  unpaired = _unpaired(64, 32)  # 64 prompts, 32 of each answer, no pairs.
+  # Within the bound as a whole (59%), and so in select and test, which
+  # train's surplus spares: dealt in proportion to each lean, 7 of these
+  # 10 seeds were refused.
+  leaning = _unpaired(64, 38)
   dealt = 0
-  for task, sizes in ((grouped, [16, 8, 8]), (unpaired, [20, 10, 10])):
+  for task, sizes in ((grouped, [16, 8, 8]), (unpaired, [32, 16, 16]),
+                      (leaning, [32, 16, 16])):
     groups = np.unique(task['pair'])
     for seed in range(10):
       parts = prune.split(task, dataclasses.replace(SETTINGS, seed=seed))
       for part in parts[1:]:
         share = np.mean(part['correct'] < part['incorrect'])
         assert 0.4 <= share <= 0.6, (seed, share)
+      assert [len(np.unique(p['pair'])) for p in parts] == sizes
       got = [set(p['pair'].tolist()) for p in parts]
       assert set.union(*got) == set(groups.tolist()) and sum(
           map(len, got)) == len(groups)
@@ -389,6 +410,16 @@ def test_split_refuses_too_few_pairs_and_deals_groups_that_lean_one_way():
       else:
         dealt += 1
   assert dealt >= 5  # Most seeds' orders lean (before: refused).
+  # Two pairs of candidates, each answered half each way by unpaired
+  # prompts: every split holds each pair's answers within the bound, which
+  # the share of lower-id answers alone did not ask.
+  two = _unpaired(128, 64)
+  other = np.arange(128) % 2 == 1  # (7, 6) in place of (YES, NO).
+  two['correct'][other] = np.where(two['correct'][other] == YES, 7, 6)
+  two['incorrect'][other] = np.where(two['correct'][other] == 7, 6, 7)
+  for seed in range(10):
+    for part in prune.split(two, dataclasses.replace(SETTINGS, seed=seed)):
+      assert tasks.fixed_preference(part) <= 0.6, seed
 
 
 def _planted_pruner():
@@ -670,7 +701,7 @@ def test_compare_refuses_a_task_the_tokenizer_cannot_score_before_pruning(
       cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith(
-      'error: long_answer: one fixed preference between the candidates'
+      'error: long_answer: a fixed preference between the candidates'
   ), result.stderr
   assert not out.exists()
 
@@ -751,9 +782,21 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
                           cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      'error: quotes: 7 prompt pairs (a group of any size, or an unpaired '
-      'prompt, counts one); a '
-      'calibrated task loss needs at least 8')
+      'error: quotes: 14 prompts in 7 prompt pairs (a group of any size, or '
+      'an unpaired prompt, counts one); a calibrated task loss needs at '
+      'least 8 pairs and 16 prompts')
+  # Twelve unpaired prompts are twelve groups, and still too few prompts.
+  task_file.write_text('\n'.join(
+      json.dumps({k: v for k, v in json.loads(line).items() if k != 'pair'})
+      for line in lines[:12]) + '\n')
+  result = subprocess.run(result.args, capture_output=True, text=True,
+                          timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: quotes: 12 prompts in 12 prompt pairs (a group of any size, or '
+      'an unpaired prompt, counts one); a calibrated task loss needs at '
+      'least 8 pairs and 16 prompts')
   # A built-in task is scored on --num_prompts prompts where it is given.
   result = subprocess.run(
       [sys.executable, '-m', 'sparse_gpt2.circuits',
@@ -763,9 +806,9 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
       cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      'error: for_while: 7 prompt pairs (a group of any size, or an '
-      'unpaired prompt, counts one); a '
-      'calibrated task loss needs at least 8 (built in: raise --num_prompts)')
+      'error: for_while: 14 prompts in 7 prompt pairs (a group of any size, '
+      'or an unpaired prompt, counts one); a calibrated task loss needs at '
+      'least 8 pairs and 16 prompts (built in: raise --num_prompts)')
   # --evaluate_every that no kept checkpoint is a multiple of says so.
   result = subprocess.run(
       [*result.args[:5], '--evaluate', '--evaluate_every=7'],

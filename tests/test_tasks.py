@@ -236,11 +236,31 @@ def test_check_balanced_refuses_a_fixed_preference(tokenizer):
          for i, c in enumerate(answers)], tokenizer, SEQ_LEN)
   for answers, share in ((',,,,,,', 100), (',,,,))', 67), ('))))))', 100),
                          (')),))))', 86)):
-    with pytest.raises(ValueError, match=r'^t: one fixed preference .* '
+    with pytest.raises(ValueError, match=r'^t: a fixed preference .* '
                        rf'answers {share}% of the datapoints'):
       tasks.check_balanced(encoded(answers), 't')
   for answers in (',),),)', ',,,)))', ',,,))'):
     tasks.check_balanced(encoded(answers), 't')
+  # Two pairs of candidates, each answered one way, half of all answers the
+  # one of lower token id: a prior between each pair's two answers them all.
+  def ids(c):
+    return tokenizer.encode(c).ids[0]
+  lower_first = ids(',') < ids(')')
+  right, wrong = (':', ';') if (ids(':') < ids(';')) != lower_first else (
+      ';', ':')
+  data = [{'prompt': f'x = {i}', 'correct': ',', 'incorrect': ')'}
+          for i in range(6)]
+  data += [{'prompt': f'y = {i}', 'correct': right, 'incorrect': wrong}
+           for i in range(6)]
+  enc = tasks.encode(data, tokenizer, SEQ_LEN)
+  assert np.mean(enc['correct'] < enc['incorrect']) == 0.5
+  with pytest.raises(ValueError, match=r'^t: a fixed preference .* answers '
+                     r'100% of the datapoints'):
+    tasks.check_balanced(enc, 't')
+  for i in (0, 1, 2, -1, -2, -3):  # Each pair's answers half each way.
+    data[i] = {**data[i], 'correct': data[i]['incorrect'],
+               'incorrect': data[i]['correct']}
+  tasks.check_balanced(tasks.encode(data, tokenizer, SEQ_LEN), 't')
 
 
 def test_encode_says_how_many_prompts_it_cuts(tokenizer, caplog):

@@ -28,6 +28,7 @@ difference (16 L-BFGS steps): ablation shrinks and offsets the logits, which
 says nothing about whether the circuit still tells the answers apart.
 """
 
+import collections
 import dataclasses
 import itertools
 import math
@@ -56,7 +57,10 @@ DUAL_CLIP = 0.2            # each step's excess in it.
 SNAPSHOT_EVERY = 100       # Steps between the masks a circuit is chosen from.
 MAX_ABLATED_NODES = 64     # Circuit nodes whose own ablation is measured.
 SETTLED_FRACTION = 0.1     # See `still_shrinking`.
-MIN_SPLIT_PAIRS = 8        # Pairs in each of the select and test splits.
+MIN_SPLIT_PAIRS = 8        # Pairs in each of the select and test splits,
+MIN_SPLIT_PROMPTS = 16     # and prompts: a model at chance read calibrated
+                           # loss <= 0.5 on 8 unpaired prompts in 7.2% of
+                           # 400 draws, on 8 pairs in none.
 # Of the algorithm, saved in circuit.json: bumped by a change that gives
 # other circuits for the same settings, or other fields in circuit.json, so
 # `compare` re-prunes saved ones rather than read what they lack.
@@ -205,12 +209,12 @@ def split(encoded, settings):
   on a pair or two a model at chance passes a calibrated target by luck
   (the scale grows until any ordering of two prompts reads as separated),
   and a split whose answers lean one way is scored by the shift alone. So
-  each needs MIN_SPLIT_PAIRS pairs and the task's answer balance
-  (`tasks.check_balanced`). A task file whose groups each lean one way
-  (unpaired prompts) is balanced as a whole but not necessarily in the
-  seeded order's splits; where those lean past the bound, the groups are
-  dealt in proportion within each lean instead (`_dealt_by_lean`), so every
-  split that the seeded order balances stays as it was.
+  each needs MIN_SPLIT_PAIRS pairs, MIN_SPLIT_PROMPTS prompts and the
+  task's answer balance (`tasks.check_balanced`). A task file whose groups
+  each lean one way (unpaired prompts) is balanced as a whole but not
+  necessarily in the seeded order's splits; where those lean past the
+  bound, the groups are dealt in turns instead (`_dealt_in_turns`), so
+  every split that the seeded order balances stays as it was.
   """
   groups = np.unique(encoded['pair'])
   sizes, enough = _split_sizes(len(groups), settings)
@@ -224,11 +228,14 @@ def split(encoded, settings):
   groups = np.random.default_rng(settings.seed).permutation(groups)
   splits = _rows_of(encoded, np.split(groups, np.cumsum(sizes[:2])))
   if not all(map(_balanced, splits[1:])):
-    dealt = _rows_of(encoded, _dealt_by_lean(encoded, groups, sizes))
-    if all(map(_balanced, dealt[1:])) and min(
-        np.unique(rows['pair']).size for rows in dealt[1:]) >= MIN_SPLIT_PAIRS:
-      splits = dealt
+    splits = _rows_of(encoded, _dealt_in_turns(encoded, groups, sizes))
   for name, rows in zip(('select', 'test'), splits[1:]):
+    if len(rows['pair']) < MIN_SPLIT_PROMPTS:
+      raise ValueError(
+          f'its {name} split holds {len(rows["pair"])} prompts '
+          f'({count_pairs(sizes[1 + (name == "test")])}), and a calibrated '
+          f'loss needs at least {MIN_SPLIT_PROMPTS}: give the task more '
+          'prompts (contrastive pairs count two each)')
     tasks.check_balanced(rows, f'its {name} split')
   return splits
 
@@ -242,23 +249,35 @@ def _balanced(rows):
   return tasks.fixed_preference(rows) <= tasks.MAX_FIXED_PREFERENCE
 
 
-def _dealt_by_lean(encoded, groups, sizes):
-  """`groups` (in their seeded order) cut into train/select/test in the
-  proportions of `sizes` within each lean (whether more of a group's prompts
-  answer with the lower-id candidate, fewer, or as many): the split where
-  the seeded order alone leaves select or test leaning one way, as a task
-  file's unpaired prompts, or groups of one answer, can. Sizes may differ
-  from `sizes` by the rounding, one group per lean."""
-  votes = np.where(encoded['correct'] < encoded['incorrect'], 1, -1)
-  lean = np.sign(np.bincount(encoded['pair'], weights=votes))  # By group id.
-  cuts = np.cumsum(sizes[:2]) / sum(sizes)
-  parts = [[], [], []]
-  for sign in (-1, 0, 1):
-    members = groups[lean[groups] == sign]
-    pieces = np.split(members, np.round(cuts * len(members)).astype(int))
-    for part, piece in zip(parts, pieces):
-      part.extend(piece)
-  return [np.array(part, groups.dtype) for part in parts]
+def _dealt_in_turns(encoded, groups, sizes):
+  """`groups` (in their seeded order) cut into train/select/test of `sizes`
+  so that select and test lean as little as the groups allow: the split
+  where the seeded order alone leaves select or test leaning, as a task
+  file's unpaired prompts, or groups of one answer, can. Each group is
+  classed by its pair of candidates (or as mixed) and its lean (whether
+  more of its prompts answer with the lower-id candidate, fewer, or as
+  many). The classes take turns, a group each, the leans of one pair of
+  candidates one after another, and select and test are the first groups
+  of that order: each holds as many groups of either lean of a pair as the
+  other, to one, and train takes the rest, and with it a lean's surplus."""
+  ids, low_right = tasks.candidate_pairs(encoded)
+  lean = np.sign(np.bincount(encoded['pair'],
+                             weights=np.where(low_right, 1, -1)))
+  classes = {}  # (pair of candidates or -1, lean) -> groups, seeded order.
+  first = {}  # Pair of candidates -> its turn, in the seeded order.
+  for group in groups:
+    candidates = np.unique(ids[encoded['pair'] == group])
+    key = int(candidates[0]) if len(candidates) == 1 else -1
+    first.setdefault(key, len(first))
+    classes.setdefault((key, int(lean[group])), []).append(group)
+  queues = [collections.deque(classes[key]) for key in
+            sorted(classes, key=lambda key: (first[key[0]], key[1]))]
+  order = []
+  while len(order) < len(groups):
+    order.extend(queue.popleft() for queue in queues if queue)
+  select, test, train = np.split(np.array(order, groups.dtype),
+                                 np.cumsum([sizes[1], sizes[2]]))
+  return train, select, test
 
 
 def length_buckets(rows, num_buckets, by_pair):

@@ -134,17 +134,21 @@ def evaluate_tasks(workdir, names, *, num_prompts, steps, seed=0):
   whose calibrated loss is under a target can be pruned to it, so this says
   which tasks a run can be asked about, and over steps, when it learns them.
   Its calibration fits a scale and shift on the prompts it scores, so, as
-  for the pruning's select split, a task needs MIN_SPLIT_PAIRS pairs. Tasks
+  for the pruning's select split, a task needs MIN_SPLIT_PAIRS pairs and
+  MIN_SPLIT_PROMPTS prompts. Tasks
   are encoded and checked once, before any checkpoint is read, and scored
   in forward passes of bounded size (`prune.length_buckets`)."""
   encoded_tasks = [encode_task(workdir, task, num_prompts, seed)
                    for task in names]
   for name, _, encoded in encoded_tasks:
     pairs = len(np.unique(encoded['pair']))
-    if pairs < prune.MIN_SPLIT_PAIRS:
+    if (pairs < prune.MIN_SPLIT_PAIRS
+        or len(encoded['pair']) < prune.MIN_SPLIT_PROMPTS):
       raise ValueError(
-          f'{name}: {prune.count_pairs(pairs)}; a calibrated task loss '
-          f'needs at least {prune.MIN_SPLIT_PAIRS}{_more_prompts(name)}')
+          f"{name}: {len(encoded['pair'])} prompts in "
+          f'{prune.count_pairs(pairs)}; a calibrated task loss needs at '
+          f'least {prune.MIN_SPLIT_PAIRS} pairs and {prune.MIN_SPLIT_PROMPTS} '
+          f'prompts{_more_prompts(name)}')
   buckets = [(name, prune.length_buckets(encoded, 1, by_pair=False))
              for name, _, encoded in encoded_tasks]
   apply = _last_position_logits(workdir)

@@ -937,40 +937,59 @@ def _groups(keys):
   return [number.setdefault(root(r), len(number)) for r in range(len(keys))]
 
 
-# The most datapoints of a task that one fixed preference between its
+# The most datapoints of a task that a fixed preference between its
 # candidates may answer (the built-in tasks' bound for a constant answer).
 MAX_FIXED_PREFERENCE = 0.6
 
 
+def candidate_pairs(encoded):
+  """Each datapoint's pair of candidates, unordered, as an id [N] (by the
+  pairs' token ids), and whether it is the candidate of lower token id that
+  is right [N] bool."""
+  low = np.minimum(encoded['correct'], encoded['incorrect'])
+  high = np.maximum(encoded['correct'], encoded['incorrect'])
+  ids = np.unique(np.stack([low, high], 1), axis=0,
+                  return_inverse=True)[1].reshape(-1)
+  return ids, encoded['correct'] == low
+
+
 def fixed_preference(encoded):
-  """The share of the datapoints (at least half) that one fixed preference
-  between the candidates answers: always the lower token id, or always the
-  higher."""
-  share = float(np.mean(encoded['correct'] < encoded['incorrect']))
-  return max(share, 1 - share)
+  """The share of the datapoints (at least half) that a fixed preference
+  answers: for each pair of candidates, always the one of the two that is
+  more often right. A model can hold such a preference without reading the
+  prompt (its prior between the two), and one calibrated scale sets every
+  pair's prior gap apart at once: a task whose ')' beat ' =' and ',' beat
+  ')' every time, half its answers each of lower token id, read calibrated
+  loss 0.000 with every node ablated."""
+  ids, low_right = candidate_pairs(encoded)
+  right = np.bincount(ids, weights=low_right)
+  total = np.bincount(ids)
+  return float(np.maximum(right, total - right).sum() / len(ids))
 
 
 def check_balanced(encoded, name):
   """Refuses a task whose answers a fixed preference predicts.
 
   The calibration that every reported task loss goes through
-  (`prune.calibrated_loss`) fits a shift towards the candidate of lower
-  token id. Where that candidate is right in most datapoints, the shift
-  alone scores well without the prompt being read, and any circuit, even
-  none, looks solved: a task whose answer was always ` ==` read test loss
-  0.000 for the full model, the circuit and the circuit ablated. The
-  built-in tasks' contrastive pairs give each candidate both answers, so
-  the share is exactly one half; a task file must keep it within
-  MAX_FIXED_PREFERENCE either way. `encoded` as `encode` returns it.
+  (`prune.calibrated_loss`) fits a scale and a shift towards the candidate
+  of lower token id. Where one candidate of a pair is right in most of its
+  datapoints, that alone scores well without the prompt being read, and
+  any circuit, even none, looks solved: a task whose answer was always
+  ` ==` read test loss 0.000 for the full model, the circuit and the
+  circuit ablated. The built-in tasks' contrastive pairs give each
+  candidate both answers against the other, so the share is exactly one
+  half; a task file must keep it within MAX_FIXED_PREFERENCE.
+  `encoded` as `encode` returns it.
   """
   share = fixed_preference(encoded)
   if share > MAX_FIXED_PREFERENCE:
     raise ValueError(
-        f'{name}: one fixed preference between the candidates (the one of '
-        f'lower token id) answers {share:.0%} of the datapoints, which the '
-        'calibrated loss would reward without reading the prompts; keep it '
-        f'within {MAX_FIXED_PREFERENCE:.0%} by giving each candidate both '
-        'answers (contrastive pairs do).')
+        f'{name}: a fixed preference between the candidates (of each pair '
+        f'of candidates, the one more often right) answers {share:.0%} of '
+        'the datapoints, which the calibrated loss would reward without '
+        f'reading the prompts; keep it within {MAX_FIXED_PREFERENCE:.0%} by '
+        'giving each candidate both answers against the other (contrastive '
+        'pairs do).')
 
 
 def task_loss(logits_last, correct, incorrect, weight=None):
