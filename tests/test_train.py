@@ -935,6 +935,17 @@ def test_every_cli_refuses_a_bad_command_line_in_one_line(module, args,
   assert os.listdir(tmp_path) == []
 
 
+def test_a_path_flags_home_is_the_home_folder(monkeypatch):
+  """`~` after `--flag=`, which the shell leaves alone, in a path flag and
+  in each path of a list flag (`compare --tasks=a,~/t.jsonl`)."""
+  monkeypatch.setenv('HOME', '/home/u')
+  assert cli._home('~/run') == '/home/u/run' and cli._home('~') == '/home/u'
+  assert cli._home(['for_while', '~/t.jsonl']) == ['for_while',
+                                                  '/home/u/t.jsonl']
+  for kept in ('runs/~/x', '~user/x', 'a~', 3, None):
+    assert cli._home(kept) == kept
+
+
 def test_a_config_that_does_not_load_is_one_line(tmp_path):
   raising = tmp_path / 'raising.py'
   raising.write_text('def get_config():\n  raise RuntimeError("boom")\n')
