@@ -114,6 +114,9 @@ def test_generate_makes_contrastive_pairs(name):
   for a, b in zip(data[::2], data[1::2]):
     assert (a['correct'], a['incorrect']) == (b['incorrect'], b['correct'])
     assert a['prompt'] != b['prompt']
+    # The module's promise: a pair's prompts end in the same words, so the
+    # answer is in the code that differs, not in the word it ends on.
+    assert _last_word(a) == _last_word(b), (a['prompt'], b['prompt'])
   counts = collections.Counter(
       (frozenset((d['correct'], d['incorrect'])), d['correct']) for d in data)
   for (candidates, correct), n in counts.items():
@@ -168,6 +171,16 @@ def test_the_example_user_task_is_well_posed(tmp_path, tokenizer, sample_ids):
   for c in ('cls', 'self'):
     ids = tokenizer.encode(c).ids
     assert len(ids) == 1 and ids[0] in sample_ids, (c, ids)
+
+
+def test_while_return_true_returns_the_incorrect_answer_in_the_loop():
+  """The loop's early `return X` is the incorrect candidate: after the
+  loop comes the other constant, never the one the loop already returns."""
+  for d in tasks.generate('while_return_true', N):
+    early = d['incorrect'].strip()
+    assert f'            return {early}\n' in d['prompt'], d
+    assert f'return {d["correct"].strip()}' not in d['prompt'], d
+    assert d['prompt'].endswith('\n    return')
 
 
 def test_generate_rejects_odd_n():
@@ -379,6 +392,13 @@ def test_encode_skips_candidates_that_merge(tokenizer):
           'incorrect': ')'}
   enc = tasks.encode([merging, fine], tokenizer, SEQ_LEN)
   assert enc['index'].tolist() == [1]
+  # Only the incorrect candidate merges: skipped all the same, as the model
+  # would be scored on a token that never follows this prompt.
+  wrong_merges = dict(merging, correct='(', incorrect='n')
+  assert tokenizer.encode(wrong_merges['prompt'] + '(').ids == (
+      tokenizer.encode(wrong_merges['prompt']).ids + tokenizer.encode('(').ids)
+  enc = tasks.encode([fine, wrong_merges], tokenizer, SEQ_LEN)
+  assert enc['index'].tolist() == [0]
   with pytest.raises(ValueError, match='merges'):
     tasks.encode([merging], tokenizer, SEQ_LEN)
 

@@ -148,6 +148,14 @@ def test_page_data_reads_every_circuit_and_computes_run_data(page,
       assert len(circuit['edges']) == len(source['edges'])
       strengths = [abs(e[2]) for e in circuit['edges']]
       assert strengths == sorted(strengths, reverse=True)
+      # A node's ablated loss: the circuit's own loss plus its effect.
+      base = source['losses']['circuit_only']
+      assert circuit['nodes']['ablated_loss'] == [
+          None if v['ablation_effect'] is None
+          else pytest.approx(base + v['ablation_effect'], rel=1e-3)
+          for v in source['nodes']]
+  assert any(x is not None for x in
+             data['tasks'][0]['circuits'][0]['nodes']['ablated_loss'])
   for panel, model in zip(data['panels'], ('sparse', 'dense')):
     snippets = panel['snippets']
     keys = {view.node_key(v['layer'], v['location'], v['index'])
@@ -202,6 +210,17 @@ def test_circuit_of_every_node_has_the_full_models_probabilities(twins):
   rows = view.example_probabilities(run, means, everything, EXAMPLES)
   for row in rows:
     np.testing.assert_allclose(row['circuit'], row['full'], rtol=1e-3)
+  # 'full' is [P(correct), P(incorrect)]: the softmax of the whole model's
+  # logits after each prompt, run here on the prompt alone.
+  tokenizer = run['corpus'].tokenizer
+  for example, row in zip(EXAMPLES, rows):
+    ids = tokenizer.encode(example['prompt']).ids
+    logits = run['model'].apply({'params': run['params']},
+                                np.array([ids], np.int32))[0, -1]
+    p = np.asarray(jax.nn.softmax(logits))
+    (c,), (i,) = (tokenizer.encode(example[k]).ids
+                  for k in ('correct', 'incorrect'))
+    np.testing.assert_allclose(row['full'], [p[c], p[i]], rtol=1e-3)
   one = dict(everything, nodes=everything['nodes'][:1])
   assert view.example_probabilities(run, means, one, EXAMPLES) != rows
   # A circuit of no nodes (the task done with everything mean-ablated) has

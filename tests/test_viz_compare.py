@@ -424,13 +424,26 @@ def test_convergence_table_shows_the_steps_asked_for():
     ('k_coef', math.nan), ('init_bias', math.inf), ('lr', math.inf),
     ('temperature', math.inf), ('weight_decay', math.inf),
     ('init_noise', math.inf), ('warmup_steps', 2**31), ('steps', 2**31),
-    ('seed', -1)])
+    ('seed', -1), ('steps', 0), ('batch_pairs', 0), ('num_prompts', 0)])
 def test_pruning_settings_that_cannot_work_are_refused(field, value):
   """E.g. temperature 0 divides by zero in the mask's surrogate gradient:
   NaN scores and a meaningless circuit, minutes later, without a word."""
   with pytest.raises(ValueError, match=f'^{field} must be'):
     settings_lib.Settings(**{field: value}).validate()
   settings_lib.Settings().validate()  # The defaults pass.
+
+
+@pytest.mark.parametrize('select, test', [(0.5, 0.5), (0.75, 0.25),
+                                          (0.0, 0.5), (0.5, 0.0)])
+def test_split_fractions_that_leave_no_training_pairs_are_refused(select,
+                                                                  test):
+  """select + test of exactly 1 leaves nothing to train on, as does more;
+  either fraction 0 leaves a split empty."""
+  with pytest.raises(ValueError, match='^select_fraction and test_fraction '
+                     'must be > 0 and leave pairs to train on$'):
+    settings_lib.Settings(select_fraction=select,
+                          test_fraction=test).validate()
+  settings_lib.Settings(select_fraction=0.5, test_fraction=0.25).validate()
 
 
 def _retrain(path, step):
@@ -553,7 +566,8 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
       100, 150]
   assert pairs['common_tasks'] == ['if_equals']
   assert '(3 asked for)' in (out / 'pairs.md').read_text()
-  with pytest.raises(ValueError, match=r'^--pairs must be >= 1, got 0$'):
+  with pytest.raises(flags.IllegalFlagValueError,
+                     match=r'^flag --pairs=0: 0 is not a positive integer$'):
     run('--tasks=if_equals', '--pairs=0')
   with pytest.raises(flags.IllegalFlagValueError, match='counts >= 1'):
     run('--tasks=if_equals', '--convergence_steps=100,0')
@@ -599,3 +613,11 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
   run(f'--tasks={mine}', '--steps=9')
   assert calls[17:] == [('sparse', 200, str(mine), 9, ()),
                         ('dense', 100, str(mine), 9, ())]
+  # Saved circuits (if_equals at 9 steps) that lack a convergence step now
+  # asked for are pruned again, recording it; not reused without it.
+  run('--tasks=if_equals', '--steps=9', '--convergence_steps=4',
+      '--convergence_tasks=1')
+  assert calls[19:] == [('sparse', 200, 'if_equals', 9, (4,)),
+                        ('dense', 100, 'if_equals', 9, (4,))]
+  assert '| task | model | 4 steps | 9 steps |' in \
+      (out / 'convergence.md').read_text()

@@ -430,15 +430,13 @@ def curve(runs_, task_names, settings, out):
   return '\n'.join(lines) + '\n', points
 
 
-def _check_args(runs_, out, task_names, pairs, settings):
+def _check_args(runs_, out, task_names, settings):
   """Raises ValueError, one line, where the arguments cannot work; checked
   before any pruning, which takes minutes: two runs, a sparse one as
   --sparse and a dense one as --dense, --out a directory or nothing yet,
   no two tasks share a name, and every task is read (a task file's format
   too), encoded for both runs (its candidates single tokens
   of each tokenizer) and split (enough pairs)."""
-  if pairs < 1:
-    raise ValueError(f'--pairs must be >= 1, got {pairs}')
   for model, run in runs_.items():
     if not os.path.isdir(run):
       raise ValueError(f'--{model}={run} is not a directory')
@@ -481,7 +479,7 @@ def main():
   out = _OUT.value
   settings = settings_lib.from_flags()
   settings.validate()
-  _check_args(runs_, out, task_names, _PAIRS.value, settings)
+  _check_args(runs_, out, task_names, settings)
   record_at = tuple(int(s) for s in _CONVERGENCE_STEPS.value)
   sparse_ckpts = runs.checkpoints(runs_['sparse'])
   step = runs.newest(runs_['sparse']) if _STEP.value is None else _STEP.value
