@@ -411,3 +411,77 @@ def test_gradients_are_rescaled_to_unit_rms():
   grads = {'a': jnp.full((10,), 3.0), 'b': jnp.full((30,), -0.01)}
   out, _ = tx.update(grads, tx.init(grads))
   assert float(optim.global_rms(out)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_min_per_neuron_never_raises_the_zeros_of_a_column_short_of_j():
+  # Column 0 has 2 nonzeros, fewer than j = 4: its j-th largest |w| is 0,
+  # and raising the entries at or above it would keep its zeros ahead of
+  # larger weights elsewhere.
+  w = np.random.default_rng(4).normal(size=(64, 8)).astype(np.float32)
+  w[:, 0] = 0
+  w[[3, 40], 0] = [1e-3, -2e-3]
+  k = 64
+  j = sparsity.guaranteed_per_neuron(w.shape, k, 4)
+  assert j == 4
+  got = np.asarray(jax.jit(sparsity.topk_mask, static_argnums=(1, 2))(w, k, j))
+  np.testing.assert_array_equal(got, _reference_guaranteed(w, k, j))
+  assert got.sum() == k and not got[w == 0].any()
+  np.testing.assert_array_equal(np.flatnonzero(got[:, 0]), [3, 40])
+
+
+def test_num_kept_keeps_at_least_one_entry():
+  assert int(sparsity.num_kept(4, 0.1)) == 1  # round(0.4) is 0.
+  assert int(sparsity.num_kept(1, 0.05)) == 1
+  w = np.array([0.1, -0.3, 0.2, 0.05], np.float32)
+  got = np.asarray(sparsity.topk_mask(w, sparsity.num_kept(w.size, 0.1)))
+  np.testing.assert_array_equal(got, [False, True, False, False])
+  config = tiny.get_config('topk').sparsity
+  config.density = 0.1
+  kept = sparsity._kept_per_tensor(  # pylint: disable=protected-access
+      {'w': w}, config, 100)
+  assert kept['w'][0] == 1
+
+
+def test_static_init_draws_a_different_mask_for_each_tensor_of_one_shape():
+  config = tiny.get_config('static').sparsity
+  config.min_per_neuron = 0
+  shape = (32, 16)
+  params = {f'block_{i}': {'kernel': jnp.ones(shape)} for i in range(3)}
+  masks = {f'block_{i}': {'kernel': sparsity.pack(jnp.ones(shape, bool))}
+           for i in range(3)}
+  params, masks = sparsity.init_masks(params, masks, config,
+                                      jax.random.key(0), 100)
+  got = [np.asarray(sparsity.unpack(masks[f'block_{i}']['kernel'], shape))
+         for i in range(3)]
+  k = round(config.density * np.prod(shape))
+  for i, mask in enumerate(got):
+    assert mask.sum() == k
+    np.testing.assert_array_equal(np.asarray(params[f'block_{i}']['kernel']),
+                                  mask.astype(np.float32))
+    for other in got[:i]:
+      assert (mask != other).any(), 'two tensors drew the same mask'
+
+
+def test_erk_densities_cap_tensors_just_over_one():
+  # eps = 0.025 * 10010 / (0.02 * 10000 + 10) = 1.19: 'b' (raw 1) would get
+  # density 1.19 unless made dense, and 'a' takes the rest of the budget.
+  shapes = {'a': (100, 100), 'b': (10,)}
+  dens = sparsity.erk_densities(shapes, 0.025)
+  assert all(0 < d <= 1 for d in dens.values()), dens
+  assert dens['b'] == 1.0
+  assert dens['a'] == pytest.approx((0.025 * 10010 - 10) / 10000)
+
+
+def test_weight_decay_skips_the_bigram_table():
+  config = tiny.get_config('topk')
+  assert config.model.bigram_table
+  shapes = jax.eval_shape(train.make_model(config).init, jax.random.key(0),
+                          jnp.zeros((1, 8), jnp.int32))
+  params = sparsity.flat(shapes['params'])
+  decay = sparsity.flat(optim.decay_mask(shapes['params']))
+  bigram = [p for p in params if 'bigram' in p]
+  assert bigram and all(params[p].ndim >= 2 for p in bigram), bigram
+  assert not any(decay[p] for p in bigram), bigram
+  assert all(decay[p] == (x.ndim >= 2 and 'bigram' not in p)
+             for p, x in params.items())
+  assert any(decay[p] for p in params if p.endswith('kernel'))
