@@ -1,6 +1,7 @@
 """Tests for sparse_gpt2.data on a tiny generated corpus (CPU, seconds)."""
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -145,6 +146,38 @@ def test_token_streams_are_documents_joined_by_eot(corpus, corpus_dir):
     assert [corpus.tokenizer.decode(p.tolist()) for p in pieces] == docs
 
 
+class _Docs:
+  """A data source of in-memory documents, read as `_text_chunks` reads."""
+
+  def __init__(self, texts):
+    self.texts = texts
+
+  def __len__(self):
+    return len(self.texts)
+
+  def __getitems__(self, keys):
+    return [{'text': self.texts[k].encode()} for k in keys]
+
+
+def test_documents_are_joined_by_eot_across_chunks(corpus):
+  """More documents than one chunk of 256: the first document of each later
+  chunk follows an EOT too; empty documents (one first, one opening a chunk)
+  add none, and nothing comes before the first document."""
+  texts = [f'x = {i}\n' for i in range(600)]
+  texts[0] = texts[256] = texts[300] = ''
+  f = io.BytesIO()
+  data._write_tokens(f, corpus.tokenizer, _Docs(texts), 'text', corpus.eot_id,
+                     'test')
+  f.seek(0)
+  tokens = np.load(f)
+  assert tokens.dtype == np.uint16 and tokens.ndim == 1
+  docs = [t for t in texts if t]
+  assert np.count_nonzero(tokens == corpus.eot_id) == len(docs) - 1
+  pieces = np.split(tokens, np.flatnonzero(tokens == corpus.eot_id))
+  pieces = [pieces[0]] + [p[1:] for p in pieces[1:]]  # Drop the EOTs.
+  assert [corpus.tokenizer.decode(p.tolist()) for p in pieces] == docs
+
+
 def test_second_load_uses_the_cache(corpus, corpus_dir, data_dir):
   cached = [os.path.join(corpus.data_dir, name)
             for name in ('tokenizer.json', 'train.npy', 'validation.npy')]
@@ -226,6 +259,46 @@ def test_an_edited_source_is_built_again(corpus_dir, tmp_path):
   removed = data.load(config, SEQ_LEN)
   np.testing.assert_array_equal(removed.train_tokens, before.train_tokens)
   np.testing.assert_array_equal(removed.val_tokens, before.val_tokens)
+  # Edited in place to the same size: its modification time tells.
+  edited = source / 'pkg1' / 'sub1' / 'mod_1.py'
+  text = edited.read_bytes().replace(b'import os', b'import re', 1)
+  assert len(text) == edited.stat().st_size
+  mtime = edited.stat().st_mtime_ns
+  edited.write_bytes(text)
+  os.utime(edited, ns=(mtime + 10**9, mtime + 10**9))  # Coarse clocks.
+  rebuilt = data.load(config, SEQ_LEN)
+  with open(rebuilt.manifest_path) as f:
+    (entry,) = [e for e in json.load(f)['files']
+                if e['path'] == 'pkg1/sub1/mod_1.py']
+  assert entry['sha256'] == hashlib.sha256(text).hexdigest()
+  assert 'import re' in rebuilt.tokenizer.decode(np.concatenate(
+      [rebuilt.train_tokens, rebuilt.val_tokens]).tolist())
+
+
+def test_listing_digest_sees_an_edit_of_the_same_size(tmp_path):
+  """An edit in place that keeps the file's size: its modification time
+  changes the digest, so the corpus is built again."""
+  (tmp_path / 'a.py').write_text('x = 1\n')
+  before = python_code.listing_digest(str(tmp_path))
+  assert python_code.listing_digest(str(tmp_path)) == before
+  (tmp_path / 'a.py').write_text('x = 2\n')
+  mtime = os.stat(tmp_path / 'a.py').st_mtime_ns + 10**9  # Coarse clocks.
+  os.utime(tmp_path / 'a.py', ns=(mtime, mtime))
+  assert python_code.listing_digest(str(tmp_path)) != before
+
+
+def test_a_cache_write_is_synced_before_it_is_renamed(tmp_path,
+                                                     monkeypatch):
+  calls = []
+  fsync, replace = os.fsync, os.replace
+  monkeypatch.setattr(os, 'fsync', lambda fd: (calls.append('fsync'),
+                                               fsync(fd))[1])
+  monkeypatch.setattr(os, 'replace', lambda *a: (calls.append('replace'),
+                                                 replace(*a))[1])
+  data._write_atomic(str(tmp_path / 'train.npy'), lambda f: f.write(b'data'))
+  assert calls == ['fsync', 'replace']
+  assert os.listdir(tmp_path) == ['train.npy']
+  assert (tmp_path / 'train.npy').read_bytes() == b'data'
 
 
 def test_a_failed_cache_write_leaves_nothing(tmp_path):
@@ -291,6 +364,12 @@ def test_missing_and_empty_directories_raise(tmp_path):
               SEQ_LEN)
   with pytest.raises(ValueError, match='empty corpus'):
     data.load(_config(tmp_path / 'empty', tmp_path / 'tfds'), SEQ_LEN)
+  # val_fraction outside (0, 1) (NaN too) is refused first, in data's words.
+  for val_fraction in (0.0, 1.0, float('nan')):
+    with pytest.raises(ValueError, match=r'^data\.val_fraction must be in '
+                       r'\(0, 1\), got '):
+      data.load(_config(tmp_path / 'empty', tmp_path / 'tfds',
+                        val_fraction=val_fraction), SEQ_LEN)
 
 
 def test_corpus_too_small_raises(corpus_dir, data_dir, tmp_path):

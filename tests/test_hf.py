@@ -141,6 +141,17 @@ def test_load_errors(tied, tmp_path):
   cases = [(dict(activation_function='relu'), "activation_function='relu'"),
            (dict(scale_attn_by_inverse_layer_idx=True),
             'scale_attn_by_inverse_layer_idx'),
+           # Variants whose tensors fit the model: only the config tells.
+           (dict(layer_norm_epsilon=1e-6), r'unsupported GPT-2 variant: '
+                                           r'layer_norm_epsilon=1e-06$'),
+           (dict(scale_attn_weights=False),
+            r'unsupported GPT-2 variant: scale_attn_weights=False$'),
+           (dict(add_cross_attention=True),
+            r'unsupported GPT-2 variant: add_cross_attention=True$'),
+           (dict(model_type='gpt_neo'),
+            r"unsupported GPT-2 variant: model_type='gpt_neo'$"),
+           (dict(n_head=3), r'unsupported GPT-2 variant: n_embd=64 not '
+                            r'divisible by n_head=3$'),
            (dict(n_positions=64), r'wrong shape \[.wpe.weight \(32, 64\) '
                                   r'!= \(64, 64\)'),
            (dict(n_layer=3), r"missing \['h.2."),
@@ -197,6 +208,7 @@ def test_save_accepts_boxed_params(tmp_path):
     (dict(d_head=8), 'd_head=8'),
     (dict(act_topk_fraction=0.5, act_topk_locations=('mlp_neuron',)),
      'act_topk_fraction=0.5'),
+    (dict(use_bias=False), r'cannot express this model: use_bias=False$'),
 ])
 def test_save_refuses_unexpressible(overrides, message, tmp_path):
   params, model_kwargs = _tiny(**overrides)

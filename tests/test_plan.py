@@ -99,3 +99,67 @@ def test_plan_says_a_step_larger_than_the_host_does_not_fit():
   assert result.returncode == 0, result.stderr[-2000:]
   assert re.search(r"fits: NO \(1 CPU device\(s\) x the largest program: "
                    r"\d{4,}\.\d\d of this host's", result.stdout), result.stdout
+
+
+# `plan` defines flags (--config) that `convert`, which other tests import,
+# defines too: its functions are tested in a process of their own.
+_STANDINS = """
+import re, types
+from configs import tiny
+from sparse_gpt2 import plan
+
+def program(arguments, outputs=0, aliased=0, temps=0):
+  # A stand-in for a compiled program: its memory analysis, in bytes.
+  memory = types.SimpleNamespace(
+      argument_size_in_bytes=arguments, output_size_in_bytes=outputs,
+      alias_size_in_bytes=aliased, temp_size_in_bytes=temps,
+      generated_code_size_in_bytes=0)
+  return types.SimpleNamespace(memory_analysis=lambda: memory,
+                               cost_analysis=lambda: {'flops': 1e9})
+
+def failing(message):
+  def compile_():
+    raise RuntimeError(message)
+  return lambda: types.SimpleNamespace(compile=compile_)
+"""
+
+
+def _run_standins(code):
+  result = subprocess.run([sys.executable, '-c', _STANDINS + code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_cpu_devices_need_n_times_the_largest_program():
+  """The fake CPU devices share the host's memory: each holds its share."""
+  _run_standins("""
+gib = plan.GIB
+mesh = types.SimpleNamespace(size=8, shape={'data': 8})
+compiled = {'initialization': program(gib // 4, outputs=gib // 4),
+            'train step': program(gib // 2, outputs=gib // 4,
+                                  aliased=gib // 4, temps=gib // 2),
+            'evaluation': program(gib // 4, temps=gib // 8)}
+lines = plan.report(tiny.get_config(), 'cpu:8', 1000, mesh, compiled)
+# The largest is the train step's 1 GiB (evaluation: 3/8 + 1/4 beside).
+assert re.fullmatch(r"fits: (yes|NO) \\(8 CPU device\\(s\\) x the largest "
+                    r"program: 8\\.00 of this host's [\\d.]+ GiB\\)",
+                    lines[-1]), lines
+""")
+
+
+def test_compile_returns_out_of_memory_and_raises_anything_else():
+  _run_standins("""
+out_of_memory = plan._compile(failing('RESOURCE_EXHAUSTED: 20G > 16G'))
+assert isinstance(out_of_memory, RuntimeError)
+for make, error in ((failing('INTERNAL: a compiler bug'), RuntimeError),
+                    (lambda: (_ for _ in ()).throw(TypeError('lowering')),
+                     TypeError)):
+  try:
+    plan._compile(make)
+  except error:
+    pass
+  else:
+    raise AssertionError(f'{error.__name__} not raised')
+assert plan._compile(lambda: types.SimpleNamespace(
+    compile=lambda: 'compiled')) == 'compiled'
+""")
