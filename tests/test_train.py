@@ -285,6 +285,10 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(
   state = train.train_and_evaluate(config, workdir)
   gc.collect()  # Orbax's unfinished read coroutines echo as collected.
   _assert_same_state(state, reference)  # Redid 51..60 from step 50.
+  # And saved step 60 again: the manager forgot the one set aside (a
+  # manager that still listed it skipped the save, the redone steps lost).
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')),
+                key=int) == ['20', '40', '50', '60']
   aside = os.listdir(os.path.join(workdir, 'corrupt_checkpoints'))
   assert len(aside) == 1 and aside[0].startswith('60-')
   # One line says why, without the TensorStore spec a failed read appends.
@@ -359,6 +363,8 @@ def test_a_checkpoint_that_reads_back_altered_fails_its_digests(
     train.load_run(workdir, 60)
   state = train.train_and_evaluate(config, workdir)
   _assert_same_state(state, reference)  # Redid 51..60 from step 50.
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')),
+                key=int) == ['20', '40', '50', '60']
   [aside] = os.listdir(os.path.join(workdir, 'corrupt_checkpoints'))
   assert aside.startswith('60-')
   [warning] = [r.getMessage() for r in caplog.records
@@ -376,6 +382,41 @@ def test_a_failed_read_is_reported_without_its_tensorstore_spec():
   assert checkpoint.first_line(error) == (
       'Encountered error while reading array index: (slice(0, 512, 1), '
       'slice(0, 512, 1)).')
+
+
+# Spelled out, not read off checkpoint._CORRUPT_SIGNS: a sign dropped there
+# must fail here. Each was met damaging one file of a saved checkpoint.
+@pytest.mark.parametrize('sign', [
+    'Data corruption detected', 'ZSTD_decompressStream() failed',
+    'Truncated Zstd-compressed stream', 'Error decoding', 'Invalid JSON'])
+def test_each_sign_of_damaged_bytes_reads_as_corrupt(sign):
+  # As TensorStore words them: under another status code, mid-message, and
+  # as the cause of orbax's own error.
+  error = ValueError(f'FAILED_PRECONDITION: reading "x": {sign} at 12')
+  assert checkpoint.is_corrupt(error)
+  try:
+    try:
+      raise error
+    except ValueError as e:
+      raise RuntimeError('Encountered error while reading array') from e
+  except RuntimeError as wrapped:
+    assert checkpoint.is_corrupt(wrapped)
+  assert not checkpoint.is_corrupt(ValueError(
+      'RESOURCE_EXHAUSTED: Out of memory allocating 4GB'))
+  assert checkpoint.is_corrupt(ValueError('DATA_LOSS: short chunk'))
+
+
+@pytest.mark.parametrize('dtype', [np.float32, np.uint8, np.int32])
+def test_a_flipped_lowest_bit_changes_the_first_digest(dtype):
+  """Any change to one word changes the sum of the words: the lowest
+  bit of one element too (a bit that rots reads back as other values)."""
+  x = (np.arange(1, 25) * 37 % 251).astype(dtype).reshape(4, 6)
+  words = x.view(f'uint{8 * x.itemsize}')
+  flipped = words.copy()
+  flipped[2, 3] ^= 1
+  [before] = checkpoint.host_digests({'w': x}).values()
+  [after] = checkpoint.host_digests({'w': flipped.view(dtype)}).values()
+  assert (after[0] - before[0]) % 2**32 in (1, 2**32 - 1), (before, after)
 
 
 def test_a_checkpoint_with_bool_masks_restores_them_packed(reference_run,
@@ -583,6 +624,7 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
     ({'optim.lr': -1.0}, 'optim.lr must be >= 0'),
     ({'optim.warmup_fraction': 1.5},
      r'optim.warmup_fraction must be in \[0, 1\], got 1.5'),
+    ({'optim.b1': 1.0}, r'optim.b1 must be in \[0, 1\), got 1.0'),
     ({'optim.b2': 1.0}, r'optim.b2 must be in \[0, 1\), got 1.0'),
     ({'optim.weight_decay': -0.1}, 'optim.weight_decay must be >= 0'),
     ({'optim.grad_rms': 0.0},
@@ -622,6 +664,12 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
     ({'data.val_fraction': float('nan')},
      r'data.val_fraction must be in \(0, 1\), got nan'),
     ({'eval_batches': 0}, 'eval_batches must be >= 1'),
+    ({'log_every': 0}, 'log_every must be >= 1, got 0'),
+    ({'eval_every': 0}, 'eval_every must be >= 1, got 0'),
+    ({'checkpoint_every': 0, 'keep_every': 0},
+     'checkpoint_every must be >= 1, got 0'),
+    ({'keep_checkpoints': 0}, 'keep_checkpoints must be >= 1, got 0'),
+    ({'seq_len': 0}, 'seq_len must be >= 1, got 0'),
     ({'data.source': '/no/such/dir'}, 'does not exist'),
     ({'model.vocab_size': 256}, r'data.vocab_size must be in \[257,'),
     ({'train_steps': 30, 'schedule_steps': 20}, 'past the end'),
@@ -813,6 +861,19 @@ def test_a_different_config_never_touches_an_existing_run(reference_run):
       r"different config \(model\.d_head 16 there, None here; optim\.lr "
       r"0\.01 there, 0\.5 here\): use another --workdir, or the same values$")):
     train.train_and_evaluate(other, workdir)
+  # What draws the batches, and what they are drawn from, are the run's too.
+  for field, value, shown in (('seed', 1, 'seed 0 there, 1 here'),
+                              ('batch_size', 16, 'batch_size 8 there, 16 here'),
+                              ('data.val_fraction', 0.1,
+                               'data.val_fraction 0.05 there, 0.1 here')):
+    changed = type(config)(json.loads(config.to_json()))
+    node, *parents, leaf = changed, *field.split('.')
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+    with pytest.raises(ValueError, match=r'different config \(' + re.escape(
+        shown) + r'\)'):
+      workdir_lib.check(changed, workdir)
   assert _listing(workdir) == before
 
 
@@ -884,6 +945,67 @@ def test_a_damaged_corpus_record_is_named(tmp_path):
   with pytest.raises(ValueError, match=r'corpus.json is not a corpus record '
                      r'\(not a JSON object\)$'):
     workdir_lib.check_corpus(str(tmp_path), {'vocab_sha256': 'x'})
+
+
+def test_a_failed_config_write_leaves_the_old_config(tmp_path, monkeypatch):
+  """A write that fails midway (a full disk) leaves the old config.json
+  whole, and no temporary file beside it."""
+  file = workdir_lib.path(tmp_path) / workdir_lib.CONFIG
+  file.write_text('{"old": true}')
+
+  def half_then_full(self, text, encoding=None, errors=None):
+    del encoding, errors
+    with open(self, 'w') as f:
+      f.write(text[:len(text) // 2])
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(type(file), 'write_text', half_then_full)
+  with pytest.raises(OSError, match='No space left'):
+    workdir_lib.write_atomic(file, '{"new": "' + 'x' * 100 + '"}')
+  monkeypatch.undo()
+  assert file.read_text() == '{"old": true}'
+  assert os.listdir(tmp_path) == [workdir_lib.CONFIG]
+  workdir_lib.write_atomic(file, '{"new": 1}')  # Unpatched: replaced whole.
+  assert file.read_text() == '{"new": 1}'
+  assert os.listdir(tmp_path) == [workdir_lib.CONFIG]
+
+
+def test_a_config_saved_before_schedule_steps_loads_and_resumes(tiny_config,
+                                                               tmp_path):
+  """Runs from before the field planned their schedules over train_steps:
+  their config.json, which lacks it, loads as such, and resumes."""
+  saved = json.loads(tiny_config(train_steps=30).to_json())
+  del saved['schedule_steps']
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  (tmp_path / 'checkpoints' / '10').mkdir(parents=True)
+  assert workdir_lib.load_config(str(tmp_path)).schedule_steps == 30
+  resumed = workdir_lib.check(tiny_config(train_steps=20), str(tmp_path))
+  assert resumed.schedule_steps == 30
+
+
+def test_a_start_that_saved_nothing_records_its_own_corpus(tiny_config,
+                                                           tmp_path):
+  """A first start that stopped before any checkpoint holds no training:
+  a restart on another corpus is a new run, and corpus.json then names the
+  new corpus (not the one no step trained on), so that the resume after
+  its first checkpoint checks against the right one."""
+  workdir = str(tmp_path / 'run')
+  config = tiny_config()
+  workdir_lib.create(workdir_lib.check(config, workdir), workdir,
+                     {'vocab_sha256': 'first'})()
+  workdir_lib.check_corpus(workdir, {'vocab_sha256': 'second'})
+  workdir_lib.create(workdir_lib.check(config, workdir), workdir,
+                     {'vocab_sha256': 'second'})()
+  corpus = os.path.join(workdir, workdir_lib.CORPUS)
+  assert json.loads(open(corpus).read()) == {'vocab_sha256': 'second'}
+  os.makedirs(os.path.join(workdir, workdir_lib.CHECKPOINTS, '10'))
+  workdir_lib.check_corpus(workdir, {'vocab_sha256': 'second'})
+  with pytest.raises(ValueError, match=r'differs .* \(vocab_sha256\)'):
+    workdir_lib.check_corpus(workdir, {'vocab_sha256': 'first'})
+  # Once a checkpoint holds training, a start does not rewrite the record.
+  workdir_lib.create(workdir_lib.check(config, workdir), workdir,
+                     {'vocab_sha256': 'third'})()
+  assert json.loads(open(corpus).read()) == {'vocab_sha256': 'second'}
 
 
 def test_an_eta_of_days_says_so(caplog):
@@ -1241,8 +1363,36 @@ def test_tokens_per_second_time_training_not_evaluation(tiny_config,
   monkeypatch.setattr(train, 'evaluate', slow_evaluate)
   config = tiny_config('none', train_steps=15)
   train.train_and_evaluate(config, str(tmp_path))
-  after_eval = {m['step']: m for m in _metrics(str(tmp_path))}[15]
+  logged = {m['step']: m for m in _metrics(str(tmp_path))}
+  after_eval = logged[15]
   assert after_eval['tokens_per_s'] > 5 * config.batch_size * config.seq_len
+  # Evaluated every eval_every=10 steps, and at the last step, 15: a run's
+  # final weights always have a val_loss.
+  assert [s for s, m in sorted(logged.items()) if 'val_loss' in m] == [10, 15]
+
+
+def test_evaluation_is_the_mean_over_eval_batches_validation_batches(
+    tiny_config):
+  """val_loss: the mean loss of batches 0 .. eval_batches - 1 of the
+  validation tokens, drawn with seed + 1 (not the training batches')."""
+  config = tiny_config(eval_batches=3, seed=4)
+  val_tokens = np.arange(2000) % config.data.vocab_size
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  seen = []
+
+  def eval_step(params, batch):
+    assert params == 'params'
+    seen.append(np.asarray(batch))
+    return np.float32(10.0 * len(seen))  # 10, 20, 30.
+
+  state = types.SimpleNamespace(params='params')
+  assert train.evaluate(eval_step, state, val_tokens, config,
+                        sharding) == pytest.approx(20.0)
+  assert len(seen) == 3
+  for i, batch in enumerate(seen):
+    np.testing.assert_array_equal(batch, data.get_batch(
+        val_tokens, i, seed=5, batch_size=config.batch_size,
+        seq_len=config.seq_len))
 
 
 def test_peak_memory_is_the_largest_device_peak_and_absent_on_cpu(
