@@ -278,33 +278,31 @@ def test_split_is_disjoint_by_pair():
   assert all((a['index'] == b['index']).all() for a, b in zip(parts, again))
 
 
-def test_uneven_groups_weigh_each_prompt_once(monkeypatch):
+def test_groups_of_each_size_fill_buckets_of_their_own(monkeypatch):
   """Groups of other sizes than two (a group of eight, prompts whose
-  partner was skipped) fill only their own bucket's width, and the rows
-  repeated to fill it weigh nothing: a batch of all of a bucket's groups
-  scores what its prompts score, each once; pruning such a task finds the
-  planted circuit."""
+  partner was skipped) go into buckets of their size, each prompt in one
+  bucket once, and a step takes 2 * batch_pairs rows from any bucket.
+  Before, a group of eight widened its bucket of pairs to eight, the pairs
+  repeating rows that weighed nothing, and that bucket's steps took four
+  groups: 8 real prompts, not 32. Pruning such a task finds the planted
+  circuit."""
   task = _task(64, 0)
   task['pair'][:8] = 0                # Pairs 0-3 as one group of eight.
   task['pair'][8:10] = [100, 101]     # Pair 4 as two unpaired prompts.
   buckets = prune.length_buckets(task, 4, by_pair=True)
   rows = np.concatenate([b['index'] for b in buckets])
   assert sorted(rows.tolist()) == list(range(64))
-  widths = [b['pairs'].shape[1] for b in buckets]
-  assert sorted(widths) == [2, 2, 2, 8]
-  logits = jnp.asarray(np.random.default_rng(0).normal(size=(64, VOCAB)),
-                       jnp.float32)
+  # Their share of 4 by prompts, at least one each: 54 rows of pairs 3.
+  assert sorted(b['pairs'].shape[1] for b in buckets) == [1, 2, 2, 2, 8]
   for b in buckets:
-    assert b['real'].sum() == len(b['index'])
-    first = b['pairs'][b['real']]       # Each row of the bucket once.
-    assert sorted(first.tolist()) == list(range(len(b['index'])))
-    gathered = b['pairs'].reshape(-1)
-    batch_logits = logits[b['index'][gathered]]
-    loss = tasks.task_loss(batch_logits, b['correct'][gathered],
-                           b['incorrect'][gathered],
-                           b['real'].reshape(-1).astype(np.float32))
-    plain = tasks.task_loss(logits[b['index']], b['correct'], b['incorrect'])
-    np.testing.assert_allclose(loss, plain, rtol=1e-6)
+    assert sorted(b['pairs'].reshape(-1).tolist()) == list(
+        range(len(b['index'])))
+    groups = task['pair'][b['index'][b['pairs']]]  # [G, M] group ids.
+    assert (groups == groups[:, :1]).all()
+    assert len(np.unique(groups[:, 0])) == len(groups)
+  lengths = [task['lengths'][b['index']].max() for b in buckets
+             if b['pairs'].shape[1] == 2]
+  assert lengths == sorted(lengths)  # Pairs cut by length.
   model = _tiny_model()
   params = _planted_params(model)
   task = _task(256, 0)
@@ -315,16 +313,17 @@ def test_uneven_groups_weigh_each_prompt_once(monkeypatch):
                   if {0, 1000} <= set(prune.split(task, s)[0]['pair']))
   circuit = prune.prune(model, params, _means(model, params), task, settings)
   assert {(n['location'], n['index']) for n in circuit['nodes']} == PLANTED
-  # Every bucket's batch is 2 * batch_pairs rows: 16 pairs, 4 groups of 8.
+  # Every bucket's batch is 2 * batch_pairs rows: 32 prompts, 16 pairs or
+  # 4 groups of 8.
   batch_rows = []
   loss = tasks.task_loss
   monkeypatch.setattr(tasks, 'task_loss', lambda *args: (
-      batch_rows.append(args[0].shape[0]) if len(args) == 4 else None,
-      loss(*args))[1])
+      batch_rows.append(args[0].shape[0]), loss(*args))[1])
   pruner = prune._Pruner(model, params, _means(model, params),
                          prune.split(task, settings), settings)
+  assert {b['pairs'].shape[1] for b in pruner.train_buckets} == {1, 2, 8}
   pruner.train_scores(jax.random.key(0), 1, until=lambda taus: taus)
-  assert sorted(batch_rows) == [32, 32, 32, 32]
+  assert batch_rows == [32] * len(pruner.train_buckets)
 
 
 def test_scoring_passes_keep_within_the_token_budget(monkeypatch):

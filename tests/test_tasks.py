@@ -424,10 +424,3 @@ def test_task_loss_matches_numpy():
   np.testing.assert_allclose(loss, np.mean(np.logaddexp(0, li - lc)),
                              rtol=1e-6)
   np.testing.assert_allclose(accuracy, np.mean(lc > li))
-  # Rows of weight 0 (a pruning batch's repeats) do not count.
-  weight = np.array([1, 0, 1, 1, 0, 1], np.float32)
-  kept = weight > 0
-  loss, accuracy = tasks.task_loss(logits, correct, incorrect, weight)
-  np.testing.assert_allclose(
-      loss, np.mean(np.logaddexp(0, li - lc)[kept]), rtol=1e-6)
-  np.testing.assert_allclose(accuracy, np.mean((lc > li)[kept]))

@@ -64,7 +64,7 @@ MIN_SPLIT_PROMPTS = 16     # and prompts: a model at chance read calibrated
 # Of the algorithm, saved in circuit.json: bumped by a change that gives
 # other circuits for the same settings, or other fields in circuit.json, so
 # `compare` re-prunes saved ones rather than read what they lack.
-VERSION = 8                # 2: the smallest late mask (`circuit_of_run`);
+VERSION = 9                # 2: the smallest late mask (`circuit_of_run`);
                            # 3: the multiplier's proportional term;
                            # 4: its integral falls as fast as it rises;
                            # 5: a run still shrinking goes on (`run_length`);
@@ -74,7 +74,12 @@ VERSION = 8                # 2: the smallest late mask (`circuit_of_run`);
                            #    the same circuits as 6, but for
                            #    while_return_true's 509 groups, not 512);
                            # 8: where no late mask reaches, an earlier one
-                           #    that does, if smaller than the extension.
+                           #    that does, if smaller than the extension;
+                           # 9: groups bucketed by size, leaning splits
+                           #    dealt in turns, preferences per pair of
+                           #    candidates (built-in tasks: the same splits
+                           #    and buckets as 8, but for
+                           #    while_return_true's groups of four).
 
 
 def hard_mask(tau, temperature):
@@ -285,12 +290,14 @@ def length_buckets(rows, num_buckets, by_pair):
   longest prompt: most prompts are far shorter than the longest, and a
   forward pass costs what its padded length costs.
 
-  by_pair: `num_buckets` (at most) of whole pairs, each as `pairs` [G, M],
-  the row indices (within the bucket) of its G pairs, so a batch of pairs
-  is a gather. M is the bucket's largest group; a smaller group (an
-  unpaired prompt among pairs, a group of three) repeats its rows to fill
-  it, and `real` [G, M] marks the entries that are not repeats, which alone
-  weigh in the loss. Otherwise rows cut by length into `num_buckets`, or,
+  by_pair: whole groups of one size each, as `pairs` [G, M], the row
+  indices (within the bucket) of its G groups of M prompts, so a batch of
+  groups is a gather; each size gets its share of `num_buckets` by its
+  prompts (at least one), so a task of pairs gets `num_buckets`. Before,
+  a bucket took groups of any size, the smaller repeating rows to fill
+  the largest: one group of 40 among 200 pairs made its bucket's steps
+  (a quarter) take one pair. Otherwise rows cut by length into
+  `num_buckets`, or,
   where one of those would exceed MAX_PASS_TOKENS padded tokens, into as
   many as fill it: each is scored in one forward pass, and a task file may
   be of any size.
@@ -298,10 +305,15 @@ def length_buckets(rows, num_buckets, by_pair):
   if by_pair:
     groups = [np.flatnonzero(rows['pair'] == g)
               for g in np.unique(rows['pair'])]
-    order = np.argsort([rows['lengths'][g].max() for g in groups],
-                       kind='stable')
-    parts = [[groups[i] for i in part]
-             for part in np.array_split(order, min(num_buckets, len(groups)))]
+    sizes = np.array([len(g) for g in groups])
+    parts = []
+    for size in np.unique(sizes):
+      members = np.flatnonzero(sizes == size)
+      share = max(1, round(num_buckets * size * len(members) / sizes.sum()))
+      order = members[np.argsort(
+          [rows['lengths'][groups[i]].max() for i in members], kind='stable')]
+      parts += [[groups[i] for i in part]
+                for part in np.array_split(order, min(share, len(members)))]
   else:
     order = np.argsort(rows['lengths'], kind='stable')
     parts = np.array_split(order, min(num_buckets, len(order)))
@@ -312,14 +324,11 @@ def length_buckets(rows, num_buckets, by_pair):
   buckets = []
   for part in parts:
     if by_pair:
-      width = max(len(g) for g in part)
-      real = np.stack([np.arange(width) < len(g) for g in part])  # [G, M]
-      part = np.stack([np.resize(g, width) for g in part])
+      part = np.stack(part)  # [G, M]
     index, inverse = np.unique(part, return_inverse=True)
     bucket = trim({k: v[index] for k, v in rows.items() if k != 'pair'})
     if by_pair:
       bucket['pairs'] = inverse.reshape(part.shape)
-      bucket['real'] = real
     buckets.append(bucket)
   return buckets
 
@@ -398,8 +407,7 @@ class _Pruner:
 
   def _task_loss(self, weights, mask, batch):
     logits = _last_logits(self.model, *weights, self.unravel(mask), batch)
-    return tasks.task_loss(logits, batch['correct'], batch['incorrect'],
-                           batch.get('weight'))[0]
+    return tasks.task_loss(logits, batch['correct'], batch['incorrect'])[0]
 
   def init_scores(self, key):
     """(tau [num_nodes], optimizer state, multiplier state)."""
@@ -447,7 +455,7 @@ class _Pruner:
     would let it go to zero on any separable batch.
     """
     s = self.settings
-    sizes = jnp.stack([b['real'].sum() for b in buckets])  # Prompts.
+    sizes = jnp.array([b['pairs'].size for b in buckets])  # Prompts.
 
     def loss_fn(tau, lam, batch):
       mask = hard_mask(tau, s.temperature)
@@ -461,9 +469,7 @@ class _Pruner:
       picked = jax.random.randint(
           key, (max(1, round(2 * s.batch_pairs / width)),), 0, groups)
       rows = bucket['pairs'][picked].reshape(-1)
-      batch = {k: v[rows] for k, v in bucket.items()
-               if k not in ('pairs', 'real')}
-      batch['weight'] = bucket['real'][picked].reshape(-1).astype(jnp.float32)
+      batch = {k: v[rows] for k, v in bucket.items() if k != 'pairs'}
       batch = jax.lax.with_sharding_constraint(batch, self.rows)
       return jax.grad(loss_fn, has_aux=True)(tau, lam, batch)
 

@@ -992,15 +992,12 @@ def check_balanced(encoded, name):
         'pairs do).')
 
 
-def task_loss(logits_last, correct, incorrect, weight=None):
+def task_loss(logits_last, correct, incorrect):
   """Binary cross-entropy between the two candidates, and accuracy.
 
-  logits_last: [N, vocab] at the last prompt position; weight [N], each
-  row's weight in the means (a pruning batch's repeated rows weigh 0), or
-  None for equal weights.
+  logits_last: [N, vocab] at the last prompt position.
   """
   rows = jnp.arange(logits_last.shape[0])
   margin = (logits_last[rows, correct] -
             logits_last[rows, incorrect]).astype(jnp.float32)
-  return (jnp.average(jax.nn.softplus(-margin), weights=weight),
-          jnp.average(margin > 0, weights=weight))
+  return jnp.mean(jax.nn.softplus(-margin)), jnp.mean(margin > 0)
