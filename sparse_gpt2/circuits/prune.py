@@ -293,14 +293,15 @@ def length_buckets(rows, num_buckets, by_pair):
   by_pair: whole groups of one size each, as `pairs` [G, M], the row
   indices (within the bucket) of its G groups of M prompts, so a batch of
   groups is a gather; each size gets its share of `num_buckets` by its
-  prompts (at least one), so a task of pairs gets `num_buckets`. Before,
-  a bucket took groups of any size, the smaller repeating rows to fill
-  the largest: one group of 40 among 200 pairs made its bucket's steps
-  (a quarter) take one pair. Otherwise rows cut by length into
-  `num_buckets`, or,
-  where one of those would exceed MAX_PASS_TOKENS padded tokens, into as
-  many as fill it: each is scored in one forward pass, and a task file may
-  be of any size.
+  prompts (at least one), so a task of pairs gets `num_buckets`. (A bucket
+  of groups of any size, the smaller repeating rows to fill the largest,
+  let one group of 40 among 200 pairs cut its bucket's steps, a quarter of
+  them, to one pair.)
+
+  Otherwise rows cut by length into `num_buckets`, or, where one of those
+  would exceed MAX_PASS_TOKENS padded tokens, into as many as fill it:
+  each is scored in one forward pass, and a task file may be of any
+  size.
   """
   if by_pair:
     groups = [np.flatnonzero(rows['pair'] == g)
