@@ -1008,6 +1008,24 @@ def test_a_start_that_saved_nothing_records_its_own_corpus(tiny_config,
   assert json.loads(open(corpus).read()) == {'vocab_sha256': 'second'}
 
 
+def test_the_matmul_peak_is_the_fastest_of_its_repeats(monkeypatch):
+  """2 n^3 FLOPs over the fastest reading (elapsed 2, 1 and 3 s): a
+  moment of load lowers a reading, never raises it."""
+  clock = iter([0.0, 2.0, 10.0, 11.0, 20.0, 23.0])
+  monkeypatch.setattr(metrics.time, 'perf_counter', lambda: next(clock))
+  assert metrics.measure_peak_flops(n=8, repeats=3) == 2 * 8**3 / 1.0
+
+
+def test_the_console_line_says_each_metric(caplog):
+  logged = {'loss': 2.0, 'val_loss': 2.5, 'lr': 1e-3, 'l0': 12_345,
+            'tokens_per_s': 1234.4, 'mfu': 0.4567, 'peak_memory_gib': 3.25}
+  with caplog.at_level('INFO'):
+    metrics.console_line(5, 10, logged, 59.0)
+  assert [r.getMessage() for r in caplog.records] == [
+      'step 5/10 | loss 2.0000 | val 2.5000 | lr 1.00e-03 | L0 12,345 | '
+      '1,234 tok/s | MFU 45.7% | peak mem 3.2 GiB | ETA 00:00:59']
+
+
 def test_an_eta_of_days_says_so(caplog):
   logged = {'loss': 2.0, 'lr': 1e-3, 'l0': 10, 'tokens_per_s': 1.0,
             'mfu': 0.1}
@@ -1345,27 +1363,49 @@ def test_mfu_peak_is_the_datasheet_peak_times_the_devices(monkeypatch):
   # the family's peak (a v5e read as a v5p put its MFU 2.3x too low).
   for kind, peak in (('TPU v5e', 197e12), ('TPU v6e', 918e12),
                      ('TPU v4 lite', 138e12), ('NVIDIA H100 NVL', 835e12),
+                     ('NVIDIA H200 NVL', 835e12),
                      ('NVIDIA GB200', 2500e12), ('NVIDIA B200', 2250e12)):
     device.device_kind = kind
     assert metrics.peak_flops('bfloat16') == 8 * peak, kind
 
 
-def test_tokens_per_second_time_training_not_evaluation(tiny_config,
-                                                       tmp_path, monkeypatch):
+def test_tokens_per_second_time_training_not_evaluation(
+    tiny_config, tmp_path, monkeypatch, caplog):
   """An evaluation that takes a second leaves the next interval's rate
-  alone: five tiny steps take milliseconds."""
-  evaluate = train.evaluate
+  alone: five steps take half a second (each batch 0.1 s late). A rate is
+  the interval's own steps over its time, never faster than the batches
+  come; the ETA is the steps left at that rate."""
+  evaluate, global_batch = train.evaluate, train.global_batch
 
   def slow_evaluate(*args):
     time.sleep(1.0)
     return evaluate(*args)
 
+  def slow_batch(*args):
+    time.sleep(0.1)
+    return global_batch(*args)
+
   monkeypatch.setattr(train, 'evaluate', slow_evaluate)
+  monkeypatch.setattr(train, 'global_batch', slow_batch)
   config = tiny_config('none', train_steps=15)
-  train.train_and_evaluate(config, str(tmp_path))
+  with caplog.at_level('INFO'):
+    train.train_and_evaluate(config, str(tmp_path))
   logged = {m['step']: m for m in _metrics(str(tmp_path))}
+  tokens = config.batch_size * config.seq_len
   after_eval = logged[15]
-  assert after_eval['tokens_per_s'] > 5 * config.batch_size * config.seq_len
+  assert after_eval['tokens_per_s'] > 5 * tokens
+  assert [s for s in sorted(logged) if 'tokens_per_s' in logged[s]] == [
+      5, 10, 15]
+  # At most 5 steps over 4 waits (an interval is timed from the last log,
+  # written while the next step runs): 0.75-1.17 of tokens / 0.1 here, 2-3x
+  # counted from the run's first step.
+  assert all(m['tokens_per_s'] <= 1.6 * tokens / 0.1 for m in logged.values())
+  lines = [r.getMessage() for r in caplog.records
+           if r.getMessage().startswith('step ')]
+  assert lines[-1].startswith('step 15/15 ') and lines[-1].endswith(
+      ' | ETA 00:00:00')
+  assert lines[0].startswith('step 5/15 ') and not lines[0].endswith(
+      ' | ETA 00:00:00')  # Ten more steps, a second at least.
   # Evaluated every eval_every=10 steps, and at the last step, 15: a run's
   # final weights always have a val_loss.
   assert [s for s, m in sorted(logged.items()) if 'val_loss' in m] == [10, 15]
