@@ -87,7 +87,10 @@ def test_positions_give_the_logits_of_one_position_per_row(kw):
   # The last block computes only those rows (its own attention), so a
   # position before the row's end must see no key after it.
   m, params, _ = _init(**kw)
+  if 'bigram' in params:  # Nonzero: the row of each scored position's token.
+    params['bigram'] = jax.random.normal(jax.random.key(4), (50, 50))
   positions = jnp.array([3, 11])
+  assert TOKENS[0, 3] != TOKENS[0, -1]  # Not the row of the last token.
   np.testing.assert_allclose(
       _logits(m, params, positions=positions),
       _logits(m, params)[np.arange(2), positions], rtol=1e-5, atol=1e-6)
@@ -122,6 +125,9 @@ def test_abs_topk_keeps_the_largest_fraction():
   x = jnp.arange(1.0, 101.0)
   assert int((model_lib.abs_topk(x, 0.07) != 0).sum()) == 7
   assert int((model_lib.abs_topk(x, 0.071) != 0).sum()) == 8
+  # Magnitudes one ulp apart (the int32 bits' lowest bit): the larger only.
+  x = jnp.array([[1.0, np.nextafter(np.float32(1), np.float32(2))]])
+  np.testing.assert_array_equal(model_lib.abs_topk(x, 0.5), [[0, x[0, 1]]])
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -192,6 +198,42 @@ def test_dropout_only_in_training():
   b = _logits(m, params, deterministic=False,
               rngs={'dropout': jax.random.key(3)})
   assert not np.allclose(a, b)
+
+
+def test_dropout_applies_to_the_attention_output():
+  """Embeddings of zeros (dropped or not, zeros) and an MLP writing zeros:
+  the residual stream is the attention outputs alone (attn_proj's bias),
+  so the training logits vary with the dropout rng only if those are
+  dropped."""
+  m, params, _ = _init(dropout=0.5, tie_embeddings=False)
+  params = jax.tree.map(lambda x: x, params)
+  params['wte']['embedding'] = jnp.zeros_like(params['wte']['embedding'])
+  params['wpe'] = jnp.zeros_like(params['wpe'])
+  for i, b in enumerate(('block_0', 'block_1')):
+    params[b]['attn_proj']['bias'] = jax.random.normal(jax.random.key(i),
+                                                       (16,))
+    params[b]['mlp_proj'] = jax.tree.map(jnp.zeros_like,
+                                         params[b]['mlp_proj'])
+  a, b = (_logits(m, params, deterministic=False,
+                  rngs={'dropout': jax.random.key(seed)}) for seed in (3, 4))
+  assert not np.allclose(a, b)
+  assert not np.allclose(a, _logits(m, params))
+
+
+def test_output_projections_start_smaller_by_the_depth():
+  """GPT-2's init: normal(0.02), and normal(0.02 / sqrt(2 * layers)) for
+  the projections that write to the residual stream."""
+  m = model_lib.GPT2(vocab_size=256, num_layers=8, d_model=64, num_heads=2,
+                     max_len=8)
+  params = nn.unbox(jax.jit(m.init)(jax.random.key(0),
+                                    jnp.zeros((1, 8), jnp.int32))['params'])
+  for b in ('block_0', 'block_7'):
+    for name, std in (('query', 0.02), ('value', 0.02), ('mlp_fc', 0.02),
+                      ('attn_proj', 0.005), ('mlp_proj', 0.005)):
+      np.testing.assert_allclose(np.std(params[b][name]['kernel']), std,
+                                 rtol=0.1, err_msg=f'{b} {name}')
+  np.testing.assert_allclose(np.std(params['wte']['embedding']), 0.02,
+                             rtol=0.1)
 
 
 def test_bfloat16_compute_keeps_float32_logits_and_params():

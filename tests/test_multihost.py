@@ -40,6 +40,13 @@ jax.distributed.initialize(f'127.0.0.1:{port}', int(num_processes),
 from configs import tiny
 from sparse_gpt2 import train
 from sparse_gpt2 import workdir as workdir_lib
+# Each process a host of its own name, as on a slice: else the event files
+# of two writers (a process that should not write) could share a name.
+from sparse_gpt2 import metrics
+metrics._import_tensorboardx()
+import types, tensorboardX.event_file_writer as event_file_writer
+event_file_writer.socket = types.SimpleNamespace(
+    gethostname=lambda: f'host{process_id}')
 for steps in json.loads(stops):
   config = tiny.get_config('topk')
   for key, value in json.loads(overrides).items():
@@ -104,6 +111,10 @@ def test_two_processes_train_and_resume_like_one(tiny_config, tmp_path):
       assert [json.loads(l)['step'] for l in f] == [2, 4, 6, 8]
   assert sorted(os.listdir(tmp_path / 'processes2' / 'checkpoints'),
                 key=int) == ['4', '8']
+  # Only process 0 writes TensorBoard events: one file a run it started.
+  events = sorted(os.listdir(tmp_path / 'processes2'))
+  events = [n for n in events if n.startswith('events.out.tfevents')]
+  assert events and all(n.endswith('.host0') for n in events), events
   for a, b in zip(jax.tree.leaves(runs[2]), jax.tree.leaves(runs[1])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
                                atol=1e-6)
@@ -155,6 +166,41 @@ def test_process_0_first_stops_every_process_on_any_failure(
     with pytest.raises(ValueError, match=message):
       multihost.process_0_first(fn)
   assert told[-1] == (failed_at == 'here')  # Told the others, then raised.
+
+
+@pytest.mark.parametrize('index', [0, 1])
+def test_process_0_first_runs_fn_on_process_0_before_the_others(
+    monkeypatch, index):
+  """fn runs in the first turn on process 0, in the second on the others
+  (a turn ends at the `any_process` all of them call)."""
+  monkeypatch.setattr(jax, 'process_index', lambda: index)
+  told = []
+  monkeypatch.setattr(multihost, 'any_process',
+                      lambda flag: told.append(flag) or flag)
+  turns_before = []
+
+  def fn():
+    turns_before.append(len(told))
+    return 'corpus'
+  assert multihost.process_0_first(fn) == 'corpus'
+  assert turns_before == [index] and told == [False, False]
+
+
+def test_barrier_and_any_process_with_two_processes(monkeypatch):
+  """Two processes, the other's part played by `process_allgather`: a
+  barrier syncs, and one process's true flag is every process's."""
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  synced = []
+  monkeypatch.setattr(multihost.multihost_utils, 'sync_global_devices',
+                      synced.append)
+  multihost.barrier('corpus built')
+  assert synced == ['corpus built']
+  for theirs, want in ((0, False), (1, True)):
+    monkeypatch.setattr(
+        multihost.multihost_utils, 'process_allgather',
+        lambda ours, theirs=theirs: np.array([ours, theirs], np.int32))
+    assert multihost.any_process(False) is want
+    assert multihost.any_process(True) is True
 
 
 def test_same_on_all_compares_every_process(monkeypatch):

@@ -73,6 +73,10 @@ def test_checkpoint_digests_read_the_same_on_any_mesh_and_see_any_word():
   _in_subprocess('check_digests')
 
 
+def test_batches_split_over_data_and_fsdp():
+  _in_subprocess('check_batch_split')
+
+
 def _mesh(data, fsdp, model):
   config = tiny.get_config().mesh
   config.data, config.fsdp, config.model = data, fsdp, model
@@ -120,6 +124,26 @@ def check_topk():
     for p in scores:
       assert int(got[p].sum()) == ks[p], (p, density)
       np.testing.assert_array_equal(got[p], want[p], err_msg=f'{p} {density}')
+
+
+def check_batch_split():
+  """data 2 x fsdp 2 x model 2: a batch's rows split 4 ways (its sharding
+  says over which axes), and a batch that 4 does not divide is refused."""
+  config = tiny.get_config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.model = 2, 2, 2
+  mesh = _mesh(2, 2, 2)
+  with nn.logical_axis_rules(sharding.rules(config.mesh)):
+    assert sharding.batch_sharding(mesh).spec == P(('data', 'fsdp'), None)
+  assert sharding.data_parallel(mesh, config.mesh) == 4
+  assert train.make_mesh(config).shape == mesh.shape  # batch_size 8.
+  config.batch_size = 6
+  try:
+    train.make_mesh(config)
+  except ValueError as e:
+    assert str(e) == ('batch_size 6 / microbatches 1 is not divisible by '
+                      'the 4 ways the mesh splits a batch'), e
+  else:
+    raise AssertionError('batch_size 6 over 4 ways was not refused')
 
 
 def check_digests():
