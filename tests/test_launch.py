@@ -3,6 +3,7 @@ overrides that survive both the local and the remote shell."""
 
 import os
 import shlex
+import signal
 import subprocess
 import time
 
@@ -53,7 +54,7 @@ _FAKE_GCLOUD = """#!/bin/bash
 echo "$*" >> "$(dirname "$0")/calls"
 case "$*" in
   *"tpu-vm describe"*) [[ -n $VM_STATE ]] && echo "$VM_STATE" || exit 1 ;;
-  *"queued-resources describe"*) echo ACTIVE ;;
+  *"queued-resources describe"*) echo "${QR_STATE:-ACTIVE}" ;;
 esac
 """
 
@@ -86,6 +87,96 @@ def test_tpu_create_reuses_a_ready_vm_and_refuses_a_preempted_one(tmp_path):
   result, calls = create('')  # No such VM: queued, then waited for.
   assert result.returncode == 0, result.stderr
   assert 'queued-resources create tpu1' in calls and '--spot' in calls
+
+
+def test_tpu_create_picks_each_types_runtime_unless_runtime_is_set():
+  for type_, runtime in (('v4-8', 'tpu-ubuntu2204-base'),
+                         ('v5litepod-8', 'v2-alpha-tpuv5-lite'),
+                         ('v5p-8', 'v2-alpha-tpuv5'),
+                         ('v6e-8', 'v2-alpha-tpuv6e')):
+    create = shlex.split(_dry_run('tpu_vm.sh', 'create', 'n', 'z', type_)[0])
+    assert [a for a in create if a.startswith('--runtime-version=')] == [
+        f'--runtime-version={runtime}'], (type_, create)
+  # An unknown type: refused, unless RUNTIME names the software version.
+  assert _refused('tpu_vm.sh', 'create', 'n', 'z', 'v9-8') == (
+      'error: unknown TPU type v9-8; set RUNTIME')
+  result = subprocess.run(
+      ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), '--dry_run',
+       'create', 'n', 'z', 'v9-8'], capture_output=True, text=True,
+      timeout=60, env={**os.environ, 'RUNTIME': 'x'})
+  assert result.returncode == 0, result
+  create = shlex.split(result.stdout.splitlines()[0])
+  assert '--accelerator-type=v9-8' in create
+  assert [a for a in create if a.startswith('--runtime-version=')] == [
+      '--runtime-version=x']
+  # RUNTIME overrides a known type's default too.
+  create = subprocess.run(
+      ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), '--dry_run',
+       'create', 'n', 'z', 'v5p-8'], capture_output=True, text=True,
+      timeout=60, check=True, env={**os.environ, 'RUNTIME': 'x'}).stdout
+  assert '--runtime-version=x ' in create.splitlines()[0]
+
+
+def test_tpu_project_goes_to_every_gcloud_command():
+  env = {**os.environ, 'PROJECT': 'p'}
+  for args in (['create', 'n', 'z', 'v5p-8'], ['logs', 'n', 'z'],
+               ['stop', 'n', 'z'], ['delete', 'n', 'z']):
+    lines = subprocess.run(
+        ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), '--dry_run',
+         *args], capture_output=True, text=True, timeout=60, check=True,
+        env=env).stdout.splitlines()
+    assert lines, args
+    for line in lines:
+      assert shlex.split(line)[:4] == [
+          'gcloud', 'compute', 'tpus', '--project=p'], (args, line)
+  # Without PROJECT, gcloud's own default project.
+  assert '--project' not in _dry_run('tpu_vm.sh', 'delete', 'n', 'z')[0]
+
+
+def _fake_gcloud(tmp_path):
+  (tmp_path / 'gcloud').write_text(_FAKE_GCLOUD)
+  (tmp_path / 'gcloud').chmod(0o755)
+  return {**os.environ, 'PATH': f"{tmp_path}:{os.environ['PATH']}"}
+
+
+def _run_bounded(argv, env, timeout=20):
+  """Runs `argv` in a session of its own, killed whole (its `sleep`s too)
+  if it has not finished after `timeout` seconds."""
+  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env, start_new_session=True)
+  try:
+    stdout, stderr = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    raise AssertionError(f'{argv} still running after {timeout} s')
+  return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+
+
+def test_tpu_create_gives_up_on_a_failed_or_suspended_request(tmp_path):
+  env = _fake_gcloud(tmp_path)
+  for state in ('FAILED', 'SUSPENDED'):
+    result = _run_bounded(
+        ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), 'create', 'tpu1',
+         'z', 'v5p-8'], {**env, 'QR_STATE': state, 'VM_STATE': ''})
+    assert result.returncode == 1, (state, result)
+    assert result.stderr == f'error: queued resource tpu1 is {state}\n'
+
+
+def test_tpu_dry_run_create_calls_no_gcloud(tmp_path):
+  """--dry_run only prints: not even the read-only `describe` of an
+  existing VM runs (a READY one would end the dry run early)."""
+  env = _fake_gcloud(tmp_path)
+  for vm_state in ('', 'READY'):
+    result = subprocess.run(
+        ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), '--dry_run',
+         'create', 'tpu1', 'z', 'v5p-8'], capture_output=True, text=True,
+        timeout=60, env={**env, 'VM_STATE': vm_state})
+    assert result.returncode == 0, result
+    assert not (tmp_path / 'calls').exists(), (tmp_path / 'calls').read_text()
+    create, describe = result.stdout.splitlines()
+    assert 'queued-resources create tpu1' in create
+    assert 'queued-resources describe tpu1' in describe
 
 
 def test_tpu_start_ships_fresh_code_and_starts_detached_on_all_workers():
@@ -146,6 +237,9 @@ def test_tpu_start_keeps_runs_and_refuses_what_it_would_lose(tmp_path):
 def test_tpu_logs_stop_and_delete():
   logs, = _dry_run('tpu_vm.sh', 'logs', 'tpu1', 'z', '--worker=3')
   assert '--worker=3' in logs and 'sparse_gpt2.log' in _remote(logs)
+  logs, = _dry_run('tpu_vm.sh', 'logs', 'tpu1', 'z')  # Worker 0's.
+  assert [a for a in shlex.split(logs) if a.startswith('--worker=')] == [
+      '--worker=0']
   stop, = _dry_run('tpu_vm.sh', 'stop', 'tpu1', 'z')
   assert '--worker=all' in stop and 'kill -TERM' in _remote(stop)
   delete, = _dry_run('tpu_vm.sh', 'delete', 'tpu1', 'z')
@@ -218,6 +312,68 @@ def _running(pid):
     return False
 
 
+def _start_stand_in(tmp_path, body):
+  """start's remote command, run here in a home of its own, with a
+  stand-in `python` (a bash script running `body`); its pid and env."""
+  start = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
+                   'configs/sparse_small.py')[-1]
+  home = tmp_path / 'home'
+  (home / 'sparse_gpt2').mkdir(parents=True)
+  stand_in = home / 'sparse_gpt2_venv' / 'bin'
+  stand_in.mkdir(parents=True)
+  (stand_in / 'python').write_text(f'#!/bin/bash\n{body}\n')
+  (stand_in / 'python').chmod(0o755)
+  env = {**os.environ, 'HOME': str(home)}
+  subprocess.run(['bash', '-c', _remote(start)], env=env, check=True,
+                 timeout=30)
+  pid = int((home / 'sparse_gpt2.pid').read_text())
+  deadline = time.time() + 10
+  while b'sparse_gpt2_venv/bin/python' not in _cmdline(pid) and (
+      time.time() < deadline):
+    time.sleep(0.05)  # nohup, then the stand-in, exec in turn.
+  assert b'sparse_gpt2_venv/bin/python' in _cmdline(pid), _cmdline(pid)
+  time.sleep(0.3)  # Its trap set.
+  return pid, env
+
+
+def test_tpu_stop_waits_while_the_run_saves(tmp_path):
+  """A run that takes a second to save its checkpoint after SIGTERM: stop
+  returns only once it has exited."""
+  pid, env = _start_stand_in(
+      tmp_path, "trap 'sleep 1; exit 0' TERM\nwhile :; do sleep 0.1; done")
+  try:
+    stop, = _dry_run('tpu_vm.sh', 'stop', 'tpu1', 'z')
+    subprocess.run(['bash', '-c', _remote(stop)], env=env, check=True,
+                   timeout=30)
+    assert not _running(pid)  # Not still saving when stop returned.
+  finally:
+    if _running(pid):
+      os.kill(pid, signal.SIGKILL)
+
+
+def test_tpu_stop_reports_a_run_still_saving(tmp_path):
+  """A run that ignores SIGTERM: stop gives up (after its 300 waits, made
+  instant here by a stand-in `sleep`) and says so, rc 1."""
+  pid, env = _start_stand_in(
+      tmp_path, "trap '' TERM\nwhile :; do sleep 0.1; done")
+  try:
+    bin_ = tmp_path / 'bin'
+    bin_.mkdir()
+    (bin_ / 'sleep').write_text('#!/bin/sh\nexit 0\n')
+    (bin_ / 'sleep').chmod(0o755)
+    stop, = _dry_run('tpu_vm.sh', 'stop', 'tpu1', 'z')
+    result = subprocess.run(
+        ['bash', '-c', _remote(stop)], capture_output=True, text=True,
+        timeout=60, env={**env, 'PATH': f"{bin_}:{os.environ['PATH']}"})
+    assert result.returncode == 1, result
+    assert result.stderr == (f'error: {os.uname().nodename}: the run of pid '
+                             f'{pid} is still saving after 10 minutes\n')
+    assert _running(pid)
+    assert (tmp_path / 'home' / 'sparse_gpt2.pid').exists()
+  finally:
+    os.kill(pid, signal.SIGKILL)
+
+
 def test_slurm_dry_run_prints_commands_that_submit_the_job(tmp_path):
   """Run as printed (with a stand-in `sbatch` that records its file), the
   dry run's lines write the job file that they then submit."""
@@ -241,11 +397,19 @@ def test_slurm_script_installs_once_and_runs_a_process_per_node():
   for expected in ('--nodes=2', '--ntasks-per-node=1', '--gpus-per-node=8',
                    '--exclusive', '--time=01:30:00'):
     assert f'#SBATCH {expected}' in directives, expected
-  assert any(d.startswith('#SBATCH --output=') for d in directives)
+  # One log per job, not one overwritten by the next job of the name.
+  assert [d for d in directives if d.startswith('#SBATCH --output=')] == [
+      f'#SBATCH --output={ROOT}/logs/%x-%j.out']
+  assert not any(d.startswith('#SBATCH --partition') for d in directives)
   pip = next(i for i, l in enumerate(lines) if 'pip install' in l)
   srun = next(i for i, l in enumerate(lines) if l.startswith('srun '))
   assert pip < srun and 'jax[cuda12]' in lines[pip]  # Once, not per node.
-  assert any(l.startswith('export JAX_COORDINATOR_ADDRESS=') for l in lines)
+  # The pinned jax, as on TPU.
+  assert lines[pip] == (
+      ".venv/bin/pip install -q -r requirements.txt 'jax[cuda12]==0.10.2'")
+  # The job's first node, resolved when the job runs (not at submission).
+  assert ('export JAX_COORDINATOR_ADDRESS=$(scontrol show hostnames '
+          '"$SLURM_JOB_NODELIST" | head -n 1):12345') in lines
   assert 'export SPARSE_GPT2_DISTRIBUTED=1' in lines
   # Each node's process drives all 8 of its GPUs, not only GPU 0.
   assert 'export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7' in lines
@@ -264,3 +428,35 @@ def test_slurm_script_installs_once_and_runs_a_process_per_node():
       (['2', 'configs/nope.py'], f'no config file configs/nope.py in {ROOT}')):
     assert _refused('gpu_slurm.sh', *args) == f'error: {error}'
 
+
+def test_slurm_partition_is_a_directive():
+  lines = _dry_run('gpu_slurm.sh', '1', 'configs/tiny.py', '--partition=p')
+  assert [l for l in lines if l.startswith('#SBATCH --partition')] == [
+      '#SBATCH --partition=p']
+
+
+def test_slurm_submits_the_job_it_writes(tmp_path):
+  """Without --dry_run (in a copy of the script, so its logs/ is a
+  temporary one), the job file is written and given to `sbatch`."""
+  repo = tmp_path / 'repo'
+  (repo / 'launch').mkdir(parents=True)
+  (repo / 'configs').mkdir()
+  (repo / 'configs' / 'tiny.py').write_text('')
+  script = repo / 'launch' / 'gpu_slurm.sh'
+  with open(os.path.join(ROOT, 'launch', 'gpu_slurm.sh')) as f:
+    script.write_text(f.read())
+  bin_ = tmp_path / 'bin'
+  bin_.mkdir()
+  (bin_ / 'sbatch').write_text(
+      '#!/bin/sh\necho "$*" >> "$(dirname "$0")/calls"\n'
+      'cp "$1" "$(dirname "$0")/job"\n')
+  (bin_ / 'sbatch').chmod(0o755)
+  subprocess.run(['bash', str(script), '1', 'configs/tiny.py'], check=True,
+                 capture_output=True, timeout=60,
+                 env={**os.environ, 'PATH': f"{bin_}:{os.environ['PATH']}"})
+  job_file = repo / 'logs' / 'sparse_gpt2-tiny.sbatch'
+  assert (bin_ / 'calls').read_text() == f'{job_file}\n'
+  job = (bin_ / 'job').read_text()
+  assert job == job_file.read_text()
+  assert job.startswith('#!/usr/bin/env bash\n#SBATCH --job-name=')
+  assert f'#SBATCH --output={repo}/logs/%x-%j.out\n' in job
