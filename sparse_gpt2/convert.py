@@ -79,6 +79,7 @@ def main():
                                                  or _TO_HF.value):
     try:  # The default, unread until here, may be missing (an install).
       config = _CONFIG.value
+      config.keys()  # ml_collections raises only once it is used.
     except OSError as e:
       raise ValueError(f'--config: {str(e).splitlines()[-1].strip()}'
                        ) from None

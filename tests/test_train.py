@@ -1210,6 +1210,49 @@ def _main_with_a_spy(steps, env=None):
                         env=env).stdout.split()
 
 
+_MAIN_AS_A_COMMAND = r"""
+import runpy
+import sys
+from sparse_gpt2 import train
+preempt = sys.argv[1] == 'preempt'
+def spy(config, workdir, compile_apart):
+  if preempt:
+    raise train.Preempted('preempted at step 7; saved a checkpoint there, '
+                          'rerun the same command to resume')
+  print('workdir', workdir)
+train.train_and_evaluate = spy
+sys.argv = ['main', *sys.argv[2:]]
+runpy.run_module('sparse_gpt2.main', run_name='__main__', alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize('spy, args, code, out, error', [
+    # The default workdir is named after the config file, not its argument.
+    ('print', ['--config=configs/tiny.py'], 0, ['workdir runs/tiny'], None),
+    ('print', ['--config=configs/tiny.py:none'], 0, ['workdir runs/tiny'],
+     None),
+    ('print', ['--config=configs/tiny.py', '--workdir=elsewhere'], 0,
+     ['workdir elsewhere'], None),
+    # `--workdir=` (an unset shell variable) is refused, not runs/tiny.
+    ('print', ['--config=configs/tiny.py', '--workdir='], 1, [],
+     'error: --workdir is empty; leave it out for runs/CONFIG_NAME'),
+    ('preempt', ['--config=configs/tiny.py'], 1, [],
+     'error: preempted at step 7; saved a checkpoint there, rerun the same '
+     'command to resume'),
+])
+def test_main_hands_its_workdir_on_and_says_a_preemption_in_one_line(
+    spy, args, code, out, error):
+  result = subprocess.run([sys.executable, '-c', _MAIN_AS_A_COMMAND, spy,
+                           *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+  assert result.returncode == code, result.stderr[-2000:]
+  assert [l for l in result.stdout.splitlines() if l.strip()] == out
+  assert 'Traceback' not in result.stderr
+  assert _errors(result) == ([error] if error else [])
+  if error:
+    assert [l for l in result.stderr.splitlines() if l.strip()] == [error]
+
+
 @pytest.mark.parametrize('steps', [cli.STEPS_TO_EARN_BACK_FREED_MEMORY - 1,
                                    cli.STEPS_TO_EARN_BACK_FREED_MEMORY])
 def test_only_runs_long_enough_keep_freed_memory(steps):
@@ -1250,6 +1293,18 @@ def test_runs_on_cpu_unless_jax_can_use_an_attached_accelerator(
   monkeypatch.setattr(cli.importlib.util, 'find_spec', lambda name: (
       libtpu if name == 'libtpu' else find_spec(name)))
   monkeypatch.setattr(cli, '_jax_plugins', lambda: plugins)
+  assert cli.runs_on_cpu() == on_cpu
+
+
+@pytest.mark.parametrize('platforms, on_cpu', [
+    ('cpu', True), ('cpu,tpu', True), (' cpu ,cuda', True),
+    ('tpu,cpu', False), ('cuda,cpu', False), ('tpu', False)])
+def test_the_first_of_jax_platforms_decides_runs_on_cpu(monkeypatch,
+                                                        platforms, on_cpu):
+  # JAX_PLATFORMS=tpu,cpu runs on the TPU: the CPU is only a fallback there,
+  # and its freed memory is not kept.
+  monkeypatch.setattr(cli, 'jax', types.SimpleNamespace(
+      config=types.SimpleNamespace(jax_platforms=platforms)))
   assert cli.runs_on_cpu() == on_cpu
 
 
@@ -1462,6 +1517,11 @@ def test_convert_exports_a_gpt2_run_and_refuses_the_paper_architecture(
   state = train.train_and_evaluate(config, run)
   convert.run_to_hf(run, str(tmp_path / 'hf'))
   assert f'{run} step 6 -> ' in capsys.readouterr().out
+  # A second export into it is refused unless asked to replace it.
+  exported = _listing(str(tmp_path / 'hf'))
+  with pytest.raises(ValueError, match='is not empty; replace it with'):
+    convert.run_to_hf(run, str(tmp_path / 'hf'))
+  assert _listing(str(tmp_path / 'hf')) == exported
   hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / 'hf'))
   tokens = np.random.default_rng(0).integers(0, m.vocab_size, (2, 16))
   with torch.no_grad():
@@ -1557,3 +1617,47 @@ def test_convert_makes_a_run_from_a_hugging_face_gpt2(tiny_config, tmp_path):
   with restored_config.unlocked():
     restored_config.train_steps = 2
   assert int(train.train_and_evaluate(restored_config, run).step) == 2
+
+
+def test_convert_refuses_both_directions_at_once(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.convert', f'--from_run={tmp_path}/a',
+       f'--to_hf={tmp_path}/b', f'--from_hf={tmp_path}/c',
+       f'--to_run={tmp_path}/d'], cwd=ROOT, capture_output=True, text=True,
+      timeout=120)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert [l for l in result.stderr.splitlines() if l.strip()] == [
+      'error: give either --from_run and --to_hf, or --from_hf and --to_run']
+  assert os.listdir(tmp_path) == []
+
+
+def test_convert_says_a_config_that_does_not_load_as_the_config_flag(
+    monkeypatch):
+  # The default config is read only when --to_run needs it, and may be
+  # missing (an install without configs/): named as --config, in one line.
+  from sparse_gpt2 import convert  # pylint: disable=g-import-not-at-top
+
+  class Missing:
+    """As ml_collections 1.1 gives a default config file that is not
+    there: a value that raises once it is used."""
+
+    def __getattr__(self, name):
+      raise OSError(
+          'Configuration is not available because of an earlier failure to '
+          'load: Failed loading config file config_config\n  Attempted '
+          '[Relative path]:\n    /gone/configs/dense_gpt2_124m.py\n      '
+          "[Errno 2] No such file or directory: "
+          "'/gone/configs/dense_gpt2_124m.py'")
+
+  for holder, value in (('_FROM_RUN', None), ('_TO_HF', None),
+                        ('_FROM_HF', 'hf'), ('_TO_RUN', 'run')):
+    monkeypatch.setattr(convert, holder, types.SimpleNamespace(value=value))
+  monkeypatch.setattr(convert, '_CONFIG', types.SimpleNamespace(
+      value=Missing()))
+  monkeypatch.setattr(convert, 'hf_to_run', lambda *args: pytest.fail(
+      'converted without a config'))
+  with pytest.raises(ValueError) as raised:
+    convert.main()
+  assert str(raised.value) == (
+      "--config: [Errno 2] No such file or directory: "
+      "'/gone/configs/dense_gpt2_124m.py'")
