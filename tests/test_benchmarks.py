@@ -160,10 +160,37 @@ def test_quick_suite_writes_every_section_and_skips_a_missing_peer(tmp_path):
   assert twins['old_step_s'] > 0 and twins['new_step_s'] > 0
   # One model's FLOPs over each step's time and the peak timed before it.
   assert 0 < twins['old_mfu'] < 1.5 and 0 < twins['new_mfu'] < 1.5
+  assert twins['speedup'] == pytest.approx(
+      twins['old_step_s'] / twins['new_step_s'])
+  # Every derived number, recomputed from those it comes from.
+  for section, rows in ((result['peers'], result['peers']['results'].values()),
+                        (modes, modes['results'].values()),
+                        (result['sizes'], result['sizes']['results'])):
+    tokens = section['shape']['batch_size'] * section['shape']['seq_len']
+    for r in rows:
+      assert r['tokens_per_s'] == pytest.approx(tokens / r['step_s'])
+  for r in modes['results'].values():
+    assert r['vs_dense'] == pytest.approx(
+        r['step_s'] / modes['results']['none']['step_s'])
+  assert modes['topk_share_of_step'] == pytest.approx(
+      modes['topk_s'] / modes['results']['topk']['step_s'])
+  total = lambda r: (r['arguments'] + r['outputs'] - r['aliased']
+                     + r['temporaries'])
+  assert modes['memory']['sparse_extra_vs_params'] == pytest.approx(
+      (total(memory['topk']) - total(memory['none']))
+      / memory['none']['fp32_params'], rel=1e-12)
   markdown = (tmp_path / 'run.md').read_text()
   for heading in ('**Peers**', '**Sparsity modes**', '**Sizes**',
                   '**Twins**', 'PyTorch peer skipped', 'Wall time'):
     assert heading in markdown
+  for mode, r in modes['results'].items():
+    assert (f"| {mode} | {1e3 * r['step_s']:.0f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['vs_dense']:.3f} | "
+            f"{100 * r['mfu']:.1f}% |") in markdown.splitlines()
+  assert (f"| configs/tiny.py | {1e3 * twins['old_step_s']:.0f} | "
+          f"{1e3 * twins['new_step_s']:.0f} | {twins['speedup']:.2f}x | "
+          f"{100 * twins['old_mfu']:.1f}% | {100 * twins['new_mfu']:.1f}% |"
+         ) in markdown.splitlines()
 
 
 @pytest.mark.parametrize('make', [peers.flax_step, peers.torch_step])
@@ -466,7 +493,12 @@ def test_whole_runs_trains_both_versions_and_writes_its_table(tiny_config,
   assert tiny['old']['val_loss'] == tiny['new']['val_loss']
   assert tiny['speedup'] == pytest.approx(
       tiny['old']['wall_s'] / tiny['new']['wall_s'])
-  assert '| tiny |' in (tmp_path / 'whole_runs.md').read_text()
+  old, new = tiny['old'], tiny['new']
+  assert (f"| tiny | {old['wall_s']:.1f} | {new['wall_s']:.1f} | "
+          f"**{tiny['speedup']:.2f}x** | {old['done_s']:.1f} / "
+          f"{new['done_s']:.1f} | {old['val_loss']['10']:.4f} | "
+          f"{new['val_loss']['10']:.4f} |"
+         ) in (tmp_path / 'whole_runs.md').read_text().splitlines()
   missing = subprocess.run([*cmd[:3], '--baseline=no_such_commit'], cwd=ROOT,
                            capture_output=True, text=True)
   assert missing.returncode != 0
@@ -494,3 +526,261 @@ def test_checkpoint_damage_resumes_on_each_damaged_file(tiny_config,
                            capture_output=True, text=True)
   assert unknown.returncode != 0
   assert 'unknown --ways' in unknown.stderr.splitlines()[-1]
+
+
+def _python(code, *args, cwd=ROOT):
+  """stdout of `code` in a fresh interpreter, from the benchmarks' folder on
+  its path: the benchmarks' flags (--out, --baseline, ...) clash with each
+  other's, and with those of modules other tests import."""
+  result = subprocess.run(
+      [sys.executable, '-c',
+       f'import sys; sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r})'
+       f'\n{code}', *args], cwd=cwd, capture_output=True, text=True,
+      timeout=300)
+  if result.returncode:
+    pytest.fail(f'exit {result.returncode}:\n{result.stderr}', pytrace=False)
+  return result.stdout
+
+
+def test_run_interleaved_reports_medians_of_its_timed_rounds():
+  # Fake steps and peaks: the warm-up's time left out, then the median of
+  # the step times, of the peaks and of each step's own MFU.
+  _python('''
+import run
+peaks = iter([10.0, 40.0, 20.0])
+run.metrics.measure_peak_flops = lambda **kwargs: next(peaks)
+times = iter([[100.0], [1.0, 1.0], [2.0, 2.0], [6.0, 6.0]])
+calls = []
+def fake_run(n):
+  calls.append(n)
+  return next(times)
+result = run.interleaved({'a': (fake_run, 120.0)}, rounds=3, steps=2)
+assert calls == [1, 2, 2, 2], calls
+# MFUs of the steps: 12, 12, 1.5, 1.5, 1, 1.
+assert result == {'a': {'step_s': 2.0, 'peak_flops': 20.0, 'mfu': 1.5}}, result
+''')
+
+
+def test_run_twins_and_memory_from_their_measures():
+  # Fake twin workers (old 3x slower) and fake compiled steps' memory.
+  _python('''
+import types
+import numpy as np
+import run
+run.metrics.measure_peak_flops = lambda **kwargs: 1e9
+class Worker:
+  def __init__(self, seconds):
+    self.seconds = seconds
+  def wait_ready(self):
+    pass
+  def steps(self, n):
+    return [self.seconds] * n
+  def close(self):
+    pass
+name = 'configs/tiny.py'
+out = run._time_twins('abc', {name: {'old': Worker(0.3), 'new': Worker(0.1)}},
+                      rounds=2, steps=2)
+flops = run._flops_per_step(run.twin_worker.load_config(
+    run.os.path.join(run.ROOT, name)))
+r = out['results'][name]
+assert out['baseline'] == 'abc'
+assert r['old_step_s'] == 0.3 and r['new_step_s'] == 0.1, r
+assert np.isclose(r['speedup'], 3.0), r
+assert np.isclose(r['old_mfu'], flops / 0.3 / 1e9), (r, flops)
+assert np.isclose(r['new_mfu'], flops / 0.1 / 1e9), (r, flops)
+
+def fake(arguments, outputs, aliased, temporaries, params):
+  analysis = types.SimpleNamespace(
+      argument_size_in_bytes=arguments, output_size_in_bytes=outputs,
+      alias_size_in_bytes=aliased, temp_size_in_bytes=temporaries)
+  compiled = types.SimpleNamespace(memory_analysis=lambda: analysis)
+  lowered = types.SimpleNamespace(compile=lambda: compiled)
+  jitted = types.SimpleNamespace(lower=lambda state, tokens: lowered)
+  state = types.SimpleNamespace(params={'w': np.zeros(params, np.float32)})
+  return None, jitted, [state], None
+mem = run.memory({'none': fake(100, 100, 80, 50, 25),
+                  'topk': fake(110, 130, 90, 70, 25)})
+# Dense holds 100 + 100 - 80 + 50 = 170, topk 110 + 130 - 90 + 70 = 220.
+assert mem['results']['none']['fp32_params'] == 100, mem
+assert np.isclose(mem['sparse_extra_vs_params'], (220 - 170) / 100), mem
+''')
+
+
+def test_run_markdown_twins_row_holds_each_number_in_its_column():
+  out = _python('''
+import run
+row = {'step_s': 0.01, 'tokens_per_s': 1e4, 'mfu': 0.1}
+shape = dict(vocab_size=8, d_model=4, num_layers=1, num_heads=1, seq_len=4,
+             batch_size=2)
+print(run.to_markdown({
+    'date': 'today', 'machine': 'm', 'commit': 'c', 'command': 'cmd',
+    'num_cpu_devices': 2, 'peers': {'shape': shape, 'results': {'p': row},
+                                    'note': None},
+    'modes': [], 'sizes': {'shape': shape, 'results': []},
+    'twins': {'baseline': 'abc', 'results': {'configs/x.py': {
+        'old_step_s': 0.5, 'new_step_s': 0.2, 'speedup': 2.5,
+        'old_mfu': 0.04, 'new_mfu': 0.1}}},
+    'seconds': {'peers': 1.0}}))
+''')
+  assert '| configs/x.py | 500 | 200 | 2.50x | 4.0% | 10.0% |' in (
+      out.splitlines())
+
+
+def test_whole_runs_markdown_reads_the_last_eval_of_each_version():
+  out = _python('''
+import whole_runs
+print(whole_runs.to_markdown({
+    'date': 'today', 'machine': 'm', 'commit': 'c', 'baseline': 'b',
+    'command': 'cmd', 'results': {'tiny': {
+        'old': {'wall_s': 30.0, 'done_s': 20.0,
+                'val_loss': {'5': 9.0, '10': 7.0, '100': 3.25}},
+        'new': {'wall_s': 12.0, 'done_s': 8.0,
+                'val_loss': {'5': 8.0, '100': 3.5, '10': 6.0}},
+        'speedup': 2.5}}}))
+''')
+  assert ('| tiny | 30.0 | 12.0 | **2.50x** | 20.0 / 8.0 | 3.2500 | 3.5000 |'
+          in out.splitlines())
+
+
+def test_checkpoint_damage_outcome_of_each_resume(tmp_path):
+  out = _python('''
+import os
+import numpy as np
+import checkpoint_damage
+saved = {'a': np.arange(3), 'b': np.ones(2)}
+other = {'a': np.arange(3), 'b': np.zeros(2)}
+workdir = sys.argv[1]
+print(checkpoint_damage.outcome(workdir, dict(saved), saved))
+print(checkpoint_damage.outcome(workdir, other, saved))
+os.makedirs(os.path.join(workdir, checkpoint_damage.workdir_lib.CORRUPT))
+print(checkpoint_damage.outcome(workdir, dict(saved), saved))
+''', str(tmp_path))
+  assert out.splitlines() == ['restored as saved', 'restored OTHER VALUES',
+                              'fell back']
+
+
+def test_provenance_marks_only_a_modified_checkout(tmp_path, monkeypatch):
+  import provenance  # pylint: disable=g-import-not-at-top
+  git = lambda *args: subprocess.run(
+      ['git', '-C', str(tmp_path), '-c', 'user.name=t', '-c',
+       'user.email=t@t', *args], check=True, capture_output=True, text=True)
+  git('init', '-q')
+  (tmp_path / 'f').write_text('a')
+  git('add', 'f')
+  git('commit', '-q', '-m', 'c')
+  head = git('rev-parse', '--short', 'HEAD').stdout.strip()
+  monkeypatch.setattr(provenance, 'ROOT', str(tmp_path))
+  assert provenance.commit() == head
+  (tmp_path / 'f').write_text('b')
+  assert provenance.commit() == f'{head} (modified)'
+
+
+@pytest.mark.parametrize('flags, isa', [
+    ('fpu avx2 avx512f sse', ' (AVX-512)'),
+    ('fpu avx2 sse', ' (AVX2)'),
+    ('fpu sse', ''),
+])
+def test_provenance_machine_names_the_widest_vectors(flags, isa, monkeypatch):
+  import io  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  import provenance  # pylint: disable=g-import-not-at-top
+  cpuinfo = f'processor\t: 0\nmodel name\t: Fake CPU\nflags\t\t: {flags}\n'
+  monkeypatch.setattr(provenance, 'open', lambda path: io.StringIO(cpuinfo),
+                      raising=False)
+  # No jax backend started in this process: other tests choose its devices.
+  monkeypatch.setattr(provenance, 'jax', types.SimpleNamespace(
+      devices=lambda: [types.SimpleNamespace(device_kind='cpu')]))
+  assert provenance.machine().startswith(f'Fake CPU{isa}, ')
+
+
+def test_matmuls_table_ratios_are_pytorch_over_this_project():
+  # The medians faked, the steps not built: each row's ratio its own.
+  out = _python('''
+from absl import flags
+import matmuls
+ms = {('jax', 'forward'): 1, ('torch', 'forward'): 3,
+      ('jax', 'input gradient'): 2, ('torch', 'input gradient'): 3,
+      ('jax', 'kernel gradient'): 4, ('torch', 'kernel gradient'): 2,
+      ('jax', 'step'): 10, ('torch', 'step'): 15}
+def fake_time_in_turns(contenders, rounds):
+  assert set(contenders) == set(ms), set(contenders) ^ set(ms)
+  return {key: 1e-3 * v for key, v in ms.items()}
+matmuls.time_in_turns = fake_time_in_turns
+matmuls.peers.torch_step = lambda shape: None
+matmuls.run.project_step = lambda config: (None,)
+flags.FLAGS(['matmuls.py', '--quick'])
+matmuls.main()
+''')
+  ratios = {line.split(' | ')[0].strip('| '): line.split(' | ')[-1].strip(' |')
+            for line in out.splitlines() if line.startswith('| ')}
+  assert {k: v for k, v in ratios.items() if '(' in k} == {
+      'forward (ms, GFLOP/s)': '3.00', 'input gradient (ms, GFLOP/s)': '1.50',
+      'kernel gradient (ms, GFLOP/s)': '0.50',
+      'all weight matmuls (ms)': '1.14', 'train step (ms)': '1.50'}
+  assert "A step 1.3x PyTorch's: 11.5 ms;" in out
+
+
+def test_matmuls_time_in_turns_is_the_median_after_a_warm_call():
+  _python('''
+import matmuls
+clock = [0.0]
+matmuls.time.perf_counter = lambda: clock[0]
+def advancing(seconds):
+  seconds = iter(seconds)
+  def fn():
+    clock[0] += next(seconds)
+  return fn
+median = matmuls.time_in_turns({'a': advancing([100, 1, 5, 2]),
+                                'b': advancing([50, 7, 3, 4])}, rounds=3)
+assert median == {'a': 2, 'b': 4}, median
+''')
+
+
+def test_matmuls_jax_and_torch_run_the_same_products():
+  _python('''
+import numpy as np
+import matmuls
+operands = matmuls._operands(matmuls._TINY, np.random.default_rng(0))
+ours, theirs = matmuls.jax_matmuls(operands), matmuls.torch_matmuls(operands)
+assert set(ours) == set(theirs) == set(matmuls._KINDS)
+for kind in matmuls._KINDS:
+  for (x, w, dy), a, b in zip(operands, ours[kind](), theirs[kind]()):
+    a = np.asarray(a)
+    if kind == 'kernel gradient':  # Each device's part of X^T dY.
+      a = a.sum(0)
+    want = {'forward': x @ w, 'input gradient': dy @ w.T,
+            'kernel gradient': x.T @ dy}[kind]
+    np.testing.assert_allclose(a, want, rtol=1e-4, atol=1e-5, err_msg=kind)
+    np.testing.assert_allclose(b.numpy(), want, rtol=1e-4, atol=1e-5,
+                               err_msg=kind)
+''')
+
+
+def test_step_profile_helpers_on_overlaps_and_collectives():
+  _python('''
+import step_profile
+# Two starts of one op before either marker: the first marker closes the
+# first start.
+events = [(0, 1, 'dot.1', 'a'), (2, 1, 'dot.1', 'b'),
+          (5, 1, 'end: dot.1', 'b'), (8, 1, 'end: dot.1', 'a')]
+spans = sorted(step_profile._op_spans(events))
+assert spans == [(0, 6, 'dot.1', 'a'), (2, 9, 'dot.1', 'b')], spans
+# Two spans from one start: the longer holds the shorter.
+own = step_profile._self_times([(0, 4, 'inner'), (0, 10, 'outer')])
+assert sorted(own) == [('inner', 4), ('outer', 6)], own
+busy = [step_profile._busy_ns([(0, 5), (3, 8)]),
+        step_profile._busy_ns([(0, 5), (6, 8)])]
+assert busy == [8, 7], busy
+grad = 'transpose(jvp(GPT2))/block_0/mlp/mlp_fc/dot_general'
+hlo = '\\n'.join(
+    f'  {root}%{name} = f32[4]{{0}} {op}(f32[4]{{0}} %p), '
+    f'metadata={{op_name="jit(step)/{stack}"}}'
+    for root, name, op, stack in (
+        ('', 'all-reduce.1', 'all-reduce', 'reproject/shard_map/psum'),
+        ('', 'all-reduce.2', 'all-reduce', grad),
+        ('ROOT ', 'fusion.3', 'fusion', grad)))
+parts = step_profile.parts_of_ops(hlo)
+assert parts == {'all-reduce.1': 'top-k and masks',
+                 'all-reduce.2': 'gradient all-reduce',
+                 'fusion.3': 'MLP'}, parts
+''', cwd=os.path.join(ROOT, 'benchmarks'))
