@@ -255,24 +255,12 @@ def test_tpu_stop_signals_the_run_that_start_started(tmp_path):
   training, orphaned), and stop returns once it is gone. While it lives,
   start refuses before it changes anything; a pid that the recorded one
   became after a restart is neither waited for nor signalled."""
-  check, *_, start = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
-                              'configs/sparse_small.py')
+  check = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
+                   'configs/sparse_small.py')[0]
   stop, = _dry_run('tpu_vm.sh', 'stop', 'tpu1', 'z')
-  home = tmp_path / 'home'
-  (home / 'sparse_gpt2').mkdir(parents=True)
-  stand_in = home / 'sparse_gpt2_venv' / 'bin'
-  stand_in.mkdir(parents=True)
-  (stand_in / 'python').write_text('#!/bin/bash\nexec -a "$0" sleep 60\n')
-  (stand_in / 'python').chmod(0o755)
-  env = {**os.environ, 'HOME': str(home)}
-  subprocess.run(['bash', '-c', _remote(start)], env=env, check=True,
-                 timeout=30)
-  pid = int((home / 'sparse_gpt2.pid').read_text())
-  deadline = time.time() + 10
-  while not _cmdline(pid).endswith(b'/bin/python\x0060\x00') and (
-      time.time() < deadline):
-    time.sleep(0.05)  # nohup, then the stand-in, exec in turn.
+  pid, env = _start_stand_in(tmp_path, 'exec -a "$0" sleep 60')
   assert _cmdline(pid).endswith(b'/bin/python\x0060\x00'), _cmdline(pid)
+  home = tmp_path / 'home'
   refused = subprocess.run(['bash', '-c', _remote(check)], env=env,
                            capture_output=True, text=True, timeout=30)
   assert refused.returncode == 1

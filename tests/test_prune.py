@@ -842,28 +842,21 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   assert table[1][2] == format(runs.val_losses(tiny_twins['sparse'])[10],
                                '.3f')
   assert table[1][3] == rows[1].split(' | ')[3]
-  # ... and refuses one too small for a calibrated loss, in one line.
-  task_file.write_text('\n'.join(lines[:14]) + '\n')
-  result = subprocess.run(result.args, capture_output=True, text=True,
-                          timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(__file__)))
-  assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1] == (
-      'error: quotes: 14 prompts in 7 prompt pairs (a group of any size, or '
-      'an unpaired prompt, counts one); a calibrated task loss needs at '
-      'least 8 pairs and 16 prompts')
-  # Twelve unpaired prompts are twelve groups, and still too few prompts.
-  task_file.write_text('\n'.join(
-      json.dumps({k: v for k, v in json.loads(line).items() if k != 'pair'})
-      for line in lines[:12]) + '\n')
-  result = subprocess.run(result.args, capture_output=True, text=True,
-                          timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(__file__)))
-  assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1] == (
-      'error: quotes: 12 prompts in 12 prompt pairs (a group of any size, or '
-      'an unpaired prompt, counts one); a calibrated task loss needs at '
-      'least 8 pairs and 16 prompts')
+  # ... and refuses one too small for a calibrated loss, in one line: 7
+  # pairs, or twelve unpaired prompts (twelve groups, too few prompts).
+  unpaired = [json.dumps({k: v for k, v in json.loads(line).items()
+                          if k != 'pair'}) for line in lines[:12]]
+  for kept, counts in ((lines[:14], '14 prompts in 7 prompt pairs'),
+                       (unpaired, '12 prompts in 12 prompt pairs')):
+    task_file.write_text('\n'.join(kept) + '\n')
+    result = subprocess.run(result.args, capture_output=True, text=True,
+                            timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f'error: quotes: {counts} (a group of any size, or an unpaired '
+        'prompt, counts one); a calibrated task loss needs at least 8 pairs '
+        'and 16 prompts')
   # A built-in task is scored on --num_prompts prompts where it is given.
   result = subprocess.run(
       [sys.executable, '-m', 'sparse_gpt2.circuits',
