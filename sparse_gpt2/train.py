@@ -2,9 +2,9 @@
 
 One step as data: tokens [B, T+1] sharded over ('data', 'fsdp') ->
 model.apply -> cross-entropy -> dense grads -> optimizer chain ([mask grads]
--> rescaled to an RMS -> AdamW -> reproject onto the masks) -> new params; in topk mode the masks
-become the new support. The step is one jit with in/out shardings and the
-state donated.
+-> rescaled to an RMS -> AdamW -> reproject onto the masks) -> new params;
+in topk mode the masks become the new support. The step is one jit with
+in/out shardings and the state donated.
 """
 
 import functools
