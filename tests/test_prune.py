@@ -381,6 +381,11 @@ def test_split_refuses_too_few_pairs_and_deals_groups_that_lean_one_way():
     prune.split(_task(58, 0), SETTINGS)
   assert [len(np.unique(p['pair'])) for p in
           prune.split(_task(60, 0), SETTINGS)] == [14, 8, 8]
+  # 50 of 64 one way: select is dealt even (8 and 8), test gets the other
+  # way's last 6 and leans 62%, which the check after the dealing refuses.
+  with pytest.raises(ValueError, match=r'^its test split: a fixed '
+                     r'preference .* answers 62% of the datapoints'):
+    prune.split(_unpaired(64, 50), SETTINGS)
   # 10 unpaired prompts in select: a chance model passed a calibrated 0.5
   # on 8 of them in 7% of draws.
   with pytest.raises(ValueError, match=r'^its select split holds 10 prompts '
