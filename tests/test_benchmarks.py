@@ -784,3 +784,24 @@ assert parts == {'all-reduce.1': 'top-k and masks',
                  'all-reduce.2': 'gradient all-reduce',
                  'fusion.3': 'MLP'}, parts
 ''', cwd=os.path.join(ROOT, 'benchmarks'))
+
+
+def test_attention_blocks_times_each_split_and_names_the_chosen_one():
+  """A row per length: the three splits' medians, and how many blocks
+  `model._query_blocks` cuts that length into (one under 48 tokens, four
+  at training's 128)."""
+  from sparse_gpt2 import model  # pylint: disable=g-import-not-at-top
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/attention_blocks.py', '--batch=2',
+       '--heads=2', '--lengths=8,128'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [l.strip('| ').split(' | ') for l in result.stdout.splitlines()
+          if l.startswith('| ')]
+  assert rows[0] == ['T', '1 block (ms)', '2 blocks (ms)', '4 blocks (ms)',
+                     'chosen']
+  assert [row[0] for row in rows[1:]] == ['8', '128']
+  for row in rows[1:]:
+    assert all(float(ms) > 0 for ms in row[1:4]), row
+    assert int(row[4]) == len(model._query_blocks(int(row[0])))  # pylint: disable=protected-access
+  assert [row[4] for row in rows[1:]] == ['1', '4']
