@@ -67,11 +67,31 @@ def test_prepare_out_refuses_a_folder_it_cannot_write(tmp_path):
     provenance.prepare_out(str(out))
 
 
+def _interpreter(code, *args, **run_args):
+  """`code` run in a fresh interpreter from the project's folder, the
+  benchmarks' on its path, with `args` as its sys.argv[1:] (`run_args`: of
+  `subprocess.run`): the benchmarks' flags (--out, --baseline, ...) clash
+  with each other's, and with those of modules other tests import."""
+  return subprocess.run(
+      [sys.executable, '-c',
+       f'import sys; sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r})'
+       f'\n{code}', *args],
+      **{'cwd': ROOT, 'capture_output': True, 'text': True, 'timeout': 300,
+         **run_args})
+
+
+def _python(code, *args, **run_args):
+  """stdout of `_interpreter`, which must exit 0."""
+  result = _interpreter(code, *args, **run_args)
+  if result.returncode:
+    pytest.fail(f'exit {result.returncode}:\n{result.stderr}', pytrace=False)
+  return result.stdout
+
+
 # `main` of a benchmark with its measuring replaced: a check that comes
 # after the first section (or the first run) is a failed test, in seconds.
 _STUBBED_RUN = """
-import os, shutil, sys
-sys.path.insert(0, 'benchmarks')
+import os, shutil
 import provenance, run
 from sparse_gpt2 import cli
 def measured(*args):
@@ -98,10 +118,8 @@ def test_run_checks_the_baseline_before_any_section(baseline, message,
                                                     tmp_path):
   # Not a note in run.md, nor a worker's traceback after every other
   # section was measured (and lost).
-  result = subprocess.run(
-      [sys.executable, '-c', _STUBBED_RUN, f'--baseline={baseline}',
-       f'--out={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
-      timeout=120)
+  result = _interpreter(_STUBBED_RUN, f'--baseline={baseline}',
+                        f'--out={tmp_path}', timeout=120)
   assert result.returncode == 1, result.stderr
   assert result.stderr.startswith(f'error: {message}'), result.stderr
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -111,8 +129,6 @@ def test_a_twin_worker_that_fails_is_one_line(tmp_path):
   # A worker on a tree without the package: a ValueError of one line, which
   # `cli.run` prints, not a RuntimeError holding its traceback.
   code = """
-import sys
-sys.path.insert(0, 'benchmarks')
 import run
 worker = run._Worker(sys.argv[1], 'configs/tiny.py')
 try:
@@ -120,9 +136,7 @@ try:
 except ValueError as e:
   print(e)
 """
-  out = subprocess.run([sys.executable, '-c', code, str(tmp_path)], cwd=ROOT,
-                       check=True, capture_output=True, text=True,
-                       timeout=120).stdout
+  out = _python(code, str(tmp_path), timeout=120)
   assert out == (f'the twin worker of {tmp_path} failed to start (exit 1): '
                  "ModuleNotFoundError: No module named 'sparse_gpt2'\n")
 
@@ -133,8 +147,7 @@ def test_quick_suite_writes_every_section_and_skips_a_missing_peer(tmp_path):
           f"sys.argv = ['run.py', '--quick', '--out={tmp_path}', "
           "'--baseline=HEAD']; "
           "runpy.run_path('benchmarks/run.py', run_name='__main__')")
-  subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True,
-                 capture_output=True)
+  _python(code, timeout=None)
   result = json.loads((tmp_path / 'run.json').read_text())
   assert set(result) >= {'peers', 'modes', 'sizes', 'twins', 'date',
                          'machine', 'commit'}
@@ -219,8 +232,7 @@ own = step_profile._self_times([s[:3] for s in spans if s[3] == 'a'])
 assert sorted(own) == [('dot.1', 8), ('fusion.3', 2)], own
 assert step_profile._busy_ns([s[:2] for s in spans]) == 16
 '''
-  subprocess.run([sys.executable, '-c', code], check=True,
-                 cwd=os.path.join(ROOT, 'benchmarks'))
+  _python(code, timeout=None)
 
 
 def test_matmuls_quick_times_every_kind_beside_both_steps():
@@ -240,12 +252,11 @@ def test_matmuls_quick_times_every_kind_beside_both_steps():
 def test_matmuls_without_torch_is_one_line_before_any_compile():
   # torch hidden, and the project's step made uncallable: a traceback if
   # matmuls.py built it (seconds of compiling) before finding torch missing.
-  code = ("import runpy, sys; sys.path.insert(0, 'benchmarks'); "
+  code = ("import runpy; "
           "sys.modules['torch'] = None; import run; run.project_step = None; "
           "sys.argv = ['matmuls.py', '--quick']; "
           "runpy.run_path('benchmarks/matmuls.py', run_name='__main__')")
-  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+  result = _interpreter(code, timeout=120)
   assert result.returncode == 1, result.stderr
   assert result.stderr.strip() == (
       'error: import of torch halted; None in sys.modules (the PyTorch peer: '
@@ -255,11 +266,10 @@ def test_matmuls_without_torch_is_one_line_before_any_compile():
 def test_step_profile_refuses_zero_steps_before_any_step():
   # Not a ZeroDivisionError after the warm-up steps. torch hidden: a
   # profile that started would end on that instead, in seconds.
-  code = ("import runpy, sys; sys.modules['torch'] = None; "
+  code = ("import runpy; sys.modules['torch'] = None; "
           "sys.argv = ['step_profile.py', '--step=torch', '--steps=0']; "
           "runpy.run_path('benchmarks/step_profile.py', run_name='__main__')")
-  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+  result = _interpreter(code, timeout=120)
   assert result.returncode == 2, result.stderr
   assert result.stderr.strip() == (
       'error: flag --steps=0: 0 is not a positive integer')
@@ -292,8 +302,7 @@ dots = {parts[n] for n in parts if opcode[n] == 'dot'}
 assert dots >= {'MLP', 'unembedding', 'attention: q/k/v and output matmuls',
                 'attention: scores, softmax, weighted values'}, dots
 '''
-  subprocess.run([sys.executable, '-c', code], check=True,
-                 cwd=os.path.join(ROOT, 'benchmarks'))
+  _python(code, timeout=None)
 
 
 def test_gpu_check_trains_both_twins_and_writes_its_tables(tiny_config,
@@ -382,8 +391,6 @@ def test_whole_runs_keeps_the_configs_before_a_failed_run(tmp_path):
   # baseline's main rejects the override, as an older commit's can. One
   # line, and tiny's result already written, with the command as typed.
   code = """
-import sys
-sys.path.insert(0, 'benchmarks')
 import whole_runs
 from sparse_gpt2 import cli
 real_main = whole_runs._main
@@ -398,8 +405,7 @@ cli.run(whole_runs.main)
 """
   args = ['--configs=tiny,dense_small', '--baseline=HEAD', f'--out={tmp_path}',
           '--set=config.no_such_field=1']
-  result = subprocess.run([sys.executable, '-c', code, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+  result = _interpreter(code, *args, timeout=120)
   assert result.returncode == 1, result.stderr
   assert result.stderr.strip() == (
       'error: dense_small at the checkout failed (exit 2): no such config '
@@ -416,8 +422,7 @@ cli.run(whole_runs.main)
 # every resume restoring the state as saved; with FAIL_IF_TRAINED set, a
 # training ends the process.
 _STUBBED_DAMAGE = """
-import os, sys, types
-sys.path.insert(0, 'benchmarks')
+import os, types
 import checkpoint_damage
 from sparse_gpt2 import cli
 def train_and_evaluate(config, run):
@@ -441,8 +446,7 @@ cli.run(checkpoint_damage.main)
 def test_checkpoint_damage_records_its_command_and_choice(tmp_path):
   args = ['--ways=flip_byte,delete', '--path_contains=state/d',
           f'--out={tmp_path}']
-  subprocess.run([sys.executable, '-c', _STUBBED_DAMAGE, *args], cwd=ROOT,
-                 check=True, capture_output=True, timeout=120)
+  _python(_STUBBED_DAMAGE, *args, timeout=120)
   result = json.loads((tmp_path / 'checkpoint_damage.json').read_text())
   command = 'python benchmarks/checkpoint_damage.py ' + ' '.join(args)
   assert result['command'] == command
@@ -464,9 +468,8 @@ def test_checkpoint_damage_refuses_a_choice_of_no_case(args, fail_if_trained,
                                                        message, tmp_path):
   # Not a report of no cases, and its malformed table.
   env = {**os.environ, 'FAIL_IF_TRAINED': '1' if fail_if_trained else ''}
-  result = subprocess.run(
-      [sys.executable, '-c', _STUBBED_DAMAGE, *args, f'--out={tmp_path}'],
-      cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+  result = _interpreter(_STUBBED_DAMAGE, *args, f'--out={tmp_path}', env=env,
+                        timeout=120)
   assert result.returncode == 1, result.stderr
   assert result.stderr.strip() == f'error: {message}'
   assert not os.listdir(tmp_path)
@@ -526,20 +529,6 @@ def test_checkpoint_damage_resumes_on_each_damaged_file(tiny_config,
                            capture_output=True, text=True)
   assert unknown.returncode != 0
   assert 'unknown --ways' in unknown.stderr.splitlines()[-1]
-
-
-def _python(code, *args, cwd=ROOT):
-  """stdout of `code` in a fresh interpreter, from the benchmarks' folder on
-  its path: the benchmarks' flags (--out, --baseline, ...) clash with each
-  other's, and with those of modules other tests import."""
-  result = subprocess.run(
-      [sys.executable, '-c',
-       f'import sys; sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r})'
-       f'\n{code}', *args], cwd=cwd, capture_output=True, text=True,
-      timeout=300)
-  if result.returncode:
-    pytest.fail(f'exit {result.returncode}:\n{result.stderr}', pytrace=False)
-  return result.stdout
 
 
 def test_run_interleaved_reports_medians_of_its_timed_rounds():
