@@ -9,6 +9,7 @@ more than every other test in the file.
 """
 
 import base64
+import errno
 import json
 import os
 import shutil
@@ -523,6 +524,27 @@ def test_page_of_circuits_from_two_runs_says_where_one_has_none(
       "document.querySelector('#prompts').innerText")
 
 
+def test_no_ratio_where_a_circuit_has_no_edges_and_no_edge_at_a_fraction(
+    tmp_path, browser):
+  """Two runs' circuits of one task, the second's solved with no edges:
+  the ratio column says n/a as `compare`'s table does (not 0.0x); an
+  address naming edge 1.5 selects nothing and throws nothing."""
+  circuits = tmp_path / 'circuits'
+  circuits.mkdir()
+  for run, listed in (('/nowhere/a', 20), ('/nowhere/b', 0)):
+    circuit = {**_big_circuit(listed, listed), 'task': 'one', 'run': run}
+    (circuits / f'{run[-1]}.json').write_text(json.dumps(circuit))
+  out = tmp_path / 'page.html'
+  view.write_page(str(out), circuits_dir=str(circuits), load_runs=False)
+  browser.open(f'file://{out}#task=one&edge=0:1.5')
+  assert browser.errors() == []
+  assert 'Hover over a node' in browser.js(
+      "document.querySelector('#details').innerText")
+  row = browser.js("document.querySelector('#task-table tr.task-row')"
+                   '.innerText')
+  assert row.split('\t')[-1] == 'n/a', row
+
+
 def test_one_run_written_two_ways_is_one_panel_and_twin_circuits_refused(
     tmp_path):
   circuits = tmp_path / 'circuits[1]'  # A name that globs otherwise.
@@ -630,13 +652,76 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
   (circuits / 'one.json').write_text(json.dumps(_big_circuit(20, 20)))
 
   def refuse(src, dst):
-    raise OSError(f'cannot rename {src} to {dst}')
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   monkeypatch.setattr(os, 'replace', refuse)
-  with pytest.raises(OSError, match='cannot rename'):
+  # A full disk is one line that names --out, not a traceback (an OSError
+  # of no kind `cli.run` says in one line).
+  with pytest.raises(ValueError, match=r'^--out .*page.html: cannot write it '
+                     r'\(No space left on device\)$'):
     view.write_page(str(tmp_path / 'page.html'), circuits_dir=str(circuits),
                     load_runs=False)
   assert sorted(os.listdir(tmp_path)) == ['circuits']
+
+
+def test_a_json_out_is_refused_before_it_overwrites_an_input(tmp_path,
+                                                             monkeypatch):
+  """`--out` onto comparison.json or a circuit file would replace the
+  page's own input with HTML, and a page.json beside the circuit files
+  would be read as one next time: refused before any work."""
+  monkeypatch.setattr(view, 'page_data', None)  # Any work fails otherwise.
+  circuits = tmp_path / 'circuits'
+  circuits.mkdir()
+  written = json.dumps(_big_circuit(2, 2))
+  (circuits / 'one.json').write_text(written)
+  for out in (circuits / 'one.json', circuits / 'page.JSON'):
+    with pytest.raises(ValueError, match=r"^--out .* is a .json name: give "
+                       r"an HTML file's path"):
+      view.write_page(str(out), circuits_dir=str(circuits))
+  assert os.listdir(circuits) == ['one.json']
+  assert (circuits / 'one.json').read_text() == written
+
+
+def test_an_out_folder_that_takes_no_file_is_refused_before_any_work(
+    monkeypatch, tmp_path):
+  """A folder no file can be made in (read-only, another user's; /proc
+  refuses even root) is found before the runs are loaded, not after, and
+  named as --out's."""
+  if not os.path.isdir('/proc'):
+    pytest.skip('no /proc, a folder that takes no file even from root')
+  monkeypatch.setattr(view, 'page_data', None)  # Any work fails otherwise.
+  (tmp_path / 'one.json').write_text(json.dumps(_big_circuit(2, 2)))
+  with pytest.raises(ValueError, match=r'^--out /proc/page.html: cannot '
+                     r'write in /proc \('):
+    view.write_page('/proc/page.html', circuits_dir=str(tmp_path))
+
+
+def test_a_circuit_without_its_model_shape_is_refused(tmp_path):
+  """A circuit file written by hand (or by another tool) without what the
+  page draws it by: refused naming the field, not a blank page (no
+  layer_sizes), every layer but the first cut off (no num_layers), or its
+  nodes hidden behind 'not solved' (no solved)."""
+  for field in ('solved', 'num_layers', 'layer_sizes'):
+    circuit = _big_circuit(2, 2)
+    del circuit[field]
+    (tmp_path / 'one.json').write_text(json.dumps(circuit))
+    with pytest.raises(ValueError) as refused:
+      view.write_page(str(tmp_path / 'page.html'),
+                      circuits_dir=str(tmp_path), load_runs=False)
+    assert str(refused.value) == (f'{tmp_path / "one.json"} is not a whole '
+                                  f"circuit file (no ['{field}'])")
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+  """A damaged or foreign-encoded .json among the circuit files: the error
+  names it (a bare decode error named no file)."""
+  (tmp_path / 'one.json').write_text(json.dumps(_big_circuit(2, 2)))
+  (tmp_path / 'two.json').write_bytes(b'{"task": "caf\xe9"}')
+  with pytest.raises(ValueError) as refused:
+    view.write_page(str(tmp_path / 'page.html'), circuits_dir=str(tmp_path),
+                    load_runs=False)
+  assert str(refused.value) == (f'{tmp_path / "two.json"} is not valid JSON '
+                                '(not UTF-8 text: byte 13 is 0xe9)')
 
 
 def test_other_json_is_refused_in_one_line_before_any_work(tmp_path,
@@ -730,7 +815,8 @@ def test_bad_directories_are_refused_before_any_work(tmp_path):
   circuits.mkdir()
   (circuits / 'a.json').write_text(json.dumps({'task': 'a', 'nodes': []}))
   with pytest.raises(ValueError, match=r"a.json is not a whole circuit file "
-                     r"\(no \['run', 'step', 'edges', 'losses'\]\)"):
+                     r"\(no \['run', 'step', 'edges', 'losses', 'solved', "
+                     r"'num_layers', 'layer_sizes'\]\)"):
     view.write_page(out, circuits_dir=str(circuits))
   (circuits / 'a.json').write_text('{"task": "a",')
   with pytest.raises(ValueError, match=r'a.json is not valid JSON'):

@@ -25,6 +25,7 @@ and circuit only. Bad input is one `error:` line on stderr (`cli.run`).
 import glob
 import json
 import os
+import tempfile
 
 from absl import flags
 import flax.linen as nn
@@ -41,8 +42,11 @@ from sparse_gpt2.circuits import viz
 
 LOCATIONS = model_lib.NODE_LOCATIONS
 PANEL_LABELS = {'sparse': 'Sparse GPT-2', 'dense': 'GPT-2 (baseline)'}
-# What the page reads of every circuit file (`compact`, the panels).
-CIRCUIT_FIELDS = ('task', 'run', 'step', 'nodes', 'edges', 'losses')
+# What the page reads of every circuit file (`compact`, the panels): every
+# prune VERSION writes them all; a file without the last three would draw a
+# blank page, every node in layer 0, or a solved circuit as 'not solved'.
+CIRCUIT_FIELDS = ('task', 'run', 'step', 'nodes', 'edges', 'losses',
+                  'solved', 'num_layers', 'layer_sizes')
 TEMPLATE = os.path.join(os.path.dirname(__file__), 'view.html')
 _DATA_MARK = '/*DATA*/null'  # Where the template takes the page's JSON.
 
@@ -299,8 +303,15 @@ def run_data(panel, circuits, examples, snippet_tokens, per_node):
 
 
 def _read(path):
-  with open(path) as f:
-    return workdir_lib.parse_json(f.read(), path)
+  """The JSON in `path`, UTF-8 as JSON is; other bytes (a damaged file) are
+  refused naming the file, which a bare decode error does not."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON (not UTF-8 text: byte '
+                     f'{e.start} is {e.object[e.start]:#04x})') from None
+  return workdir_lib.parse_json(text, path)
 
 
 _KINDS = {'task': (str, 'a string'), 'run': (str, 'a string'),
@@ -499,16 +510,30 @@ def write_page(out, *, compare_dir=None, circuits_dir=None, **options):
   if os.path.basename(out) in ('', '.', '..'):  # pages/ or empty: no name.
     raise ValueError(f'--out {out!r} names no file: give an HTML file\'s '
                      'path')
-  if os.path.dirname(out):  # Before any work, so a bad --out fails fast.
-    try:
-      os.makedirs(os.path.dirname(out), exist_ok=True)
-    except OSError as e:
-      raise ValueError(f'--out {out}: cannot make its folder '
-                       f'({e.strerror})') from None
+  if out.lower().endswith('.json'):  # The page's own input, or next time's.
+    raise ValueError(f'--out {out} is a .json name: give an HTML file\'s '
+                     'path (the circuit files and comparison.json the page '
+                     'is made from are .json)')
+  folder = os.path.dirname(out) or '.'
+  try:  # Before any work, so a bad --out fails fast.
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'--out {out}: cannot make its folder '
+                     f'({e.strerror})') from None
+  try:  # A folder that takes no file (read-only, not ours) is found now too.
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  except OSError as e:
+    raise ValueError(f'--out {out}: cannot write in {folder} '
+                     f'({e.strerror})') from None
   load = from_compare if compare_dir else from_circuits
   data = page_data(*load(directory), **options)
   page = render(data)
-  workdir_lib.write_atomic(workdir_lib.path(out), page)
+  try:
+    workdir_lib.write_atomic(workdir_lib.path(out), page)
+  except OSError as e:  # A full disk, a name too long: not a traceback.
+    raise ValueError(f'--out {out}: cannot write it ({e.strerror or e})'
+                     ) from None
   return data
 
 
