@@ -909,6 +909,74 @@ def test_evaluate_tasks_encodes_once_for_every_step(tiny_twins, tmp_path,
   assert together[0] != together[1]
 
 
+def test_a_run_is_refused_a_corpus_with_another_vocabulary(tiny_twins,
+                                                           tmp_path):
+  """A run whose corpus was built again with another BPE (another Python's
+  stdlib, an edited source folder) would read every prompt in token ids
+  that mean other text to its model: refused before any task is scored,
+  and the run is left as it was."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from sparse_gpt2.circuits import runs  # pylint: disable=g-import-not-at-top
+  run = str(tmp_path / 'run')
+  shutil.copytree(tiny_twins['sparse'], run)
+  assert runs.encode_task(run, 'for_while', 32, 0)[2]['pair'].size
+  record = json.loads((tmp_path / 'run' / 'corpus.json').read_text())
+  record['vocab_sha256'] = '0' * 64  # The vocabulary it trained with.
+  (tmp_path / 'run' / 'corpus.json').write_text(json.dumps(record))
+  moved = str(tmp_path / 'moved')  # Read anew: the corpus is cached by run.
+  shutil.move(run, moved)
+  before = sorted(p.name for p in (tmp_path / 'moved').rglob('*'))
+  with pytest.raises(ValueError, match=(
+      rf'^the corpus here differs from the one {moved} trained on '
+      r'\(vocab_sha256\): its prompts would be read in another tokenizer;')):
+    runs.encode_task(moved, 'for_while', 32, 0)
+  assert sorted(p.name for p in (tmp_path / 'moved').rglob('*')) == before
+
+
+def test_a_balance_lost_to_skipped_prompts_says_so(tiny_twins, tmp_path):
+  """Contrastive pairs whose one prompt ends in a space, which BPE merges
+  with the candidate after it, lose that prompt: the file is balanced, the
+  prompts left are not, and the refusal says which it measured."""
+  from sparse_gpt2.circuits import runs  # pylint: disable=g-import-not-at-top
+  task_file = tmp_path / 'spaces.jsonl'
+  task_file.write_text(''.join(
+      json.dumps({'prompt': f'def f{i}({end}', 'correct': c, 'incorrect': w,
+                  'pair': i}) + '\n'
+      for i in range(32) for end, c, w in (('', 'self', ' self'),
+                                           (' ', ' self', 'self'))))
+  with pytest.raises(ValueError, match=(
+      r'^spaces: a fixed preference .* answers 100% of the datapoints, .*'
+      r'\(contrastive pairs do\)\. That is of the datapoints kept: 32 of 64 '
+      r'were skipped, a candidate merging with the end of their prompt\.$')):
+    runs.encode_task(tiny_twins['sparse'], str(task_file), 0, 0)
+
+
+def test_evaluate_every_refuses_a_task_before_loading_a_checkpoint(
+    tiny_twins, tmp_path):
+  """--evaluate_every reads the run's config, not its newest checkpoint,
+  for the table's token counts: a task it cannot score is refused before
+  any checkpoint is loaded, as without the flag. (In a subprocess: the
+  CLI's flags clash with compare's.)"""
+  task_file = tmp_path / 'long_answer.jsonl'
+  task_file.write_text(json.dumps({'prompt': 'x = 1', 'correct':
+                                   'supercalifragilistic', 'incorrect': '"'}))
+  spy = ('from absl import flags\n'
+         'from sparse_gpt2.circuits import __main__ as cli, runs\n'
+         'def load(*args):\n'
+         '  raise AssertionError(f"loaded {args}")\n'
+         'runs.load = load\n'
+         "flags.FLAGS(['circuits', '--evaluate', '--evaluate_every=10'])\n"
+         'try:\n'
+         f'  cli._evaluate({tiny_twins["sparse"]!r}, [{str(task_file)!r}])\n'
+         'except ValueError as e:\n'
+         '  print(e)\n')
+  out = subprocess.run([sys.executable, '-c', spy], capture_output=True,
+                       text=True, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.startswith("long_answer: candidate 'supercalifragilistic'"
+                               ' is tokens ['), out.stdout
+
+
 def test_evaluate_scores_256_prompts_unless_num_prompts_is_given():
   """--num_prompts's default (1024) is the pruning's; --evaluate's is 256
   (the README's competence tables), and the flag, given, sets it."""

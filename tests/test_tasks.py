@@ -334,6 +334,22 @@ def test_encode_joins_groups_that_share_a_prompt(tokenizer):
   assert enc['pair'].tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
 
 
+def test_encode_says_how_many_groups_shared_prompts_join(tokenizer, caplog):
+  """40 pairs on 3 prompts split as 3 groups, and a task refused for too
+  few pairs must say why it has fewer than it wrote; none joined, no
+  word."""
+  data = [{'prompt': f'x = {q}{("name", "value", "path")[i % 3]}',
+           'correct': q, 'incorrect': other, 'pair': i}
+          for i in range(40) for q, other in (("'", '"'), ('"', "'"))]
+  assert len(set(tasks.encode(data, tokenizer, SEQ_LEN, 'few')['pair'])) == 3
+  assert ('few: its 40 groups (pairs, or unpaired prompts) are 3: groups '
+          'that share a prompt are one, so that no prompt is both trained '
+          'on and tested.') in caplog.text
+  caplog.clear()
+  tasks.encode(tasks.generate('var_if', 64), tokenizer, SEQ_LEN, 'var_if')
+  assert 'var_if: its' not in caplog.text
+
+
 def test_load_jsonl_names_the_keys_it_ignores(tmp_path, caplog):
   """A misspelt "pair" is dropped with a warning, never silently."""
   path = tmp_path / 'task.jsonl'

@@ -117,7 +117,7 @@ def _evaluate(workdir, names):
   if not steps:
     raise ValueError(f'no kept checkpoint of {workdir} is at a multiple of '
                      f'--evaluate_every={_EVALUATE_EVERY.value}: {list(kept)}')
-  config = runs.load(workdir)['config']
+  config = workdir_lib.load_config(workdir)  # Tasks refused before a load.
   lines = ['| step | tokens | val loss | '
            + ' | '.join(map(runs.task_name, names)) + ' |',
            '|---:|---:|---:|' + '---:|' * len(names)]

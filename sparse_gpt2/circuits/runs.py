@@ -61,9 +61,17 @@ def _config(workdir):
 
 @functools.lru_cache(maxsize=4)
 def _corpus(workdir):
-  """The run's corpus, read once per run, not once per checkpoint."""
+  """The run's corpus, read once per run, not once per checkpoint. Refused
+  where its vocabulary is not the one the run trained with (corpus.json),
+  as happens to a corpus built again from another Python's stdlib or an
+  edited source folder: its token ids would mean other text to the model, and every
+  task would be scored on tokens it never read as such."""
   config = _config(workdir)
-  return data.load(config.data, config.seq_len)
+  corpus = data.load(config.data, config.seq_len)
+  workdir_lib.check_corpus(
+      workdir, {'vocab_sha256': data.vocab_digest(corpus.tokenizer)},
+      'its prompts would be read in another tokenizer')
+  return corpus
 
 
 def sparsity_mode(workdir):
@@ -204,13 +212,26 @@ def prompts_digest(datapoints):
 def encode_task(workdir, task, num_prompts, seed):
   """(name, datapoints, encoded): `task` (`task_datapoints`) in the tokens
   of the run's tokenizer, within its sequence length (`tasks.encode`), its
-  answers checked against a fixed preference (`tasks.check_balanced`).
+  answers checked against a fixed preference (`tasks.check_balanced`; a
+  refusal says how many datapoints `encode` skipped, which can unbalance
+  a balanced file).
   Reads no checkpoint, so a task that cannot be scored fails before any is
   loaded."""
   name, datapoints = task_datapoints(task, num_prompts, seed)
   encoded = tasks.encode(datapoints, _corpus(workdir).tokenizer,
                          _config(workdir).seq_len, name)
-  tasks.check_balanced(encoded, name)
+  skipped = len(datapoints) - len(encoded['index'])
+  try:
+    tasks.check_balanced(encoded, name)
+  except ValueError as e:
+    if not skipped:
+      raise
+    # A pair whose one prompt is skipped leaves the other leaning alone:
+    # the file may be balanced, the prompts scored are not.
+    raise ValueError(
+        f'{e} That is of the datapoints kept: {skipped} of '
+        f'{len(datapoints)} were skipped, a candidate merging with the end '
+        'of their prompt.') from None
   return name, datapoints, encoded
 
 

@@ -837,8 +837,9 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
   in `datapoints`, and `pair` [N], a group id numbering the rows' `"pair"`
   values from 0 in order of appearance; a datapoint without one is a group
   of its own, and so is a pair's member whose partner was skipped. Groups
-  that share a prompt (its tokens as kept) are one group: the pruning's
-  splits keep a group whole, so no prompt it tests on is one it trained on.
+  that share a prompt (its tokens as kept) are one group, said in the log:
+  the pruning's splits keep a group whole, so no prompt it tests on is one
+  it trained on.
   """
   if not datapoints:
     raise ValueError(f'{name}: no datapoints.')
@@ -886,6 +887,12 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
   _, correct, incorrect, index, _ = zip(*rows)
   pair = _groups([(group, ('prompt', tuple(ids)))
                   for ids, *_, group in rows])
+  given = len({group for *_, group in rows})
+  if given > len(set(pair)):  # Else "too few pairs" would puzzle.
+    logging.warning('%s: its %d groups (pairs, or unpaired prompts) are %d: '
+                    'groups that share a prompt are one, so that no prompt '
+                    'is both trained on and tested.', name, given,
+                    len(set(pair)))
   return {
       'tokens': tokens,
       'lengths': np.array([len(ids) for ids, *_ in rows], np.int32),
