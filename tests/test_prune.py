@@ -684,7 +684,15 @@ def test_mean_ablation_all_or_nothing():
      f'{ROOT}/README.md is a file, not a directory'),
     (['--task=var_if', '--dump_prompts=no/such/dir/x.jsonl'],
      'No such file or directory'),
-    (['--task=var_if', '--dump_prompts=tests'], 'Is a directory'),
+    (['--task=var_if', '--dump_prompts=tests'],
+     '--dump_prompts must name a .jsonl file, got tests'),
+    (['--task=var_if', '--evaluate_every=10'],
+     '--evaluate_every needs --evaluate'),
+    (['--evaluate', '--evaluate_every=10', '--step=10'],
+     'give --step or --evaluate_every, not both'),
+    (['--task_file=for_while.jsonl'],
+     '--task_file=for_while.jsonl is named like the built-in task for_while,'
+     ' whose circuit is '),
 ])
 def test_cli_bad_input_is_one_line_exit_1(args, message, tmp_path):
   """Each refusal is its own: the run directory does not exist either, and

@@ -79,6 +79,8 @@ def _summary(c, out):
 def _dump_prompts(path):
   if not _TASK.value:
     raise ValueError('--dump_prompts needs --task')
+  if not path.endswith('.jsonl'):  # What --task_file reads; not config.json.
+    raise ValueError(f'--dump_prompts must name a .jsonl file, got {path}')
   datapoints = tasks.generate(_TASK.value, flags.FLAGS.num_prompts,
                               flags.FLAGS.seed)
   with open(path, 'w', encoding='utf-8') as f:
@@ -143,14 +145,23 @@ def main():
     return
   if not _WORKDIR.value:
     raise ValueError('--workdir is required')
+  if _EVALUATE_EVERY.value and not _EVALUATE.value:  # Else it would prune.
+    raise ValueError('--evaluate_every needs --evaluate')
+  if _EVALUATE_EVERY.value and _STEP.value is not None:
+    raise ValueError('give --step or --evaluate_every, not both')
   task = _task()
   if _EVALUATE.value:
     print(_evaluate(_WORKDIR.value, [task] if task else list(tasks.TASKS)))
     return
   if not task:
     raise ValueError('give --task or --task_file')
-  out = _OUT.value or os.path.join(_WORKDIR.value, 'circuits',
-                                   runs.task_name(task))
+  name = runs.task_name(task)
+  out = _OUT.value or os.path.join(_WORKDIR.value, 'circuits', name)
+  if _TASK_FILE.value and not _OUT.value and name in tasks.TASKS:
+    # A file dumped from a built-in task and edited is another task.
+    raise ValueError(f'--task_file={_TASK_FILE.value} is named like the '
+                     f'built-in task {name}, whose circuit is {out}: pass '
+                     '--out or rename the file')
   cli.check_output_dir(out, '--out')  # Found now, not after the pruning.
   circuit = runs.find_circuit(_WORKDIR.value, settings, task=task,
                               step=_STEP.value)
