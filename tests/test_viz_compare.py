@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 import xml.etree.ElementTree as ET
 
 from absl import flags
@@ -335,6 +336,12 @@ def test_reusable_refuses_other_weights_prompts_settings_version_or_step(
                 "without (sparsity.mode 'none'); got 'none' and 'topk' "
                 '(swapped?)'),
     ('two sparse', "got 'topk' and 'static'"),
+    ('other corpus', '--sparse and --dense were trained on other corpora '
+                     '(corpus.json: vocab_sha256 differ), so their '
+                     'validation losses do not compare'),
+    ('other seq_len', '--sparse and --dense were trained at seq_len 128 and '
+                      '64, so their validation losses do not compare'),
+    ('inside checkpoints', 'is inside the checkpoints of'),
 ])
 def test_cli_rejects_bad_input_before_pruning(tmp_path, bad, message):
   sparse, dense = tmp_path / 'sparse', tmp_path / 'dense'
@@ -345,7 +352,16 @@ def test_cli_rejects_bad_input_before_pruning(tmp_path, bad, message):
     other.mkdir()
   elif bad == 'two sparse':
     _fake_run(other, {100: 3.0}, 'static')
+  elif bad == 'other corpus':
+    for run, vocab in ((sparse, 'a'), (dense, 'b')):
+      (run / 'corpus.json').write_text(json.dumps(
+          {'vocab_sha256': vocab, 'validation_sha256': 'v'}))
+  elif bad == 'other seq_len':
+    config = json.loads((dense / 'config.json').read_text())
+    (dense / 'config.json').write_text(json.dumps(dict(config, seq_len=64)))
   out = tmp_path / 'out'
+  if bad == 'inside checkpoints':
+    out = dense / 'checkpoints' / '100' / 'compare'
   if bad.startswith('out'):
     out.write_text('a file')
   args = {'run': (tmp_path / 'missing', dense, 'var_swap'),
@@ -355,7 +371,10 @@ def test_cli_rejects_bad_input_before_pruning(tmp_path, bad, message):
           'out below a file': (sparse, dense, 'var_swap'),
           'not a run': (sparse, other, 'var_swap'),
           'swapped': (dense, sparse, 'var_swap'),
-          'two sparse': (sparse, other, 'var_swap')}[bad]
+          'two sparse': (sparse, other, 'var_swap'),
+          'other corpus': (sparse, dense, 'var_swap'),
+          'other seq_len': (sparse, dense, 'var_swap'),
+          'inside checkpoints': (sparse, dense, 'var_swap')}[bad]
   proc = subprocess.run(
       [sys.executable, '-m', 'sparse_gpt2.circuits.compare',
        f'--sparse={args[0]}', f'--dense={args[1]}', f'--tasks={args[2]}',
@@ -386,6 +405,24 @@ def _fake_run(path, val_losses, mode, schedule_steps=200):
         f'{mode} {step}'.encode())
     lines.append(json.dumps({'step': step, 'val_loss': loss}))
   (path / 'metrics.jsonl').write_text('\n'.join(lines) + '\n')
+
+
+def test_corpus_records_compare_only_in_the_fields_both_have(tmp_path):
+  """A field one record lacks (a run saved before it was recorded) is not a
+  difference; one both have and that differs is."""
+  runs = {'sparse': tmp_path / 'sparse', 'dense': tmp_path / 'dense'}
+  _fake_run(runs['sparse'], {100: 3.0}, 'topk')
+  _fake_run(runs['dense'], {100: 3.0}, 'none')
+  (runs['sparse'] / 'corpus.json').write_text(json.dumps(
+      {'vocab_sha256': 'a', 'validation_sha256': 'v'}))
+  (runs['dense'] / 'corpus.json').write_text(json.dumps(
+      {'vocab_sha256': 'a'}))
+  compare._check_same_tokens({k: str(v) for k, v in runs.items()})
+  (runs['dense'] / 'corpus.json').write_text(json.dumps(
+      {'vocab_sha256': 'a', 'validation_sha256': 'w'}))
+  with pytest.raises(ValueError, match=r'\(corpus.json: validation_sha256 '
+                     r'differ\)'):
+    compare._check_same_tokens({k: str(v) for k, v in runs.items()})
 
 
 def test_annealing_ends_where_the_schedule_says_not_at_train_steps(tmp_path):
@@ -452,11 +489,11 @@ def _retrain(path, step):
   weights.write_bytes(weights.read_bytes() + b' again')
 
 
-def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
-                                                         capsys):
-  """main end to end with a stand-in for runs.find_circuit, which needs a
-  trained model; a second run finds every circuit on disk, and a changed
-  setting prunes again."""
+@pytest.fixture
+def stand_in(monkeypatch):
+  """[calls of runs.find_circuit], which is replaced by a stand-in: it needs
+  a trained model. Its circuits have 20 edges a kind in the dense run, 1 in
+  the sparse one, and the dense run does not solve var_swap."""
   calls = []
 
   def find_circuit(workdir, settings, *, step, task, record_at=()):
@@ -487,19 +524,31 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
        'incorrect': 1 - answers}))
   # The CPU is split before jax starts, which in this process it has.
   monkeypatch.setattr(settings_lib, 'start_jax', lambda: None)
+  return calls
+
+
+def _main(runs, out, *args):
+  """compare.main on the command line --sparse, --dense, --out and `args`."""
+  argv = ['compare', f'--sparse={runs["sparse"]}',
+          f'--dense={runs["dense"]}', f'--out={out}', *args]
+  try:
+    flags.FLAGS(argv)
+    compare.main()
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
+def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, stand_in,
+                                                         capsys):
+  """main end to end with a stand-in for runs.find_circuit, which needs a
+  trained model; a second run finds every circuit on disk, and a changed
+  setting prunes again."""
+  calls = stand_in
   runs = {'sparse': tmp_path / 'sparse', 'dense': tmp_path / 'dense'}
   _fake_run(runs['sparse'], {50: 4.0, 100: 3.6, 200: 3.2}, 'topk')
   _fake_run(runs['dense'], {50: 3.5, 100: 3.21, 150: 3.0}, 'none')
   out = tmp_path / 'out'
-
-  def run(*args):
-    argv = ['compare', f'--sparse={runs["sparse"]}',
-            f'--dense={runs["dense"]}', f'--out={out}', *args]
-    try:
-      flags.FLAGS(argv)
-      compare.main()
-    finally:
-      flags.FLAGS.unparse_flags()
+  run = lambda *args: _main(runs, out, *args)
 
   run('--tasks=if_equals,var_swap', '--steps=7', '--convergence_steps=3',
       '--convergence_tasks=1')
@@ -528,6 +577,13 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
   run('--tasks=if_equals,var_swap', '--steps=7', '--convergence_steps=3',
       '--convergence_tasks=1')
   assert len(calls) == 4  # All reused.
+  # No task solved by both: no figure.png, not the one of the run before.
+  run('--tasks=var_swap', '--steps=7')
+  assert len(calls) == 4
+  assert json.loads((out / 'comparison.json').read_text())[
+      'figure_task'] is None
+  assert not (out / 'figure.png').exists()
+  assert not (out / 'figure.svg').exists()
   # The sparse run trained again under its name: its circuits are pruned
   # anew, the dense run's reused.
   _retrain(runs['sparse'], 200)
@@ -571,6 +627,10 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
     run('--tasks=if_equals', '--pairs=0')
   with pytest.raises(flags.IllegalFlagValueError, match='counts >= 1'):
     run('--tasks=if_equals', '--convergence_steps=100,0')
+  with pytest.raises(flags.IllegalFlagValueError,
+                     match='^flag --convergence_tasks=-1: -1 is not'):
+    run('--tasks=if_equals', '--convergence_steps=3',
+        '--convergence_tasks=-1')
 
   # A user's task file beside a built-in task: named by the file, pruned
   # again once edited, refused when missing or named like another task.
@@ -613,11 +673,97 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, monkeypatch,
   run(f'--tasks={mine}', '--steps=9')
   assert calls[17:] == [('sparse', 200, str(mine), 9, ()),
                         ('dense', 100, str(mine), 9, ())]
+  # Nor one that is not even UTF-8, which stopped the whole run.
+  (out / 'circuits' / 'sparse-200' / 'mine.json').write_bytes(b'{"\xff')
+  run(f'--tasks={mine}', '--steps=9')
+  assert calls[19:] == [('sparse', 200, str(mine), 9, ())]
   # Saved circuits (if_equals at 9 steps) that lack a convergence step now
   # asked for are pruned again, recording it; not reused without it.
   run('--tasks=if_equals', '--steps=9', '--convergence_steps=4',
       '--convergence_tasks=1')
-  assert calls[19:] == [('sparse', 200, 'if_equals', 9, (4,)),
+  assert calls[20:] == [('sparse', 200, 'if_equals', 9, (4,)),
                         ('dense', 100, 'if_equals', 9, (4,))]
   assert '| task | model | 4 steps | 9 steps |' in \
       (out / 'convergence.md').read_text()
+
+
+def test_curve_without_a_checkpoint_to_prune_is_refused_before_pruning(
+    tmp_path, stand_in):
+  """A run with no kept checkpoint at a multiple of --curve_every, or none
+  with a validation loss, or all before its annealing ends, would have no
+  line in the curve: refused before the comparison's circuits, which take
+  hours, naming the run and its checkpoints."""
+  runs = {'sparse': tmp_path / 'sparse', 'dense': tmp_path / 'dense'}
+  # Annealed at step 100 (half of a 200-step schedule).
+  _fake_run(runs['sparse'], {50: 3.7, 100: 3.6, 150: 3.2}, 'topk')
+  _fake_run(runs['dense'], {50: 3.5, 100: math.nan, 150: 3.21}, 'none')
+  out = tmp_path / 'out'
+  for every, run in ((300, 'sparse'), (100, 'dense'), (60, 'sparse')):
+    with pytest.raises(ValueError) as refused:
+      _main(runs, out, '--tasks=if_equals', '--steps=9', '--curve',
+            f'--curve_every={every}')
+    assert str(refused.value) == (
+        f'--curve: no kept checkpoint of {runs[run]} is at a multiple of '
+        f'--curve_every={every} with a validation loss'
+        + (' from step 100, where its annealing ends' if run == 'sparse'
+           else '') + ': [50, 100, 150]')
+  assert stand_in == [] and not out.exists()
+  # Step 50 is before the sparse run's annealing ends, 100 of the dense
+  # run has a NaN loss: neither is a point.
+  _main(runs, out, '--tasks=if_equals', '--steps=9', '--curve',
+        '--curve_every=50')
+  points = json.loads((out / 'curve.json').read_text())
+  assert [(p['model'], p['step']) for p in points] == [
+      ('sparse', 100), ('sparse', 150), ('dense', 50), ('dense', 150)]
+
+
+def test_match_pairs_no_checkpoint_by_a_non_finite_loss():
+  """A NaN validation loss in metrics.jsonl sorts anywhere: it paired a
+  farther checkpoint than the closest, or none, with a traceback."""
+  nan = math.nan
+  dense = {10: 3.51, 20: nan, 30: 3.499, 40: math.inf}
+  assert compare.match(1, 3.5, dense, 0.02, count=3) == [(30, 3.499),
+                                                         (10, 3.51)]
+  with pytest.raises(ValueError, match=r'^the sparse checkpoint at step 1 '
+                     r'has no validation loss in metrics.jsonl \(nan\)$'):
+    compare.match(1, nan, dense, 0.02)
+  with pytest.raises(ValueError, match='^no dense checkpoint has a validation'):
+    compare.match(1, 3.5, {20: nan}, 0.02)
+
+
+def test_a_circuit_of_no_edges_is_said_in_every_table():
+  """A task both models solve, one by the direct path alone: in the table
+  with no ratio, and said to be out of the means, not counted silently
+  among the tasks 'solved by both'; no change from no edges as a ratio."""
+  results = {'a': (_edge_count(10), _edge_count(160)),
+             'z': (_edge_count(0), _edge_count(40))}
+  summary = compare.summarize(results, CHECKPOINTS)
+  md = compare.to_markdown(summary)
+  assert summary['num_compared'] == 1 and summary['not_solved'] == {}
+  assert '| z | 0 | 40 | n/a | 0 | 20 |' in md
+  assert 'Geometric mean over the 1 task solved by both' in md
+  assert ('Solved by both but not in the means, a circuit of no edges (the '
+          'direct path alone does the task) having no ratio: z (sparse).'
+          ) in md
+  table, _ = compare.pairs_table([summary], 1, 0.02)
+  assert table.splitlines()[4].endswith('| 16.0x | sparse no edges |')
+  conv = [{'steps': s, 'num_edges': e, 'num_nodes': 1}
+          for s, e in ((1000, 5), (2000, 0))]
+  table, _ = compare.convergence_table(
+      {'z': ({'solved': True, 'convergence': conv},) * 2}, ['z'],
+      [1000, 2000])
+  assert table.splitlines()[2] == (
+      '| z | sparse | 5 edges / 1 nodes | 0 edges / 1 nodes |')
+
+
+def test_draw_curve_of_no_edges_says_so(tmp_path):
+  """Every task unsolved at every point: a figure that says why it is
+  empty, without matplotlib's warning of a legend with nothing in it."""
+  points = [{'model': 'sparse', 'step': 100, 'val_loss': 3.1, 'solved': 0,
+             'tasks': 2, 'averaged': 0, 'edges': None}]
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    viz.draw_curve(points, CHECKPOINTS, str(tmp_path / 'curve'))
+  _check_files(str(tmp_path / 'curve'))
+  with open(tmp_path / 'curve.svg') as f:
+    assert 'no checkpoint has a circuit with edges' in f.read()

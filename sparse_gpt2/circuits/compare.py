@@ -71,7 +71,7 @@ _CONVERGENCE_STEPS = flags.DEFINE_list(
     'of pruning steps (one run of the scores per task and model).')
 _CONVERGENCE_TASKS = flags.DEFINE_integer(
     'convergence_tasks', 3, 'How many of the tasks (the first ones) get the '
-    'convergence record.')
+    'convergence record.', lower_bound=0)
 _CURVE = flags.DEFINE_bool(
     'curve', False, 'Also prune every task at the kept checkpoints of both '
     'runs whose step is a multiple of --curve_every.')
@@ -94,12 +94,13 @@ def match(sparse_step, sparse_loss, dense_checkpoints, max_gap, count=1):
   """[(dense step, its loss)] of the `count` dense checkpoints closest in
   validation loss to the sparse one within `max_gap`, closest first (fewer
   where fewer are that close); ValueError when none is."""
-  if sparse_loss is None:
+  if not finite(sparse_loss):
     raise ValueError(f'the sparse checkpoint at step {sparse_step} has no '
-                     'validation loss in metrics.jsonl')
+                     'validation loss in metrics.jsonl'
+                     + ('' if sparse_loss is None else f' ({sparse_loss})'))
   if not dense_checkpoints:
     raise ValueError('the dense run holds no checkpoint')
-  scored = {s: v for s, v in dense_checkpoints.items() if v is not None}
+  scored = {s: v for s, v in dense_checkpoints.items() if finite(v)}
   if not scored:
     raise ValueError('no dense checkpoint has a validation loss')
   gap = {s: abs(v - sparse_loss) for s, v in scored.items()}
@@ -112,6 +113,13 @@ def match(sparse_step, sparse_loss, dense_checkpoints, max_gap, count=1):
         f'step {step} at {scored[step]:.4f}; keep more dense checkpoints '
         '(keep_every) or pass --max_loss_gap')
   return [(s, scored[s]) for s in ranked[:count] if gap[s] <= max_gap]
+
+
+def finite(loss):
+  """Whether a validation loss from metrics.jsonl can be paired and
+  plotted: a number, not NaN or inf (a NaN sorts anywhere, and paired
+  nothing or the wrong checkpoint)."""
+  return isinstance(loss, (int, float)) and math.isfinite(loss)
 
 
 def summarize(results, checkpoints):
@@ -236,6 +244,13 @@ def to_markdown(summary):
         'Gao et al. 2025 report ~16x fewer edges).')
   else:
     out.append('No task is solved by both models, so there is no ratio.')
+  edgeless = [f"{r['task']} ({' and '.join(_edgeless(r))})"
+              for r in summary['tasks']
+              if r['task'] not in summary['not_solved'] and _edgeless(r)]
+  if edgeless:
+    out += ['', 'Solved by both but not in the means, a circuit of no edges '
+            '(the direct path alone does the task) having no ratio: '
+            + '; '.join(edgeless) + '.']
   if summary['not_solved']:
     by_task = {r['task']: r for r in summary['tasks']}
     parts = []
@@ -302,7 +317,15 @@ def _ratio_cell(row):
   if row['ratio'] is not None:
     return f"{row['ratio']:.1f}x"
   failed = [name for name in MODELS if not row[name]['solved']]
-  return f"{' and '.join(failed)} not solved" if failed else 'n/a'
+  if failed:
+    return f"{' and '.join(failed)} not solved"
+  return f"{' and '.join(_edgeless(row))} no edges"
+
+
+def _edgeless(row):
+  """The models whose circuit of a task is solved with no edges."""
+  return [name for name in MODELS
+          if row[name]['solved'] and not row[name]['edges']]
 
 
 def _extended(summary):
@@ -359,7 +382,7 @@ def _circuit(run, step, task, settings, out, model, record_at=()):
     with open(path) as f:
       try:  # A damaged file is pruned anew, like an outdated one.
         circuit = json.load(f)
-      except json.JSONDecodeError:
+      except ValueError:  # Not JSON, or not even UTF-8.
         circuit = {}
     if (isinstance(circuit, dict)
         and reusable(circuit, run, step, runs.prompts_digest(datapoints),
@@ -391,28 +414,46 @@ def convergence_table(results, names, steps):
       recorded = {c['steps']: c for c in circuit['convergence']}
       conv = [recorded[s] for s in steps]
       records.append({'task': task, 'model': model, 'convergence': conv})
-      final = conv[-1]['num_edges'] or 1
+      final = conv[-1]['num_edges']  # A change from 0 has no ratio.
       lines.append(f'| {task} | {model} | ' + ' | '.join(
-          f"{c['num_edges']:,} edges / {c['num_nodes']:,} nodes "
-          f"({c['num_edges'] / final - 1:+.0%})" for c in conv) + ' |')
+          f"{c['num_edges']:,} edges / {c['num_nodes']:,} nodes"
+          + (f" ({c['num_edges'] / final - 1:+.0%})" if final else '')
+          for c in conv) + ' |')
   return '\n'.join(lines) + '\n', records
 
 
-def curve(runs_, task_names, settings, out):
+def curve_checkpoints(runs_):
+  """{model: {step: validation loss}} of the checkpoints the curve prunes:
+  those kept at multiples of --curve_every with a validation loss, a top-k
+  run's from the end of its annealing (before it they are denser than the
+  model the curve is about). Raises ValueError, before any pruning, where a
+  run has none: the curve would have no line of it, after hours."""
+  chosen = {}
+  for model, run in runs_.items():
+    annealed = runs.annealed_step(run)
+    kept = runs.checkpoints(run)
+    chosen[model] = {step: val for step, val in kept.items()
+                     if not step % _CURVE_EVERY.value and finite(val)
+                     and step >= annealed}
+    if not chosen[model]:
+      raise ValueError(
+          f'--curve: no kept checkpoint of {run} is at a multiple of '
+          f'--curve_every={_CURVE_EVERY.value} with a validation loss'
+          + (f' from step {annealed}, where its annealing ends'
+             if annealed else '') + f': {list(kept)}')
+  return chosen
+
+
+def curve(runs_, chosen, task_names, settings, out):
   """Geometric-mean circuit edges against validation loss, one line per
-  model, over the kept checkpoints at multiples of --curve_every: the
-  paper's Fig. 3 shape. A point's mean is over the tasks that checkpoint
-  solves and whose circuit has edges (`averaged`; a circuit of no edges,
-  the direct path alone, has no logarithm); only points that average every
-  task share one set of tasks. A
-  top-k run's checkpoints before its annealing ends are left out: they are
-  denser than the model the curve is about."""
+  model, over the checkpoints `curve_checkpoints` chose: the paper's Fig. 3
+  shape. A point's mean is over the tasks that checkpoint solves and whose
+  circuit has edges (`averaged`; a circuit of no edges, the direct path
+  alone, has no logarithm); only points that average every task share one
+  set of tasks."""
   points = []
   for model in MODELS:
-    annealed = runs.annealed_step(runs_[model])
-    for step, val in runs.checkpoints(runs_[model]).items():
-      if step % _CURVE_EVERY.value or val is None or step < annealed:
-        continue
+    for step, val in chosen[model].items():
       circuits = [_circuit(runs_[model], step, t, settings, out, model)
                   for t in task_names]
       solved = [c for c in circuits if c['solved']]
@@ -433,10 +474,11 @@ def curve(runs_, task_names, settings, out):
 def _check_args(runs_, out, task_names, settings):
   """Raises ValueError, one line, where the arguments cannot work; checked
   before any pruning, which takes minutes: two runs, a sparse one as
-  --sparse and a dense one as --dense, --out a directory or nothing yet,
-  no two tasks share a name, and every task is read (a task file's format
-  too), encoded for both runs (its candidates single tokens
-  of each tokenizer) and split (enough pairs)."""
+  --sparse and a dense one as --dense, whose validation losses compare
+  (`_check_same_tokens`), --out a directory or nothing yet and not inside
+  either run's checkpoints, no two tasks share a name, and every task is
+  read (a task file's format too), encoded for both runs (its candidates
+  single tokens of each tokenizer) and split (enough pairs)."""
   for model, run in runs_.items():
     if not os.path.isdir(run):
       raise ValueError(f'--{model}={run} is not a directory')
@@ -444,6 +486,14 @@ def _check_args(runs_, out, task_names, settings):
     raise ValueError(f'--sparse and --dense are the same run: '
                      f'{runs_["sparse"]}')
   cli.check_output_dir(out, '--out')
+  for run in runs_.values():
+    # The figures and circuits would change the digest of the checkpoint
+    # they land in (so none is ever reused), and a task named by a step
+    # would read as a checkpoint.
+    kept = os.path.realpath(os.path.join(run, workdir_lib.CHECKPOINTS))
+    if os.path.commonpath([kept, os.path.realpath(out)]) == kept:
+      raise ValueError(f'--out {out} is inside the checkpoints of {run}: '
+                       'give a folder of its own')
   modes = {model: runs.sparsity_mode(run) for model, run in runs_.items()}
   if modes['sparse'] == 'none' or modes['dense'] != 'none':
     swapped = modes['sparse'] == 'none' and modes['dense'] != 'none'
@@ -451,6 +501,7 @@ def _check_args(runs_, out, task_names, settings):
         "--sparse takes a run with sparse weights and --dense one without "
         f"(sparsity.mode 'none'); got {modes['sparse']!r} and "
         f"{modes['dense']!r}" + (' (swapped?)' if swapped else ''))
+  _check_same_tokens(runs_)
   if not task_names:
     raise ValueError('--tasks is empty')
   names = [runs.task_name(t) for t in task_names]
@@ -462,6 +513,35 @@ def _check_args(runs_, out, task_names, settings):
       name, _, encoded = runs.encode_task(run, task, settings.num_prompts,
                                           settings.seed)
       runs.check_split(name, encoded, settings)
+
+
+def _check_same_tokens(runs_):
+  """Raises ValueError where the runs' validation losses do not measure the
+  same thing, so that matching them pairs nothing: another vocabulary
+  (per token of other tokens), another validation text (their corpus.json,
+  where both have one: a run saved before the record has none), or another
+  seq_len (per token of longer contexts)."""
+  records = {}
+  for model, run in runs_.items():
+    file = os.path.join(run, workdir_lib.CORPUS)
+    if os.path.exists(file):
+      with open(file) as f:
+        records[model] = workdir_lib.parse_json(f.read(), file)
+  if len(records) == 2 and all(isinstance(r, dict) for r in records.values()):
+    sparse, dense = records['sparse'], records['dense']
+    differ = [key for key in ('vocab_sha256', 'validation_sha256')
+              if key in sparse and key in dense and sparse[key] != dense[key]]
+    if differ:
+      raise ValueError(
+          f'--sparse and --dense were trained on other corpora (corpus.json: '
+          f'{", ".join(differ)} differ), so their validation losses do not '
+          'compare')
+  seq_len = {model: workdir_lib.load_config(run).seq_len
+             for model, run in runs_.items()}
+  if seq_len['sparse'] != seq_len['dense']:
+    raise ValueError(
+        f"--sparse and --dense were trained at seq_len {seq_len['sparse']} "
+        f"and {seq_len['dense']}, so their validation losses do not compare")
 
 
 def _write(out, name, markdown, data):
@@ -488,6 +568,7 @@ def main():
   pairs = match(step, sparse_ckpts[step], runs.checkpoints(runs_['dense']),
                 _MAX_LOSS_GAP.value, _PAIRS.value)
   dense_step, dense_loss = pairs[0]
+  curve_at = curve_checkpoints(runs_) if _CURVE.value else None
   checkpoints = {
       'sparse': {'run': runs_['sparse'], 'step': step,
                  'val_loss': sparse_ckpts[step]},
@@ -511,6 +592,10 @@ def main():
   if summary['figure_task']:
     viz.draw_comparison(*results[summary['figure_task']],
                         os.path.join(out, 'figure'))
+  else:  # An earlier comparison's figure, which this one does not name.
+    for ext in ('.png', '.svg'):
+      if os.path.exists(os.path.join(out, 'figure' + ext)):
+        os.remove(os.path.join(out, 'figure' + ext))
   print(markdown)
   if _PAIRS.value > 1:
     summaries = [summary]
@@ -532,7 +617,7 @@ def main():
     _write(out, 'convergence', table, records)
     print(table)
   if _CURVE.value:
-    table, points = curve(runs_, task_names, settings, out)
+    table, points = curve(runs_, curve_at, task_names, settings, out)
     _write(out, 'curve', table, points)
     viz.draw_curve(points, checkpoints, os.path.join(out, 'curve'))
     print(table)

@@ -245,6 +245,10 @@ def draw_curve(points, checkpoints, path):
   comparison are ringed."""
   fig = mfigure.Figure(figsize=(6, 4.2))
   ax = fig.add_subplot(1, 1, 1)
+  if all(p['edges'] is None for p in points):  # Else an empty, unsaid plot.
+    ax.text(0.5, 0.5, 'no checkpoint has a circuit with edges\n(tasks not '
+            'solved, or solved by the direct path alone)',
+            transform=ax.transAxes, ha='center', va='center', fontsize=9)
   for model, color in (('sparse', '#c44e52'), ('dense', '#4c72b0')):
     mine = sorted((p for p in points if p['model'] == model
                    and p['edges'] is not None), key=lambda p: p['val_loss'])
@@ -263,7 +267,8 @@ def draw_curve(points, checkpoints, path):
   ax.invert_xaxis()  # Better models to the right, as training goes.
   ax.set_xlabel('pretraining validation loss (nats/token)')
   ax.set_ylabel('circuit edges (geometric mean over tasks)')
-  ax.legend(fontsize=8, frameon=False)
+  if ax.get_legend_handles_labels()[0]:  # Else matplotlib warns.
+    ax.legend(fontsize=8, frameon=False)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   _save(fig, path)
