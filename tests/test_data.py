@@ -1,5 +1,6 @@
 """Tests for sparse_gpt2.data on a tiny generated corpus (CPU, seconds)."""
 
+import errno
 import hashlib
 import io
 import json
@@ -16,7 +17,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from sparse_gpt2 import data
+from sparse_gpt2 import locks
 from sparse_gpt2.data import python_code
+from sparse_gpt2.data import tokenizer as tokenizer_lib
 
 SEQ_LEN = 16
 VAL_FRACTION = 0.25
@@ -370,6 +373,124 @@ def test_missing_and_empty_directories_raise(tmp_path):
                        r'\(0, 1\), got '):
       data.load(_config(tmp_path / 'empty', tmp_path / 'tfds',
                         val_fraction=val_fraction), SEQ_LEN)
+
+
+def test_py_names_that_are_not_files_to_read_are_skipped(corpus, corpus_dir,
+                                                        tmp_path):
+  """A link to nothing or to itself failed the build (the loop with a
+  traceback), a FIFO hung it, a name not UTF-8 failed it without naming
+  it: each is skipped, and named in the manifest."""
+  source = tmp_path / 'src'
+  shutil.copytree(corpus_dir[0], source)
+  os.symlink(tmp_path / 'missing.py', source / 'dangling.py')
+  os.symlink('loop_b.py', source / 'loop_a.py')
+  os.symlink('loop_a.py', source / 'loop_b.py')
+  with open(os.path.join(os.fsencode(source), b'caf\xe9.py'), 'wb') as f:
+    f.write(b'x = 1\n')
+  (source / 'zz').mkdir()  # Read last, so the old failures came first.
+  os.mkfifo(source / 'zz' / 'fifo.py')
+  again = data.load(_config(source, tmp_path / 'tfds'), SEQ_LEN)
+  np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
+  np.testing.assert_array_equal(again.val_tokens, corpus.val_tokens)
+  with open(again.manifest_path) as f:
+    manifest = json.load(f)
+  assert manifest['skipped_not_files'] == [
+      'dangling.py', 'loop_a.py', 'loop_b.py', 'zz/fifo.py']
+  assert manifest['skipped_not_utf8'] == ['caf\\xe9.py', 'latin1.py']
+
+
+def test_a_data_dir_this_process_may_not_write(corpus, corpus_dir, data_dir,
+                                               tmp_path, monkeypatch):
+  """A shared cache or a read-only mount: no lock can be made there, and
+  its built corpus is read unlocked; one it must build is refused in one
+  line (a read-only file system's OSError was a traceback)."""
+  def read_only(path, wait):
+    raise OSError(errno.EROFS, 'Read-only file system', path)
+  monkeypatch.setattr(locks, 'hold', read_only)
+  again = data.load(_config(corpus_dir[0], data_dir), SEQ_LEN)
+  np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
+  monkeypatch.setattr(python_code.PythonCode, 'download_and_prepare',
+                      lambda self: read_only(self.data_dir, True))
+  with pytest.raises(ValueError) as refused:
+    data.load(_config(corpus_dir[0], tmp_path), SEQ_LEN)
+  assert str(refused.value).startswith(
+      f'data.data_dir {tmp_path}: cannot write {tmp_path}/python_code/')
+  assert str(refused.value).endswith(' (Read-only file system)')
+
+
+def test_home_relative_paths_are_the_home(corpus, corpus_dir, tmp_path,
+                                         monkeypatch):
+  """`--config.data.data_dir=~/data` reaches Python unexpanded: the corpus
+  was built in a folder named `~` below the current one (its lock in the
+  home), and `--config.data.source=~/code` was missing."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  monkeypatch.chdir(tmp_path / os.path.basename(
+      shutil.copytree(corpus_dir[0], tmp_path / 'code')))
+  again = data.load(_config(tmp_path / 'code', '~/tfds'), SEQ_LEN)
+  assert again.data_dir.startswith(str(tmp_path / 'tfds') + os.sep)
+  assert not os.path.exists('~')
+  np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
+  home = data.load(_config('~/code', '~/tfds'), SEQ_LEN)
+  assert home.data_dir == again.data_dir  # The same corpus, cached.
+
+
+def test_a_killed_build_leaves_nothing_behind(corpus, corpus_dir, tmp_path):
+  """SIGKILL runs no cleanup: what a killed run was writing is removed
+  when the cache is made again (a large corpus's tokens are gigabytes)."""
+  config = _config(corpus_dir[0], tmp_path)
+  cache = data.load(config, SEQ_LEN).data_dir
+  for name in ('tokenizer.json', 'train.npy', 'validation.npy'):
+    os.remove(os.path.join(cache, name))
+    with open(os.path.join(cache, f'{name}.tmp99999'), 'wb') as f:
+      f.write(b'half written')
+  again = data.load(config, SEQ_LEN)
+  assert sorted(os.listdir(cache)) == [
+      'tokenizer.json', 'train.npy', 'validation.npy']
+  np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
+
+
+class _Recorded:
+  """A tokenizer that records the texts of each batch it encodes."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer, self.batches = tokenizer, []
+
+  def encode_batch_fast(self, texts):
+    self.batches.append(texts)
+    return self.tokenizer.encode_batch_fast(texts)
+
+
+def test_a_huge_document_is_encoded_in_pieces(corpus, monkeypatch):
+  """Encoding holds ~300 bytes a token: a 24 MB file took 5.6 GB, and a
+  chunk of a twentieth of a large corpus as much again. Documents are cut
+  at line breaks where the tokens do not change, and batches bounded; the
+  BPE trained on the pieces is the one trained on the whole texts."""
+  monkeypatch.setattr(data, '_PIECE_CHARS', 200)
+  monkeypatch.setattr(data, '_BATCH_CHARS', 600)
+  texts = [''.join(_source_text(i) + '\n' for i in range(j, j + 8))
+           for j in range(0, 40, 8)]
+  texts[1:1] = ['', 'x = 1\n', 'y' * 700]  # Empty, small, uncuttable.
+  tokenizer = _Recorded(corpus.tokenizer)
+  f = io.BytesIO()
+  data._write_tokens(f, tokenizer, _Docs(texts), 'text', corpus.eot_id, 't')
+  f.seek(0)
+  expected = []
+  for text in texts:
+    if text:
+      expected += ([corpus.eot_id] if expected else []) + (
+          corpus.tokenizer.encode(text).ids)
+  np.testing.assert_array_equal(np.load(f), expected)
+  pieces = [piece for batch in tokenizer.batches for piece in batch]
+  assert ''.join(pieces) == ''.join(texts)
+  assert len(pieces) > 4 * len(texts)  # Cut, where a cut can be.
+  longest = max(len(p) for p in pieces if p != 'y' * 700)
+  assert longest < 2000 < min(len(t) for t in texts if len(t) > 700)
+  for batch in tokenizer.batches:
+    assert len(batch) == 1 or sum(map(len, batch)) <= 600
+  whole = tokenizer_lib.train(texts, 400)
+  cut = tokenizer_lib.train(
+      (piece for text in texts for piece in data._pieces(text)), 400)
+  assert cut.to_str() == whole.to_str()
 
 
 def test_corpus_too_small_raises(corpus_dir, data_dir, tmp_path):

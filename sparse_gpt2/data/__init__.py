@@ -17,10 +17,13 @@ Sources (`data_config.source`):
 
 import contextlib
 import dataclasses
+import errno
 import functools
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 
@@ -67,10 +70,17 @@ class _Source:
   manifest_path: str
 
 
+def _data_dir(data_config):
+  """data.data_dir with `~` as the user's home (no shell expands it in
+  `--config.data.data_dir=~/data`; TFDS would build in a folder named `~`
+  below the current one), or None for TFDS's own."""
+  return os.path.expanduser(data_config.data_dir) or None
+
+
 def _open_python_code(source_dir, data_config):
   make = functools.partial(python_code.PythonCode, source_dir=source_dir,
                            val_fraction=data_config.val_fraction,
-                           data_dir=data_config.data_dir or None)
+                           data_dir=_data_dir(data_config))
   builder = make()
   manifest = os.path.join(builder.data_dir, python_code.MANIFEST)
   if os.path.exists(manifest):
@@ -112,7 +122,7 @@ def _open_tfds(name, data_config):
   on the text feature and the held-out count, so both name their directory.
   """
   try:
-    builder = tfds.builder(name, data_dir=data_config.data_dir or None)
+    builder = tfds.builder(name, data_dir=_data_dir(data_config))
   except tfds.core.registered.DatasetNotFoundError as e:  # Lists ~500 names.
     raise ValueError(f'{str(e).splitlines()[0]} (tfds.list_builders() names '
                      'the known ones)') from None
@@ -194,6 +204,15 @@ def _write_atomic(path, write):
     raise
 
 
+def _remove_killed_writes(path):
+  """Removes the temporary files of writes to `path` (`_write_atomic`,
+  `tokenizer_lib.save`) that a killed run left, SIGKILL running no cleanup:
+  a large corpus's tokens are gigabytes. The data folder's lock is held,
+  so none is still being written."""
+  for tmp in glob.glob(f'{glob.escape(path)}.tmp*'):
+    os.remove(tmp)
+
+
 def _text_chunks(data_source, feature, chunk_size):
   """Yields lists of document strings, reading records in batches."""
   n = len(data_source)
@@ -212,33 +231,78 @@ def _npy_header(f, length):
       'fortran_order': False, 'shape': (length,)})
 
 
+# Text encoded at once. `tokenizers` holds ~300 bytes a token while it
+# encodes (or trains on) a text, so a document of many megabytes is cut
+# into pieces, and a batch of pieces is bounded: ~1 GB at the peak, not a
+# multiple of the largest document's or of the corpus's size.
+_PIECE_CHARS = 1 << 20
+_BATCH_CHARS = 1 << 22
+# Between a non-space character and a line break, and a non-space one after
+# it: the byte-level pre-tokenizer ends a pre-token at both ends of such a
+# break whatever comes before or after it.
+_CUT = re.compile(r'(?<=\S\n)(?=\S)')
+
+
+def _pieces(text):
+  """`text` cut at line breaks (`_CUT`) into pieces of _PIECE_CHARS or a
+  little more, whose tokens, joined, are exactly the whole text's: BPE
+  merges within a pre-token, never across one. A text without such a
+  break stays whole."""
+  start = 0
+  while len(text) - start > _PIECE_CHARS:
+    cut = _CUT.search(text, start + _PIECE_CHARS)
+    if not cut:
+      break
+    yield text[start:cut.start()]
+    start = cut.start()
+  yield text[start:]
+
+
+def _batches(texts):
+  """Each document's pieces as (starts_a_document, piece), in batches of at
+  most _BATCH_CHARS (or one piece)."""
+  batch, size = [], 0
+  for text in texts:
+    for i, piece in enumerate(_pieces(text)):
+      if batch and size + len(piece) > _BATCH_CHARS:
+        yield batch
+        batch, size = [], 0
+      batch.append((i == 0, piece))
+      size += len(piece)
+  if batch:
+    yield batch
+
+
 def _write_tokens(f, tokenizer, data_source, feature, eot_id, name):
   """Writes every document's tokens, joined by eot_id, to the file `f` as
-  one uint16 .npy stream, a chunk of documents at a time, never holding the
-  stream whole: the header, which holds its length, is written again at
-  the end."""
+  one uint16 .npy stream, a batch of pieces of documents at a time, never
+  holding the stream whole: the header, which holds its length, is written
+  again at the end."""
   n = len(data_source)
-  chunk_size = max(256, -(-n // 20))  # About 20 progress lines.
   sep = np.array([eot_id], np.uint16)
-  docs, chars, tokens = 0, 0, 0
+  docs, chars, tokens, logged = 0, 0, 0, 0
   start = time.time()
   _npy_header(f, 0)
-  for texts in _text_chunks(data_source, feature, chunk_size):
-    pieces = []
-    for encoding in tokenizer.encode_batch_fast(texts):
-      if encoding.ids:  # Empty files (many __init__.py) would add EOTs.
-        if tokens or pieces:  # EOT between documents, not before the first.
-          pieces.append(sep)
-        pieces.append(np.asarray(encoding.ids, np.uint16))
-    if pieces:
-      chunk = np.concatenate(pieces)
-      f.write(chunk.tobytes())
-      tokens += chunk.size
+  for texts in _text_chunks(data_source, feature, 256):
+    for batch in _batches(texts):
+      arrays = []
+      encodings = tokenizer.encode_batch_fast([piece for _, piece in batch])
+      for (first, _), encoding in zip(batch, encodings):
+        if encoding.ids:  # Empty files (many __init__.py) would add EOTs.
+          if first and (tokens or arrays):  # EOT between documents, not
+            arrays.append(sep)  # before the first nor inside one.
+          arrays.append(np.asarray(encoding.ids, np.uint16))
+      if arrays:
+        chunk = np.concatenate(arrays)
+        f.write(chunk.tobytes())
+        tokens += chunk.size
     docs += len(texts)
     chars += sum(len(t) for t in texts)
-    logging.info('%s: tokenized %d/%d documents (%.0f%%), %d tokens, %.0fs.',
-                 name, docs, n, 100 * docs / max(n, 1), tokens,
-                 time.time() - start)
+    if docs == n or docs * 20 // n > logged:  # About 20 progress lines.
+      logged = docs * 20 // n
+      logging.info('%s: tokenized %d/%d documents (%.0f%%), %d tokens, '
+                   '%.0fs.', name, docs, n, 100 * docs / n, tokens,
+                   time.time() - start)
   data_bytes = f.tell()
   f.seek(0)
   _npy_header(f, tokens)
@@ -278,9 +342,11 @@ def _tokenizer(source, vocab_size):
       os.remove(os.path.join(data_dir, f'{split}.npy'))
   train_source = source.builder.as_data_source(
       split=source.split_specs['train'])
-  texts = (text for chunk in _text_chunks(train_source, source.text_feature,
-                                          256) for text in chunk)
+  texts = (piece for chunk in _text_chunks(train_source, source.text_feature,
+                                           256)
+           for text in chunk for piece in _pieces(text))  # Same merges.
   tokenizer = tokenizer_lib.train(texts, vocab_size)
+  _remove_killed_writes(path)
   tokenizer_lib.save(tokenizer, path)
   return data_dir, tokenizer
 
@@ -300,14 +366,30 @@ def _one_builder(data_config):
   """One process at a time prepares, or reads, the corpora of a data
   folder: two first starts at once (the twins launched together) both
   prepared the corpus, and the second's rename of it failed. The others
-  wait for the caches, then read them. A remote folder is not locked."""
-  root = os.path.expanduser(data_config.data_dir or tfds_constants.DATA_DIR)
+  wait for the caches, then read them. A remote folder is not locked, nor
+  one this process may not write (a shared cache, a read-only mount): its
+  built corpora are read, and one to build fails at its first write."""
+  root = _data_dir(data_config) or tfds_constants.DATA_DIR
   if '://' in root:
     yield
     return
-  os.makedirs(root, exist_ok=True)
-  with locks.hold(os.path.join(root, '.sparse_gpt2.lock'), wait=True):
-    yield  # Closing the file drops the lock.
+  try:
+    os.makedirs(root, exist_ok=True)
+    try:
+      lock = locks.hold(os.path.join(root, '.sparse_gpt2.lock'), wait=True)
+    except OSError as e:
+      if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        raise
+      logging.warning('No lock in %s (%s): reading its corpora unlocked.',
+                      root, e.strerror)
+      lock = contextlib.nullcontext()
+    with lock:  # Closing the file drops the lock.
+      yield
+  except OSError as e:  # Not a PermissionError, which says its path.
+    if e.errno != errno.EROFS:
+      raise
+    raise ValueError(f'data.data_dir {root}: cannot write {e.filename} '
+                     f'({e.strerror})') from None
 
 
 def _read_tokens(path):
@@ -360,6 +442,7 @@ def _load(data_config, seq_len):
     if tokens[split] is None:
       data_source = source.builder.as_data_source(
           split=source.split_specs[split])
+      _remove_killed_writes(path)
       _write_atomic(path, functools.partial(
           _write_tokens, tokenizer=tokenizer, data_source=data_source,
           feature=source.text_feature, eot_id=eot_id, name=split))

@@ -49,13 +49,16 @@ def split_of(relpath, val_fraction):
   return 'validation' if u < val_fraction else 'train'
 
 
-def list_files(source_dir):
-  """Relative POSIX paths of the .py files under `source_dir`, in a fixed
-  order: a directory's own files by name, then its subdirectories' by name
-  (os.walk's, each level sorted; not one sort of the whole paths, which
-  would put `A/x.py` before `a.py` and change the corpus every run trains
-  on)."""
-  paths = []
+def _scan(source_dir):
+  """(paths, not_files, not_utf8): relative POSIX paths of the .py files
+  under `source_dir`, in a fixed order (a directory's own files by name,
+  then its subdirectories' by name: os.walk's, each level sorted; not one
+  sort of the whole paths, which would put `A/x.py` before `a.py` and
+  change the corpus every run trains on); then the .py names that are not
+  a file to read (a link to nothing or to itself, which would fail the
+  build, a FIFO, which would hang it), and those not UTF-8 (no split or
+  manifest can name them; shown with backslash escapes)."""
+  paths, not_files, not_utf8 = [], [], []
   for dirpath, dirnames, filenames in os.walk(source_dir):
     # Pruning and sorting in place makes os.walk skip excluded trees and visit
     # the rest in a deterministic order.
@@ -63,8 +66,22 @@ def list_files(source_dir):
     for name in sorted(filenames):
       if name.endswith('.py'):
         rel = os.path.relpath(os.path.join(dirpath, name), source_dir)
-        paths.append(rel.replace(os.sep, '/'))
-  return paths
+        rel = rel.replace(os.sep, '/')
+        try:
+          rel.encode('utf-8')
+        except UnicodeEncodeError:  # Undecodable bytes, as surrogates.
+          not_utf8.append(
+              os.fsencode(rel).decode('utf-8', 'backslashreplace'))
+        else:  # A link to a file is that file.
+          isfile = os.path.isfile(os.path.join(dirpath, name))
+          (paths if isfile else not_files).append(rel)
+  return paths, not_files, not_utf8
+
+
+def list_files(source_dir):
+  """Relative POSIX paths of the .py files under `source_dir` (`_scan`'s
+  order), those the corpus is made of."""
+  return _scan(source_dir)[0]
 
 
 def listing_digest(source_dir):
@@ -85,7 +102,10 @@ class PythonCodeConfig(tfds.core.BuilderConfig):
 
 
 def make_config(source_dir, val_fraction):
-  """A config whose name identifies (resolved source_dir, val_fraction)."""
+  """A config whose name identifies (resolved source_dir, val_fraction).
+  `~` is the user's home, as in data.data_dir (no shell expands it in
+  `--config.data.source=~/code`)."""
+  source_dir = os.path.expanduser(source_dir)
   if not os.path.isdir(source_dir):
     raise ValueError(f'Source directory does not exist: {source_dir!r}'
                      if not os.path.exists(source_dir) else
@@ -133,8 +153,9 @@ class PythonCode(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # Local files only.
     config = self.builder_config
     root = config.source_dir
-    files, skipped = [], []
-    for rel in list_files(root):
+    paths, not_files, skipped = _scan(root)
+    files = []
+    for rel in paths:
       with open(os.path.join(root, rel), 'rb') as f:
         content = f.read()
       try:
@@ -148,8 +169,8 @@ class PythonCode(tfds.core.GeneratorBasedBuilder):
           'sha256': hashlib.sha256(content).hexdigest(),
           'split': split_of(rel, config.val_fraction),
       })
-    logging.info('%s: %d .py files, %d skipped as not UTF-8.',
-                 root, len(files), len(skipped))
+    logging.info('%s: %d .py files, %d skipped as not UTF-8, %d as not '
+                 'files.', root, len(files), len(skipped), len(not_files))
     if not files:
       raise ValueError(f'No UTF-8 .py files under {root!r}: empty corpus.')
     splits = {
@@ -169,6 +190,7 @@ class PythonCode(tfds.core.GeneratorBasedBuilder):
         'listing_digest': listing_digest(root),
         'files': files,
         'skipped_not_utf8': skipped,
+        'skipped_not_files': not_files,
     }
     (self.data_path / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return {
