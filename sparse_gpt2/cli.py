@@ -4,6 +4,7 @@ exit code (2 for a bad command line, 1 for a refused or failed run), never a
 traceback."""
 
 import ctypes
+import errno
 import glob
 import importlib.metadata
 import importlib.util
@@ -177,6 +178,9 @@ def _config_does_not_load(error):
 USER_ERRORS = (ValueError, FloatingPointError, FileNotFoundError,
                FileExistsError, IsADirectoryError, NotADirectoryError,
                PermissionError)
+# Where the machine, not the program, stops a command (a full disk, a quota,
+# a read-only mount): said in one line too, not as a traceback.
+FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def check_output_dir(path, flag):
@@ -200,6 +204,10 @@ def run(main, errors=USER_ERRORS):
     try:
       main()
     except errors as e:
+      fail(str(e), 1)
+    except OSError as e:
+      if e.errno not in FULL_OR_READ_ONLY:
+        raise
       fail(str(e), 1)
 
   app.run(wrapped, flags_parser=_parse_flags)

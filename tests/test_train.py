@@ -3,6 +3,7 @@ failed restores, schedules on resume, preemption, and the clear refusals of
 bad configs and workdirs (which leave no files)."""
 
 import asyncio
+import errno
 import gc
 import importlib.util
 import json
@@ -1186,6 +1187,32 @@ def test_freed_memory_is_reused_without_page_faults():
       text=True, check=True, cwd=ROOT).stdout) for how in ('default', 'keep')}
   assert faults['default'] > 8000  # 16,384 pages of 4 KiB every call...
   assert faults['keep'] < 500      # ...or faulted in once, then reused.
+
+
+_RAISES = r"""
+import errno, os, sys
+from sparse_gpt2 import cli
+code = getattr(errno, sys.argv.pop(1))
+def main():
+  raise OSError(code, os.strerror(code), 'runs/x/checkpoints')
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize('code, one_line', [
+    ('ENOSPC', True), ('EDQUOT', True), ('EROFS', True), ('EIO', False)])
+def test_a_full_or_read_only_disk_is_one_line(code, one_line):
+  """A full disk, a quota or a read-only mount stops a command in one line
+  naming the path; an I/O error, a fault, keeps its traceback."""
+  result = subprocess.run([sys.executable, '-c', _RAISES, code],
+                          capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode == 1
+  number = getattr(errno, code)
+  message = f"[Errno {number}] {os.strerror(number)}: 'runs/x/checkpoints'"
+  if one_line:
+    assert result.stderr == f'error: {message}\n'
+  else:
+    assert 'Traceback' in result.stderr and message in result.stderr
 
 
 _MAIN_WITH_A_SPY = r"""
