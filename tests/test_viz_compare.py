@@ -717,6 +717,24 @@ def test_curve_without_a_checkpoint_to_prune_is_refused_before_pruning(
       ('sparse', 100), ('sparse', 150), ('dense', 50), ('dense', 150)]
 
 
+def test_a_sparse_step_before_annealing_ends_is_warned_of(tmp_path, stand_in,
+                                                          caplog):
+  """--step at a checkpoint of a denser model than the run trains (its
+  annealing not over, step 100 of 200 here) is compared, with a warning."""
+  runs = {'sparse': tmp_path / 'sparse', 'dense': tmp_path / 'dense'}
+  _fake_run(runs['sparse'], {50: 3.5, 100: 3.2}, 'topk')
+  _fake_run(runs['dense'], {50: 3.5, 100: 3.2}, 'none')
+  for step in (50, 100):
+    caplog.clear()
+    _main(runs, tmp_path / 'out', '--tasks=if_equals', '--steps=7',
+          f'--step={step}')
+    warned = ('Sparse step 50 is before step 100, where its annealing ends'
+              in caplog.text)
+    assert warned == (step == 50), caplog.text
+  assert [call[:2] for call in stand_in] == [('sparse', 50), ('dense', 50),
+                                             ('sparse', 100), ('dense', 100)]
+
+
 def test_match_pairs_no_checkpoint_by_a_non_finite_loss():
   """A NaN validation loss in metrics.jsonl sorts anywhere: it paired a
   farther checkpoint than the closest, or none, with a traceback."""

@@ -565,6 +565,11 @@ def main():
   step = runs.newest(runs_['sparse']) if _STEP.value is None else _STEP.value
   if step not in sparse_ckpts:
     raise ValueError(f'{runs_["sparse"]} has no checkpoint at step {step}')
+  annealed = runs.annealed_step(runs_['sparse'])
+  if step < annealed:  # As the curve leaves such checkpoints out.
+    logging.warning('Sparse step %d is before step %d, where its annealing '
+                    'ends: a denser model than the run trains.', step,
+                    annealed)
   pairs = match(step, sparse_ckpts[step], runs.checkpoints(runs_['dense']),
                 _MAX_LOSS_GAP.value, _PAIRS.value)
   dense_step, dense_loss = pairs[0]
