@@ -51,7 +51,9 @@ def run_to_hf(run, out_dir, overwrite=False):
   """Exports the run's newest readable checkpoint with the tokenizer it
   trained on: the corpus's BPE, read from its cache or (on another
   machine) trained again, and refused unless its vocabulary is the one the
-  run recorded (`corpus.json`)."""
+  run recorded (`corpus.json`). A model transformers cannot express, or an
+  `out_dir` that may not be replaced, is refused before any of it is read."""
+  hf.check_export(dict(workdir.load_config(run).model), out_dir, overwrite)
   config, _, state = train.load_run(run)
   tokenizer = data.load_tokenizer(config.data)
   workdir.check_corpus(run, {'vocab_sha256': data.vocab_digest(tokenizer)},

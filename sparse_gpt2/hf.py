@@ -2,7 +2,10 @@
 
 A Hugging Face GPT-2 directory is `config.json` (a `GPT2Config`) plus
 `model.safetensors` in transformers' naming ('h.0.attn.c_attn.weight', ...,
-optionally under 'transformer.'). Its `Conv1D` weights are stored [in, out],
+optionally under 'transformer.'), or the shards that
+`model.safetensors.index.json` names (`save_pretrained` splits a model
+larger than its `max_shard_size`: 5GB in transformers 4, which GPT-2 XL's
+float32 weights pass). Its `Conv1D` weights are stored [in, out],
 which is already the layout of a Flax `Dense` kernel, so the conversion is a
 renaming except for two tensors: `c_attn` is query, key and value side by side
 on the output axis, and an untied `lm_head.weight` is an `nn.Linear` weight,
@@ -37,6 +40,9 @@ from sparse_gpt2.data import tokenizer as tokenizer_lib
 
 CONFIG = 'config.json'
 WEIGHTS = 'model.safetensors'
+WEIGHTS_INDEX = 'model.safetensors.index.json'
+# What transformers wrote before safetensors: torch pickles, not read here.
+TORCH_WEIGHTS = ('pytorch_model.bin', 'pytorch_model.bin.index.json')
 TOKENIZER = 'tokenizer.json'
 TOKENIZER_CONFIG = 'tokenizer_config.json'
 EXPORT_FILES = {CONFIG, WEIGHTS, TOKENIZER, TOKENIZER_CONFIG}
@@ -109,13 +115,30 @@ def _check_names_and_shapes(what, got, expected, ignored=()):
     raise ValueError(f'{what}: ' + '; '.join(problems))
 
 
+def _read_json(path):
+  """The JSON in `path`; a file that is not UTF-8 is named in one line."""
+  with open(path, 'rb') as f:
+    raw = f.read()
+  try:
+    return workdir.parse_json(raw.decode('utf-8'), path)
+  except UnicodeDecodeError:
+    raise ValueError(f'{path} is not UTF-8 text') from None
+
+
 def _read_config(hf_dir):
-  for name in (CONFIG, WEIGHTS):
-    if not os.path.isfile(os.path.join(hf_dir, name)):
-      raise ValueError(f'{hf_dir}: no {name}; expected a Hugging Face GPT-2 '
-                       f'directory with {CONFIG} and {WEIGHTS}')
-  with open(os.path.join(hf_dir, CONFIG)) as f:
-    saved = workdir.parse_json(f.read(), os.path.join(hf_dir, CONFIG))
+  def there(name):
+    return os.path.isfile(os.path.join(hf_dir, name))
+  for name, found in ((CONFIG, there(CONFIG)),
+                      (WEIGHTS, there(WEIGHTS) or there(WEIGHTS_INDEX))):
+    if not found:
+      pickled = [n for n in TORCH_WEIGHTS if name == WEIGHTS and there(n)]
+      raise ValueError(
+          f'{hf_dir}: no {name}; expected a Hugging Face GPT-2 directory with '
+          f'{CONFIG} and {WEIGHTS}' + (
+              f' ({pickled[0]} is not read: load and save the model again with '
+              'transformers 4.35 or newer, whose save_pretrained writes '
+              'safetensors)' if pickled else ''))
+  saved = _read_json(os.path.join(hf_dir, CONFIG))
   if not isinstance(saved, dict):
     raise ValueError(f'{hf_dir}/{CONFIG}: not a JSON object')
   config = {**_HF_DEFAULTS, **saved}
@@ -128,6 +151,10 @@ def _read_config(hf_dir):
   if bad_sizes:
     raise ValueError(f'{hf_dir}/{CONFIG}: sizes must be integers >= 1: '
                      + ', '.join(bad_sizes))
+  # A model field (`tie_embeddings`), typed bool in a run's config.
+  if type(config['tie_word_embeddings']) is not bool:
+    raise ValueError(f'{hf_dir}/{CONFIG}: tie_word_embeddings must be true '
+                     f'or false, got {config["tie_word_embeddings"]!r}')
   # reorder_and_upcast_attn is accepted: it only moves the 1/sqrt(d_head) and
   # upcasts to float32, which is what `model.Block` computes anyway.
   checks = [
@@ -167,12 +194,8 @@ def load(hf_dir):
       d_mlp=config['n_inner'] or 4 * config['n_embd'],
       max_len=config['n_positions'], norm='layernorm',
       tie_embeddings=config['tie_word_embeddings'], pos_embedding=True)
-  try:
-    saved = safetensors_np.load_file(os.path.join(hf_dir, WEIGHTS))
-  except safetensors.SafetensorError as e:
-    raise ValueError(f'{hf_dir}/{WEIGHTS} does not read: {e}') from None
   tensors = {name.removeprefix('transformer.'): array
-             for name, array in saved.items()}
+             for name, array in _read_weights(hf_dir).items()}
 
   shapes = _param_shapes(model.GPT2(**model_kwargs))
   layout = _layout(config['n_layer'], config['tie_word_embeddings'])
@@ -190,6 +213,32 @@ def load(hf_dir):
     for path, part in zip(paths, np.split(array, len(paths), axis=-1)):
       flat[path] = np.ascontiguousarray(part, np.float32)
   return model_kwargs, sparsity.unflat(flat)
+
+
+def _read_weights(hf_dir):
+  """{name: array} of `WEIGHTS`, else of every shard `WEIGHTS_INDEX` names
+  (their union: a tensor in no shard is then missing by name)."""
+  files = [WEIGHTS]
+  if not os.path.isfile(os.path.join(hf_dir, WEIGHTS)):
+    index_path = os.path.join(hf_dir, WEIGHTS_INDEX)
+    index = _read_json(index_path)
+    weight_map = index.get('weight_map') if isinstance(index, dict) else None
+    if not (isinstance(weight_map, dict) and weight_map and all(
+        isinstance(f, str) for f in weight_map.values())):
+      raise ValueError(f'{index_path}: no "weight_map" of tensor names to '
+                       'shard files')
+    files = sorted(set(weight_map.values()))
+    absent = [f for f in files if not os.path.isfile(os.path.join(hf_dir, f))]
+    if absent:
+      raise ValueError(f'{index_path} names shards that are not there: '
+                       f'{absent[:3]}{"..." if len(absent) > 3 else ""}')
+  tensors = {}
+  for name in files:
+    try:
+      tensors.update(safetensors_np.load_file(os.path.join(hf_dir, name)))
+    except safetensors.SafetensorError as e:
+      raise ValueError(f'{hf_dir}/{name} does not read: {e}') from None
+  return tensors
 
 
 def check_config(model_config, hf_kwargs, hf_dir):
@@ -227,6 +276,30 @@ def _unexpressible(gpt2, flat):
   return [what for failed, what in checks if failed]
 
 
+def check_export(model_kwargs, out_dir, overwrite=False, flat=()):
+  """What `save` refuses before it writes, in one line: a model that
+  transformers' GPT-2 cannot express (`_unexpressible`; `flat`, the params
+  by path, where they are at hand), or an `out_dir` it may not fill or
+  replace. Returns `out_dir` with links resolved. `convert` calls it before
+  it reads a checkpoint, which for the paper's 0.42B model is gigabytes."""
+  unexpressible = _unexpressible(model.GPT2(**model_kwargs), flat)
+  if unexpressible:
+    raise ValueError('transformers GPT-2 cannot express this model: '
+                     + ', '.join(unexpressible))
+  out_dir = os.path.realpath(out_dir)
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f'{out_dir} exists and is not a directory')
+  present = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
+  if present and not overwrite:
+    raise ValueError(f'{out_dir} is not empty; replace it with '
+                     'overwrite=True (convert: --overwrite)')
+  if present - EXPORT_FILES:  # A run directory also has a config.json.
+    raise ValueError(f'{out_dir} holds more than a Hugging Face export '
+                     f'({sorted(present - EXPORT_FILES)}); refusing to '
+                     'replace it')
+  return out_dir
+
+
 def save(params, model_kwargs, out_dir, overwrite=False, tokenizer=None):
   """Writes `params` of `model.GPT2(**model_kwargs)` as a Hugging Face GPT-2
   directory that `transformers.GPT2LMHeadModel.from_pretrained` loads.
@@ -246,23 +319,9 @@ def save(params, model_kwargs, out_dir, overwrite=False, tokenizer=None):
   """
   gpt2 = model.GPT2(**model_kwargs)
   flat = sparsity.flat(params)
-  unexpressible = _unexpressible(gpt2, flat)
-  if unexpressible:
-    raise ValueError('transformers GPT-2 cannot express this model: '
-                     + ', '.join(unexpressible))
+  out_dir = check_export(model_kwargs, out_dir, overwrite, flat)
   _check_names_and_shapes('params', {p: x.shape for p, x in flat.items()},
                           _param_shapes(gpt2))
-  out_dir = os.path.realpath(out_dir)
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise ValueError(f'{out_dir} exists and is not a directory')
-  present = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
-  if present and not overwrite:
-    raise ValueError(f'{out_dir} is not empty; replace it with '
-                     'overwrite=True (convert: --overwrite)')
-  if present - EXPORT_FILES:  # A run directory also has a config.json.
-    raise ValueError(f'{out_dir} holds more than a Hugging Face export '
-                     f'({sorted(present - EXPORT_FILES)}); refusing to '
-                     'replace it')
 
   tensors = {}
   for hf, paths, transposed in _layout(gpt2.num_layers, gpt2.tie_embeddings):

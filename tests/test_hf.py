@@ -176,6 +176,57 @@ def test_load_errors(tied, tmp_path):
     hf.load(damaged)
 
 
+def test_load_sharded(tied, tmp_path):
+  """A checkpoint that save_pretrained split into shards (GPT-2 XL in
+  float32 passes transformers 4's 5GB max_shard_size): the shards that
+  model.safetensors.index.json names; a broken index or shard, in one line."""
+  path, expected = tied
+  sharded = tmp_path / 'sharded'
+  transformers.GPT2LMHeadModel.from_pretrained(path).save_pretrained(
+      sharded, max_shard_size='100KB')
+  index_file = sharded / 'model.safetensors.index.json'
+  index = json.loads(index_file.read_text())
+  shards = sorted(set(index['weight_map'].values()))
+  assert len(shards) > 1 and not (sharded / hf.WEIGHTS).exists()
+  assert np.abs(_jax_logits(*hf.load(sharded)) - expected).max() < TOLERANCE
+
+  (sharded / shards[1]).write_bytes(b'\0' * 4)
+  with pytest.raises(ValueError, match=f'sharded/{shards[1]} does not read: '):
+    hf.load(sharded)
+  (sharded / shards[1]).unlink()
+  with pytest.raises(ValueError, match=r'index.json names shards that are not '
+                                       rf"there: \['{shards[1]}'\]$"):
+    hf.load(sharded)
+  index_file.write_text('{"metadata": {}}')
+  with pytest.raises(ValueError, match=r'index.json: no "weight_map" of '
+                                       'tensor names to shard files$'):
+    hf.load(sharded)
+
+
+def test_load_names_what_it_cannot_read(tied, tmp_path):
+  """A torch-only checkpoint (transformers before safetensors), a config that
+  is not UTF-8, and a tie_word_embeddings that is no boolean (which would
+  enter the run's config, typed bool, as a string): each one line."""
+  path, _ = tied
+  torch_only = tmp_path / 'torch_only'
+  torch_only.mkdir()
+  (torch_only / hf.CONFIG).write_bytes((path / hf.CONFIG).read_bytes())
+  torch.save({}, torch_only / 'pytorch_model.bin')
+  with pytest.raises(ValueError, match=r'torch_only: no model.safetensors; .*'
+                     r'\(pytorch_model.bin is not read: load and save the '
+                     r'model again with transformers 4.35 or newer'):
+    hf.load(torch_only)
+  latin = _edited_copy(tied, tmp_path / 'latin')
+  (latin / hf.CONFIG).write_bytes(b'{"n_embd": "\xe9"}')
+  with pytest.raises(ValueError, match=r'latin/config.json is not UTF-8 '
+                                       'text$'):
+    hf.load(latin)
+  with pytest.raises(ValueError, match=r'tie_word_embeddings must be true or '
+                                       r"false, got 'false'$"):
+    hf.load(_edited_copy(tied, tmp_path / 'tie',
+                         tie_word_embeddings='false'))
+
+
 def _tiny(**overrides):
   """Random params, boxed like `init`'s, of a small GPT2 with `overrides`;
   drawn in numpy from `init`'s shapes, since compiling `init` takes seconds."""
@@ -262,3 +313,34 @@ def test_save_overwrite(tmp_path):
       'latest', 'out', 'run']
   _, loaded = hf.load(out)
   jax.tree.map(np.testing.assert_array_equal, loaded, nn.unbox(params))
+
+
+def test_convert_refuses_before_reading_the_checkpoint(tmp_path,
+                                                      monkeypatch):
+  """The paper's model, or an --to_hf that may not be replaced, is refused
+  from the run's config alone: its checkpoint (gigabytes for the paper's
+  0.42B model) is never read."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from sparse_gpt2 import convert  # pylint: disable=g-import-not-at-top
+  from sparse_gpt2 import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(train, 'load_run', lambda *args: pytest.fail(
+      'read the checkpoint'))
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / hf.CONFIG).write_text(tiny.get_config('none').to_json())
+  with pytest.raises(ValueError, match=r"cannot express this model: "
+                                       r"norm='rmsnorm'"):
+    convert.run_to_hf(str(run), str(tmp_path / 'out'))
+  config = tiny.get_config('none')
+  config.model.update(norm='layernorm', tie_embeddings=True,
+                      pos_embedding=True, bigram_table=False,
+                      attention_sink=False)
+  (run / hf.CONFIG).write_text(config.to_json())
+  (tmp_path / 'out').mkdir()
+  (tmp_path / 'out' / 'notes.txt').write_text('mine')
+  with pytest.raises(ValueError, match='out is not empty; replace it with'):
+    convert.run_to_hf(str(run), str(tmp_path / 'out'))
+  with pytest.raises(ValueError, match=r"more than a Hugging Face export "
+                                       r"\(\['notes.txt'\]\)"):
+    convert.run_to_hf(str(run), str(tmp_path / 'out'), overwrite=True)
+  assert os.listdir(tmp_path / 'out') == ['notes.txt']
