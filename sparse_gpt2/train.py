@@ -107,8 +107,9 @@ def init_state(config, model, tx, rng, init_params):
   variables = model.init(rng, dummy)
   params = nn.unbox(variables['params'])
   masks = nn.unbox(variables.get('sparsity', {}))
-  if init_params is not None:
-    params = init_params
+  if init_params is not None:  # In the model's param_dtype, as it trains.
+    params = jax.tree.map(lambda p, x: jnp.asarray(x, p.dtype), params,
+                          init_params)
   if config.sparsity.mode != 'none':
     params, masks = sparsity.init_masks(
         params, masks, config.sparsity, jax.random.fold_in(rng, 1),

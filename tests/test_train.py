@@ -1646,6 +1646,37 @@ def test_convert_makes_a_run_from_a_hugging_face_gpt2(tiny_config, tmp_path):
   assert int(train.train_and_evaluate(restored_config, run).step) == 2
 
 
+def test_a_run_from_hugging_face_keeps_its_param_dtype(tiny_config,
+                                                       tmp_path):
+  """Hugging Face's float32 weights start a bfloat16 run as bfloat16: kept
+  float32, they were saved so, read back as another digest on resume, and
+  the checkpoint was set aside as damaged."""
+  from sparse_gpt2 import convert  # pylint: disable=g-import-not-at-top
+  from sparse_gpt2 import hf  # pylint: disable=g-import-not-at-top
+  config = tiny_config('none')
+  m = config.model
+  m.norm, m.tie_embeddings, m.pos_embedding = 'layernorm', True, True
+  m.bigram_table = m.attention_sink = False
+  params = train.init_state(config, train.make_model(config),
+                            optim.make(config, 1), jax.random.key(5),
+                            None).params
+  hf_dir = str(tmp_path / 'hf')
+  hf.save(params, dict(config.model), hf_dir)
+  config.model.param_dtype = 'bfloat16'
+  run = str(tmp_path / 'run')
+  convert.hf_to_run(hf_dir, run, config)
+  restored_config, _, state = train.load_run(run)
+  assert {str(x.dtype) for x in jax.tree.leaves(state.params)} == {
+      'bfloat16'}
+  _assert_same_state(state.params, jax.tree.map(
+      lambda x: np.asarray(x, jax.numpy.bfloat16), params))
+  with restored_config.unlocked():
+    restored_config.train_steps = 2
+  assert int(train.train_and_evaluate(restored_config, run).step) == 2
+  assert int(train.load_run(run)[2].step) == 2
+  assert not (tmp_path / 'run' / 'corrupt_checkpoints').exists()
+
+
 def test_convert_refuses_both_directions_at_once(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'sparse_gpt2.convert', f'--from_run={tmp_path}/a',
