@@ -37,9 +37,12 @@ _CHEAP_COMPILE = {'xla_backend_optimization_level': 0,
 
 def make_step(config, train, optim):
   """(jitted train step with the state donated, initial state, tokens) of a
-  config, from a version's `train` and `optim` modules."""
+  config, from a version's `train` and `optim` modules, its schedules over
+  `schedule_steps` as `make_data_parallel_step`'s (a topk state starts
+  dense, as `main`'s does)."""
+  config.schedule_steps = config.get('schedule_steps') or config.train_steps
   model = train.make_model(config)
-  tx = optim.make(config, config.train_steps)
+  tx = optim.make(config, config.schedule_steps)
   state = jax.jit(functools.partial(train.init_state, config, model, tx),
                   compiler_options=_CHEAP_COMPILE)(jax.random.key(0), None)
   step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
@@ -55,8 +58,8 @@ def make_data_parallel_step(config, train, optim, sharding):
   rows split, the state as the mesh rules place it), its schedules over
   `schedule_steps` as a new run resolves them (0: `train_steps`), so that
   a `sparse_small` state starts dense and anneals, as `main`'s does."""
-  # Resolved here, not by `workdir.schedule_steps`: a baseline commit that
-  # splits the CPU may predate it (and `schedule_steps` itself).
+  # Resolved here, not by `workdir.schedule_steps`: a baseline commit may
+  # predate it (and `schedule_steps` itself).
   config.schedule_steps = config.get('schedule_steps') or config.train_steps
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):

@@ -60,7 +60,12 @@ def _main(code_dir, config, workdir, *flags_):
   the code in `code_dir`, with an empty compile cache and --set's
   overrides, then `flags_`."""
   with tempfile.TemporaryDirectory() as cache:
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
+    # `code_dir` first on the path by name: `-m` puts the cwd there only
+    # where PYTHONSAFEPATH is unset, and a PYTHONPATH naming the checkout
+    # then ran the checkout's code as the baseline's.
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
+               PYTHONPATH=os.pathsep.join(filter(None, (
+                   code_dir, os.environ.get('PYTHONPATH')))))
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, '-m', 'sparse_gpt2.main',

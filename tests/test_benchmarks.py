@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -139,6 +140,136 @@ except ValueError as e:
   out = _python(code, str(tmp_path), timeout=120)
   assert out == (f'the twin worker of {tmp_path} failed to start (exit 1): '
                  "ModuleNotFoundError: No module named 'sparse_gpt2'\n")
+
+
+def _marked_checkout(tmp_path):
+  """(a git repo holding this project's code, configs and benchmarks, the
+  file its code appends to): its commit's `sparse_gpt2` appends 'old PATH'
+  to that file when imported, its work tree's 'new PATH', so that each
+  process of a benchmark run from it tells which code it imported."""
+  repo, which = tmp_path / 'checkout', tmp_path / 'which_code'
+  for part in ('sparse_gpt2', 'configs', 'benchmarks'):
+    shutil.copytree(os.path.join(ROOT, part), repo / part,
+                    ignore=shutil.ignore_patterns('__pycache__', 'out'))
+  init = repo / 'sparse_gpt2' / '__init__.py'
+  mark = ("import os\nwith open(os.environ['WHICH_CODE'], 'a') as f:\n"
+          "  f.write('{} ' + __file__ + '\\n')\n")
+  init.write_text(mark.format('old'))
+  git = lambda *args: subprocess.run(
+      ['git', '-C', str(repo), '-c', 'user.name=t', '-c', 'user.email=t@t',
+       *args], check=True, capture_output=True)
+  git('init', '-q')
+  git('add', '.')
+  git('commit', '-q', '-m', 'baseline')
+  init.write_text(mark.format('new'))
+  return repo, which
+
+
+def _run_in(repo, which, code, **env):
+  """stdout of `code` run from `repo` with its benchmarks on the path, as
+  `PYTHONPATH=. python benchmarks/...` runs there (and `env`): the checkout
+  on every child's path too."""
+  result = subprocess.run(
+      [sys.executable, '-c',
+       f"import sys; sys.path.insert(0, 'benchmarks')\n{code}"],
+      cwd=repo, capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'PYTHONPATH': str(repo), 'WHICH_CODE': str(which),
+           **env})
+  if result.returncode:
+    pytest.fail(f'exit {result.returncode}:\n{result.stderr}', pytrace=False)
+  return result.stdout
+
+
+def test_run_twins_time_the_baselines_code_not_the_checkouts(tmp_path):
+  # The quick suite's baseline is HEAD, the checkout's own code: a baseline
+  # worker that imported the checkout would pass it, timing new against new.
+  repo, which = _marked_checkout(tmp_path)
+  old_dir = tmp_path / 'old'
+  _run_in(repo, which, f"""
+from absl import flags
+import run
+flags.FLAGS(['run.py', '--quick'])
+run.prepare_baseline('HEAD', {str(old_dir)!r})
+result = run.twins_section('HEAD', {str(old_dir)!r}, rounds=1, steps=1)
+assert result['results']['configs/tiny.py']['old_step_s'] > 0, result
+""")
+  # This process and the new worker import the checkout; the baseline's
+  # check and its worker, the commit unpacked.
+  new, old = (f"{version} {tree / 'sparse_gpt2' / '__init__.py'}"
+              for version, tree in (('new', repo), ('old', old_dir)))
+  assert sorted(which.read_text().splitlines()) == [new, new, old, old]
+
+
+@pytest.mark.parametrize('safe_path', ['', '1'])
+def test_whole_runs_trains_the_baselines_code_not_the_checkouts(safe_path,
+                                                                tmp_path):
+  # The old run's `main`, refused by the override after it imported its
+  # code: which code that was is all this test needs of it. PYTHONSAFEPATH
+  # keeps `-m` from putting the old tree (its cwd) on its path.
+  repo, which = _marked_checkout(tmp_path)
+  old_dir = tmp_path / 'old'
+  out = _run_in(repo, which, f"""
+from absl import flags
+import whole_runs
+flags.FLAGS(['whole_runs.py', '--baseline=HEAD'])
+whole_runs.provenance.unpack('HEAD', {str(old_dir)!r})
+try:
+  whole_runs._main({str(old_dir)!r}, 'tiny', {str(tmp_path / 'run')!r},
+                   '--config.no_such_field=1')
+except ValueError as e:
+  print(e)
+""", PYTHONSAFEPATH=safe_path)
+  assert out.startswith('tiny at commit HEAD failed (exit 2): '), out
+  assert which.read_text().splitlines() == [
+      f"new {repo / 'sparse_gpt2' / '__init__.py'}",  # whole_runs itself.
+      f"old {old_dir / 'sparse_gpt2' / '__init__.py'}"]
+
+
+def test_twin_worker_splits_a_batch_over_devices_to_the_same_losses(
+    tmp_path):
+  # The small twins' path (their configs ask for 2 CPU devices), which the
+  # quick suite's tiny config never takes: the worker splits the CPU and
+  # each batch, and its step's losses are the one-device step's.
+  config_file = tmp_path / 'two_devices.py'
+  config_file.write_text('from configs import tiny\n\ndef get_config():\n'
+                         '  config = tiny.get_config()\n'
+                         '  config.num_cpu_devices = 2\n  return config\n')
+  out = _python('''
+import io, json
+import twin_worker
+from sparse_gpt2 import optim, sharding, train
+config_file = sys.argv[1]
+rows = []
+data_parallel = twin_worker.make_data_parallel_step
+def recorded(config, *modules):
+  step, state, tokens = data_parallel(config, *modules)
+  rows.append([shard.data.shape[0] for shard in tokens.addressable_shards])
+  return step, state, tokens
+twin_worker.make_data_parallel_step = recorded
+sys.stdin = io.StringIO('2\\n')
+twin_worker.main('.', config_file)
+print(json.dumps(rows))
+def losses(step, state, tokens):
+  out = []
+  for _ in range(3):
+    state, metrics = step(state, tokens)
+    out.append(float(metrics['loss']))
+  return out
+# schedule_steps 0 resolved by both steps as a new run resolves it: the
+# same initial masks.
+print(json.dumps([
+    losses(*data_parallel(twin_worker.load_config(config_file), train, optim,
+                          sharding)),
+    losses(*twin_worker.make_step(twin_worker.load_config(config_file), train,
+                                  optim))]))
+''', str(config_file))
+  ready, times, rows, losses = out.splitlines()
+  assert ready == 'ready'
+  assert len(json.loads(times)) == 2 and min(json.loads(times)) > 0
+  assert json.loads(rows) == [[4, 4]]  # tiny's batch of 8, split in two.
+  split, single = json.loads(losses)
+  np.testing.assert_allclose(split, single, rtol=1e-4)
+  assert split[-1] < split[0]  # Steps that train, not a frozen state.
 
 
 def test_quick_suite_writes_every_section_and_skips_a_missing_peer(tmp_path):
