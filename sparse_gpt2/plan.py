@@ -22,7 +22,11 @@ which is reported as not fitting.
 import os
 import re
 
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Whatever the shell exports: the targets are fake CPU devices and abstract
+# TPUs, both made on the CPU backend; another platform first (a TPU VM's
+# 'tpu', a GPU machine's 'cuda') failed in a traceback, or took the
+# accelerator a run may be training on.
+os.environ['JAX_PLATFORMS'] = 'cpu'
 os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -38,15 +42,17 @@ from sparse_gpt2 import train
 from sparse_gpt2 import workdir
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-# Name -> (jax topology name, HBM per device in GiB, options): v5e as
-# libtpu's own out-of-memory error states it, v4 and v5p from the
-# datasheets. v4 needs "megacore" (one device per chip, as a v4 VM runs):
-# meshes on TPUs after v3 are built from whole chips.
+# Name -> (jax topology name, HBM per device in GiB, options): the HBM a
+# program may use, as libtpu's own out-of-memory error states it ("exceeds
+# available HBM (30.75G)"), not the datasheets' 32 GiB a v4 chip and 95 a
+# v5p chip, which said a v4 program of 31 GiB fit. v4 needs "megacore" (one
+# device per chip, as a v4 VM runs): meshes on TPUs after v3 are built from
+# whole chips.
 TPU_TOPOLOGIES = {
     'v5e-8': ('v5e:2x4', 15.75, {}),
     'v5e-16': ('v5e:4x4', 15.75, {}),
-    'v4-8': ('v4:2x2x1', 32.0, {'chip_config_name': 'megacore'}),
-    'v5p-8': ('v5p:2x2x1', 95.0, {}),
+    'v4-8': ('v4:2x2x1', 30.75, {'chip_config_name': 'megacore'}),
+    'v5p-8': ('v5p:2x2x1', 95.74, {}),
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -94,7 +100,14 @@ def compile_programs(config, target_devices):
   config = config.copy_and_resolve_references()
   config.schedule_steps = workdir.schedule_steps(config)
   mesh, state, lowerings = train.abstract_programs(config, target_devices)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
+  # Traced under the mesh's abstract form, not `jax.set_mesh` as a run
+  # traces them: the same programs, but the constants a trace computes
+  # eagerly (the top-k's final k, `sparsity._kept_per_tensor`) then run on
+  # this host, where set_mesh sends them to the target's devices, and a
+  # TPU's abstract devices run nothing ('Executable' object has no
+  # attribute 'local_devices').
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+      nn.logical_axis_rules(sharding.rules(config.mesh)):
     params = sum(x.size for x in jax.tree.leaves(state.params))
     return params, mesh, {name: _compile(lower)
                           for name, lower in lowerings.items()}

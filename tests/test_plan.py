@@ -10,10 +10,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _plan(*flags):
+def _plan(*flags, env=None):
   return subprocess.run(
       [sys.executable, '-m', 'sparse_gpt2.plan', '--config=configs/tiny.py',
-       *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
+       *flags], cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=None if env is None else {**os.environ, **env})
 
 
 def test_plan_compiles_the_step_for_8_cpu_devices_with_fsdp():
@@ -77,11 +78,56 @@ def test_plan_compiles_the_initialization_a_run_starts_from(tmp_path):
   assert 'same state' in result.stdout
 
 
+# Lowers the plan's programs for compile-only CPU devices, which (like a TPU
+# topology's) run nothing, and the run's on real ones as a run's child
+# process traces them (`train.compile_steps`). jaxlib (pinned) makes such
+# devices only through its private `_jax`: `topologies` has no CPU ones.
+_RUNS_NOTHING = """
+import flax.linen as nn
+import jax
+from jax._src.lib import _jax
+from configs import tiny
+from sparse_gpt2 import plan, sharding, train, workdir
+jax.config.update('jax_num_cpu_devices', 8)
+plan._compile = lambda lower: lower().as_text()
+config = tiny.get_config('topk')
+config.mesh.fsdp = 2
+compile_only = _jax.get_topology_for_devices(
+    jax.devices())._make_compile_only_devices()
+_, _, planned = plan.compile_programs(config, compile_only)
+config.schedule_steps = workdir.schedule_steps(config)
+mesh, _, lowerings = train.abstract_programs(config)
+with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
+  assert planned == {name: lower().as_text()
+                     for name, lower in lowerings.items()}
+print('same programs')
+"""
+
+
+def test_plan_traces_for_devices_that_run_nothing_the_programs_a_run_does():
+  """A TPU topology's devices compile but run nothing: the plan of every
+  top-k config failed on them ('Executable' object has no attribute
+  'local_devices') once the top-k's final k came to be computed eagerly
+  while its step is traced, which `jax.set_mesh` sent to those devices."""
+  result = subprocess.run([sys.executable, '-c', _RUNS_NOTHING], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'same programs' in result.stdout
+
+
 def test_plan_refuses_an_unknown_topology_in_one_line():
   result = _plan('--topology=v9-8')
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith(
       'error: --topology must be one of')
+
+
+def test_plan_runs_on_the_cpu_whatever_jax_platforms_the_shell_exports():
+  """A GPU machine's JAX_PLATFORMS=cuda (or a TPU VM's tpu) was kept, and
+  the plan of CPU devices ended in a traceback."""
+  result = _plan('--topology=cpu:1', env={'JAX_PLATFORMS': 'cuda'})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert re.search(r'^fits: yes ', result.stdout, re.M), result.stdout
 
 
 def test_plan_refuses_train_steps_past_the_schedules_as_a_run_does():
@@ -144,6 +190,22 @@ lines = plan.report(tiny.get_config(), 'cpu:8', 1000, mesh, compiled)
 assert re.fullmatch(r"fits: (yes|NO) \\(8 CPU device\\(s\\) x the largest "
                     r"program: 8\\.00 of this host's [\\d.]+ GiB\\)",
                     lines[-1]), lines
+""")
+
+
+def test_a_tpu_fits_what_libtpu_lets_a_program_use_not_the_datasheet():
+  """libtpu gives a v4 chip's programs 30.75 GiB of its 32 and a v5p's
+  95.74 ("exceeds available HBM (30.75G)"); 31 GiB were said to fit a v4."""
+  _run_standins("""
+gib = plan.GIB
+mesh = types.SimpleNamespace(size=4, shape={'data': 4})
+compiled = {'initialization': program(gib),
+            'train step': program(gib, outputs=gib, aliased=gib,
+                                  temps=30 * gib),
+            'evaluation': program(gib // 2)}
+lines = plan.report(tiny.get_config(), 'v4-8', 1000, mesh, compiled)
+assert lines[-1] == ('fits: NO (initialization 1.00, train step 31.00, '
+                     'evaluation 1.00 of 30.75 GiB HBM per device)'), lines
 """)
 
 
