@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -115,11 +117,14 @@ def test_plan_traces_for_devices_that_run_nothing_the_programs_a_run_does():
   assert 'same programs' in result.stdout
 
 
-def test_plan_refuses_an_unknown_topology_in_one_line():
-  result = _plan('--topology=v9-8')
+@pytest.mark.parametrize('topology', ['v9-8', 'cpu:0', 'cpu:100000'])
+def test_plan_refuses_an_unknown_topology_in_one_line(topology):
+  """cpu:100000 too, at once: made first, its devices took minutes."""
+  result = _plan(f'--topology={topology}')
   assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1].startswith(
-      'error: --topology must be one of')
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: --topology must be one of ['v4-8', 'v5e-16', 'v5e-8', "
+      f"'v5p-8'] or cpu:N with N from 1 to 1024, got '{topology}'")
 
 
 def test_plan_runs_on_the_cpu_whatever_jax_platforms_the_shell_exports():
