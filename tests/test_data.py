@@ -487,10 +487,37 @@ def test_a_huge_document_is_encoded_in_pieces(corpus, monkeypatch):
   assert longest < 2000 < min(len(t) for t in texts if len(t) > 700)
   for batch in tokenizer.batches:
     assert len(batch) == 1 or sum(map(len, batch)) <= 600
+  for text in texts:  # Not cut at every line break: pieces of 200 or more.
+    assert all(len(p) >= 200 for p in list(data._pieces(text))[:-1])
   whole = tokenizer_lib.train(texts, 400)
   cut = tokenizer_lib.train(
       (piece for text in texts for piece in data._pieces(text)), 400)
   assert cut.to_str() == whole.to_str()
+
+
+def test_the_tokenizer_trains_on_the_documents_pieces(corpus_dir, tmp_path,
+                                                     monkeypatch):
+  """Training holds ~300 bytes a token, as encoding does: the BPE trains on
+  the documents cut in pieces (`_pieces`), as the tokens are written."""
+  monkeypatch.setattr(data, '_PIECE_CHARS', 200)
+  trained = []
+  train = tokenizer_lib.train
+
+  def recorded(texts, vocab_size):
+    trained.append(list(texts))
+    return train(trained[-1], vocab_size)
+
+  monkeypatch.setattr(tokenizer_lib, 'train', recorded)
+  source = tmp_path / 'src'
+  shutil.copytree(corpus_dir[0], source)
+  big = next(name for name in (f'big{i}.py' for i in range(100))
+             if python_code.split_of(name, VAL_FRACTION) == 'train')
+  (source / big).write_text(''.join(f'x_{i} = {i}\n' for i in range(300)))
+  data.load(_config(source, tmp_path / 'tfds'), SEQ_LEN)
+  [texts] = trained
+  pieces = [text for text in texts if text.startswith('x_')]
+  assert ''.join(pieces) == (source / big).read_text()
+  assert len(pieces) > 5 and max(map(len, pieces)) < 400
 
 
 def test_corpus_too_small_raises(corpus_dir, data_dir, tmp_path):

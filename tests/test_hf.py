@@ -216,6 +216,11 @@ def test_load_names_what_it_cannot_read(tied, tmp_path):
                      r'\(pytorch_model.bin is not read: load and save the '
                      r'model again with transformers 4.35 or newer'):
     hf.load(torch_only)
+  (torch_only / hf.CONFIG).unlink()  # The torch file is no config's hint.
+  with pytest.raises(ValueError, match=r'torch_only: no config.json; expected '
+                     r'a Hugging Face GPT-2 directory with config.json and '
+                     r'model.safetensors$'):
+    hf.load(torch_only)
   latin = _edited_copy(tied, tmp_path / 'latin')
   (latin / hf.CONFIG).write_bytes(b'{"n_embd": "\xe9"}')
   with pytest.raises(ValueError, match=r'latin/config.json is not UTF-8 '

@@ -693,6 +693,9 @@ def test_mean_ablation_all_or_nothing():
     (['--task_file=for_while.jsonl'],
      '--task_file=for_while.jsonl is named like the built-in task for_while,'
      ' whose circuit is '),
+    # With --out, its circuit is not the built-in task's: not refused so.
+    (['--task_file=for_while.jsonl', '--out=README.md'],
+     f'--out README.md: {ROOT}/README.md is a file, not a directory'),
 ])
 def test_cli_bad_input_is_one_line_exit_1(args, message, tmp_path):
   """Each refusal is its own: the run directory does not exist either, and
@@ -956,6 +959,15 @@ def test_a_balance_lost_to_skipped_prompts_says_so(tiny_twins, tmp_path):
       r'^spaces: a fixed preference .* answers 100% of the datapoints, .*'
       r'\(contrastive pairs do\)\. That is of the datapoints kept: 32 of 64 '
       r'were skipped, a candidate merging with the end of their prompt\.$')):
+    runs.encode_task(tiny_twins['sparse'], str(task_file), 0, 0)
+  # Unbalanced as written, none skipped: no word of skipped datapoints.
+  task_file = tmp_path / 'fixed.jsonl'
+  task_file.write_text(''.join(
+      json.dumps({'prompt': f'def f{i}(', 'correct': 'self',
+                  'incorrect': ' self'}) + '\n' for i in range(64)))
+  with pytest.raises(ValueError, match=(
+      r'^fixed: a fixed preference .* answers 100% of the datapoints, .*'
+      r'\(contrastive pairs do\)\.$')):
     runs.encode_task(tiny_twins['sparse'], str(task_file), 0, 0)
 
 

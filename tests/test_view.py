@@ -646,6 +646,16 @@ def test_an_out_that_names_no_file_is_refused_before_any_work(
   assert os.listdir(tmp_path) == []
 
 
+def test_an_out_of_a_bare_file_name_is_written_where_it_is_called(
+    tmp_path, monkeypatch):
+  """`--out=page.html` names no folder: the page is written in the current
+  one, whose check for a file it takes is not of the folder ''."""
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'one.json').write_text(json.dumps(_big_circuit(2, 2)))
+  view.write_page('page.html', circuits_dir=str(tmp_path), load_runs=False)
+  assert sorted(os.listdir(tmp_path)) == ['one.json', 'page.html']
+
+
 def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
   circuits = tmp_path / 'circuits'
   circuits.mkdir()

@@ -726,11 +726,13 @@ def test_a_sparse_step_before_annealing_ends_is_warned_of(tmp_path, stand_in,
   _fake_run(runs['dense'], {50: 3.5, 100: 3.2}, 'none')
   for step in (50, 100):
     caplog.clear()
-    _main(runs, tmp_path / 'out', '--tasks=if_equals', '--steps=7',
+    # An --out in a run, not in its checkpoints, is a folder of its own.
+    _main(runs, runs['sparse'] / 'compare', '--tasks=if_equals', '--steps=7',
           f'--step={step}')
-    warned = ('Sparse step 50 is before step 100, where its annealing ends'
-              in caplog.text)
-    assert warned == (step == 50), caplog.text
+    warned = [m for m in caplog.messages if 'annealing ends' in m]
+    assert warned == ([
+        'Sparse step 50 is before step 100, where its annealing ends: a '
+        'denser model than the run trains.'] if step == 50 else []), warned
   assert [call[:2] for call in stand_in] == [('sparse', 50), ('dense', 50),
                                              ('sparse', 100), ('dense', 100)]
 
@@ -745,6 +747,9 @@ def test_match_pairs_no_checkpoint_by_a_non_finite_loss():
   with pytest.raises(ValueError, match=r'^the sparse checkpoint at step 1 '
                      r'has no validation loss in metrics.jsonl \(nan\)$'):
     compare.match(1, nan, dense, 0.02)
+  with pytest.raises(ValueError, match=r'^the sparse checkpoint at step 1 '
+                     r'has no validation loss in metrics.jsonl \(inf\)$'):
+    compare.match(1, math.inf, dense, 0.02)
   with pytest.raises(ValueError, match='^no dense checkpoint has a validation'):
     compare.match(1, 3.5, {20: nan}, 0.02)
 
@@ -763,6 +768,11 @@ def test_a_circuit_of_no_edges_is_said_in_every_table():
   assert ('Solved by both but not in the means, a circuit of no edges (the '
           'direct path alone does the task) having no ratio: z (sparse).'
           ) in md
+  # A task the dense model does not solve is said so, not 'solved by both'.
+  md = compare.to_markdown(compare.summarize(
+      {'y': (_edge_count(0), make_circuit('y', solved=False))}, CHECKPOINTS))
+  assert 'Not solved, so not in the means' in md, md
+  assert 'Solved by both' not in md, md
   table, _ = compare.pairs_table([summary], 1, 0.02)
   assert table.splitlines()[4].endswith('| 16.0x | sparse no edges |')
   conv = [{'steps': s, 'num_edges': e, 'num_nodes': 1}
