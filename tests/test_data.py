@@ -389,6 +389,10 @@ def test_py_names_that_are_not_files_to_read_are_skipped(corpus, corpus_dir,
     f.write(b'x = 1\n')
   (source / 'zz').mkdir()  # Read last, so the old failures came first.
   os.mkfifo(source / 'zz' / 'fifo.py')
+  # Links to a file listed already (one through the other), walked after
+  # it: read again, the same text was in a split by each path.
+  os.symlink('../pkg0/sub0/mod_0.py', source / 'zz' / 'again.py')
+  os.symlink('again.py', source / 'zz' / 'again_too.py')
   again = data.load(_config(source, tmp_path / 'tfds'), SEQ_LEN)
   np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
   np.testing.assert_array_equal(again.val_tokens, corpus.val_tokens)
@@ -396,6 +400,8 @@ def test_py_names_that_are_not_files_to_read_are_skipped(corpus, corpus_dir,
     manifest = json.load(f)
   assert manifest['skipped_not_files'] == [
       'dangling.py', 'loop_a.py', 'loop_b.py', 'zz/fifo.py']
+  assert manifest['skipped_same_files'] == ['zz/again.py',
+                                            'zz/again_too.py']
   assert manifest['skipped_not_utf8'] == ['caf\\xe9.py', 'latin1.py']
 
 

@@ -50,15 +50,19 @@ def split_of(relpath, val_fraction):
 
 
 def _scan(source_dir):
-  """(paths, not_files, not_utf8): relative POSIX paths of the .py files
+  """(paths, not_files, not_utf8, same_files): relative POSIX paths of the
+  .py files
   under `source_dir`, in a fixed order (a directory's own files by name,
   then its subdirectories' by name: os.walk's, each level sorted; not one
   sort of the whole paths, which would put `A/x.py` before `a.py` and
   change the corpus every run trains on); then the .py names that are not
   a file to read (a link to nothing or to itself, which would fail the
-  build, a FIFO, which would hang it), and those not UTF-8 (no split or
-  manifest can name them; shown with backslash escapes)."""
-  paths, not_files, not_utf8 = [], [], []
+  build, a FIFO, which would hang it), those not UTF-8 (no split or
+  manifest can name them; shown with backslash escapes), and links to a
+  file listed already (split by its own path, the same text could be in
+  both the train and the validation split)."""
+  paths, not_files, not_utf8, same_files = [], [], [], []
+  listed = set()  # Real paths.
   for dirpath, dirnames, filenames in os.walk(source_dir):
     # Pruning and sorting in place makes os.walk skip excluded trees and visit
     # the rest in a deterministic order.
@@ -72,10 +76,17 @@ def _scan(source_dir):
         except UnicodeEncodeError:  # Undecodable bytes, as surrogates.
           not_utf8.append(
               os.fsencode(rel).decode('utf-8', 'backslashreplace'))
-        else:  # A link to a file is that file.
-          isfile = os.path.isfile(os.path.join(dirpath, name))
-          (paths if isfile else not_files).append(rel)
-  return paths, not_files, not_utf8
+        else:  # A link to a file is that file, once.
+          path = os.path.join(dirpath, name)
+          real = os.path.realpath(path)
+          if not os.path.isfile(path):
+            not_files.append(rel)
+          elif real in listed:
+            same_files.append(rel)
+          else:
+            listed.add(real)
+            paths.append(rel)
+  return paths, not_files, not_utf8, same_files
 
 
 def list_files(source_dir):
@@ -153,7 +164,7 @@ class PythonCode(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # Local files only.
     config = self.builder_config
     root = config.source_dir
-    paths, not_files, skipped = _scan(root)
+    paths, not_files, skipped, same_files = _scan(root)
     files = []
     for rel in paths:
       with open(os.path.join(root, rel), 'rb') as f:
@@ -170,7 +181,8 @@ class PythonCode(tfds.core.GeneratorBasedBuilder):
           'split': split_of(rel, config.val_fraction),
       })
     logging.info('%s: %d .py files, %d skipped as not UTF-8, %d as not '
-                 'files.', root, len(files), len(skipped), len(not_files))
+                 'files, %d as links to a file listed.', root, len(files),
+                 len(skipped), len(not_files), len(same_files))
     if not files:
       raise ValueError(f'No UTF-8 .py files under {root!r}: empty corpus.')
     splits = {
@@ -191,6 +203,7 @@ class PythonCode(tfds.core.GeneratorBasedBuilder):
         'files': files,
         'skipped_not_utf8': skipped,
         'skipped_not_files': not_files,
+        'skipped_same_files': same_files,
     }
     (self.data_path / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return {
