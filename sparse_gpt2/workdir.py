@@ -146,10 +146,12 @@ def check(config, workdir):
   hold it; reads only.
 
   `schedule_steps` 0 becomes the saved run's (or, for a new run,
-  `train_steps`). Refuses a path that is a file, a non-empty directory that
+  `train_steps`). Refuses a path under a link to nothing (which `create`
+  could not make), a path that is a file, a non-empty directory that
   is not a run, `train_steps` past the end of the schedules or before the
-  run's newest checkpoint, and a run whose saved config differs in
-  anything but RESUMABLE_FIELDS.
+  run's newest checkpoint, a run whose saved config differs in anything
+  but RESUMABLE_FIELDS, and a damaged metrics.jsonl (which the run reads
+  before it logs, after this start wrote its config).
   """
   root = path(workdir)
   try:  # A remote path's first access imports its file system.
@@ -158,6 +160,12 @@ def check(config, workdir):
     raise ValueError(f'workdir {workdir}: {e} (pip install gcsfs '
                      'google-cloud-storage, as launch/tpu_vm.sh does)'
                      ) from None
+  local = () if '://' in str(root) else (root, *root.parents)
+  for link in local:  # `create`'s mkdir would fail with "File exists".
+    if os.path.islink(link) and not os.path.exists(link):
+      raise ValueError(f'{link} is a link to {os.readlink(link)}, which does '
+                       'not exist (a disk not mounted?): create its target, '
+                       'or give another workdir')
   for directory in (root, root / CHECKPOINTS, root / CORRUPT):
     if directory.exists() and not directory.is_dir():
       raise ValueError(f'{directory} exists and is not a directory')
@@ -170,6 +178,7 @@ def check(config, workdir):
     saved = load_config(workdir)
     if not has_checkpoints(workdir):
       saved = None  # No training to resume: this start's config goes.
+    read_metrics(workdir)
   config = config.copy_and_resolve_references()
   config.schedule_steps = schedule_steps(config, saved)
   if saved is not None:

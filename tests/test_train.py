@@ -841,6 +841,24 @@ def test_a_resume_on_another_corpus_is_refused(reference_run, tmp_path):
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob('*')} == before
 
 
+def test_a_damaged_metrics_file_is_refused_before_anything_is_written(
+    reference_run, tmp_path):
+  """A metrics.jsonl cut mid-line (a hand edit) is refused by the start's
+  checks, not by the run's first log: that came after the start had
+  rewritten config.json with its own train_steps."""
+  config, reference, _ = reference_run
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  shutil.rmtree(workdir / 'checkpoints' / '60')  # Steps 51-60 to train.
+  text = (workdir / 'metrics.jsonl').read_text()
+  (workdir / 'metrics.jsonl').write_text(text[:-20])
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob('*')}
+  with pytest.raises(ValueError, match=r'metrics.jsonl line \d+ is not valid '
+                     'JSON'):
+    train.train_and_evaluate(config, str(workdir))
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob('*')} == before
+
+
 def test_empty_corpus_fails_clearly(tiny_config, tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
@@ -911,6 +929,23 @@ def test_workdirs_that_are_not_runs_are_refused(tiny_config, tmp_path):
   assert re.fullmatch(r"error: \[Errno (1|13)\] (Operation not permitted|"
                       r"Permission denied): '/sys/sparse_gpt2_run'",
                       *_errors(result)), result.stderr
+
+
+def test_a_workdir_under_a_link_to_nothing_is_refused_first(tiny_config,
+                                                           tmp_path):
+  """runs/ linked to a scratch disk that is not mounted: said at the start,
+  not as "File exists: runs" from the mkdir after the corpus was built."""
+  runs = tmp_path / 'runs'
+  runs.symlink_to(tmp_path / 'scratch')
+  for workdir in (runs, runs / 'a' / 'run'):
+    with pytest.raises(ValueError, match=(
+        f'^{re.escape(str(runs))} is a link to '
+        f'{re.escape(str(tmp_path / "scratch"))}, which does not exist '
+        r'\(a disk not mounted\?\): create its target, or give another '
+        'workdir$')):
+      workdir_lib.check(tiny_config(), str(workdir))
+  (tmp_path / 'scratch').mkdir()
+  assert workdir_lib.check(tiny_config(), str(runs / 'run')).train_steps == 20
 
 
 @pytest.mark.parametrize('text,message', [
