@@ -12,6 +12,7 @@ import os
 import pathlib
 import pkgutil
 import platform
+import signal
 import sys
 
 from absl import app
@@ -55,6 +56,18 @@ def keep_freed_memory():
   libc.mallopt(-8, 1)          # M_ARENA_MAX: every thread in the main arena.
   libc.mallopt(-4, 0)          # M_MMAP_MAX: no block is mmapped...
   libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: ...or trimmed back to the OS.
+
+
+def die_with_parent(parent):
+  """Has the kernel kill this process when its parent, pid `parent`, ends
+  (Linux's PR_SET_PDEATHSIG), and ends it now where that has happened
+  already: a parent stopped by SIGTERM or SIGKILL cleans up no child. A
+  no-op off Linux."""
+  if platform.system() != 'Linux':
+    return
+  ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG.
+  if os.getppid() != parent:
+    os._exit(1)
 
 
 # Where jax looks for accelerators before it tries their backends: TPUs are

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import multiprocessing
+import os
 import time
 from typing import Any
 
@@ -374,6 +375,14 @@ def compile_steps(config, cache_dir):
     sparsity.stats.lower(state.params, state.masks).compile()
 
 
+def _compile_as_child(parent, config, cache_dir):
+  """`compile_steps` in `start_compiling_apart`'s child, which dies with the
+  run: a run stopped by SIGTERM (a `kill`, a scheduler's time limit) left it
+  compiling for minutes beside the command that resumed the run."""
+  cli.die_with_parent(parent)
+  compile_steps(config, cache_dir)
+
+
 def start_compiling_apart(config):
   """Starts a child process that compiles config's train and eval steps into
   the persistent compilation cache, from which this process's first calls
@@ -387,8 +396,8 @@ def start_compiling_apart(config):
   1.1% (perf, docs/speed.md).
   """
   child = multiprocessing.get_context('spawn').Process(
-      target=compile_steps, daemon=True,
-      args=(config, jax.config.jax_compilation_cache_dir))
+      target=_compile_as_child, daemon=True,
+      args=(os.getpid(), config, jax.config.jax_compilation_cache_dir))
   child.start()
   return child
 

@@ -1410,6 +1410,55 @@ def test_a_failed_compile_apart_leaves_the_compile_to_the_run(caplog):
   assert 'failed (exit code 3); this process compiles them' in caplog.text
 
 
+_ARMED_CHILD = (
+    'import sys, time\n'
+    'from sparse_gpt2 import cli\n'
+    'cli.die_with_parent(int(sys.argv[1]))\n'
+    "print('armed', flush=True)\n"
+    'time.sleep(120)\n')
+_KILLED_PARENT = (
+    'import os, signal, subprocess, sys\n'
+    'child = subprocess.Popen([sys.executable, "-c", sys.argv[1],\n'
+    '                          str(os.getpid())], stdout=subprocess.PIPE,\n'
+    '                         text=True)\n'
+    'assert child.stdout.readline() == "armed\\n"\n'
+    'print(child.pid, flush=True)\n'
+    'os.kill(os.getpid(), signal.SIGKILL)\n')
+
+
+def _running(pid):
+  """Whether `pid` runs: not gone, nor a zombie its new parent has not
+  reaped yet."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except FileNotFoundError:
+    return False
+
+
+@pytest.mark.skipif(platform.system() != 'Linux', reason='Linux only')
+def test_the_compiling_child_dies_with_its_run():
+  """A run stopped by SIGKILL (or a SIGTERM with no handler) cleans up no
+  child: the one compiling its steps went on for minutes beside the
+  command that resumed the run. Armed, it dies with its parent, and one
+  whose parent is gone already ends at once."""
+  assert train.start_compiling_apart.__code__.co_names.count(
+      '_compile_as_child') == 1
+  parent = subprocess.run([sys.executable, '-c', _KILLED_PARENT,
+                           _ARMED_CHILD], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+  assert parent.returncode == -signal.SIGKILL, parent.stderr[-2000:]
+  child = int(parent.stdout)
+  deadline = time.time() + 10
+  while _running(child) and time.time() < deadline:
+    time.sleep(0.05)
+  assert not _running(child)
+  orphan = subprocess.run([sys.executable, '-c', _ARMED_CHILD, '1'],
+                          capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+  assert orphan.returncode == 1 and orphan.stdout == ''
+
+
 def test_the_circuits_clis_do_not_keep_freed_memory():
   # In its one arena a pruning compiled in-process ran ~1.36x slower.
   spy = ('from absl import flags\n'
