@@ -40,6 +40,7 @@ from sparse_gpt2 import sparsity
 NODE_LOCATIONS = ('attn_in', 'q', 'k', 'v', 'attn_out',
                   'mlp_in', 'mlp_neuron', 'mlp_out')
 ATTENTION = ('auto', 'xla', 'cudnn')
+_CUDNN_MAX_D_HEAD = 256  # cuDNN's flash attention, on Hopper and later.
 _CUDNN_NO_SINKS = ("model.attention='cudnn' does not support attention sinks; "
                    "use 'xla' or 'auto'")
 # What a block keeps for the backward pass; everything else is recomputed.
@@ -100,6 +101,11 @@ def validate(m):
     raise ValueError(f'model.d_model {m.d_model} over model.num_heads '
                      f'{m.num_heads} heads leaves d_head 0: give '
                      'model.d_head, or fewer heads')
+  d_head = derived_sizes(m)[0]
+  if m.attention == 'cudnn' and (d_head % 8 or d_head > _CUDNN_MAX_D_HEAD):
+    raise ValueError(f"model.attention='cudnn' takes heads of a multiple of 8 "
+                     f'up to {_CUDNN_MAX_D_HEAD}, got d_head {d_head}: use '
+                     "'xla' or 'auto'")
 
 
 def derived_sizes(model_config):
@@ -148,7 +154,8 @@ def attend(q, k, v, sink=None, implementation='auto'):
   """
   if implementation == 'auto':
     fused = (jax.default_backend() == 'gpu' and sink is None
-             and q.dtype in (jnp.bfloat16, jnp.float16))
+             and q.dtype in (jnp.bfloat16, jnp.float16)
+             and _cudnn_takes_heads_of(q.shape[-1]))
     implementation = 'cudnn' if fused else 'xla'
   if implementation == 'xla':
     if sink is None:
@@ -158,6 +165,17 @@ def attend(q, k, v, sink=None, implementation='auto'):
     raise ValueError(_CUDNN_NO_SINKS)
   return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                       implementation='cudnn')
+
+
+def _cudnn_takes_heads_of(d_head):
+  """Whether cuDNN's flash attention runs heads of `d_head` on this GPU: a
+  multiple of 8, at most 256 from compute capability 9.0 (Hopper) on and 128
+  before it, as jax checks when it traces the kernel (there a
+  NotImplementedError: 'auto' with d_head 12 stopped every run at its
+  compile)."""
+  capability = getattr(jax.devices()[0], 'compute_capability', '0')
+  most = _CUDNN_MAX_D_HEAD if float(capability) >= 9 else 128
+  return d_head % 8 == 0 and d_head <= most
 
 
 _QUERY_BLOCKS = 4  # Causal attention scores only the keys up to each block.

@@ -368,6 +368,30 @@ def test_bad_attention_remat_or_depth_fails_clearly():
     _init(num_layers=0)
 
 
+def test_auto_attention_leaves_cudnn_heads_it_cannot_run(monkeypatch):
+  """On a GPU, 'auto' took cuDNN for any 16-bit heads without a sink, and
+  jax's cuDNN kernel refuses a head size that is no multiple of 8 (or
+  over 256) with a NotImplementedError at the step's trace. Here the
+  backend only claims to be a GPU: a cuDNN call would fail on the CPU."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  q, k, v = jax.random.normal(jax.random.key(5), (3, 2, 8, 2, 12),
+                              jnp.bfloat16)
+  np.testing.assert_array_equal(model_lib.attend(q, k, v, None, 'auto'),
+                                model_lib.attend(q, k, v, None, 'xla'))
+
+
+@pytest.mark.parametrize('d_head', [12, 264])
+def test_cudnn_attention_with_heads_it_cannot_run_is_refused(d_head):
+  config = tiny.get_config().model
+  config.attention, config.attention_sink = 'cudnn', False
+  config.dtype, config.d_head = 'bfloat16', d_head
+  with pytest.raises(ValueError, match=f'multiple of 8 up to 256, got '
+                                       f'd_head {d_head}'):
+    model_lib.validate(config)
+  config.d_head = 16
+  model_lib.validate(config)
+
+
 def test_xla_cpu_grads_are_the_gradients_of_jax_own_rules():
   # `matmul`'s and `rms_norm`'s own backward passes (written for XLA:CPU)
   # must give the gradients of JAX's rules, alone and in the whole model.
