@@ -51,11 +51,10 @@ def split_of(relpath, val_fraction):
 
 def _scan(source_dir):
   """(paths, not_files, not_utf8, same_files): relative POSIX paths of the
-  .py files
-  under `source_dir`, in a fixed order (a directory's own files by name,
-  then its subdirectories' by name: os.walk's, each level sorted; not one
-  sort of the whole paths, which would put `A/x.py` before `a.py` and
-  change the corpus every run trains on); then the .py names that are not
+  .py files under `source_dir`, in a fixed order (a directory's own files
+  by name, then its subdirectories' by name: os.walk's, each level sorted;
+  not one sort of the whole paths, which would put `A/x.py` before `a.py`
+  and change the corpus every run trains on); then the .py names that are not
   a file to read (a link to nothing or to itself, which would fail the
   build, a FIFO, which would hang it), those not UTF-8 (no split or
   manifest can name them; shown with backslash escapes), and links to a
