@@ -584,6 +584,9 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, stand_in,
       'figure_task'] is None
   assert not (out / 'figure.png').exists()
   assert not (out / 'figure.svg').exists()
+  # Nor the convergence record of the run before, not asked for this time.
+  assert not (out / 'convergence.md').exists()
+  assert not (out / 'convergence.json').exists()
   # The sparse run trained again under its name: its circuits are pruned
   # anew, the dense run's reused.
   _retrain(runs['sparse'], 200)
@@ -622,6 +625,7 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, stand_in,
       100, 150]
   assert pairs['common_tasks'] == ['if_equals']
   assert '(3 asked for)' in (out / 'pairs.md').read_text()
+  assert not [p.name for p in out.glob('curve.*')]  # The curve's run's.
   with pytest.raises(flags.IllegalFlagValueError,
                      match=r'^flag --pairs=0: 0 is not a positive integer$'):
     run('--tasks=if_equals', '--pairs=0')
@@ -638,6 +642,7 @@ def test_cli_pairs_writes_everything_and_reuses_circuits(tmp_path, stand_in,
   mine.write_text(json.dumps({'prompt': 'x = 1', 'correct': '\n',
                               'incorrect': ';'}) + '\n')
   run(f'--tasks=if_equals,{mine}', '--steps=9')
+  assert not (out / 'pairs.md').exists() and not (out / 'pairs.json').exists()
   assert calls[13:] == [('sparse', 200, str(mine), 9, ()),
                         ('dense', 100, str(mine), 9, ())]
   assert [r['task'] for r in json.loads(

@@ -544,6 +544,16 @@ def _check_same_tokens(runs_):
         f"and {seq_len['dense']}, so their validation losses do not compare")
 
 
+def _remove_earlier(out, name, extensions):
+  """Removes OUT/name.<ext> of an earlier comparison that this one does not
+  make (no task solved by both for the figure; --pairs, --convergence_steps
+  or --curve not asked for): beside this one's comparison.md they would
+  read as its own."""
+  for ext in extensions:
+    if os.path.exists(os.path.join(out, name + ext)):
+      os.remove(os.path.join(out, name + ext))
+
+
 def _write(out, name, markdown, data):
   with open(os.path.join(out, name + '.json'), 'w') as f:
     json.dump(data, f, indent=2)
@@ -597,10 +607,8 @@ def main():
   if summary['figure_task']:
     viz.draw_comparison(*results[summary['figure_task']],
                         os.path.join(out, 'figure'))
-  else:  # An earlier comparison's figure, which this one does not name.
-    for ext in ('.png', '.svg'):
-      if os.path.exists(os.path.join(out, 'figure' + ext)):
-        os.remove(os.path.join(out, 'figure' + ext))
+  else:
+    _remove_earlier(out, 'figure', ('.png', '.svg'))
   print(markdown)
   if _PAIRS.value > 1:
     summaries = [summary]
@@ -615,17 +623,23 @@ def main():
     table, data = pairs_table(summaries, _PAIRS.value, _MAX_LOSS_GAP.value)
     _write(out, 'pairs', table, data)
     print(table)
+  else:
+    _remove_earlier(out, 'pairs', ('.md', '.json'))
   if record_at:
     table, records = convergence_table(
         results, list(named)[:_CONVERGENCE_TASKS.value],
         sorted(set(record_at) | {settings.steps}))
     _write(out, 'convergence', table, records)
     print(table)
+  else:
+    _remove_earlier(out, 'convergence', ('.md', '.json'))
   if _CURVE.value:
     table, points = curve(runs_, curve_at, task_names, settings, out)
     _write(out, 'curve', table, points)
     viz.draw_curve(points, checkpoints, os.path.join(out, 'curve'))
     print(table)
+  else:
+    _remove_earlier(out, 'curve', ('.md', '.json', '.png', '.svg'))
 
 
 if __name__ == '__main__':
