@@ -128,16 +128,17 @@ def _read_json(path):
 def _read_config(hf_dir):
   def there(name):
     return os.path.isfile(os.path.join(hf_dir, name))
-  for name, found in ((CONFIG, there(CONFIG)),
-                      (WEIGHTS, there(WEIGHTS) or there(WEIGHTS_INDEX))):
-    if not found:
-      pickled = [n for n in TORCH_WEIGHTS if name == WEIGHTS and there(n)]
-      raise ValueError(
-          f'{hf_dir}: no {name}; expected a Hugging Face GPT-2 directory with '
-          f'{CONFIG} and {WEIGHTS}' + (
-              f' ({pickled[0]} is not read: load and save the model again with '
-              'transformers 4.35 or newer, whose save_pretrained writes '
-              'safetensors)' if pickled else ''))
+  expected = (f'expected a Hugging Face GPT-2 directory with {CONFIG} and '
+              f'{WEIGHTS}')
+  if not there(CONFIG):
+    raise ValueError(f'{hf_dir}: no {CONFIG}; {expected}')
+  if not (there(WEIGHTS) or there(WEIGHTS_INDEX)):
+    pickled = [n for n in TORCH_WEIGHTS if there(n)]
+    raise ValueError(
+        f'{hf_dir}: no {WEIGHTS}; {expected}' + (
+            f' ({pickled[0]} is not read: load and save the model again with '
+            'transformers 4.35 or newer, whose save_pretrained writes '
+            'safetensors)' if pickled else ''))
   saved = _read_json(os.path.join(hf_dir, CONFIG))
   if not isinstance(saved, dict):
     raise ValueError(f'{hf_dir}/{CONFIG}: not a JSON object')

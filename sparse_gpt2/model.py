@@ -97,12 +97,13 @@ def validate(m):
     raise ValueError(f"model.attention='cudnn' computes in bfloat16 or "
                      f"float16 only, got model.dtype={m.dtype!r}: set one, "
                      "or use 'xla' or 'auto'")
-  if derived_sizes(m)[0] < 1:
+  d_head = derived_sizes(m)[0]
+  if d_head < 1:
     raise ValueError(f'model.d_model {m.d_model} over model.num_heads '
                      f'{m.num_heads} heads leaves d_head 0: give '
                      'model.d_head, or fewer heads')
-  d_head = derived_sizes(m)[0]
-  if m.attention == 'cudnn' and (d_head % 8 or d_head > _CUDNN_MAX_D_HEAD):
+  if m.attention == 'cudnn' and not _cudnn_takes_heads_of(d_head,
+                                                          _CUDNN_MAX_D_HEAD):
     raise ValueError(f"model.attention='cudnn' takes heads of a multiple of 8 "
                      f'up to {_CUDNN_MAX_D_HEAD}, got d_head {d_head}: use '
                      "'xla' or 'auto'")
@@ -167,14 +168,15 @@ def attend(q, k, v, sink=None, implementation='auto'):
                                       implementation='cudnn')
 
 
-def _cudnn_takes_heads_of(d_head):
-  """Whether cuDNN's flash attention runs heads of `d_head` on this GPU: a
-  multiple of 8, at most 256 from compute capability 9.0 (Hopper) on and 128
-  before it, as jax checks when it traces the kernel (there a
-  NotImplementedError: 'auto' with d_head 12 stopped every run at its
-  compile)."""
-  capability = getattr(jax.devices()[0], 'compute_capability', '0')
-  most = _CUDNN_MAX_D_HEAD if float(capability) >= 9 else 128
+def _cudnn_takes_heads_of(d_head, most=None):
+  """Whether cuDNN's flash attention runs heads of `d_head`: a multiple of
+  8, at most `most`, by default this GPU's, 256 from compute capability 9.0
+  (Hopper) on and 128 before it, as jax checks when it traces the kernel
+  (there a NotImplementedError: 'auto' with d_head 12 stopped every run at
+  its compile)."""
+  if most is None:
+    capability = getattr(jax.devices()[0], 'compute_capability', '0')
+    most = _CUDNN_MAX_D_HEAD if float(capability) >= 9 else 128
   return d_head % 8 == 0 and d_head <= most
 
 
