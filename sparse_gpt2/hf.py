@@ -115,16 +115,6 @@ def _check_names_and_shapes(what, got, expected, ignored=()):
     raise ValueError(f'{what}: ' + '; '.join(problems))
 
 
-def _read_json(path):
-  """The JSON in `path`; a file that is not UTF-8 is named in one line."""
-  with open(path, 'rb') as f:
-    raw = f.read()
-  try:
-    return workdir.parse_json(raw.decode('utf-8'), path)
-  except UnicodeDecodeError:
-    raise ValueError(f'{path} is not UTF-8 text') from None
-
-
 def _read_config(hf_dir):
   def there(name):
     return os.path.isfile(os.path.join(hf_dir, name))
@@ -139,7 +129,7 @@ def _read_config(hf_dir):
             f' ({pickled[0]} is not read: load and save the model again with '
             'transformers 4.35 or newer, whose save_pretrained writes '
             'safetensors)' if pickled else ''))
-  saved = _read_json(os.path.join(hf_dir, CONFIG))
+  saved = workdir.read_json(os.path.join(hf_dir, CONFIG))
   if not isinstance(saved, dict):
     raise ValueError(f'{hf_dir}/{CONFIG}: not a JSON object')
   config = {**_HF_DEFAULTS, **saved}
@@ -222,7 +212,7 @@ def _read_weights(hf_dir):
   files = [WEIGHTS]
   if not os.path.isfile(os.path.join(hf_dir, WEIGHTS)):
     index_path = os.path.join(hf_dir, WEIGHTS_INDEX)
-    index = _read_json(index_path)
+    index = workdir.read_json(index_path)
     weight_map = index.get('weight_map') if isinstance(index, dict) else None
     if not (isinstance(weight_map, dict) and weight_map and all(
         isinstance(f, str) for f in weight_map.values())):

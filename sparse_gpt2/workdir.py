@@ -76,12 +76,29 @@ def parse_json(text, where):
     raise ValueError(f'{where} is not valid JSON ({e})') from None
 
 
+def read_text(file):
+  """The text of `file` (a path or epath), UTF-8 as this project writes it;
+  other bytes (a damaged file) are refused naming the file, which a bare
+  decode error does not."""
+  raw = epath.Path(file).read_bytes()
+  try:
+    return raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{file} is not UTF-8 text (byte {e.start} is '
+                     f'{raw[e.start]:#04x})') from None
+
+
+def read_json(file):
+  """The JSON in `file`, refused in one line naming it if it is none."""
+  return parse_json(read_text(file), file)
+
+
 def load_config(workdir):
   """The saved config of the run in `workdir`."""
   file = path(workdir) / CONFIG
   if not file.exists():
     raise ValueError(f'{workdir} is not a run directory (no {CONFIG})')
-  saved = parse_json(file.read_text(), file)
+  saved = read_json(file)
   if not isinstance(saved, dict):
     raise ValueError(f'{file} is not a run config (not a JSON object)')
   missing = set(defaults.base()) - set(saved) - {'schedule_steps'}
@@ -116,7 +133,7 @@ def read_metrics(workdir):
   if not file.exists():
     return []
   records = []
-  for i, line in enumerate(file.read_text().splitlines(), 1):
+  for i, line in enumerate(read_text(file).splitlines(), 1):
     record = parse_json(line, f'{file} line {i}')
     if not (isinstance(record, dict) and isinstance(record.get('step'), int)):
       raise ValueError(f'{file} line {i} is not a record of a step (a JSON '
@@ -254,7 +271,7 @@ def check_corpus(workdir, corpus_fingerprint,
   file = path(workdir) / CORPUS
   if not file.exists() or not has_checkpoints(workdir):
     return
-  saved = parse_json(file.read_text(), file)
+  saved = read_json(file)
   if not isinstance(saved, dict):
     raise ValueError(f'{file} is not a corpus record (not a JSON object)')
   differ = sorted(k for k in corpus_fingerprint

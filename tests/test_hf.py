@@ -224,7 +224,7 @@ def test_load_names_what_it_cannot_read(tied, tmp_path):
   latin = _edited_copy(tied, tmp_path / 'latin')
   (latin / hf.CONFIG).write_bytes(b'{"n_embd": "\xe9"}')
   with pytest.raises(ValueError, match=r'latin/config.json is not UTF-8 '
-                                       'text$'):
+                                       r'text \(byte 12 is 0xe9\)$'):
     hf.load(latin)
   with pytest.raises(ValueError, match=r'tie_word_embeddings must be true or '
                                        r"false, got 'false'$"):

@@ -983,6 +983,24 @@ def test_a_damaged_corpus_record_is_named(tmp_path):
     workdir_lib.check_corpus(str(tmp_path), {'vocab_sha256': 'x'})
 
 
+@pytest.mark.parametrize('name,read', [
+    ('config.json', workdir_lib.load_config),
+    ('metrics.jsonl', workdir_lib.read_metrics),
+    ('corpus.json',
+     lambda workdir: workdir_lib.check_corpus(workdir, {'vocab_sha256': 'x'})),
+])
+def test_a_run_file_that_is_not_utf8_is_named(tmp_path, name, read):
+  """A run file with bytes that are not UTF-8 (damaged, or written by
+  another tool): the refusal names the file (a bare decode error, which
+  `main` printed, named none)."""
+  (tmp_path / 'checkpoints' / '10').mkdir(parents=True)
+  (tmp_path / name).write_bytes(b'{"step": "caf\xe9"}')
+  with pytest.raises(ValueError, match=(
+      f'^{re.escape(str(tmp_path / name))} is not UTF-8 text '
+      r'\(byte 13 is 0xe9\)$')):
+    read(str(tmp_path))
+
+
 def test_a_failed_config_write_leaves_the_old_config(tmp_path, monkeypatch):
   """A write that fails midway (a full disk) leaves the old config.json
   whole, and no temporary file beside it."""

@@ -525,8 +525,7 @@ def _check_same_tokens(runs_):
   for model, run in runs_.items():
     file = os.path.join(run, workdir_lib.CORPUS)
     if os.path.exists(file):
-      with open(file) as f:
-        records[model] = workdir_lib.parse_json(f.read(), file)
+      records[model] = workdir_lib.read_json(file)
   if len(records) == 2 and all(isinstance(r, dict) for r in records.values()):
     sparse, dense = records['sparse'], records['dense']
     differ = [key for key in ('vocab_sha256', 'validation_sha256')

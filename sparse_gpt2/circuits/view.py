@@ -302,18 +302,6 @@ def run_data(panel, circuits, examples, snippet_tokens, per_node):
                     for task, c in circuits.items() if task not in unverified}
 
 
-def _read(path):
-  """The JSON in `path`, UTF-8 as JSON is; other bytes (a damaged file) are
-  refused naming the file, which a bare decode error does not."""
-  try:
-    with open(path, encoding='utf-8') as f:
-      text = f.read()
-  except UnicodeDecodeError as e:
-    raise ValueError(f'{path} is not valid JSON (not UTF-8 text: byte '
-                     f'{e.start} is {e.object[e.start]:#04x})') from None
-  return workdir_lib.parse_json(text, path)
-
-
 _KINDS = {'task': (str, 'a string'), 'run': (str, 'a string'),
           'step': (int, 'an integer')}
 
@@ -391,7 +379,7 @@ def from_compare(directory):
   if not os.path.isfile(path):
     raise ValueError(f'{directory} is not a compare output directory (no '
                      'comparison.json)')
-  summary = _summary(_read(path), path)
+  summary = _summary(workdir_lib.read_json(path), path)
   panels, by_task = [], {}
   for model in ('sparse', 'dense'):
     checkpoint = summary['checkpoints'][model]
@@ -405,7 +393,7 @@ def from_compare(directory):
       if not os.path.isfile(circuit_path):
         raise ValueError(f'{circuit_path} is missing')
       by_task.setdefault(row['task'], []).append(
-          _whole(_read(circuit_path), circuit_path))
+          _whole(workdir_lib.read_json(circuit_path), circuit_path))
   if not by_task:
     raise ValueError(f'{path} lists no task')
   return panels, by_task, summary
@@ -420,7 +408,8 @@ def from_circuits(directory):
   paths = sorted({*glob.glob(os.path.join(folder, 'circuit.json')),
                   *glob.glob(os.path.join(folder, '*.json')),
                   *glob.glob(os.path.join(folder, '*', 'circuit.json'))})
-  found = {path: _whole(c, path) for path, c in zip(paths, map(_read, paths))
+  found = {path: _whole(c, path)
+           for path, c in zip(paths, map(workdir_lib.read_json, paths))
            if isinstance(c, dict) and 'nodes' in c and 'task' in c}
   if not found:
     raise ValueError(f'no circuit files in {directory} (looked for '
