@@ -28,7 +28,8 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-import provenance
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import provenance  # pylint: disable=g-import-not-at-top
 
 ROOT = provenance.ROOT
 sys.path.insert(0, ROOT)

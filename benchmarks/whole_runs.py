@@ -32,7 +32,8 @@ import time
 
 from absl import flags
 
-import provenance
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import provenance  # pylint: disable=g-import-not-at-top
 
 ROOT = provenance.ROOT
 sys.path.insert(0, ROOT)

@@ -48,9 +48,12 @@ DAMAGES = ("['delete', 'empty', 'flip_byte', 'garbage', 'half', "
 ])
 def test_bad_input_is_one_line_before_any_measure(script, args, code,
                                                   message):
+  # Under PYTHONSAFEPATH, which keeps a script's folder off the path: each
+  # puts it there itself to import its siblings (two were a traceback).
   result = subprocess.run(
       [sys.executable, os.path.join('benchmarks', script), *args], cwd=ROOT,
-      capture_output=True, text=True, timeout=120)
+      capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, PYTHONSAFEPATH='1'))
   assert result.returncode == code, result.stderr
   assert result.stderr.strip() == f'error: {message}', result.stderr
 
