@@ -198,10 +198,15 @@ def report(config, topology, params, mesh, compiled):
 
 
 def main():
+  """Prints the report; a run that does not fit also exits 1, so that a
+  script or CI job checking a config against its chips stops there."""
   target = devices(_TOPOLOGY.value)
   params, mesh, compiled = compile_programs(_CONFIG.value, target)
-  print('\n'.join(report(_CONFIG.value, _TOPOLOGY.value, params, mesh,
-                         compiled)))
+  lines = report(_CONFIG.value, _TOPOLOGY.value, params, mesh, compiled)
+  print('\n'.join(lines), flush=True)
+  if lines[-1].startswith('fits: NO'):
+    raise ValueError(f'the run does not fit {_TOPOLOGY.value}: see the '
+                     'report above')
 
 
 if __name__ == '__main__':

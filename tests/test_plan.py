@@ -146,8 +146,12 @@ def test_plan_refuses_train_steps_past_the_schedules_as_a_run_does():
 
 
 def test_plan_says_a_step_larger_than_the_host_does_not_fit():
+  """And exits 1 (it exited 0), so that a script checking a config against
+  its chips stops there."""
   result = _plan('--topology=cpu:1', '--config.batch_size=16777216')
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: the run does not fit cpu:1: see the report above')
   assert re.search(r"fits: NO \(1 CPU device\(s\) x the largest program: "
                    r"\d{4,}\.\d\d of this host's", result.stdout), result.stdout
 
