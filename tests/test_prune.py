@@ -579,6 +579,182 @@ def test_edge_list_is_capped_largest_first(monkeypatch):
   assert sorted(e['value'] for e in edges) == [1.25, 4.0]
 
 
+# Each matrix that joins two nodes, as the forward pass reads it: its rows
+# are the source node's channels, its columns the destination's. Written
+# out here, apart from `edges.EDGE_WEIGHTS`, which it checks.
+JOINS = {'query': ('attn_in', 'q'), 'key': ('attn_in', 'k'),
+         'value': ('attn_in', 'v'), 'attn_proj': ('v', 'attn_out'),
+         'mlp_fc': ('mlp_in', 'mlp_neuron'),
+         'mlp_proj': ('mlp_neuron', 'mlp_out')}
+
+
+def _two_layer_planted(sparse):
+  """The planted circuit in block 0 of a two-layer model, with noise
+  everywhere else that never reaches the planted read (channel 2) or write
+  (channel 5): block 0's attention and block 1 write neither, so any mask
+  holding the planted nodes still does the task. sparse: 70% of the noise
+  weights zero, as in a weight-sparse model."""
+  rng = np.random.default_rng(1)
+  model = model_lib.GPT2(
+      vocab_size=VOCAB, num_layers=2, d_model=8, num_heads=2, d_head=4,
+      d_mlp=8, norm='rmsnorm', tie_embeddings=False, pos_embedding=False,
+      use_bias=False)
+  params = jax.tree.map(np.array, nn.unbox(
+      model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']))
+  params.update(jax.tree.map(np.array, _planted_params(_tiny_model())))
+  params['block_1'] = jax.tree.map(np.array, params['block_1'])
+  for layer in (0, 1):
+    block = params[f'block_{layer}']
+    for name in JOINS:
+      if layer == 0 and name.startswith('mlp'):
+        continue  # The planted MLP, noise already off its paths.
+      w = rng.normal(0, 0.3, (8, 8))
+      if name in ('attn_proj', 'mlp_proj'):
+        w[:, [READ, WRITE]] = 0
+      block[name]['kernel'] = w
+    for name in JOINS if sparse else ():
+      w = block[name]['kernel']
+      planted = np.zeros(w.shape, bool)
+      if layer == 0:
+        planted[READ, NEURON] = name == 'mlp_fc'
+        planted[NEURON, WRITE] = name == 'mlp_proj'
+      w[(rng.random(w.shape) < 0.7) & ~planted] = 0
+  return model, jax.tree.map(jnp.asarray, params)
+
+
+def _node_tree(means, nodes, value):
+  """A node_mask: `value` at the (layer, location, index) of `nodes`,
+  1 - value elsewhere."""
+  mask = jax.tree.map(lambda m: np.full(m.shape, 1.0 - value, np.float32),
+                      means)
+  for layer, loc, i in nodes:
+    mask[f'block_{layer}'][loc][i] = value
+  return mask
+
+
+@pytest.mark.parametrize('sparse', [True, False])
+def test_circuit_edges_and_losses_recomputed_from_its_nodes(sparse,
+                                                            monkeypatch):
+  """A circuit, as saved, read back by brute force: its edges are every
+  nonzero weight between two of its nodes (counted over each weight of the
+  model, not by the code under test) and its losses are the test split's
+  with only its nodes kept, only they ablated, or none, recomputed with
+  the full-sequence forward pass. The scores are given: half the nodes of a
+  two-layer model, and the planted ones, kept."""
+  model, params = _two_layer_planted(sparse)
+  means = prune.node_means(model, params, jnp.asarray(_pretraining(1)))
+  # Each join's weight (i, j) moves destination node j alone (i a source
+  # whose mean is not zero, so that the move shows in the mean).
+  tokens = jnp.asarray(_pretraining(2)[0])
+
+  def stats(params):
+    return model.apply({'params': params}, tokens, mutable='node_stats')[1][
+        'node_stats']
+  before = stats(params)
+  for layer in (0, 1):
+    block = f'block_{layer}'
+    for name, (src, dst) in JOINS.items():
+      w = params[block][name]['kernel']
+      i = int(np.argmax(np.abs(before[block][src][0])))
+      moved = stats({**params, block: {**params[block], name: {
+          'kernel': w.at[i, 6].add(1.0)}}})
+      changed = {(loc, k) for loc, m in moved[block].items()
+                 for k in np.flatnonzero(m[0] != before[block][loc][0])
+                 if loc in (src, dst)}
+      assert changed == {(dst, 6)}, (block, name, changed)
+  assert {name: (s, d) for name, s, d in edges_lib.EDGE_WEIGHTS} == JOINS
+
+  rng = np.random.default_rng(2)
+  planted = {(0, loc, i) for loc, i in PLANTED}
+  everything = [(layer, loc, i) for layer in (0, 1)
+                for loc in model_lib.NODE_LOCATIONS for i in range(8)]
+  kept = planted | {n for n in everything if rng.random() < 0.5}
+  tau = jax.flatten_util.ravel_pytree(_node_tree(means, kept, 1.0))[0]
+  monkeypatch.setattr(prune._Pruner, 'train_scores', lambda *args, **kw: {
+      100: 2 * np.asarray(tau) - 1})
+  task = _task(256, 0)
+  circuit = prune.prune(model, params, means, task, SETTINGS)
+  assert circuit['solved'] and not circuit['past_mask']
+  assert {(n['layer'], n['location'], n['index'])
+          for n in circuit['nodes']} == kept
+  assert circuit['num_nodes'] == len(kept) and circuit['total_nodes'] == 128
+
+  def brute_force(nodes):
+    found = set()
+    for layer in (0, 1):
+      for name, (src, dst) in JOINS.items():
+        w = np.asarray(params[f'block_{layer}'][name]['kernel'])
+        for i, j in np.argwhere(w != 0):
+          if (layer, src, i) in nodes and (layer, dst, j) in nodes:
+            found.add(((layer, src, int(i)), (layer, dst, int(j)),
+                       f'block_{layer}/{name}/kernel', float(w[i, j])))
+    return found
+  edges = brute_force(kept)
+  assert circuit['num_edges'] == len(edges) > 20
+  assert not circuit['edges_truncated']
+  assert {(tuple(e['src']), tuple(e['dst']), e['weight'], e['value'])
+          for e in circuit['edges']} == edges
+  assert circuit['total_edges'] == len(brute_force(set(everything)))
+  # Dense: 12 matrices of 64, less three projections' two zero columns and
+  # the planted MLP's zeroed rows and columns.
+  assert (circuit['total_edges'] < 300 if sparse
+          else circuit['total_edges'] == 12 * 64 - 3 * 16 - 2 * 14)
+
+  test = prune.split(prune.trim(task), SETTINGS)[2]
+  for key, nodes, value in (('full_model', (), 0.0),
+                            ('circuit_only', kept, 1.0),
+                            ('circuit_ablated', kept, 0.0),
+                            ('all_ablated', (), 1.0)):
+    logits = model.apply(
+        {'params': params, 'node_mask': _node_tree(means, nodes, value),
+         'node_mean': means}, jnp.asarray(test['tokens']))
+    last = logits[np.arange(len(test['lengths'])), test['lengths'] - 1]
+    answers = (jnp.asarray(test['correct']), jnp.asarray(test['incorrect']))
+    loss = float(prune.calibrated_loss(last, *answers)[0])
+    assert circuit['losses'][key] == pytest.approx(loss, abs=1e-4), key
+    assert circuit['raw_losses'][key] == pytest.approx(
+        float(tasks.task_loss(last, *answers)[0]), abs=1e-4), key
+  assert circuit['losses']['circuit_only'] <= SETTINGS.target_loss
+  assert circuit['losses']['circuit_ablated'] > 0.6
+
+
+def test_a_circuit_is_the_same_for_a_seed_whatever_was_pruned_before():
+  """The same task and seed give the same circuit, scores and losses, with
+  another task pruned in between (as `compare` prunes a list of tasks)."""
+  model = _tiny_model()
+  params = _planted_params(model)
+  means = _means(model, params)
+  settings = dataclasses.replace(SETTINGS, steps=50)
+  first = prune.prune(model, params, means, _task(256, 0), settings)
+  other = _task(256, 1)
+  other['correct'], other['incorrect'] = other['incorrect'], other['correct']
+  prune.prune(model, params, means, other, settings)
+  again = prune.prune(model, params, means, _task(256, 0), settings)
+  timing = ('seconds', 'seconds_scores')
+  assert {k: v for k, v in again.items() if k not in timing} == {
+      k: v for k, v in first.items() if k not in timing}
+  assert first['nodes'] and first['solved']
+
+
+def test_a_task_the_direct_path_does_is_a_circuit_of_no_nodes():
+  """The unembedding reads the answer off the embedding itself (channel
+  2): every node ablated still does the task, so the circuit is empty,
+  reported as such (solved, 0 nodes, 0 edges), not a crash or the mask
+  the run started from."""
+  model = _tiny_model()
+  params = _planted_params(model)
+  head = np.array(params['lm_head']['kernel'])
+  head[READ, YES], head[READ, NO] = 3, -3
+  params = {**params, 'lm_head': {'kernel': jnp.asarray(head)}}
+  circuit = prune.prune(model, params, _means(model, params), _task(256, 0),
+                        dataclasses.replace(SETTINGS, steps=50))
+  assert circuit['solved'] and circuit['settled']
+  assert circuit['losses']['all_ablated'] <= SETTINGS.target_loss
+  assert (circuit['num_nodes'], circuit['num_edges'], circuit['nodes'],
+          circuit['edges'], circuit['kept_by_mask']) == (0, 0, [], [], 0)
+  assert circuit['losses']['circuit_only'] == circuit['losses']['all_ablated']
+
+
 def test_prune_refuses_unsolved_task():
   model = _tiny_model()
   params = _planted_params(model)
@@ -604,6 +780,33 @@ def test_hard_mask_is_exact_forward_with_surrogate_gradient():
   np.testing.assert_allclose(
       grad, jnp.arange(1., 9.) * s * (1 - s) / 0.1, rtol=1e-6)
   assert (grad > 0).all()
+
+
+def test_calibration_reaches_the_best_scale_and_shift():
+  """The 16 L-BFGS steps of `calibrated_loss` land on the best scale and
+  shift, as a grid over both finds them, whether the logits separate the
+  answers weakly or strongly, loudly or quietly, or not at all; and never
+  above the uncalibrated loss (scale 1, shift 0, where they start)."""
+  rng = np.random.default_rng(0)
+  log_a, b = np.meshgrid(np.linspace(-8, 4, 481), np.linspace(-3, 3, 241))
+  for loudness, signal in ((0.05, 1.0), (1.0, 0.3), (30.0, 1.0), (1.0, 0.0)):
+    correct = rng.integers(3, 5, 128)
+    incorrect = 7 - correct
+    logits = rng.normal(0, loudness, (128, 8))
+    logits[np.arange(128), correct] += signal * loudness * rng.normal(1, 1,
+                                                                      128)
+    loss, _, scale, _ = map(float, prune.calibrated_loss(
+        jnp.asarray(logits, jnp.float32), correct, incorrect))
+    diff = logits[:, 3] - logits[:, 4]
+    sign = np.where(correct == 3, 1.0, -1.0)
+    grid = np.logaddexp(0, -sign * (np.exp(log_a)[..., None] * diff
+                                    + b[..., None])).mean(-1)
+    assert loss == pytest.approx(grid.min(), abs=2e-4), loudness
+    assert loss <= float(tasks.task_loss(jnp.asarray(logits), correct,
+                                         incorrect)[0]) + 1e-6
+    if signal:
+      assert scale == pytest.approx(np.exp(log_a.flat[grid.argmin()]),
+                                    rel=0.05)
 
 
 def test_multiplier_is_pi_on_the_clipped_excess():
