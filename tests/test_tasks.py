@@ -440,3 +440,40 @@ def test_task_loss_matches_numpy():
   np.testing.assert_allclose(loss, np.mean(np.logaddexp(0, li - lc)),
                              rtol=1e-6)
   np.testing.assert_allclose(accuracy, np.mean(lc > li))
+
+
+@pytest.mark.parametrize('flag', ['--task', '--task_file'])
+def test_cli_refuses_a_task_file_named_like_a_built_in_task(flag, tmp_path):
+  """An edited dump of for_while, given by either flag, would replace the
+  built-in task's circuit in RUN/circuits/for_while: refused before the run
+  is read (it does not exist here) unless --out is given."""
+  result = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.circuits',
+       f'--workdir={tmp_path / "no_run"}', f'{flag}=for_while.jsonl'],
+      capture_output=True, text=True, timeout=120,
+      cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 1, result.stderr
+  assert result.stderr.strip().splitlines() == [
+      f'error: {flag}=for_while.jsonl is named like the built-in task '
+      f'for_while, whose circuit is {tmp_path}/no_run/circuits/for_while: '
+      'pass --out or rename the file']
+
+
+def test_too_few_pairs_tells_a_task_file_nothing_of_num_prompts(
+    tokenizer, monkeypatch):
+  """An edited dump of for_while keeps its name but is used whole: raising
+  --num_prompts, which only a built-in task reads, would not help it."""
+  from sparse_gpt2.circuits import runs  # pylint: disable=g-import-not-at-top
+  from sparse_gpt2.circuits import settings  # pylint: disable=g-import-not-at-top
+  encoded = tasks.encode(tasks.generate('for_while', 8), tokenizer, SEQ_LEN)
+  monkeypatch.setattr(runs, 'encode_task',
+                      lambda _, task, *a: (runs.task_name(task), [], encoded))
+  for task, hint in (('for_while', True), ('edited/for_while.jsonl', False)):
+    for check in (
+        lambda: runs.find_circuit('no_run', settings.Settings(), task=task),
+        lambda: runs.evaluate_tasks('no_run', [task], num_prompts=8,
+                                    steps=[None])):
+      with pytest.raises(ValueError, match='^for_while: ') as refused:
+        check()
+      assert str(refused.value).endswith(
+          ' (built in: raise --num_prompts)') == hint, refused.value

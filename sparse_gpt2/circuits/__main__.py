@@ -157,11 +157,12 @@ def main():
     raise ValueError('give --task or --task_file')
   name = runs.task_name(task)
   out = _OUT.value or os.path.join(_WORKDIR.value, 'circuits', name)
-  if _TASK_FILE.value and not _OUT.value and name in tasks.TASKS:
-    # A file dumped from a built-in task and edited is another task.
-    raise ValueError(f'--task_file={_TASK_FILE.value} is named like the '
-                     f'built-in task {name}, whose circuit is {out}: pass '
-                     '--out or rename the file')
+  if task.endswith('.jsonl') and not _OUT.value and name in tasks.TASKS:
+    # A file dumped from a built-in task and edited is another task, given
+    # as --task_file or, as every command takes a task, as --task.
+    flag = '--task_file' if _TASK_FILE.value else '--task'
+    raise ValueError(f'{flag}={task} is named like the built-in task {name}, '
+                     f'whose circuit is {out}: pass --out or rename the file')
   cli.check_output_dir(out, '--out')  # Found now, not after the pruning.
   circuit = runs.find_circuit(_WORKDIR.value, settings, task=task,
                               step=_STEP.value)

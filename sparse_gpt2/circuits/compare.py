@@ -510,9 +510,9 @@ def _check_args(runs_, out, task_names, settings):
     raise ValueError(f'two tasks named {", ".join(twice)} in --tasks')
   for task in task_names:
     for run in runs_.values():
-      name, _, encoded = runs.encode_task(run, task, settings.num_prompts,
-                                          settings.seed)
-      runs.check_split(name, encoded, settings)
+      _, _, encoded = runs.encode_task(run, task, settings.num_prompts,
+                                       settings.seed)
+      runs.check_split(task, encoded, settings)
 
 
 def _check_same_tokens(runs_):

@@ -148,7 +148,7 @@ def evaluate_tasks(workdir, names, *, num_prompts, steps, seed=0):
   in forward passes of bounded size (`prune.length_buckets`)."""
   encoded_tasks = [encode_task(workdir, task, num_prompts, seed)
                    for task in names]
-  for name, _, encoded in encoded_tasks:
+  for task, (name, _, encoded) in zip(names, encoded_tasks):
     pairs = len(np.unique(encoded['pair']))
     if (pairs < prune.MIN_SPLIT_PAIRS
         or len(encoded['pair']) < prune.MIN_SPLIT_PROMPTS):
@@ -156,7 +156,7 @@ def evaluate_tasks(workdir, names, *, num_prompts, steps, seed=0):
           f"{name}: {len(encoded['pair'])} prompts in "
           f'{prune.count_pairs(pairs)}; a calibrated task loss needs at '
           f'least {prune.MIN_SPLIT_PAIRS} pairs and {prune.MIN_SPLIT_PROMPTS} '
-          f'prompts{_more_prompts(name)}')
+          f'prompts{_more_prompts(task)}')
   buckets = [(name, prune.length_buckets(encoded, 1, by_pair=False))
              for name, _, encoded in encoded_tasks]
   apply = _last_position_logits(workdir)
@@ -235,19 +235,22 @@ def encode_task(workdir, task, num_prompts, seed):
   return name, datapoints, encoded
 
 
-def check_split(name, encoded, settings):
-  """Raises ValueError, named by the task, where its prompts do not split
-  into the pruning's train, select and test splits (`prune.split`): what
-  the circuits CLI and `compare` check before any checkpoint is read."""
+def check_split(task, encoded, settings):
+  """Raises ValueError, named by the task (`task_datapoints`' `task`), where
+  its prompts do not split into the pruning's train, select and test splits
+  (`prune.split`): what the circuits CLI and `compare` check before any
+  checkpoint is read."""
   try:
     prune.split(encoded, settings)
   except ValueError as e:
-    raise ValueError(f'{name}: {e}{_more_prompts(name)}') from None
+    raise ValueError(f'{task_name(task)}: {e}{_more_prompts(task)}') from None
 
 
-def _more_prompts(name):
-  """How a task with too few pairs gets more, where the command decides."""
-  return ' (built in: raise --num_prompts)' if name in tasks.TASKS else ''
+def _more_prompts(task):
+  """How a task with too few pairs gets more, where the command decides: a
+  task file named like a built-in task (an edited dump) is used whole, so
+  it is told by its path, not by its name."""
+  return ' (built in: raise --num_prompts)' if task in tasks.TASKS else ''
 
 
 def find_circuit(workdir, settings, *, task, step=None, record_at=(),
@@ -262,7 +265,7 @@ def find_circuit(workdir, settings, *, task, step=None, record_at=(),
   absolute path, so that the explorer finds it from any folder."""
   name, datapoints, encoded = encode_task(workdir, task, settings.num_prompts,
                                          settings.seed)
-  check_split(name, encoded, settings)
+  check_split(task, encoded, settings)
   run = load(workdir, step)
   tokenizer = run['corpus'].tokenizer
   circuit = prune.prune(run['model'], run['params'],
