@@ -20,6 +20,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import optax
 
+from sparse_gpt2 import defaults
+
 AXES = ('data', 'fsdp', 'model')
 
 
@@ -33,9 +35,19 @@ def mesh_axes(entry):
 
 def rules(mesh_config):
   """config.mesh.rules as flax wants them: a tuple of (logical, mesh axes)
-  pairs."""
+  pairs. A rule for a logical axis the model does not name is refused:
+  flax ignores it, so a misspelt 'embed' silently left every weight whole
+  on each device (no FSDP)."""
+  known = [logical for logical, _ in defaults.base().mesh.rules]
   out = []
-  for logical, axes in mesh_config.rules:
+  for rule in mesh_config.rules:
+    if not (isinstance(rule, (list, tuple)) and len(rule) == 2):
+      raise ValueError(f'mesh.rules: each rule is a (logical axis, mesh '
+                       f'axes) pair, got {rule!r}')
+    logical, axes = rule
+    if logical not in known:
+      raise ValueError(f'mesh.rules: unknown logical axis {logical!r}; the '
+                       f'model names {known}')
     if isinstance(axes, list):
       axes = tuple(axes)
     for axis in mesh_axes(axes):
@@ -62,10 +74,11 @@ def make_mesh(config, devices=None):
   if sizes.count(-1) == 1:
     rest = -math.prod(sizes)
     sizes[sizes.index(-1)] = n // rest if rest > 0 and n % rest == 0 else 0
-  if min(sizes) < 1 or math.prod(sizes) != n:
+  if min(sizes) < 1 or math.prod(sizes) != n:  # Smaller is refused too.
     raise ValueError(f'mesh data={config.data} x fsdp={config.fsdp} x '
                      f'model={config.model} does not fit the {n} available '
-                     'device(s)')
+                     'device(s): a mesh takes them all, one axis may be -1 '
+                     'for the devices the others leave')
   try:
     grid = mesh_utils.create_device_mesh(sizes, devices)
   except NotImplementedError as e:  # E.g. data 2 x fsdp 8 on a 4 x 4 v5e.
@@ -115,8 +128,10 @@ def _fitted(sharding, x):
 
 
 def batch_sharding(mesh):
-  """Rows of a [B, T] batch over the mesh axes of 'batch'."""
-  return to_shardings(P('batch', 'length'), mesh)
+  """Rows of a [B, T + 1] batch of tokens over the mesh axes of 'batch',
+  each row whole: T + 1 (129 for seq_len 128) is rarely divisible by the
+  mesh axes of 'length', which shard the model's [B, T, ...] activations."""
+  return to_shardings(P('batch', None), mesh)
 
 
 def data_parallel(mesh, mesh_config):

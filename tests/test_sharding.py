@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
+import pytest
 
 from configs import tiny
 from sparse_gpt2 import checkpoint
@@ -57,6 +58,19 @@ def test_a_mesh_across_the_physical_axes_is_made_with_a_warning(
           'assignment for mesh_shape); splitting them') in caplog.text
 
 
+def test_a_mesh_smaller_than_the_devices_is_refused_saying_it_takes_all():
+  """sparse_small splits the CPU into 2 devices: its user asking for a mesh
+  of one was told only that it "does not fit the 2 available device(s)",
+  as if it were too large, not that a mesh takes every device."""
+  config = tiny.get_config()
+  config.mesh.data = 1
+  with pytest.raises(ValueError, match=(
+      r'^mesh data=1 x fsdp=1 x model=1 does not fit the 2 available '
+      r'device\(s\): a mesh takes them all, one axis may be -1 for the '
+      'devices the others leave$')):
+    sharding.make_mesh(config.mesh, jax.devices() * 2)  # Only the count.
+
+
 def test_sharded_topk_gives_the_masks_of_one_device():
   _in_subprocess('check_topk')
 
@@ -75,6 +89,29 @@ def test_checkpoint_digests_read_the_same_on_any_mesh_and_see_any_word():
 
 def test_batches_split_over_data_and_fsdp():
   _in_subprocess('check_batch_split')
+
+
+def test_a_length_rule_shards_activations_and_keeps_token_rows_whole():
+  _in_subprocess('check_length_rule')
+
+
+@pytest.mark.parametrize('rules, message', [
+    # A flat pair where a tuple of pairs belongs: "too many values to
+    # unpack (expected 2)" before.
+    (('batch', 'data'), r"each rule is a \(logical axis, mesh axes\) pair, "
+                        r"got 'batch'$"),
+    ((('batch', 'data', 'fsdp'),),
+     r"each rule is .* pair, got \('batch', 'data', 'fsdp'\)$"),
+    # Accepted before, and ignored by flax: every weight whole (no FSDP).
+    ((('batch', ('data', 'fsdp')), ('embd', 'fsdp')),
+     "unknown logical axis 'embd'; the model names .*'embed'"),
+])
+def test_mesh_rules_not_pairs_of_the_models_logical_axes_are_refused(
+    rules, message):
+  config = tiny.get_config()
+  config.mesh.rules = rules
+  with pytest.raises(ValueError, match=r'^mesh\.rules: ' + message):
+    train.make_mesh(config)  # What a run calls before it writes anything.
 
 
 def _mesh(data, fsdp, model):
@@ -144,6 +181,36 @@ def check_batch_split():
                       'the 4 ways the mesh splits a batch'), e
   else:
     raise AssertionError('batch_size 6 over 4 ways was not refused')
+
+
+def check_length_rule():
+  """'length' over 'model' (data 4 x model 2): the model's activations are
+  split along the sequence, while a batch of seq_len + 1 = 33 tokens a row,
+  which 2 does not divide, keeps its rows whole (before: refused by jit
+  after the run's directory was written); the step gives one device's
+  loss."""
+  config = tiny.get_config()
+  config.model.num_layers = 1
+  config.train_steps = config.schedule_steps = 1
+  config.mesh.data, config.mesh.model = 4, 2
+  config.mesh.rules = tuple((logical, 'model' if logical == 'length' else axes)
+                            for logical, axes in config.mesh.rules)
+  mesh = train.make_mesh(config)
+  model = train.make_model(config)
+  tx = optim.make(config, 1)
+  tokens = jax.random.randint(jax.random.key(1), (8, config.seq_len + 1), 0,
+                              config.model.vocab_size)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(config.mesh)):
+    _, state_sharding, batch_sharding = train.layout(config, model, tx, mesh)
+    assert batch_sharding.spec == P(('data', 'fsdp'), None)
+    state = train.jit_init(config, model, tx, state_sharding)(
+        jax.random.key(0), None)
+    step = train.jit_train_step(config, model, tx, state_sharding,
+                                batch_sharding)
+    params = jax.device_get(state.params)
+    _, metrics = step(state, jax.device_put(tokens, batch_sharding))
+  want = jax.jit(functools.partial(train._loss, model))(params, tokens)
+  np.testing.assert_allclose(float(metrics['loss']), float(want), rtol=1e-5)
 
 
 def check_digests():
