@@ -401,7 +401,11 @@ class _Pruner:
         optax.adamw(schedule, b1=s.b1, b2=s.b2, eps=s.eps,
                     weight_decay=s.weight_decay))
     self._segment = jax.jit(self._train_segment, static_argnames='length')
-    self._logits = jax.jit(self._bucket_logits)
+    # Its arguments placed whole on each device, the rows split inside:
+    # left to XLA, a bucket of fewer rows than devices was given an
+    # input split jax cannot name (4 rows on 8: IndivisibleError).
+    self._logits = jax.jit(self._bucket_logits,
+                           in_shardings=self.replicated)
     self._evaluate = jax.jit(self._losses)
     self._importance = jax.jit(jax.grad(self._task_loss, argnums=1))
     self._select_loss = {}  # Mask bytes -> calibrated loss on select.
