@@ -27,6 +27,11 @@ from sparse_gpt2 import metrics
 # compile; a smaller model gains less a step).
 STEPS_TO_EARN_BACK_FREED_MEMORY = 200
 
+# CPU devices made in ~10 s; 100,000 (as `plan`'s cpu:N) ran for minutes,
+# and 20,000 (as a run's num_cpu_devices) past 90 s, before any check could
+# refuse them.
+MAX_CPU_DEVICES = 1024
+
 
 def keep_freed_memory():
   """Makes glibc keep freed memory for reuse instead of returning it to the
@@ -124,6 +129,9 @@ def start_jax(num_cpu_devices, train_steps=0):
   keep = train_steps >= STEPS_TO_EARN_BACK_FREED_MEMORY and runs_on_cpu()
   if keep:
     keep_freed_memory()
+  if num_cpu_devices > MAX_CPU_DEVICES:
+    raise ValueError(f'num_cpu_devices must be at most {MAX_CPU_DEVICES}, '
+                     f'got {num_cpu_devices}')
   if num_cpu_devices:
     jax.config.update('jax_num_cpu_devices', num_cpu_devices)
   keep_compiled_programs()

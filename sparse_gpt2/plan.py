@@ -55,10 +55,6 @@ TPU_TOPOLOGIES = {
     'v5p-8': ('v5p:2x2x1', 95.74, {}),
 }
 
-# Fake CPU devices made in ~10 s; cpu:100000 ran for minutes before any
-# check could refuse its mesh.
-MAX_CPU_DEVICES = 1024
-
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, `file.py[:arg]`; override fields with '
     '--config.FIELD=VALUE.', lock_config=True)
@@ -86,9 +82,9 @@ def devices(topology):
                        f'"jax[tpu]==0.10.2"): {str(e).splitlines()[0]}'
                        ) from None
   match = re.fullmatch(r'cpu:(\d+)', topology)
-  if not match or not 1 <= int(match.group(1)) <= MAX_CPU_DEVICES:
+  if not match or not 1 <= int(match.group(1)) <= cli.MAX_CPU_DEVICES:
     raise ValueError(f'--topology must be one of {sorted(TPU_TOPOLOGIES)} or '
-                     f'cpu:N with N from 1 to {MAX_CPU_DEVICES}, got '
+                     f'cpu:N with N from 1 to {cli.MAX_CPU_DEVICES}, got '
                      f'{topology!r}')
   jax.config.update('jax_num_cpu_devices', int(match.group(1)))
   return jax.devices('cpu')[:int(match.group(1))]

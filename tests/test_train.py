@@ -1109,6 +1109,10 @@ def _errors(result):
      'flag --evaluate_every=-5: -5 is not a non-negative integer'),
     ('sparse_gpt2.circuits.view', ['--snippets_per_node=-1'],
      'flag --snippets_per_node=-1: -1 is not a non-negative integer'),
+    # 20,000 CPU devices took jax past 90 s before anything refused them.
+    ('sparse_gpt2.circuits', ['--num_cpu_devices=20000'],
+     'flag --num_cpu_devices=20000: 20000 is not an integer in the range '
+     '[1, 1024]'),
     ('sparse_gpt2.plan', ['--config.sparsity.densty=0.5'],
      """no such config field: 'densty' (Did you mean "density" instead of """
      '"densty"?)'),
@@ -1184,6 +1188,11 @@ def test_command_line_errors_are_one_line_and_non_zero(tiny_config, tmp_path):
   assert bad.returncode == 1
   errors = [l for l in bad.stderr.splitlines() if l.startswith('error:')]
   assert errors == ['error: sparsity.density must be in (0, 1], got 2.0']
+  many = _main(str(tmp_path / 'e'), config, '--config.num_cpu_devices=20000')
+  assert many.returncode == 1  # At once: jax made no device.
+  assert _errors(many) == [
+      'error: num_cpu_devices must be at most 1024, got 20000']
+  assert not (tmp_path / 'e').exists()
 
 
 def test_sharded_training_on_8_devices_matches_one_device(tiny_config,

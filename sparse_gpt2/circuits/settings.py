@@ -123,7 +123,8 @@ def define_flags():
   flags.DEFINE_integer(
       'num_cpu_devices', 2, 'CPU devices the host is split into, each '
       'running a share of every pruning batch (jax_num_cpu_devices; no '
-      'effect on an accelerator).', lower_bound=1)
+      'effect on an accelerator).', lower_bound=1,
+      upper_bound=cli.MAX_CPU_DEVICES)
 
 
 def start_jax():
