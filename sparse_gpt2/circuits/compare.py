@@ -210,7 +210,7 @@ def to_markdown(summary):
       '',
       f"Each circuit is the smallest learned mask, of those every "
       f"{prune.SNAPSHOT_EVERY} steps in the second half of {s['steps']} "
-      "pruning steps (a multiplier holds their train loss at "
+      "pruning steps and at the last (a multiplier holds their train loss at "
       f"{_num(summary['target_loss'], 'g')}), that reaches that loss on "
       "the selection split (calibrated; where none does, the smaller of the "
       "first half's smallest that does and the last one extended by the "
