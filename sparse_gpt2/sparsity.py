@@ -129,17 +129,45 @@ def _guarantee_top_per_neuron(bits, js, row_axes):
   lists and merge them the same way. j passes of a masked column max (no
   sort and no lax.top_k: 30x slower on CPU) read the bits j times, and
   XLA:CPU wrote each pass's select out before its max: 2.6x the time of
-  the tournament. Entries at or above a column's j-th largest (its ties
-  too) are raised; zeros never are.
+  the tournament. A column's entries above its j-th largest are raised,
+  and of those equal to it the first in row order (`_first_column_ties`):
+  j a column, so the top-k, with k >= j * neurons, keeps every one. Raising
+  all the ties raised a column's 8 equal weights where j was 2, and the
+  exact top-k kept 4 of them and left two other columns 1. Zeros never are.
   """
   cols = [b.reshape(b.shape[0], -1, b.shape[-1]) for b in bits]  # [n, in, out]
   # [J, n, 1, out] each; gathered over its row axes, [R, J, n, 1, out].
   tops = _all_gather_each([_column_tops(c, j) for c, j in zip(cols, js)],
                           row_axes)
-  nth = [_merge_rows(t[:, :, :, 0].transpose(1, 2, 0, 3))[j - 1] if a
-         else t[j - 1] for t, j, a in zip(tops, js, row_axes)]  # [n, 1, out]
-  return [jnp.where((c >= t) & (c > 0), _GUARANTEED, c).reshape(b.shape)
-          for b, c, t in zip(bits, cols, nth)]
+  tops = [_merge_rows(t[:, :, :, 0].transpose(1, 2, 0, 3))[:j] if a
+          else t[:j] for t, j, a in zip(tops, js, row_axes)]  # [j, n, 1, out]
+  nth = [t[-1] for t in tops]                                 # [n, 1, out]
+  need = [jnp.sum(t == n, axis=0, dtype=jnp.int32)  # Its ties in the top j.
+          for t, n in zip(tops, nth)]
+  # Each block's count of each column's ties, and the blocks' before it.
+  counts = [jnp.sum((c == t) & (c > 0), axis=1, keepdims=True,
+                    dtype=jnp.int32) for c, t in zip(cols, nth)]
+  before = [jnp.sum(g, axis=0, where=jnp.arange(len(g)).reshape(
+      (-1, 1, 1, 1)) < _axis_index(a)) if a else jnp.zeros_like(g)
+            for g, a in zip(_all_gather_each(counts, row_axes), row_axes)]
+  raised = jax.lax.cond(
+      functools.reduce(jnp.logical_and, [jnp.all(b + n <= m) for b, n, m in
+                                         zip(before, counts, need)]),
+      lambda: [jnp.where((c >= t) & (c > 0), _GUARANTEED, c)
+               for c, t in zip(cols, nth)],
+      lambda: [jnp.where((c > t) & (c > 0) | _first_column_ties(c, t, m - b),
+                         _GUARANTEED, c)
+               for c, t, m, b in zip(cols, nth, need, before)])
+  return [r.reshape(b.shape) for b, r in zip(bits, raised)]
+
+
+def _first_column_ties(cols, nth, count):
+  """The first count[..., o] entries of each column o of cols [n, rows, out]
+  equal to nth[..., o] (zeros never), in row order. Rarely run: only exact
+  duplicates at a column's j-th largest need it, and a prefix sum down the
+  rows is slow on CPU."""
+  ties = (cols == nth) & (cols > 0)
+  return ties & (jnp.cumsum(ties, axis=1, dtype=jnp.int32) <= count)
 
 
 def _column_tops(cols, j):

@@ -75,6 +75,10 @@ def test_sharded_topk_gives_the_masks_of_one_device():
   _in_subprocess('check_topk')
 
 
+def test_sharded_topk_breaks_column_ties_as_one_device():
+  _in_subprocess('check_sharded_ties')
+
+
 def test_sharded_training_matches_one_device_in_topk_and_static_modes():
   _in_subprocess('check_training')
 
@@ -319,6 +323,36 @@ def _steps(mode, mesh_shape, steps=2):
       state, metrics = step(state, jax.device_put(tokens[i], batch_sharding))
       losses.append(float(metrics['loss']))
   return losses, jax.tree.map(np.asarray, state), hlo
+
+
+def check_sharded_ties():
+  """On data 2 x fsdp 2 x model 2: tensors whose columns tie at their j-th
+  largest (test_sparsity.tied_case), split on rows (over one axis or two),
+  on columns, on both, or not at all, and shared by their replicas, get
+  the masks of one device, where the devices that split a column's rows
+  raise its ties in row order across them."""
+  import test_sparsity  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config().mesh
+  config.data, config.fsdp, config.model = 2, 2, 2
+  mesh = sharding.make_mesh(config, jax.devices())
+  specs = {'a': P('fsdp', 'model'), 'a2': P('fsdp', 'model'),
+           'rows': P(('data', 'fsdp'), None), 'cols': P(None, 'model'),
+           'one': P(), 'bias': P('model')}
+  shapes = {'a': (24, 6), 'a2': (24, 6), 'rows': (32, 5), 'cols': (12, 8),
+            'one': (10, 3), 'bias': (16,)}
+  js = {'a': 4, 'a2': 4, 'rows': 3, 'cols': 2, 'one': 3, 'bias': 0}
+  shardings = {p: NamedSharding(mesh, s) for p, s in specs.items()}
+  one = jax.jit(lambda s, k: sparsity.topk_masks(s, k, js))
+  split = jax.jit(lambda s, k: sparsity.topk_masks(s, k, js, shardings),
+                  out_shardings=shardings)
+  for seed in range(6):
+    scores, ks = test_sparsity.tied_case(seed, shapes, js)
+    scores['a'][:, 1] = 0.5  # Ties in every row block.
+    got = split({p: jax.device_put(v, shardings[p])
+                 for p, v in scores.items()}, ks)
+    test_sparsity.check_guarantee(got, scores, ks, js)
+    for p, want in one(scores, ks).items():
+      np.testing.assert_array_equal(got[p], want, err_msg=f'{p} {seed}')
 
 
 def check_training():
