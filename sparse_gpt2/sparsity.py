@@ -102,9 +102,11 @@ def density_at(step, config, total_steps):
 
 
 def num_kept(size, density):
-  """k = round(density * size), at least 1, in float32 (halves to even);
-  works on traced densities."""
-  return jnp.maximum(1, jnp.round(density * size)).astype(jnp.int32)
+  """k = round(density * size), at least 1, in float32 (halves to even),
+  at most size (float32 rounds an odd size above 2^24 up to the next even
+  number); works on traced densities."""
+  k = jnp.maximum(1, jnp.round(density * size)).astype(jnp.int32)
+  return jnp.minimum(k, size)  # In int32: size in float32 rounds too.
 
 
 def guaranteed_per_neuron(shape, k, min_per_neuron):

@@ -230,6 +230,15 @@ def test_min_per_neuron_holds_on_ties_zeros_and_huge_values():
     check_guarantee(select(scores, ks), scores, ks, js)
 
 
+def test_num_kept_is_at_least_one_and_at_most_the_size():
+  """Dense is every entry: in float32 an odd size above 2^24 rounded to
+  the next even number, one more than the tensor holds."""
+  size = 2**24 + 3
+  assert int(sparsity.num_kept(size, 1.0)) == size
+  assert int(sparsity.num_kept(size, 0.5)) == 8388610  # float32's round.
+  assert int(sparsity.num_kept(100, 1e-9)) == 1
+
+
 def test_density_schedule_anneals_linearly_then_holds():
   config = tiny.get_config('topk').sparsity
   config.density, config.anneal_fraction = 0.1, 0.5
