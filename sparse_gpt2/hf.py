@@ -92,9 +92,11 @@ def _hf_shape(shapes, transposed):
 
 def _param_shapes(gpt2):
   """{path: shape} of the 'params' `gpt2.init` would create, without
-  creating them."""
-  variables = jax.eval_shape(gpt2.init, jax.random.key(0),
-                             jnp.zeros((1, 1), jnp.int32))
+  creating them. Traced with XLA's attention, which makes the same params:
+  cuDNN's does not trace off a GPU, and a GPU run that used it is exported
+  anywhere."""
+  variables = jax.eval_shape(gpt2.clone(attention='xla').init,
+                             jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
   flat = sparsity.flat(variables['params'])
   return {path: tuple(x.shape) for path, x in flat.items()}
 

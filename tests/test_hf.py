@@ -256,6 +256,19 @@ def test_save_accepts_boxed_params(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, nn.unbox(boxed))
 
 
+def test_save_exports_a_bfloat16_cudnn_run(tmp_path):
+  """A GPU run's model: bfloat16 weights and cuDNN's attention (no sinks).
+  The export holds the weights as float32, exactly (bfloat16 widens
+  without rounding). `save` traced cuDNN's kernel for the params' shapes,
+  which stopped every export off a GPU ('cuDNN is not detected')."""
+  params, model_kwargs = _tiny(dtype='bfloat16', param_dtype='bfloat16')
+  hf.save(params, {**model_kwargs, 'attention': 'cudnn'}, tmp_path / 'out')
+  _, loaded = hf.load(tmp_path / 'out')
+  assert {x.dtype for x in jax.tree.leaves(loaded)} == {np.dtype(np.float32)}
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+      a, np.asarray(b, np.float32)), loaded, nn.unbox(params))
+
+
 @pytest.mark.parametrize('overrides, message', [
     (dict(norm='rmsnorm'), "norm='rmsnorm'"),
     (dict(attention_sink=True), 'attention sinks'),

@@ -1830,3 +1830,47 @@ def test_convert_says_a_config_that_does_not_load_as_the_config_flag(
   assert str(raised.value) == (
       "--config: [Errno 2] No such file or directory: "
       "'/gone/configs/dense_gpt2_124m.py'")
+
+
+def test_a_run_trained_with_cudnn_attention_loads_off_gpu(tiny_config,
+                                                          tmp_path):
+  """A GPU run with model.attention='cudnn' (bfloat16, no sinks) is read
+  on a CPU for circuits and export: its model computes XLA's attention,
+  the same function, where cuDNN's stopped every forward with 'cuDNN is not
+  detected'. Training so on a CPU stays refused."""
+  config = tiny_config('topk', train_steps=0, **{
+      'model.dtype': 'bfloat16', 'model.attention_sink': False})
+  run = tmp_path / 'run'
+  train.train_and_evaluate(config, str(run))
+  saved = json.loads((run / 'config.json').read_text())
+  saved['model']['attention'] = 'cudnn'  # As the GPU run saved it.
+  (run / 'config.json').write_text(json.dumps(saved))
+  loaded, model, state = train.load_run(str(run))
+  assert loaded.model.attention == 'cudnn' and model.attention == 'xla'
+  tokens = np.arange(2 * config.seq_len).reshape(2, -1) % 50
+  logits = model.apply({'params': state.params}, tokens)
+  np.testing.assert_array_equal(logits, train.make_model(config).apply(
+      {'params': state.params}, tokens))
+  with pytest.raises(ValueError, match="'cudnn' needs a GPU"):
+    train.validate(loaded)
+
+
+def test_microbatch_gradients_are_summed_in_float32(tiny_config):
+  """A bfloat16 model's gradients are summed over microbatches in float32
+  and returned in bfloat16: the mean of 8 equal slices' gradients is
+  exactly one slice's (summed in bfloat16, 8% of the entries differed)."""
+  config = tiny_config('none', **{'model.dtype': 'bfloat16',
+                                  'model.param_dtype': 'bfloat16'})
+  model = train.make_model(config)
+  params = train.init_state(config, model, optim.make(config, 1),
+                            jax.random.key(0), None).params
+  row = np.random.default_rng(0).integers(
+      0, config.data.vocab_size, (1, config.seq_len + 1))
+  rng = jax.random.key(0)
+  _, one = jax.jit(lambda p, t: train._loss_and_grads(model, p, t, rng, 1))(
+      params, row)
+  _, mean = jax.jit(lambda p, t: train._loss_and_grads(model, p, t, rng, 8))(
+      params, np.tile(row, (8, 1)))
+  assert jax.tree.map(lambda g: g.dtype, mean) == jax.tree.map(
+      lambda p: p.dtype, params)
+  jax.tree.map(np.testing.assert_array_equal, mean, one)
