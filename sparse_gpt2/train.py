@@ -71,6 +71,17 @@ def validate(config):
   model_lib.validate(config.model)
   sparsity.validate(config.sparsity)
   optim.validate(config.optim)
+  # Adam's moments are kept in param_dtype (optax's default): a decay
+  # within half an ulp of 1 there rounds every step's decay away, and in
+  # bfloat16 b2 0.999 left the second moment where it was.
+  ulp = float(jnp.finfo(config.model.param_dtype).eps)
+  for field in ('b1', 'b2'):
+    if not 1 - config.optim[field] >= ulp / 2:
+      raise ValueError(
+          f'optim.{field} {config.optim[field]} is within half an ulp of 1 '
+          f'in model.param_dtype {config.model.param_dtype}, which holds '
+          "Adam's moments: they would never decay; use param_dtype float32 "
+          f'or {field} <= {1 - ulp / 2:.4f}')
   if not 0 <= config.seed < 2**31:  # jax and numpy take it, and seed + 1.
     raise ValueError(f'seed must be in [0, 2**31), got {config.seed}')
   for field in ('train_steps', 'schedule_steps'):  # The step is an int32.

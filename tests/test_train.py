@@ -661,6 +661,11 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
     ({'optim.eps': 0.0}, 'optim.eps must be > 0 and finite, got 0.0'),
     ({'optim.weight_decay': float('inf')},
      'optim.weight_decay must be >= 0 and finite, got inf'),
+    # Adam's second moment never decayed in bfloat16, where 0.999 is 1.
+    ({'model.param_dtype': 'bfloat16', 'optim.b2': 0.999},
+     r'optim.b2 0.999 is within half an ulp of 1 in model.param_dtype '
+     r"bfloat16, which holds Adam's moments: they would never decay; use "
+     r'param_dtype float32 or b2 <= 0.9961$'),
     ({'seed': -1}, r'seed must be in \[0, 2\*\*31\), got -1'),
     ({'data.val_fraction': float('nan')},
      r'data.val_fraction must be in \(0, 1\), got nan'),
