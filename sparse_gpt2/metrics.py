@@ -170,7 +170,11 @@ class Writer:
     if not self._active:
       return
     metrics = {k: _plain(v) for k, v in metrics.items()}
-    self._lines.append(json.dumps({'step': int(step), **metrics}))
+    record = {'step': int(step), **metrics}
+    if self._lines and json.loads(self._lines[-1])['step'] == step:
+      # The step logged before it was evaluated (`train._evaluated`).
+      record = {**json.loads(self._lines.pop()), **record}
+    self._lines.append(json.dumps(record))
     workdir_lib.write_atomic(self._file, '\n'.join(self._lines) + '\n')
     for key, value in metrics.items():
       if isinstance(value, dict):

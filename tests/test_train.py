@@ -594,16 +594,32 @@ def test_a_plain_log_is_written_while_the_next_step_runs(
 
 def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
                                               monkeypatch):
+  """Step 7 (no evaluation) saved; a rerun that ends the run there (its
+  train_steps lowered to 7) evaluates it once, into step 7's record, as a
+  last step needs for `compare` (it said 'nothing to train' and left step
+  7 without a validation loss), and says nothing to train after that. A
+  notice at the last step ends the run as usual (it asked for a rerun)."""
   manager = checkpoint.manager
-  def preempted_at_7(*args):
+  preempted_at = 7
+  def preempted(*args):
     mngr = manager(*args)
-    mngr.reached_preemption = lambda step: step == 7
+    mngr.reached_preemption = lambda step: step == preempted_at
     return mngr
-  monkeypatch.setattr(checkpoint, 'manager', preempted_at_7)
+  monkeypatch.setattr(checkpoint, 'manager', preempted)
   workdir = str(tmp_path / 'run')
   with pytest.raises(train.Preempted, match='preempted at step 7'):
     train.train_and_evaluate(tiny_config(train_steps=20), workdir)
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['7']
+  assert 'val_loss' not in workdir_lib.read_metrics(workdir)[-1]
+  for _ in range(2):
+    train.train_and_evaluate(tiny_config(train_steps=7), workdir)
+    records = workdir_lib.read_metrics(workdir)
+    assert [r['step'] for r in records] == [5, 7]
+    assert {'loss', 'val_loss'} <= set(records[-1])
+  preempted_at = 9
+  train.train_and_evaluate(tiny_config(train_steps=9, schedule_steps=20),
+                           workdir)
+  assert 'val_loss' in workdir_lib.read_metrics(workdir)[-1]
 
 
 @pytest.mark.parametrize('overrides,message', [
