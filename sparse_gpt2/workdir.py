@@ -33,16 +33,19 @@ CHECKPOINTS = 'checkpoints'
 CORRUPT = 'corrupt_checkpoints'
 LOCK = '.lock'  # Held by the start that runs in the directory (`_lock`).
 
-# Fields that may differ between a workdir's saved config and a resumed run:
-# where it stops, bookkeeping, and how a step is laid out on devices (so a
-# preempted run can resume on another slice), nothing that changes what a
-# step computes beyond float rounding (and, with model.dropout above 0, which
-# dropout masks `microbatches` slices draw). `schedule_steps` is not among
-# them: it fixes the lr and annealing of every step, so `train_steps` can
-# move without changing steps already planned.
+# Fields (or dotted subfields) that may differ between a workdir's saved
+# config and a resumed run: where it stops, bookkeeping, and how a step is
+# laid out on devices (so a preempted run can resume on another slice, or
+# another kind of chip: cuDNN's attention is a GPU's alone, and what a
+# step rematerializes fits it to a chip's memory), nothing that changes
+# what a step computes beyond float rounding (and, with model.dropout above
+# 0, which dropout masks `microbatches` slices draw). `schedule_steps` is
+# not among them: it fixes the lr and annealing of every step, so
+# `train_steps` can move without changing steps already planned.
 RESUMABLE_FIELDS = ('train_steps', 'log_every', 'eval_every', 'eval_batches',
                     'checkpoint_every', 'keep_checkpoints', 'keep_every',
-                    'peak_flops', 'mesh', 'microbatches', 'num_cpu_devices')
+                    'peak_flops', 'mesh', 'microbatches', 'num_cpu_devices',
+                    'model.attention', 'model.remat')
 
 
 def path(workdir):
@@ -201,7 +204,8 @@ def check(config, workdir):
   if saved is not None:
     new, old = _dotted(json.loads(config.to_json())), _dotted(saved.to_dict())
     diff = sorted(k for k in set(old) | set(new)
-                  if k.split('.')[0] not in RESUMABLE_FIELDS
+                  if not any(k == f or k.startswith(f + '.')
+                             for f in RESUMABLE_FIELDS)
                   and old.get(k, _ABSENT) != new.get(k, _ABSENT))
     if diff:
       shown = '; '.join(f'{k} {old.get(k, _ABSENT)!r} there, '

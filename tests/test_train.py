@@ -914,6 +914,16 @@ def test_a_different_config_never_touches_an_existing_run(reference_run):
     with pytest.raises(ValueError, match=r'different config \(' + re.escape(
         shown) + r'\)'):
       workdir_lib.check(changed, workdir)
+  # How a step is laid out may change (a GPU run's cuDNN attention resumed
+  # on a TPU was refused), what it computes may not.
+  changed = type(config)(json.loads(config.to_json()))
+  changed.model.attention, changed.model.remat = 'xla', 'full'
+  changed.mesh.data = 1
+  assert workdir_lib.check(changed, workdir).model.remat == 'full'
+  changed.model.attention_sink = False
+  with pytest.raises(ValueError, match=r'different config \(model\.'
+                     r'attention_sink True there, False here\)'):
+    workdir_lib.check(changed, workdir)
   assert _listing(workdir) == before
 
 
