@@ -19,11 +19,13 @@ import tempfile
 import time
 import urllib.request
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 import websocket
 
+from sparse_gpt2 import model as model_lib
 from sparse_gpt2.circuits import compare
 from sparse_gpt2.circuits import edges as edges_lib
 from sparse_gpt2.circuits import runs
@@ -867,3 +869,18 @@ def test_calibrated_probability_is_the_calibrated_loss():
   p = view.calibrated_probability(logits, correct, incorrect, float(scale),
                                   float(shift))
   np.testing.assert_allclose(np.mean(-np.log(p)), float(loss), rtol=1e-4)
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_node_activations_of_a_remat_model(remat):
+  """A run trained with remat: its nodes are read as without it (the
+  explorer stopped with an UnexpectedTracerError)."""
+  shape = dict(vocab_size=50, num_layers=2, d_model=16, num_heads=2,
+               max_len=12)
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 50)
+  plain = model_lib.GPT2(**shape)
+  params = nn.unbox(plain.init(jax.random.key(0), tokens)['params'])
+  want = view._node_activations(plain)(params, tokens)
+  got = view._node_activations(model_lib.GPT2(**shape, remat=remat))(
+      params, tokens)
+  jax.tree.map(np.testing.assert_array_equal, got, want)

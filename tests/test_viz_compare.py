@@ -67,6 +67,8 @@ def make_circuit(task='t', edges_per_kind=2, solved=True, num_layers=3,
       'losses': {'full_model': 0.05 if solved else 0.6,
                  'circuit_only': circuit_loss if solved else None,
                  'circuit_ablated': 0.69 if solved else None},
+      'select_loss': {'full_model': 0.06 if solved else 0.65,
+                      'circuit_only': 0.14 if solved else None},
       'accuracy': {'full_model': 0.99, 'circuit_only': 0.97,
                    'circuit_ablated': 0.5},
       'logit_scale': 1.0, 'logit_shift': 0.0, 'num_layers': num_layers,
@@ -75,6 +77,20 @@ def make_circuit(task='t', edges_per_kind=2, solved=True, num_layers=3,
       'steps_run': SETTINGS.steps if solved else None,
       'settled': True if solved else None, 'convergence': [],
   }
+
+
+def test_an_unsolved_circuit_is_drawn_with_the_loss_that_decided_it(
+    tmp_path):
+  """`prune` decides on the select split; the test loss (the title's) can
+  be below the target, and the figure said that loss was above it."""
+  circuit = make_circuit(solved=False, num_layers=1)
+  circuit['losses']['full_model'], circuit['target_loss'] = 0.45, 0.5
+  circuit['select_loss']['full_model'] = 0.55
+  viz.draw_circuit(circuit, str(tmp_path / 'circuit'))
+  svg = (tmp_path / 'circuit.svg').read_text()
+  assert '<!-- 0.550 (select split), above the target 0.5 -->' in svg
+  assert '0.450, above' not in svg
+  assert 'test task loss: full 0.450' in svg  # The title's, as before.
 
 
 def _edge_count(num_edges, task='t', run='runs/sparse'):

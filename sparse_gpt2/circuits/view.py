@@ -114,8 +114,11 @@ def _node_activations(model):
 
   The model sows only batch means ('node_stats'); the per-token values are
   the return values of `Block._node`, caught with `nn.intercept_methods`,
-  so the model needs no extra output for this.
+  so the model needs no extra output for this. Without remat, which
+  computes the same values: a value caught inside a remat'd block is a
+  tracer of its checkpoint, and leaked out of it (UnexpectedTracerError).
   """
+  model = model.clone(remat='none')
   def forward(params, tokens):
     acts = {}
 

@@ -156,8 +156,11 @@ def _draw_panel(ax, circuit, num_layers, marker_size):
   ax.tick_params(axis='y', length=0)
 
   if not circuit['solved']:
+    # The select split's loss decides (`prune`), not the test loss in the
+    # title, which may be below the target; the CLI and view.html say so.
     ax.text(0.5, 0.5, f"not solved: the full model's task loss is\n"
-            f"{_loss(circuit, 'full_model')}, above the target "
+            f"{circuit['select_loss']['full_model']:.3f} (select split), "
+            "above the target "
             f"{circuit['target_loss']:g}", transform=ax.transAxes,
             ha='center', va='center', fontsize=9,
             bbox={'facecolor': 'white', 'edgecolor': '0.6'})
