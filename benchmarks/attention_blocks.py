@@ -23,10 +23,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sparse_gpt2 import cli  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import model  # pylint: disable=g-import-not-at-top
 
-_BATCH = flags.DEFINE_integer('batch', 32, 'Sequences.')
-_HEADS = flags.DEFINE_integer('heads', 16, 'Heads of 16 dimensions.')
+_BATCH = flags.DEFINE_integer('batch', 32, 'Sequences.', lower_bound=1)
+_HEADS = flags.DEFINE_integer('heads', 16, 'Heads of 16 dimensions.',
+                              lower_bound=1)
 _LENGTHS = flags.DEFINE_list('lengths', '8,16,24,32,48,64,96,128',
                              'Sequence lengths.')
+# Checked while parsing, before the first length is timed: else a bad
+# length ended the table, the lengths before it timed, on an int() or jax
+# error (a negative one on several lines), and --lengths= printed an empty
+# table; --batch=0 timed empty arrays.
+flags.register_validator(
+    'lengths', lambda v: bool(v) and all(s.isdigit() and int(s) for s in v),
+    message='one or more positive integers, comma-separated')
 _BLOCKS = (1, 2, 4)
 _ROUNDS, _CALLS = 7, 20
 

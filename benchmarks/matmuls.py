@@ -112,6 +112,7 @@ def time_in_turns(contenders, rounds):
 
 
 def main():
+  run.refuse_flags_of_run('matmuls.py', ('out', 'baseline'))
   quick = flags.FLAGS.quick
   if not quick:
     cli.keep_freed_memory()

@@ -32,8 +32,15 @@ def machine():
   flag_words = set(info.split())
   isa = next((name for flag, name in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'))
               if flag in flag_words), '')
+  # The cores this process may run on (`taskset`, a container's cpuset),
+  # which its threads use: not only the host's count, which said 2 cores of
+  # a run pinned to one. (No affinity off Linux: the host's.)
+  total = os.cpu_count()
+  usable = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+            else total)
+  cores = f'{usable} cores' if usable == total else f'{usable} of {total} cores'
   return (f"{cpu}{f' ({isa})' if isa else ''}, {platform.machine()}, "
-          f'{os.cpu_count()} cores, {jax.devices()[0].device_kind}')
+          f'{cores}, {jax.devices()[0].device_kind}')
 
 
 def command():
@@ -44,7 +51,18 @@ def command():
 
 
 def commit():
-  """The checkout measured, marked when it differs from its commit."""
+  """The checkout measured, marked when it differs from its commit;
+  'unknown' where git does not track ROOT's files: a copy without .git read
+  'unknown (modified)', one inside another repository's folder (a home
+  directory kept in git) that repository's commit, and no git a traceback."""
+  try:
+    tracked = subprocess.run(
+        ['git', '-C', ROOT, 'ls-files', '--error-unmatch', '--', '.'],
+        capture_output=True).returncode == 0
+  except FileNotFoundError:  # No git on this machine.
+    tracked = False
+  if not tracked:
+    return 'unknown'
   head = subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short', 'HEAD'],
                         capture_output=True, text=True).stdout.strip()
   changed = subprocess.run(['git', '-C', ROOT, 'diff', '--quiet', 'HEAD'],

@@ -80,6 +80,17 @@ _BASELINE = flags.DEFINE_string(
 MODES = ('none', 'static', 'topk')
 
 
+def refuse_flags_of_run(script, names):
+  """For a benchmark that imports this module, and so parses its flags: one
+  of them (`names`) that `script` does not read is refused in one line, not
+  ignored (`step_profile.py --quick` profiled the full step, `matmuls.py
+  --out` wrote no file)."""
+  given = [name for name in names if flags.FLAGS[name].present]
+  if given:
+    raise ValueError(f"--{given[0]} is run.py's flag; {script} does not "
+                     'read it')
+
+
 def _settings():
   """(rounds, steps per round, the peers' shape, widths of `sizes`)."""
   if _QUICK.value:  # One head: `sizes` then reuses the other sections' steps.

@@ -217,6 +217,7 @@ def profile_jax(config, steps):
 
 
 def main():
+  run.refuse_flags_of_run('step_profile.py', ('quick', 'out', 'baseline'))
   cli.keep_freed_memory()
   jax.config.update('jax_num_cpu_devices', flags.FLAGS.num_cpu_devices)
   # The compile cache's key leaves out the ops' name stacks: a program it

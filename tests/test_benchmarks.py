@@ -45,6 +45,12 @@ DAMAGES = ("['delete', 'empty', 'flip_byte', 'garbage', 'half', "
      '--configs: configs/sparse_gpt2_paper.py not at commit c25ae90'),
     # Not the whole suite run for a flag without its dashes.
     ('run.py', ['quick'], 2, "unexpected arguments: ['quick']"),
+    # run.py's flags, which the scripts that import it parse too: not the
+    # full step profiled, nor a table left unwritten, in silence.
+    ('step_profile.py', ['--step=torch', '--steps=1', '--quick'], 1,
+     "--quick is run.py's flag; step_profile.py does not read it"),
+    ('matmuls.py', ['--quick', '--out=README.md'], 1,
+     "--out is run.py's flag; matmuls.py does not read it"),
 ])
 def test_bad_input_is_one_line_before_any_measure(script, args, code,
                                                   message):
@@ -798,6 +804,29 @@ def test_provenance_marks_only_a_modified_checkout(tmp_path, monkeypatch):
   assert provenance.commit() == f'{head} (modified)'
 
 
+@pytest.mark.parametrize('where', ['a copy without .git',
+                                   "inside another repository's folder",
+                                   'a machine without git'])
+def test_provenance_commit_is_unknown_where_git_does_not_track_it(
+    where, tmp_path, monkeypatch):
+  # Not 'unknown (modified)', nor the commit of a repository that does not
+  # hold the code (a home directory kept in git), nor a traceback.
+  import provenance  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / 'copy'
+  copy.mkdir()
+  (copy / 'f').write_text('a')
+  if where == "inside another repository's folder":
+    subprocess.run(['git', '-C', str(tmp_path), '-c', 'user.name=t', '-c',
+                    'user.email=t@t', 'init', '-q'], check=True)
+    subprocess.run(['git', '-C', str(tmp_path), '-c', 'user.name=t', '-c',
+                    'user.email=t@t', 'commit', '-q', '--allow-empty', '-m',
+                    'c'], check=True)
+  elif where == 'a machine without git':
+    monkeypatch.setenv('PATH', str(tmp_path / 'no_programs'))
+  monkeypatch.setattr(provenance, 'ROOT', str(copy))
+  assert provenance.commit() == 'unknown'
+
+
 @pytest.mark.parametrize('flags, isa', [
     ('fpu avx2 avx512f sse', ' (AVX-512)'),
     ('fpu avx2 sse', ' (AVX2)'),
@@ -814,6 +843,21 @@ def test_provenance_machine_names_the_widest_vectors(flags, isa, monkeypatch):
   monkeypatch.setattr(provenance, 'jax', types.SimpleNamespace(
       devices=lambda: [types.SimpleNamespace(device_kind='cpu')]))
   assert provenance.machine().startswith(f'Fake CPU{isa}, ')
+
+
+def test_provenance_machine_counts_the_cores_the_run_may_use(monkeypatch):
+  # A run pinned to one core of two (`taskset -c 0`, a container's cpuset)
+  # read '2 cores': its numbers put beside those of runs on two.
+  import types  # pylint: disable=g-import-not-at-top
+  import provenance  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(provenance.os, 'cpu_count', lambda: 2)
+  monkeypatch.setattr(provenance, 'jax', types.SimpleNamespace(
+      devices=lambda: [types.SimpleNamespace(device_kind='cpu')]))
+  monkeypatch.setattr(provenance.os, 'sched_getaffinity', lambda pid: {0},
+                      raising=False)
+  assert ', 1 of 2 cores, ' in provenance.machine()
+  monkeypatch.setattr(provenance.os, 'sched_getaffinity', lambda pid: {0, 1})
+  assert ', 2 cores, ' in provenance.machine()
 
 
 def test_matmuls_table_ratios_are_pytorch_over_this_project():
@@ -928,3 +972,24 @@ def test_attention_blocks_times_each_split_and_names_the_chosen_one():
     assert all(float(ms) > 0 for ms in row[1:4]), row
     assert int(row[4]) == len(model._query_blocks(int(row[0])))  # pylint: disable=protected-access
   assert [row[4] for row in rows[1:]] == ['1', '4']
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--lengths=8,-3'], "flag --lengths=['8', '-3']: one or more positive "
+     'integers, comma-separated'),
+    (['--lengths=abc'], "flag --lengths=['abc']: one or more positive "
+     'integers, comma-separated'),
+    (['--lengths='], 'flag --lengths=[]: one or more positive integers, '
+     'comma-separated'),
+    (['--batch=0'], 'flag --batch=0: 0 is not a positive integer'),
+    (['--heads=-1'], 'flag --heads=-1: -1 is not a positive integer'),
+])
+def test_attention_blocks_refuses_bad_sizes_before_any_row(args, message):
+  # Else a table of the lengths before the bad one, then a jax error of
+  # several lines (or, --lengths= and --batch=0, a table of nothing).
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/attention_blocks.py', '--batch=2',
+       '--heads=2', *args], cwd=ROOT, capture_output=True, text=True,
+      timeout=120)
+  assert (result.returncode, result.stdout) == (2, ''), result.stdout
+  assert result.stderr.strip() == f'error: {message}', result.stderr
