@@ -81,7 +81,7 @@ def validate(config):
           f'optim.{field} {config.optim[field]} is within half an ulp of 1 '
           f'in model.param_dtype {config.model.param_dtype}, which holds '
           "Adam's moments: they would never decay; use param_dtype float32 "
-          f'or {field} <= {1 - ulp / 2:.4f}')
+          f'or {field} <= {math.floor((1 - ulp / 2) * 1e4) / 1e4}')
   if not 0 <= config.seed < 2**31:  # jax and numpy take it, and seed + 1.
     raise ValueError(f'seed must be in [0, 2**31), got {config.seed}')
   for field in ('train_steps', 'schedule_steps'):  # The step is an int32.

@@ -201,6 +201,10 @@ def test_load_sharded(tied, tmp_path):
   with pytest.raises(ValueError, match=r'index.json: no "weight_map" of '
                                        'tensor names to shard files$'):
     hf.load(sharded)
+  index_file.write_bytes(b'{"metadata": "caf\xe9"}')
+  with pytest.raises(ValueError, match=r'index.json is not UTF-8 text '
+                                       r'\(byte 17 is 0xe9\)$'):
+    hf.load(sharded)
 
 
 def test_load_names_what_it_cannot_read(tied, tmp_path):

@@ -622,6 +622,20 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
   assert 'val_loss' in workdir_lib.read_metrics(workdir)[-1]
 
 
+def test_a_run_of_no_steps_compiles_and_evaluates_nothing(tiny_config,
+                                                          tmp_path,
+                                                          monkeypatch):
+  """train_steps 0 saves the initialized model, whose step 0 needs no
+  validation loss (`train._evaluated`): no step is compiled, none is
+  evaluated, and the rerun has nothing to train."""
+  monkeypatch.setattr(train, 'programs', None)  # Called, it fails.
+  run = str(tmp_path / 'run')
+  for _ in range(2):
+    train.train_and_evaluate(tiny_config(train_steps=0), run)
+    assert os.listdir(os.path.join(run, 'checkpoints')) == ['0']
+    assert workdir_lib.read_metrics(run) == []
+
+
 @pytest.mark.parametrize('overrides,message', [
     ({'sparsity.density': 0.0}, 'sparsity.density must be in'),
     ({'sparsity.density': 1.5}, 'sparsity.density must be in'),
@@ -681,7 +695,7 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
     ({'model.param_dtype': 'bfloat16', 'optim.b2': 0.999},
      r'optim.b2 0.999 is within half an ulp of 1 in model.param_dtype '
      r"bfloat16, which holds Adam's moments: they would never decay; use "
-     r'param_dtype float32 or b2 <= 0.9961$'),
+     r'param_dtype float32 or b2 <= 0.996$'),
     ({'seed': -1}, r'seed must be in \[0, 2\*\*31\), got -1'),
     ({'data.val_fraction': float('nan')},
      r'data.val_fraction must be in \(0, 1\), got nan'),
@@ -717,6 +731,25 @@ def test_refused_starts_leave_no_files(tiny_config, tmp_path, overrides,
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(tiny_config(**overrides), str(workdir))
   assert not workdir.exists()
+
+
+def test_an_adam_beta_is_refused_where_its_decay_rounds_away(tiny_config):
+  """In bfloat16, whose ulp above 1 is 2**-7: a beta half an ulp below 1
+  decays the moments and is taken; one nearer 1 (0.997, whose decay rounds
+  away from every moment just above a power of two) is refused."""
+  train.validate(tiny_config(**{'model.param_dtype': 'bfloat16',
+                                'optim.b1': 1 - 2**-8, 'optim.b2': 1 - 2**-8}))
+  for field in ('b1', 'b2'):
+    with pytest.raises(ValueError, match=rf'^optim.{field} 0.997 is within '
+                       'half an ulp of 1 in model.param_dtype bfloat16'
+                       ) as refused:
+      train.validate(tiny_config(**{'model.param_dtype': 'bfloat16',
+                                    f'optim.{field}': 0.997}))
+    # The value it advises is taken (printed to 4 places, rounded up, it
+    # was refused again).
+    advised = float(str(refused.value).rsplit('<= ', 1)[1])
+    train.validate(tiny_config(**{'model.param_dtype': 'bfloat16',
+                                  f'optim.{field}': advised}))
 
 
 def test_a_resume_may_not_drop_checkpoints_kept_forever(tiny_config,
@@ -1226,6 +1259,14 @@ def test_command_line_errors_are_one_line_and_non_zero(tiny_config, tmp_path):
   assert not (tmp_path / 'e').exists()
 
 
+def test_cpu_devices_above_the_bound_are_refused_before_any_is_made():
+  """One more than the bound `plan`'s cpu:N shares is refused, before jax
+  is told of it (a run's 20,000 ran past 90 s first)."""
+  with pytest.raises(ValueError, match=r'^num_cpu_devices must be at most '
+                     rf'{cli.MAX_CPU_DEVICES}, got {cli.MAX_CPU_DEVICES + 1}$'):
+    cli.start_jax(cli.MAX_CPU_DEVICES + 1)
+
+
 def test_sharded_training_on_8_devices_matches_one_device(tiny_config,
                                                          tmp_path):
   """data 4 x model 2 on CPU devices that `num_cpu_devices` makes (a mesh
@@ -1595,10 +1636,11 @@ def test_mfu_peak_is_the_datasheet_peak_times_the_devices(monkeypatch):
 
 def test_tokens_per_second_time_training_not_evaluation(
     tiny_config, tmp_path, monkeypatch, caplog):
-  """An evaluation that takes a second leaves the next interval's rate
-  alone: five steps take half a second (each batch 0.1 s late). A rate is
-  the interval's own steps over its time, never faster than the batches
-  come; the ETA is the steps left at that rate."""
+  """An evaluation that takes a second, or a first call of the stats
+  function that takes two, leaves the next interval's rate alone: five
+  steps take half a second (each batch 0.1 s late). A rate is the
+  interval's own steps over its time, never faster than the batches come;
+  the ETA is the steps left at that rate."""
   evaluate, global_batch = train.evaluate, train.global_batch
 
   def slow_evaluate(*args):
@@ -1609,10 +1651,19 @@ def test_tokens_per_second_time_training_not_evaluation(
     time.sleep(0.1)
     return global_batch(*args)
 
+  stats, first_stats = sparsity.stats, []
+
+  def slow_first_stats(*args):  # As a first call's compile, or more.
+    if not first_stats:
+      first_stats.append(True)
+      time.sleep(2.0)
+    return stats(*args)
+
   monkeypatch.setattr(train, 'evaluate', slow_evaluate)
   monkeypatch.setattr(train, 'global_batch', slow_batch)
+  monkeypatch.setattr(sparsity, 'stats', slow_first_stats)
   config = tiny_config('none', train_steps=15)
-  with caplog.at_level('INFO'):
+  with caplog.at_level('INFO', logger='absl'):  # Whatever absl's flags set.
     train.train_and_evaluate(config, str(tmp_path))
   logged = {m['step']: m for m in _metrics(str(tmp_path))}
   tokens = config.batch_size * config.seq_len
@@ -1624,6 +1675,9 @@ def test_tokens_per_second_time_training_not_evaluation(
   # written while the next step runs): 0.75-1.17 of tokens / 0.1 here, 2-3x
   # counted from the run's first step.
   assert all(m['tokens_per_s'] <= 1.6 * tokens / 0.1 for m in logged.values())
+  # The first log's too: the first calls of the stats and lr functions are
+  # made before its clock starts (counted, 5 steps took 2.5 s).
+  assert logged[5]['tokens_per_s'] > 0.5 * tokens / 0.1
   lines = [r.getMessage() for r in caplog.records
            if r.getMessage().startswith('step ')]
   assert lines[-1].startswith('step 15/15 ') and lines[-1].endswith(

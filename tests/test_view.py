@@ -725,8 +725,9 @@ def test_a_circuit_without_its_model_shape_is_refused(tmp_path):
 
 
 def test_a_file_that_is_not_utf8_is_named(tmp_path):
-  """A damaged or foreign-encoded .json among the circuit files: the error
-  names it (a bare decode error named no file)."""
+  """A damaged or foreign-encoded .json among the circuit files, or a
+  compare summary: the error names it (a bare decode error named no
+  file)."""
   (tmp_path / 'one.json').write_text(json.dumps(_big_circuit(2, 2)))
   (tmp_path / 'two.json').write_bytes(b'{"task": "caf\xe9"}')
   with pytest.raises(ValueError) as refused:
@@ -734,6 +735,12 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path):
                     load_runs=False)
   assert str(refused.value) == (f'{tmp_path / "two.json"} is not UTF-8 text '
                                 '(byte 13 is 0xe9)')
+  (tmp_path / 'comparison.json').write_bytes(b'{"tasks": "caf\xe9"}')
+  with pytest.raises(ValueError) as refused:
+    view.write_page(str(tmp_path / 'page.html'), compare_dir=str(tmp_path),
+                    load_runs=False)
+  assert str(refused.value) == (f'{tmp_path / "comparison.json"} is not UTF-8 '
+                                'text (byte 14 is 0xe9)')
 
 
 def test_other_json_is_refused_in_one_line_before_any_work(tmp_path,

@@ -280,6 +280,10 @@ def test_to_markdown():
   assert 'Geometric mean over the 1 task solved by both' in md
   assert 'c (full-model test loss: dense 0.600)' in md
   assert '`figure.png` shows `a`' in md
+  # The masks a circuit is chosen among: with --steps under 100, the last
+  # is the only one (the text named none then).
+  assert re.search(r'every 100 steps in the second half of [\d,]+ pruning '
+                   r'steps and at the last \(', md), md
 
 
 def test_val_losses(tmp_path):
@@ -439,6 +443,39 @@ def test_corpus_records_compare_only_in_the_fields_both_have(tmp_path):
   with pytest.raises(ValueError, match=r'\(corpus.json: validation_sha256 '
                      r'differ\)'):
     compare._check_same_tokens({k: str(v) for k, v in runs.items()})
+
+
+def test_a_corpus_record_that_is_not_utf8_is_named(tmp_path):
+  """A damaged corpus.json: the refusal names it (a bare decode error
+  named no file)."""
+  runs = {'sparse': tmp_path / 'sparse', 'dense': tmp_path / 'dense'}
+  _fake_run(runs['sparse'], {100: 3.0}, 'topk')
+  _fake_run(runs['dense'], {100: 3.0}, 'none')
+  (runs['dense'] / 'corpus.json').write_bytes(b'{"vocab_sha256": "caf\xe9"}')
+  with pytest.raises(ValueError, match=(
+      f'^{re.escape(str(runs["dense"] / "corpus.json"))} is not UTF-8 text '
+      r'\(byte 21 is 0xe9\)$')):
+    compare._check_same_tokens({k: str(v) for k, v in runs.items()})
+
+
+def test_too_few_pairs_tells_a_task_file_nothing_of_num_prompts(
+    tmp_path, monkeypatch):
+  """compare's check of its tasks, as the circuits CLI's: an edited dump
+  of for_while keeps its name but is used whole, so raising --num_prompts
+  (which only a built-in task reads) is no advice to it."""
+  runs = {'sparse': tmp_path / 'sparse', 'dense': tmp_path / 'dense'}
+  _fake_run(runs['sparse'], {100: 3.0}, 'topk')
+  _fake_run(runs['dense'], {100: 3.0}, 'none')
+  monkeypatch.setattr(runs_lib, 'encode_task', lambda _, task, *a: (
+      runs_lib.task_name(task), [], {}))
+  def too_few(*args):
+    raise ValueError('too few pairs')
+  monkeypatch.setattr(prune, 'split', too_few)
+  for task, hint in (('for_while', True), ('edited/for_while.jsonl', False)):
+    with pytest.raises(ValueError, match='^for_while: too few pairs') as e:
+      compare._check_args({k: str(v) for k, v in runs.items()},
+                          str(tmp_path / 'out'), [task], SETTINGS)
+    assert str(e.value).endswith(' (built in: raise --num_prompts)') == hint
 
 
 def test_annealing_ends_where_the_schedule_says_not_at_train_steps(tmp_path):
