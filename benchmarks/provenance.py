@@ -94,6 +94,8 @@ def prepare_out(out_dir):
   """Makes `out_dir` and writes a file there before anything is measured, so
   that an --out that cannot hold the results is refused in one line now, not
   after the run."""
+  if not out_dir:  # os.makedirs('') is a bare "[Errno 2] ... ''".
+    raise ValueError('--out is empty: give a folder for the results')
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise ValueError(f'--out {out_dir} exists and is not a directory')
   os.makedirs(out_dir, exist_ok=True)

@@ -27,6 +27,8 @@ DAMAGES = ("['delete', 'empty', 'flip_byte', 'garbage', 'half', "
      '--out README.md exists and is not a directory'),
     ('checkpoint_damage.py', ['--out=README.md'], 1,
      '--out README.md exists and is not a directory'),
+    ('run.py', ['--quick', '--out='], 1,
+     '--out is empty: give a folder for the results'),
     ('run.py', ['--quick', '--num_cpu_devices=3'], 1,
      '--num_cpu_devices=3 must divide the batch of 4'),
     # An `error:` line as every refusal, not a bare `sys.exit` message.

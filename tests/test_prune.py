@@ -267,6 +267,22 @@ def test_a_target_the_full_model_reaches_only_calibrated_is_warned(
   assert float(warned[0].split()[5]) > SETTINGS.target_loss
 
 
+def test_an_unsolved_warning_names_a_small_target_as_set(caplog):
+  """A model that cannot tell the answers (its unembedding zeroed) against
+  a target of 2e-5: the warning says so (at four decimals it said 'target
+  0.0000', a loss above a target of zero)."""
+  model = _tiny_model()
+  params = _planted_params(model)
+  params = {**params, 'lm_head': {
+      'kernel': jnp.zeros_like(params['lm_head']['kernel'])}}
+  circuit = prune.prune(model, params, _means(model, params), _task(256, 0),
+                        dataclasses.replace(SETTINGS, target_loss=2e-5))
+  assert not circuit['solved']
+  assert any(r.getMessage().startswith('Full model select loss 0.6931 > '
+                                       'target 2e-05: not pruning.')
+             for r in caplog.records), caplog.text
+
+
 def test_split_is_disjoint_by_pair():
   task = _task(200, 0)
   parts = prune.split(task, SETTINGS)

@@ -770,13 +770,13 @@ def prune(model, params, means, encoded, settings, record_at=()):
       'logit_scale': None, 'logit_shift': None, 'convergence': [],
   }
   if not circuit['solved']:
-    logging.warning('Full model select loss %.4f > target %.4f: not pruning.',
+    logging.warning('Full model select loss %.4f > target %.4g: not pruning.',
                     full['select']['loss'], settings.target_loss)
     circuit['seconds'] = time.perf_counter() - start
     return circuit
   if full['select']['raw_loss'] > settings.target_loss:
     logging.warning(
-        'Full model uncalibrated select loss %.4f > target %.4f, at which '
+        'Full model uncalibrated select loss %.4f > target %.4g, at which '
         'the pruning holds the uncalibrated train loss: the multiplier may '
         'grow all run and the mask keep nodes the calibrated target does '
         'not need (a looser --target_loss, or a better-trained checkpoint).',
