@@ -499,21 +499,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with jax.set_mesh(mesh), nn.logical_axis_rules(
         sharding.rules(config.mesh)):
       state = checkpoint.restore_latest(mngr, abstract_state, workdir)
-      if state is None:
+      restored = state is not None
+      if not restored:
         if config.init_from_hf and init_params is None:  # All were corrupt.
           init_params = _hf_params(config)
         state = jit_init(config, model, tx, state_sharding)(rng, init_params)
-      elif (int(state.step) >= config.train_steps
-            and _evaluated(workdir, int(state.step))):  # A finished run,
-        # rerun: no event file, no timed peak, nothing compiled or saved.
+      # Steps to train, or a last step saved but never evaluated.
+      work_left = (int(state.step) < config.train_steps
+                   or not _evaluated(workdir, int(state.step)))
+      if restored and not work_left:  # A finished run, rerun: no event
+        # file, no timed peak, nothing compiled or saved.
         logging.info('Already at step %d of %d: nothing to train.',
                      int(state.step), config.train_steps)
         return state
-      else:
+      if restored:
         logging.info('Resumed from step %d.', int(state.step))
       step_fn = eval_step = None  # None compiled where no step is left.
-      if (int(state.step) < config.train_steps
-          or not _evaluated(workdir, int(state.step))):
+      if work_left:
         # Traced and lowered here, while a child compiles them; then
         # compiled, or loaded from the cache the child filled.
         lowerings = programs(config, model, tx, mesh, abstract_state,

@@ -379,11 +379,10 @@ def _circuit(run, step, task, settings, out, model, record_at=()):
                                           settings.seed)
   path = os.path.join(out, 'circuits', f'{model}-{step}', name + '.json')
   if os.path.exists(path) and not _RECOMPUTE.value:
-    with open(path) as f:
-      try:  # A damaged file is pruned anew, like an outdated one.
-        circuit = json.load(f)
-      except ValueError:  # Not JSON, or not even UTF-8.
-        circuit = {}
+    try:  # A damaged file is pruned anew, like an outdated one.
+      circuit = workdir_lib.read_json(path)
+    except ValueError:  # Not JSON, or not even UTF-8.
+      circuit = {}
     if (isinstance(circuit, dict)
         and reusable(circuit, run, step, runs.prompts_digest(datapoints),
                      settings)
