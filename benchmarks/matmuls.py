@@ -30,9 +30,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # pylint: disable=g-import-not-at-top
+import provenance  # pylint: disable=g-import-not-at-top
 import run  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import cli  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import model  # pylint: disable=g-import-not-at-top
+
+# run.py's flags that this script reads, listed by its --help.
+flags.declare_key_flag('quick')
+flags.declare_key_flag('num_cpu_devices')
 
 _TINY = peers.Shape(vocab_size=64, d_model=32, num_layers=1, num_heads=2,
                     seq_len=16, batch_size=4)
@@ -112,12 +117,14 @@ def time_in_turns(contenders, rounds):
 
 
 def main():
-  run.refuse_flags_of_run('matmuls.py', ('out', 'baseline'))
+  provenance.refuse_flags_of_run('matmuls.py', ('out', 'baseline'))
   quick = flags.FLAGS.quick
   if not quick:
     cli.keep_freed_memory()
   jax.config.update('jax_num_cpu_devices', flags.FLAGS.num_cpu_devices)
   shape = _TINY if quick else peers.Shape()
+  provenance.refuse_batch_split(flags.FLAGS.num_cpu_devices,
+                                [shape.batch_size])
   operands = _operands(shape, np.random.default_rng(0))
   flops = 2 * shape.batch_size * shape.seq_len * sum(
       i * o for i, o in weight_shapes(shape))  # Of each kind.

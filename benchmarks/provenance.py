@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 
+from absl import flags
 import jax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,18 +51,24 @@ def command():
                      *sys.argv[1:]])
 
 
-def commit():
-  """The checkout measured, marked when it differs from its commit;
-  'unknown' where git does not track ROOT's files: a copy without .git read
-  'unknown (modified)', one inside another repository's folder (a home
-  directory kept in git) that repository's commit, and no git a traceback."""
+def _tracked():
+  """Whether git tracks ROOT's files: not in a copy without .git, nor in one
+  inside another repository's folder (a home directory kept in git), nor
+  without git."""
   try:
-    tracked = subprocess.run(
+    return subprocess.run(
         ['git', '-C', ROOT, 'ls-files', '--error-unmatch', '--', '.'],
         capture_output=True).returncode == 0
   except FileNotFoundError:  # No git on this machine.
-    tracked = False
-  if not tracked:
+    return False
+
+
+def commit():
+  """The checkout measured, marked when it differs from its commit;
+  'unknown' where git does not track ROOT's files: a copy without .git read
+  'unknown (modified)', one inside another repository's folder that
+  repository's commit, and no git a traceback."""
+  if not _tracked():
     return 'unknown'
   head = subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short', 'HEAD'],
                         capture_output=True, text=True).stdout.strip()
@@ -73,6 +80,14 @@ def commit():
 def unpack(baseline, dest):
   """The code and configs (`sparse_gpt2/`, `configs/`) of commit `baseline`
   into the directory `dest`; ValueError where git does not have it."""
+  # Git reads a name that starts with '-' as its option: '--list' was tar's
+  # traceback, '-v' "not a valid object name: sparse_gpt2".
+  if not baseline or baseline.startswith('-'):
+    raise ValueError(f"--baseline='{baseline}' is not a commit")
+  if not _tracked():  # Git's "fatal: not a git repository" said not how.
+    raise ValueError(f'commit {baseline} not found: git does not track '
+                     f'{ROOT} (a copy without .git, or no git); run from a '
+                     'git clone of the project')
   archive = subprocess.run(
       ['git', '-C', ROOT, 'archive', baseline, 'sparse_gpt2', 'configs'],
       capture_output=True, check=False)
@@ -88,6 +103,27 @@ def last_line(stderr):
   line of its stderr (a CLI's `error: ` left off, the caller's comes first)."""
   lines = [line.strip() for line in stderr.splitlines() if line.strip()]
   return lines[-1].removeprefix('error: ') if lines else 'no error message'
+
+
+def refuse_flags_of_run(script, names):
+  """For a benchmark that imports run.py, and so parses its flags: one of
+  them (`names`) that `script` does not read is refused in one line, not
+  ignored (`step_profile.py --quick` profiled the full step, `matmuls.py
+  --out` wrote no file)."""
+  given = [name for name in names if flags.FLAGS[name].present]
+  if given:
+    raise ValueError(f"--{given[0]} is run.py's flag; {script} does not "
+                     'read it')
+
+
+def refuse_batch_split(num_cpu_devices, batches):
+  """Refuses, before anything is built, a --num_cpu_devices that does not
+  divide one of `batches`, as `main` refuses it: not jax's sharding error,
+  which names neither the flag nor the batch."""
+  for batch in batches:
+    if batch % num_cpu_devices:
+      raise ValueError(f'--num_cpu_devices={num_cpu_devices} must divide '
+                       f'the batch of {batch}')
 
 
 def prepare_out(out_dir):

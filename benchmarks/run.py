@@ -65,9 +65,9 @@ from sparse_gpt2 import sharding  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import sparsity  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import train  # pylint: disable=g-import-not-at-top
 
-_QUICK = flags.DEFINE_bool('quick', False, 'Tiny shapes, one round of two '
-                           'steps: a smoke run of the whole suite (~2 min on '
-                           '2 cores).')
+_QUICK = flags.DEFINE_bool('quick', False, "Tiny shapes, a smoke run: run.py's "
+                           'whole suite in one round of two steps (~2 min on '
+                           "2 cores), matmuls.py's products in seconds.")
 _OUT = flags.DEFINE_string('out', os.path.join(ROOT, 'benchmarks', 'out'),
                            'Where run.json and run.md go.')
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
@@ -78,17 +78,6 @@ _BASELINE = flags.DEFINE_string(
     'baseline', 'c25ae90', 'Commit whose step the twins section times against '
     "the checkout's ('' skips the section).")
 MODES = ('none', 'static', 'topk')
-
-
-def refuse_flags_of_run(script, names):
-  """For a benchmark that imports this module, and so parses its flags: one
-  of them (`names`) that `script` does not read is refused in one line, not
-  ignored (`step_profile.py --quick` profiled the full step, `matmuls.py
-  --out` wrote no file)."""
-  given = [name for name in names if flags.FLAGS[name].present]
-  if given:
-    raise ValueError(f"--{given[0]} is run.py's flag; {script} does not "
-                     'read it')
 
 
 def _settings():
@@ -294,7 +283,10 @@ def prepare_baseline(baseline, old_dir):
   """Unpacks `baseline` into `old_dir` and checks, in seconds, that its code
   has what the twin workers call and its configs load: before the first
   section, not after minutes of measuring."""
-  provenance.unpack(baseline, old_dir)  # ValueError: not a commit.
+  try:
+    provenance.unpack(baseline, old_dir)
+  except ValueError as e:  # Not a commit, or no git: the way round it too.
+    raise ValueError(f'{e}; --baseline= skips the twins') from None
   check = subprocess.run(
       [sys.executable, TWIN_WORKER, '--check', old_dir,
        *(os.path.join(old_dir, name) for name in twin_configs())],
@@ -474,10 +466,8 @@ def main():
   small = peers.Shape(2048, 128, 4, 8, 128, 32)  # sparse_small's shape.
   if _QUICK.value:
     small = shape
-  for batch in {shape.batch_size, small.batch_size}:
-    if batch % _NUM_CPU_DEVICES.value:  # As `main` refuses it.
-      raise ValueError(f'--num_cpu_devices={_NUM_CPU_DEVICES.value} must '
-                       f'divide the batch of {batch}')
+  provenance.refuse_batch_split(_NUM_CPU_DEVICES.value,
+                                (shape.batch_size, small.batch_size))
   with tempfile.TemporaryDirectory() as old_dir:
     if _BASELINE.value:
       prepare_baseline(_BASELINE.value, old_dir)

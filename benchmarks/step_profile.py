@@ -41,10 +41,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # pylint: disable=g-import-not-at-top
+import provenance  # pylint: disable=g-import-not-at-top
 import run  # pylint: disable=g-import-not-at-top
 from sparse_gpt2 import cli  # pylint: disable=g-import-not-at-top
 from configs import dense_small  # pylint: disable=g-import-not-at-top
 from configs import sparse_small  # pylint: disable=g-import-not-at-top
+
+# run.py's flag that this script reads, listed by its --help.
+flags.declare_key_flag('num_cpu_devices')
 
 _STEP = flags.DEFINE_enum('step', 'sparse_small',
                           ['sparse_small', 'dense_small', 'gpt2', 'paper',
@@ -217,7 +221,8 @@ def profile_jax(config, steps):
 
 
 def main():
-  run.refuse_flags_of_run('step_profile.py', ('quick', 'out', 'baseline'))
+  provenance.refuse_flags_of_run('step_profile.py',
+                                 ('quick', 'out', 'baseline'))
   cli.keep_freed_memory()
   jax.config.update('jax_num_cpu_devices', flags.FLAGS.num_cpu_devices)
   # The compile cache's key leaves out the ops' name stacks: a program it
@@ -231,6 +236,8 @@ def main():
   else:
     config = {'sparse_small': sparse_small,
               'dense_small': dense_small}[_STEP.value].get_config()
+  provenance.refuse_batch_split(flags.FLAGS.num_cpu_devices,
+                                [config.batch_size])
   profile_jax(config, _STEPS.value)
 
 

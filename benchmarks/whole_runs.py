@@ -109,13 +109,19 @@ def to_markdown(result):
            '| new final val loss |',
            '|---|---:|---:|---:|---:|---:|---:|']
   for config, r in result['results'].items():
-    old_loss, new_loss = (r[v]['val_loss'][max(r[v]['val_loss'], key=int)]
-                          for v in ('old', 'new'))
+    old_loss, new_loss = (_final_loss(r[v]['val_loss']) for v in ('old', 'new'))
     lines.append(f"| {config} | {r['old']['wall_s']:.1f} | "
                  f"{r['new']['wall_s']:.1f} | **{r['speedup']:.2f}x** | "
                  f"{r['old']['done_s']:.1f} / {r['new']['done_s']:.1f} | "
-                 f'{old_loss:.4f} | {new_loss:.4f} |')
+                 f'{old_loss} | {new_loss} |')
   return '\n'.join(lines) + '\n'
+
+
+def _final_loss(val_loss):
+  """The last evaluation's loss; '-' where a run evaluated nothing (no
+  steps: `max` of no evaluation ended the benchmark after its runs, their
+  times unwritten)."""
+  return f'{val_loss[max(val_loss, key=int)]:.4f}' if val_loss else '-'
 
 
 def check_configs(configs, code_dirs):

@@ -53,6 +53,15 @@ DAMAGES = ("['delete', 'empty', 'flip_byte', 'garbage', 'half', "
      "--quick is run.py's flag; step_profile.py does not read it"),
     ('matmuls.py', ['--quick', '--out=README.md'], 1,
      "--out is run.py's flag; matmuls.py does not read it"),
+    # As run.py refuses it: not jax's sharding error, which names neither
+    # the flag nor the batch.
+    ('matmuls.py', ['--quick', '--num_cpu_devices=3'], 1,
+     '--num_cpu_devices=3 must divide the batch of 4'),
+    ('step_profile.py', ['--step=gpt2', '--num_cpu_devices=3'], 1,
+     '--num_cpu_devices=3 must divide the batch of 16'),
+    # Git took it as its own option: a traceback of tar.
+    ('whole_runs.py', ['--baseline=--list'], 1,
+     "--baseline='--list' is not a commit"),
 ])
 def test_bad_input_is_one_line_before_any_measure(script, args, code,
                                                   message):
@@ -64,6 +73,21 @@ def test_bad_input_is_one_line_before_any_measure(script, args, code,
       env=dict(os.environ, PYTHONSAFEPATH='1'))
   assert result.returncode == code, result.stderr
   assert result.stderr.strip() == f'error: {message}', result.stderr
+
+
+@pytest.mark.parametrize('script, read', [
+    ('matmuls.py', ['--[no]quick', '--num_cpu_devices']),
+    ('step_profile.py', ['--num_cpu_devices', '--step', '--steps']),
+])
+def test_help_lists_the_flags_a_script_reads(script, read):
+  # run.py's flags that it reads too (matmuls.py's --help listed no flag),
+  # not those it refuses (--out, --baseline).
+  result = subprocess.run(
+      [sys.executable, os.path.join('benchmarks', script), '--help'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  listed = [line.split(':')[0].strip() for line in result.stdout.splitlines()
+            if line.startswith('  --')]
+  assert sorted(listed) == sorted(read), result.stdout
 
 
 def test_prepare_out_refuses_a_folder_it_cannot_write(tmp_path):
@@ -122,7 +146,9 @@ cli.run(run.main)
 
 @pytest.mark.parametrize('baseline, message', [
     ('no_such_commit', 'commit no_such_commit not found (fatal: not a valid '
-     'object name: no_such_commit)'),
+     'object name: no_such_commit); --baseline= skips the twins'),
+    # Git's option, not a commit ("not a valid object name: sparse_gpt2").
+    ('-v', "--baseline='-v' is not a commit; --baseline= skips the twins"),
     ('too_old', "--baseline=too_old cannot run the twins (--baseline= skips "
      "them): ImportError: cannot import name 'train' from 'sparse_gpt2'"),
 ])
@@ -773,6 +799,22 @@ print(whole_runs.to_markdown({
           in out.splitlines())
 
 
+def test_whole_runs_markdown_of_a_run_that_evaluated_nothing():
+  # --set=config.train_steps=0: both runs' times in the table, not a bare
+  # "max() arg is an empty sequence" after them and no file written.
+  out = _python('''
+import whole_runs
+print(whole_runs.to_markdown({
+    'date': 'today', 'machine': 'm', 'commit': 'c', 'baseline': 'b',
+    'command': 'cmd', 'results': {'tiny': {
+        'old': {'wall_s': 30.0, 'done_s': 20.0, 'val_loss': {}},
+        'new': {'wall_s': 12.0, 'done_s': 8.0, 'val_loss': {}},
+        'speedup': 2.5}}}))
+''')
+  assert ('| tiny | 30.0 | 12.0 | **2.50x** | 20.0 / 8.0 | - | - |'
+          in out.splitlines())
+
+
 def test_checkpoint_damage_outcome_of_each_resume(tmp_path):
   out = _python('''
 import os
@@ -812,7 +854,9 @@ def test_provenance_marks_only_a_modified_checkout(tmp_path, monkeypatch):
 def test_provenance_commit_is_unknown_where_git_does_not_track_it(
     where, tmp_path, monkeypatch):
   # Not 'unknown (modified)', nor the commit of a repository that does not
-  # hold the code (a home directory kept in git), nor a traceback.
+  # hold the code (a home directory kept in git), nor a traceback; a
+  # baseline there is refused saying what to do, not by git's "fatal: not
+  # a git repository" (or "pathspec 'sparse_gpt2' did not match").
   import provenance  # pylint: disable=g-import-not-at-top
   copy = tmp_path / 'copy'
   copy.mkdir()
@@ -827,6 +871,11 @@ def test_provenance_commit_is_unknown_where_git_does_not_track_it(
     monkeypatch.setenv('PATH', str(tmp_path / 'no_programs'))
   monkeypatch.setattr(provenance, 'ROOT', str(copy))
   assert provenance.commit() == 'unknown'
+  with pytest.raises(ValueError) as refused:
+    provenance.unpack('HEAD', str(tmp_path / 'old'))
+  assert str(refused.value) == (
+      f'commit HEAD not found: git does not track {copy} (a copy without '
+      '.git, or no git); run from a git clone of the project')
 
 
 @pytest.mark.parametrize('flags, isa', [
