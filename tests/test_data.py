@@ -424,6 +424,62 @@ def test_a_data_dir_this_process_may_not_write(corpus, corpus_dir, data_dir,
   assert str(refused.value).endswith(' (Read-only file system)')
 
 
+def test_a_remote_data_dir_is_refused(corpus_dir, tmp_path, monkeypatch):
+  """The caches are local files: a gs:// data_dir's were written below the
+  current folder, in one named 'gs:', its edited source never seen (without
+  gcsfs, a traceback); refused in one line before anything is made."""
+  monkeypatch.chdir(tmp_path)
+  for load in (data.load_tokenizer, lambda c: data.load(c, SEQ_LEN)):
+    with pytest.raises(ValueError) as refused:
+      load(_config(corpus_dir[0], 'gs://bucket/tfds'))
+    assert str(refused.value) == (
+        'data.data_dir gs://bucket/tfds is not a local folder (the corpus '
+        'and its caches are local files)')
+  monkeypatch.setattr(data.tfds_constants, 'DATA_DIR', 'gs://bucket/tfds')
+  with pytest.raises(ValueError, match=r'^TFDS_DATA_DIR gs://bucket/tfds is '
+                     r'not a local folder .*: set data.data_dir to one$'):
+    data.load(_config(corpus_dir[0], ''), SEQ_LEN)
+  assert os.listdir(tmp_path) == []
+
+
+def test_directories_that_cannot_be_read_are_named(corpus, corpus_dir,
+                                                   tmp_path, monkeypatch):
+  """os.walk skipped a directory it could not read without a word, so its
+  files were left out of the corpus unsaid: now named in the manifest (and
+  a warning); the source itself unreadable read as an empty corpus."""
+  source = tmp_path / 'src'
+  shutil.copytree(corpus_dir[0], source)
+  (source / 'private').mkdir()
+  (source / 'private' / 'secret.py').write_text('password = "hunter2"\n')
+  unreadable = {str(source / 'private')}
+  scandir = os.scandir
+
+  def denied(path='.'):  # As chmod 000 does to all but root.
+    if path in unreadable:
+      raise PermissionError(errno.EACCES, 'Permission denied', path)
+    return scandir(path)
+
+  monkeypatch.setattr(os, 'scandir', denied)
+  again = data.load(_config(source, tmp_path / 'tfds'), SEQ_LEN)
+  np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
+  np.testing.assert_array_equal(again.val_tokens, corpus.val_tokens)
+  with open(again.manifest_path) as f:
+    assert json.load(f)['skipped_unreadable_dirs'] == ['private']
+  only = tmp_path / 'only'  # Its code all in a directory not read.
+  shutil.copytree(source / 'private', only / 'private')
+  unreadable.add(str(only / 'private'))
+  with pytest.raises(ValueError, match=r"^No UTF-8 \.py files under '.*only': "
+                     r'empty corpus \(not read: private\)\.$'):
+    data.load(_config(only, tmp_path / 'tfds'), SEQ_LEN)
+  unreadable.add(str(source))
+  with pytest.raises(ValueError) as refused:
+    data.load(_config(source, tmp_path / 'tfds2'), SEQ_LEN)
+  assert str(refused.value) == (
+      f"Source directory '{source}' cannot be read (Permission denied)")
+  assert sorted(os.listdir(tmp_path / 'tfds2')) == [
+      '.sparse_gpt2.lock', 'downloads']  # Nothing left of the build.
+
+
 def test_home_relative_paths_are_the_home(corpus, corpus_dir, tmp_path,
                                          monkeypatch):
   """`--config.data.data_dir=~/data` reaches Python unexpanded: the corpus
@@ -501,6 +557,28 @@ def test_a_huge_document_is_encoded_in_pieces(corpus, monkeypatch):
   assert cut.to_str() == whole.to_str()
 
 
+def test_indented_lines_and_long_lines_are_cut_in_pieces(corpus,
+                                                         monkeypatch):
+  """A generated table whose lines are all indented, or one long line, had
+  no cut (a line break between non-space characters): a 5 MB table took
+  1.3 GB to encode. Each is cut before its white space, where the tokens
+  and the BPE trained do not change either."""
+  monkeypatch.setattr(data, '_PIECE_CHARS', 200)
+  rows = [f'({i}, "v{i}\t"),' for i in range(300)]
+  for text in ('\n'.join(['TABLE = [', *(f'    {r}' for r in rows), ']', '']),
+               '\r\n'.join(['TABLE = [', *(f'\t{r}' for r in rows), ']']),
+               f'TABLE = [{" ".join(rows)}]\n'):
+    pieces = list(data._pieces(text))
+    assert ''.join(pieces) == text
+    assert len(pieces) > 20 and max(map(len, pieces)) < 250
+    ids = [i for piece in pieces for i in corpus.tokenizer.encode(piece).ids]
+    assert ids == corpus.tokenizer.encode(text).ids
+    assert tokenizer_lib.train(pieces, 400).to_str() == tokenizer_lib.train(
+        [text], 400).to_str()
+  # '\x1c' is white space to Python's \s, punctuation to the BPE's regex.
+  assert list(data._pieces('x!\x1c' * 300)) == ['x!\x1c' * 300]
+
+
 def test_the_tokenizer_trains_on_the_documents_pieces(corpus_dir, tmp_path,
                                                      monkeypatch):
   """Training holds ~300 bytes a token, as encoding does: the BPE trains on
@@ -521,7 +599,11 @@ def test_the_tokenizer_trains_on_the_documents_pieces(corpus_dir, tmp_path,
   (source / big).write_text(''.join(f'x_{i} = {i}\n' for i in range(300)))
   data.load(_config(source, tmp_path / 'tfds'), SEQ_LEN)
   [texts] = trained
-  pieces = [text for text in texts if text.startswith('x_')]
+  first = next(i for i, text in enumerate(texts) if text.startswith('x_0 '))
+  end = first + 1  # Its pieces follow one another.
+  while len(''.join(texts[first:end])) < (source / big).stat().st_size:
+    end += 1
+  pieces = texts[first:end]
   assert ''.join(pieces) == (source / big).read_text()
   assert len(pieces) > 5 and max(map(len, pieces)) < 400
 

@@ -50,19 +50,29 @@ def split_of(relpath, val_fraction):
 
 
 def _scan(source_dir):
-  """(paths, not_files, not_utf8, same_files): relative POSIX paths of the
-  .py files under `source_dir`, in a fixed order (a directory's own files
-  by name, then its subdirectories' by name: os.walk's, each level sorted;
-  not one sort of the whole paths, which would put `A/x.py` before `a.py`
-  and change the corpus every run trains on); then the .py names that are not
-  a file to read (a link to nothing or to itself, which would fail the
+  """(paths, not_files, not_utf8, same_files, not_read): relative POSIX
+  paths of the .py files under `source_dir`, in a fixed order (a directory's
+  own files by name, then its subdirectories' by name: os.walk's, each level
+  sorted; not one sort of the whole paths, which would put `A/x.py` before
+  `a.py` and change the corpus every run trains on); then the .py names that
+  are not a file to read (a link to nothing or to itself, which would fail the
   build, a FIFO, which would hang it), those not UTF-8 (no split or
   manifest can name them; shown with backslash escapes), and links to a
   file listed already (split by its own path, the same text could be in
-  both the train and the validation split)."""
-  paths, not_files, not_utf8, same_files = [], [], [], []
+  both the train and the validation split); last the directories below it
+  that could not be read, whose files are left out (os.walk skipped them
+  unsaid). `source_dir` itself unreadable is refused (it read as empty)."""
+  paths, not_files, not_utf8, same_files, not_read = [], [], [], [], []
   listed = set()  # Real paths.
-  for dirpath, dirnames, filenames in os.walk(source_dir):
+
+  def unreadable(error):
+    if error.filename == source_dir:
+      raise ValueError(f'Source directory {source_dir!r} cannot be read '
+                       f'({error.strerror})') from None
+    rel = os.path.relpath(error.filename, source_dir).replace(os.sep, '/')
+    not_read.append(os.fsencode(rel).decode('utf-8', 'backslashreplace'))
+
+  for dirpath, dirnames, filenames in os.walk(source_dir, onerror=unreadable):
     # Pruning and sorting in place makes os.walk skip excluded trees and visit
     # the rest in a deterministic order.
     dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
@@ -85,7 +95,7 @@ def _scan(source_dir):
           else:
             listed.add(real)
             paths.append(rel)
-  return paths, not_files, not_utf8, same_files
+  return paths, not_files, not_utf8, same_files, not_read
 
 
 def list_files(source_dir):
@@ -163,7 +173,10 @@ class PythonCode(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # Local files only.
     config = self.builder_config
     root = config.source_dir
-    paths, not_files, skipped, same_files = _scan(root)
+    paths, not_files, skipped, same_files, not_read = _scan(root)
+    if not_read:
+      logging.warning('%s: %d directories could not be read, their .py files '
+                      'left out: %s', root, len(not_read), ', '.join(not_read))
     files = []
     for rel in paths:
       with open(os.path.join(root, rel), 'rb') as f:
@@ -183,7 +196,8 @@ class PythonCode(tfds.core.GeneratorBasedBuilder):
                  'files, %d as links to a file listed.', root, len(files),
                  len(skipped), len(not_files), len(same_files))
     if not files:
-      raise ValueError(f'No UTF-8 .py files under {root!r}: empty corpus.')
+      raise ValueError(f'No UTF-8 .py files under {root!r}: empty corpus' + (
+          f' (not read: {", ".join(not_read)})' if not_read else '') + '.')
     splits = {
         split: [f['path'] for f in files if f['split'] == split]
         for split in ('train', 'validation')
@@ -203,6 +217,7 @@ class PythonCode(tfds.core.GeneratorBasedBuilder):
         'skipped_not_utf8': skipped,
         'skipped_not_files': not_files,
         'skipped_same_files': same_files,
+        'skipped_unreadable_dirs': not_read,
     }
     (self.data_path / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return {
