@@ -137,6 +137,18 @@ def _import_tensorboardx():
 _EVENTS_FLUSH_SECS = 1
 
 
+def _await_a_new_event_file_name(logdir):
+  """Waits, at most a second, until no event file in `logdir` is named by
+  the current second. tensorboardX names its file by the second it opens
+  in and the host, and opens it truncating: a resumed run's writer that
+  opened in the same second as the one before emptied that one's file, and
+  TensorBoard lost the steps before the resume. A later second also sorts
+  the new file after the old ones, the order TensorBoard reads them in,
+  which its purge marker needs."""
+  while any(logdir.glob(f'events.out.tfevents.{int(time.time())}.*')):
+    time.sleep(0.01)
+
+
 class Writer:
   """Adds one JSON object per logged step to metrics.jsonl and mirrors
   scalars to TensorBoard; only process 0 writes.
@@ -162,6 +174,7 @@ class Writer:
       self._file = workdir_lib.path(workdir) / workdir_lib.METRICS
       self._lines = [json.dumps(r) for r in workdir_lib.read_metrics(workdir)
                      if r['step'] <= start_step]
+      _await_a_new_event_file_name(workdir_lib.path(workdir))
       self._tb = _import_tensorboardx().SummaryWriter(
           str(workdir_lib.path(workdir)), purge_step=start_step + 1,
           flush_secs=_EVENTS_FLUSH_SECS)
