@@ -122,6 +122,9 @@ def _read_config(hf_dir):
     return os.path.isfile(os.path.join(hf_dir, name))
   expected = (f'expected a Hugging Face GPT-2 directory with {CONFIG} and '
               f'{WEIGHTS}')
+  if '://' in str(hf_dir):  # Said to have no config.json, which it may have.
+    raise ValueError(f'{hf_dir}: a Hugging Face GPT-2 is read from a local '
+                     'folder (copy it here first, e.g. gcloud storage cp -r)')
   if not there(CONFIG):
     raise ValueError(f'{hf_dir}: no {CONFIG}; {expected}')
   if not (there(WEIGHTS) or there(WEIGHTS_INDEX)):
@@ -273,15 +276,23 @@ def check_export(model_kwargs, out_dir, overwrite=False, flat=()):
   """What `save` refuses before it writes, in one line: a model that
   transformers' GPT-2 cannot express (`_unexpressible`; `flat`, the params
   by path, where they are at hand), or an `out_dir` it may not fill or
-  replace. Returns `out_dir` with links resolved. `convert` calls it before
-  it reads a checkpoint, which for the paper's 0.42B model is gigabytes."""
+  replace (one with content, a remote path, a mount point). Returns
+  `out_dir` with links resolved. `convert` calls it before it reads a
+  checkpoint, which for the paper's 0.42B model is gigabytes."""
   unexpressible = _unexpressible(model.GPT2(**model_kwargs), flat)
   if unexpressible:
     raise ValueError('transformers GPT-2 cannot express this model: '
                      + ', '.join(unexpressible))
+  if '://' in str(out_dir):  # realpath made gs://B/x the local ./gs:/B/x.
+    raise ValueError(f'{out_dir}: an export is written to a local folder '
+                     '(copy it there afterwards, e.g. gcloud storage cp -r)')
   out_dir = os.path.realpath(out_dir)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise ValueError(f'{out_dir} exists and is not a directory')
+  if os.path.ismount(out_dir):  # A container's volume, a mounted disk.
+    raise ValueError(f'{out_dir} is a mount point, which an export cannot '
+                     'replace (it is written beside it and renamed into '
+                     f'place): give a folder inside it, e.g. {out_dir}/gpt2')
   present = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
   if present and not overwrite:
     raise ValueError(f'{out_dir} is not empty; replace it with '
@@ -358,12 +369,16 @@ def save(params, model_kwargs, out_dir, overwrite=False, tokenizer=None):
                        bos_token=eot, eos_token=eot, unk_token=eot,
                        model_max_length=gpt2.max_len,
                        split_special_tokens=True), f, indent=2)
+    replaced = os.path.exists(out_dir)  # Empty, or overwrite=True.
+    if replaced:
+      try:
+        os.rename(out_dir, tmp + '.old')
+      except OSError as e:  # A bind mount on its parent's disk (EBUSY).
+        raise ValueError(f'{out_dir} cannot be moved aside to be replaced '
+                         f'({e.strerror}): give a folder inside it') from None
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  if os.path.exists(out_dir):  # Empty, or overwrite=True.
-    os.rename(out_dir, tmp + '.old')
-    os.rename(tmp, out_dir)
+  os.rename(tmp, out_dir)
+  if replaced:
     shutil.rmtree(tmp + '.old')
-  else:
-    os.rename(tmp, out_dir)

@@ -1,5 +1,6 @@
 """Tests for sparse_gpt2.hf against transformers' own GPT-2 (CPU, seconds)."""
 
+import errno
 import json
 import os
 
@@ -134,6 +135,10 @@ def _edited_copy(checkpoint, tmp_path, **config):
 def test_load_errors(tied, tmp_path):
   with pytest.raises(ValueError, match='no config.json'):
     hf.load(tmp_path / 'absent')
+  # Not 'no config.json' (it may well have one): a TPU run's init_from_hf.
+  with pytest.raises(ValueError, match=r'^gs://bucket/gpt2: a Hugging Face '
+                     'GPT-2 is read from a local folder'):
+    hf.load('gs://bucket/gpt2')
   (tmp_path / 'only_config').mkdir()
   (tmp_path / 'only_config' / hf.CONFIG).write_text('{}')
   with pytest.raises(ValueError, match='no model.safetensors'):
@@ -366,3 +371,47 @@ def test_convert_refuses_before_reading_the_checkpoint(tmp_path,
                                        r"\(\['notes.txt'\]\)"):
     convert.run_to_hf(str(run), str(tmp_path / 'out'), overwrite=True)
   assert os.listdir(tmp_path / 'out') == ['notes.txt']
+
+
+def test_save_into_a_folder_it_cannot_move_aside(tmp_path, monkeypatch):
+  """A mount point (a container's volume, `--to_hf=/out`) cannot be renamed
+  (EBUSY): the export ended in a traceback, its whole temporary left beside
+  it. One on another disk is refused before anything is read or written;
+  a bind mount from the same disk, which `ismount` does not see, when the
+  rename fails, in one line and with the temporary removed."""
+  params, model_kwargs = _tiny()
+  out = tmp_path / 'out'
+  out.mkdir()
+  ismount = os.path.ismount
+  monkeypatch.setattr(os.path, 'ismount',
+                      lambda p: os.fspath(p) == str(out) or ismount(p))
+  with pytest.raises(ValueError, match=r'out is a mount point, which an '
+                     r'export cannot replace .*: give a folder inside it, '
+                     r'e\.g\. .*out/gpt2$'):
+    hf.save(params, model_kwargs, out)
+  assert sorted(os.listdir(tmp_path)) == ['out'] and not os.listdir(out)
+  monkeypatch.setattr(os.path, 'ismount', ismount)
+  rename = os.rename
+
+  def busy(src, dst):
+    if os.fspath(src) == str(out):
+      raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(out))
+    rename(src, dst)
+
+  monkeypatch.setattr(os, 'rename', busy)
+  with pytest.raises(ValueError, match=r'out cannot be moved aside to be '
+                     r'replaced \(Device or resource busy\): give a folder '
+                     r'inside it$'):
+    hf.save(params, model_kwargs, out)
+  assert sorted(os.listdir(tmp_path)) == ['out'] and not os.listdir(out)
+
+
+def test_save_refuses_a_remote_folder(tmp_path, monkeypatch):
+  """A run may live on gs://, its export not: `--to_hf=gs://B/hf` was
+  written, whole, to the local folder ./gs:/B/hf."""
+  params, model_kwargs = _tiny()
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match=r'^gs://bucket/hf: an export is '
+                     r'written to a local folder \(copy it there afterwards'):
+    hf.save(params, model_kwargs, 'gs://bucket/hf')
+  assert not os.listdir(tmp_path)

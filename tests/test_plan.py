@@ -145,6 +145,16 @@ def test_plan_refuses_train_steps_past_the_schedules_as_a_run_does():
       'start a new one')
 
 
+def test_plan_refuses_num_cpu_devices_past_the_limit_as_a_run_does():
+  """Refused by `train.validate`, as a run's start refuses it: the plan
+  said 'fits: yes' and exited 0."""
+  result = _plan('--topology=cpu:1', '--config.num_cpu_devices=1025')
+  assert result.returncode == 1, result.stdout[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: num_cpu_devices must be at most 1024, got 1025')
+  assert 'fits' not in result.stdout
+
+
 def test_plan_says_a_step_larger_than_the_host_does_not_fit():
   """And exits 1 (it exited 0), so that a script checking a config against
   its chips stops there."""
