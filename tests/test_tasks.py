@@ -1,5 +1,6 @@
 """Tests for the circuit tasks, against a tokenizer trained like the model's."""
 
+import argparse
 import collections
 import json
 import os
@@ -477,3 +478,98 @@ def test_too_few_pairs_tells_a_task_file_nothing_of_num_prompts(
         check()
       assert str(refused.value).endswith(
           ' (built in: raise --num_prompts)') == hint, refused.value
+
+
+def test_a_contradiction_in_a_task_file_is_named_by_its_lines(
+    tokenizer, tmp_path, monkeypatch):
+  """The refusal of two datapoints that read the same prompt with the
+  answers swapped names them by the lines an editor shows: numbered as
+  datapoints, they missed every blank line above them."""
+  from sparse_gpt2.circuits import runs  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(runs, '_corpus', lambda _: argparse.Namespace(
+      tokenizer=tokenizer))
+  monkeypatch.setattr(runs, '_config', lambda _: argparse.Namespace(
+      seq_len=SEQ_LEN))
+  fine = {'prompt': 'z = [1', 'correct': ']', 'incorrect': ')'}
+  clash = {'prompt': 'y = (1', 'correct': ')', 'incorrect': ']'}
+  swapped = dict(clash, correct=']', incorrect=')')
+  path = tmp_path / 'mine.jsonl'
+  path.write_text('\ufeff\n' + '\n\n'.join(
+      json.dumps(d) for d in (fine, clash, fine, swapped)) + '\n')
+  with pytest.raises(ValueError) as refused:
+    runs.encode_task('no_run', str(path), 0, 0)
+  assert str(refused.value) == (
+      'mine: 1 datapoint(s) read the same prompt as one with the answers '
+      'swapped (first: lines 4 and 8 of the task file): no model answers '
+      'both.')
+
+
+def test_dump_prompts_overwrites_no_other_file(tmp_path):
+  """--dump_prompts pointed at a run's metrics.jsonl, or at a dump since
+  edited into a task of its own, replaced it: refused, the file as it was.
+  The same dump again is written."""
+  def dump(path):
+    return subprocess.run(
+        [sys.executable, '-m', 'sparse_gpt2.circuits', '--task=for_while',
+         '--num_prompts=4', f'--dump_prompts={path}'],
+        capture_output=True, text=True, timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)))
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'config.json').write_text('{}')
+  metrics = tmp_path / 'run' / 'metrics.jsonl'
+  metrics.write_text('{"step": 100, "val_loss": 3.2}\n')
+  mine = tmp_path / 'for_while.jsonl'
+  assert dump(mine).returncode == 0
+  assert dump(mine).returncode == 0  # The same dump again.
+  assert tasks.load_jsonl(mine) == tasks.generate('for_while', 4)
+  edited = mine.read_text().replace(' in', ' of', 1)
+  mine.write_text(edited)
+  for path, kept in ((metrics, '{"step": 100, "val_loss": 3.2}\n'),
+                     (mine, edited)):
+    result = dump(path)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f'error: --dump_prompts={path} exists and holds other datapoints or '
+        'records: name a new file, or remove it first']
+    assert path.read_text() == kept
+
+
+def test_cli_refuses_an_out_inside_the_run_s_checkpoints(tmp_path):
+  """--out=RUN/checkpoints/30 made a folder that every later command, and
+  the run's resumption, read as a damaged checkpoint at step 30 (and one
+  in a kept checkpoint changed its digest): refused before the run is
+  read, as compare refuses it, and nothing is made."""
+  run = tmp_path / 'run'
+  (run / 'checkpoints' / '20').mkdir(parents=True)
+  for out in (run / 'checkpoints' / '30', run / 'checkpoints' / '20' / 'q'):
+    result = subprocess.run(
+        [sys.executable, '-m', 'sparse_gpt2.circuits', f'--workdir={run}',
+         '--task=for_while', f'--out={out}'],
+        capture_output=True, text=True, timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f'error: --out {out} is inside the checkpoints of {run}: give a '
+        'folder of its own']
+    assert not out.exists()
+
+
+def test_a_candidate_that_whitespace_makes_two_tokens_is_told_so(tokenizer):
+  """An answer is read as written (indent_for's are whitespace alone, and
+  kept): one pasted with a trailing space or newline is refused as two
+  tokens, and the refusal says that its whitespace is what makes them."""
+  fine = {'prompt': 'x = 1', 'correct': ',', 'incorrect': ')'}
+  for candidate in ('True ', ' True\n'):
+    with pytest.raises(ValueError) as refused:
+      tasks.encode([fine, dict(fine, correct=candidate)], tokenizer, SEQ_LEN,
+                   'mine')
+    assert str(refused.value) == (
+        f'mine: candidate {candidate!r} is tokens '
+        f'{tokenizer.encode(candidate).ids}, not one non-padding token (its '
+        "whitespace is part of it: 'True' alone is one token).")
+  with pytest.raises(ValueError, match=r"^mine: candidate ' zqxjvkw' is "
+                     r'tokens \[[\d, ]+\], not one non-padding token\.$'):
+    tasks.encode([dict(fine, correct=' zqxjvkw')], tokenizer, SEQ_LEN, 'mine')
+  assert tasks.encode([dict(fine, correct='\n', incorrect=' ')], tokenizer,
+                      SEQ_LEN)['correct'].tolist() == (
+                          tokenizer.encode('\n').ids)

@@ -853,3 +853,31 @@ def test_draw_curve_of_no_edges_says_so(tmp_path):
   _check_files(str(tmp_path / 'curve'))
   with open(tmp_path / 'curve.svg') as f:
     assert 'no checkpoint has a circuit with edges' in f.read()
+
+
+def test_a_shallower_model_beside_a_deeper_one_labels_only_its_layers(
+    tmp_path):
+  """Of a 2-layer circuit beside a 4-layer one, its panel labelled layers 2
+  and 3 with their rows, where nothing was kept: read as layers its circuit
+  does not use, not as layers it does not have. They are unlabelled and
+  said to be missing, and an unsolved circuit's note sits on its own
+  layers, not in the middle of the missing ones."""
+  path = str(tmp_path / 'figure')
+  for sparse_layers, note in ((2, 'no layers 2-3'), (3, 'no layer 3')):
+    viz.draw_comparison(make_circuit(num_layers=sparse_layers),
+                        make_circuit(num_layers=4), path)
+    with open(path + '.svg') as f:
+      svg = f.read()
+    assert re.findall(r'<!-- (layer \d) -->', svg) == [
+        f'layer {i}' for i in (*range(sparse_layers), *range(4))]
+    assert svg.count(f'<!-- a {sparse_layers}-layer model: {note} -->') == 1
+    assert svg.count('<!-- mlp_out -->') == sparse_layers + 4
+  viz.draw_comparison(make_circuit(num_layers=4), make_circuit(num_layers=4),
+                      path)
+  with open(path + '.svg') as f:
+    assert '-layer model' not in f.read()
+  fig = viz._figure(3, panels=2)
+  ax = fig.add_subplot(1, 2, 1)
+  viz._draw_panel(ax, make_circuit(solved=False, num_layers=1), 3, 10)
+  [note] = [t for t in ax.texts if t.get_text().startswith('not solved')]
+  assert viz._y(0, 'mlp_out') < note.get_position()[1] < viz._y(0, 'attn_in')

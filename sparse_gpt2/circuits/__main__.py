@@ -83,9 +83,17 @@ def _dump_prompts(path):
     raise ValueError(f'--dump_prompts must name a .jsonl file, got {path}')
   datapoints = tasks.generate(_TASK.value, flags.FLAGS.num_prompts,
                               flags.FLAGS.seed)
-  with open(path, 'w', encoding='utf-8') as f:
-    for d in datapoints:
-      f.write(json.dumps(d) + '\n')
+  text = ''.join(json.dumps(d) + '\n' for d in datapoints).encode()
+  if os.path.isfile(path):
+    # A dump edited into a task of its own, or a run's metrics.jsonl,
+    # would be lost; the same dump again loses nothing.
+    with open(path, 'rb') as f:
+      if f.read() != text:
+        raise ValueError(f'--dump_prompts={path} exists and holds other '
+                         'datapoints or records: name a new file, or remove '
+                         'it first')
+  with open(path, 'wb') as f:
+    f.write(text)
   print(f'{len(datapoints)} datapoints of {_TASK.value} -> {path}')
 
 
@@ -164,6 +172,7 @@ def main():
     raise ValueError(f'{flag}={task} is named like the built-in task {name}, '
                      f'whose circuit is {out}: pass --out or rename the file')
   cli.check_output_dir(out, '--out')  # Found now, not after the pruning.
+  runs.check_out(out, _WORKDIR.value)
   circuit = runs.find_circuit(_WORKDIR.value, settings, task=task,
                               step=_STEP.value)
   os.makedirs(out, exist_ok=True)

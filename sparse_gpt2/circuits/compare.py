@@ -486,13 +486,7 @@ def _check_args(runs_, out, task_names, settings):
                      f'{runs_["sparse"]}')
   cli.check_output_dir(out, '--out')
   for run in runs_.values():
-    # The figures and circuits would change the digest of the checkpoint
-    # they land in (so none is ever reused), and a task named by a step
-    # would read as a checkpoint.
-    kept = os.path.realpath(os.path.join(run, workdir_lib.CHECKPOINTS))
-    if os.path.commonpath([kept, os.path.realpath(out)]) == kept:
-      raise ValueError(f'--out {out} is inside the checkpoints of {run}: '
-                       'give a folder of its own')
+    runs.check_out(out, run)
   modes = {model: runs.sparsity_mode(run) for model, run in runs_.items()}
   if modes['sparse'] == 'none' or modes['dense'] != 'none':
     swapped = modes['sparse'] == 'none' and modes['dense'] != 'none'

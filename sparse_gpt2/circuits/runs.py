@@ -214,12 +214,13 @@ def encode_task(workdir, task, num_prompts, seed):
   of the run's tokenizer, within its sequence length (`tasks.encode`), its
   answers checked against a fixed preference (`tasks.check_balanced`; a
   refusal says how many datapoints `encode` skipped, which can unbalance
-  a balanced file).
+  a balanced file; a task file's datapoints are named by their lines).
   Reads no checkpoint, so a task that cannot be scored fails before any is
   loaded."""
   name, datapoints = task_datapoints(task, num_prompts, seed)
+  lines = tasks.datapoint_lines(task) if task.endswith('.jsonl') else None
   encoded = tasks.encode(datapoints, _corpus(workdir).tokenizer,
-                         _config(workdir).seq_len, name)
+                         _config(workdir).seq_len, name, lines)
   skipped = len(datapoints) - len(encoded['index'])
   try:
     tasks.check_balanced(encoded, name)
@@ -244,6 +245,18 @@ def check_split(task, encoded, settings):
     prune.split(encoded, settings)
   except ValueError as e:
     raise ValueError(f'{task_name(task)}: {e}{_more_prompts(task)}') from None
+
+
+def check_out(out, workdir):
+  """Raises ValueError where the output folder `out` lies inside the
+  checkpoints of the run `workdir`: the circuits and figures written there
+  would change the digest of the checkpoint they land in (so none is ever
+  reused), and a folder named by a step would read as a checkpoint, a
+  damaged one, to every later command and to the run's own resumption."""
+  kept = os.path.realpath(os.path.join(workdir, workdir_lib.CHECKPOINTS))
+  if os.path.commonpath([kept, os.path.realpath(out)]) == kept:
+    raise ValueError(f'--out {out} is inside the checkpoints of {workdir}: '
+                     'give a folder of its own')
 
 
 def _more_prompts(task):

@@ -771,7 +771,11 @@ def load_jsonl(path):
   dropped with one warning that names them: a misspelt "pair" would
   otherwise leave every datapoint its own group, and a pair's two prompts
   free to land in different splits. A UTF-8 byte order mark, as some
-  editors write, is skipped.
+  editors write, is skipped. Prompts and answers are read as written,
+  whitespace and all: to a byte-level BPE a space or a newline is text
+  (' ==' and indent_for's '\n        ' are answers of their own), so an
+  answer of whitespace is one like any other, and `encode` refuses one
+  that whitespace makes more than one token.
   """
   data, unused = [], set()
   try:
@@ -820,7 +824,15 @@ def load_jsonl(path):
   return data
 
 
-def encode(datapoints, tokenizer, seq_len, name='datapoints'):
+def datapoint_lines(path):
+  """The line of `path` that each of its `load_jsonl` datapoints is on,
+  counted from 1 as an editor counts them: blank lines hold none, so the
+  datapoints' own numbers drift from the lines after the first."""
+  with open(path, encoding='utf-8-sig') as f:
+    return [lineno for lineno, line in enumerate(f, 1) if line.strip()]
+
+
+def encode(datapoints, tokenizer, seq_len, name='datapoints', lines=None):
   """Token arrays for `datapoints`, checked against `tokenizer`.
 
   Each candidate must be one token, or its logit would not be its
@@ -829,7 +841,9 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
   prompt/candidate boundary for either candidate, or the model would be
   scored on a token that never follows this prompt in real text; the tasks
   here are written so that this holds, and skipped datapoints are counted in
-  the log. `name` labels errors and log lines.
+  the log. `name` labels errors and log lines, and `lines` [N], where given
+  (`datapoint_lines`), names a datapoint by its task file's line in them;
+  else by its number, counting from 1.
 
   Returns `tokens` int32 [N, seq_len] (right-padded with 0; long prompts keep
   their last seq_len tokens), `lengths` [N] (prompt tokens kept), the
@@ -850,7 +864,8 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
         ids_of[c] = tokenizer.encode(c).ids
         if len(ids_of[c]) != 1 or ids_of[c] == [0]:
           raise ValueError(f'{name}: candidate {c!r} is tokens {ids_of[c]}, '
-                           'not one non-padding token.')
+                           'not one non-padding token'
+                           + _whitespace_hint(c, tokenizer) + '.')
   prompts = [d['prompt'] for d in datapoints]
   encoded = tokenizer.encode_batch(prompts)
   with_correct = tokenizer.encode_batch(
@@ -880,7 +895,7 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
     logging.warning('%s: %d of %d prompts are longer than %d tokens and keep '
                     'their last %d.', name, cut, len(datapoints), seq_len,
                     seq_len)
-  _check_consistent(rows, seq_len, name)
+  _check_consistent(rows, seq_len, name, lines)
   tokens = np.zeros((len(rows), seq_len), np.int32)
   for r, (ids, *_) in enumerate(rows):
     tokens[r, :len(ids)] = ids
@@ -903,10 +918,22 @@ def encode(datapoints, tokenizer, seq_len, name='datapoints'):
   }
 
 
-def _check_consistent(rows, seq_len, name):
+def _whitespace_hint(candidate, tokenizer):
+  """Where whitespace around a candidate is what makes it more than one
+  token (a pasted 'True '), that said: it is part of the answer, not
+  stripped."""
+  stripped = candidate.strip()
+  if stripped == candidate or len(tokenizer.encode(stripped).ids) != 1:
+    return ''
+  return (f' (its whitespace is part of it: {stripped!r} alone is one '
+          'token)')
+
+
+def _check_consistent(rows, seq_len, name, lines=None):
   """Refuses datapoints whose prompt, as the model reads it, is another's
   with the answers swapped: no model answers both, and pairs that differ
-  only before their last seq_len tokens become such when cut."""
+  only before their last seq_len tokens become such when cut. Named by
+  their `lines` in a task file where given (`encode`)."""
   seen = {}  # Prompt ids -> {(correct, incorrect): datapoint index}.
   clashes = []
   for ids, correct, incorrect, index, _ in rows:
@@ -916,10 +943,12 @@ def _check_consistent(rows, seq_len, name):
     answers.setdefault((correct, incorrect), index)
   if clashes:
     first, second, length = clashes[0]
+    where = (f'lines {lines[first]} and {lines[second]} of the task file'
+             if lines else f'datapoints {first + 1} and {second + 1}, '
+             'counting from 1')
     raise ValueError(
         f'{name}: {len(clashes)} datapoint(s) read the same prompt as one '
-        f'with the answers swapped (first: datapoints {first + 1} and '
-        f'{second + 1}, counting from 1)'
+        f'with the answers swapped (first: {where})'
         + (f', prompts keeping their last {seq_len} tokens'
            if length == seq_len else '')
         + ': no model answers both.')

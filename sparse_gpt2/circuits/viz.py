@@ -127,12 +127,15 @@ def residual_links(nodes):
 
 def _draw_panel(ax, circuit, num_layers, marker_size):
   """Layer bands, row labels, residual links, edges and nodes of one
-  circuit on `ax`."""
+  circuit on `ax`, whose height is `num_layers` layers: beside a deeper
+  model's, the layers this model lacks are left unlabelled and said to be
+  missing (labelled, they read as layers where its circuit keeps
+  nothing)."""
   sizes = circuit['layer_sizes']
   ticks, labels = [], []
   label_transform = mtransforms.offset_copy(
       ax.get_yaxis_transform(), ax.figure, x=-0.8, units='inches')
-  for layer in range(num_layers):
+  for layer in range(circuit['num_layers']):
     top = _y(layer, LOCATIONS[0])
     if layer % 2 == 0:
       ax.axhspan(top - len(LOCATIONS) + 0.5, top + 0.5, color='0.94', lw=0,
@@ -143,10 +146,18 @@ def _draw_panel(ax, circuit, num_layers, marker_size):
     for loc in LOCATIONS:
       ticks.append(_y(layer, loc))
       labels.append(loc)
-      if sizes[loc] <= _SMALL_ROW and layer < circuit['num_layers']:
+      if sizes[loc] <= _SMALL_ROW:
         ax.scatter(_x(np.arange(sizes[loc]), loc, sizes),
                    np.full(sizes[loc], _y(layer, loc)), s=4, c='0.75', lw=0,
                    zorder=2)
+  missing = range(circuit['num_layers'], num_layers)
+  if missing:
+    ax.text(0.5, (_y(missing[0], LOCATIONS[0])
+                  + _y(missing[-1], LOCATIONS[-1])) / 2,
+            f"a {circuit['num_layers']}-layer model: no "
+            + (f'layer {missing[0]}' if len(missing) == 1
+               else f'layers {missing[0]}-{missing[-1]}'),
+            ha='center', va='center', fontsize=8, color='0.4')
   ax.set_yticks(ticks, labels, fontsize=6)
   ax.set_xticks([])
   ax.set_xlim(-0.01, 1.01)
@@ -158,12 +169,15 @@ def _draw_panel(ax, circuit, num_layers, marker_size):
   if not circuit['solved']:
     # The select split's loss decides (`prune`), not the test loss in the
     # title, which may be below the target; the CLI and view.html say so.
-    ax.text(0.5, 0.5, f"not solved: the full model's task loss is\n"
+    # Centred on the model's own layers.
+    ax.text(0.5, (_y(0, LOCATIONS[0])
+                  + _y(circuit['num_layers'] - 1, LOCATIONS[-1])) / 2,
+            f"not solved: the full model's task loss is\n"
             f"{circuit['select_loss']['full_model']:.3f} (select split), "
             "above the target "
-            f"{circuit['target_loss']:g}", transform=ax.transAxes,
-            ha='center', va='center', fontsize=9,
-            bbox={'facecolor': 'white', 'edgecolor': '0.6'})
+            f"{circuit['target_loss']:g}",
+            transform=ax.get_yaxis_transform(), ha='center', va='center',
+            fontsize=9, bbox={'facecolor': 'white', 'edgecolor': '0.6'})
     return
 
   edges = circuit['edges']
