@@ -390,6 +390,7 @@ def test_page_in_a_browser(page, compare_dir, browser, tmp_path):
       details
   assert f"{node['score']:.3f}" in details
   assert 'Incoming edges' in details and 'Outgoing edges' in details
+  assert 'strongest listed' not in details  # The file lists every edge.
   assert browser.js("document.querySelectorAll('#details .snippet mark')"
                     '.length') == 3  # snippets_per_node
   assert 'task=quotes&node=0:' in browser.js('location.hash')
@@ -495,6 +496,16 @@ def test_cli_big_circuit_draws_the_strongest_edges(tmp_path, browser):
   assert browser.js("document.querySelectorAll('line.edge').length") == \
       20_000
   assert time.time() - start < 10
+  # A node's edges counted are of those listed, and say so: a count of 0
+  # read as a node with no edges, of a circuit of 250,000.
+  browser.click("circle.node[data-i='0']")
+  details = browser.js("document.querySelector('#details').innerText")
+  assert 'Incoming edges' in details
+  for heading in ('Incoming edges (', 'Outgoing edges ('):
+    assert details.split(heading)[1].split(')')[0].endswith(
+        ' among the 20,000 strongest listed'), details
+  assert browser.js("document.querySelector('#tooltip').textContent"
+                    ).endswith(' out among the 20,000 strongest listed')
   assert browser.errors() == []
 
 
@@ -509,7 +520,9 @@ def test_page_of_circuits_from_two_runs_says_where_one_has_none(
     circuit = {**_big_circuit(20, 20), 'task': task, 'run': run,
                'examples': [{'prompt': 'print("<!--" + "<script>" + "</scr'
                                        'ipt>")', 'correct': 'x',
-                             'incorrect': 'y'}]}
+                             'incorrect': 'y'},
+                            {'prompt': 'key = "' + 'A' * 5000 + '"\nx = (',
+                             'correct': 'x', 'incorrect': 'y'}]}
     (circuits / f'{task}.json').write_text(json.dumps(circuit))
   out = tmp_path / 'page.html'
   view.write_page(str(out), circuits_dir=str(circuits), load_runs=False)
@@ -524,6 +537,10 @@ def test_page_of_circuits_from_two_runs_says_where_one_has_none(
   assert not any('not solved' in r for r in rows), rows
   assert '<script>' in browser.js(
       "document.querySelector('#prompts').innerText")
+  # A prompt's line of 5,000 characters wraps: the page does not scroll
+  # sideways (it was 25 times the window's width).
+  assert browser.js('document.documentElement.scrollWidth') <= browser.js(
+      'document.documentElement.clientWidth')
 
 
 def test_no_ratio_where_a_circuit_has_no_edges_and_no_edge_at_a_fraction(
@@ -575,6 +592,22 @@ def test_one_run_written_two_ways_is_one_panel_and_twin_circuits_refused(
       'that holds one of them')
 
 
+def test_runs_of_one_folder_name_are_told_apart(tmp_path):
+  """Circuits of two runs whose folders share a name (runs/a/sparse and
+  runs/b/sparse, one step): their panels, table columns and prompt rows
+  are labelled by path, not both 'sparse step 7'; a run of a name of its
+  own keeps the short label."""
+  for name, run in (('one', '/nowhere/a/sparse'),
+                    ('two', '/nowhere/b/sparse'),
+                    ('three', '/nowhere/c/dense')):
+    (tmp_path / f'{name}.json').write_text(json.dumps(
+        {**_big_circuit(2, 2), 'task': name, 'run': run}))
+  data = view.write_page(str(tmp_path / 'page.html'),
+                         circuits_dir=str(tmp_path), load_runs=False)
+  assert sorted(p['label'] for p in data['panels']) == [
+      '/nowhere/a/sparse step 7', '/nowhere/b/sparse step 7', 'dense step 7']
+
+
 def test_a_step_no_longer_kept_is_a_note_not_a_failure(twins, tmp_path):
   kept = random_circuit(twins['sparse'], 'quotes', 5, 0)
   (tmp_path / 'kept.json').write_text(json.dumps(kept))
@@ -599,6 +632,7 @@ def test_a_circuit_of_other_weights_is_a_note_not_their_data(twins,
   stale['checkpoint_sha256'] = '0' * 64
   stale['nodes'].append({'layer': 0, 'location': 'mlp_neuron',
                          'index': stale['layer_sizes']['mlp_neuron']})
+  stale['layer_sizes']['mlp_neuron'] += 1  # The model it was found in.
   (tmp_path / 'quotes.json').write_text(json.dumps(stale))
   (tmp_path / 'closing.json').write_text(json.dumps(
       random_circuit(sparse, 'closing', 5, 1)))
@@ -810,6 +844,29 @@ def test_cli_bad_input_is_one_line_exit_1(tmp_path):
   assert not os.path.exists(tmp_path / 'page.html')
 
 
+def test_a_run_or_compare_directory_as_circuits_says_where_they_are(
+    tmp_path):
+  """--circuits given a run's directory (its circuits are in
+  RUN/circuits/TASK/circuit.json) or compare's: the refusal says where to
+  look, not only that there are none."""
+  run = tmp_path / 'run'
+  (run / 'circuits' / 'one').mkdir(parents=True)
+  (run / 'config.json').write_text('{}')
+  (run / 'circuits' / 'one' / 'circuit.json').write_text(json.dumps(
+      _big_circuit(2, 2)))
+  out = str(tmp_path / 'page.html')
+  with pytest.raises(ValueError) as refused:
+    view.write_page(out, circuits_dir=str(run), load_runs=False)
+  assert str(refused.value) == (
+      f'no circuit files in {run} (looked for circuit.json, *.json and '
+      f"*/circuit.json): a run's circuits are in {run / 'circuits'}")
+  view.write_page(out, circuits_dir=str(run / 'circuits'), load_runs=False)
+  (run / 'comparison.json').write_text('{}')
+  with pytest.raises(ValueError, match=r'\): give --compare=.*/run for a '
+                     'compare output$'):
+    view.write_page(out, circuits_dir=str(run), load_runs=False)
+
+
 def test_bad_directories_are_refused_before_any_work(tmp_path):
   out = str(tmp_path / 'page.html')
   with pytest.raises(ValueError, match='no circuit files'):
@@ -858,6 +915,46 @@ def test_bad_directories_are_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=message):
       view.write_page(out, circuits_dir=str(circuits))
   assert not os.path.exists(out)
+
+
+def test_a_circuit_the_page_cannot_draw_is_refused_naming_why(tmp_path):
+  """A hand-edited circuit file with a node outside its own model shape,
+  a shape that is none, a loss that is no number, or example prompts not
+  as prune writes them: refused in one line naming the file, where the
+  page was written and drew the node off its panel (with its run loaded, a
+  traceback indexing the weights by it), every node at NaN (console
+  errors), or stopped its script at a loss or the prompts."""
+  out = str(tmp_path / 'page.html')
+  circuits = tmp_path / 'circuits'
+  circuits.mkdir()
+  sizes = _big_circuit(2, 2)['layer_sizes']
+  examples = 'not a list of {prompt, correct, incorrect} strings'
+  for damage, wrong in (
+      ({'nodes': [{'layer': 4, 'location': 'q', 'index': 0}]},
+       'node 4/q/0 is outside its 4 layers of 128 q'),
+      ({'nodes': [{'layer': 0, 'location': 'mlp_neuron', 'index': 512}]},
+       'node 0/mlp_neuron/512 is outside its 4 layers of 512 mlp_neuron'),
+      ({'nodes': [{'layer': 1, 'location': 'k', 'index': -1}]},
+       'node 1/k/-1 is outside its 4 layers of 128 k'),
+      ({'num_layers': 0}, 'num_layers 0 is not a positive integer'),
+      ({'num_layers': '4'}, "num_layers '4' is not a positive integer"),
+      ({'layer_sizes': {k: v for k, v in sizes.items() if k != 'q'}},
+       'layer_sizes {'),
+      ({'examples': 'x = 1'}, 'examples is ' + examples),
+      ({'examples': ['x = 1']}, 'examples is ' + examples),
+      ({'examples': [{'correct': 'a', 'incorrect': 'b'}]},
+       'examples is ' + examples),
+      ({'val_loss': '3.5'}, "val_loss '3.5' is not a number"),
+      ({'losses': {'full_model': 0.1, 'circuit_only': [0.4]}},
+       'losses.circuit_only [0.4] is not a number')):
+    (circuits / 'a.json').write_text(json.dumps(
+        {**_big_circuit(2, 2), 'edges': [], **damage}))
+    with pytest.raises(ValueError) as refused:
+      view.write_page(out, circuits_dir=str(circuits), load_runs=False)
+    assert str(refused.value).startswith(
+        f'{circuits / "a.json"} is not a circuit file the page can read '
+        f'({wrong}'), str(refused.value)
+    assert not os.path.exists(out)
 
 
 def test_calibrated_probability_is_the_calibrated_loss():

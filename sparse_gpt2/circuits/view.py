@@ -320,6 +320,48 @@ def _mistyped(record, keys):
   return None
 
 
+def _counts(value, bound=float('inf')):
+  """Whether `value` is an integer (not a bool) in [0, bound)."""
+  return (isinstance(value, int) and not isinstance(value, bool)
+          and 0 <= value < bound)
+
+
+def _misshapen(circuit):
+  """What of a `compact`-able circuit the page cannot draw or its run not
+  read, else None: a model shape (num_layers, a size for every location in
+  layer_sizes) that is not one, a node outside it (drawn off its panel, or
+  a traceback once the run's weights are indexed by it), a loss the page
+  formats that is no number, or example prompts not as `runs.find_circuit`
+  writes them (a traceback scoring them; a page whose script stops at
+  either): a hand-edited or foreign file."""
+  num_layers, sizes = circuit['num_layers'], circuit['layer_sizes']
+  if not _counts(num_layers) or num_layers == 0:
+    return f'num_layers {num_layers!r} is not a positive integer'
+  if not isinstance(sizes, dict) or not all(
+      _counts(sizes.get(loc)) and sizes[loc] > 0 for loc in LOCATIONS):
+    return (f'layer_sizes {sizes!r} gives no positive integer size to each '
+            f'of {list(LOCATIONS)}')
+  for v in circuit['nodes']:
+    if not (_counts(v['layer'], num_layers)
+            and _counts(v['index'], sizes[v['location']])):
+      return (f"node {node_key(v['layer'], v['location'], v['index'])} is "
+              f"outside its {num_layers} layers of {sizes[v['location']]} "
+              f"{v['location']}")
+  losses = {'val_loss': circuit.get('val_loss'),
+            **{f'losses.{k}': v for k, v in circuit['losses'].items()}}
+  for name, value in losses.items():
+    if value is not None and (isinstance(value, bool)
+                              or not isinstance(value, (int, float))):
+      return f'{name} {value!r} is not a number'
+  examples = circuit.get('examples') or []
+  if not isinstance(examples, list) or not all(
+      isinstance(e, dict) and all(isinstance(e.get(k), str)
+                                  for k in ('prompt', 'correct', 'incorrect'))
+      for e in examples):
+    return 'examples is not a list of {prompt, correct, incorrect} strings'
+  return None
+
+
 def _whole(circuit, path):
   """`circuit` (read from `path`) if it has every CIRCUIT_FIELDS and the
   page can read it, else a one-line error that names the file."""
@@ -337,6 +379,10 @@ def _whole(circuit, path):
   except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
     raise ValueError(f'{path} is not a circuit file the page can read '
                      f'({type(e).__name__}: {e})') from None
+  wrong = _misshapen(circuit)
+  if wrong:
+    raise ValueError(f'{path} is not a circuit file the page can read '
+                     f'({wrong})')
   try:
     json.dumps(page, allow_nan=False)
   except ValueError as e:  # NaN or infinity, which JSON cannot hold.
@@ -414,9 +460,15 @@ def from_circuits(directory):
   found = {path: _whole(c, path)
            for path, c in zip(paths, map(workdir_lib.read_json, paths))
            if isinstance(c, dict) and 'nodes' in c and 'task' in c}
-  if not found:
+  if not found:  # A run's directory, or compare's: where its circuits are.
+    hint = ''
+    if os.path.isfile(os.path.join(directory, 'comparison.json')):
+      hint = f': give --compare={directory} for a compare output'
+    elif os.path.isdir(os.path.join(directory, 'circuits')):
+      hint = (f": a run's circuits are in "
+              f"{os.path.join(directory, 'circuits')}")
     raise ValueError(f'no circuit files in {directory} (looked for '
-                     'circuit.json, *.json and */circuit.json)')
+                     f'circuit.json, *.json and */circuit.json){hint}')
 
   def panel_of(c):
     return os.path.realpath(c['run']), c['step']
@@ -427,6 +479,12 @@ def from_circuits(directory):
         'label': f'{os.path.basename(os.path.normpath(c["run"]))} step '
                  f'{c["step"]}', 'run': c['run'], 'step': c['step'],
         'val_loss': c.get('val_loss'), 'notes': []})
+  # Two runs of one folder name (runs/a/sparse, runs/b/sparse) at one step
+  # would read alike in every panel title, column and row: named by path.
+  labels = [p['label'] for p in groups.values()]
+  for panel in groups.values():
+    if labels.count(panel['label']) > 1:
+      panel['label'] = f"{panel['run']} step {panel['step']}"
   order = list(groups)
   by_task, path_of = {}, {}
   for path, c in found.items():
