@@ -41,15 +41,19 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 name=$(basename "${config%%:*}" .py)
 workdir=${workdir:-runs/$name}
 args=(--config="$config" --workdir="$workdir" ${overrides[@]+"${overrides[@]}"})
+# A directive's value as sbatch reads it: in double quotes, or a space in the
+# checkout's path or the config's name ends it and a `#` starts a comment
+# (--output=/home/me/my code/logs/... wrote the log to /home/me/my).
+directive() { local v=${1//\\/\\\\}; v=${v//\"/\\\"}; printf '"%s"' "$v"; }
 
 script="#!/usr/bin/env bash
-#SBATCH --job-name=sparse_gpt2-$name
+#SBATCH --job-name=$(directive "sparse_gpt2-$name")
 #SBATCH --nodes=$nodes
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=$gpus
 #SBATCH --exclusive
 #SBATCH --time=$time_limit
-#SBATCH --output=$repo/logs/%x-%j.out
+#SBATCH --output=$(directive "$repo/logs/%x-%j.out")
 ${partition:+#SBATCH --partition=$partition
 }set -euo pipefail
 cd $(printf '%q' "$repo")

@@ -27,7 +27,7 @@
 # --dry_run prints every command instead of running it. RUNTIME overrides the
 # TPU software version chosen from TYPE; PROJECT sets gcloud's --project.
 set -euo pipefail
-usage() { sed -n '2,27p' "$0"; exit 2; }
+usage() { sed -n '2,28p' "$0"; exit 2; }
 
 dry_run=0
 if [[ "${1:-}" == "--dry_run" ]]; then dry_run=1; shift; fi

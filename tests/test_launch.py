@@ -234,6 +234,26 @@ def test_tpu_start_keeps_runs_and_refuses_what_it_would_lose(tmp_path):
                       'error: --workdir=out/r is inside the code copy')
 
 
+def test_missing_arguments_print_the_whole_usage():
+  """Too few arguments: the script's header comment, every line of it
+  (tpu_vm.sh's stopped mid-sentence, before RUNTIME's and PROJECT's
+  line), and exit code 2."""
+  for script, args in (('tpu_vm.sh', ['start', 'n']),
+                       ('tpu_vm.sh', ['create', 'n', 'z']),
+                       ('gpu_slurm.sh', ['2'])):
+    path = os.path.join(ROOT, 'launch', script)
+    with open(path) as f:
+      header = []
+      for line in f.read().splitlines()[1:]:
+        if not line.startswith('#'):
+          break
+        header.append(line)
+    result = subprocess.run(['bash', path, *args], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2, (script, args, result)
+    assert result.stdout.splitlines() == header, (script, args)
+
+
 def test_tpu_logs_stop_and_delete():
   logs, = _dry_run('tpu_vm.sh', 'logs', 'tpu1', 'z', '--worker=3')
   assert '--worker=3' in logs and 'sparse_gpt2.log' in _remote(logs)
@@ -387,7 +407,7 @@ def test_slurm_script_installs_once_and_runs_a_process_per_node():
     assert f'#SBATCH {expected}' in directives, expected
   # One log per job, not one overwritten by the next job of the name.
   assert [d for d in directives if d.startswith('#SBATCH --output=')] == [
-      f'#SBATCH --output={ROOT}/logs/%x-%j.out']
+      f'#SBATCH --output="{ROOT}/logs/%x-%j.out"']
   assert not any(d.startswith('#SBATCH --partition') for d in directives)
   pip = next(i for i, l in enumerate(lines) if 'pip install' in l)
   srun = next(i for i, l in enumerate(lines) if l.startswith('srun '))
@@ -447,4 +467,41 @@ def test_slurm_submits_the_job_it_writes(tmp_path):
   job = (bin_ / 'job').read_text()
   assert job == job_file.read_text()
   assert job.startswith('#!/usr/bin/env bash\n#SBATCH --job-name=')
-  assert f'#SBATCH --output={repo}/logs/%x-%j.out\n' in job
+  assert f'#SBATCH --output="{repo}/logs/%x-%j.out"\n' in job
+
+
+def _sbatch_options(job):
+  """The options of a job file's #SBATCH lines, split as sbatch splits
+  them: quotes and backslashes group, whitespace and an unquoted `#` (the
+  rest of the line a comment) end an option."""
+  return [option for line in job.splitlines() if line.startswith('#SBATCH ')
+          for option in shlex.split(line[len('#SBATCH '):], comments=True)]
+
+
+def test_slurm_directives_survive_spaces_and_hashes_in_paths(tmp_path):
+  """A checkout under a path with a space and a `#`, and a config file
+  with a space in its name: sbatch reads the log path and job name whole
+  (unquoted, it wrote the log to the path's first word)."""
+  repo = tmp_path / 'my code #2'
+  (repo / 'launch').mkdir(parents=True)
+  (repo / 'configs').mkdir()
+  (repo / 'configs' / 'my tiny.py').write_text('')
+  script = repo / 'launch' / 'gpu_slurm.sh'
+  with open(os.path.join(ROOT, 'launch', 'gpu_slurm.sh')) as f:
+    script.write_text(f.read())
+  bin_ = tmp_path / 'bin'
+  bin_.mkdir()
+  (bin_ / 'sbatch').write_text('#!/bin/sh\ncp "$1" "$(dirname "$0")/job"\n')
+  (bin_ / 'sbatch').chmod(0o755)
+  subprocess.run(['bash', str(script), '1', 'configs/my tiny.py',
+                  '--partition=p'], check=True, capture_output=True,
+                 timeout=60,
+                 env={**os.environ, 'PATH': f"{bin_}:{os.environ['PATH']}"})
+  job = (bin_ / 'job').read_text()
+  assert _sbatch_options(job) == [
+      '--job-name=sparse_gpt2-my tiny', '--nodes=1', '--ntasks-per-node=1',
+      '--gpus-per-node=8', '--exclusive', '--time=24:00:00',
+      f'--output={repo}/logs/%x-%j.out', '--partition=p']
+  srun = next(l for l in job.splitlines() if l.startswith('srun '))
+  assert shlex.split(srun)[-2:] == ['--config=configs/my tiny.py',
+                                    '--workdir=runs/my tiny']
