@@ -96,10 +96,11 @@ def to_markdown(result):
   counts = collections.Counter((c['way'], c['outcome'])
                                for c in result['cases'])
   outcomes = sorted({o for _, o in counts})
+  cases = len(result['cases'])  # Not '1 cases': one --ways, one file.
   lines = [f"Measured {result['date']} on {result['machine']}, commit "
            f"`{result['commit']}` (`{result['command']}`):"
-           f" {len(result['cases'])} cases, each file of a checkpoint "
-           'damaged alone.', '',
+           f" {cases} case{'' if cases == 1 else 's'}, each file of a "
+           'checkpoint damaged alone.', '',
            '| damage | ' + ' | '.join(outcomes) + ' |',
            '|---|' + '---:|' * len(outcomes)]
   for way in result['ways']:
@@ -109,7 +110,7 @@ def to_markdown(result):
 
 
 def main():
-  provenance.prepare_out(_OUT.value)
+  provenance.prepare_out(_OUT.value, 'checkpoint_damage')
   unknown = set(_WAYS.value) - set(DAMAGES)
   if unknown:
     raise ValueError(f'unknown --ways {sorted(unknown)}; known: '

@@ -14,6 +14,8 @@ from absl import flags
 import jax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from sparse_gpt2 import cli  # pylint: disable=g-import-not-at-top
 
 
 def machine():
@@ -126,20 +128,36 @@ def refuse_batch_split(num_cpu_devices, batches):
                        f'the batch of {batch}')
 
 
-def prepare_out(out_dir):
-  """Makes `out_dir` and writes a file there before anything is measured, so
+def prepare_out(out_dir, name):
+  """Makes `out_dir`, writes a file there and opens the result files that
+  `write(out_dir, name, ...)` will write, before anything is measured, so
   that an --out that cannot hold the results is refused in one line now, not
   after the run."""
   if not out_dir:  # os.makedirs('') is a bare "[Errno 2] ... ''".
     raise ValueError('--out is empty: give a folder for the results')
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise ValueError(f'--out {out_dir} exists and is not a directory')
-  os.makedirs(out_dir, exist_ok=True)
+  # Below a file: os.makedirs's "[Errno 20] Not a directory" named no flag.
+  cli.check_output_dir(out_dir, '--out')
   try:  # A folder may exist yet refuse files (permissions, read-only).
+    os.makedirs(out_dir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out_dir):
       pass
   except OSError as e:
     raise ValueError(f'--out {out_dir} is not writable: {e}') from None
+  for ext in ('json', 'md'):
+    # A folder of that name, or a file not ours to write, lost the results
+    # at the final write.
+    path = os.path.join(out_dir, f'{name}.{ext}')
+    if os.path.isdir(path):
+      raise ValueError(f'--out {out_dir}: {path} is a directory, not a file')
+    if os.path.exists(path):
+      try:  # Appending nothing leaves the file as it is.
+        with open(path, 'a'):
+          pass
+      except OSError as e:
+        raise ValueError(f'--out {out_dir}: {path} is not writable: '
+                         f'{e}') from None
 
 
 def write(out_dir, name, result, markdown):

@@ -453,7 +453,7 @@ def _shape(shape, width=True):
 
 
 def main():
-  provenance.prepare_out(_OUT.value)
+  provenance.prepare_out(_OUT.value, 'run')
   # Set up as `main` sets up a long run (the peers get it alike; --quick as
   # a short one), compiled programs kept on disk included: a rerun loads its
   # ~20 programs instead of compiling them again (a loaded program is the

@@ -223,6 +223,10 @@ def profile_jax(config, steps):
 def main():
   provenance.refuse_flags_of_run('step_profile.py',
                                  ('quick', 'out', 'baseline'))
+  if _STEP.value == 'torch' and flags.FLAGS['num_cpu_devices'].present:
+    # The torch peer runs on the CPU as its user runs it: not ignored.
+    raise ValueError('--num_cpu_devices splits the JAX steps; --step=torch '
+                     'does not read it')
   cli.keep_freed_memory()
   jax.config.update('jax_num_cpu_devices', flags.FLAGS.num_cpu_devices)
   # The compile cache's key leaves out the ops' name stacks: a program it

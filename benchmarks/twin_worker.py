@@ -135,6 +135,9 @@ def main(code_dir, config_file):
 
 
 if __name__ == '__main__':
+  if len(sys.argv) < 3 or len(sys.argv) > 3 and sys.argv[1] != '--check':
+    sys.exit('usage: twin_worker.py CODE_DIR CONFIG_FILE | '
+             '--check CODE_DIR CONFIG_FILE...')  # Not an IndexError.
   if sys.argv[1] == '--check':
     check(sys.argv[2], sys.argv[3:])
   else:

@@ -129,6 +129,13 @@ def check_configs(configs, code_dirs):
   found by `main` only after the configs before it had trained."""
   if not configs:
     raise ValueError('--configs is empty')
+  # Else '--configs=,' read "configs/.py ... not at the checkout", and a
+  # config given twice trained twice for one result.
+  if '' in configs:
+    raise ValueError('--configs has an empty name')
+  twice = sorted({c for c in configs if configs.count(c) > 1})
+  if twice:
+    raise ValueError(f"--configs names {', '.join(twice)} more than once")
   for code_dir in code_dirs:
     missing = [c for c in configs if not os.path.isfile(
         os.path.join(code_dir, 'configs', f'{c}.py'))]
@@ -138,7 +145,7 @@ def check_configs(configs, code_dirs):
 
 
 def main():
-  provenance.prepare_out(_OUT.value)
+  provenance.prepare_out(_OUT.value, 'whole_runs')
   result = {'date': time.strftime('%Y-%m-%d'),
             'machine': provenance.machine(), 'commit': provenance.commit(),
             'command': provenance.command(),

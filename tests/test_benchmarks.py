@@ -62,6 +62,22 @@ DAMAGES = ("['delete', 'empty', 'flip_byte', 'garbage', 'half', "
     # Git took it as its own option: a traceback of tar.
     ('whole_runs.py', ['--baseline=--list'], 1,
      "--baseline='--list' is not a commit"),
+    # Below a file: os.makedirs's "[Errno 20] Not a directory: ...", which
+    # named no flag.
+    ('whole_runs.py', ['--out=README.md/sub'], 1,
+     f"--out README.md/sub: {os.path.join(ROOT, 'README.md')} is a file, "
+     'not a directory'),
+    # Not one config trained twice for one result (the override would end
+    # that run), nor "configs/.py, configs/.py not at the checkout".
+    ('whole_runs.py', ['--configs=tiny,dense_small,tiny', '--baseline=HEAD',
+                       '--set=config.no_such_field=1'], 1,
+     '--configs names tiny more than once'),
+    ('whole_runs.py', ['--configs=,', '--baseline=HEAD'], 1,
+     '--configs has an empty name'),
+    # The torch peer runs as its user runs it: the flag was ignored.
+    ('step_profile.py', ['--step=torch', '--steps=1', '--num_cpu_devices=3'],
+     1, '--num_cpu_devices splits the JAX steps; --step=torch does not read '
+     'it'),
 ])
 def test_bad_input_is_one_line_before_any_measure(script, args, code,
                                                   message):
@@ -100,7 +116,47 @@ def test_prepare_out_refuses_a_folder_it_cannot_write(tmp_path):
   if os.access(out, os.W_OK):  # root writes there anyway; not in /proc.
     out = '/proc'
   with pytest.raises(ValueError, match=f'^--out {out} is not writable: '):
-    provenance.prepare_out(str(out))
+    provenance.prepare_out(str(out), 'run')
+
+
+@pytest.mark.parametrize('script, folder, args', [
+    # Each with a refusal of its own that the old check let it reach first.
+    ('run.py', 'run.json', ['--quick', '--num_cpu_devices=3']),
+    ('whole_runs.py', 'whole_runs.md', ['--baseline=deadbeef']),
+    ('checkpoint_damage.py', 'checkpoint_damage.md', ['--ways=bogus']),
+])
+def test_a_result_file_that_is_a_folder_is_refused_before_any_measure(
+    script, folder, args, tmp_path):
+  # The whole run measured, then its results lost at the final write.
+  (tmp_path / folder).mkdir()
+  result = subprocess.run(
+      [sys.executable, os.path.join('benchmarks', script), f'--out={tmp_path}',
+       *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr
+  assert result.stderr.strip() == (
+      f'error: --out {tmp_path}: {tmp_path / folder} is a directory, not a '
+      'file'), result.stderr
+
+
+def test_prepare_out_leaves_earlier_results_as_they_are(tmp_path):
+  # Checked writable, not emptied: a run refused later keeps them.
+  import provenance  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'run.json').write_text('{"earlier": 1}')
+  provenance.prepare_out(str(tmp_path), 'run')
+  assert (tmp_path / 'run.json').read_text() == '{"earlier": 1}'
+  assert sorted(os.listdir(tmp_path)) == ['run.json']
+
+
+@pytest.mark.parametrize('args', [[], ['--check'], ['code', 'a.py', 'b.py']])
+def test_twin_worker_without_its_arguments_is_a_usage_line(args):
+  # No arguments was an IndexError's traceback, a third a TypeError's.
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/twin_worker.py', *args], cwd=ROOT,
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr
+  assert result.stderr.strip() == (
+      'usage: twin_worker.py CODE_DIR CONFIG_FILE | --check CODE_DIR '
+      'CONFIG_FILE...'), result.stderr
 
 
 def _interpreter(code, *args, **run_args):
@@ -813,6 +869,21 @@ print(whole_runs.to_markdown({
 ''')
   assert ('| tiny | 30.0 | 12.0 | **2.50x** | 20.0 / 8.0 | - | - |'
           in out.splitlines())
+
+
+def test_checkpoint_damage_markdown_counts_one_case_as_one():
+  # '1 cases' of one --ways on one --path_contains file.
+  out = _python('''
+import checkpoint_damage
+for cases in (1, 2):
+  print(checkpoint_damage.to_markdown({
+      'date': 'today', 'machine': 'm', 'commit': 'c', 'command': 'cmd',
+      'ways': ['delete'], 'cases': [
+          {'way': 'delete', 'file': 'f', 'outcome': 'fell back'}] * cases}))
+''')
+  assert [l for l in out.splitlines() if l.startswith('Measured')] == [
+      f'Measured today on m, commit `c` (`cmd`): {n}, each file of a '
+      'checkpoint damaged alone.' for n in ('1 case', '2 cases')]
 
 
 def test_checkpoint_damage_outcome_of_each_resume(tmp_path):
