@@ -290,6 +290,35 @@ def test_listing_digest_sees_an_edit_of_the_same_size(tmp_path):
   assert python_code.listing_digest(str(tmp_path)) != before
 
 
+def test_a_file_edited_while_the_corpus_is_read_is_built_again(
+    corpus_dir, tmp_path, monkeypatch):
+  """The listing's digest was taken after the files were read: one edited
+  in between was in the manifest as it was before, the digest as after, so
+  the corpus was never built again from the edit. Taken before, it is."""
+  source = tmp_path / 'src'
+  shutil.copytree(corpus_dir[0], source)
+  config = _config(source, tmp_path / 'tfds')
+  edited = source / 'pkg0' / 'sub0' / 'mod_0.py'
+  text = b'def edited():\n    return "edited while it was read"\n'
+  split_of = python_code.split_of
+
+  def edit_once(relpath, val_fraction):  # Called once a file was read.
+    if relpath == 'pkg0/sub0/mod_0.py' and edited.read_bytes() != text:
+      mtime = edited.stat().st_mtime_ns + 10**9  # Coarse clocks.
+      edited.write_bytes(text)
+      os.utime(edited, ns=(mtime, mtime))
+    return split_of(relpath, val_fraction)
+
+  monkeypatch.setattr(python_code, 'split_of', edit_once)
+  data.load(config, SEQ_LEN)
+  monkeypatch.undo()
+  again = data.load(config, SEQ_LEN)
+  with open(again.manifest_path) as f:
+    (entry,) = [e for e in json.load(f)['files']
+                if e['path'] == 'pkg0/sub0/mod_0.py']
+  assert entry['sha256'] == hashlib.sha256(text).hexdigest()
+
+
 def test_a_cache_write_is_synced_before_it_is_renamed(tmp_path,
                                                      monkeypatch):
   calls = []
@@ -403,6 +432,44 @@ def test_py_names_that_are_not_files_to_read_are_skipped(corpus, corpus_dir,
   assert manifest['skipped_same_files'] == ['zz/again.py',
                                             'zz/again_too.py']
   assert manifest['skipped_not_utf8'] == ['caf\\xe9.py', 'latin1.py']
+
+
+def test_hard_links_to_a_file_listed_are_skipped(corpus, corpus_dir,
+                                                 tmp_path):
+  """Only symbolic links were known for the same file (by real path): a
+  hard link was read again, its text in the corpus twice, perhaps once in
+  each split. Skipped and named as a symbolic link is."""
+  source = tmp_path / 'src'
+  shutil.copytree(corpus_dir[0], source)
+  (source / 'zz').mkdir()
+  os.link(source / 'pkg0' / 'sub0' / 'mod_0.py', source / 'zz' / 'hard.py')
+  again = data.load(_config(source, tmp_path / 'tfds'), SEQ_LEN)
+  np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
+  np.testing.assert_array_equal(again.val_tokens, corpus.val_tokens)
+  with open(again.manifest_path) as f:
+    assert json.load(f)['skipped_same_files'] == ['zz/hard.py']
+
+
+def test_links_to_directories_are_named(corpus, corpus_dir, tmp_path):
+  """os.walk follows no link to a directory, so the .py files behind one
+  were left out without a word (a source of only such links was an
+  'empty corpus'): each is named in the manifest and the refusal."""
+  source = tmp_path / 'src'
+  shutil.copytree(corpus_dir[0], source)
+  shutil.copytree(corpus_dir[0] / 'pkg2', tmp_path / 'elsewhere')
+  os.symlink(tmp_path / 'elsewhere', source / 'outside')
+  os.symlink(source / 'pkg1', source / 'pkg0' / 'linked')  # Listed anyway.
+  again = data.load(_config(source, tmp_path / 'tfds'), SEQ_LEN)
+  np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
+  np.testing.assert_array_equal(again.val_tokens, corpus.val_tokens)
+  with open(again.manifest_path) as f:
+    assert json.load(f)['skipped_dir_links'] == ['outside', 'pkg0/linked']
+  (tmp_path / 'only').mkdir()
+  os.symlink(source, tmp_path / 'only' / 'code')
+  with pytest.raises(ValueError, match=r"^No UTF-8 \.py files under '.*only': "
+                     r'empty corpus \(links to directories, not followed: '
+                     r'code\)\.$'):
+    data.load(_config(tmp_path / 'only', tmp_path / 'tfds'), SEQ_LEN)
 
 
 def test_a_data_dir_this_process_may_not_write(corpus, corpus_dir, data_dir,
@@ -620,6 +687,37 @@ def test_corpus_too_small_raises(corpus_dir, data_dir, tmp_path):
   # TFDS's downloads/ and the lock that one load at a time takes there).
   assert sorted(os.listdir(tmp_path / 'mine' / 'tfds')) == [
       '.sparse_gpt2.lock', 'downloads']
+
+
+def test_a_build_that_fails_reading_a_file_leaves_no_folders(
+    corpus, corpus_dir, tmp_path, monkeypatch):
+  """A file removed (or denied) while the corpus was read: its OSError
+  left empty folders below the data folder, where only a ValueError's were
+  removed. Now removed too, and a corpus built there is kept."""
+  source = tmp_path / 'src'
+  shutil.copytree(corpus_dir[0], source)
+  removed = source / 'pkg2' / 'sub1' / 'mod_5.py'  # Read after mod_0.py.
+  split_of = python_code.split_of
+
+  def remove_once(relpath, val_fraction):
+    if relpath == 'pkg0/sub0/mod_0.py' and removed.exists():
+      os.remove(removed)
+    return split_of(relpath, val_fraction)
+
+  monkeypatch.setattr(python_code, 'split_of', remove_once)
+  mine = tmp_path / 'mine'  # The user's.
+  with pytest.raises(FileNotFoundError, match='mod_5.py'):
+    data.load(_config(source, mine), SEQ_LEN)
+  assert sorted(os.listdir(mine)) == ['.sparse_gpt2.lock', 'downloads']
+  built = data.load(_config(corpus_dir[0], mine), SEQ_LEN)
+  shutil.copy(corpus_dir[0] / 'pkg2' / 'sub1' / 'mod_5.py', removed)
+  with pytest.raises(FileNotFoundError, match='mod_5.py'):
+    data.load(_config(source, mine), SEQ_LEN)
+  assert os.listdir(mine / 'python_code') == [
+      os.path.relpath(built.data_dir, mine / 'python_code').split(os.sep)[0]]
+  again = data.load(_config(corpus_dir[0], mine), SEQ_LEN)
+  assert again.train_tokens.filename == built.train_tokens.filename
+  np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
 
 
 class SparseGpt2TestDocs(tfds.core.GeneratorBasedBuilder):

@@ -98,13 +98,16 @@ def _open_python_code(source_dir, data_config):
       builder = make()  # Afresh: the old one read the removed dataset's info.
   try:
     builder.download_and_prepare()
-  except ValueError:  # An empty or too small corpus: no folders left for it
-    # below the data folder, which may be the user's.
+  except (ValueError, OSError):  # An empty or too small corpus, a file
+    # removed or denied while it was read: no empty folders left for it
+    # below the data folder, which may be the user's (a folder not empty,
+    # a built dataset, is kept; one not removed leaves this error said).
     folder, root = builder.data_dir, os.fspath(builder.data_dir_root)
     while os.path.normpath(folder) != os.path.normpath(root) and not (
         os.path.isdir(folder) and os.listdir(folder)):
       if os.path.isdir(folder):
-        os.rmdir(folder)
+        with contextlib.suppress(OSError):
+          os.rmdir(folder)
       folder = os.path.dirname(folder)
     raise
   return _Source(

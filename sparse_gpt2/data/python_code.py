@@ -50,32 +50,38 @@ def split_of(relpath, val_fraction):
 
 
 def _scan(source_dir):
-  """(paths, not_files, not_utf8, same_files, not_read): relative POSIX
-  paths of the .py files under `source_dir`, in a fixed order (a directory's
-  own files by name, then its subdirectories' by name: os.walk's, each level
-  sorted; not one sort of the whole paths, which would put `A/x.py` before
-  `a.py` and change the corpus every run trains on); then the .py names that
-  are not a file to read (a link to nothing or to itself, which would fail the
-  build, a FIFO, which would hang it), those not UTF-8 (no split or
+  """(paths, not_files, not_utf8, same_files, not_read, dir_links): relative
+  POSIX paths of the .py files under `source_dir`, in a fixed order (a
+  directory's own files by name, then its subdirectories' by name: os.walk's,
+  each level sorted; not one sort of the whole paths, which would put `A/x.py`
+  before `a.py` and change the corpus every run trains on); then the .py names
+  that are not a file to read (a link to nothing or to itself, which would
+  fail the build, a FIFO, which would hang it), those not UTF-8 (no split or
   manifest can name them; shown with backslash escapes), and links to a
-  file listed already (split by its own path, the same text could be in
-  both the train and the validation split); last the directories below it
-  that could not be read, whose files are left out (os.walk skipped them
-  unsaid). `source_dir` itself unreadable is refused (it read as empty)."""
-  paths, not_files, not_utf8, same_files, not_read = [], [], [], [], []
-  listed = set()  # Real paths.
+  file listed already, symbolic or hard (split by its own path, the same
+  text could be in both the train and the validation split); then the
+  directories below it that could not be read, whose files are left out
+  (os.walk skipped them unsaid); last the links to directories, not followed
+  (os.walk's default: a link to a parent would loop) and so left out, which
+  os.walk skipped unsaid too. `source_dir` itself unreadable is refused (it
+  read as empty)."""
+  paths, not_files, not_utf8, same_files, not_read, dir_links = (
+      [], [], [], [], [], [])
+  listed = set()  # (st_dev, st_ino): one file by any path, linked or not.
 
   def unreadable(error):
     if error.filename == source_dir:
       raise ValueError(f'Source directory {source_dir!r} cannot be read '
                        f'({error.strerror})') from None
-    rel = os.path.relpath(error.filename, source_dir).replace(os.sep, '/')
-    not_read.append(os.fsencode(rel).decode('utf-8', 'backslashreplace'))
+    not_read.append(_shown(os.path.relpath(error.filename, source_dir)))
 
   for dirpath, dirnames, filenames in os.walk(source_dir, onerror=unreadable):
     # Pruning and sorting in place makes os.walk skip excluded trees and visit
     # the rest in a deterministic order.
     dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
+    dir_links.extend(
+        _shown(os.path.relpath(os.path.join(dirpath, d), source_dir))
+        for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
     for name in sorted(filenames):
       if name.endswith('.py'):
         rel = os.path.relpath(os.path.join(dirpath, name), source_dir)
@@ -83,19 +89,26 @@ def _scan(source_dir):
         try:
           rel.encode('utf-8')
         except UnicodeEncodeError:  # Undecodable bytes, as surrogates.
-          not_utf8.append(
-              os.fsencode(rel).decode('utf-8', 'backslashreplace'))
+          not_utf8.append(_shown(rel))
         else:  # A link to a file is that file, once.
           path = os.path.join(dirpath, name)
-          real = os.path.realpath(path)
           if not os.path.isfile(path):
             not_files.append(rel)
-          elif real in listed:
+            continue
+          stat = os.stat(path)
+          if (stat.st_dev, stat.st_ino) in listed:
             same_files.append(rel)
           else:
-            listed.add(real)
+            listed.add((stat.st_dev, stat.st_ino))
             paths.append(rel)
-  return paths, not_files, not_utf8, same_files, not_read
+  return paths, not_files, not_utf8, same_files, not_read, dir_links
+
+
+def _shown(rel):
+  """A relative path in POSIX form, with backslash escapes where it is not
+  UTF-8 (a manifest is JSON text)."""
+  rel = rel.replace(os.sep, '/')
+  return os.fsencode(rel).decode('utf-8', 'backslashreplace')
 
 
 def list_files(source_dir):
@@ -173,10 +186,18 @@ class PythonCode(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # Local files only.
     config = self.builder_config
     root = config.source_dir
-    paths, not_files, skipped, same_files, not_read = _scan(root)
+    # Taken before the files are read: one edited while they are differs
+    # from it, so the next load builds again (taken after, it matched the
+    # edit for good, while the manifest held the text from before it).
+    digest = listing_digest(root)
+    paths, not_files, skipped, same_files, not_read, dir_links = _scan(root)
     if not_read:
       logging.warning('%s: %d directories could not be read, their .py files '
                       'left out: %s', root, len(not_read), ', '.join(not_read))
+    if dir_links:
+      logging.warning('%s: %d links to directories not followed, their .py '
+                      'files left out: %s', root, len(dir_links),
+                      ', '.join(dir_links))
     files = []
     for rel in paths:
       with open(os.path.join(root, rel), 'rb') as f:
@@ -197,7 +218,9 @@ class PythonCode(tfds.core.GeneratorBasedBuilder):
                  len(skipped), len(not_files), len(same_files))
     if not files:
       raise ValueError(f'No UTF-8 .py files under {root!r}: empty corpus' + (
-          f' (not read: {", ".join(not_read)})' if not_read else '') + '.')
+          f' (not read: {", ".join(not_read)})' if not_read else '') + (
+              f' (links to directories, not followed: {", ".join(dir_links)})'
+              if dir_links else '') + '.')
     splits = {
         split: [f['path'] for f in files if f['split'] == split]
         for split in ('train', 'validation')
@@ -212,12 +235,13 @@ class PythonCode(tfds.core.GeneratorBasedBuilder):
     manifest = {
         'source_dir': root,
         'val_fraction': config.val_fraction,
-        'listing_digest': listing_digest(root),
+        'listing_digest': digest,
         'files': files,
         'skipped_not_utf8': skipped,
         'skipped_not_files': not_files,
         'skipped_same_files': same_files,
         'skipped_unreadable_dirs': not_read,
+        'skipped_dir_links': dir_links,
     }
     (self.data_path / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return {
