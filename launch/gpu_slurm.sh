@@ -45,6 +45,10 @@ args=(--config="$config" --workdir="$workdir" ${overrides[@]+"${overrides[@]}"})
 # checkout's path or the config's name ends it and a `#` starts a comment
 # (--output=/home/me/my code/logs/... wrote the log to /home/me/my).
 directive() { local v=${1//\\/\\\\}; v=${v//\"/\\\"}; printf '"%s"' "$v"; }
+# sbatch reads a `%` in --output's value as the start of a file-name pattern
+# (%x, %j, %u...): the checkout path's own are doubled, %% being a plain `%`
+# (a checkout in /data/top%jobs logged to /data/top<job id>obs/logs/...).
+log=$(directive "${repo//[%]/%%}/logs/%x-%j.out")
 
 script="#!/usr/bin/env bash
 #SBATCH --job-name=$(directive "sparse_gpt2-$name")
@@ -53,7 +57,7 @@ script="#!/usr/bin/env bash
 #SBATCH --gpus-per-node=$gpus
 #SBATCH --exclusive
 #SBATCH --time=$time_limit
-#SBATCH --output=$(directive "$repo/logs/%x-%j.out")
+#SBATCH --output=$log
 ${partition:+#SBATCH --partition=$partition
 }set -euo pipefail
 cd $(printf '%q' "$repo")

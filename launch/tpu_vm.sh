@@ -9,7 +9,8 @@
 #
 # create: a queued resource of TYPE (e.g. v5litepod-16; --spot for spot
 #   capacity), waiting until it is ACTIVE; an existing VM NAME is reused if
-#   it is READY (a PREEMPTED spot VM is refused: delete it first).
+#   it is READY (a PREEMPTED spot VM is refused: delete it first), and a
+#   request that an interrupted create left is waited for, not made again.
 # start: refuses while a run it started is live on any worker; copies the
 #   code as git sees it (tracked and untracked files, not
 #   ignored ones such as runs/) into ~/sparse_gpt2 on every worker, replacing
@@ -27,7 +28,7 @@
 # --dry_run prints every command instead of running it. RUNTIME overrides the
 # TPU software version chosen from TYPE; PROJECT sets gcloud's --project.
 set -euo pipefail
-usage() { sed -n '2,28p' "$0"; exit 2; }
+usage() { sed -n '2,29p' "$0"; exit 2; }
 
 dry_run=0
 if [[ "${1:-}" == "--dry_run" ]]; then dry_run=1; shift; fi
@@ -70,17 +71,39 @@ case $action in
     esac
     if (( ! dry_run )) && vm_state=$("${gcloud_tpu[@]}" tpu-vm describe \
         "$name" --zone="$zone" --format='value(state)' 2>/dev/null); then
-      if [[ $vm_state == READY ]]; then echo "reusing TPU VM $name"; exit 0; fi
-      echo "error: TPU VM $name exists but is $vm_state, not READY (a" \
-        "PREEMPTED spot VM stays so): delete it ($0 delete $name $zone)" \
-        "and create it again" >&2
-      exit 1
+      # What to do depends on the state: a create stopped by Ctrl-C leaves
+      # the VM CREATING, which needs only waiting for, not deleting.
+      refuse() {
+        echo "error: TPU VM $name exists but is $vm_state, not READY$*" >&2
+        exit 1
+      }
+      case $vm_state in
+        READY) echo "reusing TPU VM $name"; exit 0 ;;
+        CREATING|STARTING|RESTARTING|REIMAGING|REPAIRING|UNHIDING)
+          refuse ": wait until it is, then run this create again to reuse it" ;;
+        STOPPING|STOPPED)
+          refuse ": start it once STOPPED (gcloud compute tpus tpu-vm start" \
+            "$name --zone=$zone), then run this create again" ;;
+        DELETING) refuse ": wait until it is gone, then create it again" ;;
+        *) refuse " (a PREEMPTED spot VM stays so): delete it ($0 delete" \
+             "$name $zone) and create it again" ;;
+      esac
     fi
     capacity=()
     (( spot )) && capacity=(--spot)
-    run "${gcloud_tpu[@]}" queued-resources create "$name" --node-id="$name" \
-      --zone="$zone" --accelerator-type="$type" \
-      --runtime-version="${RUNTIME:-$default_runtime}" ${capacity[@]+"${capacity[@]}"}
+    # A request made before (by a create stopped by Ctrl-C while it waited)
+    # is waited for again: another of its name would be refused.
+    if (( ! dry_run )) && qr_state=$("${gcloud_tpu[@]}" queued-resources \
+        describe "$name" --zone="$zone" --format='value(state.state)' \
+        2>/dev/null); then
+      echo "queued resource $name was requested before ($qr_state): waiting" \
+        "for it"
+    else
+      run "${gcloud_tpu[@]}" queued-resources create "$name" \
+        --node-id="$name" --zone="$zone" --accelerator-type="$type" \
+        --runtime-version="${RUNTIME:-$default_runtime}" \
+        ${capacity[@]+"${capacity[@]}"}
+    fi
     # The request waits in a queue until capacity frees up.
     if (( dry_run )); then
       run "${gcloud_tpu[@]}" queued-resources describe "$name" --zone="$zone" \
@@ -88,8 +111,14 @@ case $action in
     else
       while state=$("${gcloud_tpu[@]}" queued-resources describe "$name" \
           --zone="$zone" --format='value(state.state)'); [[ $state != ACTIVE ]]; do
-        [[ $state == FAILED || $state == SUSPENDED ]] && {
-          echo "error: queued resource $name is $state" >&2; exit 1; }
+        case $state in
+          FAILED|SUSPENDING|SUSPENDED)
+            echo "error: queued resource $name is $state: delete it ($0" \
+              "delete $name $zone) and create it again" >&2; exit 1 ;;
+          DELETING)
+            echo "error: queued resource $name is $state: wait until it is" \
+              "gone, then create it again" >&2; exit 1 ;;
+        esac
         echo "queued resource $name: $state"; sleep 60
       done
     fi
@@ -105,9 +134,19 @@ case $action in
       echo "error: --workdir=$workdir is inside the code copy that each start" \
         "replaces; use runs/..., an absolute path or gs://..." >&2; exit 2
     fi
+    # runs/../x (or /home/me/sparse_gpt2/runs/../x) is not under runs/: the
+    # next start would delete it with the old code.
+    if [[ $workdir != *://* && /$workdir/ == */../* ]]; then
+      echo "error: --workdir=$workdir has a '..' component, which can leave" \
+        "runs/; name the directory without one" >&2; exit 2
+    fi
+    # An absolute one is checked where ~ is known: in the code copy but not
+    # in its runs/, each start would delete it.
+    inside=''
+    [[ $workdir == /* ]] && inside="d=$(printf '%q' "$workdir") c=\$(realpath -m ~/sparse_gpt2); case \$(realpath -m -- \"\$d\")/ in \"\$c\"/runs/*) ;; \"\$c\"/*) echo \"error: --workdir=\$d is inside ~/sparse_gpt2, the code copy that each start replaces; use ~/sparse_gpt2/runs/..., another absolute path or gs://...\" >&2; exit 2 ;; esac; "
     # Before anything changes on a worker: the code under a live run is not
     # replaced, nor a second run started into its run directory.
-    ssh_all "if $live; then echo \"error: \$(hostname) is still running the run of pid \$pid: $0 stop $name $zone first\" >&2; exit 1; fi"
+    ssh_all "${inside}if $live; then echo \"error: \$(hostname) is still running the run of pid \$pid: $0 stop $name $zone first\" >&2; exit 1; fi"
     tarball=${TMPDIR:-/tmp}/sparse_gpt2-$name.tar.gz
     # What git sees, so runs/, caches and build outputs never travel.
     if (( dry_run )); then

@@ -2,6 +2,7 @@
 overrides that survive both the local and the remote shell."""
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -54,7 +55,10 @@ _FAKE_GCLOUD = """#!/bin/bash
 echo "$*" >> "$(dirname "$0")/calls"
 case "$*" in
   *"tpu-vm describe"*) [[ -n $VM_STATE ]] && echo "$VM_STATE" || exit 1 ;;
-  *"queued-resources describe"*) echo "${QR_STATE:-ACTIVE}" ;;
+  *"queued-resources describe"*)  # Once created, or made before if QR_EXISTS.
+    [[ -n $QR_EXISTS ]] || grep -qs "queued-resources create" \
+      "$(dirname "$0")/calls" || exit 1
+    echo "${QR_STATE:-ACTIVE}" ;;
 esac
 """
 
@@ -160,7 +164,9 @@ def test_tpu_create_gives_up_on_a_failed_or_suspended_request(tmp_path):
         ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), 'create', 'tpu1',
          'z', 'v5p-8'], {**env, 'QR_STATE': state, 'VM_STATE': ''})
     assert result.returncode == 1, (state, result)
-    assert result.stderr == f'error: queued resource tpu1 is {state}\n'
+    assert result.stderr == (
+        f'error: queued resource tpu1 is {state}: delete it '
+        f'({ROOT}/launch/tpu_vm.sh delete tpu1 z) and create it again\n')
 
 
 def test_tpu_dry_run_create_calls_no_gcloud(tmp_path):
@@ -505,3 +511,102 @@ def test_slurm_directives_survive_spaces_and_hashes_in_paths(tmp_path):
   srun = next(l for l in job.splitlines() if l.startswith('srun '))
   assert shlex.split(srun)[-2:] == ['--config=configs/my tiny.py',
                                     '--workdir=runs/my tiny']
+
+
+def _slurm_file_name(pattern, job_name, job_id):
+  """A --output value as Slurm expands it: %x the job's name, %j its id,
+  %% a plain `%` (and %u, say, the user's name: never left as written)."""
+  def expand(match):
+    return {'%': '%', 'x': job_name, 'j': job_id}.get(match[1],
+                                                      f'<{match[1]}>')
+  return re.sub(r'%(.)', expand, pattern)
+
+
+def test_slurm_log_path_keeps_a_percent_in_the_checkout_path(tmp_path):
+  """A checkout under a path with a `%`: the job's log goes to its logs/
+  (unescaped, Slurm read `%j` of /data/top%jobs as the job's id)."""
+  repo = tmp_path / 'top%jobs 100%'
+  (repo / 'launch').mkdir(parents=True)
+  (repo / 'configs').mkdir()
+  (repo / 'configs' / 'tiny.py').write_text('')
+  script = repo / 'launch' / 'gpu_slurm.sh'
+  with open(os.path.join(ROOT, 'launch', 'gpu_slurm.sh')) as f:
+    script.write_text(f.read())
+  lines = subprocess.run(['bash', str(script), '--dry_run', '1',
+                          'configs/tiny.py'], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+  [output] = [o for o in _sbatch_options(lines) if o.startswith('--output=')]
+  assert _slurm_file_name(output[len('--output='):], 'sparse_gpt2-tiny',
+                          '42') == f'{repo}/logs/sparse_gpt2-tiny-42.out'
+
+
+def test_tpu_start_refuses_a_workdir_that_the_next_start_deletes(tmp_path):
+  """A workdir in ~/sparse_gpt2 but not in its runs/ goes with the old
+  code at the next start: refused, whether it leaves runs/ by a `..` (here)
+  or is an absolute path into the copy (on the workers, where ~ is known,
+  before anything changes there)."""
+  for workdir in ('runs/../x', 'runs/a/../../x', '/h/sparse_gpt2/runs/../x'):
+    assert _refused('tpu_vm.sh', 'start', 'tpu1', 'z',
+                    'configs/sparse_small.py', f'--workdir={workdir}') == (
+                        f"error: --workdir={workdir} has a '..' component, "
+                        'which can leave runs/; name the directory without '
+                        'one')
+  home = tmp_path / 'home'
+  (home / 'sparse_gpt2' / 'runs').mkdir(parents=True)
+  (tmp_path / 'link').symlink_to(home / 'sparse_gpt2')
+  for workdir, refused in (
+      (home / 'sparse_gpt2' / 'x', True), (home / 'sparse_gpt2', True),
+      (tmp_path / 'link' / 'x', True),
+      (home / 'sparse_gpt2' / 'runs' / 'x', False),
+      (tmp_path / 'my runs' / 'x', False)):
+    check = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
+                     'configs/sparse_small.py', f'--workdir={workdir}')[0]
+    result = subprocess.run(['bash', '-c', _remote(check)], capture_output=True,
+                            text=True, timeout=30,
+                            env={**os.environ, 'HOME': str(home)})
+    if refused:
+      assert result.returncode == 2, (workdir, result)
+      assert result.stderr == (
+          f'error: --workdir={workdir} is inside ~/sparse_gpt2, the code copy '
+          'that each start replaces; use ~/sparse_gpt2/runs/..., another '
+          'absolute path or gs://...\n')
+    else:
+      assert result.returncode == 0 and result.stderr == '', (workdir, result)
+
+
+def test_tpu_create_rerun_after_an_interrupted_one_says_what_to_do(tmp_path):
+  """create stopped by Ctrl-C, run again: a request still queued is waited
+  for (another of its name would be refused); a VM still CREATING is to be
+  waited for, not deleted; a STOPPED one started; a DELETING one gone."""
+  env = _fake_gcloud(tmp_path)
+
+  def create(**states):
+    (tmp_path / 'calls').unlink(missing_ok=True)
+    result = _run_bounded(
+        ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), 'create', 'tpu1',
+         'z', 'v5p-8'], {**env, 'VM_STATE': '', **states})
+    return result, (tmp_path / 'calls').read_text()
+
+  result, calls = create(QR_EXISTS='1')  # Queued, not yet a VM.
+  assert result.returncode == 0, result
+  assert 'queued-resources create' not in calls
+  assert result.stdout == ('queued resource tpu1 was requested before '
+                           '(ACTIVE): waiting for it\n')
+  result, calls = create(QR_EXISTS='1', QR_STATE='DELETING')
+  assert result.returncode == 1 and 'queued-resources create' not in calls
+  assert result.stderr == ('error: queued resource tpu1 is DELETING: wait '
+                           'until it is gone, then create it again\n')
+  for state, todo in (
+      ('CREATING', 'wait until it is, then run this create again to reuse '
+                   'it'),
+      ('REPAIRING', 'wait until it is, then run this create again to reuse '
+                    'it'),
+      ('STOPPED', 'start it once STOPPED (gcloud compute tpus tpu-vm start '
+                  'tpu1 --zone=z), then run this create again'),
+      ('DELETING', 'wait until it is gone, then create it again')):
+    result, calls = create(VM_STATE=state, QR_EXISTS='1',
+                           QR_STATE='PROVISIONING')
+    assert result.returncode == 1, (state, result)
+    assert 'queued-resources create' not in calls, state
+    assert result.stderr == (f'error: TPU VM tpu1 exists but is {state}, not '
+                             f'READY: {todo}\n'), state
