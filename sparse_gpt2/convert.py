@@ -74,11 +74,26 @@ def hf_to_run(hf_dir, run, config):
   train.train_and_evaluate(config, run)
 
 
+def _refuse_given(names, why):
+  """Refuses the flags of `names` (and `--config`'s `--config.FIELD`
+  overrides) where the command line gives them: the other direction's,
+  which this one would silently ignore."""
+  given = [f'--{name}' for name in flags.FLAGS if flags.FLAGS[name].present
+           and (name in names or 'config' in names
+                and name.startswith('config.'))]
+  if given:
+    raise ValueError(f'{given[0]} {why}')
+
+
 def main():
   if _FROM_RUN.value and _TO_HF.value and not (_FROM_HF.value or _TO_RUN.value):
+    _refuse_given(('config',), 'is for --from_hf/--to_run: an export takes '
+                  'its model and config from the run')
     run_to_hf(_FROM_RUN.value, _TO_HF.value, _OVERWRITE.value)
   elif _FROM_HF.value and _TO_RUN.value and not (_FROM_RUN.value
                                                  or _TO_HF.value):
+    _refuse_given(('overwrite',), 'is for --from_run/--to_hf: it replaces an '
+                  'earlier export, never a run')
     try:  # The default, unread until here, may be missing (an install).
       config = _CONFIG.value
       config.keys()  # ml_collections raises only once it is used.

@@ -46,6 +46,16 @@ TORCH_WEIGHTS = ('pytorch_model.bin', 'pytorch_model.bin.index.json')
 TOKENIZER = 'tokenizer.json'
 TOKENIZER_CONFIG = 'tokenizer_config.json'
 EXPORT_FILES = {CONFIG, WEIGHTS, TOKENIZER, TOKENIZER_CONFIG}
+# The fields of the config.json `save` writes (bos and eos with a
+# tokenizer), by which an earlier export is told from another model's
+# folder of the same file names (a released GPT-2's config.json and
+# model.safetensors): the Hub's and transformers' configs hold more
+# (n_ctx, initializer_range, transformers_version, ...).
+_EXPORT_CONFIG_FIELDS = frozenset({
+    'model_type', 'architectures', 'vocab_size', 'n_positions', 'n_embd',
+    'n_layer', 'n_head', 'n_inner', 'activation_function',
+    'layer_norm_epsilon', 'tie_word_embeddings', 'resid_pdrop', 'embd_pdrop',
+    'attn_pdrop', 'dtype', 'bos_token_id', 'eos_token_id'})
 
 # The GPT2Config defaults: transformers writes only the fields that differ
 # from them, so a missing field means this value.
@@ -301,6 +311,19 @@ def check_export(model_kwargs, out_dir, overwrite=False, flat=()):
     raise ValueError(f'{out_dir} holds more than a Hugging Face export '
                      f'({sorted(present - EXPORT_FILES)}); refusing to '
                      'replace it')
+  if present:  # Those names, but perhaps another model's (a released GPT-2).
+    config = (workdir.read_json(os.path.join(out_dir, CONFIG))
+              if CONFIG in present else None)
+    if not isinstance(config, dict):
+      raise ValueError(f'{out_dir} is not an earlier export (its {CONFIG} '
+                       'is missing or not a JSON object); refusing to '
+                       'replace it')
+    foreign = sorted(config.keys() - _EXPORT_CONFIG_FIELDS)
+    if foreign:
+      raise ValueError(
+          f'{out_dir} is not an earlier export: its {CONFIG} has fields an '
+          f'export never writes ({", ".join(foreign[:3])}'
+          f'{", ..." if len(foreign) > 3 else ""}); refusing to replace it')
   return out_dir
 
 

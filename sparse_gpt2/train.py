@@ -561,10 +561,13 @@ def _train_loop(config, workdir, state, step_fn, eval_step, batch_sharding,
 
   tokens_per_step = config.batch_size * config.seq_len
   flops = metrics.flops_per_token(config.model, config.seq_len)
-  jax.block_until_ready(state)  # The peak is timed on idle devices.
-  peak = config.peak_flops or metrics.peak_flops(config.model.dtype)
   start_step = int(state.step)
-  writer = metrics.Writer(workdir, start_step)
+  peak = config.peak_flops
+  if not peak and start_step < config.train_steps:  # Else no step to time:
+    # an evaluate-only rerun, or a run of 0 steps (`convert --from_hf`),
+    # timed 5 matmuls of 2048^3 for nothing.
+    jax.block_until_ready(state)  # The peak is timed on idle devices.
+    peak = metrics.peak_flops(config.model.dtype)
   pending = []  # (step, device metrics) since the last log.
   # A checkpoint is good once a later step read its weights to a finite
   # loss: step s's loss is of the weights saved at s - 1.
@@ -610,73 +613,77 @@ def _train_loop(config, workdir, state, step_fn, eval_step, batch_sharding,
                          (config.train_steps - done) * tokens_per_step
                          / max(values['tokens_per_s'], 1e-9))
 
-  if start_step == config.train_steps and eval_step is not None:
-    val_loss = evaluate(eval_step, state, corpus.val_tokens, config,
-                        batch_sharding)
-    writer.write(start_step, {'val_loss': val_loss})
-    logging.info('step %d/%d | val %.4f', start_step, config.train_steps,
-                 val_loss)
-  elif start_step < config.train_steps:
-    # First calls compiled, or loaded, before the clock starts: the first
-    # log's tokens/s read 922 where the next ones read 29,000 (tiny).
-    jax.block_until_ready((sparsity.stats(state.params, state.masks),
-                           lr_fn(start_step)))
-    t0 = time.perf_counter()
-  for step in range(start_step, config.train_steps):
-    state, step_metrics = step_fn(state, global_batch(
-        corpus.train_tokens, step, config.seed, config, batch_sharding))
-    if unwritten:  # While the step just queued runs.
-      values, ran = record(*unwritten)
-      write(unwritten[0], values)
-      t0, t0_step, unwritten = ran, unwritten[0], None
-    pending.append((step + 1, step_metrics))
-    done = step + 1
-    is_last = done == config.train_steps
-    preempted = mngr.reached_preemption(done)  # The same on every process.
-    do_eval = done % config.eval_every == 0 or is_last
-    do_save = done % config.checkpoint_every == 0 or is_last or preempted
-    if done % config.log_every and not (do_eval or do_save):
-      if step == start_step:  # The first log times the steps after this.
-        # Its first run, however compiled or loaded, is slower: 180 ms
-        # where the next took 6 (tiny), its first log read 6,877 tokens/s
-        # where the next read 40,000. Waited for once, before the next is
-        # queued; a first log at the first step times that step.
-        jax.block_until_ready(step_metrics)
-        t0, t0_step = time.perf_counter(), done
-      continue
-    # What the log reads of the devices, queued behind its step and before
-    # the next, which the state is donated to.
-    log = (done, pending, sparsity.stats(state.params, state.masks),
-           lr_fn(done - 1))
-    pending = []
-    if not (do_eval or do_save):
-      unwritten = log
-      continue
+  writer = metrics.Writer(workdir, start_step)
+  try:  # Closed however the run stops (Preempted, FloatingPointError):
+    # a Python caller kept its thread and its open event file.
+    if start_step == config.train_steps and eval_step is not None:
+      val_loss = evaluate(eval_step, state, corpus.val_tokens, config,
+                          batch_sharding)
+      writer.write(start_step, {'val_loss': val_loss})
+      logging.info('step %d/%d | val %.4f', start_step, config.train_steps,
+                   val_loss)
+    elif start_step < config.train_steps:
+      # First calls compiled, or loaded, before the clock starts: the first
+      # log's tokens/s read 922 where the next ones read 29,000 (tiny).
+      jax.block_until_ready((sparsity.stats(state.params, state.masks),
+                             lr_fn(start_step)))
+      t0 = time.perf_counter()
+    for step in range(start_step, config.train_steps):
+      state, step_metrics = step_fn(state, global_batch(
+          corpus.train_tokens, step, config.seed, config, batch_sharding))
+      if unwritten:  # While the step just queued runs.
+        values, ran = record(*unwritten)
+        write(unwritten[0], values)
+        t0, t0_step, unwritten = ran, unwritten[0], None
+      pending.append((step + 1, step_metrics))
+      done = step + 1
+      is_last = done == config.train_steps
+      preempted = mngr.reached_preemption(done)  # The same on every process.
+      do_eval = done % config.eval_every == 0 or is_last
+      do_save = done % config.checkpoint_every == 0 or is_last or preempted
+      if done % config.log_every and not (do_eval or do_save):
+        if step == start_step:  # The first log times the steps after this.
+          # Its first run, however compiled or loaded, is slower: 180 ms
+          # where the next took 6 (tiny), its first log read 6,877 tokens/s
+          # where the next read 40,000. Waited for once, before the next is
+          # queued; a first log at the first step times that step.
+          jax.block_until_ready(step_metrics)
+          t0, t0_step = time.perf_counter(), done
+        continue
+      # What the log reads of the devices, queued behind its step and before
+      # the next, which the state is donated to.
+      log = (done, pending, sparsity.stats(state.params, state.masks),
+             lr_fn(done - 1))
+      pending = []
+      if not (do_eval or do_save):
+        unwritten = log
+        continue
 
-    values, _ = record(*log)
-    if do_eval:
-      values['val_loss'] = evaluate(eval_step, state, corpus.val_tokens,
-                                    config, batch_sharding)
-      if not config.peak_flops:  # One more matmul, on idle devices.
-        peak = metrics.peak_flops(config.model.dtype, peak, repeats=1)
-    write(done, values)
-    if do_save:
-      checkpoint.save(mngr, done, state)
-      unchecked = done
-    # The next interval starts here, so that tokens/s and MFU time training
-    # alone, not this log's evaluation, save or first-call compiles (an
-    # H200 run's interval after its first log read 28% below the others).
-    t0, t0_step = time.perf_counter(), done
-    if preempted and not is_last:  # The caller closes the manager, which
-      # ends the save; at its last step the run has ended anyway.
-      raise Preempted(f'preempted at step {done}; saved a checkpoint there, '
-                      'rerun the same command to resume')
+      values, _ = record(*log)
+      if do_eval:
+        values['val_loss'] = evaluate(eval_step, state, corpus.val_tokens,
+                                      config, batch_sharding)
+        if not config.peak_flops:  # One more matmul, on idle devices.
+          peak = metrics.peak_flops(config.model.dtype, peak, repeats=1)
+      write(done, values)
+      if do_save:
+        checkpoint.save(mngr, done, state)
+        unchecked = done
+      # The next interval starts here, so that tokens/s and MFU time training
+      # alone, not this log's evaluation, save or first-call compiles (an
+      # H200 run's interval after its first log read 28% below the others).
+      t0, t0_step = time.perf_counter(), done
+      if preempted and not is_last:  # The caller closes the manager, which
+        # ends the save; at its last step the run has ended anyway.
+        raise Preempted(f'preempted at step {done}; saved a checkpoint there, '
+                        'rerun the same command to resume')
 
-  mngr.wait_until_finished()
-  if config.train_steps == start_step and mngr.latest_step() is None:
-    checkpoint.save(mngr, start_step, state)  # A run of 0 steps: the init.
     mngr.wait_until_finished()
-  writer.close()
-  logging.info('Done: %d steps in %.1f s.', config.train_steps - start_step,
-               time.perf_counter() - run_start)
-  return state
+    if config.train_steps == start_step and mngr.latest_step() is None:
+      checkpoint.save(mngr, start_step, state)  # A run of 0 steps: the init.
+      mngr.wait_until_finished()
+    logging.info('Done: %d steps in %.1f s.', config.train_steps - start_step,
+                 time.perf_counter() - run_start)
+    return state
+  finally:
+    writer.close()

@@ -15,6 +15,7 @@ import transformers
 
 from sparse_gpt2 import hf
 from sparse_gpt2 import model
+from sparse_gpt2.data import tokenizer as tokenizer_lib
 
 VOCAB = 100
 TOLERANCE = 1e-4
@@ -340,6 +341,37 @@ def test_save_overwrite(tmp_path):
       'latest', 'out', 'run']
   _, loaded = hf.load(out)
   jax.tree.map(np.testing.assert_array_equal, loaded, nn.unbox(params))
+
+
+def test_save_overwrite_replaces_only_an_export(tied, tmp_path):
+  """An export's file names alone are not an export: a released GPT-2
+  fetched as just config.json and model.safetensors (the two a Hugging
+  Face folder needs) was deleted by `convert --overwrite --to_hf=gpt2/`.
+  Its config.json holds fields an export never writes; an export with its
+  tokenizer (bos and eos in its config) is still replaced."""
+  params, model_kwargs = _tiny()
+  tokenizer = tokenizer_lib.train(['def f(x):\n    return x\n'], 300)
+  out = tmp_path / 'out'
+  hf.save(params, model_kwargs, out, tokenizer=tokenizer)
+  hf.save(params, model_kwargs, out, overwrite=True, tokenizer=tokenizer)
+  assert sorted(os.listdir(out)) == sorted(hf.EXPORT_FILES)
+  released, _ = tied
+  gpt2 = tmp_path / 'gpt2'
+  gpt2.mkdir()
+  for name in (hf.CONFIG, hf.WEIGHTS):
+    (gpt2 / name).write_bytes((released / name).read_bytes())
+  with pytest.raises(ValueError, match=r'gpt2 is not an earlier export: its '
+                     r'config.json has fields an export never writes \(.*\); '
+                     'refusing to replace it$'):
+    hf.save(params, model_kwargs, gpt2, overwrite=True)
+  assert sorted(os.listdir(gpt2)) == [hf.CONFIG, hf.WEIGHTS]
+  assert (gpt2 / hf.WEIGHTS).read_bytes() == (released / hf.WEIGHTS
+                                              ).read_bytes()
+  (gpt2 / hf.CONFIG).unlink()  # Weights alone: no export's.
+  with pytest.raises(ValueError, match=r'gpt2 is not an earlier export \(its '
+                     r'config.json is missing or not a JSON object\)'):
+    hf.save(params, model_kwargs, gpt2, overwrite=True)
+  assert os.listdir(gpt2) == [hf.WEIGHTS]
 
 
 def test_convert_refuses_before_reading_the_checkpoint(tmp_path,

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -128,6 +129,15 @@ def _event_scalars(workdir):
     for v in event.summary.value:
       scalars[v.tag] = (event.step, v.simple_value)
   return scalars
+
+
+def _event_writer_threads():
+  """The TensorBoard event writers' threads alive in this process: each
+  writer not closed keeps one, and its event file open."""
+  metrics._import_tensorboardx()  # The package, without torch.
+  from tensorboardX import event_file_writer  # pylint: disable=g-import-not-at-top
+  thread = event_file_writer._EventLoggerThread  # pylint: disable=protected-access
+  return {t for t in threading.enumerate() if isinstance(t, thread)}
 
 
 def test_a_resumed_run_purges_its_old_events_past_the_checkpoint(tmp_path):
@@ -563,10 +573,12 @@ def test_train_steps_moves_the_stop_not_the_schedules(tiny_config, tmp_path):
 def test_non_finite_loss_stops_with_a_clear_error(tiny_config, tmp_path):
   config = tiny_config(train_steps=20)
   config.optim.lr = 1e30  # Weights ~1e30 after one step: the logits overflow.
+  writers = _event_writer_threads()
   with pytest.raises(FloatingPointError, match='non-finite loss .* at step 2; '
                      'stopped, before any good checkpoint of '):
     train.train_and_evaluate(config, str(tmp_path / 'nan'))
   assert not os.listdir(tmp_path / 'nan' / 'checkpoints')
+  assert _event_writer_threads() <= writers  # Its writer closed.
   # Saved at step 1, those weights are not called good: step 2 read them.
   config.checkpoint_every = 1
   with pytest.raises(FloatingPointError, match=r'non-finite loss .* at step '
@@ -630,7 +642,10 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
   last step needs for `compare` (it said 'nothing to train' and left step
   7 without a validation loss), and prints it (its console said only
   'Done: 0 steps'), and says nothing to train after that. A notice at the
-  last step ends the run as usual (it asked for a rerun)."""
+  last step ends the run as usual (it asked for a rerun). The preempted
+  run closes its event writer (a Python caller kept its thread and file),
+  and the evaluate-only rerun times no matmul peak, having no step to
+  time."""
   manager = checkpoint.manager
   preempted_at = 7
   def preempted(*args):
@@ -639,14 +654,19 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
     return mngr
   monkeypatch.setattr(checkpoint, 'manager', preempted)
   workdir = str(tmp_path / 'run')
+  writers = _event_writer_threads()
   with pytest.raises(train.Preempted, match='preempted at step 7'):
     train.train_and_evaluate(tiny_config(train_steps=20), workdir)
+  assert _event_writer_threads() <= writers
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['7']
   assert 'val_loss' not in workdir_lib.read_metrics(workdir)[-1]
+  monkeypatch.setattr(metrics, 'measure_peak_flops', lambda *args, **kwargs:
+                      pytest.fail('timed a peak with no step to time'))
   for rerun in range(2):
     caplog.clear()
     with caplog.at_level('INFO', logger='absl'):  # Whatever absl's flags set.
-      train.train_and_evaluate(tiny_config(train_steps=7), workdir)
+      train.train_and_evaluate(tiny_config(train_steps=7, peak_flops=0.0),
+                               workdir)
     records = workdir_lib.read_metrics(workdir)
     assert [r['step'] for r in records] == [5, 7]
     assert {'loss', 'val_loss'} <= set(records[-1])
@@ -665,11 +685,13 @@ def test_a_run_of_no_steps_compiles_and_evaluates_nothing(tiny_config,
                                                           monkeypatch):
   """train_steps 0 saves the initialized model, whose step 0 needs no
   validation loss (`train._evaluated`): no step is compiled, none is
-  evaluated, and the rerun has nothing to train."""
+  evaluated, no matmul peak is timed (`convert --from_hf` timed one), and
+  the rerun has nothing to train."""
   monkeypatch.setattr(train, 'programs', None)  # Called, it fails.
+  monkeypatch.setattr(metrics, 'measure_peak_flops', None)
   run = str(tmp_path / 'run')
   for _ in range(2):
-    train.train_and_evaluate(tiny_config(train_steps=0), run)
+    train.train_and_evaluate(tiny_config(train_steps=0, peak_flops=0.0), run)
     assert os.listdir(os.path.join(run, 'checkpoints')) == ['0']
     assert workdir_lib.read_metrics(run) == []
 
@@ -1942,6 +1964,30 @@ def test_convert_refuses_both_directions_at_once(tmp_path):
   assert result.returncode == 1, result.stderr[-2000:]
   assert [l for l in result.stderr.splitlines() if l.strip()] == [
       'error: give either --from_run and --to_hf, or --from_hf and --to_run']
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--from_run=a', '--to_hf=b', '--config=configs/tiny.py'],
+     '--config is for --from_hf/--to_run: an export takes its model and '
+     'config from the run'),
+    (['--from_run=a', '--to_hf=b', '--config.model.vocab_size=50257'],
+     '--config.model.vocab_size is for --from_hf/--to_run: an export takes '
+     'its model and config from the run'),
+    (['--from_hf=c', '--to_run=d', '--overwrite'],
+     '--overwrite is for --from_run/--to_hf: it replaces an earlier export, '
+     'never a run'),
+])
+def test_convert_refuses_the_other_directions_flags(args, message, tmp_path):
+  # Each was silently ignored: a --config for the export, an --overwrite
+  # for the run made from Hugging Face.
+  result = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.convert',
+       *[re.sub(r'^(--(from|to)_\w+=)', rf'\1{tmp_path}/', a) for a in args]],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert [l for l in result.stderr.splitlines() if l.strip()] == [
+      f'error: {message}']
   assert os.listdir(tmp_path) == []
 
 
