@@ -293,14 +293,21 @@ class Browser:
       raise RuntimeError(result['exceptionDetails'])
     return result['result'].get('value')
 
-  def click(self, selector):
-    """A real mouse click at the centre of the element, as a user does."""
+  def hover(self, selector):
+    """The mouse moved to the centre of the element, as a user does.
+    Returns where it is."""
     x, y = self.js(f'''(() => {{
         const e = document.querySelector({json.dumps(selector)});
         e.scrollIntoView({{block: 'center'}});
         const r = e.getBoundingClientRect();
         return [r.x + r.width / 2, r.y + r.height / 2]; }})()''')
-    for kind in ('mouseMoved', 'mousePressed', 'mouseReleased'):
+    self.send('Input.dispatchMouseEvent', type='mouseMoved', x=x, y=y)
+    return x, y
+
+  def click(self, selector):
+    """A real mouse click at the centre of the element, as a user does."""
+    x, y = self.hover(selector)
+    for kind in ('mousePressed', 'mouseReleased'):
       self.send('Input.dispatchMouseEvent', type=kind, x=x, y=y,
                 button='left', clickCount=1)
 
@@ -562,6 +569,115 @@ def test_no_ratio_where_a_circuit_has_no_edges_and_no_edge_at_a_fraction(
   row = browser.js("document.querySelector('#task-table tr.task-row')"
                    '.innerText')
   assert row.split('\t')[-1] == 'n/a', row
+
+
+def _layered_circuit(run, num_layers, nodes, solved=True):
+  """A circuit of `num_layers` layers (no run behind it) keeping `nodes`,
+  (layer, location, index) triples, and no edges."""
+  return {**_big_circuit(0, 0), 'run': run, 'task': 'one',
+          'num_layers': num_layers, 'solved': solved,
+          'nodes': [{'layer': l, 'location': loc, 'index': i}
+                    for l, loc, i in nodes],
+          'num_nodes': len(nodes), 'num_edges': 0, 'edges_truncated': False,
+          'losses': {'full_model': 0.1 if solved else 0.6,
+                     'circuit_only': 0.4 if solved else None,
+                     'circuit_ablated': 0.69 if solved else None}}
+
+
+def test_a_shallower_models_panel_labels_only_its_own_layers(tmp_path,
+                                                             browser):
+  """Circuits of a 4-, a 2- and a 3-layer model: every panel is as tall as
+  the deepest, and a shallower one labels only its own layers and says
+  which it lacks, as the static figure does (its empty rows labelled
+  'layer 2', 'layer 3' read as layers its circuit keeps nothing in); an
+  unsolved one's note sits in its own layers, not across the gap."""
+  circuits = tmp_path / 'circuits'
+  circuits.mkdir()
+  for run, layers, solved in (('/nowhere/a', 4, True),
+                              ('/nowhere/b', 2, False),
+                              ('/nowhere/c', 3, True)):
+    nodes = [(l, 'q', 3) for l in range(layers)] if solved else []
+    (circuits / f'{run[-1]}.json').write_text(json.dumps(
+        _layered_circuit(run, layers, nodes, solved)))
+  out = tmp_path / 'page.html'
+  view.write_page(str(out), circuits_dir=str(circuits), load_runs=False)
+  browser.open(f'file://{out}')
+  assert browser.errors() == []
+  panels = ".panel[data-panel='{}'] svg"
+  labels = [browser.js(f"[...document.querySelectorAll(\"{panels.format(p)} "
+                       ".layerlabel\")].map(t => t.textContent)")
+            for p in range(3)]
+  assert labels == [[f'layer {l}' for l in range(n)] for n in (4, 2, 3)]
+  rows = [browser.js(f"document.querySelectorAll(\"{panels.format(p)} "
+                     ".rowlabel\").length") for p in range(3)]
+  assert rows == [8 * n for n in (4, 2, 3)]
+  text = [browser.js(f"document.querySelector(\"{panels.format(p)}\")"
+                     '.textContent') for p in range(3)]
+  assert 'model: no layer' not in text[0]
+  assert 'a 2-layer model: no layers 2-3' in text[1]
+  assert 'a 3-layer model: no layer 3' in text[2]
+  assert len({browser.js(f"document.querySelector(\"{panels.format(p)}\")"
+                         ".getAttribute('viewBox')") for p in range(3)}) == 1
+  # The unsolved note is above the last row of layer 1 (it was centred on
+  # the panel, on the gap between the model's layers and those it lacks).
+  unsolved, last_row = browser.js(
+      f"[+document.querySelector(\"{panels.format(1)} .unsolved\").getAttribute"
+      f"('y'), +[...document.querySelectorAll(\"{panels.format(1)} "
+      ".rowlabel\")][15].getAttribute('y')]")
+  assert unsolved < last_row
+  assert browser.errors() == []
+
+
+def test_a_nodes_residual_links_past_those_listed_are_counted(tmp_path,
+                                                              browser):
+  """An 8-layer circuit keeping residual channel 0 at every residual row:
+  layer 0's attn_out joins 15 later reads; the 12 listed are followed by
+  how many are not, as the edge tables say 'and N weaker' (nothing said
+  how many were left out)."""
+  nodes = [(l, loc, 0) for l in range(8)
+           for loc in ('attn_in', 'attn_out', 'mlp_in', 'mlp_out')]
+  (tmp_path / 'one.json').write_text(json.dumps(
+      _layered_circuit('/nowhere/a', 8, nodes)))
+  out = tmp_path / 'page.html'
+  view.write_page(str(out), circuits_dir=str(tmp_path), load_runs=False)
+  browser.open(f'file://{out}')
+  browser.click("circle.node[data-i='1']")  # Layer 0's attn_out.
+  details = browser.js("document.querySelector('#details').innerText")
+  assert 'layer 0 attn_out 0' in details
+  assert 'Residual stream (15 links)' in details
+  assert browser.js("document.querySelectorAll('#details a.node-link')"
+                    '.length') == 12
+  assert details.rstrip().split('\n')[-3:] == [
+      'and 3 more', 'Top-activating validation tokens',
+      'not computed: the page was made without this run'], details
+  assert browser.errors() == []
+
+
+def test_a_task_change_hides_the_tooltip_of_the_node_under_the_mouse(
+    tmp_path, browser):
+  """The mouse over a node of one task, and a link to another pasted into
+  the tab (only the hash changes, the mouse does not move): the summary of
+  a node no longer drawn goes (it stayed until the next hover)."""
+  for task, solved in (('one', True), ('two', False)):
+    (tmp_path / f'{task}.json').write_text(json.dumps(
+        {**_layered_circuit('/nowhere/a', 4, [(1, 'q', 3)] if solved
+                            else [], solved), 'task': task}))
+  out = tmp_path / 'page.html'
+  view.write_page(str(out), circuits_dir=str(tmp_path), load_runs=False)
+  browser.open(f'file://{out}#task=one')
+  tooltip = "document.querySelector('#tooltip')"
+  browser.hover("circle.node[data-i='0']")
+  assert browser.js(f'{tooltip}.style.display') == 'block'
+  assert browser.js(f'{tooltip}.textContent').startswith('layer 1 q 3;')
+  browser.js("location.hash = 'task=two'")
+  deadline = time.time() + 10
+  while browser.js("document.querySelector('#task').value") != '1':
+    assert time.time() < deadline, 'the page did not follow the link'
+    time.sleep(0.05)
+  time.sleep(0.2)  # Any mouse event the new panels' layout brings.
+  assert browser.js("document.querySelectorAll('circle.node').length") == 0
+  assert browser.js(f'{tooltip}.style.display') == 'none'
+  assert browser.errors() == []
 
 
 def test_one_run_written_two_ways_is_one_panel_and_twin_circuits_refused(
