@@ -11,6 +11,9 @@ from sparse_gpt2 import defaults
 
 
 def get_config(arg='topk'):
+  if arg not in (None, '', 'topk', 'static', 'none'):  # As it loads: exit 2.
+    raise ValueError(f"tiny: unknown arg {arg!r}; known: 'topk', 'static', "
+                     "'none'")
   config = defaults.paper_architecture(defaults.base())
   config.train_steps = 20
   config.batch_size = 8

@@ -10,6 +10,7 @@ in the decorator, and the answers swap. The file is in the user-task format
 """
 
 import json
+import os
 import random
 import sys
 
@@ -38,9 +39,28 @@ def datapoints(seed=1):
   return out
 
 
-if __name__ == '__main__':
-  path = sys.argv[1] if len(sys.argv) > 1 else 'cls_self.jsonl'
-  with open(path, 'w', encoding='utf-8') as f:
-    for d in datapoints():
-      f.write(json.dumps(d) + '\n')
+def main(args):
+  """Writes the task to the one path in `args`, as `--dump_prompts` writes a
+  built-in task: to a `.jsonl` file only (what `--task_file` reads; a second
+  path was ignored, and a name without `.jsonl` made a file the circuits
+  refuse), never over a file that holds anything else (a run's
+  `metrics.jsonl` was lost), and a path it cannot write said in one line."""
+  if len(args) > 1 or (args and not args[0].endswith('.jsonl')):
+    sys.exit(f'error: expected at most one .jsonl path, got {args}')
+  path = args[0] if args else 'cls_self.jsonl'
+  text = ''.join(json.dumps(d) + '\n' for d in datapoints())
+  try:
+    if os.path.isfile(path):
+      with open(path, encoding='utf-8', errors='replace') as f:
+        if f.read() != text:
+          sys.exit(f'error: {path} exists and holds other datapoints or '
+                   'records: name a new file, or remove it first')
+    with open(path, 'w', encoding='utf-8') as f:
+      f.write(text)
+  except OSError as e:
+    sys.exit(f'error: {e}')
   print(f'{2 * PAIRS} datapoints of cls_self -> {path}')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

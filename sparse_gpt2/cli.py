@@ -19,6 +19,7 @@ from absl import app
 from absl import flags
 import jax
 
+from sparse_gpt2 import defaults
 from sparse_gpt2 import metrics
 
 
@@ -154,16 +155,30 @@ def _home(value):
   return value
 
 
+def _home_config_file(arg):
+  """A config file flag's `--config=~/mine.py` with `~` expanded: the file
+  is loaded while flags are parsed, before `_home` could expand it, and was
+  refused as missing."""
+  name, eq, value = arg[2:].partition('=')
+  if (arg.startswith('--') and eq and name in flags.FLAGS
+      and hasattr(type(flags.FLAGS[name]), 'config_filename')):
+    return f'--{name}={_home(value)}'
+  return arg
+
+
 def _parse_flags(argv):
   # config_flags loads the file and applies its overrides while flags are
   # parsed: an unknown field raises AttributeError or KeyError there, and a
   # file that does not load raises OSError when its value is first read.
   try:
-    argv = flags.FLAGS(argv)
+    argv = flags.FLAGS([_home_config_file(arg) for arg in argv])
     for name in flags.FLAGS:
       flag = flags.FLAGS[name]
       if hasattr(flag, 'config_filename') and flag.present:
-        flag.value.keys()
+        try:  # Loads the file: its own errors are caught below.
+          defaults.check_fields(flag.value)
+        except ValueError as e:  # Not the file's: its fields (main, plan,
+          fail(str(e), 2)  # convert alike).
       elif flag.present:
         flag.value = _home(flag.value)
     return argv

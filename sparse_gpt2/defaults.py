@@ -113,6 +113,42 @@ def no_arg(arg, name):
     raise ValueError(f'{name} takes no argument, got {arg!r}')
 
 
+def check_fields(config):
+  """Refuses a config whose fields are not `base()`'s, naming them: a
+  config file's misspelt field (`config.sparsity.densty = 0.05`) is a new
+  field that nothing reads, so the run trained at the default density
+  without a word, and a file not built on `base()` stopped at the first
+  field it lacks with a traceback. (An override of an unknown field is
+  refused as it is parsed: configs are locked.)"""
+  unknown, missing = [], []
+
+  def compare(got, want, prefix):
+    for key in sorted(set(got.keys()) | set(want.keys())):
+      if key not in want or key not in got:
+        (unknown if key in got else missing).append(prefix + key)
+      elif isinstance(want[key], ml_collections.ConfigDict):
+        if isinstance(got[key], ml_collections.ConfigDict):
+          compare(got[key], want[key], f'{prefix}{key}.')
+        else:
+          missing.append(f'{prefix}{key}.*')
+
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f'the config is a {type(config).__name__}, not a '
+                     'ConfigDict: build it on sparse_gpt2.defaults.base()')
+  compare(config, base(), '')
+
+  def some(names):
+    return ', '.join(names[:4]) + (f' and {len(names) - 4} more'
+                                   if len(names) > 4 else '')
+
+  if unknown:
+    raise ValueError(f'no such config field: {some(unknown)} (every field '
+                     'is in sparse_gpt2/defaults.py)')
+  if missing:
+    raise ValueError(f'the config lacks {some(missing)}: build it on '
+                     'sparse_gpt2.defaults.base()')
+
+
 def paper_architecture(config):
   """The paper's model changes (sparse and dense twins share them)."""
   m = config.model

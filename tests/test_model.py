@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from sparse_gpt2 import defaults
 from sparse_gpt2 import model as model_lib
 from sparse_gpt2 import sparsity
 from sparse_gpt2 import train
@@ -189,6 +190,7 @@ def test_every_config_file_validates():
     config = importlib.import_module(f'configs.{name}').get_config(arg)
     model_lib.validate(config.model)
     sparsity.validate(config.sparsity)
+    defaults.check_fields(config)
 
 
 def test_dropout_only_in_training():
