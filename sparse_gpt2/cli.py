@@ -175,7 +175,8 @@ def _parse_flags(argv):
     for name in flags.FLAGS:
       flag = flags.FLAGS[name]
       if hasattr(flag, 'config_filename') and flag.present:
-        try:  # Loads the file: its own errors are caught below.
+        flag.value.keys()  # Loads the file: its own errors are caught below.
+        try:
           defaults.check_fields(flag.value)
         except ValueError as e:  # Not the file's: its fields (main, plan,
           fail(str(e), 2)  # convert alike).
