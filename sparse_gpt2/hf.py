@@ -286,9 +286,9 @@ def check_export(model_kwargs, out_dir, overwrite=False, flat=()):
   """What `save` refuses before it writes, in one line: a model that
   transformers' GPT-2 cannot express (`_unexpressible`; `flat`, the params
   by path, where they are at hand), or an `out_dir` it may not fill or
-  replace (one with content, a remote path, a mount point). Returns
-  `out_dir` with links resolved. `convert` calls it before it reads a
-  checkpoint, which for the paper's 0.42B model is gigabytes."""
+  replace (one with content, a remote path, a mount point, one below a
+  file). Returns `out_dir` with links resolved. `convert` calls it before it
+  reads a checkpoint, which for the paper's 0.42B model is gigabytes."""
   unexpressible = _unexpressible(model.GPT2(**model_kwargs), flat)
   if unexpressible:
     raise ValueError('transformers GPT-2 cannot express this model: '
@@ -299,6 +299,11 @@ def check_export(model_kwargs, out_dir, overwrite=False, flat=()):
   out_dir = os.path.realpath(out_dir)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise ValueError(f'{out_dir} exists and is not a directory')
+  existing = out_dir  # A folder below a file failed only when written.
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f'{out_dir}: {existing} is a file, not a directory')
   if os.path.ismount(out_dir):  # A container's volume, a mounted disk.
     raise ValueError(f'{out_dir} is a mount point, which an export cannot '
                      'replace (it is written beside it and renamed into '

@@ -403,6 +403,10 @@ def test_convert_refuses_before_reading_the_checkpoint(tmp_path,
                                        r"\(\['notes.txt'\]\)"):
     convert.run_to_hf(str(run), str(tmp_path / 'out'), overwrite=True)
   assert os.listdir(tmp_path / 'out') == ['notes.txt']
+  # A folder below a file was refused only when written, after the read.
+  with pytest.raises(ValueError, match=r'out/notes.txt/hf: .*out/notes.txt '
+                                       r'is a file, not a directory$'):
+    convert.run_to_hf(str(run), str(tmp_path / 'out' / 'notes.txt' / 'hf'))
 
 
 def test_save_into_a_folder_it_cannot_move_aside(tmp_path, monkeypatch):

@@ -795,6 +795,44 @@ def test_a_sparse_step_before_annealing_ends_is_warned_of(tmp_path, stand_in,
                                              ('sparse', 100), ('dense', 100)]
 
 
+def test_a_step_not_kept_is_refused_naming_the_kept_ones(tmp_path,
+                                                          stand_in):
+  """--step at no kept checkpoint names the kept ones, as the circuits CLI
+  does, before any pruning."""
+  runs = {'sparse': tmp_path / 'sparse', 'dense': tmp_path / 'dense'}
+  _fake_run(runs['sparse'], {50: 3.5, 100: 3.2}, 'topk')
+  _fake_run(runs['dense'], {50: 3.5, 100: 3.2}, 'none')
+  with pytest.raises(ValueError) as refused:
+    _main(runs, tmp_path / 'out', '--tasks=if_equals', '--step=70')
+  assert str(refused.value) == (f'{runs["sparse"]} has no checkpoint at '
+                                'step 70; it has [50, 100]')
+  assert stand_in == [] and not (tmp_path / 'out').exists()
+
+
+def test_tables_are_written_in_utf8_in_a_c_locale(tmp_path):
+  """A run name beyond ASCII in a C locale (without UTF-8 mode), where
+  Python hands it over as undecodable bytes: comparison.md failed, after
+  all the pruning, in one misleading line (an 'ascii' codec error) and was
+  left empty. It holds the name's own bytes; the JSON reads as UTF-8."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('LANG', 'PYTHONIOENCODING')}
+  env.update(LC_ALL='C', PYTHONUTF8='0')
+  proc = subprocess.run(
+      [sys.executable, '-c',
+       'import sys; from sparse_gpt2.circuits import compare; '
+       "compare._write(sys.argv[1], 'comparison', f'`{sys.argv[2]}`\\n', "
+       "{'run': sys.argv[2]}); print(sys.argv[2])",
+       str(tmp_path), 'runs/spärse'],
+      capture_output=True, env=env, timeout=60,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr.decode()
+  assert proc.stdout == 'runs/spärse\n'.encode()
+  assert (tmp_path / 'comparison.md').read_bytes() == \
+      '`runs/spärse`\n'.encode()
+  assert isinstance(workdir_lib.read_json(tmp_path / 'comparison.json'),
+                    dict)
+
+
 def test_match_pairs_no_checkpoint_by_a_non_finite_loss():
   """A NaN validation loss in metrics.jsonl sorts anywhere: it paired a
   farther checkpoint than the closest, or none, with a traceback."""

@@ -547,9 +547,14 @@ def _remove_earlier(out, name, extensions):
 
 
 def _write(out, name, markdown, data):
-  with open(os.path.join(out, name + '.json'), 'w') as f:
+  """OUT/name.json and .md in UTF-8, as the project reads them, whatever
+  the locale: in a C locale a run or task name beyond ASCII failed, after
+  all the pruning, and left name.md empty. A name the file system gave as
+  bytes it could not decode is written back as those bytes."""
+  with open(os.path.join(out, name + '.json'), 'w', encoding='utf-8') as f:
     json.dump(data, f, indent=2)
-  with open(os.path.join(out, name + '.md'), 'w') as f:
+  with open(os.path.join(out, name + '.md'), 'w', encoding='utf-8',
+            errors='surrogateescape') as f:
     f.write(markdown)
 
 
@@ -566,7 +571,9 @@ def main():
   sparse_ckpts = runs.checkpoints(runs_['sparse'])
   step = runs.newest(runs_['sparse']) if _STEP.value is None else _STEP.value
   if step not in sparse_ckpts:
-    raise ValueError(f'{runs_["sparse"]} has no checkpoint at step {step}')
+    # Named as train.load_run names them for the circuits CLI's --step.
+    raise ValueError(f'{runs_["sparse"]} has no checkpoint at step {step}; '
+                     f'it has {sorted(sparse_ckpts)}')
   annealed = runs.annealed_step(runs_['sparse'])
   if step < annealed:  # As the curve leaves such checkpoints out.
     logging.warning('Sparse step %d is before step %d, where its annealing '
