@@ -93,6 +93,19 @@ def test_an_unsolved_circuit_is_drawn_with_the_loss_that_decided_it(
   assert 'test task loss: full 0.450' in svg  # The title's, as before.
 
 
+def test_a_task_named_in_bytes_that_are_not_utf8_is_drawn(tmp_path):
+  """Python hands such a name on with surrogates (a task file
+  `caf\\xc3\\xa9.jsonl` under LC_ALL=C, or bytes that are not UTF-8): the
+  figure stopped with matplotlib's TypeError after the task's pruning."""
+  circuit = make_circuit('caf\udcc3\udca9', num_layers=1)
+  viz.draw_circuit(circuit, str(tmp_path / 'circuit'))
+  viz.draw_comparison(circuit, circuit, str(tmp_path / 'pair'),
+                      sparse_label='runs/sp\udcc3\udca4rse')
+  assert 'café: ' in (tmp_path / 'circuit.svg').read_text()
+  assert 'Task: café' in (tmp_path / 'pair.svg').read_text()
+  assert 'runs/spärse' in (tmp_path / 'pair.svg').read_text()
+
+
 def _edge_count(num_edges, task='t', run='runs/sparse'):
   """A solved circuit whose counts, not wiring, matter to the table."""
   return dict(make_circuit(task, 1, run=run), num_edges=num_edges,

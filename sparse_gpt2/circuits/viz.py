@@ -42,6 +42,15 @@ _LABEL_INCHES = 1.0  # Left of each panel: layer names, then row names.
 _DPI = 150
 
 
+def _shown(name):
+  """A task's or run's name as text matplotlib can draw: Python hands on
+  bytes that are not UTF-8 (a file name, or any non-ASCII one under
+  LC_ALL=C) as surrogates, on which the title's font stopped with a
+  TypeError after the pruning. Their UTF-8 is read back; other bytes are
+  shown as U+FFFD."""
+  return name.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
+
+
 def draw_circuit(circuit, path):
   """Writes `path`.png and `path`.svg: one circuit, titled with its task,
   size and losses."""
@@ -49,7 +58,7 @@ def draw_circuit(circuit, path):
   ax = fig.add_subplot(1, 1, 1)
   _draw_panel(ax, circuit, circuit['num_layers'],
               _marker_size(len(circuit['nodes'])))
-  ax.set_title(f"{circuit['task']}: {_size_line(circuit)}\n"
+  ax.set_title(f"{_shown(circuit['task'])}: {_size_line(circuit)}\n"
                f'{_loss_line(circuit)}', fontsize=9)
   _save(fig, path)
 
@@ -69,9 +78,9 @@ def draw_comparison(sparse_circuit, dense_circuit, path,
                                         (dense_circuit, dense_label))):
     ax = fig.add_subplot(1, 2, i + 1)
     _draw_panel(ax, circuit, num_layers, size)
-    ax.set_title(f'{label}{_checkpoint_line(circuit)}\n{_size_line(circuit)}'
+    ax.set_title(f'{_shown(label)}{_checkpoint_line(circuit)}\n{_size_line(circuit)}'
                  f'\n{_loss_line(circuit)}', fontsize=9)
-  fig.suptitle(f"Task: {sparse_circuit['task']}  (circuits pruned to task "
+  fig.suptitle(f"Task: {_shown(sparse_circuit['task'])}  (circuits pruned to task "
                f"loss \u2264 {sparse_circuit['target_loss']:g})", fontsize=11)
   _save(fig, path)
 
