@@ -449,16 +449,23 @@ def test_slurm_partition_is_a_directive():
       '#SBATCH --partition=p']
 
 
+def _slurm_checkout(repo, config_name):
+  """A copy of gpu_slurm.sh in a checkout at `repo` (its logs/ then a
+  temporary one) with an empty configs/`config_name`; returns the script."""
+  (repo / 'launch').mkdir(parents=True)
+  (repo / 'configs').mkdir()
+  (repo / 'configs' / config_name).write_text('')
+  script = repo / 'launch' / 'gpu_slurm.sh'
+  with open(os.path.join(ROOT, 'launch', 'gpu_slurm.sh')) as f:
+    script.write_text(f.read())
+  return script
+
+
 def test_slurm_submits_the_job_it_writes(tmp_path):
   """Without --dry_run (in a copy of the script, so its logs/ is a
   temporary one), the job file is written and given to `sbatch`."""
   repo = tmp_path / 'repo'
-  (repo / 'launch').mkdir(parents=True)
-  (repo / 'configs').mkdir()
-  (repo / 'configs' / 'tiny.py').write_text('')
-  script = repo / 'launch' / 'gpu_slurm.sh'
-  with open(os.path.join(ROOT, 'launch', 'gpu_slurm.sh')) as f:
-    script.write_text(f.read())
+  script = _slurm_checkout(repo, 'tiny.py')
   bin_ = tmp_path / 'bin'
   bin_.mkdir()
   (bin_ / 'sbatch').write_text(
@@ -489,12 +496,7 @@ def test_slurm_directives_survive_spaces_and_hashes_in_paths(tmp_path):
   with a space in its name: sbatch reads the log path and job name whole
   (unquoted, it wrote the log to the path's first word)."""
   repo = tmp_path / 'my code #2'
-  (repo / 'launch').mkdir(parents=True)
-  (repo / 'configs').mkdir()
-  (repo / 'configs' / 'my tiny.py').write_text('')
-  script = repo / 'launch' / 'gpu_slurm.sh'
-  with open(os.path.join(ROOT, 'launch', 'gpu_slurm.sh')) as f:
-    script.write_text(f.read())
+  script = _slurm_checkout(repo, 'my tiny.py')
   bin_ = tmp_path / 'bin'
   bin_.mkdir()
   (bin_ / 'sbatch').write_text('#!/bin/sh\ncp "$1" "$(dirname "$0")/job"\n')
@@ -526,12 +528,7 @@ def test_slurm_log_path_keeps_a_percent_in_the_checkout_path(tmp_path):
   """A checkout under a path with a `%`: the job's log goes to its logs/
   (unescaped, Slurm read `%j` of /data/top%jobs as the job's id)."""
   repo = tmp_path / 'top%jobs 100%'
-  (repo / 'launch').mkdir(parents=True)
-  (repo / 'configs').mkdir()
-  (repo / 'configs' / 'tiny.py').write_text('')
-  script = repo / 'launch' / 'gpu_slurm.sh'
-  with open(os.path.join(ROOT, 'launch', 'gpu_slurm.sh')) as f:
-    script.write_text(f.read())
+  script = _slurm_checkout(repo, 'tiny.py')
   lines = subprocess.run(['bash', str(script), '--dry_run', '1',
                           'configs/tiny.py'], capture_output=True, text=True,
                          timeout=60, check=True).stdout
