@@ -74,8 +74,13 @@ def validate(m):
                        f'{getattr(m, field)!r}')
   unknown = set(m.act_topk_locations) - set(NODE_LOCATIONS)
   if unknown:
+    # The command line's `act_topk_locations=q,k` is the one name 'q,k'.
+    listed = [name.strip() for name in ','.join(sorted(unknown)).split(',')]
+    tuple_hint = (f'; several are a tuple: --config.model.act_topk_locations='
+                  f'"{tuple(listed)}"' if any(',' in n for n in unknown)
+                  else '')
     raise ValueError(f'model.act_topk_locations: unknown {sorted(unknown)}; '
-                     f'known: {NODE_LOCATIONS}')
+                     f'known: {NODE_LOCATIONS}{tuple_hint}')
   if not 0 <= m.act_topk_fraction <= 1:
     raise ValueError('model.act_topk_fraction must be in [0, 1], got '
                      f'{m.act_topk_fraction}')

@@ -711,6 +711,10 @@ def test_a_run_of_no_steps_compiles_and_evaluates_nothing(tiny_config,
     ({'model.dtype': 'float99'}, 'model.dtype must be one of'),
     ({'model.act_topk_locations': ('nowhere',)},
      r"model.act_topk_locations: unknown \['nowhere'\]"),
+    # `--config.model.act_topk_locations=q,k` is the one name 'q,k'.
+    ({'model.act_topk_locations': ('q,k',)},
+     r"unknown \['q,k'\]; known: .*; several are a tuple: "
+     r'--config.model.act_topk_locations="\(\'q\', \'k\'\)"$'),
     ({'model.dropout': 1.0}, r'model.dropout must be in \[0, 1\), got 1.0'),
     ({'optim.lr': -1.0}, 'optim.lr must be >= 0'),
     ({'optim.warmup_fraction': 1.5},
