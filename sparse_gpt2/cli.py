@@ -34,6 +34,15 @@ STEPS_TO_EARN_BACK_FREED_MEMORY = 200
 MAX_CPU_DEVICES = 1024
 
 
+def check_cpu_devices(num_cpu_devices):
+  """Refuses more than MAX_CPU_DEVICES: where jax starts (`start_jax`),
+  before it makes them, and in `train.validate`, for `plan`, which starts
+  no run."""
+  if num_cpu_devices > MAX_CPU_DEVICES:
+    raise ValueError(f'num_cpu_devices must be at most {MAX_CPU_DEVICES}, '
+                     f'got {num_cpu_devices}')
+
+
 def keep_freed_memory():
   """Makes glibc keep freed memory for reuse instead of returning it to the
   OS; call it before jax starts its backend, in runs of at least
@@ -130,9 +139,7 @@ def start_jax(num_cpu_devices, train_steps=0):
   keep = train_steps >= STEPS_TO_EARN_BACK_FREED_MEMORY and runs_on_cpu()
   if keep:
     keep_freed_memory()
-  if num_cpu_devices > MAX_CPU_DEVICES:
-    raise ValueError(f'num_cpu_devices must be at most {MAX_CPU_DEVICES}, '
-                     f'got {num_cpu_devices}')
+  check_cpu_devices(num_cpu_devices)
   if num_cpu_devices:
     jax.config.update('jax_num_cpu_devices', num_cpu_devices)
   keep_compiled_programs()
@@ -220,14 +227,21 @@ USER_ERRORS = (ValueError, FloatingPointError, FileNotFoundError,
 FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
-def check_output_dir(path, flag):
-  """Refuses, before any work, an output folder that cannot be made: one
-  that is a file, or below one."""
+def file_in_the_way(path):
+  """The file at `path` or above it that stops a folder being made there,
+  else None: the nearest existing path, if it is no directory."""
   existing = os.path.abspath(path)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise ValueError(f'{flag} {path}: {existing} is a file, not a directory')
+  return None if os.path.isdir(existing) else existing
+
+
+def check_output_dir(path, flag):
+  """Refuses, before any work, an output folder that cannot be made: one
+  that is a file, or below one."""
+  blocking = file_in_the_way(path)
+  if blocking:
+    raise ValueError(f'{flag} {path}: {blocking} is a file, not a directory')
 
 
 def run(main, errors=USER_ERRORS):

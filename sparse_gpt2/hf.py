@@ -33,6 +33,7 @@ import numpy as np
 import safetensors
 from safetensors import numpy as safetensors_np
 
+from sparse_gpt2 import cli
 from sparse_gpt2 import model
 from sparse_gpt2 import sparsity
 from sparse_gpt2 import workdir
@@ -299,11 +300,9 @@ def check_export(model_kwargs, out_dir, overwrite=False, flat=()):
   out_dir = os.path.realpath(out_dir)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise ValueError(f'{out_dir} exists and is not a directory')
-  existing = out_dir  # A folder below a file failed only when written.
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise ValueError(f'{out_dir}: {existing} is a file, not a directory')
+  blocking = cli.file_in_the_way(out_dir)  # Else it failed when written.
+  if blocking:
+    raise ValueError(f'{out_dir}: {blocking} is a file, not a directory')
   if os.path.ismount(out_dir):  # A container's volume, a mounted disk.
     raise ValueError(f'{out_dir} is a mount point, which an export cannot '
                      'replace (it is written beside it and renamed into '

@@ -97,9 +97,7 @@ def validate(config):
   for field in ('keep_every', 'peak_flops', 'num_cpu_devices'):
     if not config[field] >= 0:  # Refuses a NaN peak_flops too.
       raise ValueError(f'{field} must be >= 0, got {config[field]}')
-  if config.num_cpu_devices > cli.MAX_CPU_DEVICES:  # `plan` starts no run.
-    raise ValueError(f'num_cpu_devices must be at most '
-                     f'{cli.MAX_CPU_DEVICES}, got {config.num_cpu_devices}')
+  cli.check_cpu_devices(config.num_cpu_devices)  # `plan` starts no run.
   if config.keep_every % config.checkpoint_every:  # Only saved steps stay.
     raise ValueError(f'keep_every {config.keep_every} must be a multiple of '
                      f'checkpoint_every {config.checkpoint_every} (or 0)')
