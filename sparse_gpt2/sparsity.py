@@ -69,6 +69,15 @@ def validate(config):
   if not 0 < config.density <= 1:
     raise ValueError(f'sparsity.density must be in (0, 1], got '
                      f'{config.density}')
+  # The annealing ends at 1 - (1 - density) in float32 (`density_at`): 0
+  # at a density of 2**-25 or less, where the lr, times sqrt(target /
+  # density), was infinite and the run NaN once it got there.
+  if not np.float32(1 - config.density) < 1:
+    raise ValueError(f'sparsity.density {config.density} is 0 in float32 '
+                     'as the annealing computes it (1 - (1 - density)), '
+                     'which would make the lr infinite: give more than '
+                     '2**-25 (3e-08); a tensor keeps one weight at any '
+                     'density below 1 / its size')
   if not 0 <= config.anneal_fraction <= 1:
     raise ValueError('sparsity.anneal_fraction must be in [0, 1], got '
                      f'{config.anneal_fraction}')

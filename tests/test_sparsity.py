@@ -333,6 +333,23 @@ def test_impossible_density_fails_clearly(bad):
     sparsity.validate(config)
 
 
+def test_a_density_the_annealing_reads_as_zero_is_refused():
+  """`density_at` ends at 1 - (1 - density) in float32, 0 for a density of
+  2**-25 or less: the tiny config at density 1e-8 logged lr inf where its
+  annealing ended, then a NaN loss. The density the refusal names keeps a
+  finite lr there."""
+  config = tiny.get_config('topk')
+  for bad in (1e-8, 2**-25):
+    config.sparsity.density = bad
+    with pytest.raises(ValueError, match=rf'^sparsity.density {bad} is 0 in '
+                       r'float32 as the annealing computes it .* give more '
+                       r'than 2\*\*-25 \(3e-08\)'):
+      sparsity.validate(config.sparsity)
+  config.sparsity.density = 3e-8
+  sparsity.validate(config.sparsity)
+  assert np.isfinite(float(optim.learning_rate(config, 100)(99)))
+
+
 @pytest.mark.parametrize('j', [33, 64, 128])
 def test_min_per_neuron_above_its_limit_is_refused(j):
   # Its unrolled tournament (`_column_tops`) took 42 s and 3.2 GB to compile
