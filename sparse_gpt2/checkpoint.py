@@ -55,6 +55,7 @@ def manager(workdir, keep, keep_every=0, read_only=False):
   analysis: creates, saves and deletes nothing."""
   if jax.process_count() == 1:
     _save_each_array_from_one_replica()
+  drop_failed_read_echoes()  # A failed save echoes as a failed read does.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, keep_period=keep_every or None, create=not read_only,
       read_only=read_only, enable_async_checkpointing=True)
@@ -243,7 +244,9 @@ def restore_latest(mngr, abstract_state, workdir, set_aside=True):
 
 def drop_failed_read_echoes():
   """Keeps a failed read of a corrupt checkpoint to `restore_latest`'s one
-  warning line, in any process that restores (`main`, a notebook).
+  warning line, in any process that restores (`main`, a notebook); and
+  a save that a full disk stopped to `cli.run`'s one line, its writes
+  echoing alike (`manager` calls it).
 
   When one of orbax's concurrent array reads fails, the others are left
   unfinished: asyncio can log each one's copy of the error as never

@@ -14,6 +14,7 @@ import pkgutil
 import platform
 import signal
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -165,12 +166,28 @@ def _home(value):
 def _home_config_file(arg):
   """A config file flag's `--config=~/mine.py` with `~` expanded: the file
   is loaded while flags are parsed, before `_home` could expand it, and was
-  refused as missing."""
+  refused as missing. A path that holds a `:` is refused here, before it
+  is loaded (`_check_no_colon_in_path`)."""
   name, eq, value = arg[2:].partition('=')
   if (arg.startswith('--') and eq and name in flags.FLAGS
       and hasattr(type(flags.FLAGS[name]), 'config_filename')):
+    _check_no_colon_in_path(name, _home(value))
     return f'--{name}={_home(value)}'
   return arg
+
+
+def _check_no_colon_in_path(name, value):
+  """Refuses a config file whose path holds a `:`, naming it: config_flags
+  takes all after the first `:` as the config's argument (`file.py:arg`),
+  and said only that the path's head (`runs/a` of `runs/a:b/mine.py`) was
+  no such file."""
+  parts = value.split(':')
+  whole = next((':'.join(parts[:i]) for i in range(len(parts), 1, -1)
+                if os.path.isfile(':'.join(parts[:i]))), None)
+  if whole and not os.path.isfile(parts[0]):
+    fail(f"--{name}={value}: a ':' ends a config file's path (what follows "
+         f"is the config's argument, file.py:arg), so {whole} cannot be "
+         "given: move or link it to a path without one", 2)
 
 
 def _parse_flags(argv):
@@ -227,21 +244,35 @@ USER_ERRORS = (ValueError, FloatingPointError, FileNotFoundError,
 FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
-def file_in_the_way(path):
-  """The file at `path` or above it that stops a folder being made there,
-  else None: the nearest existing path, if it is no directory."""
+def _nearest_existing(path):
   existing = os.path.abspath(path)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
+  return existing
+
+
+def file_in_the_way(path):
+  """The file at `path` or above it that stops a folder being made there,
+  else None: the nearest existing path, if it is no directory."""
+  existing = _nearest_existing(path)
   return None if os.path.isdir(existing) else existing
 
 
 def check_output_dir(path, flag):
-  """Refuses, before any work, an output folder that cannot be made: one
-  that is a file, or below one."""
+  """Refuses, before any work, an output folder that cannot be made or
+  written: one that is a file, or below one, or in a folder that takes no
+  file (a read-only mount, another user's), which the circuits CLIs met
+  only when they wrote, after the pruning. Makes nothing."""
   blocking = file_in_the_way(path)
   if blocking:
     raise ValueError(f'{flag} {path}: {blocking} is a file, not a directory')
+  folder = _nearest_existing(path)
+  try:
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  except OSError as e:
+    raise ValueError(f'{flag} {path}: cannot write in {folder} '
+                     f'({e.strerror})') from None
 
 
 def run(main, errors=USER_ERRORS):

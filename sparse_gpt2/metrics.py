@@ -1,9 +1,11 @@
 """What a run records: metrics.jsonl, TensorBoard events, a console line,
 and the FLOP accounting behind MFU."""
 
+import errno
 import json
 import logging as std_logging
 import math
+import os
 import sys
 import time
 
@@ -225,9 +227,29 @@ def console_line(step, total, metrics, eta_s):
 
 def quiet_library_logs():
   """Keeps the console to this project's lines: orbax and TFDS log every
-  save and read at INFO."""
-  std_logging.getLogger('absl').addFilter(
+  save and read at INFO, and a save that a full disk stopped at ERROR
+  (`_not_a_save_the_machine_stopped`)."""
+  absl_logger = std_logging.getLogger('absl')
+  absl_logger.addFilter(
       lambda r: not ('/orbax/' in r.pathname and r.levelno < std_logging.WARNING
                      or '/tensorflow_datasets/' in r.pathname
                      and r.levelno < std_logging.ERROR))
+  absl_logger.addFilter(_not_a_save_the_machine_stopped)
   std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
+
+
+# What the system says of a full disk, a quota, a read-only mount
+# (`cli.FULL_OR_READ_ONLY`), in the errors TensorStore raises.
+_FULL_OR_READ_ONLY = tuple(os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT,
+                                                    errno.EROFS))
+
+
+def _not_a_save_the_machine_stopped(record):
+  """False for orbax's logs of a checkpoint save that a full disk (a quota,
+  a read-only mount) stopped in its threads: four, each with the error's
+  traceback (320 lines for the tiny config), before the run raises that
+  error at its next save or as it closes the manager, which `cli.run` says
+  in one line."""
+  error = record.exc_info[1] if record.exc_info else None
+  return not ('/orbax/' in record.pathname and error is not None
+              and any(words in str(error) for words in _FULL_OR_READ_ONLY))

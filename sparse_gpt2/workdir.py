@@ -57,17 +57,22 @@ def path(workdir):
 _TEMPORARY = re.compile(r'.+\.tmp\d+')  # What `write_atomic` renames.
 
 
-def write_atomic(file, text):
-  """Writes `text` (UTF-8) to a temporary file renamed onto `file`, so a
-  killed run leaves the old file or the new one, never half of one, and a
-  failed write leaves no temporary file. `file` an epath (`path`)."""
+def write_atomic(file, text, errors='strict'):
+  """Writes `text` (UTF-8; `errors` as `open` takes them) to a temporary
+  file renamed onto `file`, so a killed run leaves the old file or the new
+  one, never half of one, and a failed write leaves no temporary file.
+  `file` an epath (`path`)."""
   tmp = file.parent / f'{file.name}.tmp{os.getpid()}'
   try:
-    tmp.write_text(text, encoding='utf-8')
+    tmp.write_bytes(text.encode('utf-8', errors))
     tmp.replace(file)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(OSError):
       tmp.unlink()
+    if isinstance(e, OSError) and e.errno and e.filename is None:
+      # A full disk's write names no file: `cli.run`'s one line said "No
+      # space left on device" of a run writing to three disks.
+      raise OSError(e.errno, e.strerror, str(file)) from None
     raise
 
 

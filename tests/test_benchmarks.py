@@ -115,7 +115,7 @@ def test_prepare_out_refuses_a_folder_it_cannot_write(tmp_path):
   out.chmod(0o555)
   if os.access(out, os.W_OK):  # root writes there anyway; not in /proc.
     out = '/proc'
-  with pytest.raises(ValueError, match=f'^--out {out} is not writable: '):
+  with pytest.raises(ValueError, match=f'^--out {out}: cannot write in '):
     provenance.prepare_out(str(out), 'run')
 
 

@@ -78,6 +78,28 @@ def test_main_reads_a_config_file_under_home_named_with_a_tilde(tmp_path):
       'sparse_gpt2/defaults.py)\n')
 
 
+def test_main_refuses_a_config_file_whose_path_holds_a_colon(tmp_path):
+  # config_flags reads all after the first `:` as the config's argument:
+  # the file was refused as "No such file or directory: '.../a'", a path
+  # the user never gave.
+  folder = tmp_path / 'a:b'
+  folder.mkdir()
+  (folder / 'mine.py').write_text(
+      'from configs import tiny\n\ndef get_config(arg=None):\n'
+      '  return tiny.get_config(arg)\n')
+  result = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.main',
+       f'--config={folder / "mine.py"}:static',
+       f'--workdir={tmp_path / "run"}'], capture_output=True, text=True,
+      cwd=ROOT, timeout=120)
+  assert (result.returncode, result.stderr) == (
+      2, f'error: --config={folder / "mine.py"}:static: a \':\' ends a '
+      "config file's path (what follows is the config's argument, "
+      f'file.py:arg), so {folder / "mine.py"} cannot be given: move or '
+      'link it to a path without one\n')
+  assert not (tmp_path / 'run').exists()
+
+
 def test_tiny_refuses_an_unknown_argument_as_it_loads(tmp_path):
   # As sparse_medium's does: it was refused only as the run began, exit 1.
   result = subprocess.run(

@@ -341,6 +341,17 @@ def test_a_failed_cache_write_leaves_nothing(tmp_path):
     data._write_atomic(str(tmp_path / 'train.npy'), write_then_fail)
   assert os.listdir(tmp_path) == []
 
+  def write_on_a_full_disk(f):
+    f.write(b'half a cache')
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # As write() does.
+  # Named, which the disk's error is not: a run's one line said only "No
+  # space left on device", of a run that writes to three disks.
+  with pytest.raises(OSError) as stopped:
+    data._write_atomic(str(tmp_path / 'train.npy'), write_on_a_full_disk)
+  assert (stopped.value.errno, stopped.value.filename) == (
+      errno.ENOSPC, str(tmp_path / 'train.npy'))
+  assert os.listdir(tmp_path) == []
+
 
 def test_get_batch_is_a_function_of_seed_and_step():
   seq_len, n = 7, 10
@@ -489,6 +500,24 @@ def test_a_data_dir_this_process_may_not_write(corpus, corpus_dir, data_dir,
   assert str(refused.value).startswith(
       f'data.data_dir {tmp_path}: cannot write {tmp_path}/python_code/')
   assert str(refused.value).endswith(' (Read-only file system)')
+
+
+def test_a_disk_that_fills_while_the_corpus_is_built_is_one_line(
+    corpus_dir, tmp_path, monkeypatch):
+  """array_record's writer says a full disk in a RuntimeError, which was a
+  traceback; as an OSError it is one line (`cli.run`), naming the folder,
+  and no empty folders are left for it."""
+  def full(self):
+    raise RuntimeError(
+        'Failed to finalize writing of split "validation": write() failed: '
+        f'No space left on device; writing {self.data_dir}/x.array_record; '
+        'at byte 20480; Failed to close chunk_writer')
+  monkeypatch.setattr(python_code.PythonCode, 'download_and_prepare', full)
+  with pytest.raises(OSError) as raised:
+    data.load(_config(corpus_dir[0], tmp_path), SEQ_LEN)
+  assert raised.value.errno == errno.ENOSPC
+  assert raised.value.filename.startswith(f'{tmp_path}/python_code/')
+  assert not os.path.exists(tmp_path / 'python_code')
 
 
 def test_a_remote_data_dir_is_refused(corpus_dir, tmp_path, monkeypatch):

@@ -7,9 +7,11 @@ import errno
 import gc
 import importlib.util
 import json
+import logging as std_logging
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -446,6 +448,38 @@ def test_each_sign_of_damaged_bytes_reads_as_corrupt(sign):
   assert not checkpoint.is_corrupt(ValueError(
       'RESOURCE_EXHAUSTED: Out of memory allocating 4GB'))
   assert checkpoint.is_corrupt(ValueError('DATA_LOSS: short chunk'))
+
+
+def test_a_save_that_a_full_disk_stops_is_said_once(tmp_path, monkeypatch):
+  """A full disk (a quota, a read-only mount) during an async save: orbax
+  logged the error four times with its traceback, and its threads' echoes
+  followed (558 lines for the tiny config), before `cli.run`'s one line
+  said it again. The logs of a save stopped so are dropped, as the echoes
+  are from the moment a manager is made; orbax's other errors are kept."""
+  absl_logger = std_logging.getLogger('absl')
+  monkeypatch.setattr(absl_logger, 'filters', [])
+  monkeypatch.setattr(std_logging.getLogger('asyncio'), 'filters', [])
+  monkeypatch.setattr(sys, 'unraisablehook', sys.__unraisablehook__)
+  metrics.quiet_library_logs()
+  checkpoint.manager(str(tmp_path), keep=1).close()
+  assert getattr(sys.unraisablehook, 'drops_failed_read_echoes', False)
+
+  def logged(path, error):
+    try:
+      raise error
+    except ValueError:
+      return absl_logger.filter(std_logging.LogRecord(
+          'absl', std_logging.ERROR, path, 1, 'save failed', None,
+          sys.exc_info()))
+
+  orbax = os.path.join(ocp.__path__[0], '_src', 'futures', 'future.py')
+  full = ValueError(
+      'RESOURCE_EXHAUSTED: Error writing "params.x/0" in OCDBT database: '
+      'Failed to write 504496 bytes to file 11: No space left on device '
+      "[os_error_code='28']")
+  assert not logged(orbax, full)
+  assert logged(orbax, ValueError('DATA_LOSS: Error writing "params.x/0"'))
+  assert logged('/home/me/mine.py', full)
 
 
 @pytest.mark.parametrize('dtype', [np.float32, np.uint8, np.int32])
@@ -1411,6 +1445,26 @@ def test_a_full_or_read_only_disk_is_one_line(code, one_line):
     assert result.stderr == f'error: {message}\n'
   else:
     assert 'Traceback' in result.stderr and message in result.stderr
+
+
+def test_a_write_the_disk_stops_names_its_file(tmp_path):
+  """metrics.jsonl, config.json, a circuit: a write that a full disk stops
+  names no file, and `cli.run`'s line said only "No space left on device"
+  of a run that writes to three disks. RLIMIT_FSIZE stops a write as a
+  full disk does, without root."""
+  file = workdir_lib.path(tmp_path) / workdir_lib.METRICS
+  limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+  kill = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead.
+  resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
+  try:
+    with pytest.raises(OSError) as stopped:
+      workdir_lib.write_atomic(file, 'x' * 10_000)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    signal.signal(signal.SIGXFSZ, kill)
+  assert (stopped.value.errno, stopped.value.filename) == (errno.EFBIG,
+                                                           str(file))
+  assert not os.listdir(tmp_path)
 
 
 _MAIN_WITH_A_SPY = r"""

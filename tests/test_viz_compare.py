@@ -2,14 +2,18 @@
 circuits (no model, no pruning)."""
 
 import dataclasses
+import errno
 import json
 import math
 import os
 import random
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import warnings
 import xml.etree.ElementTree as ET
 
@@ -17,6 +21,7 @@ from absl import flags
 import numpy as np
 import pytest
 
+from sparse_gpt2 import cli
 from sparse_gpt2 import defaults
 from sparse_gpt2 import sparsity
 from sparse_gpt2 import workdir as workdir_lib
@@ -419,6 +424,23 @@ def test_cli_rejects_bad_input_before_pruning(tmp_path, bad, message):
   assert len(lines) == 1 and lines[0].startswith('error:'), proc.stderr
   assert message in lines[0]
   assert out.is_file() if bad.startswith('out') else not out.exists()
+
+
+def test_an_out_in_a_folder_that_takes_no_file_is_refused_before_pruning(
+    tmp_path, monkeypatch):
+  """As both circuits CLIs check --out (`cli.check_output_dir`): a folder
+  on a read-only mount was met by the first write, after a pruning. Root
+  writes in any folder whatever its mode, so the mount is simulated."""
+  def read_only(dir):  # pylint: disable=redefined-builtin
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), dir)
+
+  monkeypatch.setattr(tempfile, 'TemporaryFile', read_only)
+  out = tmp_path / 'mounted' / 'compare'
+  with pytest.raises(ValueError) as refused:
+    cli.check_output_dir(str(out), '--out')
+  assert str(refused.value) == (f'--out {out}: cannot write in {tmp_path} '
+                                '(Read-only file system)')
+  assert not out.parent.exists()
 
 
 def _fake_run(path, val_losses, mode, schedule_steps=200):
@@ -844,6 +866,27 @@ def test_tables_are_written_in_utf8_in_a_c_locale(tmp_path):
       '`runs/spärse`\n'.encode()
   assert isinstance(workdir_lib.read_json(tmp_path / 'comparison.json'),
                     dict)
+
+
+def test_a_table_a_full_disk_stops_leaves_the_earlier_one_whole(tmp_path):
+  """A disk that filled as comparison.json and .md were written left them
+  cut short, an earlier comparison's too, beside the rest of its output.
+  The disk is a file size limit here (RLIMIT_FSIZE), which stops a write
+  as a full disk does, without root."""
+  compare._write(str(tmp_path), 'comparison', '# earlier\n', {'tasks': []})
+  limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+  kill = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead.
+  resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
+  try:
+    with pytest.raises(OSError):
+      compare._write(str(tmp_path), 'comparison', 'x' * 10_000,
+                     {'tasks': ['y' * 10_000]})
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    signal.signal(signal.SIGXFSZ, kill)
+  assert (tmp_path / 'comparison.md').read_text() == '# earlier\n'
+  assert workdir_lib.read_json(tmp_path / 'comparison.json') == {'tasks': []}
+  assert sorted(os.listdir(tmp_path)) == ['comparison.json', 'comparison.md']
 
 
 def test_match_pairs_no_checkpoint_by_a_non_finite_loss():

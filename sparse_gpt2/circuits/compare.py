@@ -550,12 +550,13 @@ def _write(out, name, markdown, data):
   """OUT/name.json and .md in UTF-8, as the project reads them, whatever
   the locale: in a C locale a run or task name beyond ASCII failed, after
   all the pruning, and left name.md empty. A name the file system gave as
-  bytes it could not decode is written back as those bytes."""
-  with open(os.path.join(out, name + '.json'), 'w', encoding='utf-8') as f:
-    json.dump(data, f, indent=2)
-  with open(os.path.join(out, name + '.md'), 'w', encoding='utf-8',
-            errors='surrogateescape') as f:
-    f.write(markdown)
+  bytes it could not decode is written back as those bytes. Each file is
+  whole or as it was (`write_atomic`): a disk that filled as they were
+  written left them cut short, an earlier comparison's too."""
+  workdir_lib.write_atomic(workdir_lib.path(os.path.join(out, name + '.json')),
+                           json.dumps(data, indent=2))
+  workdir_lib.write_atomic(workdir_lib.path(os.path.join(out, name + '.md')),
+                           markdown, errors='surrogateescape')
 
 
 def main():

@@ -97,7 +97,7 @@ def _open_python_code(source_dir, data_config):
       shutil.rmtree(builder.data_dir)
       builder = make()  # Afresh: the old one read the removed dataset's info.
   try:
-    builder.download_and_prepare()
+    _prepare(builder)
   except (ValueError, OSError):  # An empty or too small corpus, a file
     # removed or denied while it was read: no empty folders left for it
     # below the data folder, which may be the user's (a folder not empty,
@@ -116,6 +116,21 @@ def _open_python_code(source_dir, data_config):
       text_feature='text',
       cache_dir=builder.data_dir,
       manifest_path=os.path.join(builder.data_dir, python_code.MANIFEST))
+
+
+def _prepare(builder):
+  """builder.download_and_prepare(), a full disk (or quota) raised as the
+  OSError it is: array_record's writer says it in a RuntimeError, which
+  was a traceback of 70 lines."""
+  try:
+    builder.download_and_prepare()
+  except RuntimeError as e:
+    full = [n for n in (errno.ENOSPC, errno.EDQUOT)
+            if os.strerror(n) in str(e)]
+    if not full:
+      raise
+    raise OSError(full[0], os.strerror(full[0]),
+                  os.fspath(builder.data_dir)) from None
 
 
 def _open_tfds(name, data_config):
@@ -201,9 +216,12 @@ def _write_atomic(path, write):
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
+    if isinstance(e, OSError) and e.errno and e.filename is None:
+      # A full disk's write names no file (`workdir.write_atomic`).
+      raise OSError(e.errno, e.strerror, path) from None
     raise
 
 
