@@ -1,10 +1,12 @@
 """How every command-line entry point runs: absl flags, quiet library logs,
 and each expected failure as one `error:` line on stderr with a non-zero
-exit code (2 for a bad command line, 1 for a refused or failed run), never a
-traceback."""
+exit code (2 for a bad command line, 1 for a refused or failed run, 130 for
+a Ctrl-C), never a traceback."""
 
+import _thread
 import ctypes
 import errno
+import functools
 import glob
 import importlib.metadata
 import importlib.util
@@ -15,6 +17,7 @@ import platform
 import signal
 import sys
 import tempfile
+import threading
 
 from absl import app
 from absl import flags
@@ -275,9 +278,26 @@ def check_output_dir(path, flag):
                      f'({e.strerror})') from None
 
 
+def _interrupt_again(unraisable, hook):
+  """A Ctrl-C that lands in a gc callback (jax runs one at each collection)
+  or a finalizer, where Python only prints it ('Exception ignored in') and
+  the command went on, sent again to the main thread: from another thread,
+  since here it would land in this hook, where it is only printed too.
+  Other such exceptions go on to `hook`, the one installed before."""
+  if issubclass(unraisable.exc_type, KeyboardInterrupt):
+    # Not threading.Thread, whose start() waits for the thread: the signal
+    # would land in that wait, in this hook.
+    _thread.start_new_thread(signal.pthread_kill, (
+        threading.main_thread().ident, signal.SIGINT))
+  else:
+    hook(unraisable)
+
+
 def run(main, errors=USER_ERRORS):
   """Parses flags and calls main(); an exception in `errors` ends the
-  process with its one-line message."""
+  process with its one-line message, and a Ctrl-C with one too."""
+  sys.unraisablehook = functools.partial(_interrupt_again,
+                                         hook=sys.unraisablehook)
 
   def wrapped(argv):
     if len(argv) > 1:
@@ -287,6 +307,8 @@ def run(main, errors=USER_ERRORS):
       main()
     except errors as e:
       fail(str(e), 1)
+    except KeyboardInterrupt:  # Ctrl-C: the user stopped it, no fault to trace.
+      fail('interrupted', 130)  # 128 + SIGINT, as a shell reports it.
     except OSError as e:
       if e.errno not in FULL_OR_READ_ONLY:
         raise

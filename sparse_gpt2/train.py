@@ -12,6 +12,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import time
 from typing import Any
 
@@ -420,7 +421,14 @@ def start_compiling_apart(config):
   child = multiprocessing.get_context('spawn').Process(
       target=_compile_as_child, daemon=True,
       args=(os.getpid(), config, jax.config.jax_compilation_cache_dir))
-  child.start()
+  # Started with Ctrl-C ignored, as it stays through its exec: a terminal's
+  # Ctrl-C reaches the whole process group, and the child printed its own
+  # traceback beside the run's one line. It dies with the run instead.
+  run_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    child.start()
+  finally:
+    signal.signal(signal.SIGINT, run_handler)
   return child
 
 

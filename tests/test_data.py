@@ -278,6 +278,33 @@ def test_an_edited_source_is_built_again(corpus_dir, tmp_path):
       [rebuilt.train_tokens, rebuilt.val_tokens]).tolist())
 
 
+def test_a_ctrl_c_while_an_edited_source_is_removed_builds_it_again(
+    corpus_dir, tmp_path, monkeypatch):
+  """A Ctrl-C inside the removal of an edited folder's old corpus left its
+  BPE and token caches without the manifest that dates them: every later
+  load read them as the edited folder's. Moved aside first, the old corpus
+  is gone at once, and what is left of it goes at the next load."""
+  source = tmp_path / 'src'
+  shutil.copytree(corpus_dir[0], source)
+  config = _config(source, tmp_path / 'tfds')
+  before = data.load(config, SEQ_LEN)
+  (source / 'pkg0' / 'added.py').write_text('def added():\n    return 1\n')
+
+  def interrupted(path):  # The manifest removed, then a Ctrl-C.
+    os.remove(os.path.join(path, python_code.MANIFEST))
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(data.shutil, 'rmtree', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    data.load(config, SEQ_LEN)
+  monkeypatch.undo()
+  added = data.load(config, SEQ_LEN)
+  assert added.train_tokens.size + added.val_tokens.size > (
+      before.train_tokens.size + before.val_tokens.size)
+  version_dir = os.path.dirname(added.manifest_path)
+  assert os.listdir(os.path.dirname(version_dir)) == ['1.0.0']  # No stale.
+
+
 def test_listing_digest_sees_an_edit_of_the_same_size(tmp_path):
   """An edit in place that keeps the file's size: its modification time
   changes the digest, so the corpus is built again."""

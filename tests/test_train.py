@@ -1467,6 +1467,38 @@ def test_a_write_the_disk_stops_names_its_file(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+_CTRL_C = r"""
+import gc, os, signal, sys, time
+from sparse_gpt2 import cli
+where = sys.argv.pop(1)
+def in_a_gc_callback(phase, info):
+  if phase == 'start':
+    os.kill(os.getpid(), signal.SIGINT)
+def main():
+  if where == 'gc':
+    gc.callbacks.append(in_a_gc_callback)
+    gc.collect()
+    gc.callbacks.remove(in_a_gc_callback)
+  else:
+    os.kill(os.getpid(), signal.SIGINT)
+  time.sleep(5)  # Where a Ctrl-C raised again lands.
+  print('went on')
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize('where', ['main', 'gc'])
+def test_a_ctrl_c_is_one_line(where):
+  """The user stopping a command is no fault: one line and 130 (128 +
+  SIGINT, as a shell reports it), not a traceback. In a gc callback (jax
+  runs one at each collection), Python only printed it, and the command
+  went on."""
+  result = subprocess.run([sys.executable, '-c', _CTRL_C, where],
+                          capture_output=True, text=True, cwd=ROOT)
+  assert (result.returncode, result.stderr, result.stdout) == (
+      130, 'error: interrupted\n', '')
+
+
 _MAIN_WITH_A_SPY = r"""
 import sys
 import jax
@@ -1674,6 +1706,29 @@ def test_the_compiling_child_dies_with_its_run():
                           capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
   assert orphan.returncode == 1 and orphan.stdout == ''
+
+
+def test_the_compiling_child_starts_ignoring_ctrl_c(monkeypatch):
+  """A terminal's Ctrl-C reaches the whole process group: the child
+  compiling the steps printed its own traceback beside the run's one line.
+  It starts with SIGINT ignored, which it keeps through its exec (and dies
+  with the run); the run's own handler is back once it has started."""
+  started_with = []
+
+  class Process:
+
+    def __init__(self, **unused_kwargs):
+      pass
+
+    def start(self):
+      started_with.append(signal.getsignal(signal.SIGINT))
+
+  monkeypatch.setattr(train.multiprocessing, 'get_context',
+                      lambda method: types.SimpleNamespace(Process=Process))
+  run_handler = signal.getsignal(signal.SIGINT)
+  train.start_compiling_apart(None)
+  assert started_with == [signal.SIG_IGN]
+  assert signal.getsignal(signal.SIGINT) is run_handler
 
 
 def test_the_circuits_clis_do_not_keep_freed_memory():

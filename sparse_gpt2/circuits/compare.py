@@ -551,8 +551,9 @@ def _write(out, name, markdown, data):
   the locale: in a C locale a run or task name beyond ASCII failed, after
   all the pruning, and left name.md empty. A name the file system gave as
   bytes it could not decode is written back as those bytes. Each file is
-  whole or as it was (`write_atomic`): a disk that filled as they were
-  written left them cut short, an earlier comparison's too."""
+  whole or as it was (`write_atomic`): a disk that filled, a Ctrl-C or a
+  second compare into the same --out as they were written left them cut
+  short (an earlier comparison's too), which `view` then refused."""
   workdir_lib.write_atomic(workdir_lib.path(os.path.join(out, name + '.json')),
                            json.dumps(data, indent=2))
   workdir_lib.write_atomic(workdir_lib.path(os.path.join(out, name + '.md')),

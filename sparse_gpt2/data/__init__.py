@@ -83,6 +83,10 @@ def _open_python_code(source_dir, data_config):
                            data_dir=_data_dir(data_config))
   builder = make()
   manifest = os.path.join(builder.data_dir, python_code.MANIFEST)
+  for stale in glob.glob(f'{glob.escape(builder.data_dir)}.stale*'):
+    # Its removal below stopped mid-way (a Ctrl-C); another process's may
+    # be under way.
+    shutil.rmtree(stale, ignore_errors=True)
   if os.path.exists(manifest):
     try:
       with open(manifest) as f:
@@ -94,7 +98,12 @@ def _open_python_code(source_dir, data_config):
         builder.builder_config.source_dir)):
       logging.warning('%s changed since its corpus was built; building it '
                       'again (and its BPE and token caches).', source_dir)
-      shutil.rmtree(builder.data_dir)
+      # Moved aside at once, then removed: a Ctrl-C inside the removal left
+      # the old BPE and token caches without the manifest that dates them,
+      # and every later run read them as the edited folder's.
+      stale = f'{builder.data_dir}.stale{os.getpid()}'
+      os.replace(builder.data_dir, stale)
+      shutil.rmtree(stale)
       builder = make()  # Afresh: the old one read the removed dataset's info.
   try:
     _prepare(builder)
