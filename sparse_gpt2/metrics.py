@@ -41,6 +41,15 @@ DATASHEET_PEAKS = (
 )
 
 
+# The side of the matmul that times an accelerator missing from
+# DATASHEET_PEAKS, as benchmarks/gpu.sh times one. At the CPU's 2048, 17
+# GFLOP, an H100-class chip computes for about 20 us, less than a jitted
+# call's dispatch and sync take (~30 us): the reading would be under half
+# the chip's peak, and the MFU over twice the real one. 8192^3 runs ~1.5 ms
+# there, 128 MiB an operand in bf16.
+ACCELERATOR_MATMUL_N = 8192
+
+
 def flops_per_token(model_config, seq_len):
   """Training FLOPs per token of the dense computation, as MaxText counts
   them (`calculate_tflops_training_per_device`): 6 per weight of every
@@ -69,7 +78,7 @@ def peak_flops(dtype='float32', fastest_yet=0.0, repeats=5):
   busy moment when it started cannot inflate all its MFUs (one run on a
   shared machine logged 80-106% against a start that read half the
   rate). An accelerator missing from DATASHEET_PEAKS is timed the same way
-  per device, with a warning."""
+  per device, with a warning, on a matmul of ACCELERATOR_MATMUL_N^3."""
   device = jax.devices()[0]
   if device.platform == 'cpu':
     return max(fastest_yet, measure_peak_flops(dtype, repeats=repeats))
@@ -79,7 +88,8 @@ def peak_flops(dtype='float32', fastest_yet=0.0, repeats=5):
     if not fastest_yet:
       logging.warning('No datasheet peak for %r; MFU is against a timed '
                       'matmul.', device.device_kind)
-    per_device = measure_peak_flops(dtype, repeats=repeats)
+    per_device = measure_peak_flops(dtype, n=ACCELERATOR_MATMUL_N,
+                                    repeats=repeats)
   return max(fastest_yet, per_device * jax.device_count())
 
 

@@ -1807,6 +1807,24 @@ def test_mfu_peak_is_the_datasheet_peak_times_the_devices(monkeypatch):
     assert metrics.peak_flops('bfloat16') == 8 * peak, kind
 
 
+def test_an_unlisted_accelerator_is_timed_on_a_matmul_longer_than_a_call(
+    monkeypatch):
+  """Not on the CPU's 2048^3, which a fast chip computes in less time
+  than the call's dispatch and sync take (its MFU would read over twice
+  the real one). The CPU keeps its own size."""
+  device = types.SimpleNamespace(platform='gpu', device_kind='NVIDIA L40S')
+  monkeypatch.setattr(jax, 'devices', lambda: [device] * 4)
+  monkeypatch.setattr(jax, 'device_count', lambda: 4)
+  sizes = []
+  monkeypatch.setattr(
+      metrics, 'measure_peak_flops',
+      lambda dtype, n=None, repeats=5: sizes.append(n) or 300e12)
+  assert metrics.peak_flops('bfloat16') == 4 * 300e12
+  device.platform = 'cpu'
+  assert metrics.peak_flops('float32') == 300e12  # One device: all cores.
+  assert sizes == [8192, None]
+
+
 @pytest.fixture
 def train_clock(monkeypatch):
   """`train`'s clock, moved only by `wait(seconds)`: the steps' own time,
