@@ -270,6 +270,13 @@ def _check_kept_forever(saved, config, steps):
         'those out of checkpoints/ first')
 
 
+# Corpus record fields that the records of runs saved before them lack, not
+# counted as differing there (else none of those runs could resume):
+# train_sha256 since 2026-12-07 (a train file edited to as many tokens, and
+# so the same counts, resumed on the edited stream unsaid).
+_RECORDED_SINCE = ('train_sha256',)
+
+
 def check_corpus(workdir, corpus_fingerprint,
                  doing='resuming would train on other data'):
   """Refuses to resume a run on a corpus other than the one it trained on
@@ -284,7 +291,8 @@ def check_corpus(workdir, corpus_fingerprint,
   if not isinstance(saved, dict):
     raise ValueError(f'{file} is not a corpus record (not a JSON object)')
   differ = sorted(k for k in corpus_fingerprint
-                  if saved.get(k) != corpus_fingerprint[k])
+                  if saved.get(k) != corpus_fingerprint[k]
+                  and (k in saved or k not in _RECORDED_SINCE))
   if differ:
     raise ValueError(
         f'the corpus here differs from the one {workdir} trained on '

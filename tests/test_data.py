@@ -305,6 +305,33 @@ def test_a_ctrl_c_while_an_edited_source_is_removed_builds_it_again(
   assert os.listdir(os.path.dirname(version_dir)) == ['1.0.0']  # No stale.
 
 
+def test_the_train_streams_digest_tells_an_edit_of_as_many_tokens(
+    corpus_dir, tmp_path):
+  """A train file edited to as many tokens (`i = 0` made `i = 1`; the BPE
+  trained again to the same merges) left the vocabulary, the counts and the
+  validation stream as they were: a run resumed on the edited stream,
+  unsaid, which its corpus.json is there to refuse. The stream's digest is
+  taken once and recorded beside it (a corpus of gigabytes is not read
+  whole at every start), and taken again once the stream changes."""
+  config = _config(corpus_dir[0], tmp_path)
+  first = data.load(config, SEQ_LEN)
+  path = os.path.join(first.data_dir, 'train.npy')
+  tokens = np.array(first.train_tokens)
+  assert first.train_sha256 == hashlib.sha256(tokens).hexdigest()
+  # Read from its record: one that says otherwise is believed.
+  record = json.loads(open(f'{path}.sha256.json').read())
+  with open(f'{path}.sha256.json', 'w') as f:
+    json.dump(dict(record, sha256='recorded'), f)
+  assert data.load(config, SEQ_LEN).train_sha256 == 'recorded'
+  tokens[tokens.size // 2] ^= 1
+  time.sleep(0.01)  # A modification time of its own, whatever the clock.
+  np.save(path, tokens)
+  edited = data.load(config, SEQ_LEN)
+  assert edited.train_sha256 == hashlib.sha256(tokens).hexdigest()
+  before, after = data.fingerprint(first), data.fingerprint(edited)
+  assert [k for k in before if before[k] != after[k]] == ['train_sha256']
+
+
 def test_listing_digest_sees_an_edit_of_the_same_size(tmp_path):
   """An edit in place that keeps the file's size: its modification time
   changes the digest, so the corpus is built again."""

@@ -1145,6 +1145,22 @@ def test_a_damaged_corpus_record_is_named(tmp_path):
     workdir_lib.check_corpus(str(tmp_path), {'vocab_sha256': 'x'})
 
 
+def test_a_corpus_record_kept_before_the_train_digest_still_resumes(
+    tmp_path):
+  """Runs saved before the train stream's digest was recorded resume on
+  their corpus; once recorded, another train stream is refused."""
+  (tmp_path / 'checkpoints' / '10').mkdir(parents=True)
+  record = {'vocab_sha256': 'v', 'train_tokens': 5, 'validation_tokens': 2,
+            'validation_sha256': 'w'}
+  (tmp_path / 'corpus.json').write_text(json.dumps(record))
+  workdir_lib.check_corpus(str(tmp_path), dict(record, train_sha256='t'))
+  (tmp_path / 'corpus.json').write_text(json.dumps(
+      dict(record, train_sha256='t')))
+  with pytest.raises(ValueError, match=r'differs .* \(train_sha256\): '
+                     'resuming would train on other data'):
+    workdir_lib.check_corpus(str(tmp_path), dict(record, train_sha256='u'))
+
+
 @pytest.mark.parametrize('name,read', [
     ('config.json', workdir_lib.load_config),
     ('metrics.jsonl', workdir_lib.read_metrics),

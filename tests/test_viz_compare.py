@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from sparse_gpt2 import cli
+from sparse_gpt2 import data
 from sparse_gpt2 import defaults
 from sparse_gpt2 import sparsity
 from sparse_gpt2 import workdir as workdir_lib
@@ -478,6 +479,46 @@ def test_corpus_records_compare_only_in_the_fields_both_have(tmp_path):
   with pytest.raises(ValueError, match=r'\(corpus.json: validation_sha256 '
                      r'differ\)'):
     compare._check_same_tokens({k: str(v) for k, v in runs.items()})
+
+
+@pytest.mark.parametrize('dense_fields, windows', [
+    ({'seed': 1}, '(0, 256) and (1, 256)'),
+    ({'eval_batches': 16}, '(0, 256) and (0, 512)'),
+    ({'batch_size': 16}, '(0, 256) and (0, 128)'),
+    ({'batch_size': 16, 'eval_batches': 16}, None),  # The same 256 windows.
+])
+def test_runs_evaluated_on_other_validation_windows_are_warned_of(
+    tmp_path, caplog, dense_fields, windows):
+  """Paired by validation loss, a seed-1 dense run was matched on other
+  windows than a seed-0 sparse run's, unsaid: their means differ by the
+  windows drawn (~0.03 nats, more than --max_loss_gap). Said, not refused:
+  a second seed of one twin is worth comparing. The windows evaluated are
+  the first eval_batches x batch_size of seed + 1's order, whatever the
+  batch size."""
+  runs = {'sparse': tmp_path / 'sparse', 'dense': tmp_path / 'dense'}
+  _fake_run(runs['sparse'], {100: 3.0}, 'topk')
+  _fake_run(runs['dense'], {100: 3.0}, 'none')
+  config = json.loads((runs['dense'] / 'config.json').read_text())
+  (runs['dense'] / 'config.json').write_text(json.dumps(
+      dict(config, **dense_fields)))
+  with caplog.at_level('WARNING', logger='absl'):
+    compare._check_same_tokens({k: str(v) for k, v in runs.items()})
+  warned = [r.getMessage() for r in caplog.records
+            if 'other validation windows' in r.getMessage()]
+  if windows:
+    assert warned == [
+        '--sparse and --dense were evaluated on other validation windows '
+        f'(seed, eval_batches x batch_size: {windows}): their losses differ '
+        'by the windows drawn too (~0.03 nats at 256 windows), so a pairing '
+        'by loss is that much coarser']
+    return
+  assert not warned
+  tokens = np.arange(300 * 129) % 2048
+  def windows_read(batch_size, eval_batches):
+    return np.concatenate([data.get_batch(
+        tokens, i, seed=1, batch_size=batch_size, seq_len=128)
+                           for i in range(eval_batches)])
+  np.testing.assert_array_equal(windows_read(32, 8), windows_read(16, 16))
 
 
 def test_a_corpus_record_that_is_not_utf8_is_named(tmp_path):

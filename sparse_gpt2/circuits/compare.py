@@ -513,7 +513,15 @@ def _check_same_tokens(runs_):
   same thing, so that matching them pairs nothing: another vocabulary
   (per token of other tokens), another validation text (their corpus.json,
   where both have one: a run saved before the record has none), or another
-  seq_len (per token of longer contexts)."""
+  seq_len (per token of longer contexts).
+
+  Warns where they are means over other validation windows: an evaluation
+  reads the first eval_batches x batch_size windows of an order drawn with
+  seed + 1 (`train.evaluate`), 256 of the stdlib's ~4,600, and the means of
+  two seeds' windows differ by more than --max_loss_gap (a bigram model's
+  spread 0.025 nats, standard deviation, over 20 seeds). A second seed of
+  one twin against the other's circuits is a comparison worth making
+  (docs/circuits.md), its pairing by loss only coarser."""
   records = {}
   for model, run in runs_.items():
     file = os.path.join(run, workdir_lib.CORPUS)
@@ -528,12 +536,22 @@ def _check_same_tokens(runs_):
           f'--sparse and --dense were trained on other corpora (corpus.json: '
           f'{", ".join(differ)} differ), so their validation losses do not '
           'compare')
-  seq_len = {model: workdir_lib.load_config(run).seq_len
+  configs = {model: workdir_lib.load_config(run)
              for model, run in runs_.items()}
-  if seq_len['sparse'] != seq_len['dense']:
+  sparse_config, dense_config = configs['sparse'], configs['dense']
+  if sparse_config.seq_len != dense_config.seq_len:
     raise ValueError(
-        f"--sparse and --dense were trained at seq_len {seq_len['sparse']} "
-        f"and {seq_len['dense']}, so their validation losses do not compare")
+        f'--sparse and --dense were trained at seq_len '
+        f'{sparse_config.seq_len} and {dense_config.seq_len}, so their '
+        'validation losses do not compare')
+  windows = {model: (c.seed, c.eval_batches * c.batch_size)
+             for model, c in configs.items()}
+  if windows['sparse'] != windows['dense']:
+    logging.warning(
+        '--sparse and --dense were evaluated on other validation windows '
+        '(seed, eval_batches x batch_size: %s and %s): their losses differ '
+        'by the windows drawn too (~0.03 nats at 256 windows), so a pairing '
+        'by loss is that much coarser', windows['sparse'], windows['dense'])
 
 
 def _remove_earlier(out, name, extensions):

@@ -50,6 +50,7 @@ class Corpus:
     train_tokens: 1-D uint16 token stream of the train split (read-only,
       memory-mapped).
     val_tokens: 1-D uint16 token stream of the validation split (likewise).
+    train_sha256: SHA-256 of train_tokens (`_stream_digest`).
     manifest_path: JSON describing exactly which data went into the splits.
     data_dir: directory holding tokenizer.json and the token caches.
   """
@@ -57,6 +58,7 @@ class Corpus:
   eot_id: int
   train_tokens: np.ndarray
   val_tokens: np.ndarray
+  train_sha256: str
   manifest_path: str
   data_dir: str
 
@@ -502,19 +504,45 @@ def _load(data_config, seq_len):
       eot_id=eot_id,
       train_tokens=tokens['train'],
       val_tokens=tokens['validation'],
+      train_sha256=_stream_digest(os.path.join(data_dir, 'train.npy'),
+                                  tokens['train']),
       manifest_path=source.manifest_path,
       data_dir=data_dir)
 
 
+def _stream_digest(path, tokens):
+  """The SHA-256 of the token stream `tokens` cached at `path`: read from
+  its record beside it (PATH.sha256.json, which names the file's size and
+  modification time it was taken at), else taken now and recorded where
+  the folder takes it. So a train stream of gigabytes, memory-mapped, is
+  read whole once, not at every start of every host."""
+  stat = os.stat(path)
+  stamp = {'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
+  record_path = f'{path}.sha256.json'
+  with contextlib.suppress(OSError, ValueError):
+    with open(record_path) as f:
+      record = json.load(f)
+    if (isinstance(record, dict) and isinstance(record.get('sha256'), str)
+        and {k: record.get(k) for k in stamp} == stamp):
+      return record['sha256']
+  digest = hashlib.sha256(np.ascontiguousarray(tokens)).hexdigest()
+  with contextlib.suppress(OSError):  # A folder this process may not write.
+    _write_atomic(record_path, lambda f: f.write(
+        json.dumps({**stamp, 'sha256': digest}).encode()))
+  return digest
+
+
 def fingerprint(corpus):
   """What names a corpus's content wherever it was built: its vocabulary,
-  the token count of each split and the validation stream's digest (a
-  different source, or the same one tokenized otherwise, changes them).
-  Not its files' paths, nor tokenizer.json's formatting, which another
-  machine or `tokenizers` version may write otherwise."""
+  the token count of each split and each stream's digest (a different
+  source, or the same one tokenized otherwise, changes them; a train file
+  edited to as many tokens, `i = 0` made `i = 1`, changes only the train
+  stream's). Not its files' paths, nor tokenizer.json's formatting, which
+  another machine or `tokenizers` version may write otherwise."""
   return {'vocab_sha256': vocab_digest(corpus.tokenizer),
           'train_tokens': int(corpus.train_tokens.size),
           'validation_tokens': int(corpus.val_tokens.size),
+          'train_sha256': corpus.train_sha256,
           'validation_sha256': hashlib.sha256(
               np.ascontiguousarray(corpus.val_tokens)).hexdigest()}
 
