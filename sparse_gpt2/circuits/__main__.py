@@ -83,17 +83,18 @@ def _dump_prompts(path):
     raise ValueError(f'--dump_prompts must name a .jsonl file, got {path}')
   datapoints = tasks.generate(_TASK.value, flags.FLAGS.num_prompts,
                               flags.FLAGS.seed)
-  text = ''.join(json.dumps(d) + '\n' for d in datapoints).encode()
+  text = ''.join(json.dumps(d) + '\n' for d in datapoints)
   if os.path.isfile(path):
     # A dump edited into a task of its own, or a run's metrics.jsonl,
     # would be lost; the same dump again loses nothing.
     with open(path, 'rb') as f:
-      if f.read() != text:
+      if f.read() != text.encode():
         raise ValueError(f'--dump_prompts={path} exists and holds other '
                          'datapoints or records: name a new file, or remove '
                          'it first')
-  with open(path, 'wb') as f:
-    f.write(text)
+  # Whole or not at all: half a dump, a full disk's, was then refused as
+  # other datapoints.
+  workdir_lib.write_atomic(workdir_lib.path(path), text)
   print(f'{len(datapoints)} datapoints of {_TASK.value} -> {path}')
 
 
