@@ -1,4 +1,4 @@
-"""Converts between a Hugging Face GPT-2 directory and a run of this project.
+r"""Converts between a Hugging Face GPT-2 directory and a run of this project.
 
   # A trained run -> a directory transformers opens with from_pretrained
   # (GPT2LMHeadModel and AutoTokenizer: the weights and the run's BPE):

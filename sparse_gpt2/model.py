@@ -19,12 +19,14 @@ AbsTopK is applied there, its batch mean is sown into 'node_stats', and when
 the caller passes 'node_mask' and 'node_mean' collections the node is mixed
 with its mean (mean ablation) there, so circuit pruning needs no other model.
 
-Memory at scale: attention goes through `jax.nn.dot_product_attention`
-(cuDNN flash attention on GPU, XLA elsewhere), and `remat` recomputes each
-block's activations in the backward pass instead of keeping them
-(`REMAT_POLICIES`). On CPU (`xla_cpu_grads`, which `train.make_model` sets
-there) the dense layers' kernel gradients take the order XLA:CPU runs
-without copies (`matmul`).
+Attention goes through `attend`: cuDNN's flash attention
+(`jax.nn.dot_product_attention`) on GPU where it can, elsewhere
+`softmax_attention`, block by block over the queries with a backward pass
+of its own. Memory at scale: `remat` recomputes each block's activations
+in the backward pass instead of keeping them (`REMAT_POLICIES`). On CPU
+(`xla_cpu_grads`, which `train.make_model` sets there) the dense layers'
+kernel gradients take the order XLA:CPU runs without copies (`matmul`),
+and RMSNorm's gradient is written out (`rms_norm`).
 """
 
 import math

@@ -6,8 +6,10 @@ maps them onto a 3-D mesh ('data', 'fsdp', 'model'). By default batches split
 over 'data' and 'fsdp', every weight's 'embed' axis over 'fsdp' (so
 parameters, masks and Adam moments are split, ZeRO-3 style, and gathered one
 layer at a time in the step), and heads/MLP/vocab over 'model' (Megatron-style
-tensor parallelism). Masks and Adam moments take exactly their weight's
-sharding. The functions below read the rules in effect
+tensor parallelism). Adam moments take exactly their weight's sharding;
+masks too, but for a last axis that bit-packing leaves too short for the
+weight's mesh axes to divide, which they keep whole (`state_shardings`).
+The functions below read the rules in effect
 (`nn.logical_axis_rules(rules(config.mesh))`), as the model does.
 """
 

@@ -9,7 +9,8 @@ decides their contents and keeps the weights on them:
   none    dense baseline, no masks at all.
   static  masks drawn once at init (uniform random per tensor, or ERK) and
           never changed; `mask_gradients` zeroes gradients off the mask before
-          clipping and Adam, so the moments never see pruned entries.
+          the RMS rescaling and Adam, so the moments never see pruned
+          entries.
   topk    the paper's method: after every update each tensor keeps its
           k = round(density(step) * size) largest-magnitude entries, with
           gradients and moments dense so a pruned weight returns once its

@@ -2,10 +2,12 @@
 config that decides what a rerun may change.
 
   WORKDIR/config.json                     the resolved config
+  WORKDIR/corpus.json                     what names the corpus it trains on
   WORKDIR/metrics.jsonl                   one JSON object per logged step
   WORKDIR/events.out.tfevents.*           TensorBoard
   WORKDIR/checkpoints/STEP/               orbax
   WORKDIR/corrupt_checkpoints/STEP-TIME/  unreadable checkpoints, moved aside
+  WORKDIR/.lock                           held by the start that runs in it
 
 Paths are `etils.epath.Path`, so a workdir on gs:// (or any filesystem epath
 knows) works like a local one. `check` only reads and `create` only writes,
