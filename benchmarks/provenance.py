@@ -16,6 +16,7 @@ import jax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from sparse_gpt2 import cli  # pylint: disable=g-import-not-at-top
+from sparse_gpt2 import workdir  # pylint: disable=g-import-not-at-top
 
 
 def machine():
@@ -162,10 +163,11 @@ def prepare_out(out_dir, name):
 
 def write(out_dir, name, result, markdown):
   """`result` to out_dir/NAME.json and its table `markdown` to NAME.md,
-  printed too: what each benchmark leaves for the README."""
+  printed too: what each benchmark leaves for the README. Each file whole
+  or as it was (`write_atomic`): a full disk cut an earlier run's short."""
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
-    json.dump(result, f, indent=1)
-  with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
-    f.write(markdown)
+  for suffix, text in (('json', json.dumps(result, indent=1)),
+                       ('md', markdown)):
+    workdir.write_atomic(workdir.path(os.path.join(out_dir,
+                                                   f'{name}.{suffix}')), text)
   print(markdown)
