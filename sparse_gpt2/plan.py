@@ -136,8 +136,8 @@ def report(config, topology, params, mesh, compiled):
       f'{config.sparsity.mode}',
       f'target: {topology}, {n} devices, mesh ' + ' x '.join(
           f'{axis} {size}' for axis, size in mesh.shape.items()),
-      f'model FLOPs per step: {model_flops:.3e} (6 per weight per token, plus '
-      'causal attention)']
+      f'model FLOPs per step: {model_flops:.3e} (6 per matmul weight per '
+      'token, plus causal attention)']
   totals = {}
   for name, program in compiled.items():
     if isinstance(program, Exception):
