@@ -473,6 +473,36 @@ def _planted_pruner():
   return pruner, tau_of
 
 
+def test_score_steps_take_whole_pairs_and_clip_tau(monkeypatch):
+  """Each step's batch holds both prompts of every pair it draws (the
+  planted pairs end in A and in B: as many rows answer YES as NO), and
+  tau stays in [-1, 1]: started at the lower clip, the penalty holds every
+  node there (unclipped it sank to -1.31 in 50 steps, and a node needed
+  again would take ever longer to return). The planted circuit is found
+  either way, so only this test sees either."""
+  task_loss = tasks.task_loss
+
+  def paired_or_nan(logits, correct, incorrect):
+    # A batch with more of one answer than the other makes its loss, and
+    # the segment's mean of the losses, NaN.
+    loss, accuracy = task_loss(logits, correct, incorrect)
+    even = jnp.sum(correct == YES) == jnp.sum(correct == NO)
+    return jnp.where(even, loss, jnp.nan), accuracy
+  monkeypatch.setattr(tasks, 'task_loss', paired_or_nan)
+  model = _tiny_model()
+  params = _planted_params(model)
+  settings = dataclasses.replace(SETTINGS, init_bias=-1.0)
+  pruner = prune._Pruner(model, params, _means(model, params),
+                         prune.split(prune.trim(_task(256, 0)), settings),
+                         settings)
+  tau, opt_state, dual = pruner.init_scores(jax.random.key(0))
+  tau, _, _, task = pruner._segment(pruner.weights, tau, opt_state, dual, 0,
+                                    jax.random.key(1), pruner.train_buckets,
+                                    length=10)
+  assert np.isfinite(float(task)), 'a batch held a prompt without its twin'
+  assert float(tau.min()) == -1 and float(tau.max()) <= 1
+
+
 def test_ties_are_broken_by_measured_effect():
   """Scores of the planted read and write at +1, all others tied at -1: the
   search must go past the mask, and the node it needs (the planted
@@ -869,6 +899,13 @@ def test_mean_ablation_all_or_nothing():
                                jnp.zeros((1, 4), jnp.int32))['params'])
   params = jax.tree.map(lambda p: p * 10, params)  # Not near-linear.
   means = _means(model, params)
+  # The means are over every token of every batch, as one pass over all of
+  # them sows (a mean of the first batch alone also passed the rest).
+  _, sown = model.apply({'params': params},
+                        jnp.asarray(_pretraining(1)).reshape(-1, 16),
+                        mutable='node_stats')
+  jax.tree.map(lambda got, whole: np.testing.assert_allclose(
+      got, whole[0], rtol=1e-5, atol=1e-5), means, sown['node_stats'])
   tokens = jnp.asarray(_pretraining(2)[0])  # [16, 16]
   np.testing.assert_array_equal(_apply(model, params, tokens, means, 1.0),
                                 _apply(model, params, tokens))

@@ -552,9 +552,36 @@ def test_topk_steps_keep_exactly_k_and_j_a_neuron_on_adversarial_weights():
   assert pruned.any() and (np.asarray(adam.mu['w'])[pruned] != 0).all()
 
 
-def test_gradients_are_rescaled_to_unit_rms():
+def test_adamw_takes_its_settings_from_the_config():
+  """One step of the chain, written out: the moments are (1 - b1) g and
+  (1 - b2) g^2 of the RMS-normalised gradient g, and the update is lr(0)
+  times g / (|g| + eps) plus the decay. A swap of b1 and b2, or the
+  paper's large eps (0.1) lost to optax's default, trains on silently."""
+  config = tiny.get_config('none')
+  o = config.optim
+  assert o.b1 != o.b2 and o.eps > 1e-3 and o.weight_decay > 0
+  w = jnp.linspace(-1.0, 1.0, 16).reshape(4, 4)
+  grads = {'w': jnp.arange(16.0).reshape(4, 4) - 5}
+  tx = optim.make(config, 10)
+  updates, state = tx.update(grads, tx.init({'w': w}), {'w': w})
+  adam = state[1][0]
+  g = grads['w'] / optim.global_rms(grads)
+  np.testing.assert_allclose(adam.mu['w'], (1 - o.b1) * g, rtol=1e-5)
+  np.testing.assert_allclose(adam.nu['w'], (1 - o.b2) * g**2, rtol=1e-5)
+  lr = float(optim.learning_rate(config, 10)(0))
+  np.testing.assert_allclose(
+      updates['w'], -lr * (g / (jnp.abs(g) + o.eps) + o.weight_decay * w),
+      rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('scale', [1.0, 1e-3])
+def test_gradients_are_rescaled_to_unit_rms(scale):
+  """Divided by their RMS every step, as the paper's released code does,
+  not clipped: small gradients (RMS 1.5e-3 here) are scaled up to 1 too,
+  which Adam's eps of 0.1 is sized for."""
   tx = optim.normalize_by_global_rms(1.0)
-  grads = {'a': jnp.full((10,), 3.0), 'b': jnp.full((30,), -0.01)}
+  grads = {'a': jnp.full((10,), 3.0 * scale),
+           'b': jnp.full((30,), -0.01 * scale)}
   out, _ = tx.update(grads, tx.init(grads))
   assert float(optim.global_rms(out)) == pytest.approx(1.0, rel=1e-5)
 
@@ -606,6 +633,29 @@ def test_static_init_draws_a_different_mask_for_each_tensor_of_one_shape():
                                   mask.astype(np.float32))
     for other in got[:i]:
       assert (mask != other).any(), 'two tensors drew the same mask'
+
+
+def test_topk_init_is_at_the_target_unless_annealing():
+  """Without annealing the run is at its target density from step 0: init
+  keeps each tensor's k largest |w| and zeroes the rest (else the first
+  step starts from a dense model and keeps the top-k of it plus its
+  update); annealing from dense, it keeps every weight."""
+  config = tiny.get_config('topk').sparsity
+  config.anneal_fraction, config.min_per_neuron = 0.0, 0
+  w = np.random.default_rng(5).normal(size=(16, 8)).astype(np.float32)
+  params = {'w': jnp.asarray(w)}
+  masks = {'w': sparsity.pack(jnp.ones(w.shape, bool))}
+  params_0, masks_0 = sparsity.init_masks(params, masks, config,
+                                          jax.random.key(0), 100)
+  mask = np.asarray(sparsity.unpack(masks_0['w'], w.shape))
+  np.testing.assert_array_equal(
+      mask, _reference_topk(w, round(config.density * w.size)))
+  np.testing.assert_array_equal(params_0['w'], np.where(mask, w, 0))
+  config.anneal_fraction = 0.5
+  params_0, masks_0 = sparsity.init_masks(params, masks, config,
+                                          jax.random.key(0), 100)
+  assert np.asarray(sparsity.unpack(masks_0['w'], w.shape)).all()
+  np.testing.assert_array_equal(params_0['w'], w)
 
 
 def test_erk_densities_cap_tensors_just_over_one():
