@@ -21,7 +21,10 @@ os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
     ' --xla_cpu_use_fusion_emitters=false').strip()
 
+import contextlib  # pylint: disable=g-import-not-at-top
+import resource  # pylint: disable=g-import-not-at-top
 import shutil  # pylint: disable=g-import-not-at-top
+import signal  # pylint: disable=g-import-not-at-top
 import sysconfig  # pylint: disable=g-import-not-at-top
 
 import pytest  # pylint: disable=g-import-not-at-top
@@ -38,6 +41,24 @@ def failed_read_echoes_dropped():
   reads. The hook wrapped here is pytest's, which puts back the one before
   it when the session ends."""
   checkpoint.drop_failed_read_echoes()
+
+
+@pytest.fixture
+def full_disk():
+  """A context manager in which a write past 4 KiB of a file fails as on a
+  full disk (an OSError, EFBIG), without root: a file size limit, with the
+  signal it sends ignored."""
+  @contextlib.contextmanager
+  def limited():
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    kill = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
+    try:
+      yield
+    finally:
+      resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+      signal.signal(signal.SIGXFSZ, kill)
+  return limited
 
 
 @pytest.fixture(scope='session')

@@ -2,9 +2,7 @@
 
 import json
 import os
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -121,20 +119,13 @@ def test_prepare_out_refuses_a_folder_it_cannot_write(tmp_path):
     provenance.prepare_out(str(out), 'run')
 
 
-def test_results_a_full_disk_stops_leave_the_earlier_ones_whole(tmp_path):
-  # A file size limit stops a write as a full disk does, without root.
+def test_results_a_full_disk_stops_leave_the_earlier_ones_whole(tmp_path,
+                                                                full_disk):
   import provenance  # pylint: disable=g-import-not-at-top
   provenance.write(str(tmp_path), 'run', {'step_s': 1.0}, '| earlier |\n')
-  limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-  kill = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead.
-  resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
-  try:
-    with pytest.raises(OSError):
-      provenance.write(str(tmp_path), 'run', {'rows': ['x' * 10_000]},
-                       'y' * 10_000)
-  finally:
-    resource.setrlimit(resource.RLIMIT_FSIZE, limit)
-    signal.signal(signal.SIGXFSZ, kill)
+  with full_disk(), pytest.raises(OSError):
+    provenance.write(str(tmp_path), 'run', {'rows': ['x' * 10_000]},
+                     'y' * 10_000)
   assert json.loads((tmp_path / 'run.json').read_text()) == {'step_s': 1.0}
   assert (tmp_path / 'run.md').read_text() == '| earlier |\n'
   assert sorted(os.listdir(tmp_path)) == ['run.json', 'run.md']

@@ -4,7 +4,6 @@ hand: the circuit is known, so pruning must find exactly it."""
 import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
 

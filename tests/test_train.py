@@ -11,7 +11,6 @@ import logging as std_logging
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -1463,21 +1462,13 @@ def test_a_full_or_read_only_disk_is_one_line(code, one_line):
     assert 'Traceback' in result.stderr and message in result.stderr
 
 
-def test_a_write_the_disk_stops_names_its_file(tmp_path):
+def test_a_write_the_disk_stops_names_its_file(tmp_path, full_disk):
   """metrics.jsonl, config.json, a circuit: a write that a full disk stops
   names no file, and `cli.run`'s line said only "No space left on device"
-  of a run that writes to three disks. RLIMIT_FSIZE stops a write as a
-  full disk does, without root."""
+  of a run that writes to three disks."""
   file = workdir_lib.path(tmp_path) / workdir_lib.METRICS
-  limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-  kill = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead.
-  resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
-  try:
-    with pytest.raises(OSError) as stopped:
-      workdir_lib.write_atomic(file, 'x' * 10_000)
-  finally:
-    resource.setrlimit(resource.RLIMIT_FSIZE, limit)
-    signal.signal(signal.SIGXFSZ, kill)
+  with full_disk(), pytest.raises(OSError) as stopped:
+    workdir_lib.write_atomic(file, 'x' * 10_000)
   assert (stopped.value.errno, stopped.value.filename) == (errno.EFBIG,
                                                            str(file))
   assert not os.listdir(tmp_path)

@@ -8,9 +8,7 @@ import math
 import os
 import random
 import re
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -909,22 +907,14 @@ def test_tables_are_written_in_utf8_in_a_c_locale(tmp_path):
                     dict)
 
 
-def test_a_table_a_full_disk_stops_leaves_the_earlier_one_whole(tmp_path):
+def test_a_table_a_full_disk_stops_leaves_the_earlier_one_whole(
+    tmp_path, full_disk):
   """A disk that filled as comparison.json and .md were written left them
-  cut short, an earlier comparison's too, beside the rest of its output.
-  The disk is a file size limit here (RLIMIT_FSIZE), which stops a write
-  as a full disk does, without root."""
+  cut short, an earlier comparison's too, beside the rest of its output."""
   compare._write(str(tmp_path), 'comparison', '# earlier\n', {'tasks': []})
-  limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-  kill = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead.
-  resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
-  try:
-    with pytest.raises(OSError):
-      compare._write(str(tmp_path), 'comparison', 'x' * 10_000,
-                     {'tasks': ['y' * 10_000]})
-  finally:
-    resource.setrlimit(resource.RLIMIT_FSIZE, limit)
-    signal.signal(signal.SIGXFSZ, kill)
+  with full_disk(), pytest.raises(OSError):
+    compare._write(str(tmp_path), 'comparison', 'x' * 10_000,
+                   {'tasks': ['y' * 10_000]})
   assert (tmp_path / 'comparison.md').read_text() == '# earlier\n'
   assert workdir_lib.read_json(tmp_path / 'comparison.json') == {'tasks': []}
   assert sorted(os.listdir(tmp_path)) == ['comparison.json', 'comparison.md']
