@@ -81,6 +81,22 @@ def test_bigram_table_adds_the_row_of_the_current_token():
   np.testing.assert_allclose(np.delete(diff, 7, axis=-1), 0.0, atol=1e-5)
 
 
+def test_the_training_loss_scores_each_token_against_the_next():
+  """`train._loss` of windows [B, T+1]: the logits of [:, :-1] against the
+  tokens one on. A bigram table that knows "the next token is this one + 1"
+  makes a counting window nearly free, and scored against the tokens
+  themselves (no shift) it would cost ~10 nats a token."""
+  m, params, _ = _init(bigram_table=True)
+  following = (jnp.arange(50) + 1) % 50
+  params['bigram'] = 10.0 * jax.nn.one_hot(following, 50)
+  windows = (TOKENS[:, :1] + jnp.arange(13)) % 50  # [2, 12 + 1], counting.
+  log_probs = jax.nn.log_softmax(_logits(m, params, windows[:, :-1]))
+  expected = -np.take_along_axis(log_probs, windows[:, 1:, None], -1).mean()
+  assert expected < 0.1
+  np.testing.assert_allclose(train._loss(m, params, windows), expected,
+                             atol=1e-6)
+
+
 @pytest.mark.parametrize('kw', [
     {}, dict(bigram_table=True, tie_embeddings=False),
     dict(attention_sink=True, remat='full', xla_cpu_grads=True)])
@@ -148,12 +164,19 @@ def test_act_topk_sparsifies_the_chosen_nodes():
                        act_topk_locations=('mlp_neuron',))
   dense = model_lib.GPT2(**SMALL)
   assert not np.allclose(_logits(m, params), _logits(dense, params))
-  _, state = m.apply({'params': params}, TOKENS, mutable=['intermediates'],
+  _, state = m.apply({'params': params}, TOKENS,
+                     mutable=['intermediates', 'node_stats'],
                      capture_intermediates=lambda _, name: name == '_node')
   nodes = state['intermediates']['block_0']['_node']  # In NODE_LOCATIONS order.
   neurons = nodes[model_lib.NODE_LOCATIONS.index('mlp_neuron')]  # [B, T, 64]
   assert int(jnp.max(jnp.sum(neurons != 0, axis=-1))) == 16
   assert int(jnp.min(jnp.sum(nodes[0] != 0, axis=-1))) == 16  # attn_in dense.
+  # Each node's sown mean, the value mean ablation holds it at, is the mean
+  # of what the node passes on (after AbsTopK) over every row and position.
+  stats = state['node_stats']['block_0']
+  for name, node in zip(model_lib.NODE_LOCATIONS, nodes):
+    np.testing.assert_allclose(stats[name][0], node.mean((0, 1)), rtol=1e-5,
+                               atol=1e-7)
   with pytest.raises(ValueError, match='act_topk_locations'):
     _init(act_topk_fraction=0.25, act_topk_locations=('nowhere',))
 

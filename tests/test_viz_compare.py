@@ -231,6 +231,9 @@ def test_summarize_ratios_and_geometric_means():
   assert summary['num_compared'] == 3
   g = summary['geomean']
   assert math.isclose(g['edges_sparse'], 20)  # (10 * 40 * 20) ** (1/3)
+  assert math.isclose(g['edges_dense'], (160 * 160 * 170) ** (1 / 3))
+  assert math.isclose(g['nodes_sparse'], 10)  # Half the edges, each.
+  assert math.isclose(g['nodes_dense'], (80 * 80 * 85) ** (1 / 3))
   assert math.isclose(g['ratio'], (16 * 4 * 8.5) ** (1 / 3))
   # The typical task (ratio 8.5, nearest the mean 8.16), not the best (16).
   assert summary['figure_task'] == 'e'
@@ -841,12 +844,15 @@ def test_curve_without_a_checkpoint_to_prune_is_refused_before_pruning(
            else '') + ': [50, 100, 150]')
   assert stand_in == [] and not out.exists()
   # Step 50 is before the sparse run's annealing ends, 100 of the dense
-  # run has a NaN loss: neither is a point.
-  _main(runs, out, '--tasks=if_equals', '--steps=9', '--curve',
+  # run has a NaN loss: neither is a point. The dense run does not solve
+  # var_swap: its points count and average if_equals alone.
+  _main(runs, out, '--tasks=if_equals,var_swap', '--steps=9', '--curve',
         '--curve_every=50')
   points = json.loads((out / 'curve.json').read_text())
-  assert [(p['model'], p['step']) for p in points] == [
-      ('sparse', 100), ('sparse', 150), ('dense', 50), ('dense', 150)]
+  assert [(p['model'], p['step'], p['solved'], p['averaged'],
+           round(p['edges'], 6)) for p in points] == [
+      ('sparse', 100, 2, 2, 6), ('sparse', 150, 2, 2, 6),
+      ('dense', 50, 1, 1, 120), ('dense', 150, 1, 1, 120)]
 
 
 def test_a_sparse_step_before_annealing_ends_is_warned_of(tmp_path, stand_in,
