@@ -657,7 +657,7 @@ def test_a_killed_build_leaves_nothing_behind(corpus, corpus_dir, tmp_path):
       f.write(b'half written')
   again = data.load(config, SEQ_LEN)
   assert sorted(os.listdir(cache)) == [
-      'tokenizer.json', 'train.npy', 'validation.npy']
+      'tokenizer.json', 'train.npy', 'train.npy.sha256.json', 'validation.npy']
   np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
 
 

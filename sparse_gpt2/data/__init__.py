@@ -384,9 +384,10 @@ def _tokenizer(source, vocab_size):
     except Exception as e:  # pylint: disable=broad-except  `tokenizers`' own.
       logging.warning('%s is damaged (%s); training it again.', path,
                       str(e).splitlines()[0] if str(e) else type(e).__name__)
-  for split in SPLITS:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(os.path.join(data_dir, f'{split}.npy'))
+  for split in SPLITS:  # The old BPE's tokens, and their digest's record.
+    for name in (f'{split}.npy', _digest_record(f'{split}.npy')):
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(data_dir, name))
   train_source = source.builder.as_data_source(
       split=source.split_specs['train'])
   texts = (piece for chunk in _text_chunks(train_source, source.text_feature,
@@ -510,6 +511,10 @@ def _load(data_config, seq_len):
       data_dir=data_dir)
 
 
+def _digest_record(path):
+  return f'{path}.sha256.json'
+
+
 def _stream_digest(path, tokens):
   """The SHA-256 of the token stream `tokens` cached at `path`: read from
   its record beside it (PATH.sha256.json, which names the file's size and
@@ -518,7 +523,7 @@ def _stream_digest(path, tokens):
   read whole once, not at every start of every host."""
   stat = os.stat(path)
   stamp = {'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
-  record_path = f'{path}.sha256.json'
+  record_path = _digest_record(path)
   with contextlib.suppress(OSError, ValueError):
     with open(record_path) as f:
       record = json.load(f)
