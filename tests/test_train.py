@@ -1178,25 +1178,16 @@ def test_a_run_file_that_is_not_utf8_is_named(tmp_path, name, read):
     read(str(tmp_path))
 
 
-def test_a_failed_config_write_leaves_the_old_config(tmp_path, monkeypatch):
+def test_a_failed_config_write_leaves_the_old_config(tmp_path, full_disk):
   """A write that fails midway (a full disk) leaves the old config.json
   whole, and no temporary file beside it."""
   file = workdir_lib.path(tmp_path) / workdir_lib.CONFIG
   file.write_text('{"old": true}')
-
-  def half_then_full(self, text, encoding=None, errors=None):
-    del encoding, errors
-    with open(self, 'w') as f:
-      f.write(text[:len(text) // 2])
-    raise OSError(28, 'No space left on device')
-
-  monkeypatch.setattr(type(file), 'write_text', half_then_full)
-  with pytest.raises(OSError, match='No space left'):
-    workdir_lib.write_atomic(file, '{"new": "' + 'x' * 100 + '"}')
-  monkeypatch.undo()
+  with full_disk(), pytest.raises(OSError):
+    workdir_lib.write_atomic(file, '{"new": "' + 'x' * 10_000 + '"}')
   assert file.read_text() == '{"old": true}'
   assert os.listdir(tmp_path) == [workdir_lib.CONFIG]
-  workdir_lib.write_atomic(file, '{"new": 1}')  # Unpatched: replaced whole.
+  workdir_lib.write_atomic(file, '{"new": 1}')  # Room again: replaced whole.
   assert file.read_text() == '{"new": 1}'
   assert os.listdir(tmp_path) == [workdir_lib.CONFIG]
 
