@@ -20,6 +20,14 @@
 # from the caller's folder); a run that fails does not stop the others, but
 # the script then exits 1, naming it.
 set -uo pipefail
+# Its settings are the environment variables above: an argument (--help, or
+# a --config.FIELD=V meant for EXTRA) was ignored, and the full check ran.
+if (( $# )); then
+  [[ $1 == -h || $1 == --help ]] && { sed -n '2,21p' "$0"; exit 0; }
+  echo "error: gpu.sh takes no arguments, got $1: set STEPS, RUNS, EXTRA or" \
+    "OUT_DIR instead (--help)" >&2
+  exit 2
+fi
 root=$(realpath "$(dirname "$0")/..")
 # Resolved before the cd: OUT_DIR=o names ./o, not the repository's o.
 out=$(realpath -m "${OUT_DIR:-$root/benchmarks/out}")

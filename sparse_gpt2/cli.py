@@ -212,9 +212,12 @@ def _parse_flags(argv):
     return argv
   except flags.Error as e:  # A missing, unknown or malformed flag.
     # A config file that raises comes with its traceback: keep the first
-    # line (which flag) and the last (the exception).
+    # line (which flag) and the last (the exception). Each required flag
+    # left out is a line of its own: keep them all (compare's error named
+    # --sparse and --out, and a rerun with them then asked for --dense).
     lines = str(e).strip().splitlines()
-    fail(lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}', 2)
+    named = [line for line in lines if line.startswith('flag --')] or lines[:1]
+    fail(' '.join(named + [lines[-1]] * (lines[-1] not in named)), 2)
   except (AttributeError, KeyError) as e:
     field = e
     while field.args and isinstance(field.args[0], Exception):

@@ -622,6 +622,26 @@ def test_gpu_check_removes_its_temporary_folder_when_it_stops_early(
   assert not os.listdir(tmp_path / 'tmp')
 
 
+def test_gpu_check_refuses_an_argument_and_prints_its_usage(tmp_path):
+  # Its settings are environment variables: --help, or an override meant
+  # for EXTRA, was ignored and the whole check ran (here it would stop at
+  # the matmul peak, on no platform).
+  env = {**os.environ, 'OUT_DIR': str(tmp_path / 'out'),
+         'JAX_PLATFORMS': 'no_such'}
+  usage = subprocess.run(['bash', 'benchmarks/gpu.sh', '--help'], cwd=ROOT,
+                         capture_output=True, text=True, env=env)
+  assert usage.returncode == 0, usage.stderr
+  assert 'EXTRA=' in usage.stdout and 'RUNS=' in usage.stdout
+  check = subprocess.run(
+      ['bash', 'benchmarks/gpu.sh', '--config.train_steps=5'], cwd=ROOT,
+      capture_output=True, text=True, env=env)
+  assert check.returncode == 2, check.stderr
+  assert check.stderr == (
+      'error: gpu.sh takes no arguments, got --config.train_steps=5: set '
+      'STEPS, RUNS, EXTRA or OUT_DIR instead (--help)\n')
+  assert not (tmp_path / 'out').exists()
+
+
 def test_whole_runs_keeps_the_configs_before_a_failed_run(tmp_path):
   # tiny's runs faked (seconds each, not minutes), dense_small's real: the
   # baseline's main rejects the override, as an older commit's can. One

@@ -1301,6 +1301,41 @@ def test_every_cli_refuses_a_bad_command_line_in_one_line(module, args,
   assert os.listdir(tmp_path) == []
 
 
+def test_help_lists_the_pruning_settings():
+  # --target_loss, which the README's commands set, and the other settings
+  # were in --helpfull only, under settings.py among absl's and orbax's.
+  # compare's --help is its module's, read here without a second process.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from sparse_gpt2.circuits import compare  # pylint: disable=g-import-not-at-top
+  result = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.circuits', '--help'], cwd=ROOT,
+      capture_output=True, text=True, timeout=120)
+  for text in (result.stdout, flags.FLAGS.module_help(compare)):
+    listed = {line.split(':')[0].strip() for line in text.splitlines()
+              if line.startswith('  --')}
+    assert {'--target_loss', '--steps', '--num_cpu_devices',
+            '--step'} <= listed, text
+
+
+def test_every_required_flag_left_out_is_named(monkeypatch, capsys):
+  # absl says each on a line of its own; only the first and the last were
+  # kept, so compare run bare named --sparse and --out, not --dense.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  names = ('sparse', 'dense', 'out')
+  flag_values = flags.FlagValues()
+  for name in names:
+    flags.DEFINE_string(name, None, 'A run.', flag_values=flag_values)
+  flags.mark_flags_as_required(names, flag_values=flag_values)
+  monkeypatch.setattr(cli.flags, 'FLAGS', flag_values)
+  with pytest.raises(SystemExit) as exit_:
+    cli._parse_flags(['compare'])
+  assert exit_.value.code == 2
+  error = capsys.readouterr().err
+  assert error.startswith('error: ') and error.count('\n') == 1, error
+  for name in names:
+    assert f'Flag --{name} must have a value other than None' in error
+
+
 def test_a_path_flags_home_is_the_home_folder(monkeypatch):
   """`~` after `--flag=`, which the shell leaves alone, in a path flag and
   in each path of a list flag (`compare --tasks=a,~/t.jsonl`)."""

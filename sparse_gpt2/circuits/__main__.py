@@ -56,6 +56,8 @@ _EVALUATE_EVERY = flags.DEFINE_integer(
     'step is a multiple of this, as a table of calibrated task loss against '
     'step and tokens (0: only --step).', lower_bound=0)
 settings_lib.define_flags()
+# Listed by --help with the flags above: --target_loss was in --helpfull only.
+flags.adopt_module_key_flags(settings_lib)
 
 
 def _summary(c, out):

@@ -78,6 +78,8 @@ _CURVE = flags.DEFINE_bool(
 _CURVE_EVERY = flags.DEFINE_integer('curve_every', 500, 'See --curve.',
                                     lower_bound=1)
 settings_lib.define_flags()
+# Listed by --help with the flags above: --target_loss was in --helpfull only.
+flags.adopt_module_key_flags(settings_lib)
 flags.mark_flags_as_required(['sparse', 'dense', 'out'])
 flags.register_validator(  # NaN passes a lower_bound, and matched nothing.
     'max_loss_gap', lambda gap: 0 <= gap < math.inf,
