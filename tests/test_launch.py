@@ -284,8 +284,9 @@ def test_tpu_stop_signals_the_run_that_start_started(tmp_path):
   check = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
                    'configs/sparse_small.py')[0]
   stop, = _dry_run('tpu_vm.sh', 'stop', 'tpu1', 'z')
-  pid, env = _start_stand_in(tmp_path, 'exec -a "$0" sleep 60')
-  assert _cmdline(pid).endswith(b'/bin/python\x0060\x00'), _cmdline(pid)
+  pid, env = _start_stand_in(
+      tmp_path, 'exec -a "$0" sleep 60',
+      lambda pid: _cmdline(pid).endswith(b'/bin/python\x0060\x00'))
   home = tmp_path / 'home'
   refused = subprocess.run(['bash', '-c', _remote(check)], env=env,
                            capture_output=True, text=True, timeout=30)
@@ -326,9 +327,11 @@ def _running(pid):
     return False
 
 
-def _start_stand_in(tmp_path, body):
+def _start_stand_in(tmp_path, body, ready):
   """start's remote command, run here in a home of its own, with a
-  stand-in `python` (a bash script running `body`); its pid and env."""
+  stand-in `python` (a bash script running `body`); its pid and env once
+  `ready(pid)` holds. A fixed 0.3 s for its trap to be set was not always
+  enough on a loaded machine, and a SIGTERM before it ended the run."""
   start = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
                    'configs/sparse_small.py')[-1]
   home = tmp_path / 'home'
@@ -341,20 +344,26 @@ def _start_stand_in(tmp_path, body):
   subprocess.run(['bash', '-c', _remote(start)], env=env, check=True,
                  timeout=30)
   pid = int((home / 'sparse_gpt2.pid').read_text())
-  deadline = time.time() + 10
-  while b'sparse_gpt2_venv/bin/python' not in _cmdline(pid) and (
-      time.time() < deadline):
-    time.sleep(0.05)  # nohup, then the stand-in, exec in turn.
-  assert b'sparse_gpt2_venv/bin/python' in _cmdline(pid), _cmdline(pid)
-  time.sleep(0.3)  # Its trap set.
+  deadline = time.time() + 60  # A hang guard only.
+  while not ready(pid):  # nohup, then the stand-in, exec in turn.
+    assert time.time() < deadline, _cmdline(pid)
+    time.sleep(0.05)
   return pid, env
+
+
+def _trap_set(tmp_path):
+  """A stand-in's line that says its trap is set, and the check of it."""
+  return ('touch "$HOME/trap_set"',
+          lambda pid: (tmp_path / 'home' / 'trap_set').exists())
 
 
 def test_tpu_stop_waits_while_the_run_saves(tmp_path):
   """A run that takes a second to save its checkpoint after SIGTERM: stop
   returns only once it has exited."""
+  trap_set, ready = _trap_set(tmp_path)
   pid, env = _start_stand_in(
-      tmp_path, "trap 'sleep 1; exit 0' TERM\nwhile :; do sleep 0.1; done")
+      tmp_path, f"trap 'sleep 1; exit 0' TERM\n{trap_set}\n"
+      'while :; do sleep 0.1; done', ready)
   try:
     stop, = _dry_run('tpu_vm.sh', 'stop', 'tpu1', 'z')
     subprocess.run(['bash', '-c', _remote(stop)], env=env, check=True,
@@ -368,8 +377,10 @@ def test_tpu_stop_waits_while_the_run_saves(tmp_path):
 def test_tpu_stop_reports_a_run_still_saving(tmp_path):
   """A run that ignores SIGTERM: stop gives up (after its 300 waits, made
   instant here by a stand-in `sleep`) and says so, rc 1."""
+  trap_set, ready = _trap_set(tmp_path)
   pid, env = _start_stand_in(
-      tmp_path, "trap '' TERM\nwhile :; do sleep 0.1; done")
+      tmp_path, f"trap '' TERM\n{trap_set}\nwhile :; do sleep 0.1; done",
+      ready)
   try:
     bin_ = tmp_path / 'bin'
     bin_.mkdir()
