@@ -9,7 +9,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 
 import ml_collections
 import numpy as np
@@ -185,9 +184,7 @@ def test_second_load_uses_the_cache(corpus, corpus_dir, data_dir):
   cached = [os.path.join(corpus.data_dir, name)
             for name in ('tokenizer.json', 'train.npy', 'validation.npy')]
   mtimes = [os.stat(path).st_mtime_ns for path in cached]
-  start = time.time()
   again = data.load(_config(corpus_dir[0], data_dir), SEQ_LEN)
-  assert time.time() - start < 5
   assert [os.stat(path).st_mtime_ns for path in cached] == mtimes
   np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
   np.testing.assert_array_equal(again.val_tokens, corpus.val_tokens)
