@@ -5,8 +5,6 @@ import collections
 import json
 import os
 import random
-import resource
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -506,24 +504,21 @@ def test_a_contradiction_in_a_task_file_is_named_by_its_lines(
       'both.')
 
 
-def _limit_file_size():
-  """A file size limit, which stops a write as a full disk does (EFBIG
-  where SIGXFSZ is ignored), without root."""
-  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-
-
 def test_dump_prompts_overwrites_no_other_file(tmp_path):
   """--dump_prompts pointed at a run's metrics.jsonl, or at a dump since
   edited into a task of its own, replaced it: refused, the file as it was.
   The same dump again is written. One that a full disk stops leaves no file
   (half of one was then refused as other datapoints)."""
   def dump(path, num_prompts=4, disk_full=False):
+    # A disk full at 4 KiB a file: a file size limit, its signal ignored
+    # (EFBIG instead), set by a shell (a preexec_fn forks this process's
+    # threads).
+    limit = ['bash', '-c', 'ulimit -f 4; trap "" XFSZ; exec "$@"', '-']
     return subprocess.run(
-        [sys.executable, '-m', 'sparse_gpt2.circuits', '--task=for_while',
-         f'--num_prompts={num_prompts}', f'--dump_prompts={path}'],
+        [*limit * disk_full, sys.executable, '-m', 'sparse_gpt2.circuits',
+         '--task=for_while', f'--num_prompts={num_prompts}',
+         f'--dump_prompts={path}'],
         capture_output=True, text=True, timeout=120,
-        preexec_fn=_limit_file_size if disk_full else None,
         cwd=os.path.dirname(os.path.dirname(__file__)))
   (tmp_path / 'run').mkdir()
   (tmp_path / 'run' / 'config.json').write_text('{}')
