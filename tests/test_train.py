@@ -1503,6 +1503,9 @@ def test_a_write_the_disk_stops_names_its_file(tmp_path, full_disk):
 _CTRL_C = r"""
 import gc, os, signal, sys, time
 from sparse_gpt2 import cli
+# As a terminal starts a command: a suite run in the background (nohup, a
+# CI job's `&`) starts its processes with Ctrl-C ignored, which Python keeps.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 where = sys.argv.pop(1)
 def in_a_gc_callback(phase, info):
   if phase == 'start':
