@@ -47,16 +47,6 @@ TORCH_WEIGHTS = ('pytorch_model.bin', 'pytorch_model.bin.index.json')
 TOKENIZER = 'tokenizer.json'
 TOKENIZER_CONFIG = 'tokenizer_config.json'
 EXPORT_FILES = {CONFIG, WEIGHTS, TOKENIZER, TOKENIZER_CONFIG}
-# The fields of the config.json `save` writes (bos and eos with a
-# tokenizer), by which an earlier export is told from another model's
-# folder of the same file names (a released GPT-2's config.json and
-# model.safetensors): the Hub's and transformers' configs hold more
-# (n_ctx, initializer_range, transformers_version, ...).
-_EXPORT_CONFIG_FIELDS = frozenset({
-    'model_type', 'architectures', 'vocab_size', 'n_positions', 'n_embd',
-    'n_layer', 'n_head', 'n_inner', 'activation_function',
-    'layer_norm_epsilon', 'tie_word_embeddings', 'resid_pdrop', 'embd_pdrop',
-    'attn_pdrop', 'dtype', 'bos_token_id', 'eos_token_id'})
 
 # The GPT2Config defaults: transformers writes only the fields that differ
 # from them, so a missing field means this value.
@@ -290,7 +280,8 @@ def check_export(model_kwargs, out_dir, overwrite=False, flat=()):
   replace (one with content, a remote path, a mount point, one below a
   file). Returns `out_dir` with links resolved. `convert` calls it before it
   reads a checkpoint, which for the paper's 0.42B model is gigabytes."""
-  unexpressible = _unexpressible(model.GPT2(**model_kwargs), flat)
+  gpt2 = model.GPT2(**model_kwargs)
+  unexpressible = _unexpressible(gpt2, flat)
   if unexpressible:
     raise ValueError('transformers GPT-2 cannot express this model: '
                      + ', '.join(unexpressible))
@@ -322,13 +313,37 @@ def check_export(model_kwargs, out_dir, overwrite=False, flat=()):
       raise ValueError(f'{out_dir} is not an earlier export (its {CONFIG} '
                        'is missing or not a JSON object); refusing to '
                        'replace it')
-    foreign = sorted(config.keys() - _EXPORT_CONFIG_FIELDS)
+    # An export's fields, by which one is told from another model's folder
+    # of the same file names (a released GPT-2's config.json and
+    # model.safetensors): the Hub's and transformers' configs hold more
+    # (n_ctx, initializer_range, transformers_version, ...).
+    foreign = sorted(config.keys() - _export_config(gpt2, eot_id=0).keys())
     if foreign:
       raise ValueError(
           f'{out_dir} is not an earlier export: its {CONFIG} has fields an '
           f'export never writes ({", ".join(foreign[:3])}'
           f'{", ..." if len(foreign) > 3 else ""}); refusing to replace it')
   return out_dir
+
+
+def _export_config(gpt2, eot_id):
+  """The config.json `save` writes for `gpt2`; with the run's end-of-text
+  id (its tokenizer exported too), named as bos and eos."""
+  config = dict(
+      model_type='gpt2', architectures=['GPT2LMHeadModel'],
+      vocab_size=gpt2.vocab_size, n_positions=gpt2.max_len,
+      n_embd=gpt2.d_model, n_layer=gpt2.num_layers, n_head=gpt2.num_heads,
+      n_inner=model.derived_sizes(gpt2)[1],
+      activation_function='gelu_new',
+      layer_norm_epsilon=model.NORM_EPSILON,
+      tie_word_embeddings=gpt2.tie_embeddings,
+      # As trained: transformers' default is 0.1 of each.
+      resid_pdrop=gpt2.dropout, embd_pdrop=gpt2.dropout,
+      attn_pdrop=gpt2.dropout,
+      dtype='float32')
+  if eot_id is not None:
+    config.update(bos_token_id=eot_id, eos_token_id=eot_id)
+  return config
 
 
 def save(params, model_kwargs, out_dir, overwrite=False, tokenizer=None):
@@ -360,21 +375,8 @@ def save(params, model_kwargs, out_dir, overwrite=False, tokenizer=None):
                            axis=-1)
     name = hf if hf.startswith('lm_head') else f'transformer.{hf}'
     tensors[name] = np.ascontiguousarray(array.T if transposed else array)
-  config = dict(
-      model_type='gpt2', architectures=['GPT2LMHeadModel'],
-      vocab_size=gpt2.vocab_size, n_positions=gpt2.max_len,
-      n_embd=gpt2.d_model, n_layer=gpt2.num_layers, n_head=gpt2.num_heads,
-      n_inner=model.derived_sizes(gpt2)[1],
-      activation_function='gelu_new',
-      layer_norm_epsilon=model.NORM_EPSILON,
-      tie_word_embeddings=gpt2.tie_embeddings,
-      # As trained: transformers' default is 0.1 of each.
-      resid_pdrop=gpt2.dropout, embd_pdrop=gpt2.dropout,
-      attn_pdrop=gpt2.dropout,
-      dtype='float32')
-  if tokenizer is not None:
-    eot_id = tokenizer_lib.eot_id(tokenizer)
-    config.update(bos_token_id=eot_id, eos_token_id=eot_id)
+  config = _export_config(gpt2, None if tokenizer is None
+                          else tokenizer_lib.eot_id(tokenizer))
 
   parent, base = os.path.split(out_dir)
   os.makedirs(parent, exist_ok=True)
