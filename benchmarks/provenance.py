@@ -139,7 +139,7 @@ def prepare_out(out_dir, name):
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise ValueError(f'--out {out_dir} exists and is not a directory')
   # Below a file: os.makedirs's "[Errno 20] Not a directory" named no flag.
-  cli.check_output_dir(out_dir, '--out')
+  cli.check_output_dir(out_dir)
   try:  # A folder may exist yet refuse files (permissions, read-only).
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out_dir):

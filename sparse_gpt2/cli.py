@@ -264,20 +264,20 @@ def file_in_the_way(path):
   return None if os.path.isdir(existing) else existing
 
 
-def check_output_dir(path, flag):
-  """Refuses, before any work, an output folder that cannot be made or
+def check_output_dir(path):
+  """Refuses, before any work, an --out folder that cannot be made or
   written: one that is a file, or below one, or in a folder that takes no
   file (a read-only mount, another user's), which the circuits CLIs met
   only when they wrote, after the pruning. Makes nothing."""
   blocking = file_in_the_way(path)
   if blocking:
-    raise ValueError(f'{flag} {path}: {blocking} is a file, not a directory')
+    raise ValueError(f'--out {path}: {blocking} is a file, not a directory')
   folder = _nearest_existing(path)
   try:
     with tempfile.TemporaryFile(dir=folder):
       pass
   except OSError as e:
-    raise ValueError(f'{flag} {path}: cannot write in {folder} '
+    raise ValueError(f'--out {path}: cannot write in {folder} '
                      f'({e.strerror})') from None
 
 

@@ -516,11 +516,6 @@ def _axis_index(axes):
   return jax.lax.axis_index(tuple(axes)) if axes else 0
 
 
-def topk_mask(scores, k, min_per_neuron=0):
-  """`topk_masks` for one tensor."""
-  return topk_masks({'': scores}, {'': k}, {'': min_per_neuron})['']
-
-
 def pack(mask):
   """Bool mask [..., n] -> uint8 [..., ceil(n / 8)]: 8 weights a byte along
   the last axis, so each device's block of a weight's columns packs into

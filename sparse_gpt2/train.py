@@ -227,7 +227,7 @@ def load_run(workdir, step=None):
   if not (workdir_lib.path(workdir) / workdir_lib.CHECKPOINTS).is_dir():
     raise ValueError(f'{workdir} holds no checkpoint')
   mngr = checkpoint.manager(workdir, config.keep_checkpoints,
-                            config.get('keep_every', 0), read_only=True)
+                            config.keep_every, read_only=True)
   try:  # Closed either way, as orbax asks of every manager.
     if step is None:
       state = checkpoint.restore_latest(mngr, abstract, workdir,

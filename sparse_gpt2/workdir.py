@@ -260,7 +260,7 @@ def _check_kept_forever(saved, config, steps):
   matched-loss checkpoints) would go with keep_every 100. The newest
   `keep_checkpoints` are safe only where no save comes (the run is at its
   end): each later save pushes the oldest of them out."""
-  old, new = saved.get('keep_every', 0), config.keep_every
+  old, new = saved.keep_every, config.keep_every
   saves_ahead = config.train_steps > max(steps, default=0)
   newest = set() if saves_ahead else set(steps[-config.keep_checkpoints:])
   lost = [s for s in steps if old and s % old == 0 and s not in newest

@@ -467,6 +467,21 @@ def test_missing_and_empty_directories_raise(tmp_path):
                         val_fraction=val_fraction), SEQ_LEN)
 
 
+def test_an_empty_source_is_refused_not_read_as_the_stdlib(tmp_path,
+                                                           monkeypatch):
+  """`--config.data.source=$CODE` with CODE unset trained on the standard
+  library (the builder's own default; here a folder that is not there, so
+  that reading it fails at once) and recorded source '' in the run."""
+  monkeypatch.setattr(python_code, 'stdlib_dir',
+                      lambda: str(tmp_path / 'stdlib'))
+  for load in (data.load, lambda config, _: data.load_tokenizer(config)):
+    with pytest.raises(ValueError) as refused:
+      load(_config('', tmp_path / 'tfds'), SEQ_LEN)
+    assert str(refused.value) == ("data.source is empty: give 'stdlib', a "
+                                  "directory of code or 'tfds:NAME'")
+  assert not (tmp_path / 'tfds').exists()  # Refused before anything is made.
+
+
 def test_py_names_that_are_not_files_to_read_are_skipped(corpus, corpus_dir,
                                                         tmp_path):
   """A link to nothing or to itself failed the build (the loop with a

@@ -15,6 +15,11 @@ from sparse_gpt2 import sparsity
 from sparse_gpt2 import train
 
 
+def _topk_mask(scores, k, min_per_neuron=0):
+  """`sparsity.topk_masks` for one tensor."""
+  return sparsity.topk_masks({'': scores}, {'': k}, {'': min_per_neuron})['']
+
+
 def _reference_topk(w, k):
   """Sort-based reference: largest |w|, earlier index first among ties."""
   order = np.lexsort((np.arange(w.size), -np.abs(w).ravel()))
@@ -27,7 +32,7 @@ def _reference_topk(w, k):
                                      ((7, 5, 3), 105), ((300, 20), 4321)])
 def test_topk_mask_equals_sort_reference(shape, k):
   w = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-  got = jax.jit(sparsity.topk_mask)(w, k)
+  got = jax.jit(_topk_mask)(w, k)
   np.testing.assert_array_equal(np.asarray(got), _reference_topk(w, k))
 
 
@@ -38,14 +43,14 @@ def test_topk_mask_finds_the_last_bits_of_the_threshold(k):
   rng = np.random.default_rng(2)
   bits = np.float32(-1.5).view(np.int32) + rng.permutation(1000)
   w = bits.astype(np.int32).view(np.float32)
-  got = jax.jit(sparsity.topk_mask)(w, k)
+  got = jax.jit(_topk_mask)(w, k)
   np.testing.assert_array_equal(np.asarray(got), _reference_topk(w, k))
 
 
 def test_topk_mask_breaks_ties_by_index_to_keep_exactly_k():
   w = np.array([0, 1, 2, 2, 2, 3, 2, 0, 0, 0], np.float32)
   for k in range(1, w.size + 1):
-    got = np.asarray(sparsity.topk_mask(w, k))
+    got = np.asarray(_topk_mask(w, k))
     assert got.sum() == k
     np.testing.assert_array_equal(got, _reference_topk(w, k))
 
@@ -78,7 +83,7 @@ def test_min_per_neuron_keeps_j_inputs_of_every_neuron():
   k = 200
   j = sparsity.guaranteed_per_neuron(w.shape, k, 4)
   assert j == 4
-  mask = np.asarray(sparsity.topk_mask(w, k, j))
+  mask = np.asarray(_topk_mask(w, k, j))
   assert mask.sum() == k
   assert mask.sum(axis=0).min() >= 4
   assert mask[:, 5].sum() == 4
@@ -174,7 +179,7 @@ def test_min_per_neuron_raises_j_of_a_columns_ties_in_row_order():
   k = 8
   j = sparsity.guaranteed_per_neuron(w.shape, k, 4)
   assert j == 2 == k // w.shape[1]
-  got = np.asarray(jax.jit(sparsity.topk_mask, static_argnums=(1, 2))(w, k, j))
+  got = np.asarray(jax.jit(_topk_mask, static_argnums=(1, 2))(w, k, j))
   np.testing.assert_array_equal(got, _reference_guaranteed(w, k, j))
   np.testing.assert_array_equal(got.sum(axis=0), [2, 2, 2, 2])
   np.testing.assert_array_equal(np.flatnonzero(got[:, 0]), [0, 1])
@@ -596,7 +601,7 @@ def test_min_per_neuron_never_raises_the_zeros_of_a_column_short_of_j():
   k = 64
   j = sparsity.guaranteed_per_neuron(w.shape, k, 4)
   assert j == 4
-  got = np.asarray(jax.jit(sparsity.topk_mask, static_argnums=(1, 2))(w, k, j))
+  got = np.asarray(jax.jit(_topk_mask, static_argnums=(1, 2))(w, k, j))
   np.testing.assert_array_equal(got, _reference_guaranteed(w, k, j))
   assert got.sum() == k and not got[w == 0].any()
   np.testing.assert_array_equal(np.flatnonzero(got[:, 0]), [3, 40])
@@ -606,7 +611,7 @@ def test_num_kept_keeps_at_least_one_entry():
   assert int(sparsity.num_kept(4, 0.1)) == 1  # round(0.4) is 0.
   assert int(sparsity.num_kept(1, 0.05)) == 1
   w = np.array([0.1, -0.3, 0.2, 0.05], np.float32)
-  got = np.asarray(sparsity.topk_mask(w, sparsity.num_kept(w.size, 0.1)))
+  got = np.asarray(_topk_mask(w, sparsity.num_kept(w.size, 0.1)))
   np.testing.assert_array_equal(got, [False, True, False, False])
   config = tiny.get_config('topk').sparsity
   config.density = 0.1

@@ -439,7 +439,7 @@ def test_an_out_in_a_folder_that_takes_no_file_is_refused_before_pruning(
   monkeypatch.setattr(tempfile, 'TemporaryFile', read_only)
   out = tmp_path / 'mounted' / 'compare'
   with pytest.raises(ValueError) as refused:
-    cli.check_output_dir(str(out), '--out')
+    cli.check_output_dir(str(out))
   assert str(refused.value) == (f'--out {out}: cannot write in {tmp_path} '
                                 '(Read-only file system)')
   assert not out.parent.exists()

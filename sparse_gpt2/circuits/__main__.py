@@ -174,7 +174,7 @@ def main():
     flag = '--task_file' if _TASK_FILE.value else '--task'
     raise ValueError(f'{flag}={task} is named like the built-in task {name}, '
                      f'whose circuit is {out}: pass --out or rename the file')
-  cli.check_output_dir(out, '--out')  # Found now, not after the pruning.
+  cli.check_output_dir(out)  # Found now, not after the pruning.
   runs.check_out(out, _WORKDIR.value)
   circuit = runs.find_circuit(_WORKDIR.value, settings, task=task,
                               step=_STEP.value)

@@ -486,7 +486,7 @@ def _check_args(runs_, out, task_names, settings):
   if os.path.samefile(runs_['sparse'], runs_['dense']):
     raise ValueError(f'--sparse and --dense are the same run: '
                      f'{runs_["sparse"]}')
-  cli.check_output_dir(out, '--out')
+  cli.check_output_dir(out)
   for run in runs_.values():
     runs.check_out(out, run)
   modes = {model: runs.sparsity_mode(run) for model, run in runs_.items()}

@@ -266,12 +266,11 @@ def _more_prompts(task):
   return ' (built in: raise --num_prompts)' if task in tasks.TASKS else ''
 
 
-def find_circuit(workdir, settings, *, task, step=None, record_at=(),
-                 num_examples=4):
+def find_circuit(workdir, settings, *, task, step=None, record_at=()):
   """The circuit of `task` (`task_datapoints`) in a checkpoint of a run
   (`prune.prune`), with what a reader needs beside it: the task and its
   prompts' digest, the run, the checkpoint's step and validation loss, and
-  `num_examples` prompts with their candidates as the tokenizer decodes
+  its first four prompts with their candidates as the tokenizer decodes
   them. Raises ValueError for bad input: an unknown task, a bad file, a
   task too small or too unbalanced to split (`check_split`), a directory
   that is not a run, a step that was not kept. The run is recorded by its
@@ -287,7 +286,7 @@ def find_circuit(workdir, settings, *, task, step=None, record_at=(),
   examples = [{'prompt': datapoints[i]['prompt'],
                'correct': tokenizer.decode([int(c)]),
                'incorrect': tokenizer.decode([int(w)])}
-              for i, c, w in zip(encoded['index'][:num_examples],
+              for i, c, w in zip(encoded['index'][:4],
                                  encoded['correct'], encoded['incorrect'])]
   return {'task': name, 'prompts_sha256': prompts_digest(datapoints),
           'run': os.path.abspath(workdir), 'step': run['step'],

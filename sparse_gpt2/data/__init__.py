@@ -245,11 +245,11 @@ def _remove_killed_writes(path):
     os.remove(tmp)
 
 
-def _text_chunks(data_source, feature, chunk_size):
-  """Yields lists of document strings, reading records in batches."""
+def _text_chunks(data_source, feature):
+  """Yields lists of document strings, reading records 256 at a time."""
   n = len(data_source)
-  for start in range(0, n, chunk_size):
-    keys = list(range(start, min(start + chunk_size, n)))
+  for start in range(0, n, 256):
+    keys = list(range(start, min(start + 256, n)))
     texts = [row[feature] for row in data_source.__getitems__(keys)]
     # Text features decode to bytes in numpy; other sources may give str.
     yield [t.decode('utf-8') if isinstance(t, bytes) else str(t) for t in texts]
@@ -320,7 +320,7 @@ def _write_tokens(f, tokenizer, data_source, feature, eot_id, name):
   docs, chars, tokens, logged = 0, 0, 0, 0
   start = time.time()
   _npy_header(f, 0)
-  for texts in _text_chunks(data_source, feature, 256):
+  for texts in _text_chunks(data_source, feature):
     for batch in _batches(texts):
       arrays = []
       encodings = tokenizer.encode_batch_fast([piece for _, piece in batch])
@@ -351,6 +351,11 @@ def _write_tokens(f, tokenizer, data_source, feature, eot_id, name):
 def _validate(data_config):
   """One-line errors for a data config that cannot make a corpus, before
   a source is opened (a TFDS dataset may download and prepare first)."""
+  if not data_config.source:  # The `python_code` builder reads no source
+    # as the standard library: `--config.data.source=$CODE` with CODE unset
+    # trained on it without a word.
+    raise ValueError("data.source is empty: give 'stdlib', a directory of "
+                     "code or 'tfds:NAME'")
   if not 0 < data_config.val_fraction < 1:  # Held out of 'train' where the
     # dataset has no held-out split; NaN is refused too.
     raise ValueError('data.val_fraction must be in (0, 1), got '
@@ -390,8 +395,7 @@ def _tokenizer(source, vocab_size):
         os.remove(os.path.join(data_dir, name))
   train_source = source.builder.as_data_source(
       split=source.split_specs['train'])
-  texts = (piece for chunk in _text_chunks(train_source, source.text_feature,
-                                           256)
+  texts = (piece for chunk in _text_chunks(train_source, source.text_feature)
            for text in chunk for piece in _pieces(text))  # Same merges.
   tokenizer = tokenizer_lib.train(texts, vocab_size)
   _remove_killed_writes(path)
