@@ -15,6 +15,7 @@
 #   benchmarks/gpu.sh                 # STEPS=25, results in benchmarks/out
 #   OUT_DIR=/tmp/o EXTRA='--config.model.num_layers=2' benchmarks/gpu.sh
 #   STEPS=10 RUNS='sparse_gpt2_paper|sparse_gpt2_paper|' benchmarks/gpu.sh
+#   RUN_TIMEOUT=900 benchmarks/gpu.sh # seconds one run may take (300)
 #
 # Writes gpu.json and gpu.md (and each run's log) to OUT_DIR (a relative one
 # from the caller's folder); a run that fails does not stop the others, but
@@ -23,9 +24,9 @@ set -uo pipefail
 # Its settings are the environment variables above: an argument (--help, or
 # a --config.FIELD=V meant for EXTRA) was ignored, and the full check ran.
 if (( $# )); then
-  [[ $1 == -h || $1 == --help ]] && { sed -n '2,21p' "$0"; exit 0; }
-  echo "error: gpu.sh takes no arguments, got $1: set STEPS, RUNS, EXTRA or" \
-    "OUT_DIR instead (--help)" >&2
+  [[ $1 == -h || $1 == --help ]] && { sed -n '2,22p' "$0"; exit 0; }
+  echo "error: gpu.sh takes no arguments, got $1: set STEPS, RUNS, EXTRA," \
+    "RUN_TIMEOUT or OUT_DIR instead (--help)" >&2
   exit 2
 fi
 root=$(realpath "$(dirname "$0")/..")

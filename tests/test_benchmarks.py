@@ -631,14 +631,16 @@ def test_gpu_check_refuses_an_argument_and_prints_its_usage(tmp_path):
   usage = subprocess.run(['bash', 'benchmarks/gpu.sh', '--help'], cwd=ROOT,
                          capture_output=True, text=True, env=env)
   assert usage.returncode == 0, usage.stderr
-  assert 'EXTRA=' in usage.stdout and 'RUNS=' in usage.stdout
+  assert all(f'{name}=' in usage.stdout
+             for name in ('STEPS', 'RUNS', 'EXTRA', 'RUN_TIMEOUT', 'OUT_DIR'))
+  assert usage.stdout.endswith('exits 1, naming it.\n')  # The whole header.
   check = subprocess.run(
       ['bash', 'benchmarks/gpu.sh', '--config.train_steps=5'], cwd=ROOT,
       capture_output=True, text=True, env=env)
   assert check.returncode == 2, check.stderr
   assert check.stderr == (
       'error: gpu.sh takes no arguments, got --config.train_steps=5: set '
-      'STEPS, RUNS, EXTRA or OUT_DIR instead (--help)\n')
+      'STEPS, RUNS, EXTRA, RUN_TIMEOUT or OUT_DIR instead (--help)\n')
   assert not (tmp_path / 'out').exists()
 
 
