@@ -378,6 +378,36 @@ def test_scoring_passes_keep_within_the_token_budget(monkeypatch):
     assert in_passes[key] == pytest.approx(value, abs=1e-5)
 
 
+def test_the_tie_breaking_gradient_reads_both_answers(monkeypatch):
+  """The gradient that ranks the nodes the search adds past a mask took
+  the train split's first prompts: in a task file written one answer after
+  the other (unpaired prompts, every YES then every NO), all of one
+  answer, so it ranked what favours that answer, not what tells the two
+  apart. Where the first prompts lean so, it takes the groups in turns of
+  their leans; where they do not (pairs, as every built-in task's), it
+  takes them as before."""
+  monkeypatch.setattr(prune, 'ESTIMATE_PROMPTS', 32)
+  model = _tiny_model()
+  params = _planted_params(model)
+  means = _means(model, params)
+  paired = _task(256, 0)
+  one_after_other = {k: v[np.argsort(paired['correct'] != YES, kind='stable')]
+                     for k, v in paired.items()}
+  one_after_other['pair'] = np.arange(256, dtype=np.int32)
+  for task in (paired, one_after_other):
+    pruner = prune._Pruner(model, params, means, prune.split(task, SETTINGS),
+                           SETTINGS)
+    batches = []
+    pruner._importance = lambda *args: batches.append(args[2]) or np.zeros(64)
+    pruner.importance(np.ones(64, bool))
+    (batch,) = batches
+    assert np.sum(batch['correct'] == YES) == np.sum(batch['correct'] == NO)
+    assert len(batch['correct']) == 32
+    if task is paired:
+      np.testing.assert_array_equal(batch['index'],
+                                    pruner.train['index'][:32])
+
+
 def _unpaired(n, answered_yes):
   """n unpaired prompts of `_task`, the first `answered_yes` of them
   answered YES, the others NO."""

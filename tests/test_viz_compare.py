@@ -110,6 +110,17 @@ def test_a_task_named_in_bytes_that_are_not_utf8_is_drawn(tmp_path):
   assert 'runs/spärse' in (tmp_path / 'pair.svg').read_text()
 
 
+def test_a_task_named_with_dollar_signs_is_drawn_as_named(tmp_path):
+  """A task file's name is its task's title, and matplotlib reads text
+  between two `$` as math: `usd_$5_$10.jsonl` stopped the figure with a
+  mathtext ValueError after the task's pruning."""
+  circuit = make_circuit('usd_$5_$10', num_layers=1)
+  viz.draw_circuit(circuit, str(tmp_path / 'circuit'))
+  viz.draw_comparison(circuit, circuit, str(tmp_path / 'pair'))
+  assert '<!-- usd_$5_$10: ' in (tmp_path / 'circuit.svg').read_text()
+  assert '<!-- Task: usd_$5_$10  ' in (tmp_path / 'pair.svg').read_text()
+
+
 def _edge_count(num_edges, task='t', run='runs/sparse'):
   """A solved circuit whose counts, not wiring, matter to the table."""
   return dict(make_circuit(task, 1, run=run), num_edges=num_edges,

@@ -64,7 +64,7 @@ MIN_SPLIT_PROMPTS = 16     # and prompts: a model at chance read calibrated
 # Of the algorithm, saved in circuit.json: bumped by a change that gives
 # other circuits for the same settings, or other fields in circuit.json, so
 # `compare` re-prunes saved ones rather than read what they lack.
-VERSION = 9                # 2: the smallest late mask (`circuit_of_run`);
+VERSION = 10               # 2: the smallest late mask (`circuit_of_run`);
                            # 3: the multiplier's proportional term;
                            # 4: its integral falls as fast as it rises;
                            # 5: a run still shrinking goes on (`run_length`);
@@ -79,7 +79,11 @@ VERSION = 9                # 2: the smallest late mask (`circuit_of_run`);
                            #    dealt in turns, preferences per pair of
                            #    candidates (built-in tasks: the same splits
                            #    and buckets as 8, but for
-                           #    while_return_true's groups of four).
+                           #    while_return_true's groups of four);
+                           # 10: the tie-breaking gradient's prompts taken
+                           #    in turns of their answers where the first
+                           #    ones lean (built-in tasks: the same
+                           #    prompts as 9).
 
 
 def hard_mask(tau, temperature):
@@ -258,18 +262,27 @@ def _dealt_in_turns(encoded, groups, sizes):
   """`groups` (in their seeded order) cut into train/select/test of `sizes`
   so that select and test lean as little as the groups allow: the split
   where the seeded order alone leaves select or test leaning, as a task
-  file's unpaired prompts, or groups of one answer, can. Each group is
-  classed by its pair of candidates (or as mixed) and its lean (whether
-  more of its prompts answer with the lower-id candidate, fewer, or as
-  many). The classes take turns, a group each, the leans of one pair of
-  candidates one after another, and select and test are the first groups
-  of that order: each holds as many groups of either lean of a pair as the
-  other, to one, and train takes the rest, and with it a lean's surplus."""
+  file's unpaired prompts, or groups of one answer, can. Select and test
+  are the first groups of `_in_turns`: each holds as many groups of either
+  lean of a pair as the other, to one, and train takes the rest, and with
+  it a lean's surplus."""
+  select, test, train = np.split(_in_turns(encoded, groups),
+                                 np.cumsum([sizes[1], sizes[2]]))
+  return train, select, test
+
+
+def _in_turns(encoded, groups):
+  """`groups` reordered so that any first ones lean as little as the
+  groups allow. Each group is classed by its pair of candidates (or as
+  mixed) and its lean (whether more of its prompts answer with the
+  lower-id candidate, fewer, or as many). The classes take turns, a group
+  each, the leans of one pair of candidates one after another, each class
+  keeping the order of `groups`."""
   ids, low_right = tasks.candidate_pairs(encoded)
   lean = np.sign(np.bincount(encoded['pair'],
                              weights=np.where(low_right, 1, -1)))
-  classes = {}  # (pair of candidates or -1, lean) -> groups, seeded order.
-  first = {}  # Pair of candidates -> its turn, in the seeded order.
+  classes = {}  # (pair of candidates or -1, lean) -> groups, in order.
+  first = {}  # Pair of candidates -> its turn, in the order of `groups`.
   for group in groups:
     candidates = np.unique(ids[encoded['pair'] == group])
     key = int(candidates[0]) if len(candidates) == 1 else -1
@@ -280,9 +293,7 @@ def _dealt_in_turns(encoded, groups, sizes):
   order = []
   while len(order) < len(groups):
     order.extend(queue.popleft() for queue in queues if queue)
-  select, test, train = np.split(np.array(order, groups.dtype),
-                                 np.cumsum([sizes[1], sizes[2]]))
-  return train, select, test
+  return np.array(order, groups.dtype)
 
 
 def length_buckets(rows, num_buckets, by_pair):
@@ -534,13 +545,32 @@ class _Pruner:
   def importance(self, kept):
     """Estimated loss decrease from keeping each node, [num_nodes]: minus
     the gradient of the train loss in the mask at `kept` (a first-order
-    estimate of restoring a pruned node, or of ablating a kept one)."""
-    longest = _padded_length(self.train['lengths'][:ESTIMATE_PROMPTS],
-                             self.train['tokens'].shape[1])
-    fit = min(ESTIMATE_PROMPTS, max(1, MAX_PASS_TOKENS // longest))
-    batch = trim({k: v[:fit] for k, v in self.train.items() if k != 'pair'})
+    estimate of restoring a pruned node, or of ablating a kept one), on
+    the train prompts of `_estimate_rows`."""
+    batch = trim({k: v[self._estimate_rows()]
+                  for k, v in self.train.items() if k != 'pair'})
     return -np.asarray(self._importance(
         self.weights, jnp.asarray(kept, jnp.float32), batch))
+
+  def _estimate_rows(self):
+    """The first ESTIMATE_PROMPTS train rows (fewer where they exceed
+    MAX_PASS_TOKENS), in the task's order where they are balanced, as a
+    built-in task's pairs are; else its groups' rows `_in_turns`. A task
+    file written one answer after the other gave a gradient of prompts of
+    one answer: of what favours it, not of what tells the two apart."""
+    def first(rows):
+      longest = _padded_length(self.train['lengths'][rows[:ESTIMATE_PROMPTS]],
+                               self.train['tokens'].shape[1])
+      return rows[:min(ESTIMATE_PROMPTS, max(1, MAX_PASS_TOKENS // longest))]
+
+    pair = self.train['pair']
+    rows = first(np.arange(len(pair)))
+    if _balanced({k: v[rows] for k, v in self.train.items()}):
+      return rows
+    groups = pair[np.sort(np.unique(pair, return_index=True)[1])]
+    turn = np.zeros(pair.max() + 1, int)
+    turn[_in_turns(self.train, groups)] = np.arange(len(groups))
+    return first(np.argsort(turn[pair], kind='stable'))
 
   def select_loss(self, mask):
     """Calibrated loss on select of `mask` [num_nodes] bool, each mask

@@ -47,8 +47,11 @@ def _shown(name):
   bytes that are not UTF-8 (a file name, or any non-ASCII one under
   LC_ALL=C) as surrogates, on which the title's font stopped with a
   TypeError after the pruning. Their UTF-8 is read back; other bytes are
-  shown as U+FFFD."""
-  return name.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
+  shown as U+FFFD. A `$` is escaped: matplotlib reads text between two as
+  math, which stopped a task file `usd_$5_$10.jsonl`'s figure with a
+  ValueError after its pruning."""
+  return name.encode('utf-8', 'surrogateescape').decode(
+      'utf-8', 'replace').replace('$', r'\$')
 
 
 def draw_circuit(circuit, path):
