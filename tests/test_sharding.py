@@ -1,10 +1,10 @@
 """Sharded state on 8 fake CPU devices (data 2 x fsdp 2 x model 2): the
 top-k works shard by shard and gives the masks of one device, sharded
 training matches one device in the topk and static modes, the compiled
-step gathers no sparse tensor, and checkpoint digests read the same on any
-mesh. Each check runs in a subprocess, which is given 8
-devices before jax starts: `PYTHONPATH=. python tests/test_sharding.py
-CHECK`."""
+step gathers no sparse tensor, checkpoint digests read the same on any
+mesh, and a checkpoint saved on one mesh restores onto another. Each check
+runs in a subprocess, which is given 8 devices before jax starts:
+`PYTHONPATH=. python tests/test_sharding.py CHECK`."""
 
 import functools
 import os
@@ -89,6 +89,10 @@ def test_packed_masks_shard_like_their_weights_where_the_mesh_divides():
 
 def test_checkpoint_digests_read_the_same_on_any_mesh_and_see_any_word():
   _in_subprocess('check_digests')
+
+
+def test_a_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path):
+  _in_subprocess('check_restore_on_another_mesh', str(tmp_path))
 
 
 def test_batches_split_over_data_and_fsdp():
@@ -252,6 +256,47 @@ def check_digests():
         assert got[f"['{name}']"] != want[f"['{name}']"], (name, index, bit)
         assert {k: v for k, v in got.items() if k != f"['{name}']"} == {
             k: v for k, v in want.items() if k != f"['{name}']"}
+
+
+def check_restore_on_another_mesh(workdir):
+  """A run may resume on another mesh (`mesh` is a resumable field, so that
+  a preempted run can go on on another slice): a state saved on data 2 x fsdp 2
+  x model 2 restores, as a run restores it, value for value into the
+  shardings of data 8 and of fsdp 4 x model 2 (where a packed mask of 5
+  columns, which 'fsdp' divides on neither, is whole)."""
+  config = tiny.get_config('topk')
+  config.model.d_model, config.model.num_layers = 40, 1
+  config.schedule_steps = 20  # Annealed: no top-k to trace in the init.
+  model = train.make_model(config)
+  tx = optim.make(config, config.schedule_steps)
+
+  def abstract(shape):
+    config.mesh.data, config.mesh.fsdp, config.mesh.model = shape
+    mesh = _mesh(*shape)
+    with nn.logical_axis_rules(sharding.rules(config.mesh)):
+      return train.layout(config, model, tx, mesh)[0]
+
+  rng = np.random.default_rng(0)
+  saved = jax.tree.map(
+      lambda a: jax.device_put(
+          rng.integers(0, 256, a.shape).astype(a.dtype)
+          if a.dtype == np.uint8 else rng.normal(size=a.shape).astype(a.dtype),
+          a.sharding), abstract((2, 2, 2)))
+  want = jax.tree.map(np.asarray, saved)
+  mngr = checkpoint.manager(workdir, 1)
+  checkpoint.save(mngr, 7, saved)
+  mngr.wait_until_finished()
+  targets = {shape: abstract(shape) for shape in ((8, 1, 1), (1, 4, 2))}
+  assert sparsity.flat(targets[1, 4, 2].masks)[
+      'block_0/mlp_proj/kernel'].sharding.spec == P('model', None)
+  for shape, target in targets.items():
+    got = checkpoint.restore_latest(mngr, target, workdir)
+    for (path, a), b, t in zip(jax.tree_util.tree_leaves_with_path(got),
+                               jax.tree.leaves(want), jax.tree.leaves(target)):
+      where = f'{shape} {jax.tree_util.keystr(path)}'
+      assert a.sharding.is_equivalent_to(t.sharding, a.ndim), where
+      np.testing.assert_array_equal(np.asarray(a), b, err_msg=where)
+  mngr.close()
 
 
 def check_packed_masks():
