@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+from configs import tiny
+from sparse_gpt2 import defaults
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -39,6 +42,16 @@ def test_main_refuses_a_config_file_whose_fields_are_not_the_defaults(
       cwd=ROOT, timeout=120)
   assert (result.returncode, result.stderr) == (2, f'error: {error}\n')
   assert not (tmp_path / 'run').exists()
+
+
+def test_a_section_set_to_none_is_named_as_lacking_its_fields():
+  # ml_collections takes None for a section (`config.sparsity = None`, as
+  # if for a dense run), which has none of the section's fields.
+  config = tiny.get_config()
+  config.sparsity = None
+  with pytest.raises(ValueError, match=r'^the config lacks sparsity\.\*: '
+                     r'build it on sparse_gpt2\.defaults\.base\(\)$'):
+    defaults.check_fields(config)
 
 
 @pytest.mark.parametrize('command', [

@@ -171,6 +171,7 @@ def test_plan_says_a_step_larger_than_the_host_does_not_fit():
 _STANDINS = """
 import re, types
 from configs import tiny
+from sparse_gpt2 import metrics
 from sparse_gpt2 import plan
 
 def program(arguments, outputs=0, aliased=0, temps=0):
@@ -204,7 +205,11 @@ compiled = {'initialization': program(gib // 4, outputs=gib // 4),
             'train step': program(gib // 2, outputs=gib // 4,
                                   aliased=gib // 4, temps=gib // 2),
             'evaluation': program(gib // 4, temps=gib // 8)}
-lines = plan.report(tiny.get_config(), 'cpu:8', 1000, mesh, compiled)
+config = tiny.get_config()
+lines = plan.report(config, 'cpu:8', 1000, mesh, compiled)
+# A step's model FLOPs: those of its 8 x 32 tokens (batch x seq_len).
+flops = metrics.flops_per_token(config.model, 32) * 8 * 32
+assert lines[2].startswith(f'model FLOPs per step: {flops:.3e} ('), lines
 # The largest is the train step's 1 GiB (evaluation: 3/8 + 1/4 beside).
 assert re.fullmatch(r"fits: (yes|NO) \\(8 CPU device\\(s\\) x the largest "
                     r"program: 8\\.00 of this host's [\\d.]+ GiB\\)",

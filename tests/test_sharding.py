@@ -173,7 +173,8 @@ def check_topk():
 
 def check_batch_split():
   """data 2 x fsdp 2 x model 2: a batch's rows split 4 ways (its sharding
-  says over which axes), and a batch that 4 does not divide is refused."""
+  says over which axes), and a batch, or a microbatch slice of one (8 rows
+  in 4 slices of 2), that 4 does not divide is refused."""
   config = tiny.get_config()
   config.mesh.data, config.mesh.fsdp, config.mesh.model = 2, 2, 2
   mesh = _mesh(2, 2, 2)
@@ -181,14 +182,17 @@ def check_batch_split():
     assert sharding.batch_sharding(mesh).spec == P(('data', 'fsdp'), None)
   assert sharding.data_parallel(mesh, config.mesh) == 4
   assert train.make_mesh(config).shape == mesh.shape  # batch_size 8.
-  config.batch_size = 6
-  try:
-    train.make_mesh(config)
-  except ValueError as e:
-    assert str(e) == ('batch_size 6 / microbatches 1 is not divisible by '
-                      'the 4 ways the mesh splits a batch'), e
-  else:
-    raise AssertionError('batch_size 6 over 4 ways was not refused')
+  for batch_size, microbatches in ((6, 1), (8, 4)):
+    config.batch_size, config.microbatches = batch_size, microbatches
+    try:
+      train.make_mesh(config)
+    except ValueError as e:
+      assert str(e) == (f'batch_size {batch_size} / microbatches '
+                        f'{microbatches} is not divisible by the 4 ways the '
+                        'mesh splits a batch'), e
+    else:
+      raise AssertionError(f'batch_size {batch_size} / microbatches '
+                           f'{microbatches} over 4 ways was not refused')
 
 
 def check_length_rule():

@@ -620,6 +620,29 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_config, tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'nan1'))
 
 
+def test_a_resumed_run_that_diverges_names_the_checkpoint_it_resumed_from(
+    reference_run, tmp_path, monkeypatch):
+  """Resumed at step 50 and non-finite from step 52: step 51 read step
+  50's weights to a finite loss, so the checkpoint the run resumed from is
+  the good one to go back to, not 'before any good checkpoint'."""
+  config, ref_dir, _ = reference_run
+  workdir = str(tmp_path / 'resumed')
+  shutil.copytree(ref_dir, workdir)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '60'))
+  train_step = train.train_step
+  def diverging_step(state, tokens, **kwargs):
+    state_after, step_metrics = train_step(state, tokens, **kwargs)
+    return state_after, {**step_metrics, 'loss': jax.numpy.where(
+        state.step >= 51, jax.numpy.nan, step_metrics['loss'])}
+  monkeypatch.setattr(train, 'train_step', diverging_step)
+  monkeypatch.setattr(metrics, 'measure_peak_flops',
+                      lambda *args, **kwargs: 1e9)
+  with pytest.raises(FloatingPointError, match=r'^non-finite loss nan at step '
+                     r'52; stopped, the last good checkpoint is step 50 in '
+                     r'.*resumed$'):
+    train.train_and_evaluate(config, workdir)
+
+
 def test_non_finite_gradients_stop_before_anything_is_saved(
     tiny_config, tmp_path, monkeypatch):
   loss = train._loss  # pylint: disable=protected-access
@@ -648,8 +671,13 @@ def test_a_plain_log_is_written_while_the_next_step_runs(
   def logged_write(self, step, values):
     events.append(('write', step))
     return write(self, step, values)
+  train_step = train.train_step
+  def numbered_step(state, tokens, **kwargs):  # Metrics that say their step.
+    state, _ = train_step(state, tokens, **kwargs)
+    return state, {'loss': state.step * 1.0, 'grad_rms': state.step * 2.0}
   monkeypatch.setattr(train, 'global_batch', logged_batch)
   monkeypatch.setattr(metrics.Writer, 'write', logged_write)
+  monkeypatch.setattr(train, 'train_step', numbered_step)
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
   # Batch i is step i + 1's: logs 5 and 15 are written after step 6's and
@@ -666,6 +694,8 @@ def test_a_plain_log_is_written_while_the_next_step_runs(
   assert [m['step'] for m in logged] == [5, 10, 15, 20]
   assert [m['lr'] for m in logged] == pytest.approx(
       [float(lr(s - 1)) for s in (5, 10, 15, 20)], rel=1e-6)
+  assert [(m['loss'], m['grad_rms']) for m in logged] == [
+      (s, 2 * s) for s in (5, 10, 15, 20)]
 
 
 def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
@@ -779,8 +809,8 @@ def test_a_run_of_no_steps_compiles_and_evaluates_nothing(tiny_config,
                          r'checkpoint_every 10 \(or 0\)'),
     ({'peak_flops': float('nan')}, 'peak_flops must be >= 0, got nan'),
     ({'microbatches': 3}, 'microbatches must be >= 1 and divide batch_size'),
-    ({'seq_len': 64, 'model.pos_embedding': True},
-     'seq_len 64 > model.max_len 32'),
+    ({'seq_len': 33, 'model.pos_embedding': True},
+     'seq_len 33 > model.max_len 32'),
     ({'optim.lr': float('nan')}, 'optim.lr must be >= 0 and finite, got nan'),
     ({'optim.lr': float('inf')}, 'optim.lr must be >= 0 and finite, got inf'),
     ({'optim.eps': float('nan')}, 'optim.eps must be > 0 and finite, got nan'),
@@ -1836,9 +1866,12 @@ def test_mfu_peak_is_the_datasheet_peak_times_the_devices(monkeypatch):
   # A variant whose name holds its family's, or a chip's other name: not
   # the family's peak (a v5e read as a v5p put its MFU 2.3x too low).
   for kind, peak in (('TPU v5e', 197e12), ('TPU v6e', 918e12),
-                     ('TPU v4 lite', 138e12), ('NVIDIA H100 NVL', 835e12),
+                     ('TPU v4 lite', 138e12), ('TPU v5', 459e12),
+                     ('NVIDIA H100 80GB HBM3', 989e12),
+                     ('NVIDIA H100 PCIe', 756e12), ('NVIDIA H100 NVL', 835e12),
                      ('NVIDIA H200 NVL', 835e12),
-                     ('NVIDIA GB200', 2500e12), ('NVIDIA B200', 2250e12)):
+                     ('NVIDIA GB200', 2500e12), ('NVIDIA B200', 2250e12),
+                     ('NVIDIA A100-SXM4-80GB', 312e12)):
     device.device_kind = kind
     assert metrics.peak_flops('bfloat16') == 8 * peak, kind
 
@@ -1905,6 +1938,9 @@ def test_tokens_per_second_time_training_not_evaluation(
   monkeypatch.setattr(train, 'evaluate', slow_evaluate)
   monkeypatch.setattr(train, 'global_batch', slow_batch)
   monkeypatch.setattr(sparsity, 'stats', slow_first_stats)
+  # tiny gives peak_flops: its MFU is against that, never a timed matmul.
+  monkeypatch.setattr(metrics, 'measure_peak_flops', lambda *args, **kwargs:
+                      pytest.fail('timed a peak that the config gives'))
   config = tiny_config('none', train_steps=15)
   with caplog.at_level('INFO', logger='absl'):  # Whatever absl's flags set.
     train.train_and_evaluate(config, str(tmp_path))
@@ -1926,9 +1962,11 @@ def test_tokens_per_second_time_training_not_evaluation(
       ' | ETA 00:00:00')
   assert lines[0].startswith('step 5/15 ') and lines[0].endswith(
       ' | ETA 00:00:01')  # Ten more steps at 8 a second.
-  # Evaluated every eval_every=10 steps, and at the last step, 15: a run's
-  # final weights always have a val_loss.
+  # Evaluated and saved every 10 steps (eval_every, checkpoint_every), and
+  # at the last step, 15: a run's final weights always have a val_loss and
+  # a checkpoint.
   assert [s for s, m in sorted(logged.items()) if 'val_loss' in m] == [10, 15]
+  assert workdir_lib.checkpoint_steps(str(tmp_path)) == [10, 15]
 
 
 def test_the_first_log_leaves_out_the_first_steps_warm_up(
@@ -2246,3 +2284,24 @@ def test_microbatch_gradients_are_summed_in_float32(tiny_config):
   assert jax.tree.map(lambda g: g.dtype, mean) == jax.tree.map(
       lambda p: p.dtype, params)
   jax.tree.map(np.testing.assert_array_equal, mean, one)
+
+
+def test_dropout_draws_new_masks_at_each_step_and_in_each_slice(tiny_config):
+  """With model.dropout, the same weights and batch lose differently one
+  step later, and equal slices of a batch draw masks of their own: the mean
+  over 2 of them is not the mean over 4 (one key for every step, or for
+  every slice, would drop the same units each time)."""
+  config = tiny_config('none', **{'model.dropout': 0.5})
+  model = train.make_model(config)
+  tx = optim.make(config, 2)
+  state = train.init_state(config, model, tx, jax.random.key(0), None)
+  row = np.random.default_rng(0).integers(
+      0, config.data.vocab_size, (1, config.seq_len + 1))
+  step = jax.jit(lambda s, t: train.train_step(s, t, model=model, tx=tx,
+                                               config=config)[1]['loss'])
+  assert step(state, row) != step(state.replace(step=state.step + 1), row)
+  rng = jax.random.key(0)
+  sliced = {m: jax.jit(lambda p, t, m=m: train._loss_and_grads(
+      model, p, t, rng, m)[0])(state.params, np.tile(row, (m, 1)))
+            for m in (2, 4)}
+  assert sliced[2] != sliced[4]
