@@ -124,6 +124,9 @@ def test_config_name_changes_with_source(tmp_path):
   assert a.name == python_code.make_config(str(tmp_path / 'a'), 0.05).name
   assert a.name != python_code.make_config(str(tmp_path / 'b'), 0.05).name
   assert a.name != python_code.make_config(str(tmp_path / 'a'), 0.1).name
+  # Any path to the folder names it alike: its corpus is built once.
+  os.symlink(tmp_path / 'a', tmp_path / 'link')
+  assert a.name == python_code.make_config(str(tmp_path / 'link'), 0.05).name
 
 
 def test_tokenizer_round_trips_every_file(corpus, corpus_dir):
@@ -134,6 +137,14 @@ def test_tokenizer_round_trips_every_file(corpus, corpus_dir):
     ids = tokenizer.encode(text).ids
     assert corpus.eot_id not in ids  # The literal string is plain text.
     assert tokenizer.decode(ids) == text
+
+
+def test_the_bpe_encodes_bytes_its_train_split_lacks():
+  """All 256 bytes are in the vocabulary, so a validation text with a
+  character the train split never had is encoded, not dropped."""
+  tokenizer = tokenizer_lib.train(['x = 1\n'] * 3, tokenizer_lib.MIN_VOCAB)
+  text = 'café ✓ 漢字\x00\x7f'
+  assert tokenizer.decode(tokenizer.encode(text).ids) == text
 
 
 def test_token_streams_are_documents_joined_by_eot(corpus, corpus_dir):
@@ -236,6 +247,18 @@ def test_a_damaged_token_cache_is_made_again(corpus, corpus_dir, tmp_path):
     np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
 
 
+def test_a_damaged_manifest_is_built_again(corpus, corpus_dir, tmp_path):
+  """The manifest names the data a result cites: one cut short is not
+  kept (nor the caches it dates), the corpus is built again."""
+  config = _config(corpus_dir[0], tmp_path)
+  manifest = data.load(config, SEQ_LEN).manifest_path
+  whole = open(manifest).read()
+  open(manifest, 'w').write(whole[:len(whole) // 2])
+  again = data.load(config, SEQ_LEN)
+  assert open(again.manifest_path).read() == whole
+  np.testing.assert_array_equal(again.train_tokens, corpus.train_tokens)
+
+
 def test_an_edited_source_is_built_again(corpus_dir, tmp_path):
   """A file added, edited or removed since the corpus was built: the
   corpus, its BPE and its tokens are made again from the files as they are
@@ -312,6 +335,7 @@ def test_the_train_streams_digest_tells_an_edit_of_as_many_tokens(
   whole at every start), and taken again once the stream changes."""
   config = _config(corpus_dir[0], tmp_path)
   first = data.load(config, SEQ_LEN)
+  before = data.fingerprint(first)  # Before the edit, which `first` maps.
   path = os.path.join(first.data_dir, 'train.npy')
   tokens = np.array(first.train_tokens)
   assert first.train_sha256 == hashlib.sha256(tokens).hexdigest()
@@ -326,7 +350,7 @@ def test_the_train_streams_digest_tells_an_edit_of_as_many_tokens(
   os.utime(path, ns=(stamp + 10**9, stamp + 10**9))  # Whatever the clock.
   edited = data.load(config, SEQ_LEN)
   assert edited.train_sha256 == hashlib.sha256(tokens).hexdigest()
-  before, after = data.fingerprint(first), data.fingerprint(edited)
+  after = data.fingerprint(edited)
   assert [k for k in before if before[k] != after[k]] == ['train_sha256']
 
 
@@ -403,6 +427,12 @@ def test_a_failed_cache_write_leaves_nothing(tmp_path):
   assert (stopped.value.errno, stopped.value.filename) == (
       errno.ENOSPC, str(tmp_path / 'train.npy'))
   assert os.listdir(tmp_path) == []
+  # A file written before is left whole: never half of one at its path.
+  (tmp_path / 'train.npy').write_bytes(b'a whole cache')
+  with pytest.raises(KeyboardInterrupt):
+    data._write_atomic(str(tmp_path / 'train.npy'), write_then_fail)
+  assert os.listdir(tmp_path) == ['train.npy']
+  assert (tmp_path / 'train.npy').read_bytes() == b'a whole cache'
 
 
 def test_get_batch_is_a_function_of_seed_and_step():
@@ -452,11 +482,13 @@ def test_missing_and_empty_directories_raise(tmp_path):
   with pytest.raises(ValueError, match='readme.txt. is not a directory'):
     data.load(_config(tmp_path / 'empty' / 'readme.txt', tmp_path / 'tfds'),
               SEQ_LEN)
-  # Refused before a tokenizer is trained for it.
-  with pytest.raises(ValueError, match=r'data.vocab_size must be in \[257, '
-                     r"65536\] \(the 256 bytes and <\|endoftext\|> first"):
-    data.load(_config(tmp_path / 'empty', tmp_path / 'tfds', vocab_size=5),
-              SEQ_LEN)
+  # Refused before a tokenizer is trained for it; above 65536, ids would
+  # wrap in the uint16 token streams.
+  for vocab_size in (5, 2**16 + 1):
+    with pytest.raises(ValueError, match=r'data.vocab_size must be in \[257, '
+                       r"65536\] \(the 256 bytes and <\|endoftext\|> first"):
+      data.load(_config(tmp_path / 'empty', tmp_path / 'tfds',
+                        vocab_size=vocab_size), SEQ_LEN)
   with pytest.raises(ValueError, match='empty corpus'):
     data.load(_config(tmp_path / 'empty', tmp_path / 'tfds'), SEQ_LEN)
   # val_fraction outside (0, 1) (NaN too) is refused first, in data's words.
@@ -585,6 +617,21 @@ def test_a_disk_that_fills_while_the_corpus_is_built_is_one_line(
   assert raised.value.errno == errno.ENOSPC
   assert raised.value.filename.startswith(f'{tmp_path}/python_code/')
   assert not os.path.exists(tmp_path / 'python_code')
+
+
+def test_a_disk_that_fills_while_the_bpe_is_saved_is_one_line(
+    corpus_dir, tmp_path, full_disk):
+  """`tokenizers` says a full disk in a bare Exception, which `cli.run`
+  printed as a traceback, and left its temporary file: it is the OSError
+  it is, naming tokenizer.json, and nothing is left in the cache."""
+  config = _config(corpus_dir[0], tmp_path)
+  cache = data.load(config, SEQ_LEN).data_dir
+  os.remove(os.path.join(cache, 'tokenizer.json'))  # Trained again below.
+  with full_disk(), pytest.raises(OSError) as stopped:
+    data.load_tokenizer(config)
+  assert (stopped.value.errno, stopped.value.filename) == (
+      errno.EFBIG, os.path.join(cache, 'tokenizer.json'))
+  assert not os.listdir(cache)
 
 
 def test_a_remote_data_dir_is_refused(corpus_dir, tmp_path, monkeypatch):
@@ -838,7 +885,15 @@ class SparseGpt2TestDocs(tfds.core.GeneratorBasedBuilder):
       yield i, {'body': _source_text(i), 'n': i}
 
 
-def test_tfds_source_holds_out_part_of_train(tmp_path):
+def test_tfds_source_holds_out_part_of_train(tmp_path, monkeypatch):
+  trained = []  # The texts each BPE is trained on.
+  train = tokenizer_lib.train
+
+  def recorded(texts, vocab_size):
+    trained.append(list(texts))
+    return train(trained[-1], vocab_size)
+
+  monkeypatch.setattr(tokenizer_lib, 'train', recorded)
   config = _config('tfds:sparse_gpt2_test_docs', tmp_path, text_feature='body')
   corpus = data.load(config, SEQ_LEN)
   assert corpus.data_dir == str(
@@ -850,6 +905,48 @@ def test_tfds_source_holds_out_part_of_train(tmp_path):
   held_out = '<|endoftext|>'.join(_source_text(i) for i in range(9, 12))
   assert corpus.tokenizer.decode(
       corpus.val_tokens.tolist(), skip_special_tokens=False) == held_out
+  # The rest, and only the rest, is trained on: its tokens and its BPE.
+  rest = [_source_text(i) for i in range(9)]
+  assert corpus.tokenizer.decode(corpus.train_tokens.tolist(),
+                                 skip_special_tokens=False) == (
+                                     '<|endoftext|>'.join(rest))
+  assert trained == [rest]
+  # However small val_fraction, one document is held out.
+  few = data.load(_config('tfds:sparse_gpt2_test_docs', tmp_path,
+                          text_feature='body', val_fraction=0.01), SEQ_LEN)
+  assert few.tokenizer.decode(few.val_tokens.tolist()) == _source_text(11)
+
+
+class SparseGpt2TestSplitDocs(tfds.core.GeneratorBasedBuilder):
+  """A TFDS dataset with a validation split and a test split."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({'text': tfds.features.Text()}),
+        disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(docs) for split, docs in (
+        ('train', range(8)), ('validation', (8, 9)), ('test', (10, 11)))}
+
+  def _generate_examples(self, docs):
+    for i in docs:
+      yield i, {'text': _source_text(i)}
+
+
+def test_a_tfds_validation_split_is_held_out_not_its_test_split(tmp_path):
+  corpus = data.load(_config('tfds:sparse_gpt2_test_split_docs', tmp_path),
+                     SEQ_LEN)
+  with open(corpus.manifest_path) as f:
+    assert json.load(f)['splits'] == {'train': 'train',
+                                      'validation': 'validation'}
+  assert corpus.tokenizer.decode(
+      corpus.val_tokens.tolist(), skip_special_tokens=False) == (
+          '<|endoftext|>'.join(_source_text(i) for i in (8, 9)))
 
 
 def test_a_tfds_feature_the_dataset_lacks_is_one_line(tmp_path):

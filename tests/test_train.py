@@ -262,6 +262,11 @@ def test_load_run_at_a_kept_step(reference_run, tmp_path):
                      r'\(circuits: --step\)$'):
     train.load_run(damaged, step=60)
   assert os.path.exists(metadata)  # Analysis reports it, moves nothing.
+  # A file missing is damage too (orbax raises FileNotFoundError).
+  os.remove(os.path.join(damaged, 'checkpoints', '50', 'state', '_METADATA'))
+  with pytest.raises(ValueError, match=r'checkpoint at step 50 in .*damaged '
+                     r'is damaged \(Metadata file'):
+    train.load_run(damaged, step=50)
 
 
 def test_resume_after_sigkill_is_bitwise_identical(reference_run, tmp_path):
@@ -444,6 +449,13 @@ def test_each_sign_of_damaged_bytes_reads_as_corrupt(sign):
       raise RuntimeError('Encountered error while reading array') from e
   except RuntimeError as wrapped:
     assert checkpoint.is_corrupt(wrapped)
+  try:  # Raised while handling it, without `from`.
+    try:
+      raise error
+    except ValueError:
+      raise RuntimeError('Encountered error while reading array')  # pylint: disable=raise-missing-from
+  except RuntimeError as wrapped:
+    assert checkpoint.is_corrupt(wrapped)
   assert not checkpoint.is_corrupt(ValueError(
       'RESOURCE_EXHAUSTED: Out of memory allocating 4GB'))
   assert checkpoint.is_corrupt(ValueError('DATA_LOSS: short chunk'))
@@ -479,6 +491,16 @@ def test_a_save_that_a_full_disk_stops_is_said_once(tmp_path, monkeypatch):
   assert not logged(orbax, full)
   assert logged(orbax, ValueError('DATA_LOSS: Error writing "params.x/0"'))
   assert logged('/home/me/mine.py', full)
+
+
+def test_the_manager_keeps_the_newest_and_every_keep_every(tmp_path):
+  mngr = checkpoint.manager(str(tmp_path), keep=1, keep_every=2)
+  try:
+    for step in range(1, 5):
+      checkpoint.save(mngr, step, {'w': np.full(2, step, np.float32)})
+  finally:
+    mngr.close()
+  assert workdir_lib.checkpoint_steps(str(tmp_path)) == [2, 4]
 
 
 @pytest.mark.parametrize('dtype', [np.float32, np.uint8, np.int32])
@@ -908,6 +930,9 @@ def test_a_resume_may_not_drop_checkpoints_kept_forever(tiny_config,
   with pytest.raises(ValueError, match=r'checkpoint\(s\) \[5\], which'):
     workdir_lib.check(tiny_config(keep_every=10, keep_checkpoints=2,
                                   train_steps=20), workdir)
+  with pytest.raises(ValueError, match=r'checkpoint\(s\) \[5, 15\], which'):
+    workdir_lib.check(tiny_config(keep_every=10, keep_checkpoints=1,
+                                  train_steps=20), workdir)
   for keep_every in (5, 1):  # Divisors of 5 keep every one of them.
     workdir_lib.check(tiny_config(keep_every=keep_every, keep_checkpoints=1,
                                   train_steps=30), workdir)
@@ -1109,6 +1134,11 @@ def test_workdirs_that_are_not_runs_are_refused(tiny_config, tmp_path):
   (other / 'checkpoints').write_text('x')
   with pytest.raises(ValueError, match='checkpoints exists and is not a dir'):
     train.train_and_evaluate(tiny_config(), str(other))
+  (other / 'checkpoints').unlink()  # Where corrupt ones would be set aside.
+  (other / 'corrupt_checkpoints').write_text('x')
+  with pytest.raises(ValueError, match='corrupt_checkpoints exists and is '
+                     'not a dir'):
+    workdir_lib.check(tiny_config(), str(other))
   # Below a file: the OSError, which every CLI says in one line.
   result = _main(a_file / 'run', tiny_config())
   assert result.returncode == 1 and _errors(result) == [
@@ -1188,6 +1218,11 @@ def test_a_corpus_record_kept_before_the_train_digest_still_resumes(
   with pytest.raises(ValueError, match=r'differs .* \(train_sha256\): '
                      'resuming would train on other data'):
     workdir_lib.check_corpus(str(tmp_path), dict(record, train_sha256='u'))
+  # No other field may be missing.
+  del record['vocab_sha256']
+  (tmp_path / 'corpus.json').write_text(json.dumps(record))
+  with pytest.raises(ValueError, match=r'differs .* \(vocab_sha256\)'):
+    workdir_lib.check_corpus(str(tmp_path), dict(record, vocab_sha256='v'))
 
 
 @pytest.mark.parametrize('name,read', [
@@ -1233,6 +1268,41 @@ def test_a_config_saved_before_schedule_steps_loads_and_resumes(tiny_config,
   assert workdir_lib.load_config(str(tmp_path)).schedule_steps == 30
   resumed = workdir_lib.check(tiny_config(train_steps=20), str(tmp_path))
   assert resumed.schedule_steps == 30
+
+
+def test_a_run_whose_checkpoints_were_all_set_aside_is_still_a_run(
+    tiny_config, tmp_path):
+  """Its corrupt checkpoints hold training: a start with another config
+  is refused, not taken for a new run."""
+  workdir = str(tmp_path / 'run')
+  workdir_lib.create(workdir_lib.check(tiny_config(), workdir), workdir, {})()
+  os.makedirs(os.path.join(workdir, workdir_lib.CORRUPT, '10-1700000000'))
+  with pytest.raises(ValueError, match=r'different config \(optim\.lr'):
+    workdir_lib.check(tiny_config(**{'optim.lr': 0.5}), workdir)
+
+
+def test_the_run_directorys_lock_names_its_holder_and_is_given_back(
+    tiny_config, tmp_path):
+  """A start refused names the start that holds the lock, not those
+  before it; a start that `create` refuses gives the lock back, also while
+  its error is kept (a notebook keeps the last one)."""
+  workdir = str(tmp_path / 'run')
+  config = workdir_lib.check(tiny_config(), workdir)
+  workdir_lib.create(config, workdir, {})()  # Taken and given back.
+  unlock = workdir_lib.create(config, workdir, {})
+  try:
+    with pytest.raises(ValueError) as refused:
+      workdir_lib.create(config, workdir, {})
+  finally:
+    unlock()
+  assert str(refused.value) == (
+      f'another run is writing into {workdir_lib.path(workdir)} (pid '
+      f'{os.getpid()} on {socket.gethostname()}): wait for it to end, or '
+      'stop it')
+  with pytest.raises(ValueError, match='past the end') as kept:
+    workdir_lib.create(tiny_config(train_steps=30, schedule_steps=20),
+                       workdir, {})
+  workdir_lib.create(config, workdir, {})()  # While `kept` holds its frames.
 
 
 def test_a_start_that_saved_nothing_records_its_own_corpus(tiny_config,

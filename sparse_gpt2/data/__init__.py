@@ -237,10 +237,10 @@ def _write_atomic(path, write):
 
 
 def _remove_killed_writes(path):
-  """Removes the temporary files of writes to `path` (`_write_atomic`,
-  `tokenizer_lib.save`) that a killed run left, SIGKILL running no cleanup:
-  a large corpus's tokens are gigabytes. The data folder's lock is held,
-  so none is still being written."""
+  """Removes the temporary files of writes to `path` (`_write_atomic`) that
+  a killed run left, SIGKILL running no cleanup: a large corpus's tokens
+  are gigabytes. The data folder's lock is held, so none is still being
+  written."""
   for tmp in glob.glob(f'{glob.escape(path)}.tmp*'):
     os.remove(tmp)
 
@@ -399,7 +399,10 @@ def _tokenizer(source, vocab_size):
            for text in chunk for piece in _pieces(text))  # Same merges.
   tokenizer = tokenizer_lib.train(texts, vocab_size)
   _remove_killed_writes(path)
-  tokenizer_lib.save(tokenizer, path)
+  # Written as the caches are: `tokenizers`' own save said a full disk in
+  # a bare Exception (a traceback) and left its temporary file.
+  text = tokenizer.to_str(pretty=True)  # What its save writes.
+  _write_atomic(path, lambda f: f.write(text.encode()))
   return data_dir, tokenizer
 
 

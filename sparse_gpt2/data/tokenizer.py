@@ -7,7 +7,6 @@ reason. A small vocabulary (2048 by default) keeps the embedding and
 unembedding small relative to the sparse transformer between them.
 """
 
-import os
 import time
 
 from absl import logging
@@ -52,13 +51,6 @@ def train(texts, vocab_size):
     logging.warning('Corpus too small for %d tokens; vocab has %d.',
                     vocab_size, tokenizer.get_vocab_size())
   return _with_literal_specials(tokenizer)
-
-
-def save(tokenizer, path):
-  """Writes atomically, so an interrupted run never leaves a partial file."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  tokenizer.save(tmp)
-  os.replace(tmp, path)
 
 
 def load(path):
