@@ -385,11 +385,14 @@ def save(params, model_kwargs, out_dir, overwrite=False, tokenizer=None):
   try:
     with open(os.path.join(tmp, CONFIG), 'w') as f:
       json.dump(config, f, indent=2)
-    safetensors_np.save_file(tensors, os.path.join(tmp, WEIGHTS),
-                             metadata={'format': 'pt'})
-    os.chmod(os.path.join(tmp, WEIGHTS), 0o644)  # Not safetensors' 0o600.
+    # Serialized here and written by Python, not by safetensors' and
+    # tokenizers' own savers, which said a full disk in an exception that
+    # is no OSError: a traceback, not `cli.run`'s line naming the file.
+    with open(os.path.join(tmp, WEIGHTS), 'wb') as f:
+      f.write(safetensors_np.save(tensors, metadata={'format': 'pt'}))
     if tokenizer is not None:
-      tokenizer.save(os.path.join(tmp, TOKENIZER))
+      with open(os.path.join(tmp, TOKENIZER), 'w') as f:
+        f.write(tokenizer.to_str(pretty=True))
       with open(os.path.join(tmp, TOKENIZER_CONFIG), 'w') as f:
         eot = tokenizer_lib.EOT
         # A literal <|endoftext|> in a text stays bytes, as the run's own
@@ -405,8 +408,11 @@ def save(params, model_kwargs, out_dir, overwrite=False, tokenizer=None):
       except OSError as e:  # A bind mount on its parent's disk (EBUSY).
         raise ValueError(f'{out_dir} cannot be moved aside to be replaced '
                          f'({e.strerror}): give a folder inside it') from None
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError) and e.errno and e.filename is None:
+      raise OSError(e.errno, e.strerror, out_dir) from None  # A full disk's
+      # write names no file.
     raise
   os.rename(tmp, out_dir)
   if replaced:

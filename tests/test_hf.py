@@ -266,6 +266,18 @@ def test_save_accepts_boxed_params(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, nn.unbox(boxed))
 
 
+def test_a_save_that_a_full_disk_stops_is_an_os_error_and_leaves_nothing(
+    tmp_path, full_disk):
+  """safetensors' own writer said a full disk in a SafetensorError (and
+  tokenizers' in a bare Exception): a traceback, where `cli.run` says an
+  OSError in one line."""
+  params, model_kwargs = _tiny()
+  with full_disk(), pytest.raises(OSError) as stopped:
+    hf.save(params, model_kwargs, str(tmp_path / 'out'))
+  assert stopped.value.filename == str(tmp_path / 'out')
+  assert os.listdir(tmp_path) == []
+
+
 def test_save_exports_a_bfloat16_cudnn_run(tmp_path):
   """A GPU run's model: bfloat16 weights and cuDNN's attention (no sinks).
   The export holds the weights as float32, exactly (bfloat16 widens
