@@ -1208,6 +1208,52 @@ def test_evaluate_tasks_encodes_once_for_every_step(tiny_twins, tmp_path,
   assert together[0] != together[1]
 
 
+def _quotes_file(path, pairs):
+  """A task file of `pairs` contrastive pairs closing a string's quote, its
+  prompts of several lengths."""
+  path.write_text(''.join(
+      json.dumps({'prompt': f'x = {q}n{i}' + ' or y' * (i % 3),
+                  'correct': q, 'incorrect': other, 'pair': i}) + '\n'
+      for i in range(pairs) for q, other in (("'", '"'), ('"', "'"))))
+  return str(path)
+
+
+def test_evaluate_tasks_reads_the_logits_at_each_prompt_s_last_token(
+    tiny_twins, tmp_path):
+  """Its losses are those of the logits at each prompt's last token, as a
+  forward pass over every position gives them: not at the padding after
+  it, and the calibrated loss is a loss, not the accuracy beside it."""
+  from sparse_gpt2.circuits import runs  # pylint: disable=g-import-not-at-top
+  workdir, task = tiny_twins['sparse'], _quotes_file(tmp_path / 'q.jsonl', 8)
+  [[row]] = runs.evaluate_tasks(workdir, [task], num_prompts=0, steps=[10])
+  run = runs.load(workdir, 10)
+  encoded = runs.encode_task(workdir, task, 0, 0)[2]
+  logits = run['model'].apply({'params': run['params']}, encoded['tokens'])
+  last = logits[np.arange(len(logits)), encoded['lengths'] - 1]
+  answers = encoded['correct'], encoded['incorrect']
+  loss, accuracy = tasks.task_loss(last, *answers)
+  assert row['task'] == 'q' and row['accuracy'] == float(accuracy)
+  np.testing.assert_allclose(
+      [row['loss'], row['calibrated_loss']],
+      [loss, prune.calibrated_loss(last, *answers)[0]], rtol=1e-5)
+
+
+def test_a_circuit_of_the_newest_checkpoint_records_its_digest(
+    tiny_twins, tmp_path, monkeypatch):
+  """Without a step, the circuit records the newest checkpoint's step,
+  validation loss and digest, which the explorer checks the weights it
+  shows against (the pruning itself stubbed: only the record is read)."""
+  from sparse_gpt2.circuits import runs  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(prune, 'prune', lambda *args: {})
+  monkeypatch.setattr(runs, 'node_means', lambda *args: None)
+  workdir = tiny_twins['sparse']
+  circuit = runs.find_circuit(workdir, settings_lib.Settings(),
+                              task=_quotes_file(tmp_path / 'q.jsonl', 32))
+  assert (circuit['step'], circuit['val_loss'], circuit['checkpoint_sha256']
+          ) == (20, runs.val_losses(workdir)[20],
+                runs.checkpoint_digest(workdir, 20))
+
+
 def test_a_run_is_refused_a_corpus_with_another_vocabulary(tiny_twins,
                                                            tmp_path):
   """A run whose corpus was built again with another BPE (another Python's

@@ -5,6 +5,7 @@ import collections
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import sysconfig
@@ -184,6 +185,110 @@ def test_while_return_true_returns_the_incorrect_answer_in_the_loop():
     assert d['prompt'].endswith('\n    return')
 
 
+def _still_open(text):
+  """The brackets of `text` left open, innermost last."""
+  stack = []
+  for c in text:
+    if c in '([{':
+      stack.append(c)
+    elif c in ')]}':
+      stack.pop()
+  return stack
+
+
+def _with_as(prompt, last, _):
+  writes = any(w in last for w in ('write', 'dump', 'print'))
+  alias = next(a for opener, a in re.findall(r'(\w+\([^)]*\)) as (\w+)',
+                                             prompt)
+               if ("'w'" in opener) == writes)
+  return ' ' * last.endswith((' in', ',')) + alias
+
+
+def _final_kwarg(prompt, last, _):
+  signature = prompt.split('\n')[0]
+  keywords = signature.count(',') - ('*' in signature)
+  return ')' if last.count('=') - last.count(' = ') == keywords else ','
+
+
+def _else_elif(prompt, *_):
+  """` elif` where the last line at the keyword's indent is an `if` or an
+  `elif`."""
+  indent = len(prompt.split('\n')[-1]) + 1
+  header = [l.strip() for l in prompt.split('\n')
+            if l.strip() and len(l) - len(l.lstrip(' ')) == indent][-1]
+  return ' elif' if header.startswith(('if ', 'elif ')) else ' else'
+
+
+def _enumerate_range(prompt, _, candidates):
+  """The sequence (the longer name) after `range`, its element after
+  `enumerate`."""
+  loop = [l for l in prompt.split('\n') if 'for ' in l][-1]
+  return sorted(candidates, key=len)['range(' in loop]
+
+
+def _var_if(prompt, _, candidates):
+  """The name the prompt's last function assigns."""
+  body = prompt.rsplit('\ndef ', 1)[1]
+  return next(c for c in candidates if f'\n    {c.strip()} = ' in body)
+
+
+def _quote_or_brace(_, last, __):
+  if _still_open(last)[-1:] == ['{']:
+    return '}'
+  return re.search('f([\'"])', last)[1]
+
+
+# Each task's correct candidate as its docstring decides it from the prompt,
+# written apart from the generator: (prompt, its last line stripped, the
+# two candidates) -> the correct candidate or, where a candidate holds what
+# follows it (`')`, `])`), its start.
+_ANSWERS = {
+    'single_double_quote': lambda p, s, _: next(
+        q for q in '\'"' if s.count(q) % 2),
+    'bracket_counting': lambda p, s, _: ')' * len(_still_open(s)),
+    'set_or_string': lambda p, s, _: '.' if f'    {s} = set()' in p else ' +=',
+    'final_kwarg': _final_kwarg,
+    'class_init': lambda p, s, _: ' ' + s[len('self.'):-len(' =')].lstrip('_'),
+    'with_as': _with_as,
+    'bracket_brace': lambda p, s, _: {'[': ']', '{': '}'}[
+        [c for c in _still_open(s) if c != '('][-1]],
+    'with_open': lambda p, s, _: 'r' if re.match(r'def _?([a-z]+)_', p)[1] in (
+        'read', 'load', 'parse', 'restore', 'fetch', 'scan', 'import', 'get'
+    ) else 'w',
+    'for_while': lambda p, s, _: ' in' if s.startswith('for ') else ':',
+    'else_elif': _else_elif,
+    'fstring_brace': _quote_or_brace,
+    'if_ternary': lambda p, s, _: (
+        ':' if s.startswith(('if ', 'elif ', 'while ')) else ' else'),
+    'var_swap': lambda p, s, _: re.split(r'[\[.]', s.split(', ')[0])[-1].rstrip(
+        ']'),
+    'indent_for': lambda p, s, _: '\n' + ' ' * (
+        len(p.split('\n')[-1]) - len(s) + 3),
+    'lambda_func': lambda p, s, _: ':' if 'lambda ' in s else '):',
+    'if_equals': lambda p, s, _: ' ==' if ' ' in s else ' =',
+    'enumerate_range': _enumerate_range,
+    'var_if': _var_if,
+    'while_return_true': lambda p, s, _: (
+        ' False' if '            return True\n' in p else ' True'),
+}
+_ANSWERS['set_or_string_fixedvarname'] = _ANSWERS['set_or_string']
+
+
+@pytest.mark.parametrize('name', tasks.TASKS)
+def test_each_answer_is_the_one_its_prompt_decides(name):
+  """The correct candidate is the one the task's rule reads from the
+  prompt, the rule written here apart from the generator: one that labels
+  its pairs the wrong way round passes every check above, as its pairs stay
+  contrastive and balanced."""
+  for d in tasks.generate(name, N):
+    last = d['prompt'].split('\n')[-1].strip()
+    answer = _ANSWERS[name](d['prompt'], last,
+                            (d['correct'], d['incorrect']))
+    assert d['correct'] == answer or (
+        d['correct'].startswith(answer)
+        and not d['incorrect'].startswith(answer)), (d, answer)
+
+
 def test_generate_rejects_odd_n():
   with pytest.raises(ValueError, match='odd'):
     tasks.generate('var_if', 5)
@@ -277,6 +382,18 @@ def test_check_balanced_refuses_a_fixed_preference(tokenizer):
   tasks.check_balanced(tasks.encode(data, tokenizer, SEQ_LEN), 't')
 
 
+def test_a_share_just_past_the_bound_is_not_said_to_be_the_bound():
+  """121 answers of 200 one way (60.5%) are refused, and were said to be
+  60%, "keep it within 60%" beside it: past the bound by less than the
+  rounding, the share is said to be more than it."""
+  encoded = {'correct': np.array([1] * 121 + [2] * 79),
+             'incorrect': np.array([2] * 121 + [1] * 79)}
+  with pytest.raises(ValueError, match=r'^t: a fixed preference .* answers '
+                     r'more than 60% of the datapoints, .* within 60% by'):
+    tasks.check_balanced(encoded, 't')
+  encoded['correct'][:3], encoded['incorrect'][:3] = 2, 1  # 118 of 200.
+  tasks.check_balanced(encoded, 't')
+
 def test_encode_says_how_many_prompts_it_cuts(tokenizer, caplog):
   data = [{'prompt': 'x = 1\n' * n + 'y = (1', 'correct': ')',
            'incorrect': ']'} for n in (1, 40, 50)]
@@ -285,6 +402,9 @@ def test_encode_says_how_many_prompts_it_cuts(tokenizer, caplog):
                              SEQ_LEN, SEQ_LEN]).all()
   assert ('long: 2 of 3 prompts are longer than 128 tokens and keep their '
           'last 128.') in caplog.text
+  caplog.clear()  # A prompt of exactly seq_len tokens is whole.
+  tasks.encode(data[:1], tokenizer, int(enc['lengths'][0]), 'whole')
+  assert 'whole' not in caplog.text
 
 
 def test_encode_refuses_prompts_that_read_the_same_with_answers_swapped(
@@ -397,10 +517,14 @@ def test_encode_rejects_multi_token_candidate(tokenizer):
     tasks.encode(data, tokenizer, SEQ_LEN, 'my_task')
 
 
-def test_encode_rejects_padding_in_prompt(tokenizer):
+def test_encode_rejects_padding_in_prompt_or_candidate(tokenizer):
   data = [{'prompt': '<|endoftext|>x = 1', 'correct': ',', 'incorrect': ')'}]
   with pytest.raises(ValueError, match='padding'):
     tasks.encode(data, tokenizer, SEQ_LEN)
+  data = [{'prompt': 'x = 1', 'correct': ',', 'incorrect': '<|endoftext|>'}]
+  with pytest.raises(ValueError, match=r"^mine: candidate '<\|endoftext\|>' "
+                     r'is tokens \[0\], not one non-padding token\.$'):
+    tasks.encode(data, tokenizer, SEQ_LEN, 'mine')
 
 
 def test_encode_skips_candidates_that_merge(tokenizer):
@@ -441,6 +565,11 @@ def test_task_loss_matches_numpy():
   np.testing.assert_allclose(loss, np.mean(np.logaddexp(0, li - lc)),
                              rtol=1e-6)
   np.testing.assert_allclose(accuracy, np.mean(lc > li))
+  # A tie is no answer: a model whose logits are all equal is at chance.
+  loss, accuracy = tasks.task_loss(np.zeros((2, 11)), correct[:2],
+                                   incorrect[:2])
+  assert accuracy == 0
+  np.testing.assert_allclose(loss, np.log(2), rtol=1e-6)
 
 
 @pytest.mark.parametrize('flag', ['--task', '--task_file'])
@@ -478,6 +607,14 @@ def test_too_few_pairs_tells_a_task_file_nothing_of_num_prompts(
         check()
       assert str(refused.value).endswith(
           ' (built in: raise --num_prompts)') == hint, refused.value
+
+
+def test_a_built_in_task_s_prompts_are_those_of_the_seed():
+  """--seed draws a built-in task's prompts, as it does the splits."""
+  from sparse_gpt2.circuits import runs  # pylint: disable=g-import-not-at-top
+  for seed in (0, 1):
+    assert runs.task_datapoints('var_if', 4, seed) == (
+        'var_if', tasks.generate('var_if', 4, seed))
 
 
 def test_a_contradiction_in_a_task_file_is_named_by_its_lines(

@@ -322,8 +322,9 @@ def test_val_losses(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text(
       '{"step": 10, "loss": 4.0, "val_loss": 4.2}\n'
       '{"step": 20, "loss": 3.5, "val_loss": 3.7}\n'
-      '{"step": 30, "loss": 3.0}\n')
-  assert runs_lib.val_losses(str(tmp_path)) == {10: 4.2, 20: 3.7}
+      '{"step": 30, "loss": 3.0}\n'
+      '{"step": 20, "val_loss": 3.6}\n')  # Resumed: evaluated again.
+  assert runs_lib.val_losses(str(tmp_path)) == {10: 4.2, 20: 3.6}
 
 
 def test_match_picks_closest_dense_checkpoint_and_refuses_a_gap():
@@ -568,14 +569,20 @@ def test_too_few_pairs_tells_a_task_file_nothing_of_num_prompts(
 
 def test_annealing_ends_where_the_schedule_says_not_at_train_steps(tmp_path):
   """A run that stops at step 200 of a 400-step schedule is still annealing
-  at step 100: the curve leaves out its checkpoints before step 200."""
-  _fake_run(tmp_path / 'early', {200: 3.0}, 'topk', schedule_steps=400)
-  config = workdir_lib.load_config(str(tmp_path / 'early'))
-  step = runs_lib.annealed_step(str(tmp_path / 'early'))
-  assert step == 200
-  config.sparsity.density = 0.25  # The stand-in run's is 1.
-  density = lambda s: float(sparsity.density_at(s, config.sparsity, 400))
-  assert density(step - 1) > config.sparsity.density == density(step)
+  at step 100: the curve leaves out its checkpoints before step 200. Of
+  a 401-step schedule, annealed over 200.5 steps, step 200 is not yet at
+  its target density."""
+  for schedule_steps, annealed in ((400, 200), (401, 201)):
+    run = tmp_path / str(schedule_steps)
+    _fake_run(run, {200: 3.0}, 'topk', schedule_steps=schedule_steps)
+    config = workdir_lib.load_config(str(run))
+    step = runs_lib.annealed_step(str(run))
+    assert step == annealed
+    config.sparsity.density = 0.25  # The stand-in run's is 1.
+    before, at = (float(sparsity.density_at(s, config.sparsity,
+                                            schedule_steps))
+                  for s in (step - 1, step))
+    assert before > config.sparsity.density == at
 
 
 def test_convergence_table_shows_the_steps_asked_for():
@@ -602,13 +609,21 @@ def test_convergence_table_shows_the_steps_asked_for():
     ('k_coef', math.nan), ('init_bias', math.inf), ('lr', math.inf),
     ('temperature', math.inf), ('weight_decay', math.inf),
     ('init_noise', math.inf), ('warmup_steps', 2**31), ('steps', 2**31),
-    ('seed', -1), ('steps', 0), ('batch_pairs', 0), ('num_prompts', 0)])
+    ('seed', -1), ('steps', 0), ('batch_pairs', 0), ('num_prompts', 0),
+    ('target_loss', 0.0), ('steps', 2**30)])
 def test_pruning_settings_that_cannot_work_are_refused(field, value):
   """E.g. temperature 0 divides by zero in the mask's surrogate gradient:
-  NaN scores and a meaningless circuit, minutes later, without a word."""
+  NaN scores and a meaningless circuit, minutes later, without a word.
+  2**30 steps are 2**31 with the default two extensions of half as many."""
   with pytest.raises(ValueError, match=f'^{field} must be'):
     settings_lib.Settings(**{field: value}).validate()
   settings_lib.Settings().validate()  # The defaults pass.
+  # So do the ends of the ranges that can work (0: no momentum, no
+  # extension, the paper's fixed objective, ...).
+  settings_lib.Settings(
+      b1=0.0, b2=0.0, max_extensions=0, warmup_steps=0, eps=0.0,
+      weight_decay=0.0, k_coef=0.0, dual_lr=0.0, init_noise=0.0,
+      steps=2**31 - 1, seed=2**31 - 1).validate()
 
 
 @pytest.mark.parametrize('select, test', [(0.5, 0.5), (0.75, 0.25),
@@ -622,6 +637,19 @@ def test_split_fractions_that_leave_no_training_pairs_are_refused(select,
     settings_lib.Settings(select_fraction=select,
                           test_fraction=test).validate()
   settings_lib.Settings(select_fraction=0.5, test_fraction=0.25).validate()
+
+
+def test_an_out_inside_the_checkpoints_through_a_link_is_refused(tmp_path):
+  """A run reached through a link (runs/latest), or an --out through one,
+  is the folder it names: its checkpoints are refused as an --out either
+  way, and a folder beside them is not."""
+  run, link = tmp_path / 'run', tmp_path / 'latest'
+  (run / 'checkpoints').mkdir(parents=True)
+  link.symlink_to(run)
+  for workdir, out in ((link, link), (link, run), (run, link)):
+    with pytest.raises(ValueError, match='is inside the checkpoints of'):
+      runs_lib.check_out(str(out / 'checkpoints' / '30'), str(workdir))
+    runs_lib.check_out(str(out / 'circuits'), str(workdir))
 
 
 def _retrain(path, step):

@@ -1019,9 +1019,13 @@ def check_balanced(encoded, name):
   """
   share = fixed_preference(encoded)
   if share > MAX_FIXED_PREFERENCE:
+    # Past the bound by less than the rounding, it would read as the bound.
+    shown = f'{share:.0%}'
+    if shown == f'{MAX_FIXED_PREFERENCE:.0%}':
+      shown = f'more than {shown}'
     raise ValueError(
         f'{name}: a fixed preference between the candidates (of each pair '
-        f'of candidates, the one more often right) answers {share:.0%} of '
+        f'of candidates, the one more often right) answers {shown} of '
         'the datapoints, which the calibrated loss would reward without '
         f'reading the prompts; keep it within {MAX_FIXED_PREFERENCE:.0%} by '
         'giving each candidate both answers against the other (contrastive '
