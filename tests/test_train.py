@@ -1302,7 +1302,8 @@ def test_the_run_directorys_lock_names_its_holder_and_is_given_back(
   with pytest.raises(ValueError, match='past the end') as kept:
     workdir_lib.create(tiny_config(train_steps=30, schedule_steps=20),
                        workdir, {})
-  workdir_lib.create(config, workdir, {})()  # While `kept` holds its frames.
+  assert kept.tb is not None  # Its frames, and what they hold, are kept:
+  workdir_lib.create(config, workdir, {})()  # the lock was given back.
 
 
 def test_a_start_that_saved_nothing_records_its_own_corpus(tiny_config,
