@@ -360,7 +360,7 @@ def _node_counts(browser):
 
 
 def test_page_in_a_browser(page, compare_dir, browser, tmp_path):
-  path, _ = page
+  path, data = page
   _, results = compare_dir
   url = 'file://' + path
   browser.open(url)
@@ -376,6 +376,7 @@ def test_page_in_a_browser(page, compare_dir, browser, tmp_path):
   assert (f"{dense['num_edges']:,} of {dense['total_edges']:,} edges, "
           f"{NODES['dense']} of {dense['total_nodes']} nodes") in titles
   assert 'validation loss' in titles
+  assert 'test task loss: full 0.100, circuit 0.300, ablated 0.690' in titles
   panels = browser.js("[...document.querySelectorAll('.panel .note')]"
                       '.map(n => n.textContent)')
   assert 'pruned for 5 steps' in panels[0]
@@ -386,8 +387,24 @@ def test_page_in_a_browser(page, compare_dir, browser, tmp_path):
   assert edges == [len(c['edges']) for c in results['quotes']]
   assert browser.js("document.querySelectorAll('#task-table tr.task-row')"
                     '.length') == 2
+  # Per model, edges, nodes, circuit loss and ablated loss, and the ratio
+  # of edges, dense / sparse, as JavaScript formats them.
+  sparse, dense = results['quotes']
+  fixed = lambda x, digits: browser.js(f'({x!r}).toFixed({digits})')
+  assert browser.js("document.querySelector('#task-table tr.task-row')"
+                    ".innerText").split('\t') == [
+      'quotes', f"{sparse['num_edges']:,}", f"{dense['num_edges']:,}",
+      str(NODES['sparse']), str(NODES['dense']), '0.300', '0.300', '0.690',
+      '0.690', fixed(dense['num_edges'] / sparse['num_edges'], 1) + 'x']
   prompts = browser.js("document.querySelector('#prompts').innerText")
   assert "x = 'name" in prompts and 'n/a' not in prompts
+  # The sparse model's probabilities of the first prompt, in the columns
+  # that name them.
+  probs = data['tasks'][0]['examples'][0]['probs'][0]
+  assert browser.js("document.querySelector('#prompts table.grid')"
+                    '.rows[1].innerText').split('\t') == [
+      'Sparse GPT-2', *(fixed(x, 3) for x in probs['full'] + probs['circuit']
+                        + [probs['calibrated']])]
 
   # A click on a node shows what it is, its edges and its snippets.
   node = results['quotes'][0]['nodes'][5]
@@ -398,8 +415,14 @@ def test_page_in_a_browser(page, compare_dir, browser, tmp_path):
   assert f"{node['score']:.3f}" in details
   assert 'Incoming edges' in details and 'Outgoing edges' in details
   assert 'strongest listed' not in details  # The file lists every edge.
-  assert browser.js("document.querySelectorAll('#details .snippet mark')"
-                    '.length') == 3  # snippets_per_node
+  # Each of its snippets_per_node snippets marks the token it is of.
+  snippets = data['panels'][0]['snippets']
+  assert browser.js("[...document.querySelectorAll('#details .snippet mark')]"
+                    '.map(m => m.textContent)') == [
+      snippets['vocab'][snippets['tokens'][position]].replace(
+          '\n', '\u21b5').replace('\t', '\u2192')
+      for position, _ in snippets['top'][view.node_key(
+          node['layer'], node['location'], node['index'])]]
   assert 'task=quotes&node=0:' in browser.js('location.hash')
   tooltip = browser.js("document.querySelector('#tooltip').textContent")
   assert f"layer {node['layer']} {node['location']} {node['index']}" in \
@@ -419,6 +442,8 @@ def test_page_in_a_browser(page, compare_dir, browser, tmp_path):
   browser.js("const s = document.querySelector('#task'); s.value = 1;"
              "s.dispatchEvent(new Event('change'))")
   assert _node_counts(browser) == [7, 0]
+  assert browser.js("[...document.querySelectorAll('#task-table tr.current')]"
+                    '.map(r => r.dataset.task)') == ['1']
   assert "task loss 0.650 (select split) is above the target 0.5" in \
       browser.js("document.querySelector('.panel[data-panel=\"1\"]')"
                  '.textContent')
@@ -493,7 +518,7 @@ def test_cli_big_circuit_draws_the_strongest_edges(tmp_path, browser):
   assert 'is not on this machine' in note
   drawn = browser.js("[...document.querySelectorAll('line.edge')].map("
                      'l => +l.getAttribute("stroke-width"))')
-  assert drawn[0] == max(drawn)  # Strongest first.
+  assert drawn[0] == max(drawn) <= 1.5  # Strongest first, none a blot.
   # Every listed edge, when asked for (a frozen tab fails the browser's
   # 60 s, the time no assertion: no test asserts a speed).
   browser.js("const s = document.querySelector('#cap'); s.value = 'Infinity';"
@@ -644,6 +669,8 @@ def test_a_nodes_residual_links_past_those_listed_are_counted(tmp_path,
   assert 'Residual stream (15 links)' in details
   assert browser.js("document.querySelectorAll('#details a.node-link')"
                     '.length') == 12
+  # A write's links run to its later reads, not from them.
+  assert details.count('\nto layer ') == 12 and 'from layer' not in details
   assert details.rstrip().split('\n')[-3:] == [
       'and 3 more', 'Top-activating validation tokens',
       'not computed: the page was made without this run'], details
@@ -675,6 +702,75 @@ def test_a_task_change_hides_the_tooltip_of_the_node_under_the_mouse(
   assert browser.js("document.querySelectorAll('circle.node').length") == 0
   assert browser.js(f'{tooltip}.style.display') == 'none'
   assert browser.errors() == []
+
+
+def test_an_edge_is_drawn_and_listed_between_its_own_two_nodes(tmp_path,
+                                                              browser):
+  """A residual read of layer 1 feeding a q and a k channel: each line ends
+  on its two nodes' circles, each node sits in its own layer's row of its
+  location; a node lists incoming edges by their sources and outgoing ones
+  by their destinations, an edge (its details, summary and link) says which
+  way it runs, a q channel is named by its head, and no edge is said hidden
+  where all are drawn."""
+  nodes = [(1, 'attn_in', 3), (1, 'q', 21), (1, 'k', 7)]
+  circuit = {**_layered_circuit('/nowhere/a', 4, nodes), 'num_edges': 2,
+             'model_shape': {'d_head': 16},
+             'edges': [{'src': [1, 'attn_in', 3], 'dst': [1, loc, i],
+                        'value': w}
+                       for loc, i, w in (('k', 7, -0.4), ('q', 21, 0.9))]}
+  (tmp_path / 'one.json').write_text(json.dumps(circuit))
+  out = tmp_path / 'page.html'
+  view.write_page(str(out), circuits_dir=str(tmp_path), load_runs=False)
+  # Edges are listed strongest first: edge 1 is the one to the k channel.
+  browser.open(f'file://{out}#task=one&edge=0:1')
+  assert browser.errors() == []
+  details = "document.querySelector('#details').innerText"
+  assert browser.js(details).endswith(
+      'matrix\tblock_1/key/kernel\nfrom\tlayer 1 attn_in 3\n'
+      'to\tlayer 1 k 7 (head 0, channel 7)'), browser.js(details)
+  circles = browser.js("[...document.querySelectorAll('circle.node')].map("
+                       "c => ['cx', 'cy'].map(a => +c.getAttribute(a)))")
+  assert browser.js("[...document.querySelectorAll('line.edge')].map(l => "
+                    "['x1', 'y1', 'x2', 'y2'].map(a => +l.getAttribute(a)))"
+                    ) == [circles[0] + circles[1], circles[0] + circles[2]]
+  rows = browser.js("[...document.querySelectorAll('.rowlabel')].map("
+                    "t => [t.textContent, +t.getAttribute('y') - 3])")
+  assert [[loc, y] for (_, loc, _), (_, y) in zip(nodes, circles)] == [
+      rows[8 + view.LOCATIONS.index(loc)] for _, loc, _ in nodes]
+  assert 'hidden' not in browser.js(
+      "document.querySelector('.panel .note').textContent")
+  browser.hover("line.edge[data-e='1']")
+  assert browser.js("document.querySelector('#tooltip').textContent") == (
+      'weight -0.400: layer 1 attn_in 3 \u2192 layer 1 k 7 (head 0, '
+      'channel 7)')
+  browser.click("circle.node[data-i='1']")
+  assert browser.js(details).split('\nIncoming edges')[1].split(
+      '\nTop-activating')[0] == (
+          ' (1)\n+0.900\tlayer 1 attn_in 3\nOutgoing edges (0)')
+  assert 'layer 1 q 21 (head 1, channel 5)' in browser.js(details)
+  browser.click("circle.node[data-i='0']")
+  assert browser.js(details).split('\nOutgoing edges')[1].split(
+      '\nResidual stream')[0] == (
+          ' (2)\n+0.900\tlayer 1 q 21 (head 1, channel 5)\n'
+          '-0.400\tlayer 1 k 7 (head 0, channel 7)')
+  assert browser.errors() == []
+
+
+def test_a_task_named_in_bytes_that_are_not_utf8_is_linked(tmp_path,
+                                                           browser):
+  """A task file named in bytes that are not UTF-8 (Python's surrogates):
+  the page's link to the task (encodeURIComponent) threw as the page
+  opened, and at every click after, and a pasted link went nowhere. Its
+  name is shown as the figure shows it."""
+  (tmp_path / 'one.json').write_text(json.dumps(
+      {**_big_circuit(2, 2), 'task': 'caf\udcc3\udca9'}))
+  out = tmp_path / 'page.html'
+  view.write_page(str(out), circuits_dir=str(tmp_path), load_runs=False)
+  browser.open(f'file://{out}')
+  assert browser.errors() == []
+  assert browser.js("document.querySelector('#task option').textContent"
+                    ) == 'caf\u00e9'
+  assert browser.js('location.hash') == '#task=caf%C3%A9'
 
 
 def test_one_run_written_two_ways_is_one_panel_and_twin_circuits_refused(
@@ -1068,6 +1164,19 @@ def test_a_circuit_the_page_cannot_draw_is_refused_naming_why(tmp_path):
         f'{circuits / "a.json"} is not a circuit file the page can read '
         f'({wrong}'), str(refused.value)
     assert not os.path.exists(out)
+
+
+def test_a_circuit_mask_keeps_exactly_its_nodes():
+  """The mask the page's circuit-only probabilities are computed under:
+  1 at each of the circuit's nodes, 0 elsewhere."""
+  means = {f'block_{l}': {'q': np.full(4, 0.5), 'mlp_out': np.full(3, 0.5)}
+           for l in range(2)}
+  mask = view._circuit_mask(
+      {'nodes': [{'layer': 1, 'location': 'q', 'index': 2},
+                 {'layer': 0, 'location': 'mlp_out', 'index': 0}]}, means)
+  assert jax.tree.map(np.ndarray.tolist, mask) == {
+      'block_0': {'q': [0, 0, 0, 0], 'mlp_out': [1, 0, 0]},
+      'block_1': {'q': [0, 0, 1, 0], 'mlp_out': [0, 0, 0]}}
 
 
 def test_calibrated_probability_is_the_calibrated_loss():

@@ -16,6 +16,7 @@ import warnings
 import xml.etree.ElementTree as ET
 
 from absl import flags
+from matplotlib import collections as mcollections
 import numpy as np
 import pytest
 
@@ -110,15 +111,17 @@ def test_a_task_named_in_bytes_that_are_not_utf8_is_drawn(tmp_path):
   assert 'runs/spärse' in (tmp_path / 'pair.svg').read_text()
 
 
-def test_a_task_named_with_dollar_signs_is_drawn_as_named(tmp_path):
-  """A task file's name is its task's title, and matplotlib reads text
-  between two `$` as math: `usd_$5_$10.jsonl` stopped the figure with a
-  mathtext ValueError after the task's pruning."""
-  circuit = make_circuit('usd_$5_$10', num_layers=1)
-  viz.draw_circuit(circuit, str(tmp_path / 'circuit'))
-  viz.draw_comparison(circuit, circuit, str(tmp_path / 'pair'))
-  assert '<!-- usd_$5_$10: ' in (tmp_path / 'circuit.svg').read_text()
-  assert '<!-- Task: usd_$5_$10  ' in (tmp_path / 'pair.svg').read_text()
+def test_a_task_named_with_dollar_signs_is_drawn_as_written(tmp_path):
+  """A task file named `cost_$_$.jsonl`: two `$` made the title mathtext,
+  whose ValueError stopped the CLI after the pruning."""
+  viz.draw_circuit(make_circuit('cost_$_$', num_layers=1),
+                   str(tmp_path / 'circuit'))
+  viz.draw_comparison(make_circuit('cost_$_$', num_layers=1),
+                      make_circuit(num_layers=1), str(tmp_path / 'pair'),
+                      sparse_label='runs/$a$')
+  assert '<!-- cost_$_$: ' in (tmp_path / 'circuit.svg').read_text()
+  pair = (tmp_path / 'pair.svg').read_text()
+  assert '<!-- Task: cost_$_$ ' in pair and '<!-- runs/$a$ -->' in pair
 
 
 def _edge_count(num_edges, task='t', run='runs/sparse'):
@@ -173,13 +176,39 @@ def test_draw_circuit_sparse_dense_and_unsolved(tmp_path):
 
 def test_draw_comparison(tmp_path):
   path = str(tmp_path / 'figure')
-  viz.draw_comparison(make_circuit(), make_circuit(edges_per_kind=200), path)
+  sparse = make_circuit()
+  viz.draw_comparison(sparse, make_circuit(edges_per_kind=200), path)
   _check_files(path)
   with open(path + '.svg') as f:
     svg = f.read()
-  assert 'Sparse GPT-2' in svg and 'GPT-2 (baseline)' in svg
-  assert '3,600 edges' in svg  # The dense panel's count, in its title.
+  # Each panel's label above its own circuit's counts, sparse first.
+  assert re.findall(r'<!-- (.*(?:GPT-2.*|edges, .* nodes)) -->', svg) == [
+      'Sparse GPT-2', f"{sparse['num_edges']} edges, "
+      f"{sparse['num_nodes']} nodes", 'GPT-2 (baseline)',
+      '3,600 edges, 1,358 nodes']
   assert 'validation loss 3.250 (step 100)' in svg
+
+
+def test_an_edge_is_drawn_between_its_two_nodes_each_in_its_own_row():
+  """Every edge's line ends on its two nodes; a node sits inside the panel
+  (its index across its own row's width) on its layer's row of its
+  location, with one empty row between layers."""
+  circuit = make_circuit(num_layers=2)
+  fig = viz._figure(2, panels=1)
+  ax = fig.add_subplot(1, 1, 1)
+  viz._draw_panel(ax, circuit, 2, 10)
+  where = {(v['layer'], v['location'], v['index']): tuple(xy)
+           for v, xy in zip(circuit['nodes'], ax.collections[-1].get_offsets())}
+  edges = next(c for c in ax.collections  # The first lines drawn.
+               if isinstance(c, mcollections.LineCollection))
+  assert [tuple(map(tuple, line)) for line in edges.get_segments()] == [
+      (where[tuple(e['src'])], where[tuple(e['dst'])])
+      for e in circuit['edges']]
+  rows = dict(zip(((l, loc) for l in range(2) for loc in viz.LOCATIONS),
+                  ax.get_yticks()))
+  assert all(0 < x < 1 and y == rows[layer, loc]
+             for (layer, loc, _), (x, y) in where.items())
+  assert list(np.diff(ax.get_yticks())) == [-1] * 7 + [-2] + [-1] * 7
 
 
 def test_residual_links_join_writes_to_later_reads_of_a_channel():
@@ -196,10 +225,14 @@ def test_residual_links_join_writes_to_later_reads_of_a_channel():
 
 
 def test_draw_curve(tmp_path):
+  # Sparse step 50 solved both tasks, one of them with no edges: its mean
+  # is over one task, and its point hollow.
   points = [{'model': m, 'step': s, 'val_loss': v, 'solved': k, 'tasks': 2,
-             'averaged': k, 'edges': e} for m, s, v, k, e in (
-                 ('sparse', 100, 3.1, 2, 50), ('sparse', 50, 3.5, 1, 80),
-                 ('dense', 40, 3.11, 2, 900), ('dense', 20, 3.6, 0, None))]
+             'averaged': a, 'edges': e} for m, s, v, k, a, e in (
+                 ('sparse', 100, 3.1, 2, 2, 50),
+                 ('sparse', 50, 3.5, 2, 1, 80),
+                 ('dense', 40, 3.11, 2, 2, 900),
+                 ('dense', 20, 3.6, 0, 0, None))]
   viz.draw_curve(points, CHECKPOINTS, str(tmp_path / 'curve'))
   _check_files(str(tmp_path / 'curve'))
   with open(tmp_path / 'curve.svg') as f:
@@ -207,7 +240,19 @@ def test_draw_curve(tmp_path):
   # A line per model in the legend, and per model its points and the ring
   # of its paired checkpoint (the dense point without edges is not drawn).
   assert '<!-- sparse -->' in svg and '<!-- dense -->' in svg
-  assert len(re.findall(r'id="PathCollection_\d+"', svg)) == 4
+  ns = '{http://www.w3.org/2000/svg}'
+  sparse, dense, *rings = [
+      g for g in ET.parse(tmp_path / 'curve.svg').getroot().iter(ns + 'g')
+      if g.get('id', '').startswith('PathCollection')]
+  assert [u.get('style') for u in sparse.iter(ns + 'use')] == [
+      'fill: #c44e52; stroke: #c44e52', 'fill: #ffffff; stroke: #c44e52']
+  assert [u.get('style') for u in dense.iter(ns + 'use')] == [
+      'fill: #4c72b0; stroke: #4c72b0']
+  # Each ring is around its model's paired step (sparse 100, dense 40).
+  assert [[p.get('d').split()[1] for p in ring.iter(ns + 'path')]
+          for ring in rings] == [
+              [next(sparse.iter(ns + 'use')).get('x')],
+              [next(dense.iter(ns + 'use')).get('x')]]
 
 
 def test_draw_comparison_unsolved_and_unequal_depths(tmp_path):

@@ -521,7 +521,7 @@ def page_data(panels, by_task, summary=None, *, load_runs=True,
   for name, circuits in by_task.items():
     unknown = [None] * len(examples[name])  # A panel without probabilities.
     task_rows.append({
-        'name': name,
+        'name': viz.readable(name),  # Linkable.
         'examples': [dict(e, probs=[by_panel.get(name, unknown)[i]
                                     for by_panel in probs])
                      for i, e in enumerate(examples[name])],

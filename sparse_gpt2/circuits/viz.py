@@ -42,16 +42,21 @@ _LABEL_INCHES = 1.0  # Left of each panel: layer names, then row names.
 _DPI = 150
 
 
+def readable(name):
+  """A task's or run's name as text: Python hands on bytes that are not
+  UTF-8 (a file name, or any non-ASCII one under LC_ALL=C) as lone
+  surrogates, on which the figure's font stopped with a TypeError after the
+  pruning, and the explorer's link to its task (encodeURIComponent) threw,
+  leaving the page's links dead. Their UTF-8 is read back; other bytes are
+  shown as U+FFFD."""
+  return name.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
+
+
 def _shown(name):
-  """A task's or run's name as text matplotlib can draw: Python hands on
-  bytes that are not UTF-8 (a file name, or any non-ASCII one under
-  LC_ALL=C) as surrogates, on which the title's font stopped with a
-  TypeError after the pruning. Their UTF-8 is read back; other bytes are
-  shown as U+FFFD. A `$` is escaped: matplotlib reads text between two as
-  math, which stopped a task file `usd_$5_$10.jsonl`'s figure with a
-  ValueError after its pruning."""
-  return name.encode('utf-8', 'surrogateescape').decode(
-      'utf-8', 'replace').replace('$', r'\$')
+  """`readable(name)` as matplotlib draws it: a `$` escaped, since it reads
+  text between two as math, which stopped a task file `usd_$5_$10.jsonl`'s
+  figure with a ValueError after its pruning."""
+  return readable(name).replace('$', r'\$')
 
 
 def draw_circuit(circuit, path):
