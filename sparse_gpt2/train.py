@@ -527,12 +527,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if work_left:
         # Traced and lowered here, while a child compiles them; then
         # compiled, or loaded from the cache the child filled.
+        # A last step saved but never evaluated needs the evaluation only
+        # (a preempted run's rerun): its train step is not traced at all.
+        needed = (STEPS if int(state.step) < config.train_steps
+                  else ('evaluation',))
         lowerings = programs(config, model, tx, mesh, abstract_state,
                              state_sharding, batch_sharding)
-        lowered = [lowerings[name]() for name in STEPS]
+        lowered = {name: lowerings[name]() for name in needed}
         if compiling:
           finish_compiling_apart(compiling)
-        step_fn, eval_step = (steps.compile() for steps in lowered)
+        compiled = {name: steps.compile() for name, steps in lowered.items()}
+        step_fn, eval_step = (compiled.get(name) for name in STEPS)
       return _train_loop(config, workdir, state, step_fn, eval_step,
                          batch_sharding, corpus, mngr)
   finally:

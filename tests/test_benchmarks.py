@@ -231,22 +231,6 @@ def test_run_checks_the_baseline_before_any_section(baseline, message,
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_a_twin_worker_that_fails_is_one_line(tmp_path):
-  # A worker on a tree without the package: a ValueError of one line, which
-  # `cli.run` prints, not a RuntimeError holding its traceback.
-  code = """
-import run
-worker = run._Worker(sys.argv[1], 'configs/tiny.py')
-try:
-  worker.wait_ready()
-except ValueError as e:
-  print(e)
-"""
-  out = _python(code, str(tmp_path), timeout=120)
-  assert out == (f'the twin worker of {tmp_path} failed to start (exit 1): '
-                 "ModuleNotFoundError: No module named 'sparse_gpt2'\n")
-
-
 def _marked_checkout(tmp_path):
   """(a git repo holding this project's code, configs and benchmarks, the
   file its code appends to): its commit's `sparse_gpt2` appends 'old PATH'
@@ -270,14 +254,14 @@ def _marked_checkout(tmp_path):
   return repo, which
 
 
-def _run_in(repo, which, code, **env):
+def _run_in(repo, which, code, timeout=300, **env):
   """stdout of `code` run from `repo` with its benchmarks on the path, as
   `PYTHONPATH=. python benchmarks/...` runs there (and `env`): the checkout
   on every child's path too."""
   result = subprocess.run(
       [sys.executable, '-c',
        f"import sys; sys.path.insert(0, 'benchmarks')\n{code}"],
-      cwd=repo, capture_output=True, text=True, timeout=300,
+      cwd=repo, capture_output=True, text=True, timeout=timeout,
       env={**os.environ, 'PYTHONPATH': str(repo), 'WHICH_CODE': str(which),
            **env})
   if result.returncode:
@@ -285,59 +269,47 @@ def _run_in(repo, which, code, **env):
   return result.stdout
 
 
-def test_run_twins_time_the_baselines_code_not_the_checkouts(tmp_path):
-  # The quick suite's baseline is HEAD, the checkout's own code: a baseline
-  # worker that imported the checkout would pass it, timing new against new.
-  repo, which = _marked_checkout(tmp_path)
-  old_dir = tmp_path / 'old'
-  _run_in(repo, which, f"""
-from absl import flags
-import run
-flags.FLAGS(['run.py', '--quick'])
-run.prepare_baseline('HEAD', {str(old_dir)!r})
-result = run.twins_section('HEAD', {str(old_dir)!r}, rounds=1, steps=1)
-assert result['results']['configs/tiny.py']['old_step_s'] > 0, result
-""")
-  # This process and the new worker import the checkout; the baseline's
-  # check and its worker, the commit unpacked.
-  new, old = (f"{version} {tree / 'sparse_gpt2' / '__init__.py'}"
-              for version, tree in (('new', repo), ('old', old_dir)))
-  assert sorted(which.read_text().splitlines()) == [new, new, old, old]
-
-
-@pytest.mark.parametrize('safe_path', ['', '1'])
-def test_whole_runs_trains_the_baselines_code_not_the_checkouts(safe_path,
-                                                                tmp_path):
+def test_whole_runs_trains_the_baselines_code_not_the_checkouts(tmp_path):
   # The old run's `main`, refused by the override after it imported its
-  # code: which code that was is all this test needs of it. PYTHONSAFEPATH
-  # keeps `-m` from putting the old tree (its cwd) on its path.
+  # code: which code that was is all this test needs of it. Run twice from
+  # one process (its child inherits the variable): with PYTHONSAFEPATH
+  # unset, then set, which keeps `-m` from putting the old tree (its cwd)
+  # on its path.
   repo, which = _marked_checkout(tmp_path)
   old_dir = tmp_path / 'old'
   out = _run_in(repo, which, f"""
+import os
 from absl import flags
 import whole_runs
 flags.FLAGS(['whole_runs.py', '--baseline=HEAD'])
 whole_runs.provenance.unpack('HEAD', {str(old_dir)!r})
-try:
-  whole_runs._main({str(old_dir)!r}, 'tiny', {str(tmp_path / 'run')!r},
-                   '--config.no_such_field=1')
-except ValueError as e:
-  print(e)
-""", PYTHONSAFEPATH=safe_path)
-  assert out.startswith('tiny at commit HEAD failed (exit 2): '), out
+for safe_path in ('', '1'):
+  os.environ['PYTHONSAFEPATH'] = safe_path
+  try:
+    whole_runs._main({str(old_dir)!r}, 'tiny', {str(tmp_path / 'run')!r},
+                     '--config.no_such_field=1')
+  except ValueError as e:
+    print(e)
+""")
+  assert len(out.splitlines()) == 2, out
+  for line in out.splitlines():
+    assert line.startswith('tiny at commit HEAD failed (exit 2): '), out
   assert which.read_text().splitlines() == [
       f"new {repo / 'sparse_gpt2' / '__init__.py'}",  # whole_runs itself.
-      f"old {old_dir / 'sparse_gpt2' / '__init__.py'}"]
+      *[f"old {old_dir / 'sparse_gpt2' / '__init__.py'}"] * 2]
 
 
 def test_twin_worker_splits_a_batch_over_devices_to_the_same_losses(
     tmp_path):
   # The small twins' path (their configs ask for 2 CPU devices), which the
   # quick suite's tiny config never takes: the worker splits the CPU and
-  # each batch, and its step's losses are the one-device step's.
+  # each batch, and its step's losses are the one-device step's. One layer
+  # of tiny's two: the split and its losses do not depend on the depth,
+  # and the three programs compiled here take half the time.
   config_file = tmp_path / 'two_devices.py'
   config_file.write_text('from configs import tiny\n\ndef get_config():\n'
                          '  config = tiny.get_config()\n'
+                         '  config.model.num_layers = 1\n'
                          '  config.num_cpu_devices = 2\n  return config\n')
   out = _python('''
 import io, json
@@ -378,19 +350,25 @@ print(json.dumps([
 
 
 def test_quick_suite_writes_every_section_and_skips_a_missing_peer(tmp_path):
-  # torch hidden: the suite must say the peer was skipped, not fail.
-  code = ("import runpy, sys; sys.modules['torch'] = None; "
-          f"sys.argv = ['run.py', '--quick', '--out={tmp_path}', "
+  # torch hidden: the suite must say the peer was skipped, not fail. Run
+  # from a marked checkout (`_marked_checkout`), its baseline unpacked under
+  # `scratch` (TMPDIR), so that the end of this test checks which code its
+  # twins timed too.
+  repo, which = _marked_checkout(tmp_path)
+  out, scratch = tmp_path / 'out', tmp_path / 'scratch'
+  scratch.mkdir()
+  code = ("import runpy; sys.modules['torch'] = None; "
+          f"sys.argv = ['run.py', '--quick', '--out={out}', "
           "'--baseline=HEAD']; "
           "runpy.run_path('benchmarks/run.py', run_name='__main__')")
-  _python(code, timeout=None)
-  result = json.loads((tmp_path / 'run.json').read_text())
+  _run_in(repo, which, code, timeout=None, TMPDIR=str(scratch))
+  result = json.loads((out / 'run.json').read_text())
   assert set(result) >= {'peers', 'modes', 'sizes', 'twins', 'date',
                          'machine', 'commit'}
   assert 'PyTorch peer skipped' in result['peers']['note']
   assert 'pip install -r requirements-dev.txt' in result['peers']['note']
   assert result['command'] == ('python benchmarks/run.py --quick '
-                               f'--out={tmp_path} --baseline=HEAD')
+                               f'--out={out} --baseline=HEAD')
   assert set(result['peers']['results']) == {'sparse_gpt2 (dense)',
                                              'plain Flax + optax'}
   modes = result['modes'][0]
@@ -428,7 +406,7 @@ def test_quick_suite_writes_every_section_and_skips_a_missing_peer(tmp_path):
   assert modes['memory']['sparse_extra_vs_params'] == pytest.approx(
       (total(memory['topk']) - total(memory['none']))
       / memory['none']['fp32_params'], rel=1e-12)
-  markdown = (tmp_path / 'run.md').read_text()
+  markdown = (out / 'run.md').read_text()
   for heading in ('**Peers**', '**Sparsity modes**', '**Sizes**',
                   '**Twins**', 'PyTorch peer skipped', 'Wall time'):
     assert heading in markdown
@@ -440,6 +418,18 @@ def test_quick_suite_writes_every_section_and_skips_a_missing_peer(tmp_path):
           f"{1e3 * twins['new_step_s']:.0f} | {twins['speedup']:.2f}x | "
           f"{100 * twins['old_mfu']:.1f}% | {100 * twins['new_mfu']:.1f}% |"
          ) in markdown.splitlines()
+  # The quick suite's baseline is HEAD, the checkout's own code: a baseline
+  # worker that imported the checkout would pass all of the above, timing
+  # new against new. This process and the new worker import the checkout;
+  # the baseline's check and its worker, the commit unpacked.
+  new = f"new {repo / 'sparse_gpt2' / '__init__.py'}"
+  imported = sorted(which.read_text().splitlines())
+  assert imported[:2] == [new, new], imported
+  old = imported[2:]
+  assert len(old) == 2 and old[0] == old[1], imported
+  assert old[0].startswith(f'old {scratch}{os.sep}'), imported
+  assert old[0].endswith(os.path.join('', 'sparse_gpt2', '__init__.py')), (
+      imported)
 
 
 @pytest.mark.parametrize('make', [peers.flax_step, peers.torch_step])
@@ -449,26 +439,6 @@ def test_peers_train(make):
   # The same batch every step: a trainer that learns drives its loss down.
   assert np.isfinite(losses).all()
   assert losses[-1] < losses[0] - 0.5
-
-
-def test_step_profile_times_an_op_to_its_end_marker():
-  # An Eigen dot's event ends at once and its `end:` marker comes when the
-  # thread pool is done, here on the other thread; the op the first thread
-  # ran meanwhile counts once, as its own. In a subprocess: step_profile's
-  # flags would clash with those of modules other tests import.
-  code = '''
-import step_profile
-events = [(0, 1, 'dot.1', 'a'), (2, 3, 'fusion.2', 'b'),
-          (4, 2, 'fusion.3', 'a'), (9, 1, 'end: dot.1', 'b'),
-          (20, 1, 'dot.1', 'b'), (24, 2, 'end: dot.1', 'a')]
-spans = sorted(step_profile._op_spans(events))
-assert spans == [(0, 10, 'dot.1', 'a'), (2, 5, 'fusion.2', 'b'),
-                 (4, 6, 'fusion.3', 'a'), (20, 26, 'dot.1', 'b')], spans
-own = step_profile._self_times([s[:3] for s in spans if s[3] == 'a'])
-assert sorted(own) == [('dot.1', 8), ('fusion.3', 2)], own
-assert step_profile._busy_ns([s[:2] for s in spans]) == 16
-'''
-  _python(code, timeout=None)
 
 
 def test_matmuls_quick_times_every_kind_beside_both_steps():
@@ -516,7 +486,8 @@ def test_step_profile_names_the_part_of_every_op_of_a_sparse_step():
   # mode on two devices has ops of every part; 'other' holds only what XLA
   # made up (copies, constants), not a matmul or a scatter of the step.
   # Compiled anew: the compile cache's key leaves out the name stacks, so a
-  # cached program would show the scopes of the code that filled it.
+  # cached program would show the scopes of the code that filled it. One
+  # layer: a second one adds ops of the same parts.
   code = '''
 import re
 import jax
@@ -524,7 +495,9 @@ jax.config.update('jax_num_cpu_devices', 2)
 jax.config.update('jax_enable_compilation_cache', False)
 import run, step_profile
 from configs import tiny
-_, jitted, holder, tokens = run.project_step(tiny.get_config('topk'))
+config = tiny.get_config('topk')
+config.model.num_layers = 1
+_, jitted, holder, tokens = run.project_step(config)
 text = jitted.lower(holder[0], tokens).compile().as_text()
 parts = step_profile.parts_of_ops(text)
 named = {p for p, _ in step_profile.PARTS} | {'gradient all-reduce'}
@@ -544,7 +517,8 @@ assert dots >= {'MLP', 'unembedding', 'attention: q/k/v and output matmuls',
 def test_gpu_check_trains_both_twins_and_writes_its_tables(tiny_config,
                                                            tmp_path):
   """benchmarks/gpu.sh end to end, shrunk onto the CPU: both 124M configs
-  through sparse_gpt2.main, the JSON and the table from their logs."""
+  through sparse_gpt2.main, the JSON and the table from their logs, in an
+  OUT_DIR relative to where it was called."""
   config = tiny_config()
   shrink = (f'--config.data.source={config.data.source} '
             f'--config.data.data_dir={config.data.data_dir} '
@@ -555,16 +529,20 @@ def test_gpu_check_trains_both_twins_and_writes_its_tables(tiny_config,
             '--config.model.d_head=16 --config.model.d_mlp=64')
   runs = ('dense_gpt2_124m|dense_gpt2_124m|\nsparse_gpt2_124m|sparse_gpt2_124m|'
           '\nbroken|dense_gpt2_124m|--config.no_such_field=1')
-  check = subprocess.run(['bash', 'benchmarks/gpu.sh'], cwd=ROOT,
-                         capture_output=True, text=True, env={
-                             **os.environ, 'OUT_DIR': str(tmp_path),
+  # Called from tmp_path with OUT_DIR=rel/out: the caller's ./rel/out, not
+  # the repository's, holds the results, the failed run's log included.
+  out = tmp_path / 'rel' / 'out'
+  check = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu.sh')],
+                         cwd=tmp_path, capture_output=True, text=True, env={
+                             **os.environ, 'OUT_DIR': 'rel/out',
                              'STEPS': '10', 'RUNS': runs, 'EXTRA': shrink})
-  # The broken run fails alone; the others are measured, then the exit
-  # status says so.
+  # The broken run fails alone (at once, leaving its log); the others are
+  # measured, then the exit status says so.
   assert check.returncode == 1, check.stderr
   assert check.stderr.strip().splitlines()[-1] == (
-      f'error: failed: broken (their logs are in {tmp_path})')
-  result = json.loads((tmp_path / 'gpu.json').read_text())
+      f'error: failed: broken (their logs are in {out})')
+  assert (out / 'broken.log').exists()
+  result = json.loads((out / 'gpu.json').read_text())
   assert set(result['runs']) == {'dense_gpt2_124m', 'sparse_gpt2_124m'}
   for run in result['runs'].values():
     assert run['steps'] == 10 and run['step_s'] > 0
@@ -573,26 +551,9 @@ def test_gpu_check_trains_both_twins_and_writes_its_tables(tiny_config,
   assert result['sparse_over_dense_step_time'] == pytest.approx(
       result['runs']['sparse_gpt2_124m']['step_s']
       / result['runs']['dense_gpt2_124m']['step_s'])
-  table = (tmp_path / 'gpu.md').read_text()
+  table = (out / 'gpu.md').read_text()
   assert '| dense_gpt2_124m |' in table and 'sparse/dense step time' in table
-  assert (tmp_path / 'sparse_gpt2_124m.log').exists()
-
-
-def test_gpu_check_resolves_a_relative_out_dir_where_it_was_called(tmp_path):
-  # OUT_DIR=rel/out is the caller's ./rel/out, not the repository's: a run
-  # that fails at once (no such config) still leaves its log and the JSON
-  # there.
-  check = subprocess.run(
-      ['bash', os.path.join(ROOT, 'benchmarks', 'gpu.sh')], cwd=tmp_path,
-      capture_output=True, text=True, env={
-          **os.environ, 'OUT_DIR': 'rel/out', 'STEPS': '1',
-          'RUNS': 'broken|no_such_config|'})
-  assert check.returncode == 1, check.stderr
-  assert check.stderr.strip().splitlines()[-1] == (
-      f'error: failed: broken (their logs are in {tmp_path}/rel/out)')
-  assert (tmp_path / 'rel' / 'out' / 'broken.log').exists()
-  assert json.loads((tmp_path / 'rel' / 'out' / 'gpu.json').read_text())[
-      'runs'] == {}
+  assert (out / 'sparse_gpt2_124m.log').exists()
 
 
 def test_gpu_check_refuses_an_out_dir_it_cannot_make(tmp_path):
@@ -740,8 +701,11 @@ def test_whole_runs_trains_both_versions_and_writes_its_table(tiny_config,
   same losses; the JSON and the table hold both; a missing commit is one
   line and a non-zero exit."""
   config = tiny_config()
+  # One layer of tiny's two: each run compiles from an empty cache, and
+  # what is checked does not depend on the depth.
   cmd = [sys.executable, 'benchmarks/whole_runs.py', '--configs=tiny',
          '--baseline=HEAD', f'--out={tmp_path}', '--set=config.train_steps=10',
+         '--set=config.model.num_layers=1',
          f'--set=config.data.source={config.data.source}',
          f'--set=config.data.data_dir={config.data.data_dir}']
   subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
@@ -773,9 +737,12 @@ def test_checkpoint_damage_resumes_on_each_damaged_file(tiny_config,
   and the JSON and the table say so; an unknown damage is one line and a
   non-zero exit."""
   config = tiny_config()
+  # One layer of tiny's two: fewer arrays to save and compile, the same
+  # checkpoint files.
   cmd = [sys.executable, 'benchmarks/checkpoint_damage.py',
          '--ways=flip_byte,delete', '--path_contains=state/_METADATA',
-         f'--out={tmp_path}', f'--config.data.source={config.data.source}',
+         f'--out={tmp_path}', '--config.model.num_layers=1',
+         f'--config.data.source={config.data.source}',
          f'--config.data.data_dir={config.data.data_dir}']
   subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
   result = json.loads((tmp_path / 'checkpoint_damage.json').read_text())
@@ -789,10 +756,27 @@ def test_checkpoint_damage_resumes_on_each_damaged_file(tiny_config,
   assert 'unknown --ways' in unknown.stderr.splitlines()[-1]
 
 
-def test_run_interleaved_reports_medians_of_its_timed_rounds():
-  # Fake steps and peaks: the warm-up's time left out, then the median of
-  # the step times, of the peaks and of each step's own MFU.
-  _python('''
+def _python_parts(*codes, **run_args):
+  """[stdout of each of `codes`], run one after the other by one `_python`,
+  each in a namespace of its own: the tests of a benchmark's functions on
+  fakes, which need it imported in a fresh interpreter (its flags clash
+  with other modules'), but not one each. A part that patches what a later
+  one calls puts it back."""
+  marker = '--- end of part ---'
+  script = ''.join(
+      f'exec(compile({code!r}, "<part {i}>", "exec"), {{"sys": sys}})\n'
+      f'print({marker!r})\n' for i, code in enumerate(codes))
+  return _python(script, **run_args).split(f'{marker}\n')[:-1]
+
+
+def test_run_interleaved_twins_memory_markdown_and_a_failed_worker(tmp_path):
+  # Four checks of run.py's functions in one interpreter (`_python_parts`):
+  # interleaved's medians of its timed rounds; the twins' and the memory's
+  # results from faked measures; the markdown's twins row; a twin worker
+  # that fails as one line.
+  _, _, markdown, failed = _python_parts('''
+# Fake steps and peaks: the warm-up's time left out, then the median of
+# the step times, of the peaks and of each step's own MFU.
 import run
 peaks = iter([10.0, 40.0, 20.0])
 run.metrics.measure_peak_flops = lambda **kwargs: next(peaks)
@@ -805,12 +789,8 @@ result = run.interleaved({'a': (fake_run, 120.0)}, rounds=3, steps=2)
 assert calls == [1, 2, 2, 2], calls
 # MFUs of the steps: 12, 12, 1.5, 1.5, 1, 1.
 assert result == {'a': {'step_s': 2.0, 'peak_flops': 20.0, 'mfu': 1.5}}, result
-''')
-
-
-def test_run_twins_and_memory_from_their_measures():
-  # Fake twin workers (old 3x slower) and fake compiled steps' memory.
-  _python('''
+''', '''
+# Fake twin workers (old 3x slower) and fake compiled steps' memory.
 import types
 import numpy as np
 import run
@@ -850,12 +830,7 @@ mem = run.memory({'none': fake(100, 100, 80, 50, 25),
 # Dense holds 100 + 100 - 80 + 50 = 170, topk 110 + 130 - 90 + 70 = 220.
 assert mem['results']['none']['fp32_params'] == 100, mem
 assert np.isclose(mem['sparse_extra_vs_params'], (220 - 170) / 100), mem
-''')
-
-
-def test_run_markdown_twins_row_holds_each_number_in_its_column():
-  out = _python('''
-import run
+''', '''import run
 row = {'step_s': 0.01, 'tokens_per_s': 1e4, 'mfu': 0.1}
 shape = dict(vocab_size=8, d_model=4, num_layers=1, num_heads=1, seq_len=4,
              batch_size=2)
@@ -868,13 +843,29 @@ print(run.to_markdown({
         'old_step_s': 0.5, 'new_step_s': 0.2, 'speedup': 2.5,
         'old_mfu': 0.04, 'new_mfu': 0.1}}},
     'seconds': {'peers': 1.0}}))
+''', f'''
+# A worker on a tree without the package: a ValueError of one line, which
+# `cli.run` prints, not a RuntimeError holding its traceback.
+import run
+worker = run._Worker({str(tmp_path)!r}, 'configs/tiny.py')
+try:
+  worker.wait_ready()
+except ValueError as e:
+  print(e)
 ''')
   assert '| configs/x.py | 500 | 200 | 2.50x | 4.0% | 10.0% |' in (
-      out.splitlines())
+      markdown.splitlines())
+  assert failed == (f'the twin worker of {tmp_path} failed to start (exit 1): '
+                    "ModuleNotFoundError: No module named 'sparse_gpt2'\n")
 
 
-def test_whole_runs_markdown_reads_the_last_eval_of_each_version():
-  out = _python('''
+def test_whole_runs_markdown_reads_the_last_eval_or_none_of_each_version():
+  # Two tables in one interpreter (`_python_parts`): the last evaluation of
+  # each version, whatever the order of its steps; and runs that evaluated
+  # nothing (--set=config.train_steps=0): both runs' times in the table,
+  # not a bare "max() arg is an empty sequence" after them and no file
+  # written.
+  last, none = _python_parts('''
 import whole_runs
 print(whole_runs.to_markdown({
     'date': 'today', 'machine': 'm', 'commit': 'c', 'baseline': 'b',
@@ -884,15 +875,7 @@ print(whole_runs.to_markdown({
         'new': {'wall_s': 12.0, 'done_s': 8.0,
                 'val_loss': {'5': 8.0, '100': 3.5, '10': 6.0}},
         'speedup': 2.5}}}))
-''')
-  assert ('| tiny | 30.0 | 12.0 | **2.50x** | 20.0 / 8.0 | 3.2500 | 3.5000 |'
-          in out.splitlines())
-
-
-def test_whole_runs_markdown_of_a_run_that_evaluated_nothing():
-  # --set=config.train_steps=0: both runs' times in the table, not a bare
-  # "max() arg is an empty sequence" after them and no file written.
-  out = _python('''
+''', '''
 import whole_runs
 print(whole_runs.to_markdown({
     'date': 'today', 'machine': 'm', 'commit': 'c', 'baseline': 'b',
@@ -901,40 +884,40 @@ print(whole_runs.to_markdown({
         'new': {'wall_s': 12.0, 'done_s': 8.0, 'val_loss': {}},
         'speedup': 2.5}}}))
 ''')
+  assert ('| tiny | 30.0 | 12.0 | **2.50x** | 20.0 / 8.0 | 3.2500 | 3.5000 |'
+          in last.splitlines())
   assert ('| tiny | 30.0 | 12.0 | **2.50x** | 20.0 / 8.0 | - | - |'
-          in out.splitlines())
+          in none.splitlines())
 
 
-def test_checkpoint_damage_markdown_counts_one_case_as_one():
-  # '1 cases' of one --ways on one --path_contains file.
-  out = _python('''
+def test_checkpoint_damage_markdown_and_outcome_of_each_resume(tmp_path):
+  # Two checks in one interpreter (`_python_parts`): the markdown counts
+  # one case as one ('1 cases' of one --ways on one --path_contains file);
+  # `outcome` tells each way a resume ended.
+  markdown, outcomes = _python_parts('''
 import checkpoint_damage
 for cases in (1, 2):
   print(checkpoint_damage.to_markdown({
       'date': 'today', 'machine': 'm', 'commit': 'c', 'command': 'cmd',
       'ways': ['delete'], 'cases': [
           {'way': 'delete', 'file': 'f', 'outcome': 'fell back'}] * cases}))
-''')
-  assert [l for l in out.splitlines() if l.startswith('Measured')] == [
-      f'Measured today on m, commit `c` (`cmd`): {n}, each file of a '
-      'checkpoint damaged alone.' for n in ('1 case', '2 cases')]
-
-
-def test_checkpoint_damage_outcome_of_each_resume(tmp_path):
-  out = _python('''
+''', f'''
 import os
 import numpy as np
 import checkpoint_damage
-saved = {'a': np.arange(3), 'b': np.ones(2)}
-other = {'a': np.arange(3), 'b': np.zeros(2)}
-workdir = sys.argv[1]
+saved = {{'a': np.arange(3), 'b': np.ones(2)}}
+other = {{'a': np.arange(3), 'b': np.zeros(2)}}
+workdir = {str(tmp_path)!r}
 print(checkpoint_damage.outcome(workdir, dict(saved), saved))
 print(checkpoint_damage.outcome(workdir, other, saved))
 os.makedirs(os.path.join(workdir, checkpoint_damage.workdir_lib.CORRUPT))
 print(checkpoint_damage.outcome(workdir, dict(saved), saved))
-''', str(tmp_path))
-  assert out.splitlines() == ['restored as saved', 'restored OTHER VALUES',
-                              'fell back']
+''')
+  assert [l for l in markdown.splitlines() if l.startswith('Measured')] == [
+      f'Measured today on m, commit `c` (`cmd`): {n}, each file of a '
+      'checkpoint damaged alone.' for n in ('1 case', '2 cases')]
+  assert outcomes.splitlines() == ['restored as saved', 'restored OTHER VALUES',
+                                   'fell back']
 
 
 def test_provenance_marks_only_a_modified_checkout(tmp_path, monkeypatch):
@@ -1016,9 +999,28 @@ def test_provenance_machine_counts_the_cores_the_run_may_use(monkeypatch):
   assert ', 2 cores, ' in provenance.machine()
 
 
-def test_matmuls_table_ratios_are_pytorch_over_this_project():
-  # The medians faked, the steps not built: each row's ratio its own.
-  out = _python('''
+def test_matmuls_time_in_turns_table_ratios_and_the_same_products():
+  # Three checks of matmuls.py in one interpreter (`_python_parts`), in this
+  # order: `time_in_turns` is the median after a warm call (its faked clock
+  # put back after); the table's ratios are PyTorch's over this project's,
+  # each row's its own (the medians faked, the steps not built); jax and
+  # torch run the same products (on the 2 CPU devices `main` set up, each
+  # its share of the tokens).
+  _, out, _ = _python_parts('''
+import matmuls
+clock = [0.0]
+perf_counter = matmuls.time.perf_counter  # Put back below.
+matmuls.time.perf_counter = lambda: clock[0]
+def advancing(seconds):
+  seconds = iter(seconds)
+  def fn():
+    clock[0] += next(seconds)
+  return fn
+median = matmuls.time_in_turns({'a': advancing([100, 1, 5, 2]),
+                                'b': advancing([50, 7, 3, 4])}, rounds=3)
+assert median == {'a': 2, 'b': 4}, median
+matmuls.time.perf_counter = perf_counter
+''', '''
 from absl import flags
 import matmuls
 ms = {('jax', 'forward'): 1, ('torch', 'forward'): 3,
@@ -1033,34 +1035,7 @@ matmuls.peers.torch_step = lambda shape: None
 matmuls.run.project_step = lambda config: (None,)
 flags.FLAGS(['matmuls.py', '--quick'])
 matmuls.main()
-''')
-  ratios = {line.split(' | ')[0].strip('| '): line.split(' | ')[-1].strip(' |')
-            for line in out.splitlines() if line.startswith('| ')}
-  assert {k: v for k, v in ratios.items() if '(' in k} == {
-      'forward (ms, GFLOP/s)': '3.00', 'input gradient (ms, GFLOP/s)': '1.50',
-      'kernel gradient (ms, GFLOP/s)': '0.50',
-      'all weight matmuls (ms)': '1.14', 'train step (ms)': '1.50'}
-  assert "A step 1.3x PyTorch's: 11.5 ms;" in out
-
-
-def test_matmuls_time_in_turns_is_the_median_after_a_warm_call():
-  _python('''
-import matmuls
-clock = [0.0]
-matmuls.time.perf_counter = lambda: clock[0]
-def advancing(seconds):
-  seconds = iter(seconds)
-  def fn():
-    clock[0] += next(seconds)
-  return fn
-median = matmuls.time_in_turns({'a': advancing([100, 1, 5, 2]),
-                                'b': advancing([50, 7, 3, 4])}, rounds=3)
-assert median == {'a': 2, 'b': 4}, median
-''')
-
-
-def test_matmuls_jax_and_torch_run_the_same_products():
-  _python('''
+''', '''
 import numpy as np
 import matmuls
 operands = matmuls._operands(matmuls._TINY, np.random.default_rng(0))
@@ -1077,10 +1052,35 @@ for kind in matmuls._KINDS:
     np.testing.assert_allclose(b.numpy(), want, rtol=1e-4, atol=1e-5,
                                err_msg=kind)
 ''')
+  ratios = {line.split(' | ')[0].strip('| '): line.split(' | ')[-1].strip(' |')
+            for line in out.splitlines() if line.startswith('| ')}
+  assert {k: v for k, v in ratios.items() if '(' in k} == {
+      'forward (ms, GFLOP/s)': '3.00', 'input gradient (ms, GFLOP/s)': '1.50',
+      'kernel gradient (ms, GFLOP/s)': '0.50',
+      'all weight matmuls (ms)': '1.14', 'train step (ms)': '1.50'}
+  assert "A step 1.3x PyTorch's: 11.5 ms;" in out
 
 
-def test_step_profile_helpers_on_overlaps_and_collectives():
-  _python('''
+def test_step_profile_helpers_on_end_markers_overlaps_and_collectives():
+  # Two checks of step_profile.py's helpers in one interpreter
+  # (`_python_parts`; a subprocess: its flags would clash with those of
+  # modules other tests import). First, an op timed to its end marker: an
+  # Eigen dot's event ends at once and its `end:` marker comes when the
+  # thread pool is done, here on the other thread; the op the first thread
+  # ran meanwhile counts once, as its own. Then overlapping starts, spans
+  # that hold others, busy time and the parts of collectives.
+  _python_parts('''
+import step_profile
+events = [(0, 1, 'dot.1', 'a'), (2, 3, 'fusion.2', 'b'),
+          (4, 2, 'fusion.3', 'a'), (9, 1, 'end: dot.1', 'b'),
+          (20, 1, 'dot.1', 'b'), (24, 2, 'end: dot.1', 'a')]
+spans = sorted(step_profile._op_spans(events))
+assert spans == [(0, 10, 'dot.1', 'a'), (2, 5, 'fusion.2', 'b'),
+                 (4, 6, 'fusion.3', 'a'), (20, 26, 'dot.1', 'b')], spans
+own = step_profile._self_times([s[:3] for s in spans if s[3] == 'a'])
+assert sorted(own) == [('dot.1', 8), ('fusion.3', 2)], own
+assert step_profile._busy_ns([s[:2] for s in spans]) == 16
+''', '''
 import step_profile
 # Two starts of one op before either marker: the first marker closes the
 # first start.

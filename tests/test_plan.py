@@ -2,6 +2,7 @@
 evaluation compiled ahead of time for a target, here 8 fake CPU devices (TPU
 targets need libtpu, not installed for the tests)."""
 
+import json
 import os
 import re
 import subprocess
@@ -190,15 +191,9 @@ def failing(message):
 """
 
 
-def _run_standins(code):
-  result = subprocess.run([sys.executable, '-c', _STANDINS + code], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-  assert result.returncode == 0, result.stderr[-2000:]
-
-
-def test_cpu_devices_need_n_times_the_largest_program():
-  """The fake CPU devices share the host's memory: each holds its share."""
-  _run_standins("""
+# Each test's code, run on the stand-ins.
+_STANDIN_CHECKS = {
+    'cpu_devices': """
 gib = plan.GIB
 mesh = types.SimpleNamespace(size=8, shape={'data': 8})
 compiled = {'initialization': program(gib // 4, outputs=gib // 4),
@@ -214,13 +209,8 @@ assert lines[2].startswith(f'model FLOPs per step: {flops:.3e} ('), lines
 assert re.fullmatch(r"fits: (yes|NO) \\(8 CPU device\\(s\\) x the largest "
                     r"program: 8\\.00 of this host's [\\d.]+ GiB\\)",
                     lines[-1]), lines
-""")
-
-
-def test_a_tpu_fits_what_libtpu_lets_a_program_use_not_the_datasheet():
-  """libtpu gives a v4 chip's programs 30.75 GiB of its 32 and a v5p's
-  95.74 ("exceeds available HBM (30.75G)"); 31 GiB were said to fit a v4."""
-  _run_standins("""
+""",
+    'tpu_fits': """
 gib = plan.GIB
 mesh = types.SimpleNamespace(size=4, shape={'data': 4})
 compiled = {'initialization': program(gib),
@@ -230,11 +220,8 @@ compiled = {'initialization': program(gib),
 lines = plan.report(tiny.get_config(), 'v4-8', 1000, mesh, compiled)
 assert lines[-1] == ('fits: NO (initialization 1.00, train step 31.00, '
                      'evaluation 1.00 of 30.75 GiB HBM per device)'), lines
-""")
-
-
-def test_compile_returns_out_of_memory_and_raises_anything_else():
-  _run_standins("""
+""",
+    'compile': """
 out_of_memory = plan._compile(failing('RESOURCE_EXHAUSTED: 20G > 16G'))
 assert isinstance(out_of_memory, RuntimeError)
 for make, error in ((failing('INTERNAL: a compiler bug'), RuntimeError),
@@ -248,4 +235,42 @@ for make, error in ((failing('INTERNAL: a compiler bug'), RuntimeError),
     raise AssertionError(f'{error.__name__} not raised')
 assert plan._compile(lambda: types.SimpleNamespace(
     compile=lambda: 'compiled')) == 'compiled'
-""")
+""",
+}
+
+
+@pytest.fixture(scope='module')
+def standins():
+  """{check: '' if its code ran through, else its traceback} of every
+  _STANDIN_CHECKS, all run in one process (each started one, 2 s of CPU,
+  most of it importing jax), each on its own copy of _STANDINS' names."""
+  code = _STANDINS + f"""
+import json, traceback
+results = {{}}
+for name, check in {_STANDIN_CHECKS!r}.items():
+  try:
+    exec(check, dict(globals()))
+    results[name] = ''
+  except BaseException:  # pylint: disable=broad-except  Reported by its test.
+    results[name] = traceback.format_exc()
+print(json.dumps(results))
+"""
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_cpu_devices_need_n_times_the_largest_program(standins):
+  """The fake CPU devices share the host's memory: each holds its share."""
+  assert not standins['cpu_devices'], standins['cpu_devices']
+
+
+def test_a_tpu_fits_what_libtpu_lets_a_program_use_not_the_datasheet(standins):
+  """libtpu gives a v4 chip's programs 30.75 GiB of its 32 and a v5p's
+  95.74 ("exceeds available HBM (30.75G)"); 31 GiB were said to fit a v4."""
+  assert not standins['tpu_fits'], standins['tpu_fits']
+
+
+def test_compile_returns_out_of_memory_and_raises_anything_else(standins):
+  assert not standins['compile'], standins['compile']

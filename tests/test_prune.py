@@ -100,11 +100,21 @@ def _means(model, params):
   return prune.node_means(model, params, jnp.asarray(_pretraining(1)))
 
 
-def test_prune_recovers_planted_circuit():
+@pytest.fixture(scope='module')
+def planted_circuit():
+  """The circuit of `_task(256, 0)` in the planted model, recorded at 20
+  and 50 steps too; also the reference of the pruning on several devices
+  (recording at other steps cuts the same run into other segments)."""
   model = _tiny_model()
   params = _planted_params(model)
-  circuit = prune.prune(model, params, _means(model, params), _task(256, 0),
-                        SETTINGS, record_at=(20, 50))
+  return prune.prune(model, params, _means(model, params), _task(256, 0),
+                     SETTINGS, record_at=(20, 50))
+
+
+def test_prune_recovers_planted_circuit(planted_circuit):
+  model = _tiny_model()
+  params = _planted_params(model)
+  circuit = planted_circuit
   assert circuit['solved']
   assert circuit['losses']['full_model'] < 0.01
   assert {(n['location'], n['index']) for n in circuit['nodes']} == PLANTED
@@ -200,12 +210,14 @@ def test_prune_takes_the_circuit_after_the_run_it_went_on_to(monkeypatch):
   assert {(n['location'], n['index']) for n in circuit['nodes']} == PLANTED
 
 
-def test_scores_compile_once_and_split_batches_over_devices():
+def test_scores_compile_once_and_split_batches_over_devices(planted_circuit):
   """A pruning's segments share one compiled program (a second compile cost
   ~10 s a pruning), and on two CPU devices, each running half of every
   batch, pruning finds the same circuit with the same losses; on eight
   too, with buckets of fewer rows than devices (a task of 32 pairs: jax
-  failed on the split XLA gave such a bucket, IndivisibleError)."""
+  failed on the split XLA gave such a bucket, IndivisibleError). The one
+  device circuit of 256 prompts is `planted_circuit`'s, whose recording
+  at 20 and 50 steps changes neither its nodes nor its losses."""
   model = _tiny_model()
   params = _planted_params(model)
   means = _means(model, params)
@@ -216,7 +228,8 @@ def test_scores_compile_once_and_split_batches_over_devices():
   assert sorted(taus) == [10, 20, 30]
   assert pruner._segment._cache_size() == 1
   for num_devices, num_prompts in ((2, 256), (8, 64)):
-    one = prune.prune(model, params, means, _task(num_prompts, 0), SETTINGS)
+    one = planted_circuit if num_prompts == 256 else prune.prune(
+        model, params, means, _task(num_prompts, 0), SETTINGS)
     code = (
         'import json, sys; import jax\n'
         f"jax.config.update('jax_num_cpu_devices', {num_devices})\n"
@@ -337,10 +350,13 @@ def test_groups_of_each_size_fill_buckets_of_their_own(monkeypatch):
   loss = tasks.task_loss
   monkeypatch.setattr(tasks, 'task_loss', lambda *args: (
       batch_rows.append(args[0].shape[0]), loss(*args))[1])
+  # The pruning's own segment program (its trimmed splits, its stride of
+  # 50 steps), which the disk cache holds: the rows are counted as it is
+  # traced, and it is not compiled again.
   pruner = prune._Pruner(model, params, _means(model, params),
-                         prune.split(task, settings), settings)
+                         prune.split(prune.trim(task), settings), settings)
   assert {b['pairs'].shape[1] for b in pruner.train_buckets} == {1, 2, 8}
-  pruner.train_scores(jax.random.key(0), 1, until=lambda taus: taus)
+  pruner.train_scores(jax.random.key(0), 50, until=lambda taus: taus)
   assert batch_rows == [32] * len(pruner.train_buckets)
 
 
@@ -725,6 +741,7 @@ def test_circuit_edges_and_losses_recomputed_from_its_nodes(sparse,
   # whose mean is not zero, so that the move shows in the mean).
   tokens = jnp.asarray(_pretraining(2)[0])
 
+  @jax.jit  # One program for the 13 passes below, not each op by op.
   def stats(params):
     return model.apply({'params': params}, tokens, mutable='node_stats')[1][
         'node_stats']

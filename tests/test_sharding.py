@@ -2,15 +2,17 @@
 top-k works shard by shard and gives the masks of one device, sharded
 training matches one device in the topk and static modes, the compiled
 step gathers no sparse tensor, checkpoint digests read the same on any
-mesh, and a checkpoint saved on one mesh restores onto another. Each check
-runs in a subprocess, which is given 8 devices before jax starts:
-`PYTHONPATH=. python tests/test_sharding.py CHECK`."""
+mesh, and a checkpoint saved on one mesh restores onto another. The checks
+run in one subprocess, which is given 8 devices before jax starts:
+`PYTHONPATH=. python tests/test_sharding.py '[["CHECK", ARGS...], ...]'`."""
 
 import functools
+import json
 import os
 import re
 import subprocess
 import sys
+import traceback
 
 import flax.linen as nn
 import jax
@@ -29,12 +31,16 @@ from sparse_gpt2 import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _in_subprocess(check, *args):
+def _in_subprocess(*checks):
+  """Runs `checks` (names, or (name, *args) tuples) in one subprocess of 8
+  devices, each to its end whatever the others do; fails naming every check
+  that failed, with its traceback."""
+  calls = [[c] if isinstance(c, str) else list(c) for c in checks]
   result = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), check, *args], cwd=ROOT,
-      env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True, text=True,
-      timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+      [sys.executable, os.path.abspath(__file__), json.dumps(calls)],
+      cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True,
+      text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-20000:]
 
 
 def test_a_mesh_across_the_physical_axes_is_made_with_a_warning(
@@ -71,36 +77,27 @@ def test_a_mesh_smaller_than_the_devices_is_refused_saying_it_takes_all():
     sharding.make_mesh(config.mesh, jax.devices() * 2)  # Only the count.
 
 
-def test_sharded_topk_gives_the_masks_of_one_device():
-  _in_subprocess('check_topk')
-
-
-def test_sharded_topk_breaks_column_ties_as_one_device():
-  _in_subprocess('check_sharded_ties')
-
-
-def test_sharded_training_matches_one_device_in_topk_and_static_modes():
-  _in_subprocess('check_training')
-
-
-def test_packed_masks_shard_like_their_weights_where_the_mesh_divides():
-  _in_subprocess('check_packed_masks')
-
-
-def test_checkpoint_digests_read_the_same_on_any_mesh_and_see_any_word():
-  _in_subprocess('check_digests')
-
-
-def test_a_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path):
-  _in_subprocess('check_restore_on_another_mesh', str(tmp_path))
-
-
-def test_batches_split_over_data_and_fsdp():
-  _in_subprocess('check_batch_split')
-
-
-def test_a_length_rule_shards_activations_and_keeps_token_rows_whole():
-  _in_subprocess('check_length_rule')
+def test_sharded_checks_on_8_devices(tmp_path):
+  """The checks below that need 8 fake devices, in one subprocess (one jax
+  start instead of eight, 2-3 s of CPU each): each is run, and reported by
+  name if it fails, as when each was a test of its own.
+  check_topk: sharded top-k gives the masks of one device.
+  check_sharded_ties: sharded top-k breaks column ties as one device.
+  check_training: sharded training matches one device in topk and static
+    modes, and the step gathers no sparse tensor.
+  check_packed_masks: packed masks shard like their weights where the mesh
+    divides.
+  check_digests: checkpoint digests read the same on any mesh and see any
+    word.
+  check_restore_on_another_mesh: a checkpoint saved on one mesh resumes on
+    another.
+  check_batch_split: batches split over data and fsdp.
+  check_length_rule: a length rule shards activations and keeps token rows
+    whole."""
+  _in_subprocess('check_topk', 'check_sharded_ties', 'check_training',
+                 'check_packed_masks', 'check_digests',
+                 ('check_restore_on_another_mesh', str(tmp_path)),
+                 'check_batch_split', 'check_length_rule')
 
 
 @pytest.mark.parametrize('rules, message', [
@@ -200,8 +197,9 @@ def check_length_rule():
   split along the sequence, while a batch of seq_len + 1 = 33 tokens a row,
   which 2 does not divide, keeps its rows whole (before: refused by jit
   after the run's directory was written); the step gives one device's
-  loss."""
-  config = tiny.get_config()
+  loss. Dense: sparsity has no part in it, and a dense step compiles in a
+  fraction of a top-k one's time."""
+  config = tiny.get_config('none')
   config.model.num_layers = 1
   config.train_steps = config.schedule_steps = 1
   config.mesh.data, config.mesh.model = 4, 2
@@ -442,6 +440,7 @@ def test_microbatches_give_the_update_of_one_batch():
     config = tiny.get_config('topk')
     config.train_steps = config.schedule_steps = 3
     config.microbatches = microbatches
+    config.model.num_layers = 1  # Compile time is most of this test.
     model = train.make_model(config)
     tx = optim.make(config, 3)
     state = jax.jit(functools.partial(train.init_state, config, model, tx))(
@@ -484,4 +483,12 @@ def test_evaluation_takes_the_batch_in_the_training_slices():
 
 if __name__ == '__main__':
   jax.config.update('jax_num_cpu_devices', 8)
-  globals()[sys.argv[1]](*sys.argv[2:])
+  failed = []
+  for name, *args in json.loads(sys.argv[1]):
+    try:
+      globals()[name](*args)
+    except Exception:  # pylint: disable=broad-except  Reported below.
+      failed.append(name)
+      print(f'{name} failed:\n{traceback.format_exc()}', file=sys.stderr)
+  if failed:
+    sys.exit(f'failed: {", ".join(failed)}')

@@ -37,7 +37,7 @@ from sparse_gpt2 import workdir as workdir_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _main(workdir, config, *flags, wait=True):
+def _main(workdir, config, *flags, wait=True, env=None):
   cmd = [sys.executable, '-m', 'sparse_gpt2.main',
          '--config=configs/tiny.py', f'--workdir={workdir}',
          f'--config.data.source={config.data.source}',
@@ -46,7 +46,7 @@ def _main(workdir, config, *flags, wait=True):
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                        timeout=300)
+                        timeout=300, env=env)
 
 
 def _metrics(workdir):
@@ -89,6 +89,15 @@ def reference_run(tiny_config, tmp_path_factory):
     state = train.train_and_evaluate(config, workdir)
   assert next(readings, None) is None
   return config, workdir, state
+
+
+@pytest.fixture
+def untimed_peak(monkeypatch):
+  """For tests that resume the reference run (its peak_flops 0.0) and assert
+  nothing of its MFU: a matmul peak read at once, where the CPU's timed
+  2048^3 matmuls took ~2 s of each resume."""
+  monkeypatch.setattr(metrics, 'measure_peak_flops',
+                      lambda *args, **kwargs: 1e9)
 
 
 def test_training_lowers_the_loss_and_records_the_run(reference_run):
@@ -307,6 +316,7 @@ def _flip_byte(path, offset):
     ('/d/', 'zeroed'),      # reads fail, under codes that do not say so.
     ('/_METADATA', 'flipped'),  # Not UTF-8 any more.
 ])
+@pytest.mark.usefixtures('untimed_peak')
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(
     reference_run, tmp_path, caplog, damaged, damage, monkeypatch):
   config, ref_dir, reference = reference_run
@@ -377,6 +387,7 @@ def _logs_never_retrieved(error, caplog):
   return any('never retrieved' in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.usefixtures('untimed_peak')
 def test_a_checkpoint_that_reads_back_altered_fails_its_digests(
     reference_run, tmp_path, caplog, monkeypatch):
   config, ref_dir, reference = reference_run
@@ -729,8 +740,8 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
   'Done: 0 steps'), and says nothing to train after that. A notice at the
   last step ends the run as usual (it asked for a rerun). The preempted
   run closes its event writer (a Python caller kept its thread and file),
-  and the evaluate-only rerun times no matmul peak, having no step to
-  time."""
+  and the evaluate-only rerun times no matmul peak and traces no train
+  step, having no step to time or train."""
   manager = checkpoint.manager
   preempted_at = 7
   def preempted(*args):
@@ -749,7 +760,11 @@ def test_a_preemption_notice_saves_then_stops(tiny_config, tmp_path,
                       pytest.fail('timed a peak with no step to time'))
   for rerun in range(2):
     caplog.clear()
-    with caplog.at_level('INFO', logger='absl'):  # Whatever absl's flags set.
+    with caplog.at_level('INFO', logger='absl'), monkeypatch.context() as (
+        evaluate_only):  # absl's level: whatever its flags set.
+      # Having no step to train, it traces no train step.
+      evaluate_only.setattr(train, 'train_step', lambda *args, **kwargs:
+                            pytest.fail('traced a train step'))
       train.train_and_evaluate(tiny_config(train_steps=7, peak_flops=0.0),
                                workdir)
     records = workdir_lib.read_metrics(workdir)
@@ -990,14 +1005,17 @@ def test_a_start_into_a_run_being_written_is_refused(tiny_config, tmp_path):
   """Another start holds the run directory (here: this process, between
   `create` and the end of its run): a second start, in another process, is
   refused in one line, naming the holder, and changes nothing; once the
-  first gives it back, the same command runs."""
-  config = tiny_config(train_steps=2)
+  first gives it back, the same run starts. That start is made in this
+  process (its lock is a `flock`, which another open of the file in the
+  same process is refused too), on tiny's own 20 steps, whose programs
+  other tests compile."""
+  config = tiny_config()
   workdir = str(tmp_path / 'run')
   held = workdir_lib.check(config, workdir)
   unlock = workdir_lib.create(held, workdir, {})
   try:
     before = _listing(workdir)
-    second = _main(workdir, config, '--config.train_steps=2')
+    second = _main(workdir, config)
     assert second.returncode == 1 and _errors(second) == [
         f'error: another run is writing into {workdir} (pid {os.getpid()} '
         f'on {socket.gethostname()}): wait for it to end, or stop it'], (
@@ -1005,8 +1023,8 @@ def test_a_start_into_a_run_being_written_is_refused(tiny_config, tmp_path):
     assert _listing(workdir) == before
   finally:
     unlock()
-  again = _main(workdir, config, '--config.train_steps=2')
-  assert again.returncode == 0, again.stderr[-2000:]
+  again = train.train_and_evaluate(config, workdir)
+  assert int(again.step) == config.train_steps
 
 
 def test_a_start_that_saved_nothing_leaves_the_next_start_free(tiny_config,
@@ -1508,30 +1526,36 @@ def test_cpu_devices_above_the_bound_are_refused_before_any_is_made():
 
 
 def test_sharded_training_on_8_devices_matches_one_device(tiny_config,
-                                                         tmp_path):
+                                                         tmp_path, caplog):
   """data 4 x model 2 on CPU devices that `num_cpu_devices` makes (a mesh
   that did not get them would not fit): same losses as one device. Its
   saves slice no array over the 4 replicas (orbax's replica-parallel
   saving, which compiles a slicing program per shape), as one process
-  writes each array from one replica."""
+  writes each array from one replica. The one-device run is this
+  process's (its one CPU device), with the same compile log."""
   config = tiny_config('none', train_steps=10, log_every=1)
   flags = ('--config=configs/tiny.py:none', '--config.train_steps=10',
            '--config.log_every=1', f'--config.data.source={config.data.source}',
            f'--config.data.data_dir={config.data.data_dir}')
-  runs = {}
-  for name, devices, model in (('one', 1, 1), ('mesh', 8, 2)):
-    workdir = str(tmp_path / name)
-    result = subprocess.run(
-        [sys.executable, '-m', 'sparse_gpt2.main', f'--workdir={workdir}',
-         *flags, f'--config.mesh.model={model}',
-         f'--config.num_cpu_devices={devices}'], cwd=ROOT,
-        capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, JAX_LOG_COMPILES='1'))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert 'Compiling jit(train_step)' in result.stderr
-    assert 'Compiling jit(slice)' not in result.stderr
-    runs[name] = [m['loss'] for m in _metrics(workdir)]
-  np.testing.assert_allclose(runs['mesh'], runs['one'], rtol=1e-4)
+  assert jax.device_count() == 1
+  workdir = str(tmp_path / 'one')
+  with jax.log_compiles(True), caplog.at_level('WARNING'):
+    train.train_and_evaluate(config, workdir)
+  compiles = caplog.text
+  assert 'Compiling jit(train_step)' in compiles
+  assert 'Compiling jit(slice)' not in compiles
+  one = [m['loss'] for m in _metrics(workdir)]
+  workdir = str(tmp_path / 'mesh')
+  result = subprocess.run(
+      [sys.executable, '-m', 'sparse_gpt2.main', f'--workdir={workdir}',
+       *flags, '--config.mesh.model=2', '--config.num_cpu_devices=8'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_LOG_COMPILES='1'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'Compiling jit(train_step)' in result.stderr
+  assert 'Compiling jit(slice)' not in result.stderr
+  np.testing.assert_allclose([m['loss'] for m in _metrics(workdir)], one,
+                             rtol=1e-4)
 
 
 _FAULTS_PER_STEP = r"""
@@ -1756,34 +1780,38 @@ def test_the_first_of_jax_platforms_decides_runs_on_cpu(monkeypatch,
   assert cli.runs_on_cpu() == on_cpu
 
 
-def test_a_long_cpu_run_loads_the_steps_a_child_process_compiled(tmp_path):
+def test_a_long_cpu_run_loads_the_steps_a_child_process_compiled(
+    tiny_config, tmp_path, caplog, monkeypatch):
   # Compiled in the run's own one malloc heap, sparse_small's step trained
   # at ~13,000 tokens/s instead of ~15,000 (train.start_compiling_apart).
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache'),
              JAX_LOG_COMPILES='1')
   steps = cli.STEPS_TO_EARN_BACK_FREED_MEMORY
-  result = subprocess.run(
-      [sys.executable, '-m', 'sparse_gpt2.main', '--config=configs/tiny.py',
-       f'--workdir={tmp_path / "run"}', f'--config.train_steps={steps}',
-       f'--config.eval_every={steps}', f'--config.checkpoint_every={steps}',
-       f'--config.log_every={steps}'], cwd=ROOT, env=env,
-      capture_output=True, text=True, timeout=300)
+  config = tiny_config(train_steps=steps, eval_every=steps,
+                       checkpoint_every=steps, log_every=steps)
+  workdir = str(tmp_path / 'run')
+  result = _main(workdir, config, f'--config.train_steps={steps}',
+                 f'--config.eval_every={steps}',
+                 f'--config.checkpoint_every={steps}',
+                 f'--config.log_every={steps}', env=env)
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'Steps compiled in a child process' in result.stderr
   for program in ('jit_train_step', 'jit_eval_loss', 'jit_digests',
                   'jit_stats'):
     assert f"Persistent compilation cache hit for '{program}'" in result.stderr
-  assert [m['step'] for m in _metrics(str(tmp_path / 'run'))] == [steps]
-  # Rerun at its end, it neither starts the child nor compiles the steps,
-  # nor times the matmul peak or adds an event file.
+  assert [m['step'] for m in _metrics(workdir)] == [steps]
+  # Rerun at its end (here, as `main` calls it for a run this long), it
+  # neither starts the child nor compiles the steps, nor times the matmul
+  # peak or adds an event file.
   events = sorted(p.name for p in (tmp_path / 'run').glob('events.out.*'))
-  again = subprocess.run(result.args, cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
-  assert again.returncode == 0, again.stderr[-2000:]
+  monkeypatch.setattr(train, 'start_compiling_apart', lambda config:
+                      pytest.fail('started the compiling child'))
+  with caplog.at_level('INFO'), jax.log_compiles(True):
+    train.train_and_evaluate(config, workdir, compile_apart=True)
   assert f'Already at step {steps} of {steps}: nothing to train' in (
-      again.stderr)
-  assert 'child process' not in again.stderr
-  assert 'train_step' not in again.stderr and '_square' not in again.stderr
+      caplog.text)
+  assert 'child process' not in caplog.text
+  assert 'train_step' not in caplog.text and '_square' not in caplog.text
   assert sorted(p.name for p in (tmp_path / 'run').glob(
       'events.out.*')) == events
 

@@ -22,7 +22,6 @@ from absl import flags
 
 from sparse_gpt2 import cli
 from sparse_gpt2 import workdir as workdir_lib
-from sparse_gpt2.circuits import runs
 from sparse_gpt2.circuits import settings as settings_lib
 from sparse_gpt2.circuits import tasks
 
@@ -110,8 +109,17 @@ def _task():
   return _TASK.value or _TASK_FILE.value
 
 
+def _runs():
+  """The `runs` module, imported when a run is read: it brings training,
+  the data pipeline and checkpointing (~0.8 s of CPU), which --list_tasks,
+  --dump_prompts and a refused command line need not wait for."""
+  from sparse_gpt2.circuits import runs  # pylint: disable=g-import-not-at-top
+  return runs
+
+
 def _evaluate(workdir, names):
   """Markdown: the unpruned model on each task, at one step or all."""
+  runs = _runs()
   seed = flags.FLAGS.seed
   num_prompts = (_EVALUATE_PROMPTS
                  if flags.FLAGS['num_prompts'].using_default_value
@@ -166,6 +174,7 @@ def main():
     return
   if not task:
     raise ValueError('give --task or --task_file')
+  runs = _runs()
   name = runs.task_name(task)
   out = _OUT.value or os.path.join(_WORKDIR.value, 'circuits', name)
   if task.endswith('.jsonl') and not _OUT.value and name in tasks.TASKS:

@@ -44,7 +44,6 @@ from sparse_gpt2.circuits import prune
 from sparse_gpt2.circuits import runs
 from sparse_gpt2.circuits import settings as settings_lib
 from sparse_gpt2.circuits import tasks as tasks_lib
-from sparse_gpt2.circuits import viz
 
 _SPARSE = flags.DEFINE_string('sparse', None, 'Run directory of the sparse '
                               'model.')
@@ -615,6 +614,9 @@ def main():
         + (f", then {', '.join(str(s) for s, _ in pairs[1:])}"
            if pairs[1:] else '') + '.')
   named = {runs.task_name(t): t for t in task_names}
+  # Imported here, past every refusal: matplotlib costs ~0.3 s of CPU that a
+  # refused command line need not pay.
+  from sparse_gpt2.circuits import viz  # pylint: disable=g-import-not-at-top
   results = {}
   for i, (name, task) in enumerate(named.items()):
     record = record_at if i < _CONVERGENCE_TASKS.value else ()
