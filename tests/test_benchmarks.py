@@ -432,6 +432,36 @@ def test_quick_suite_writes_every_section_and_skips_a_missing_peer(tmp_path):
       imported)
 
 
+def test_suite_cpu_records_each_tests_own_and_its_childrens_cpu(tmp_path):
+  # Two tests, one of which spends its CPU in a child it waits for.
+  (tmp_path / 'test_two.py').write_text(
+      'import subprocess, sys\n'
+      'def test_busy():\n'
+      '  sum(range(3_000_000))\n'
+      'def test_child():\n'
+      '  subprocess.run([sys.executable, "-c", "sum(range(3_000_000))"],\n'
+      '                 check=True)\n')
+  rows = tmp_path / 'cpu.jsonl'
+  env = {**os.environ, 'SUITE_CPU': str(rows),
+         'PYTHONPATH': os.path.join(ROOT, 'benchmarks')}
+  subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'suite_cpu',
+                  '-p', 'no:cacheprovider', 'test_two.py'], cwd=tmp_path,
+                 env=env, check=True, capture_output=True, timeout=120)
+  busy, child = (json.loads(line) for line in rows.read_text().splitlines())
+  assert (busy['id'], child['id']) == ('test_two.py::test_busy',
+                                       'test_two.py::test_child')
+  assert busy['self'] > 0.02 and busy['children'] == 0
+  assert child['children'] > 0.02 > child['self']
+  summary = subprocess.run(
+      [sys.executable, 'benchmarks/suite_cpu.py', str(rows)], cwd=ROOT,
+      check=True, capture_output=True, text=True, timeout=60).stdout
+  total = busy['self'] + child['self'] + child['children']
+  assert summary.startswith(f'2 tests: {total:,.0f} s of CPU, '), summary
+  longest = sorted((r['self'] + r['children'], r['id']) for r in (busy, child))
+  assert summary.splitlines()[-2:] == [
+      f'{cpu:8.1f} s  {name}' for cpu, name in reversed(longest)], summary
+
+
 @pytest.mark.parametrize('make', [peers.flax_step, peers.torch_step])
 def test_peers_train(make):
   step = make(TINY, lr=1e-2)
