@@ -514,8 +514,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           init_params = _hf_params(config)
         state = jit_init(config, model, tx, state_sharding)(rng, init_params)
       # Steps to train, or a last step saved but never evaluated.
-      work_left = (int(state.step) < config.train_steps
-                   or not _evaluated(workdir, int(state.step)))
+      steps_left = int(state.step) < config.train_steps
+      work_left = steps_left or not _evaluated(workdir, int(state.step))
       if restored and not work_left:  # A finished run, rerun: no event
         # file, no timed peak, nothing compiled or saved.
         logging.info('Already at step %d of %d: nothing to train.',
@@ -529,8 +529,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         # compiled, or loaded from the cache the child filled.
         # A last step saved but never evaluated needs the evaluation only
         # (a preempted run's rerun): its train step is not traced at all.
-        needed = (STEPS if int(state.step) < config.train_steps
-                  else ('evaluation',))
+        needed = STEPS if steps_left else ('evaluation',)
         lowerings = programs(config, model, tx, mesh, abstract_state,
                              state_sharding, batch_sharding)
         lowered = {name: lowerings[name]() for name in needed}
