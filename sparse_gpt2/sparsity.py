@@ -365,6 +365,16 @@ def _topk_blocks(arrays, k, *, js, specs, shared, mesh_axes):
   arrays = [_row_block(x, a) for x, a in zip(arrays, shared)]
   bits = [jnp.stack([abs_bits(arrays[i]) for i in m])           # [n, ...]
           for m in groups.values()]
+  # The scores once, in memory, before any pass reads them: XLA otherwise
+  # computes |params + updates| again inside each fusion that reads it, and
+  # a fusion that contracts the add into an FMA and one that does not see
+  # values one rounding apart, so the histograms and the final comparisons
+  # disagree and a tensor keeps other than k (XLA:CPU's loop emitters did:
+  # all 12 of a tied bias pruned where k was 10). A conditional's operands
+  # are buffers, and its predicate (k >= 1 always) is not known at compile
+  # time; `optimization_barrier` is gone before fusion on CPU.
+  bits = jax.lax.cond(k[0] > 0, lambda b: b,
+                      lambda b: [jnp.zeros_like(x) for x in b], bits)
   guaranteed = [g for g, (_, j, _, _) in enumerate(keys) if j]
   if guaranteed:
     raised = _guarantee_top_per_neuron(
