@@ -16,6 +16,7 @@ import warnings
 import xml.etree.ElementTree as ET
 
 from absl import flags
+import jax.numpy as jnp
 from matplotlib import collections as mcollections
 import numpy as np
 import pytest
@@ -502,15 +503,16 @@ def test_an_out_in_a_folder_that_takes_no_file_is_refused_before_pruning(
   assert not out.parent.exists()
 
 
-def _fake_run(path, val_losses, mode, schedule_steps=200):
+def _fake_run(path, val_losses, mode, schedule_steps=200, anneal=0.5):
   """A run directory as `runs.checkpoints` reads it: config.json (200 steps
-  of a `schedule_steps` schedule, annealed over its first half in topk
+  of a `schedule_steps` schedule, annealed over its first `anneal` in topk
   mode), one checkpoint folder per step (a file of stand-in weights), and
   metrics.jsonl."""
   (path / 'checkpoints').mkdir(parents=True)
   config = defaults.base()
   config.train_steps, config.schedule_steps = 200, schedule_steps
-  config.sparsity.mode, config.sparsity.anneal_fraction = mode, 0.5
+  config.sparsity.mode, config.sparsity.anneal_fraction = mode, anneal
+  config.sparsity.density = 0.25 if mode == 'topk' else 1.0
   (path / 'config.json').write_text(config.to_json())
   lines = []
   for step, loss in val_losses.items():
@@ -616,18 +618,20 @@ def test_annealing_ends_where_the_schedule_says_not_at_train_steps(tmp_path):
   """A run that stops at step 200 of a 400-step schedule is still annealing
   at step 100: the curve leaves out its checkpoints before step 200. Of
   a 401-step schedule, annealed over 200.5 steps, step 200 is not yet at
-  its target density."""
-  for schedule_steps, annealed in ((400, 200), (401, 201)):
-    run = tmp_path / str(schedule_steps)
-    _fake_run(run, {200: 3.0}, 'topk', schedule_steps=schedule_steps)
+  its target density. Annealed over 0.55 of 100 steps (55.00000000000001
+  in Python floats, 55 in the train step's float32), step 55 is."""
+  for schedule_steps, anneal, annealed in ((400, 0.5, 200), (401, 0.5, 201),
+                                           (100, 0.55, 55)):
+    run = tmp_path / f'{schedule_steps}_{anneal}'
+    _fake_run(run, {200: 3.0}, 'topk', schedule_steps, anneal)
     config = workdir_lib.load_config(str(run))
     step = runs_lib.annealed_step(str(run))
     assert step == annealed
-    config.sparsity.density = 0.25  # The stand-in run's is 1.
-    before, at = (float(sparsity.density_at(s, config.sparsity,
+    before, at = (float(sparsity.density_at(jnp.int32(s), config.sparsity,
                                             schedule_steps))
-                  for s in (step - 1, step))
-    assert before > config.sparsity.density == at
+                  for s in (step - 1, step))  # As the train step: traced.
+    assert before > at == float(sparsity.density_at(
+        jnp.int32(schedule_steps), config.sparsity, schedule_steps))
 
 
 def test_convergence_table_shows_the_steps_asked_for():

@@ -5,14 +5,15 @@ once per process (`compare` asks the same checkpoints about every task)."""
 import functools
 import hashlib
 import json
-import math
 import os
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sparse_gpt2 import data
+from sparse_gpt2 import sparsity
 from sparse_gpt2 import train
 from sparse_gpt2 import workdir as workdir_lib
 from sparse_gpt2.circuits import prune
@@ -83,11 +84,23 @@ def annealed_step(workdir):
   """The step at which a top-k run reaches its target density (0 for a run
   that does not anneal): earlier checkpoints are denser models. Annealing
   runs over the run's schedule (`schedule_steps`, as `sparsity.density_at`
-  is called), which a run that stops early (`train_steps`) keeps."""
+  is called), which a run that stops early (`train_steps`) keeps.
+
+  The first step whose `density_at`, computed as the train step computes
+  it (an int32 step, in float32), is the target's, found by bisection (the
+  density never rises): ceil(0.55 * 100) in Python floats is 56, while
+  such a run is at its target from step 55."""
   config = _config(workdir)
   if config.sparsity.mode != 'topk':
     return 0
-  return math.ceil(config.sparsity.anneal_fraction * config.schedule_steps)
+  total = config.schedule_steps
+  density = lambda step: sparsity.density_at(jnp.int32(step), config.sparsity,
+                                             total)
+  target, low, high = density(total), 0, total
+  while low < high:
+    mid = (low + high) // 2
+    low, high = (mid + 1, high) if density(mid) > target else (low, mid)
+  return low
 
 
 def newest(workdir):
