@@ -1137,7 +1137,9 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   assert circuit['settled'] is None
   assert 'quotes: not solved: full model select loss' in result.stdout
   assert 'a looser --target_loss may solve it' in result.stdout
-  # --evaluate reads the task file too: one row, the file's task.
+  # --evaluate reads the task file too: one row, the file's task, named
+  # with a | that stays inside its cell.
+  task_file = task_file.rename(tmp_path / 'quo|tes.jsonl')
   result = subprocess.run(
       [sys.executable, '-m', 'sparse_gpt2.circuits',
        f'--workdir={tiny_twins["sparse"]}', f'--task_file={task_file}',
@@ -1146,7 +1148,7 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
       cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 0, result.stderr[-2000:]
   rows = [l for l in result.stdout.splitlines() if l.startswith('| ')]
-  assert len(rows) == 2 and rows[1].startswith('| quotes | ')
+  assert len(rows) == 2 and rows[1].startswith(r'| quo\|tes | ')
   # With --evaluate_every, a row per kept multiple of it: step, tokens (10
   # steps x 8 x 32), validation loss, and the calibrated loss that step
   # alone gave.
@@ -1157,7 +1159,7 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   table = [l.split(' | ') for l in result.stdout.splitlines()
            if l.startswith('| ')]
-  assert table[0] == ['| step', 'tokens', 'val loss', 'quotes |']
+  assert table[0] == ['| step', 'tokens', 'val loss', r'quo\|tes |']
   assert [row[:2] for row in table[1:]] == [['| 10', '2,560'],
                                              ['| 20', '5,120']]
   assert table[1][2] == format(runs.val_losses(tiny_twins['sparse'])[10],
@@ -1175,7 +1177,7 @@ def test_cli_prunes_a_kept_step_and_records_it(tiny_twins, tmp_path):
                             cwd=os.path.dirname(os.path.dirname(__file__)))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f'error: quotes: {counts} (a group of any size, or an unpaired '
+        f'error: quo|tes: {counts} (a group of any size, or an unpaired '
         'prompt, counts one); a calibrated task loss needs at least 8 pairs '
         'and 16 prompts')
   # A built-in task is scored on --num_prompts prompts where it is given.

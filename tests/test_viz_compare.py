@@ -1061,6 +1061,25 @@ def test_a_circuit_of_no_edges_is_said_in_every_table():
       '| z | sparse | 5 edges / 1 nodes | 0 edges / 1 nodes |')
 
 
+def test_a_bar_in_a_task_name_stays_inside_its_cell():
+  """A task file may be named `a|b.jsonl`: each of compare's tables keeps
+  as many columns in that task's row as in its header."""
+  def cells(line):
+    return len(re.split(r'(?<!\\)\|', line))
+  summary = compare.summarize({'a|b': (_edge_count(10), _edge_count(160))},
+                              CHECKPOINTS)
+  tables = [compare.to_markdown(summary),
+            compare.pairs_table([summary], 1, 0.02)[0],
+            compare.convergence_table(
+                {'a|b': ({'solved': True, 'convergence': [
+                    {'steps': 1000, 'num_edges': 5, 'num_nodes': 1}]},) * 2},
+                ['a|b'], [1000])[0]]
+  for md in tables:
+    rows = [l for l in md.splitlines() if l.startswith('|')]
+    assert any(r'a\|b' in l for l in rows), md
+    assert len({cells(l) for l in rows}) == 1, md
+
+
 def test_draw_curve_of_no_edges_says_so(tmp_path):
   """Every task unsolved at every point: a figure that says why it is
   empty, without matplotlib's warning of a legend with nothing in it."""

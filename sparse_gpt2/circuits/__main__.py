@@ -130,8 +130,8 @@ def _evaluate(workdir, names):
     [rows] = runs.evaluate_tasks(workdir, names, steps=[_STEP.value],
                                  num_prompts=num_prompts, seed=seed)
     for r in rows:
-      lines.append(f"| {r['task']} | {r['loss']:.3f} | {r['accuracy']:.2f} "
-                   f"| {r['calibrated_loss']:.3f} |")
+      lines.append(f"| {runs.table_cell(r['task'])} | {r['loss']:.3f} | "
+                   f"{r['accuracy']:.2f} | {r['calibrated_loss']:.3f} |")
     return '\n'.join(lines)
   kept = runs.checkpoints(workdir)
   steps = {s: v for s, v in kept.items() if s % _EVALUATE_EVERY.value == 0}
@@ -140,7 +140,8 @@ def _evaluate(workdir, names):
                      f'--evaluate_every={_EVALUATE_EVERY.value}: {list(kept)}')
   config = workdir_lib.load_config(workdir)  # Tasks refused before a load.
   lines = ['| step | tokens | val loss | '
-           + ' | '.join(map(runs.task_name, names)) + ' |',
+           + ' | '.join(runs.table_cell(runs.task_name(n)) for n in names)
+           + ' |',
            '|---:|---:|---:|' + '---:|' * len(names)]
   every_step = runs.evaluate_tasks(workdir, names, steps=list(steps),
                                   num_prompts=num_prompts, seed=seed)

@@ -226,8 +226,8 @@ def to_markdown(summary):
   for r in summary['tasks']:
     sp, de = r['sparse'], r['dense']
     out.append(
-        f"| {r['task']} | {_count(sp, 'edges')} | {_count(de, 'edges')} | "
-        f"{_num(r['ratio'], '.1f')}{'x' if r['ratio'] else ''} | "
+        f"| {runs.table_cell(r['task'])} | {_count(sp, 'edges')} | "
+        f"{_count(de, 'edges')} | {_num(r['ratio'], '.1f')}{'x' if r['ratio'] else ''} | "
         f"{_count(sp, 'nodes')} | {_count(de, 'nodes')} | "
         f"{_num(sp['circuit_loss'], '.3f')} / "
         f"{_num(de['circuit_loss'], '.3f')} | "
@@ -290,7 +290,7 @@ def pairs_table(summaries, asked, max_gap):
       f'nats{fewer}:', '',
       '| dense step | val loss | solved by both | edges sparse / dense | '
       'dense/sparse | on the tasks all solve | '
-      + ' | '.join(tasks) + ' |',
+      + ' | '.join(map(runs.table_cell, tasks)) + ' |',
       '|---:|---:|---:|---:|---:|---:|' + '---:|' * len(tasks)]
   for s, common_ratio in zip(summaries, common_ratios):
     d, g = s['checkpoints']['dense'], s['geomean']
@@ -415,7 +415,7 @@ def convergence_table(results, names, steps):
       conv = [recorded[s] for s in steps]
       records.append({'task': task, 'model': model, 'convergence': conv})
       final = conv[-1]['num_edges']  # A change from 0 has no ratio.
-      lines.append(f'| {task} | {model} | ' + ' | '.join(
+      lines.append(f'| {runs.table_cell(task)} | {model} | ' + ' | '.join(
           f"{c['num_edges']:,} edges / {c['num_nodes']:,} nodes"
           + (f" ({c['num_edges'] / final - 1:+.0%})" if final else '')
           for c in conv) + ' |')

@@ -197,6 +197,12 @@ def task_name(task):
   return task
 
 
+def table_cell(text):
+  """`text` as one cell of a markdown table: a | in it (a task file's name
+  may hold one) would end the cell there and shift every column after it."""
+  return str(text).replace('|', r'\|')
+
+
 def task_datapoints(task, num_prompts, seed):
   """(name, datapoints) of `task`: a built-in task's name, whose
   `num_prompts` datapoints are generated from `seed`, or the path of a JSONL
