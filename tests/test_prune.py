@@ -976,6 +976,8 @@ def test_mean_ablation_all_or_nothing():
     (['--task=no_such_task'], "unknown task 'no_such_task': neither"),
     (['--task=bracket_counting', '--task_file=tasks.jsonl'],
      'give --task or --task_file, not both'),
+    (['--task=var_if', '--task_file=t.jsonl', '--dump_prompts=x.jsonl'],
+     'give --task or --task_file, not both'),
     (['--task_file=tasks.txt'], '--task_file must be a .jsonl file'),
     ([], 'give --task or --task_file'),
     (['--task=var_if', '--num_prompts=7', '--dump_prompts=x.jsonl'],

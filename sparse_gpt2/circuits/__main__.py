@@ -78,6 +78,7 @@ def _summary(c, out):
 
 
 def _dump_prompts(path):
+  _task()  # Both given: refused, not the file silently left out.
   if not _TASK.value:
     raise ValueError('--dump_prompts needs --task')
   if not path.endswith('.jsonl'):  # What --task_file reads; not config.json.
