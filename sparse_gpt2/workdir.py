@@ -63,10 +63,17 @@ def write_atomic(file, text, errors='strict'):
   """Writes `text` (UTF-8; `errors` as `open` takes them) to a temporary
   file renamed onto `file`, so a killed run leaves the old file or the new
   one, never half of one, and a failed write leaves no temporary file.
-  `file` an epath (`path`)."""
+  A local file is synced before the rename, so not after a power loss
+  either (a filesystem may otherwise commit the rename before the data: an
+  empty config.json, a run that no longer resumes). `file` an epath
+  (`path`)."""
   tmp = file.parent / f'{file.name}.tmp{os.getpid()}'
   try:
-    tmp.write_bytes(text.encode('utf-8', errors))
+    with tmp.open('wb') as f:
+      f.write(text.encode('utf-8', errors))
+      if '://' not in str(tmp):  # A bucket's object is whole once closed.
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(file)
   except BaseException as e:
     with contextlib.suppress(OSError):
