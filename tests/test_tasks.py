@@ -425,6 +425,18 @@ def test_encode_refuses_prompts_that_read_the_same_with_answers_swapped(
   with pytest.raises(ValueError, match=r'^short: 1 datapoint\(s\) .* '
                      r'datapoints 1 and 3, counting from 1\): no model'):
     tasks.encode([fine, pair[0], swapped], tokenizer, SEQ_LEN, 'short')
+  # Three answers round a cycle on one prompt (] over ), ) over }, } over ]),
+  # each pair of them consistent.
+  cycle = [dict(fine, correct=c, incorrect=i)
+           for c, i in ((']', ')'), (')', '}'), ('}', ']'))]
+  with pytest.raises(ValueError) as refused:
+    tasks.encode([pair[0], *cycle], tokenizer, SEQ_LEN, 'cycle')
+  assert str(refused.value) == (
+      'cycle: 1 datapoint(s) read the same prompt as others and with them '
+      'prefer each answer to the next round a cycle (first: datapoints 2, 3 '
+      'and 4, counting from 1): no model answers all of them.')
+  assert tasks.encode(cycle[:2] + [dict(fine, correct=']', incorrect='}')],
+                      tokenizer, SEQ_LEN)['pair'].size == 3  # In order.
   # Uncut, the pair is two prompts; a repeated datapoint is no clash.
   assert tasks.encode([*pair, fine, fine], tokenizer, 256)['pair'].size == 4
 

@@ -930,28 +930,60 @@ def _whitespace_hint(candidate, tokenizer):
 
 
 def _check_consistent(rows, seq_len, name, lines=None):
-  """Refuses datapoints whose prompt, as the model reads it, is another's
-  with the answers swapped: no model answers both, and pairs that differ
-  only before their last seq_len tokens become such when cut. Named by
-  their `lines` in a task file where given (`encode`)."""
-  seen = {}  # Prompt ids -> {(correct, incorrect): datapoint index}.
-  clashes = []
+  """Refuses datapoints whose preferences on one prompt, as the model reads
+  it, go round a cycle: one is another's with the answers swapped, or a
+  over b, b over c and c over a. No model's logits order a cycle, so none
+  answers all of them; pairs that differ only before their last seq_len
+  tokens become one prompt when cut. Named by their `lines` in a task file
+  where given (`encode`)."""
+  prefers = {}  # Prompt ids -> {answer: {answer it beats: datapoint index}}.
+  cycles = []  # ([datapoint indices around the cycle], prompt length).
   for ids, correct, incorrect, index, _ in rows:
-    answers = seen.setdefault(tuple(ids), {})
-    if (incorrect, correct) in answers:
-      clashes.append((answers[(incorrect, correct)], index, len(ids)))
-    answers.setdefault((correct, incorrect), index)
-  if clashes:
-    first, second, length = clashes[0]
-    where = (f'lines {lines[first]} and {lines[second]} of the task file'
-             if lines else f'datapoints {first + 1} and {second + 1}, '
-             'counting from 1')
+    beats = prefers.setdefault(tuple(ids), {})
+    path = _preference_path(beats, incorrect, correct)
+    if path is None:
+      beats.setdefault(correct, {}).setdefault(incorrect, index)
+    else:  # Left out of the graph: every later cycle is one of its own.
+      cycles.append((sorted(path + [index]), len(ids)))
+  if cycles:
+    members, length = cycles[0]
+    numbers = [lines[i] if lines else i + 1 for i in members]
+    listed = ', '.join(map(str, numbers[:-1])) + f' and {numbers[-1]}'
+    where = (f'lines {listed} of the task file' if lines
+             else f'datapoints {listed}, counting from 1')
     raise ValueError(
-        f'{name}: {len(clashes)} datapoint(s) read the same prompt as one '
-        f'with the answers swapped (first: {where})'
+        f'{name}: {len(cycles)} datapoint(s) '
+        + ('read the same prompt as one with the answers swapped'
+           if len(members) == 2 else 'read the same prompt as others and '
+           'with them prefer each answer to the next round a cycle')
+        + f' (first: {where})'
         + (f', prompts keeping their last {seq_len} tokens'
            if length == seq_len else '')
-        + ': no model answers both.')
+        + (': no model answers both.' if len(members) == 2
+           else ': no model answers all of them.'))
+
+
+def _preference_path(beats, start, goal):
+  """Indices of the datapoints that lead from answer `start` to `goal` in
+  `beats` ({answer: {answer it beats: datapoint index}}), each preferring
+  one answer to the next; None if none does (breadth first)."""
+  via = {start: None}  # Answer -> (the answer before it, datapoint index).
+  frontier = [start]
+  while frontier and goal not in via:
+    reached = []
+    for answer in frontier:
+      for after, index in beats.get(answer, {}).items():
+        if after not in via:
+          via[after] = (answer, index)
+          reached.append(after)
+    frontier = reached
+  if goal not in via:
+    return None
+  path, answer = [], goal
+  while via[answer] is not None:
+    answer, index = via[answer]
+    path.append(index)
+  return path
 
 
 def _groups(keys):
