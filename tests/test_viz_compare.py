@@ -409,6 +409,10 @@ def test_reusable_refuses_other_weights_prompts_settings_version_or_step(
       [{'prompt': 'x = 2', 'correct': '\n', 'incorrect': ';'}]), SETTINGS)
   assert not compare.reusable(circuit, run, 100, prompts,
                               dataclasses.replace(SETTINGS, lr=0.5))
+  # The same prompts at another --num_prompts: a task file's, which never
+  # reads it (a built-in task's prompts, and so their digest, change).
+  assert compare.reusable(circuit, run, 100, prompts, dataclasses.replace(
+      SETTINGS, num_prompts=SETTINGS.num_prompts + 2))
   assert not compare.reusable({**circuit, 'version': prune.VERSION - 1},
                               run, 100, prompts, SETTINGS)
   # A copy under another name holds the same weights; another run under

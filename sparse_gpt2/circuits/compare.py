@@ -363,11 +363,17 @@ def reusable(circuit, run, step, prompts_sha256, settings):
   checkpoint (its files' digest: a copied run reuses, a run trained again
   under the same name prunes anew), on these prompts (their digest: an
   edited task file prunes anew), with exactly these settings and this
-  version of the algorithm (a changed default or method re-prunes)."""
+  version of the algorithm (a changed default or method re-prunes). Of the
+  settings, --num_prompts only picks the prompts, which their digest
+  tells: a task file, which never reads it, is not pruned again when it
+  changes."""
+  def pruning(recorded):
+    return {k: v for k, v in recorded.items() if k != 'num_prompts'}
   return (circuit.get('version') == prune.VERSION
           and circuit['step'] == step
           and circuit.get('prompts_sha256') == prompts_sha256
-          and circuit['settings'] == dataclasses.asdict(settings)
+          and pruning(circuit['settings']) == pruning(
+              dataclasses.asdict(settings))
           and circuit.get('checkpoint_sha256') ==
           runs.checkpoint_digest(run, step))
 
