@@ -498,6 +498,32 @@ def test_split_refuses_too_few_pairs_and_deals_groups_that_lean_one_way():
       assert tasks.fixed_preference(part) <= 0.6, seed
 
 
+def test_a_lean_s_surplus_is_dealt_to_train_not_beside_the_pairs():
+  """40 contrastive pairs and 16 unpaired prompts all answered YES: within
+  the bound as a whole (58%), and select and test can be all pairs. Dealt
+  in turns, the surplus went in turns with the pairs (7 of each in a
+  select of 14 groups, leaning 67%), and every seed whose seeded order
+  leant was refused; train is where it belongs."""
+  pairs = _task(80, 0)
+  extra = _unpaired(16, 16)
+  extra['pair'] += 40
+  task = {k: np.concatenate([pairs[k], extra[k]]) for k in pairs}
+  assert tasks.fixed_preference(task) <= tasks.MAX_FIXED_PREFERENCE
+  dealt = 0
+  for seed in range(10):
+    settings = dataclasses.replace(SETTINGS, seed=seed)
+    order = np.random.default_rng(seed).permutation(np.unique(task['pair']))
+    leans = not all(map(prune._balanced, prune._rows_of(
+        task, np.split(order, [28, 42]))[1:]))
+    train, select, test = prune.split(task, settings)
+    for part in (select, test):
+      assert tasks.fixed_preference(part) <= 0.6, seed
+    if leans:
+      dealt += 1
+      assert np.isin(np.arange(40, 56), train['pair']).all(), seed
+  assert dealt >= 3  # Seeds whose seeded order leans (before: refused).
+
+
 def _planted_pruner():
   """A `prune._Pruner` of the planted model and task, and a function from
   a set of (location, index) to scores tau: +1 on those nodes, -1 on all
