@@ -363,6 +363,18 @@ def test_to_markdown():
                    r'steps and at the last \(', md), md
 
 
+def test_a_mask_never_extended_and_still_shrinking_is_not_called_settled():
+  """With --max_extensions=0 no run goes past --steps, and a mask still
+  shrinking there is recorded unsettled: the report said "Every mask had
+  settled by step 2,000." and, in the next sentence, that it was still
+  shrinking."""
+  results = {'a': (_edge_count(10), dict(_edge_count(1600), settled=False))}
+  md = compare.to_markdown(compare.summarize(results, CHECKPOINTS))
+  assert 'settled' not in md
+  assert ('Still shrinking at step 2,000, where every run stopped, so larger '
+          'than the task needs: a dense.') in md
+
+
 def test_val_losses(tmp_path):
   assert runs_lib.val_losses(str(tmp_path)) == {}
   (tmp_path / 'metrics.jsonl').write_text(

@@ -339,9 +339,12 @@ def _extended(summary):
             for task, name, row in solved if row['steps_run'] > steps]
   unsettled = [f'{task} {name}' for task, name, row in solved
                if not row['settled']]
+  if not longer:  # --max_extensions=0 leaves a shrinking mask at steps.
+    return (f"Still shrinking at step {steps:,}, where every run stopped, so "
+            f"larger than the task needs: {', '.join(unsettled)}."
+            if unsettled else f'Every mask had settled by step {steps:,}.')
   out = (f'Pruned on past step {steps:,}, their masks still shrinking '
-         f"there: {', '.join(longer)}." if longer
-         else f'Every mask had settled by step {steps:,}.')
+         f"there: {', '.join(longer)}.")
   if unsettled:
     out += (f" Still shrinking at the end, so larger than the task needs: "
             f"{', '.join(unsettled)}.")
