@@ -337,9 +337,10 @@ def _export_config(gpt2, eot_id):
       activation_function='gelu_new',
       layer_norm_epsilon=model.NORM_EPSILON,
       tie_word_embeddings=gpt2.tie_embeddings,
-      # As trained: transformers' default is 0.1 of each.
-      resid_pdrop=gpt2.dropout, embd_pdrop=gpt2.dropout,
-      attn_pdrop=gpt2.dropout,
+      # As trained: transformers' default is 0.1 of each. The model drops
+      # out its embeddings and each block's outputs, never the attention
+      # probabilities (`model.attend`).
+      resid_pdrop=gpt2.dropout, embd_pdrop=gpt2.dropout, attn_pdrop=0.0,
       dtype='float32')
   if eot_id is not None:
     config.update(bos_token_id=eot_id, eos_token_id=eot_id)

@@ -291,6 +291,18 @@ def test_save_exports_a_bfloat16_cudnn_run(tmp_path):
       a, np.asarray(b, np.float32)), loaded, nn.unbox(params))
 
 
+def test_save_exports_dropout_where_the_model_has_it(tmp_path):
+  """The model drops out its embeddings and each block's two outputs
+  (transformers' embd_pdrop and resid_pdrop) but never the attention
+  probabilities (`model.attend`): the export said attn_pdrop = dropout, so
+  transformers trained the exported model with a dropout it never had."""
+  params, model_kwargs = _tiny(dropout=0.1)
+  hf.save(params, model_kwargs, tmp_path / 'out')
+  config = transformers.GPT2Config.from_pretrained(tmp_path / 'out')
+  assert (config.embd_pdrop, config.resid_pdrop, config.attn_pdrop) == (
+      0.1, 0.1, 0.0)
+
+
 @pytest.mark.parametrize('overrides, message', [
     (dict(norm='rmsnorm'), "norm='rmsnorm'"),
     (dict(attention_sink=True), 'attention sinks'),

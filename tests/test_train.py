@@ -2177,9 +2177,10 @@ def test_convert_exports_a_gpt2_run_and_refuses_the_paper_architecture(
   quoted = 'x = "<|endoftext|>"\n'  # Bytes in the run, not its end of text.
   assert theirs(quoted)['input_ids'] == corpus.tokenizer.encode(quoted).ids
   assert corpus.eot_id not in theirs(quoted)['input_ids']
-  # Dropout as trained, not transformers' default 0.1.
+  # Dropout as trained, not transformers' default 0.1 (none on attention
+  # probabilities, which the model never drops out).
   assert (hf_model.config.resid_pdrop, hf_model.config.embd_pdrop,
-          hf_model.config.attn_pdrop) == (m.dropout,) * 3
+          hf_model.config.attn_pdrop) == (m.dropout, m.dropout, 0.0)
   assert theirs.decode(ids) == text
   assert theirs.eos_token_id == corpus.eot_id
   assert hf_model.config.eos_token_id == hf_model.config.bos_token_id == (
