@@ -234,9 +234,11 @@ def attend_at(q, k, v, sink, positions):
   (int), k and v [B, T, H, Dh] -> [B, 1, H, Dh]; `sink` as in `attend`
   (None: no sink). What `attend` computes for that query, without the
   [T, T] scores of every other one (a model's last block when only one
-  position is scored)."""
+  position is scored). A negative position counts from the end, as the
+  gathers of the query and residual at it do (numpy's indexing)."""
   if sink is None:
     sink = jnp.full((q.shape[2],), -jnp.inf, jnp.float32)
+  positions = jnp.where(positions < 0, positions + k.shape[1], positions)
   visible = jnp.arange(k.shape[1]) <= positions[:, None, None, None]
   return _attention_block(q, k, v, sink, visible)[0]
 
@@ -544,8 +546,8 @@ class GPT2(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, deterministic=True, positions=None):
-    """Logits [B, T, vocab]; with `positions` [B] (int), only those [B, vocab]
-    at one position per row: circuit tasks score one position, and the
+    """Logits [B, T, vocab]; with `positions` [B] (int; negative from the
+    end), only those [B, vocab] at one position per row: circuit tasks score one position, and the
     unembedding of all the others would be most of their cost (and the last
     block's attention, its output and MLP: `Block`)."""
     validate(self)

@@ -113,6 +113,18 @@ def test_positions_give_the_logits_of_one_position_per_row(kw):
       _logits(m, params)[np.arange(2), positions], rtol=1e-5, atol=1e-6)
 
 
+def test_negative_positions_count_from_the_end():
+  """`positions` index as numpy does (-1: the last token), which the
+  gathers of the query, the residual and the bigram row did, while the last
+  block's attention took -1 for a query before every key: no key visible,
+  a 0 / 0 softmax and NaN logits."""
+  m, params, _ = _init(attention_sink=True, bigram_table=True)
+  params['bigram'] = jax.random.normal(jax.random.key(4), (50, 50))
+  np.testing.assert_allclose(
+      _logits(m, params, positions=jnp.array([-1, -9])),
+      _logits(m, params)[np.arange(2), [11, 3]], rtol=1e-5, atol=1e-6)
+
+
 def test_attention_sink_can_switch_attention_off():
   m, params, _ = _init(attention_sink=True)
   assert params['block_0']['sink'].shape == (2,)
