@@ -14,7 +14,9 @@ every task both are pruned (`runs.find_circuit`, every setting a flag) and
   OUT/circuits/<model>-<step>/<task>.json   the circuits; reused only when
                                             found in the same weights (the
                                             checkpoint's files), step,
-                                            prompts and settings in full
+                                            prompts and settings (all but
+                                            --num_prompts, which the
+                                            prompts' digest tells)
   OUT/<task>/figure.{png,svg}               the two circuits side by side
   OUT/comparison.{md,json}                  edges, nodes and test losses per
                                             task, the ratio, geometric means

@@ -1,9 +1,10 @@
 """The pruning settings: one dataclass, the flags of both CLIs, and the
 record in every circuit.json.
 
-`compare` reuses a saved circuit only if its settings equal these in full, so
-changing any default (or flag) re-prunes instead of silently reusing a
-circuit found another way.
+`compare` reuses a saved circuit only if its settings equal these (all but
+num_prompts, which only picks the prompts that the circuit's prompts digest
+tells), so changing any default (or flag) re-prunes instead of silently
+reusing a circuit found another way.
 """
 
 import dataclasses
