@@ -548,8 +548,9 @@ class GPT2(nn.Module):
   def __call__(self, tokens, deterministic=True, positions=None):
     """Logits [B, T, vocab]; with `positions` [B] (int; negative from the
     end), only those [B, vocab] at one position per row: circuit tasks
-    score one position, and the unembedding of all the others would be most of their cost (and the last
-    block's attention, its output and MLP: `Block`)."""
+    score one position, and the unembedding of all the others would be
+    most of their cost (and the last block's attention, its output and
+    MLP: `Block`)."""
     validate(self)
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     std = 0.02
