@@ -697,6 +697,18 @@ def test_edge_list_is_capped_largest_first(monkeypatch):
   edges, count, truncated = edges_lib.between(params, everything, 1)
   assert count == 3 * 64 + 50 * 2 and truncated
   assert sorted(e['value'] for e in edges) == [1.25, 4.0]
+  # Ties at the cut: two query weights of 1 listed before an MLP weight of
+  # 3; the list keeps the 3 and one of the 1s, not the first two in order.
+  kernels = {name: np.zeros((2, 2), np.float32)
+             for name, _, _ in edges_lib.EDGE_WEIGHTS}
+  kernels['query'][0] = 1.0
+  kernels['mlp_proj'][0, 0] = 3.0
+  params = {'block_0': {n: {'kernel': k} for n, k in kernels.items()}}
+  kept = {'block_0': {loc: np.ones(2, bool) for _, src, dst in
+                      edges_lib.EDGE_WEIGHTS for loc in (src, dst)}}
+  edges, count, truncated = edges_lib.between(params, kept, 1)
+  assert count == 3 and truncated
+  assert sorted(e['value'] for e in edges) == [1.0, 3.0]
 
 
 # Each matrix that joins two nodes, as the forward pass reads it: its rows

@@ -38,12 +38,17 @@ def between(params, kept, num_layers):
                     w[rows[i], cols[j]]))
   count = sum(f[4].size for f in found)
   truncated = count > MAX_LISTED
-  if truncated:
-    cut = np.sort(np.abs(np.concatenate([f[6] for f in found])))[-MAX_LISTED]
-    found = [(*f[:4], *(x[np.abs(f[6]) >= cut] for x in f[4:]))
-             for f in found]
+  if truncated:  # Every edge above the cut, then the first ones at it.
+    size = np.abs(np.concatenate([f[6] for f in found]))
+    cut = np.sort(size)[-MAX_LISTED]
+    at_cut = size == cut
+    listed = (size > cut) | (at_cut & (np.cumsum(at_cut) <= MAX_LISTED
+                                       - np.count_nonzero(size > cut)))
+    ends = np.cumsum([f[4].size for f in found])[:-1]
+    found = [(*f[:4], *(x[keep] for x in f[4:]))
+             for f, keep in zip(found, np.split(listed, ends))]
   edges = [{'src': [layer, src, int(r)], 'dst': [layer, dst, int(c)],
             'weight': f'block_{layer}/{name}/kernel', 'value': float(v)}
            for layer, name, src, dst, rs, cs, vs in found
            for r, c, v in zip(rs, cs, vs)]
-  return edges[:MAX_LISTED], count, truncated
+  return edges, count, truncated
