@@ -443,6 +443,11 @@ def test_split_refuses_too_few_pairs_and_deals_groups_that_lean_one_way():
                      r'.* needs at least 1/8/8: give the task at least 30 '
                      r'pairs$'):
     prune.split(_task(58, 0), SETTINGS)
+  # A tiny fraction's count is found at once, not by trying every count.
+  with pytest.raises(ValueError, match=r'give the task at least 7500000000 '
+                     r'pairs$'):
+    prune.split(_task(58, 0), dataclasses.replace(SETTINGS,
+                                                  select_fraction=1e-9))
   assert [len(np.unique(p['pair'])) for p in
           prune.split(_task(60, 0), SETTINGS)] == [14, 8, 8]
   # 50 of 64 one way: select is dealt even (8 and 8), test gets the other

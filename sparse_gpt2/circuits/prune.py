@@ -231,8 +231,11 @@ def split(encoded, settings):
   """
   groups = np.unique(encoded['pair'])
   sizes, enough = _split_sizes(len(groups), settings)
-  if not enough:
-    needed = next(n for n in itertools.count(len(groups) + 1)
+  if not enough:  # From the count below which a split rounds short.
+    fewest = (MIN_SPLIT_PAIRS - 0.5) / min(settings.select_fraction,
+                                           settings.test_fraction)
+    needed = next(n for n in itertools.count(max(len(groups) + 1,
+                                                 math.floor(fewest) - 1))
                   if _split_sizes(n, settings)[1])
     raise ValueError(
         f'{count_pairs(len(groups))} split {sizes[0]}/{sizes[1]}/{sizes[2]} '
