@@ -24,7 +24,11 @@ while [[ $# -gt 0 ]]; do
     --time=*) time_limit=${1#*=} ;;
     --gpus_per_node=*) gpus=${1#*=} ;;
     --partition=*) partition=${1#*=} ;;
-    --workdir=*) workdir=${1#*=} ;;
+    --workdir=*) workdir=${1#*=}
+      # As main refuses it: an unset $DIR in --workdir=$DIR is not the default.
+      [[ -n $workdir ]] || {
+        echo "error: --workdir is empty; leave it out for runs/CONFIG_NAME" >&2
+        exit 2; } ;;
     --) shift; overrides=("$@"); break ;;
     *) echo "error: unknown argument $1" >&2; exit 2 ;;
   esac

@@ -39,7 +39,11 @@ while [[ $# -gt 0 ]]; do
   case $1 in
     --spot) spot=1 ;;
     --worker=*) worker=${1#*=} ;;
-    --workdir=*) workdir=${1#*=} ;;
+    --workdir=*) workdir=${1#*=}
+      # As main refuses it: an unset $DIR in --workdir=$DIR is not the default.
+      [[ -n $workdir ]] || {
+        echo "error: --workdir is empty; leave it out for runs/CONFIG_NAME" >&2
+        exit 2; } ;;
     --) shift; overrides=("$@"); break ;;
     -*) echo "error: unknown option $1" >&2; exit 2 ;;
     *) positional+=("$1") ;;

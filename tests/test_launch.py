@@ -618,3 +618,13 @@ def test_tpu_create_rerun_after_an_interrupted_one_says_what_to_do(tmp_path):
     assert 'queued-resources create' not in calls, state
     assert result.stderr == (f'error: TPU VM tpu1 exists but is {state}, not '
                              f'READY: {todo}\n'), state
+
+
+def test_an_empty_workdir_is_refused_not_replaced_by_the_default():
+  """`--workdir=$DIR` with DIR unset: both scripts ran into runs/CONFIG_NAME
+  (on Slurm resuming whatever run was there, on a TPU the VM's own disk),
+  where `main` refuses an empty --workdir."""
+  error = 'error: --workdir is empty; leave it out for runs/CONFIG_NAME'
+  assert _refused('tpu_vm.sh', 'start', 'tpu1', 'z', 'configs/sparse_small.py',
+                  '--workdir=') == error
+  assert _refused('gpu_slurm.sh', '1', 'configs/tiny.py', '--workdir=') == error
