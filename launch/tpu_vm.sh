@@ -24,7 +24,7 @@
 #   tensorboardX write there; orbax uses tensorstore).
 # logs: follows one worker's log (default 0). stop: sends SIGTERM, on which
 #   the run saves a checkpoint and exits, and waits for it to exit (up to
-#   10 minutes). delete: removes the VM.
+#   10 minutes). delete: removes the VM (with its queued resource, if any).
 # --dry_run prints every command instead of running it. RUNTIME overrides the
 # TPU software version chosen from TYPE; PROJECT sets gcloud's --project.
 set -euo pipefail
@@ -184,8 +184,17 @@ case $action in
     ssh_all "if $live; then kill -TERM \$pid; for i in \$(seq 300); do $live || break; sleep 2; done; if $live; then echo \"error: \$(hostname): the run of pid \$pid is still saving after 10 minutes\" >&2; exit 1; fi; fi; rm -f ~/sparse_gpt2.pid"
     ;;
   delete)
-    run "${gcloud_tpu[@]}" queued-resources delete "$name" --zone="$zone" \
-      --force --quiet
+    # A VM that create's request made goes with the request (--force). One
+    # that create reused, made by `gcloud compute tpus tpu-vm create`, has
+    # none: deleting a request alone failed (NOT_FOUND) and left it running.
+    if (( ! dry_run )) && ! "${gcloud_tpu[@]}" queued-resources describe \
+        "$name" --zone="$zone" --format='value(state.state)' \
+        > /dev/null 2>&1; then
+      run "${gcloud_tpu[@]}" tpu-vm delete "$name" --zone="$zone" --quiet
+    else
+      run "${gcloud_tpu[@]}" queued-resources delete "$name" --zone="$zone" \
+        --force --quiet
+    fi
     ;;
   *) usage ;;
 esac

@@ -628,3 +628,26 @@ def test_an_empty_workdir_is_refused_not_replaced_by_the_default():
   assert _refused('tpu_vm.sh', 'start', 'tpu1', 'z', 'configs/sparse_small.py',
                   '--workdir=') == error
   assert _refused('gpu_slurm.sh', '1', 'configs/tiny.py', '--workdir=') == error
+
+
+def test_tpu_delete_removes_a_vm_that_no_queued_resource_made(tmp_path):
+  """create reuses a READY VM made by `gcloud compute tpus tpu-vm create`,
+  and its advice for a PREEMPTED one is `delete`: such a VM has no queued
+  resource, whose delete was all `delete` ran (NOT_FOUND, the VM left
+  running). A VM a request made goes with its request (--force)."""
+  env = _fake_gcloud(tmp_path)
+
+  def delete(**states):
+    (tmp_path / 'calls').unlink(missing_ok=True)
+    result = _run_bounded(
+        ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), 'delete', 'tpu1',
+         'z'], {**env, 'VM_STATE': 'READY', **states})
+    assert result.returncode == 0, result
+    return (tmp_path / 'calls').read_text()
+
+  calls = delete()
+  assert 'tpu-vm delete tpu1 --zone=z --quiet' in calls, calls
+  assert 'queued-resources delete' not in calls, calls
+  calls = delete(QR_EXISTS='1')
+  assert 'queued-resources delete tpu1 --zone=z --force --quiet' in calls
+  assert 'tpu-vm delete' not in calls, calls
