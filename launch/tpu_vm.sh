@@ -134,7 +134,11 @@ case $action in
     [[ -f "$repo/${config%%:*}" ]] || {
       echo "error: no config file ${config%%:*} in $repo" >&2; exit 2; }
     workdir=${workdir:-runs/$(basename "${config%%:*}" .py)}
-    if [[ $workdir != /* && $workdir != *://* && $workdir != runs/* ]]; then
+    # ~/x (the local shell leaves a ~ after --workdir= alone) is the worker's
+    # home, where main's --workdir reads it: absolute, not in the code copy.
+    # shellcheck disable=SC2088
+    if [[ $workdir != /* && $workdir != '~' && $workdir != '~/'* &&
+          $workdir != *://* && $workdir != runs/* ]]; then
       echo "error: --workdir=$workdir is inside the code copy that each start" \
         "replaces; use runs/..., an absolute path or gs://..." >&2; exit 2
     fi
@@ -144,10 +148,17 @@ case $action in
       echo "error: --workdir=$workdir has a '..' component, which can leave" \
         "runs/; name the directory without one" >&2; exit 2
     fi
-    # An absolute one is checked where ~ is known: in the code copy but not
-    # in its runs/, each start would delete it.
+    # An absolute one, or ~/..., is checked where ~ is known: in the code
+    # copy but not in its runs/, each start would delete it.
+    # shellcheck disable=SC2088  # The ~ is expanded there, not here.
+    case $workdir in
+      /*) d=$(printf '%q' "$workdir") ;;
+      '~') d='~' ;;
+      '~/'*) d="~/$(printf '%q' "${workdir#'~/'}")" ;;
+      *) d='' ;;
+    esac
     inside=''
-    [[ $workdir == /* ]] && inside="d=$(printf '%q' "$workdir") c=\$(realpath -m ~/sparse_gpt2); case \$(realpath -m -- \"\$d\")/ in \"\$c\"/runs/*) ;; \"\$c\"/*) echo \"error: --workdir=\$d is inside ~/sparse_gpt2, the code copy that each start replaces; use ~/sparse_gpt2/runs/..., another absolute path or gs://...\" >&2; exit 2 ;; esac; "
+    [[ -n $d ]] && inside="d=$d c=\$(realpath -m ~/sparse_gpt2); case \$(realpath -m -- \"\$d\")/ in \"\$c\"/runs/*) ;; \"\$c\"/*) echo \"error: --workdir=\$d is inside ~/sparse_gpt2, the code copy that each start replaces; use ~/sparse_gpt2/runs/..., another absolute path or gs://...\" >&2; exit 2 ;; esac; "
     # Before anything changes on a worker: the code under a live run is not
     # replaced, nor a second run started into its run directory.
     ssh_all "${inside}if $live; then echo \"error: \$(hostname) is still running the run of pid \$pid: $0 stop $name $zone first\" >&2; exit 1; fi"

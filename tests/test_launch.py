@@ -651,3 +651,33 @@ def test_tpu_delete_removes_a_vm_that_no_queued_resource_made(tmp_path):
   calls = delete(QR_EXISTS='1')
   assert 'queued-resources delete tpu1 --zone=z --force --quiet' in calls
   assert 'tpu-vm delete' not in calls, calls
+
+
+def test_tpu_start_takes_a_workdir_in_the_workers_home(tmp_path):
+  """--workdir=~/x, which the local shell leaves as it is and `main` reads
+  as the home folder's x: refused as 'inside the code copy' (it is not).
+  Now checked on the workers, where ~ is theirs, as an absolute one is."""
+  home = tmp_path / 'home'
+  (home / 'sparse_gpt2' / 'runs').mkdir(parents=True)
+  for workdir, refused in (('~/ckpt/x', False), ('~/my ckpt', False),
+                           ('~/sparse_gpt2/runs/x', False),
+                           ('~/sparse_gpt2/x', True), ('~/sparse_gpt2', True)):
+    lines = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
+                     'configs/sparse_small.py', f'--workdir={workdir}')
+    # main gets the ~ as it is: its --workdir expands it on the worker.
+    assert f'--workdir={workdir}' in shlex.split(_remote(lines[-1])), workdir
+    result = subprocess.run(['bash', '-c', _remote(lines[0])],
+                            capture_output=True, text=True, timeout=30,
+                            env={**os.environ, 'HOME': str(home)})
+    if refused:
+      assert result.returncode == 2, (workdir, result)
+      assert result.stderr == (
+          f"error: --workdir={home}{workdir[1:]} is inside ~/sparse_gpt2, the "
+          'code copy that each start replaces; use ~/sparse_gpt2/runs/..., '
+          'another absolute path or gs://...\n'), workdir
+    else:
+      assert result.returncode == 0 and result.stderr == '', (workdir, result)
+  assert _refused('tpu_vm.sh', 'start', 'tpu1', 'z', 'configs/sparse_small.py',
+                  '--workdir=~/sparse_gpt2/runs/../x').endswith(
+                      "has a '..' component, which can leave runs/; name the "
+                      'directory without one')
