@@ -107,7 +107,12 @@ def density_at(step, config, total_steps):
   if config.mode != 'topk':
     return jnp.float32(1.0 if config.mode == 'none' else config.density)
   anneal = config.anneal_fraction * total_steps
-  progress = 1.0 if anneal <= 0 else jnp.clip(step / anneal, 0.0, 1.0)
+  # Steps are whole, so an anneal under one step divides as 1 does (0 at
+  # step 0, >= 1 after): divided by itself, one under float32's smallest
+  # normal (anneal_fraction 1e-44 of 1000 steps) was 0 in the traced
+  # schedule, whose step 0 was then 0 / 0, a NaN density and lr.
+  progress = (1.0 if anneal <= 0
+              else jnp.clip(step / max(anneal, 1.0), 0.0, 1.0))
   return 1.0 - (1.0 - config.density) * progress
 
 

@@ -254,6 +254,22 @@ def test_density_schedule_anneals_linearly_then_holds():
   assert float(sparsity.density_at(0, config, 100)) == pytest.approx(0.1)
 
 
+
+def test_an_anneal_shorter_than_float32_holds_starts_dense_not_nan():
+  """anneal_fraction * total_steps can be positive in Python and 0 in
+  float32 (1e-44 * 1000: a denormal, which XLA:CPU flushes): step / anneal
+  was then 0 / 0 at step 0, a NaN density and a NaN lr (a NaN run from its
+  first update), where any anneal under one step starts dense at step 0 and
+  is at the target from step 1, as init's all-True masks assume."""
+  config = tiny.get_config('topk')
+  config.sparsity.density, config.sparsity.anneal_fraction = 0.25, 1e-44
+  config.optim.lr, config.optim.warmup_fraction = 1.0, 0.0
+  density = jax.jit(lambda s: sparsity.density_at(s, config.sparsity, 1000))
+  lr = jax.jit(optim.learning_rate(config, 1000))
+  assert [float(density(s)) for s in (0, 1, 2)] == [1.0, 0.25, 0.25]
+  assert float(lr(0)) == pytest.approx(0.5, rel=1e-6)  # sqrt(0.25 / 1)
+
+
 @pytest.mark.parametrize('mode', ['topk', 'static'])
 @pytest.mark.parametrize('density', [0.1, 0.05, 0.3, 0.7])
 def test_the_steps_keep_the_k_the_guarantee_is_sized_for(mode, density):
