@@ -185,6 +185,16 @@ def test_while_return_true_returns_the_incorrect_answer_in_the_loop():
     assert d['prompt'].endswith('\n    return')
 
 
+def test_final_kwarg_s_caller_is_not_named_as_its_callee():
+  """The function that makes the call is never named as the one it calls:
+  its def would rebind the name, so the call would reach the caller itself,
+  whose parameters are not the signature the answer is read from (seed 1
+  drew one in pair 926, one pair in about 3,000)."""
+  for d in tasks.generate('final_kwarg', 1854, seed=1):
+    callee, caller = re.findall(r'^def (\w+)\(', d['prompt'], re.M)
+    assert caller != callee, d['prompt']
+
+
 def _still_open(text):
   """The brackets of `text` left open, innermost last."""
   stack = []

@@ -214,6 +214,7 @@ def final_kwarg(rng, answer):
   leaves one out, by keyword, in order or shuffled, and ends on the same
   argument. Closing an incomplete call is a TypeError at run time; after a
   complete one, `,` could only be a trailing comma with nothing after it.
+  The caller has another name than the callee, whose def it would replace.
   """
   params = pick(rng, pools.NAMES, rng.randint(3, 5))
   first, keywords = params[0], params[1:]
@@ -226,6 +227,12 @@ def final_kwarg(rng, answer):
   lines += [f'    return {first}.{pick(rng, pools.VERBS)}({keywords[0]})',
             '', '']
   caller, _, caller_args = pools.function(rng, method=False, fillers=(0, 1))
+  # Named as the callee, the caller's def would rebind the name and the call
+  # reach the caller itself; drawn again (both members alike), so a pair
+  # that never drew the name is as it was.
+  while caller[0].startswith(f'def {callee}('):
+    caller, _, caller_args = pools.function(rng, method=False,
+                                            fillers=(0, 1))
   lines += caller
   if rng.random() < 0.5:
     rng.shuffle(keywords)
