@@ -533,6 +533,22 @@ def test_load_jsonl_errors(tmp_path, text, match):
     tasks.load_jsonl(path)
 
 
+def test_load_jsonl_names_the_line_of_json_python_cannot_read(tmp_path):
+  """JSON that Python's reader refuses other than as a decoding error is
+  refused in one line naming its line too: an integer past Python's 4,300
+  digits was a ValueError naming neither file nor line, arrays nested past
+  the recursion limit a RecursionError, a traceback."""
+  path = tmp_path / 'task.jsonl'
+  fine = '{"prompt": "a", "correct": "b", "incorrect": "c"}\n'
+  big = fine.replace('}', ', "pair": ' + '1' * 5000 + '}')
+  for text, line, why in ((fine + big, 2, 'Exceeds the limit'),
+                          (fine + fine + '[' * 100000, 3, 'maximum recursion')):
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf'^{re.escape(str(path))}:{line}: '
+                       rf'not JSON that Python reads \({why}'):
+      tasks.load_jsonl(path)
+
+
 def test_encode_rejects_multi_token_candidate(tokenizer):
   data = [{'prompt': 'x = 1', 'correct': ' zqxjvkw', 'incorrect': ','}]
   with pytest.raises(ValueError, match="my_task: candidate ' zqxjvkw'"):

@@ -798,6 +798,9 @@ def load_jsonl(path):
       d = json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(f'{where}: not JSON ({e}).') from None
+    except (ValueError, RecursionError) as e:  # An integer past Python's
+      # 4,300 digits; arrays or objects nested past the recursion limit.
+      raise ValueError(f'{where}: not JSON that Python reads ({e}).') from None
     if not isinstance(d, dict):
       raise ValueError(
           f'{where}: expected an object, got {type(d).__name__}.')
