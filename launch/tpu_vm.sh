@@ -9,8 +9,8 @@
 #
 # create: a queued resource of TYPE (e.g. v5litepod-16; --spot for spot
 #   capacity), waiting until it is ACTIVE; an existing VM NAME is reused if
-#   it is READY (a PREEMPTED spot VM is refused: delete it first), and a
-#   request that an interrupted create left is waited for, not made again.
+#   it is READY and of TYPE (a PREEMPTED spot VM is refused: delete it
+#   first); a request an interrupted create left is waited for, not redone.
 # start: refuses while a run it started is live on any worker; copies the
 #   code as git sees it (tracked and untracked files, not
 #   ignored ones such as runs/) into ~/sparse_gpt2 on every worker, replacing
@@ -70,11 +70,19 @@ case $action in
       v5litepod-*) default_runtime=v2-alpha-tpuv5-lite ;;
       v5p-*) default_runtime=v2-alpha-tpuv5 ;;
       v6e-*) default_runtime=v2-alpha-tpuv6e ;;
-      *) echo "error: unknown TPU type $type; set RUNTIME" >&2
-         [[ -z "${RUNTIME:-}" ]] && exit 2 ;;
+      *) [[ -n "${RUNTIME:-}" ]] || {
+           echo "error: unknown TPU type $type; set RUNTIME" >&2; exit 2; } ;;
     esac
-    if (( ! dry_run )) && vm_state=$("${gcloud_tpu[@]}" tpu-vm describe \
-        "$name" --zone="$zone" --format='value(state)' 2>/dev/null); then
+    if (( ! dry_run )) && vm=$("${gcloud_tpu[@]}" tpu-vm describe "$name" \
+        --zone="$zone" --format='value(state,acceleratorType)' 2>/dev/null)
+    then
+      read -r vm_state vm_type <<< "$vm"
+      # Another type under this name would run the job on other chips.
+      if [[ -n $vm_type && $vm_type != "$type" ]]; then
+        echo "error: TPU VM $name exists as a $vm_type, not the $type asked" \
+          "for: delete it ($0 delete $name $zone) or name another VM" >&2
+        exit 1
+      fi
       # What to do depends on the state: a create stopped by Ctrl-C leaves
       # the VM CREATING, which needs only waiting for, not deleting.
       refuse() {

@@ -82,6 +82,15 @@ def test_tpu_create_reuses_a_ready_vm_and_refuses_a_preempted_one(tmp_path):
   result, calls = create('READY')
   assert result.returncode == 0 and result.stdout == 'reusing TPU VM tpu1\n'
   assert 'queued-resources create' not in calls
+  assert "--format=value(state,acceleratorType)" in calls
+  result, calls = create('READY\tv5litepod-16')  # The type asked for.
+  assert result.returncode == 0 and result.stdout == 'reusing TPU VM tpu1\n'
+  result, calls = create('READY\tv4-8')  # Another: not reused unsaid.
+  assert result.returncode == 1 and 'queued-resources create' not in calls
+  assert result.stderr == (
+      'error: TPU VM tpu1 exists as a v4-8, not the v5litepod-16 asked for: '
+      f'delete it ({ROOT}/launch/tpu_vm.sh delete tpu1 z) or name another '
+      'VM\n')
   result, calls = create('PREEMPTED')
   assert result.returncode == 1 and 'queued-resources create' not in calls
   assert result.stderr == (
@@ -108,7 +117,7 @@ def test_tpu_create_picks_each_types_runtime_unless_runtime_is_set():
       ['bash', os.path.join(ROOT, 'launch', 'tpu_vm.sh'), '--dry_run',
        'create', 'n', 'z', 'v9-8'], capture_output=True, text=True,
       timeout=60, env={**os.environ, 'RUNTIME': 'x'})
-  assert result.returncode == 0, result
+  assert result.returncode == 0 and not result.stderr, result
   create = shlex.split(result.stdout.splitlines()[0])
   assert '--accelerator-type=v9-8' in create
   assert [a for a in create if a.startswith('--runtime-version=')] == [

@@ -229,7 +229,8 @@ def to_markdown(summary):
     sp, de = r['sparse'], r['dense']
     out.append(
         f"| {runs.table_cell(r['task'])} | {_count(sp, 'edges')} | "
-        f"{_count(de, 'edges')} | {_num(r['ratio'], '.1f')}{'x' if r['ratio'] else ''} | "
+        f"{_count(de, 'edges')} | "
+        f"{_num(r['ratio'], '.1f')}{'x' if r['ratio'] else ''} | "
         f"{_count(sp, 'nodes')} | {_count(de, 'nodes')} | "
         f"{_num(sp['circuit_loss'], '.3f')} / "
         f"{_num(de['circuit_loss'], '.3f')} | "
