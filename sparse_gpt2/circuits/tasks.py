@@ -328,7 +328,7 @@ def with_open(rng, answer):
   """`r` or `w` in `open(path, '`: the function's name says which.
 
   The pair swaps the function's verb for its opposite (`load`, `save`),
-  and the docstring half the time says "from" or "to". `w` in a reader
+  and the docstring (in 60% of pairs) says "from" or "to". `w` in a reader
   empties the file it is to read, and then reading fails at run time
   (io.UnsupportedOperation), as writing does to a file opened with `r`.
   """
