@@ -61,6 +61,19 @@ def full_disk():
   return limited
 
 
+@pytest.fixture
+def sync_and_rename(monkeypatch):
+  """The list of 'fsync' and 'replace' in the order the code calls them
+  (each still done): an atomic write must sync before it renames."""
+  calls = []
+  fsync, replace = os.fsync, os.replace
+  monkeypatch.setattr(os, 'fsync', lambda fd: (calls.append('fsync'),
+                                               fsync(fd))[1])
+  monkeypatch.setattr(os, 'replace', lambda *a: (calls.append('replace'),
+                                                 replace(*a))[1])
+  return calls
+
+
 @pytest.fixture(scope='session')
 def code_dir(tmp_path_factory):
   """A small corpus: the json and email packages of the standard library."""

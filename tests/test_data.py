@@ -396,15 +396,9 @@ def test_a_file_edited_while_the_corpus_is_read_is_built_again(
 
 
 def test_a_cache_write_is_synced_before_it_is_renamed(tmp_path,
-                                                     monkeypatch):
-  calls = []
-  fsync, replace = os.fsync, os.replace
-  monkeypatch.setattr(os, 'fsync', lambda fd: (calls.append('fsync'),
-                                               fsync(fd))[1])
-  monkeypatch.setattr(os, 'replace', lambda *a: (calls.append('replace'),
-                                                 replace(*a))[1])
+                                                     sync_and_rename):
   data._write_atomic(str(tmp_path / 'train.npy'), lambda f: f.write(b'data'))
-  assert calls == ['fsync', 'replace']
+  assert sync_and_rename == ['fsync', 'replace']
   assert os.listdir(tmp_path) == ['train.npy']
   assert (tmp_path / 'train.npy').read_bytes() == b'data'
 

@@ -1275,18 +1275,12 @@ def test_a_failed_config_write_leaves_the_old_config(tmp_path, full_disk):
 
 
 def test_a_run_file_is_synced_before_it_replaces_the_old(tmp_path,
-                                                        monkeypatch):
+                                                        sync_and_rename):
   """config.json, metrics.jsonl: the new file's bytes reach the disk before
   the rename does, as the corpus cache's do (test_data)."""
-  calls = []
-  fsync, replace = os.fsync, os.replace
-  monkeypatch.setattr(os, 'fsync', lambda fd: (calls.append('fsync'),
-                                               fsync(fd))[1])
-  monkeypatch.setattr(os, 'replace', lambda *a: (calls.append('replace'),
-                                                 replace(*a))[1])
   file = workdir_lib.path(tmp_path) / workdir_lib.CONFIG
   workdir_lib.write_atomic(file, '{"new": 1}')
-  assert calls == ['fsync', 'replace']
+  assert sync_and_rename == ['fsync', 'replace']
   assert file.read_text() == '{"new": 1}'
   assert os.listdir(tmp_path) == [workdir_lib.CONFIG]
 
