@@ -560,9 +560,11 @@ def test_slurm_log_path_keeps_a_percent_in_the_checkout_path(tmp_path):
 def test_tpu_start_refuses_a_workdir_that_the_next_start_deletes(tmp_path):
   """A workdir in ~/sparse_gpt2 but not in its runs/ goes with the old
   code at the next start: refused, whether it leaves runs/ by a `..` (here)
-  or is an absolute path into the copy (on the workers, where ~ is known,
-  before anything changes there)."""
-  for workdir in ('runs/../x', 'runs/a/../../x', '/h/sparse_gpt2/runs/../x'):
+  or is an absolute path, or ~/... (which the local shell leaves as it is
+  and `main` reads as the home folder's), into the copy (on the workers,
+  where ~ is known, before anything changes there)."""
+  for workdir in ('runs/../x', 'runs/a/../../x', '/h/sparse_gpt2/runs/../x',
+                  '~/sparse_gpt2/runs/../x'):
     assert _refused('tpu_vm.sh', 'start', 'tpu1', 'z',
                     'configs/sparse_small.py', f'--workdir={workdir}') == (
                         f"error: --workdir={workdir} has a '..' component, "
@@ -575,18 +577,24 @@ def test_tpu_start_refuses_a_workdir_that_the_next_start_deletes(tmp_path):
       (home / 'sparse_gpt2' / 'x', True), (home / 'sparse_gpt2', True),
       (tmp_path / 'link' / 'x', True),
       (home / 'sparse_gpt2' / 'runs' / 'x', False),
-      (tmp_path / 'my runs' / 'x', False)):
-    check = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
-                     'configs/sparse_small.py', f'--workdir={workdir}')[0]
-    result = subprocess.run(['bash', '-c', _remote(check)], capture_output=True,
-                            text=True, timeout=30,
+      (tmp_path / 'my runs' / 'x', False), ('~/sparse_gpt2/x', True),
+      ('~/sparse_gpt2', True), ('~/sparse_gpt2/runs/x', False),
+      ('~/ckpt/x', False), ('~/my ckpt', False)):
+    lines = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
+                     'configs/sparse_small.py', f'--workdir={workdir}')
+    # main gets a ~ as it is: its --workdir expands it on the worker.
+    assert f'--workdir={workdir}' in shlex.split(_remote(lines[-1])), workdir
+    result = subprocess.run(['bash', '-c', _remote(lines[0])],
+                            capture_output=True, text=True, timeout=30,
                             env={**os.environ, 'HOME': str(home)})
     if refused:
       assert result.returncode == 2, (workdir, result)
+      shown = (f'{home}{workdir[1:]}' if str(workdir).startswith('~')
+               else workdir)  # As the worker has it.
       assert result.stderr == (
-          f'error: --workdir={workdir} is inside ~/sparse_gpt2, the code copy '
+          f'error: --workdir={shown} is inside ~/sparse_gpt2, the code copy '
           'that each start replaces; use ~/sparse_gpt2/runs/..., another '
-          'absolute path or gs://...\n')
+          'absolute path or gs://...\n'), workdir
     else:
       assert result.returncode == 0 and result.stderr == '', (workdir, result)
 
@@ -660,33 +668,3 @@ def test_tpu_delete_removes_a_vm_that_no_queued_resource_made(tmp_path):
   calls = delete(QR_EXISTS='1')
   assert 'queued-resources delete tpu1 --zone=z --force --quiet' in calls
   assert 'tpu-vm delete' not in calls, calls
-
-
-def test_tpu_start_takes_a_workdir_in_the_workers_home(tmp_path):
-  """--workdir=~/x, which the local shell leaves as it is and `main` reads
-  as the home folder's x: refused as 'inside the code copy' (it is not).
-  Now checked on the workers, where ~ is theirs, as an absolute one is."""
-  home = tmp_path / 'home'
-  (home / 'sparse_gpt2' / 'runs').mkdir(parents=True)
-  for workdir, refused in (('~/ckpt/x', False), ('~/my ckpt', False),
-                           ('~/sparse_gpt2/runs/x', False),
-                           ('~/sparse_gpt2/x', True), ('~/sparse_gpt2', True)):
-    lines = _dry_run('tpu_vm.sh', 'start', 'tpu1', 'z',
-                     'configs/sparse_small.py', f'--workdir={workdir}')
-    # main gets the ~ as it is: its --workdir expands it on the worker.
-    assert f'--workdir={workdir}' in shlex.split(_remote(lines[-1])), workdir
-    result = subprocess.run(['bash', '-c', _remote(lines[0])],
-                            capture_output=True, text=True, timeout=30,
-                            env={**os.environ, 'HOME': str(home)})
-    if refused:
-      assert result.returncode == 2, (workdir, result)
-      assert result.stderr == (
-          f"error: --workdir={home}{workdir[1:]} is inside ~/sparse_gpt2, the "
-          'code copy that each start replaces; use ~/sparse_gpt2/runs/..., '
-          'another absolute path or gs://...\n'), workdir
-    else:
-      assert result.returncode == 0 and result.stderr == '', (workdir, result)
-  assert _refused('tpu_vm.sh', 'start', 'tpu1', 'z', 'configs/sparse_small.py',
-                  '--workdir=~/sparse_gpt2/runs/../x').endswith(
-                      "has a '..' component, which can leave runs/; name the "
-                      'directory without one')
