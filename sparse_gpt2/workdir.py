@@ -60,17 +60,24 @@ _TEMPORARY = re.compile(r'.+\.tmp\d+')  # What `write_atomic` renames.
 
 
 def write_atomic(file, text, errors='strict'):
-  """Writes `text` (UTF-8; `errors` as `open` takes them) to a temporary
-  file renamed onto `file`, so a killed run leaves the old file or the new
-  one, never half of one, and a failed write leaves no temporary file.
-  A local file is synced before the rename, so not after a power loss
-  either (a filesystem may otherwise commit the rename before the data: an
-  empty config.json, a run that no longer resumes). `file` an epath
-  (`path`)."""
+  """Writes `text` (UTF-8; `errors` as `open` takes them) to `file` as
+  `write_atomic_with` does."""
+  write_atomic_with(file, lambda f: f.write(text.encode('utf-8', errors)))
+
+
+def write_atomic_with(file, write):
+  """Calls write(f) on a temporary binary file renamed onto `file` (a path
+  or epath) when done, so a killed run leaves the old file or the new one,
+  never half of one (a run's config.json, a corpus cache that later runs
+  trust), and a failed write leaves no temporary file. A local file is
+  synced before the rename, so not after a power loss either (a filesystem
+  may otherwise commit the rename before the data: an empty config.json, a
+  run that no longer resumes)."""
+  file = epath.Path(file)
   tmp = file.parent / f'{file.name}.tmp{os.getpid()}'
   try:
     with tmp.open('wb') as f:
-      f.write(text.encode('utf-8', errors))
+      write(f)
       if '://' not in str(tmp):  # A bucket's object is whole once closed.
         f.flush()
         os.fsync(f.fileno())

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 
 from sparse_gpt2 import data
 from sparse_gpt2 import locks
+from sparse_gpt2 import workdir as workdir_lib
 from sparse_gpt2.data import python_code
 from sparse_gpt2.data import tokenizer as tokenizer_lib
 
@@ -397,7 +398,8 @@ def test_a_file_edited_while_the_corpus_is_read_is_built_again(
 
 def test_a_cache_write_is_synced_before_it_is_renamed(tmp_path,
                                                      sync_and_rename):
-  data._write_atomic(str(tmp_path / 'train.npy'), lambda f: f.write(b'data'))
+  workdir_lib.write_atomic_with(str(tmp_path / 'train.npy'),
+                                lambda f: f.write(b'data'))
   assert sync_and_rename == ['fsync', 'replace']
   assert os.listdir(tmp_path) == ['train.npy']
   assert (tmp_path / 'train.npy').read_bytes() == b'data'
@@ -408,7 +410,8 @@ def test_a_failed_cache_write_leaves_nothing(tmp_path):
     f.write(b'half a cache')
     raise KeyboardInterrupt  # As a Ctrl-C mid-way would.
   with pytest.raises(KeyboardInterrupt):
-    data._write_atomic(str(tmp_path / 'train.npy'), write_then_fail)
+    workdir_lib.write_atomic_with(str(tmp_path / 'train.npy'),
+                                  write_then_fail)
   assert os.listdir(tmp_path) == []
 
   def write_on_a_full_disk(f):
@@ -417,14 +420,16 @@ def test_a_failed_cache_write_leaves_nothing(tmp_path):
   # Named, which the disk's error is not: a run's one line said only "No
   # space left on device", of a run that writes to three disks.
   with pytest.raises(OSError) as stopped:
-    data._write_atomic(str(tmp_path / 'train.npy'), write_on_a_full_disk)
+    workdir_lib.write_atomic_with(str(tmp_path / 'train.npy'),
+                                  write_on_a_full_disk)
   assert (stopped.value.errno, stopped.value.filename) == (
       errno.ENOSPC, str(tmp_path / 'train.npy'))
   assert os.listdir(tmp_path) == []
   # A file written before is left whole: never half of one at its path.
   (tmp_path / 'train.npy').write_bytes(b'a whole cache')
   with pytest.raises(KeyboardInterrupt):
-    data._write_atomic(str(tmp_path / 'train.npy'), write_then_fail)
+    workdir_lib.write_atomic_with(str(tmp_path / 'train.npy'),
+                                  write_then_fail)
   assert os.listdir(tmp_path) == ['train.npy']
   assert (tmp_path / 'train.npy').read_bytes() == b'a whole cache'
 

@@ -34,6 +34,7 @@ from tensorflow_datasets.core import constants as tfds_constants
 import tokenizers
 
 from sparse_gpt2 import locks
+from sparse_gpt2 import workdir as workdir_lib
 from sparse_gpt2.data import python_code
 from sparse_gpt2.data import tokenizer as tokenizer_lib
 
@@ -194,8 +195,7 @@ def _open_tfds(name, data_config):
         'splits': specs,
         'text_feature': data_config.text_feature,
     }
-    text = json.dumps(manifest, indent=1)
-    _write_atomic(manifest_path, lambda f: f.write(text.encode()))
+    workdir_lib.write_atomic(manifest_path, json.dumps(manifest, indent=1))
   return _Source(
       builder=builder,
       split_specs=specs,
@@ -213,33 +213,10 @@ def _open_source(data_config):
   return _open_python_code(source, data_config)
 
 
-def _write_atomic(path, write):
-  """Calls write(file) on a temporary file renamed to `path` when done.
-
-  So an interrupted run never leaves a partial cache that later runs trust
-  (synced before the rename, so not after a power loss either), and a
-  failed write leaves no temporary file behind.
-  """
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    with open(tmp, 'wb') as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException as e:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    if isinstance(e, OSError) and e.errno and e.filename is None:
-      # A full disk's write names no file (`workdir.write_atomic`).
-      raise OSError(e.errno, e.strerror, path) from None
-    raise
-
-
 def _remove_killed_writes(path):
-  """Removes the temporary files of writes to `path` (`_write_atomic`) that
-  a killed run left, SIGKILL running no cleanup: a large corpus's tokens
-  are gigabytes. The data folder's lock is held, so none is still being
+  """Removes the temporary files of writes to `path`
+  (`workdir.write_atomic_with`) that a killed run left, SIGKILL running no
+  cleanup: a large corpus's tokens are gigabytes. The data folder's lock is held, so none is still being
   written."""
   for tmp in glob.glob(f'{glob.escape(path)}.tmp*'):
     os.remove(tmp)
@@ -399,10 +376,10 @@ def _tokenizer(source, vocab_size):
            for text in chunk for piece in _pieces(text))  # Same merges.
   tokenizer = tokenizer_lib.train(texts, vocab_size)
   _remove_killed_writes(path)
-  # Written as the caches are: `tokenizers`' own save said a full disk in
-  # a bare Exception (a traceback) and left its temporary file.
-  text = tokenizer.to_str(pretty=True)  # What its save writes.
-  _write_atomic(path, lambda f: f.write(text.encode()))
+  # What `tokenizers`' own save writes, written as the caches are: that
+  # save said a full disk in a bare Exception (a traceback) and left its
+  # temporary file.
+  workdir_lib.write_atomic(path, tokenizer.to_str(pretty=True))
   return data_dir, tokenizer
 
 
@@ -495,7 +472,7 @@ def _load(data_config, seq_len):
       data_source = source.builder.as_data_source(
           split=source.split_specs[split])
       _remove_killed_writes(path)
-      _write_atomic(path, functools.partial(
+      workdir_lib.write_atomic_with(path, functools.partial(
           _write_tokens, tokenizer=tokenizer, data_source=data_source,
           feature=source.text_feature, eot_id=eot_id, name=split))
       tokens[split] = np.load(path, mmap_mode='r')
@@ -539,8 +516,8 @@ def _stream_digest(path, tokens):
       return record['sha256']
   digest = hashlib.sha256(np.ascontiguousarray(tokens)).hexdigest()
   with contextlib.suppress(OSError):  # A folder this process may not write.
-    _write_atomic(record_path, lambda f: f.write(
-        json.dumps({**stamp, 'sha256': digest}).encode()))
+    workdir_lib.write_atomic(record_path,
+                             json.dumps({**stamp, 'sha256': digest}))
   return digest
 
 
